@@ -1,0 +1,75 @@
+# numbersvc: `make run` serves on the sandbox, `make test` runs every check.
+# Each target installs what it needs, so both work on a fresh clone.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+LISTEN ?= 127.0.0.1:50051
+PROTO_SRC := protos/numbersvc/v1/number_groups.proto
+GEN_DIR := numbersvc/v1
+GEN_FILES := number_groups_pb2.py number_groups_pb2.pyi number_groups_pb2_grpc.py number_groups_pb2_grpc.pyi
+BUF := node_modules/.bin/buf
+
+.PHONY: help run sandbox test pytest lint ruff mypy buf-lint proto check-proto fmt clean
+
+help:  ## List the targets.
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+
+$(VENV)/.runtime: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e .
+	touch $@
+
+$(VENV)/.dev: pyproject.toml $(VENV)/.runtime
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+node_modules/.installed: package.json package-lock.json
+	npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+run: $(VENV)/.runtime  ## Serve on the embedded sandbox at $(LISTEN).
+	$(BIN)/numbersvc serve --listen $(LISTEN)
+
+sandbox: $(VENV)/.runtime  ## Run the Plivo-compatible sandbox alone.
+	$(BIN)/numbersvc sandbox
+
+test: check-proto lint pytest  ## Everything CI runs: stubs, lint, buf lint, tests.
+
+pytest: $(VENV)/.dev  ## The test suite.
+	$(BIN)/python -m pytest
+
+lint: ruff mypy buf-lint  ## ruff, mypy and buf lint.
+
+ruff: $(VENV)/.dev
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+mypy: $(VENV)/.dev
+	$(BIN)/mypy
+
+buf-lint: node_modules/.installed  ## buf lint (STANDARD) on protos/.
+	$(BUF) lint
+
+fmt: $(VENV)/.dev  ## Format and fix what ruff can.
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+# Generates into OUT (default: the package). The plugins come from the venv.
+OUT ?= .
+proto: $(VENV)/.dev  ## Regenerate the Python stubs from protos/.
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m grpc_tools.protoc -I protos \
+	  --python_out=$(OUT) --grpc_python_out=$(OUT) --mypy_out=$(OUT) --mypy_grpc_out=$(OUT) \
+	  $(PROTO_SRC)
+
+check-proto: $(VENV)/.dev  ## Fail when the committed stubs differ from protos/.
+	@tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
+	  $(MAKE) --no-print-directory -s proto OUT=$$tmp && \
+	  for f in $(GEN_FILES); do \
+	    cmp -s "$$tmp/$(GEN_DIR)/$$f" "$(GEN_DIR)/$$f" || \
+	      { echo "$(GEN_DIR)/$$f is stale: run 'make proto'"; exit 1; }; \
+	  done && echo "stubs match protos/"
+
+clean:  ## Remove the virtual environment and caches.
+	rm -rf $(VENV) node_modules .pytest_cache .mypy_cache .ruff_cache .hypothesis
