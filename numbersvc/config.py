@@ -1,0 +1,264 @@
+"""Server settings: one frozen dataclass, fed by the environment and then by CLI flags.
+
+Every setting has an environment variable and a flag, both derived from one declaration
+(`Config`'s field metadata), so the README table, `numbersvc serve --help` and the parser
+cannot drift apart. Durations are floats named `*_seconds`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import enum
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "Secret",
+    "Setting",
+    "UpstreamKind",
+    "add_arguments",
+    "settings",
+]
+
+PLIVO_DEFAULT_BASE_URL: Final = "https://api.plivo.com"
+
+
+class ConfigError(ValueError):
+    """A setting is missing, malformed or contradicts another one."""
+
+
+class UpstreamKind(enum.StrEnum):
+    """Which Plivo API the server talks to."""
+
+    PLIVO = "plivo"
+    SANDBOX = "sandbox"
+
+
+class Secret:
+    """A string that never shows itself in `repr`, `str` or f-strings.
+
+    Use `reveal()` at the one place the value is needed (building the HTTP auth).
+    """
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        """Return the secret value."""
+        return self._value
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+    def __repr__(self) -> str:
+        return "Secret('********')" if self._value else "Secret('')"
+
+    __str__ = __repr__
+
+
+@dataclass(frozen=True, slots=True)
+class Setting:
+    """How one `Config` field is set from outside: its env variable, flag and help."""
+
+    env: str
+    help: str
+    metavar: str | None = None
+
+    @property
+    def flag(self) -> str:
+        """The command-line flag, derived from the env name (`NUMBERSVC_LISTEN` -> `--listen`)."""
+        name = self.env.removeprefix("NUMBERSVC_").lower().replace("_", "-")
+        return f"--{name}"
+
+
+def _s(default: Any, env: str, help: str, metavar: str | None = None) -> Any:
+    return field(default=default, metadata={"setting": Setting(env, help, metavar)})
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """Everything the server can be told. Defaults are what `make run` uses."""
+
+    listen: str = _s("127.0.0.1:50051", "NUMBERSVC_LISTEN", "gRPC address, HOST:PORT (port 0: any)")
+    upstream: UpstreamKind | None = _s(
+        None,
+        "NUMBERSVC_UPSTREAM",
+        "plivo or sandbox; unset: Plivo when both credentials are set, else the sandbox",
+        "plivo|sandbox",
+    )
+    plivo_auth_id: str = _s("", "PLIVO_AUTH_ID", "Plivo Auth ID (MA... or SA..., 20 characters)")
+    plivo_auth_token: Secret = _s(Secret(""), "PLIVO_AUTH_TOKEN", "Plivo Auth Token (secret)")
+    plivo_base_url: str = _s(PLIVO_DEFAULT_BASE_URL, "PLIVO_BASE_URL", "Plivo API base URL")
+    sandbox_seed: int = _s(7, "NUMBERSVC_SANDBOX_SEED", "seed of the embedded sandbox's inventory")
+    default_deadline_seconds: float = _s(
+        10.0, "NUMBERSVC_DEFAULT_DEADLINE_SECONDS", "budget for a call that carries no deadline"
+    )
+    attempt_timeout_seconds: float = _s(
+        5.0, "NUMBERSVC_ATTEMPT_TIMEOUT_SECONDS", "longest single upstream read attempt"
+    )
+    retry_max_attempts: int = _s(4, "NUMBERSVC_RETRY_MAX_ATTEMPTS", "upstream attempts per read")
+    retry_initial_delay_seconds: float = _s(
+        0.1, "NUMBERSVC_RETRY_INITIAL_DELAY_SECONDS", "first backoff ceiling (full jitter)"
+    )
+    retry_max_delay_seconds: float = _s(
+        2.0, "NUMBERSVC_RETRY_MAX_DELAY_SECONDS", "largest backoff ceiling"
+    )
+    retry_after_ceiling_seconds: float = _s(
+        5.0, "NUMBERSVC_RETRY_AFTER_CEILING_SECONDS", "most an upstream Retry-After is honoured"
+    )
+    rent_min_deadline_seconds: float = _s(
+        2.0, "NUMBERSVC_RENT_MIN_DEADLINE_SECONDS", "refuse a rent with less deadline left"
+    )
+    rent_timeout_seconds: float = _s(
+        30.0, "NUMBERSVC_RENT_TIMEOUT_SECONDS", "how long a sent rent may run to learn its outcome"
+    )
+    max_rent_quantity: int = _s(10, "NUMBERSVC_MAX_RENT_QUANTITY", "most numbers per order")
+    stream_read_ahead_pages: int = _s(
+        4, "NUMBERSVC_STREAM_READ_AHEAD_PAGES", "pages a stream fetches ahead of its reader"
+    )
+    upstream_max_connections: int = _s(
+        64, "NUMBERSVC_UPSTREAM_MAX_CONNECTIONS", "upstream HTTP connection pool size"
+    )
+    drain_seconds: float = _s(
+        5.0, "NUMBERSVC_DRAIN_SECONDS", "on SIGTERM: NOT_SERVING this long before stopping"
+    )
+    shutdown_grace_seconds: float = _s(
+        10.0, "NUMBERSVC_SHUTDOWN_GRACE_SECONDS", "on SIGTERM: time in-flight calls get to finish"
+    )
+    log_level: str = _s("INFO", "NUMBERSVC_LOG_LEVEL", "DEBUG, INFO, WARNING or ERROR")
+
+    def __post_init__(self) -> None:
+        _check_listen(self.listen)
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name.endswith("_seconds") and not (value >= 0 and math.isfinite(value)):
+                raise ConfigError(f"{_setting(f).env} must be a finite number >= 0, not {value}")
+        for name in ("retry_max_attempts", "max_rent_quantity", "stream_read_ahead_pages"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{_setting_named(name).env} must be at least 1")
+        if self.upstream_max_connections < 1:
+            raise ConfigError("NUMBERSVC_UPSTREAM_MAX_CONNECTIONS must be at least 1")
+        if self.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+            raise ConfigError(f"NUMBERSVC_LOG_LEVEL: unknown level {self.log_level!r}")
+
+    def resolved_upstream(self) -> UpstreamKind:
+        """Decide the upstream from `upstream` and the credentials.
+
+        Raises:
+            ConfigError: only one credential is set, or `plivo` is asked for without both.
+        """
+        has_id, has_token = bool(self.plivo_auth_id), bool(self.plivo_auth_token)
+        if self.upstream is UpstreamKind.SANDBOX:
+            return UpstreamKind.SANDBOX
+        if has_id != has_token:
+            missing = "PLIVO_AUTH_TOKEN" if has_id else "PLIVO_AUTH_ID"
+            raise ConfigError(f"{missing} is not set: set both Plivo credentials or neither")
+        if self.upstream is UpstreamKind.PLIVO and not has_id:
+            raise ConfigError("NUMBERSVC_UPSTREAM=plivo needs PLIVO_AUTH_ID and PLIVO_AUTH_TOKEN")
+        return UpstreamKind.PLIVO if has_id else UpstreamKind.SANDBOX
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> Config:
+        """Build a config from environment variables; unset or empty ones keep their default.
+
+        Raises:
+            ConfigError: a value does not parse or is out of range.
+        """
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            raw = environ.get(_setting(f).env, "")
+            if raw != "":
+                values[f.name] = _parse(f, raw)
+        return cls(**values)
+
+    def with_args(self, args: argparse.Namespace) -> Config:
+        """Return a copy with every flag given on the command line applied over this config."""
+        overrides = {
+            f.name: getattr(args, f.name)
+            for f in dataclasses.fields(self)
+            if getattr(args, f.name, None) is not None
+        }
+        return dataclasses.replace(self, **overrides)
+
+
+def settings() -> list[tuple[str, Setting, Any]]:
+    """Every setting as (field name, declaration, default), in declaration order."""
+    return [(f.name, _setting(f), f.default) for f in dataclasses.fields(Config)]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add one flag per setting; a flag left out keeps the environment's value."""
+    for f in dataclasses.fields(Config):
+        s = _setting(f)
+        parser.add_argument(
+            s.flag,
+            dest=f.name,
+            type=_parser_for(f),
+            default=None,
+            metavar=s.metavar,
+            help=f"{s.help} (env {s.env}; default {_show_default(f.default)})",
+        )
+
+
+def _setting(f: dataclasses.Field[Any]) -> Setting:
+    setting: Setting = f.metadata["setting"]
+    return setting
+
+
+def _setting_named(name: str) -> Setting:
+    return next(_setting(f) for f in dataclasses.fields(Config) if f.name == name)
+
+
+def _show_default(value: Any) -> str:
+    if value is None:
+        return "unset"
+    if isinstance(value, Secret):
+        return "unset" if not value else "********"
+    return str(value) if value != "" else "unset"
+
+
+def _parser_for(f: dataclasses.Field[Any]) -> Callable[[str], Any]:
+    def parse(raw: str) -> Any:
+        try:
+            return _parse(f, raw)
+        except ConfigError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return parse
+
+
+def _parse(f: dataclasses.Field[Any], raw: str) -> Any:
+    kind = {
+        "str": str,
+        "int": int,
+        "float": float,
+        "Secret": Secret,
+        "UpstreamKind | None": UpstreamKind,
+    }[str(f.type)]
+    try:
+        return kind(raw.strip() if kind is not Secret else raw)
+    except ValueError:
+        raise ConfigError(f"{_setting(f).env}: cannot read {_redact(f, raw)!r}") from None
+
+
+def _redact(f: dataclasses.Field[Any], raw: str) -> str:
+    return "********" if f.type == "Secret" else raw
+
+
+def _check_listen(listen: str) -> None:
+    host, sep, port = listen.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(f"NUMBERSVC_LISTEN must be HOST:PORT, not {listen!r}")

@@ -1,0 +1,321 @@
+"""The one error table: every failure -> gRPC status code, `ErrorInfo` reason and details.
+
+A failure is first classified into an `Outcome` (`classify`), then `TABLE` says what the
+caller sees. Every status carries `google.rpc.ErrorInfo` (domain `numbersvc`); rows add
+`BadRequest`, `RetryInfo` or `ResourceInfo` where they fit (AIP-193). The README's error
+table is generated from `TABLE` (`markdown_table`) and a test keeps the two equal.
+
+The HTTP status decides first: 400/409/422 -> INVALID_ARGUMENT, 401 (our own credentials)
+-> INTERNAL, 403 -> FAILED_PRECONDITION, 404 -> NOT_FOUND, 405 -> INTERNAL, 429 and 5xx ->
+UNAVAILABLE. Renting is money: once a rent may have reached Plivo (a reset or timeout after
+sending, a 5xx, an unreadable 2xx) the outcome is `RENT_OUTCOME_UNKNOWN`, never UNAVAILABLE,
+so no caller retries into a second order.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Final
+
+import grpc
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from numbersvc.upstream.errors import (
+    UpstreamDecodeError,
+    UpstreamError,
+    UpstreamStatusError,
+    UpstreamTransportError,
+)
+from numbersvc.validation import FieldViolation, InvalidRequest
+from numbersvc.v1 import number_groups_pb2 as pb
+
+__all__ = [
+    "DOMAIN",
+    "TABLE",
+    "DeadlineExceeded",
+    "Operation",
+    "Outcome",
+    "Rule",
+    "ServiceError",
+    "classify",
+    "markdown_table",
+    "to_status",
+]
+
+DOMAIN: Final = "numbersvc"
+_DEFAULT_RETRY_DELAY_SECONDS: Final = 1.0
+_GROUP_RESOURCE_TYPE: Final = pb.NumberGroup.DESCRIPTOR.full_name
+
+
+class Operation(enum.StrEnum):
+    """What the service was doing upstream when it failed."""
+
+    SEARCH = "search"
+    GET = "get"
+    RENT = "rent"
+
+
+class Outcome(enum.Enum):
+    """Every way a call can fail, as the caller should understand it."""
+
+    INVALID_REQUEST = enum.auto()
+    UPSTREAM_REJECTED = enum.auto()
+    UPSTREAM_AUTH_FAILED = enum.auto()
+    UPSTREAM_PERMISSION_DENIED = enum.auto()
+    NUMBER_GROUP_NOT_FOUND = enum.auto()
+    UPSTREAM_NOT_FOUND = enum.auto()
+    UPSTREAM_METHOD_NOT_ALLOWED = enum.auto()
+    UPSTREAM_RATE_LIMITED = enum.auto()
+    UPSTREAM_UNAVAILABLE = enum.auto()
+    UPSTREAM_UNREACHABLE = enum.auto()
+    UPSTREAM_UNEXPECTED_STATUS = enum.auto()
+    UPSTREAM_BAD_RESPONSE = enum.auto()
+    DEADLINE_EXCEEDED = enum.auto()
+    RENT_DEADLINE_TOO_SHORT = enum.auto()
+    RENT_OUTCOME_UNKNOWN = enum.auto()
+    RENT_OUTCOME_UNKNOWN_DEADLINE = enum.auto()
+    INTERNAL_ERROR = enum.auto()
+
+
+@dataclass(eq=False)
+class ServiceError(Exception):
+    """A failure to report to the caller, with what its details need."""
+
+    outcome: Outcome
+    message: str
+    violations: tuple[FieldViolation, ...] = ()
+    group_id: str = ""
+    retry_delay_seconds: float | None = None
+    metadata: Mapping[str, str] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        return f"{self.outcome.name}: {self.message}"
+
+
+class DeadlineExceeded(Exception):
+    """The caller's deadline (or the default budget) ran out before an answer."""
+
+
+_Builder = Callable[[ServiceError], any_pb2.Any]
+
+
+def _pack(message: object) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(message)  # type: ignore[arg-type]
+    return packed
+
+
+def _bad_request(error: ServiceError) -> any_pb2.Any:
+    return _pack(
+        error_details_pb2.BadRequest(
+            field_violations=[
+                error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+                for v in error.violations
+            ]
+        )
+    )
+
+
+def _retry_info(error: ServiceError) -> any_pb2.Any:
+    delay = duration_pb2.Duration()
+    delay.FromNanoseconds(int(1e9 * (error.retry_delay_seconds or _DEFAULT_RETRY_DELAY_SECONDS)))
+    return _pack(error_details_pb2.RetryInfo(retry_delay=delay))
+
+
+def _resource_info(error: ServiceError) -> any_pb2.Any:
+    return _pack(
+        error_details_pb2.ResourceInfo(
+            resource_type=_GROUP_RESOURCE_TYPE,
+            resource_name=error.group_id,
+            description="no such number group upstream",
+        )
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """What the caller sees for one outcome."""
+
+    code: grpc.StatusCode
+    reason: str
+    when: str
+    details: tuple[_Builder, ...] = ()
+
+    @property
+    def retryable(self) -> bool:
+        """Whether a caller may retry the same call as it is (RetryInfo is attached)."""
+        return _retry_info in self.details
+
+
+_S = grpc.StatusCode
+TABLE: Final[Mapping[Outcome, Rule]] = {
+    Outcome.INVALID_REQUEST: Rule(
+        _S.INVALID_ARGUMENT, "INVALID_REQUEST", "a request field is invalid", (_bad_request,)
+    ),
+    Outcome.UPSTREAM_REJECTED: Rule(
+        _S.INVALID_ARGUMENT, "UPSTREAM_REJECTED_REQUEST", "Plivo answered 400, 409 or 422"
+    ),
+    Outcome.UPSTREAM_AUTH_FAILED: Rule(
+        _S.INTERNAL, "UPSTREAM_AUTH_FAILED", "Plivo answered 401: the service's credentials"
+    ),
+    Outcome.UPSTREAM_PERMISSION_DENIED: Rule(
+        _S.FAILED_PRECONDITION, "UPSTREAM_PERMISSION_DENIED", "Plivo answered 403"
+    ),
+    Outcome.NUMBER_GROUP_NOT_FOUND: Rule(
+        _S.NOT_FOUND,
+        "NUMBER_GROUP_NOT_FOUND",
+        "Plivo answered 404 for a group (get, rent)",
+        (_resource_info,),
+    ),
+    Outcome.UPSTREAM_NOT_FOUND: Rule(
+        _S.NOT_FOUND, "UPSTREAM_NOT_FOUND", "Plivo answered 404 to a search"
+    ),
+    Outcome.UPSTREAM_METHOD_NOT_ALLOWED: Rule(
+        _S.INTERNAL, "UPSTREAM_METHOD_NOT_ALLOWED", "Plivo answered 405"
+    ),
+    Outcome.UPSTREAM_RATE_LIMITED: Rule(
+        _S.UNAVAILABLE,
+        "UPSTREAM_RATE_LIMITED",
+        "Plivo answered 429 (reads: after retries)",
+        (_retry_info,),
+    ),
+    Outcome.UPSTREAM_UNAVAILABLE: Rule(
+        _S.UNAVAILABLE,
+        "UPSTREAM_UNAVAILABLE",
+        "Plivo answered 408, or 5xx with any body to a read (after retries)",
+        (_retry_info,),
+    ),
+    Outcome.UPSTREAM_UNREACHABLE: Rule(
+        _S.UNAVAILABLE,
+        "UPSTREAM_UNREACHABLE",
+        "connect error, reset or attempt timeout on a read (after retries); a rent not sent",
+        (_retry_info,),
+    ),
+    Outcome.UPSTREAM_UNEXPECTED_STATUS: Rule(
+        _S.INTERNAL, "UPSTREAM_UNEXPECTED_STATUS", "any other non-2xx status (kept in metadata)"
+    ),
+    Outcome.UPSTREAM_BAD_RESPONSE: Rule(
+        _S.INTERNAL, "UPSTREAM_BAD_RESPONSE", "a read's 2xx body is not JSON or has the wrong shape"
+    ),
+    Outcome.DEADLINE_EXCEEDED: Rule(
+        _S.DEADLINE_EXCEEDED, "DEADLINE_EXCEEDED", "the caller's deadline (or the default budget) ran out"
+    ),
+    Outcome.RENT_DEADLINE_TOO_SHORT: Rule(
+        _S.DEADLINE_EXCEEDED,
+        "RENT_DEADLINE_TOO_SHORT",
+        "a rent arrived with less deadline left than the configured minimum; nothing sent",
+    ),
+    Outcome.RENT_OUTCOME_UNKNOWN: Rule(
+        _S.INTERNAL,
+        "RENT_OUTCOME_UNKNOWN",
+        "a sent rent failed without a clear answer: reset, 5xx, unreadable 2xx",
+    ),
+    Outcome.RENT_OUTCOME_UNKNOWN_DEADLINE: Rule(
+        _S.DEADLINE_EXCEEDED,
+        "RENT_OUTCOME_UNKNOWN",
+        "the deadline ran out while a sent rent was in flight",
+    ),
+    Outcome.INTERNAL_ERROR: Rule(_S.INTERNAL, "INTERNAL_ERROR", "a bug in numbersvc (logged)"),
+}
+
+
+def classify(exc: BaseException, operation: Operation) -> ServiceError:
+    """Turn any failure into the `ServiceError` the caller gets.
+
+    Args:
+        exc: what went wrong: one of ours, an upstream error, or anything else (a bug).
+        operation: what was being done upstream; renting changes several rows.
+    """
+    if isinstance(exc, ServiceError):
+        return exc
+    if isinstance(exc, InvalidRequest):
+        return ServiceError(Outcome.INVALID_REQUEST, str(exc), tuple(exc.violations))
+    if isinstance(exc, DeadlineExceeded):
+        return ServiceError(Outcome.DEADLINE_EXCEEDED, str(exc) or "deadline exceeded")
+    if isinstance(exc, UpstreamError):
+        return _classify_upstream(exc, operation)
+    return ServiceError(Outcome.INTERNAL_ERROR, "internal error; see the server log")
+
+
+def _classify_upstream(exc: UpstreamError, op: Operation) -> ServiceError:
+    renting = op is Operation.RENT
+    meta = {"operation": op.value}
+    if isinstance(exc, UpstreamStatusError):
+        status = exc.status_code
+        meta["httpStatus"] = str(status)
+        if exc.api_id:
+            meta["upstreamRequestId"] = exc.api_id
+        message = f"Plivo answered HTTP {status} to the {op.value}: {exc.message}"
+        outcome = _status_outcome(status, op)
+        return ServiceError(
+            outcome, message, retry_delay_seconds=exc.retry_after_seconds, metadata=meta
+        )
+    if isinstance(exc, UpstreamTransportError):
+        if renting and exc.request_sent:
+            return ServiceError(
+                Outcome.RENT_OUTCOME_UNKNOWN,
+                f"the rent was sent but its answer was lost ({exc}); check before ordering again",
+                metadata=meta,
+            )
+        return ServiceError(Outcome.UPSTREAM_UNREACHABLE, f"Plivo unreachable: {exc}", metadata=meta)
+    if isinstance(exc, UpstreamDecodeError) and renting:
+        return ServiceError(
+            Outcome.RENT_OUTCOME_UNKNOWN,
+            f"Plivo accepted the rent but its answer is unreadable: {exc}",
+            metadata=meta,
+        )
+    return ServiceError(
+        Outcome.UPSTREAM_BAD_RESPONSE, f"unreadable answer from Plivo: {exc}", metadata=meta
+    )
+
+
+def _status_outcome(status: int, op: Operation) -> Outcome:
+    if status in (400, 409, 422):
+        return Outcome.UPSTREAM_REJECTED
+    if status == 429:
+        return Outcome.UPSTREAM_RATE_LIMITED
+    if status == 408:
+        # The server gave up waiting for our request to arrive: nothing was acted on.
+        return Outcome.UPSTREAM_UNAVAILABLE
+    if 500 <= status <= 599:
+        # NOTE: a rent that got a 5xx may still have been placed (a proxy's 502/504 says
+        # nothing about Plivo), so it is never reported as safe to retry.
+        return Outcome.RENT_OUTCOME_UNKNOWN if op is Operation.RENT else Outcome.UPSTREAM_UNAVAILABLE
+    if status == 404:
+        return Outcome.UPSTREAM_NOT_FOUND if op is Operation.SEARCH else Outcome.NUMBER_GROUP_NOT_FOUND
+    return {
+        401: Outcome.UPSTREAM_AUTH_FAILED,
+        403: Outcome.UPSTREAM_PERMISSION_DENIED,
+        405: Outcome.UPSTREAM_METHOD_NOT_ALLOWED,
+    }.get(status, Outcome.UPSTREAM_UNEXPECTED_STATUS)
+
+
+def to_status(error: ServiceError) -> grpc.Status:
+    """Build the rich gRPC status (code, message, `grpc-status-details-bin`) for an error."""
+    rule = TABLE[error.outcome]
+    info = error_details_pb2.ErrorInfo(reason=rule.reason, domain=DOMAIN, metadata=error.metadata)
+    if error.group_id:
+        info.metadata["groupId"] = error.group_id
+    status = status_pb2.Status(
+        code=rule.code.value[0],
+        message=error.message,
+        details=[_pack(info), *(build(error) for build in rule.details)],
+    )
+    return rpc_status.to_status(status)
+
+
+def markdown_table() -> str:
+    """Render `TABLE` as the README's error table."""
+    lines = [
+        "| when | gRPC code | `ErrorInfo.reason` | details beside `ErrorInfo` |",
+        "|---|---|---|---|",
+    ]
+    names = {_bad_request: "BadRequest", _retry_info: "RetryInfo", _resource_info: "ResourceInfo"}
+    for rule in TABLE.values():
+        details = ", ".join(names[b] for b in rule.details) or "-"
+        lines.append(f"| {rule.when} | `{rule.code.name}` | `{rule.reason}` | {details} |")
+    return "\n".join(lines)

@@ -1,0 +1,230 @@
+"""Paging: opaque page tokens bound to a filter, and the ordered read-ahead page walker.
+
+Page tokens (AIP-158) carry the upstream offset and a fingerprint of the normalized search
+filter, so a token is refused for another filter but works with any `page_size`, on any
+replica, after a restart, and forever: it holds no server state and no key. It is not a
+security boundary (anyone can mint one); it only keeps callers from mixing up searches.
+
+`walk_pages` is the one page walker: it fetches pages through one hook, keeps at most
+`read_ahead` pages in flight beyond the page its consumer holds, and yields them in upstream
+order, so a consumer that stops reading (a stream whose reader paused) stops the walk.
+`StreamCursor` turns walked pages into stream messages: no group twice within one walk,
+`max_results`, and the resume offset after the last group handed out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import hashlib
+import struct
+import zlib
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Sequence
+from dataclasses import dataclass
+from typing import Final, Generic, TypeVar
+
+__all__ = [
+    "MAX_OFFSET",
+    "Page",
+    "PageTokenError",
+    "StreamCursor",
+    "decode_page_token",
+    "encode_page_token",
+    "walk_pages",
+]
+
+T = TypeVar("T")
+
+_TOKEN_VERSION: Final = 1
+# version, offset, filter fingerprint, then a CRC32 of those so that a mangled token reads as
+# malformed rather than as "issued for another filter".
+_TOKEN_LAYOUT: Final = struct.Struct(">BQ8s")
+_CRC_LAYOUT: Final = struct.Struct(">I")
+_TOKEN_BYTES: Final = _TOKEN_LAYOUT.size + _CRC_LAYOUT.size
+MAX_OFFSET: Final = 2**31 - 1
+"""The largest offset a token may carry: far past any real inventory, and fits an int32."""
+
+
+class PageTokenError(ValueError):
+    """A page token cannot be used: malformed, or issued for another filter."""
+
+    def __init__(self, message: str, *, wrong_filter: bool = False) -> None:
+        super().__init__(message)
+        self.wrong_filter = wrong_filter
+
+
+def fingerprint(filter_key: str) -> bytes:
+    """Return the 8-byte fingerprint of a canonical filter string."""
+    return hashlib.sha256(filter_key.encode()).digest()[:8]
+
+
+def encode_page_token(offset: int, filter_key: str) -> str:
+    """Encode an upstream offset for the filter whose canonical form is `filter_key`.
+
+    Args:
+        offset: the number of groups to skip, 0 to `MAX_OFFSET`.
+        filter_key: the canonical filter string (`SearchQuery.key`).
+
+    Returns:
+        An opaque, URL-safe token.
+    """
+    if not 0 <= offset <= MAX_OFFSET:
+        raise ValueError(f"offset out of range: {offset}")
+    body = _TOKEN_LAYOUT.pack(_TOKEN_VERSION, offset, fingerprint(filter_key))
+    raw = body + _CRC_LAYOUT.pack(zlib.crc32(body))
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+
+
+def decode_page_token(token: str, filter_key: str) -> int:
+    """Return the offset a token carries, checking that it belongs to `filter_key`.
+
+    Raises:
+        PageTokenError: the token is malformed, or was issued for another filter.
+    """
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+    except (binascii.Error, ValueError):
+        raise PageTokenError("page_token is malformed") from None
+    if len(raw) != _TOKEN_BYTES:
+        raise PageTokenError("page_token is malformed")
+    body, (crc,) = raw[: _TOKEN_LAYOUT.size], _CRC_LAYOUT.unpack(raw[_TOKEN_LAYOUT.size :])
+    version, offset, print_ = _TOKEN_LAYOUT.unpack(body)
+    if crc != zlib.crc32(body) or version != _TOKEN_VERSION or offset > MAX_OFFSET:
+        raise PageTokenError("page_token is malformed")
+    if print_ != fingerprint(filter_key):
+        raise PageTokenError("page_token was issued for another filter", wrong_filter=True)
+    return int(offset)
+
+
+@dataclass(frozen=True, slots=True)
+class Page(Generic[T]):
+    """One upstream page: where it starts, its items, and whether more follow."""
+
+    offset: int
+    items: Sequence[T]
+    total_count: int
+    has_next: bool
+
+    @property
+    def end(self) -> int:
+        """The offset just past this page's last item."""
+        return self.offset + len(self.items)
+
+
+async def walk_pages(
+    fetch: Callable[[int], Awaitable[Page[T]]],
+    first: Page[T],
+    *,
+    page_size: int,
+    read_ahead: int,
+) -> AsyncIterator[Page[T]]:
+    """Yield `first` and every page after it, in order, fetching ahead of the consumer.
+
+    At most `read_ahead` pages are fetched (or in flight) and not yet taken back by the
+    consumer, counting the page it holds: the consumer takes a page back by asking for the
+    next one, which for a stream means the transport accepted the message.
+
+    Offsets ahead are predicted from `page_size` and the latest `total_count`; a page that
+    ends elsewhere than predicted (a short page) discards the predictions and continues from
+    where it really ended, so no item is skipped. When the consumer stops iterating (or is
+    cancelled) the fetches in flight are cancelled and no new one starts.
+
+    Args:
+        fetch: the hook: fetch the page starting at an offset (retries are its business).
+        first: the page the walk starts with, already fetched by the caller.
+        page_size: the upstream page size used for every fetch.
+        read_ahead: the most pages fetched but not yet taken back by the consumer.
+    """
+    pending: deque[tuple[int, asyncio.Future[Page[T]]]] = deque()
+    page = first
+    try:
+        while True:
+            yield page
+            if not page.has_next or not page.items:
+                return
+            if pending and pending[0][0] != page.end:
+                _cancel_all(pending)
+            _top_up(pending, fetch, page, page_size, read_ahead)
+            _, future = pending.popleft()
+            page = await future
+    finally:
+        _cancel_all(pending)
+        # Let cancelled fetches unwind (and close their connections) before we return.
+        for _, future in pending:
+            with contextlib.suppress(BaseException):
+                await future
+
+
+def _top_up(
+    pending: deque[tuple[int, asyncio.Future[Page[T]]]],
+    fetch: Callable[[int], Awaitable[Page[T]]],
+    page: Page[T],
+    page_size: int,
+    read_ahead: int,
+) -> None:
+    next_offset = pending[-1][0] + page_size if pending else page.end
+    # Always fetch the page right after this one (it says more follow); predict further ones
+    # only while the upstream's count says they exist.
+    while len(pending) < read_ahead and (not pending or next_offset < page.total_count):
+        if next_offset > MAX_OFFSET:
+            break
+        pending.append((next_offset, asyncio.ensure_future(fetch(next_offset))))
+        next_offset += page_size
+
+
+def _cancel_all(pending: deque[tuple[int, asyncio.Future[Page[T]]]]) -> None:
+    for _, future in pending:
+        future.cancel()
+    if pending:
+        pending.clear()
+
+
+class StreamCursor(Generic[T]):
+    """Cuts walked pages into stream messages: no repeats, `max_results`, resume offsets."""
+
+    def __init__(self, *, key: Callable[[T], Hashable], max_results: int) -> None:
+        """Track one walk.
+
+        Args:
+            key: an item's identity, for skipping items a shifting inventory shows twice.
+            max_results: the most items to hand out; 0 means no limit.
+        """
+        self._key = key
+        self._left = max_results or None
+        self._seen: set[Hashable] = set()
+
+    def take(self, page: Page[T]) -> tuple[list[T], int | None]:
+        """Return the page's items to send and the offset to resume from.
+
+        Returns:
+            The items not sent before (cut to what `max_results` allows), and the upstream
+            offset right after the last item consumed, or None when the walk is complete
+            (no more pages upstream and nothing left out).
+        """
+        items: list[T] = []
+        resume = page.end
+        for index, item in enumerate(page.items):
+            if self._left is not None and len(items) == self._left:
+                resume = page.offset + index
+                break
+            key = self._key(item)
+            if key not in self._seen:
+                self._seen.add(key)
+                items.append(item)
+        else:
+            if not page.has_next or not page.items:
+                return self._count(items), None
+        return self._count(items), resume
+
+    @property
+    def exhausted(self) -> bool:
+        """Whether `max_results` items have been handed out."""
+        return self._left == 0
+
+    def _count(self, items: list[T]) -> list[T]:
+        if self._left is not None:
+            self._left -= len(items)
+        return items

@@ -1,0 +1,34 @@
+"""The Plivo upstream: an HTTP client, its exceptions and read retries. Knows nothing of gRPC.
+
+Import from here, not from the submodules; `tests/unit/test_upstream_errors.py` pins the names.
+"""
+
+from numbersvc.upstream.client import PlivoClient, UpstreamResponse
+from numbersvc.upstream.errors import (
+    UpstreamConnectError,
+    UpstreamDecodeError,
+    UpstreamError,
+    UpstreamStatusError,
+    UpstreamTimeoutError,
+    UpstreamTransportError,
+    parse_error_body,
+    parse_retry_after,
+)
+from numbersvc.upstream.retry import RetryPolicy, full_jitter_delays, is_transient, retry_async
+
+__all__ = [
+    "PlivoClient",
+    "RetryPolicy",
+    "UpstreamConnectError",
+    "UpstreamDecodeError",
+    "UpstreamError",
+    "UpstreamResponse",
+    "UpstreamStatusError",
+    "UpstreamTimeoutError",
+    "UpstreamTransportError",
+    "full_jitter_delays",
+    "is_transient",
+    "parse_error_body",
+    "parse_retry_after",
+    "retry_async",
+]

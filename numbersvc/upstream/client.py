@@ -1,0 +1,412 @@
+"""The HTTP client for Plivo's v1 `AvailableNumberGroup` API: one attempt per call, no retries.
+
+`PlivoClient` owns one shared `httpx.AsyncClient` (bounded pool, keep-alive, Basic auth) and
+knows Plivo's paths, and nothing of gRPC or protobuf. Each method makes exactly ONE attempt
+bounded by a TOTAL timeout and either returns an `UpstreamResponse` carrying the decoded JSON
+body or raises an `UpstreamError` (tree in `numbersvc.upstream.errors`). Retrying is the
+caller's choice (`numbersvc.upstream.retry`); checking the business shape of a 2xx body is
+translation's job.
+
+Foreign exceptions become ours in exactly one place, `_mapped_errors`, driven by the table
+`_HTTPX_ERRORS`; a test walks every httpx exception class and fails if one is missing.
+
+The auth token never appears in an exception, a repr or a log line: requests are logged at
+DEBUG on the `numbersvc.upstream` logger with method, path, status, elapsed time and api_id
+only, and any upstream text that is copied into an exception is scrubbed of the token first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import urllib.parse
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Final
+
+import httpx
+
+from numbersvc import __version__
+from numbersvc.upstream.errors import (
+    UpstreamConnectError,
+    UpstreamDecodeError,
+    UpstreamError,
+    UpstreamStatusError,
+    UpstreamTimeoutError,
+    UpstreamTransportError,
+    excerpt,
+    parse_error_body,
+    parse_retry_after,
+)
+
+__all__ = [
+    "DEFAULT_BASE_URL",
+    "DEFAULT_KEEPALIVE_EXPIRY_SECONDS",
+    "DEFAULT_MAX_CONNECTIONS",
+    "DEFAULT_MAX_KEEPALIVE_CONNECTIONS",
+    "DEFAULT_USER_AGENT",
+    "PlivoClient",
+    "UpstreamResponse",
+]
+
+_LOG = logging.getLogger("numbersvc.upstream")
+
+DEFAULT_BASE_URL = "https://api.plivo.com"
+DEFAULT_USER_AGENT = f"numbersvc/{__version__}"
+# Plivo allows 300 requests per 5 s per account (60/s). At a ~0.2 s round trip, 12 requests in
+# flight already reach that, so 20 connections leave headroom without letting a burst of RPCs
+# open hundreds of sockets; beyond it, requests queue for the pool (bounded by the pool timeout).
+DEFAULT_MAX_CONNECTIONS = 20
+# Keep half warm: enough for steady traffic, without holding idle sockets after a burst.
+DEFAULT_MAX_KEEPALIVE_CONNECTIONS = 10
+# [U] Plivo's idle timeout is undocumented. 15 s saves the TLS handshake between bursts while
+# staying well under the 60 s idle timeout common to load balancers, so we seldom reuse a socket
+# the far end is closing (which would surface as a "maybe sent" transport error).
+DEFAULT_KEEPALIVE_EXPIRY_SECONDS = 15.0
+
+_GROUPS_PATH = "AvailableNumberGroup/"
+_TOKEN_MASK = "***"
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamResponse:
+    """One successful (2xx) answer from Plivo.
+
+    Attributes:
+        status_code: The HTTP status, 200..299.
+        body: The decoded JSON body, not yet checked for shape (translation does that).
+        api_id: Plivo's request id, when the body is an object carrying a string `api_id`.
+        elapsed_seconds: Wall time of the attempt, in seconds, from send to body read.
+    """
+
+    status_code: int
+    body: object
+    api_id: str | None
+    elapsed_seconds: float
+
+
+# Every httpx request exception -> (our class, whether the request may have left).
+# request_sent is False only where httpx raises before a byte of the request was written.
+# Entries for abstract bases are the runtime fallback for classes a future httpx may add; the
+# completeness test insists every concrete class has its own row.
+_HTTPX_ERRORS: Final[Mapping[type[httpx.RequestError], tuple[type[UpstreamError], bool]]] = {
+    httpx.ConnectError: (UpstreamConnectError, False),
+    # The scheme is validated in the constructor, so this means a bad base URL got through.
+    httpx.UnsupportedProtocol: (UpstreamConnectError, False),
+    # Raised while setting up the proxy tunnel, before the request is written.
+    httpx.ProxyError: (UpstreamConnectError, False),
+    httpx.ConnectTimeout: (UpstreamTimeoutError, False),
+    httpx.PoolTimeout: (UpstreamTimeoutError, False),
+    httpx.WriteTimeout: (UpstreamTimeoutError, True),
+    httpx.ReadTimeout: (UpstreamTimeoutError, True),
+    httpx.WriteError: (UpstreamTransportError, True),
+    httpx.ReadError: (UpstreamTransportError, True),
+    httpx.CloseError: (UpstreamTransportError, True),
+    httpx.RemoteProtocolError: (UpstreamTransportError, True),
+    # h11 may reject our request part-way through writing it: we cannot know nothing left.
+    httpx.LocalProtocolError: (UpstreamTransportError, True),
+    # A compressed body that would not inflate: the response arrived but cannot be read.
+    httpx.DecodingError: (UpstreamDecodeError, True),
+    # Redirects are never followed, so this cannot happen; a "maybe sent" transport error is
+    # the conservative answer if it ever does.
+    httpx.TooManyRedirects: (UpstreamTransportError, True),
+    httpx.TimeoutException: (UpstreamTimeoutError, True),
+    httpx.NetworkError: (UpstreamTransportError, True),
+    httpx.ProtocolError: (UpstreamTransportError, True),
+    httpx.TransportError: (UpstreamTransportError, True),
+    httpx.RequestError: (UpstreamTransportError, True),
+}
+
+
+def _from_httpx(exc: httpx.RequestError, method: str, path: str, message: str) -> UpstreamError:
+    """Build our exception for one httpx exception, via `_HTTPX_ERRORS`."""
+    for klass in type(exc).__mro__:
+        if klass in _HTTPX_ERRORS:
+            ours, request_sent = _HTTPX_ERRORS[klass]
+            break
+    else:  # pragma: no cover - RequestError itself is in the table
+        ours, request_sent = UpstreamTransportError, True
+    text = f"{method} {path}: {type(exc).__name__}: {message}"
+    if ours is UpstreamConnectError:
+        return UpstreamConnectError(text, method=method, url=path)
+    if issubclass(ours, UpstreamTransportError):
+        return ours(text, request_sent=request_sent, method=method, url=path)
+    return ours(text, method=method, url=path)
+
+
+def _group_suffix(group_id: str) -> str:
+    """Return `{group_id}/`, percent-encoded, to append to the groups URL."""
+    if not group_id:
+        raise ValueError("group_id must be non-empty")
+    # NOTE: also encode "." so that ".." cannot become a dot segment that climbs the path.
+    return urllib.parse.quote(group_id, safe="").replace(".", "%2E") + "/"
+
+
+class PlivoClient:
+    """Async client for the three `AvailableNumberGroup` operations.
+
+    Share one instance for the life of the process (it owns the connection pool) and close it
+    with `aclose()` or `async with`.
+    """
+
+    def __init__(
+        self,
+        *,
+        base_url: str = DEFAULT_BASE_URL,
+        auth_id: str,
+        auth_token: str,
+        user_agent: str = DEFAULT_USER_AGENT,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        max_keepalive_connections: int = DEFAULT_MAX_KEEPALIVE_CONNECTIONS,
+        keepalive_expiry_seconds: float = DEFAULT_KEEPALIVE_EXPIRY_SECONDS,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        """Create the client and its connection pool.
+
+        Args:
+            base_url: Scheme and host of the API (plus any path prefix before `/v1`), such as
+                `https://api.plivo.com` or a sandbox's `http://127.0.0.1:PORT`.
+            auth_id: The Plivo Auth ID (`MA...` or `SA...`), the Basic-auth user.
+            auth_token: The Plivo Auth Token, the Basic-auth password. Never logged or shown.
+            user_agent: The `User-Agent` header, `numbersvc/<version>` by default.
+            max_connections: The most connections open at once.
+            max_keepalive_connections: The most idle connections kept for reuse.
+            keepalive_expiry_seconds: How long an idle connection is kept, in seconds.
+            transport: An httpx transport to use instead of the default pooled one (tests pass
+                `httpx.MockTransport`). The pool limits above apply only to the default one.
+
+        Raises:
+            ValueError: If `base_url` is not http(s) or a credential is empty.
+        """
+        if not auth_id or not auth_token:
+            raise ValueError("auth_id and auth_token must be non-empty")
+        root = httpx.URL(base_url)
+        if root.scheme not in ("http", "https") or not root.host:
+            raise ValueError(f"base_url must be an http(s) URL with a host, got {base_url!r}")
+        self._base_url = base_url
+        self._auth_id = auth_id
+        self._auth_token = auth_token
+        # Built once: every request is an absolute URL made by one string concatenation.
+        account = urllib.parse.quote(auth_id, safe="")
+        self._groups_url = f"{base_url.rstrip('/')}/v1/Account/{account}/{_GROUPS_PATH}"
+        # The raw (still percent-encoded) path, for logs and exceptions: no host, no query.
+        self._groups_path = urllib.parse.urlsplit(self._groups_url).path
+        self._client = httpx.AsyncClient(
+            auth=httpx.BasicAuth(auth_id, auth_token),
+            headers={"Accept": "application/json", "User-Agent": user_agent},
+            limits=httpx.Limits(
+                max_connections=max_connections,
+                max_keepalive_connections=max_keepalive_connections,
+                keepalive_expiry=keepalive_expiry_seconds,
+            ),
+            transport=transport,
+            # NOTE: never follow redirects; a redirected POST could rent twice or elsewhere.
+            follow_redirects=False,
+            # Ignore HTTP(S)_PROXY and .netrc from the environment: the process's behaviour
+            # comes from its config alone. Pass a proxying `transport` to use a proxy.
+            trust_env=False,
+        )
+
+    def __repr__(self) -> str:
+        return f"PlivoClient(base_url={self._base_url!r}, auth_id={self._auth_id!r})"
+
+    async def __aenter__(self) -> PlivoClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close every pooled connection. The client cannot be used afterwards."""
+        await self._client.aclose()
+
+    async def search_number_groups(
+        self, params: Mapping[str, str], *, timeout_seconds: float
+    ) -> UpstreamResponse:
+        """Search groups: `GET .../AvailableNumberGroup/?country_iso=..`.
+
+        Args:
+            params: Query parameters, already validated (`country_iso`, `number_type`, `prefix`,
+                `region`, `services`, `limit`, `offset`).
+            timeout_seconds: Total time allowed for the attempt, in seconds.
+
+        Returns:
+            The 2xx response; its body should be `{"api_id", "meta", "objects"}`.
+
+        Raises:
+            UpstreamTransportError: No response (see `request_sent`); timeouts and connect
+                failures are its subclasses.
+            UpstreamStatusError: A non-2xx status.
+            UpstreamDecodeError: A 2xx whose body is empty or not JSON.
+        """
+        return await self._request("GET", "", timeout_seconds, params=params)
+
+    async def get_number_group(self, group_id: str, *, timeout_seconds: float) -> UpstreamResponse:
+        """Fetch one group: `GET .../AvailableNumberGroup/{group_id}/`.
+
+        Args:
+            group_id: The group's id (digits; percent-encoded here anyway).
+            timeout_seconds: Total time allowed for the attempt, in seconds.
+
+        Returns:
+            The 2xx response; its body should be one group object plus `api_id`.
+
+        Raises:
+            ValueError: If `group_id` is empty.
+            UpstreamTransportError: No response (see `request_sent`).
+            UpstreamStatusError: A non-2xx status (404 for an unknown group).
+            UpstreamDecodeError: A 2xx whose body is empty or not JSON.
+        """
+        return await self._request("GET", _group_suffix(group_id), timeout_seconds)
+
+    async def rent_numbers(
+        self, group_id: str, body: Mapping[str, object], *, timeout_seconds: float
+    ) -> UpstreamResponse:
+        """Rent numbers from a group: `POST .../AvailableNumberGroup/{group_id}/`.
+
+        NOTE: this spends money. Never retry it blindly: after an `UpstreamTransportError` with
+        `request_sent` True, or an `UpstreamDecodeError`, the order may have gone through.
+
+        Args:
+            group_id: The group's id (digits; percent-encoded here anyway).
+            body: The JSON body (`quantity`, optionally `app_id`).
+            timeout_seconds: Total time allowed for the attempt, in seconds.
+
+        Returns:
+            The 2xx (201) response; its body should carry `status` and maybe `numbers`.
+
+        Raises:
+            ValueError: If `group_id` is empty.
+            UpstreamTransportError: No response (see `request_sent`).
+            UpstreamStatusError: A non-2xx status.
+            UpstreamDecodeError: A 2xx whose body is empty or not JSON.
+        """
+        return await self._request("POST", _group_suffix(group_id), timeout_seconds, body=body)
+
+    def _scrub(self, text: str) -> str:
+        """Remove the auth token from text that came from elsewhere (httpx, a response)."""
+        return text.replace(self._auth_token, _TOKEN_MASK) if self._auth_token in text else text
+
+    @contextlib.contextmanager
+    def _mapped_errors(self, method: str, path: str) -> Iterator[None]:
+        """Turn httpx exceptions, and the total timeout firing, into `UpstreamError`s.
+
+        The ONE boundary where foreign exceptions become ours.
+        """
+        try:
+            yield
+        except httpx.RequestError as exc:
+            raise _from_httpx(exc, method, path, self._scrub(str(exc))) from exc
+        except TimeoutError as exc:
+            # Only `asyncio.timeout` raises the builtin here (httpx wraps socket timeouts). By
+            # then the request may be on the wire, so it may have been sent.
+            raise UpstreamTimeoutError(
+                f"{method} {path}: no complete response within the total timeout",
+                request_sent=True,
+                method=method,
+                url=path,
+            ) from exc
+
+    async def _request(
+        self,
+        method: str,
+        suffix: str,
+        timeout_seconds: float,
+        *,
+        params: Mapping[str, str] | None = None,
+        body: Mapping[str, object] | None = None,
+    ) -> UpstreamResponse:
+        """Make one attempt at `groups URL + suffix` and decode its answer.
+
+        See the public methods for the contract.
+        """
+        path = self._groups_path + suffix
+        if timeout_seconds <= 0:
+            # No time to even connect: say so without touching the network.
+            raise UpstreamTimeoutError(
+                f"{method} {path}: no time left for an attempt",
+                request_sent=False,
+                method=method,
+                url=path,
+            )
+        started = time.perf_counter()
+        try:
+            with self._mapped_errors(method, path):
+                # httpx's timeouts bound each phase (connect, each read, ...), so a body dripped
+                # a byte at a time would evade them; asyncio.timeout bounds the whole attempt.
+                async with contextlib.nullcontext():
+                    response = await self._client.request(
+                        method,
+                        self._groups_url + suffix,
+                        params=params,
+                        json=body,
+                        timeout=timeout_seconds,
+                    )
+        except UpstreamError as exc:
+            if _LOG.isEnabledFor(logging.DEBUG):
+                _LOG.debug(
+                    "upstream %s %s failed after %.3f s: %s",
+                    method,
+                    path,
+                    time.perf_counter() - started,
+                    type(exc).__name__,
+                )
+            raise
+        elapsed = time.perf_counter() - started
+        return self._decode(response, method, path, elapsed)
+
+    def _decode(
+        self, response: httpx.Response, method: str, path: str, elapsed: float
+    ) -> UpstreamResponse:
+        """Turn a complete response into an `UpstreamResponse` or raise for it."""
+        status = response.status_code
+        content = response.content
+        if not 200 <= status < 300:
+            api_id, message = parse_error_body(content, response.headers.get("content-type"))
+            self._log(method, path, status, elapsed, api_id)
+            raise UpstreamStatusError(
+                status_code=status,
+                message=self._scrub(message),
+                method=method,
+                url=path,
+                api_id=api_id,
+                retry_after_seconds=parse_retry_after(response.headers.get("retry-after")),
+                body_excerpt=self._body_excerpt(content),
+            )
+        try:
+            body: object = json.loads(content)
+        except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError, including b""
+            self._log(method, path, status, elapsed, None)
+            what = "an empty body" if not content.strip() else "a body that is not JSON"
+            raise UpstreamDecodeError(
+                f"{method} {path}: HTTP {status} with {what}",
+                status_code=status,
+                method=method,
+                url=path,
+                body_excerpt=self._body_excerpt(content),
+            ) from exc
+        api_id = body.get("api_id") if isinstance(body, dict) else None
+        api_id = api_id if isinstance(api_id, str) else None
+        self._log(method, path, status, elapsed, api_id)
+        return UpstreamResponse(
+            status_code=status, body=body, api_id=api_id, elapsed_seconds=elapsed
+        )
+
+    def _body_excerpt(self, content: bytes) -> str:
+        return self._scrub(excerpt(content.decode("utf-8", errors="replace")))
+
+    @staticmethod
+    def _log(method: str, path: str, status: int, elapsed: float, api_id: str | None) -> None:
+        if _LOG.isEnabledFor(logging.DEBUG):
+            _LOG.debug(
+                "upstream %s %s -> %d in %.3f s api_id=%s", method, path, status, elapsed, api_id
+            )

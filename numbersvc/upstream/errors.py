@@ -1,0 +1,277 @@
+"""Exceptions raised by the Plivo upstream client, and the parsers for error responses.
+
+The tree::
+
+    UpstreamError                  anything that went wrong talking to Plivo
+    ├── UpstreamTransportError     no HTTP response; `request_sent` says whether Plivo may have
+    │   │                          seen the request (False only when we KNOW it never left)
+    │   ├── UpstreamConnectError   the connection was never made (refused, DNS, proxy)
+    │   └── UpstreamTimeoutError   an attempt ran out of time (connect, pool, read, write, total)
+    ├── UpstreamStatusError        Plivo answered with a non-2xx status
+    └── UpstreamDecodeError        a 2xx whose body is not JSON, or has the wrong shape
+
+Nothing here knows gRPC: `numbersvc.errors` maps these to statuses. `parse_error_body` is the one
+place that understands Plivo's error body shapes, and `parse_retry_after` the one place that
+understands a `Retry-After` header.
+"""
+
+from __future__ import annotations
+
+import datetime
+import email.utils
+import http
+import json
+import math
+import re
+import time
+
+__all__ = [
+    "MAX_BODY_EXCERPT_CHARS",
+    "MAX_MESSAGE_CHARS",
+    "UpstreamConnectError",
+    "UpstreamDecodeError",
+    "UpstreamError",
+    "UpstreamStatusError",
+    "UpstreamTimeoutError",
+    "UpstreamTransportError",
+    "excerpt",
+    "parse_error_body",
+    "parse_retry_after",
+]
+
+MAX_MESSAGE_CHARS = 300
+"""The longest error message kept from a response body, in characters."""
+
+MAX_BODY_EXCERPT_CHARS = 500
+"""The longest raw body excerpt kept on an exception, in characters."""
+
+_ELLIPSIS = "…"
+_WHITESPACE = re.compile(r"\s+")
+_HTML_TAG = re.compile(r"<[^>]*>")
+# Error keys tried in order; Plivo uses `error`, other platform APIs `message` or `detail`.
+_MESSAGE_KEYS = ("error", "message", "detail")
+
+
+class UpstreamError(Exception):
+    """Base class of every error raised by the upstream client.
+
+    Attributes:
+        message: A human-readable description, never containing credentials.
+        method: The HTTP method of the failed request, if known.
+        url: The path of the failed request (no query, no credentials), if known.
+    """
+
+    def __init__(self, message: str, *, method: str | None = None, url: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.method = method
+        self.url = url
+
+
+class UpstreamTransportError(UpstreamError):
+    """No HTTP response arrived: the connection failed, broke or stalled.
+
+    Attributes:
+        request_sent: False only when the request certainly never left (connect errors,
+            connect and pool timeouts); True means Plivo may have received and acted on it.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        request_sent: bool,
+        method: str | None = None,
+        url: str | None = None,
+    ) -> None:
+        super().__init__(message, method=method, url=url)
+        self.request_sent = request_sent
+
+
+class UpstreamConnectError(UpstreamTransportError):
+    """The connection to Plivo could not be made, so the request never left."""
+
+    def __init__(self, message: str, *, method: str | None = None, url: str | None = None) -> None:
+        super().__init__(message, request_sent=False, method=method, url=url)
+
+
+class UpstreamTimeoutError(UpstreamTransportError):
+    """An attempt ran out of time; `request_sent` says in which phase."""
+
+
+class UpstreamStatusError(UpstreamError):
+    """Plivo answered with a status outside 2xx.
+
+    Attributes:
+        status_code: The HTTP status code.
+        api_id: Plivo's request id from the error body, if it carried one.
+        message: The error text from the body, else the status's reason phrase.
+        retry_after_seconds: The server's `Retry-After`, in seconds, if it sent a valid one.
+        body_excerpt: The start of the raw body, whitespace-collapsed, for logs.
+    """
+
+    def __init__(
+        self,
+        *,
+        status_code: int,
+        message: str,
+        method: str,
+        url: str,
+        api_id: str | None = None,
+        retry_after_seconds: float | None = None,
+        body_excerpt: str = "",
+    ) -> None:
+        # NOTE: a bare `{}` body has no message; the reason phrase keeps `message` non-empty.
+        message = message or _reason_phrase(status_code)
+        super().__init__(
+            f"{method} {url} -> HTTP {status_code}: {message}"
+            + (f" (api_id={api_id})" if api_id else ""),
+            method=method,
+            url=url,
+        )
+        self.message = message
+        self.status_code = status_code
+        self.api_id = api_id
+        self.retry_after_seconds = retry_after_seconds
+        self.body_excerpt = body_excerpt
+        self.method: str = method
+        self.url: str = url
+
+
+class UpstreamDecodeError(UpstreamError):
+    """A 2xx response whose body is not JSON, or is JSON of the wrong shape.
+
+    Raised by the client when the body does not decode, and by translation when it decodes to
+    something that is not what Plivo documents. For a rent, the order may have gone through.
+
+    Attributes:
+        status_code: The (2xx) HTTP status, when known.
+        body_excerpt: The start of the raw body, whitespace-collapsed, when known.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status_code: int | None = None,
+        method: str | None = None,
+        url: str | None = None,
+        body_excerpt: str = "",
+    ) -> None:
+        super().__init__(message, method=method, url=url)
+        self.status_code = status_code
+        self.body_excerpt = body_excerpt
+
+
+def _reason_phrase(status_code: int) -> str:
+    try:
+        return http.HTTPStatus(status_code).phrase
+    except ValueError:
+        return f"HTTP status {status_code}"
+
+
+def excerpt(text: str, limit: int = MAX_BODY_EXCERPT_CHARS) -> str:
+    """Collapse whitespace in `text` and cut it to at most `limit` characters.
+
+    Args:
+        text: Any text, such as a response body.
+        limit: The longest result, in characters, including the trailing ellipsis.
+
+    Returns:
+        The whitespace-collapsed text, ending in an ellipsis if it was cut.
+    """
+    collapsed = _WHITESPACE.sub(" ", text).strip()
+    if len(collapsed) <= limit:
+        return collapsed
+    return collapsed[: max(0, limit - len(_ELLIPSIS))] + _ELLIPSIS
+
+
+def _message_from_value(value: object) -> str:
+    """Find the human text in one JSON value of an error body."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict):
+        # Nested `{"error": {"error": "..."}}`: look one level down for a known key first.
+        for key in _MESSAGE_KEYS:
+            inner = value.get(key)
+            if isinstance(inner, str) and inner:
+                return inner
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False) if value else ""
+    if isinstance(value, list):
+        return "; ".join(filter(None, (_message_from_value(item) for item in value)))
+    if value is None:
+        return ""
+    return json.dumps(value)
+
+
+def parse_error_body(content: bytes, content_type: str | None) -> tuple[str | None, str]:
+    """Extract Plivo's request id and error text from any error body.
+
+    Handles every shape seen from Plivo: `{"api_id": ..., "error": "..."}`, a nested
+    `{"error": {"error": "..."}}`, no `api_id`, a bare `{}`, JSON that is not an object, and
+    non-JSON bodies such as an HTML page from a proxy.
+
+    Args:
+        content: The raw response body.
+        content_type: The `Content-Type` header, if any. The body is tried as JSON whatever it
+            says (proxies mislabel); it only tells HTML, whose tags are dropped, from plain text.
+
+    Returns:
+        `(api_id, message)`: the `api_id` string if the body is a JSON object carrying one, and
+        the error text bounded to `MAX_MESSAGE_CHARS`. The message is `""` when the body carries
+        none (empty body, `{}`).
+    """
+    text = content.decode("utf-8", errors="replace")
+    try:
+        document: object = json.loads(text)
+    except ValueError:
+        is_html = "html" in (content_type or "").lower() or text.lstrip().startswith("<")
+        if is_html:
+            text = _HTML_TAG.sub(" ", text)
+        return None, excerpt(text, MAX_MESSAGE_CHARS)
+    if not isinstance(document, dict):
+        return None, excerpt(_message_from_value(document), MAX_MESSAGE_CHARS)
+    api_id = document.get("api_id")
+    api_id = api_id if isinstance(api_id, str) and api_id else None
+    message = ""
+    for key in _MESSAGE_KEYS:
+        if key in document:
+            message = _message_from_value(document[key])
+            if message:
+                break
+    return api_id, excerpt(message, MAX_MESSAGE_CHARS)
+
+
+def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
+    """Parse a `Retry-After` header into a delay.
+
+    Args:
+        value: The header value: delay-seconds (`"120"`; a fraction is tolerated) or an
+            HTTP-date (`"Wed, 21 Oct 2015 07:28:00 GMT"`). `None` when the header is absent.
+        now: The current wall-clock time in seconds since the epoch, for HTTP-dates; defaults
+            to `time.time()`. Injectable for tests.
+
+    Returns:
+        The delay in seconds, never negative (a date in the past gives 0.0), or `None` if the
+        header is absent, empty, or not understood.
+    """
+    if value is None:
+        return None
+    value = value.strip()
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        pass
+    else:
+        return max(0.0, seconds) if math.isfinite(seconds) else None
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        # RFC 9110: HTTP-dates are always GMT, even in the zone-less asctime form or "-0000".
+        when = when.replace(tzinfo=datetime.UTC)
+    current = time.time() if now is None else now
+    return max(0.0, when.timestamp() - current)

@@ -1,0 +1,279 @@
+"""Request validation: proto requests in, normalized frozen values out, before any I/O.
+
+Every rule of the contract lives here. A request with bad fields raises `InvalidRequest`
+listing each bad field (as a `google.rpc.BadRequest` field path), never just the first, so a
+caller fixes everything in one round trip. Nothing here knows gRPC statuses: `errors.py`
+turns `InvalidRequest` into `INVALID_ARGUMENT`.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from dataclasses import dataclass
+from typing import Final
+
+from iso3166 import countries_by_alpha2
+
+from numbersvc import paging
+from numbersvc.v1 import number_groups_pb2 as pb
+
+__all__ = [
+    "FieldViolation",
+    "GetParams",
+    "InvalidRequest",
+    "ListParams",
+    "RentParams",
+    "SearchQuery",
+    "StreamParams",
+    "validate_get",
+    "validate_list",
+    "validate_rent",
+    "validate_stream",
+]
+
+MAX_PAGE_SIZE: Final = 20
+"""Upstream's largest page (`limit` 1..20); larger requests are coerced to it."""
+DEFAULT_PAGE_SIZE: Final = 20
+_MAX_REGION_CHARS: Final = 64
+
+# ASCII only: `\d` would also accept other scripts' digits, which must not reach a URL.
+_PREFIX: Final = re.compile(r"[0-9]{1,5}")
+_DIGIT_ID: Final = re.compile(r"[0-9]{1,32}")
+_UUID: Final = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+_NUMBER_TYPES: Final = frozenset(pb.NumberType.values()) - {pb.NUMBER_TYPE_UNSPECIFIED}
+_SERVICES: Final = frozenset(pb.NumberService.values()) - {pb.NUMBER_SERVICE_UNSPECIFIED}
+
+
+@dataclass(frozen=True, slots=True)
+class FieldViolation:
+    """One bad field: its path in the request (`filter.region_code`) and what is wrong."""
+
+    field: str
+    description: str
+
+
+class InvalidRequest(ValueError):
+    """The request has one or more bad fields; nothing was sent upstream."""
+
+    def __init__(self, violations: list[FieldViolation]) -> None:
+        super().__init__("; ".join(f"{v.field}: {v.description}" for v in violations))
+        self.violations = violations
+
+
+@dataclass(frozen=True, slots=True)
+class SearchQuery:
+    """A validated, normalized search filter."""
+
+    region_code: str
+    number_type: pb.NumberType.ValueType
+    prefix: str
+    region: str
+    services: tuple[pb.NumberService.ValueType, ...]
+
+    @property
+    def key(self) -> str:
+        """A canonical form of the filter: equal filters give equal keys (token binding)."""
+        services = ",".join(str(s) for s in self.services)
+        return f"{self.region_code}|{self.number_type}|{self.prefix}|{self.region}|{services}"
+
+
+@dataclass(frozen=True, slots=True)
+class ListParams:
+    """A validated `ListNumberGroupsRequest`."""
+
+    query: SearchQuery
+    page_size: int
+    offset: int
+
+
+@dataclass(frozen=True, slots=True)
+class StreamParams:
+    """A validated `StreamNumberGroupsRequest`; `max_results` 0 means no limit."""
+
+    query: SearchQuery
+    page_size: int
+    offset: int
+    max_results: int
+
+
+@dataclass(frozen=True, slots=True)
+class GetParams:
+    """A validated `GetNumberGroupRequest`."""
+
+    group_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class RentParams:
+    """A validated `RentNumbersRequest`, defaults applied; `request_id` lower-cased or empty."""
+
+    group_id: str
+    quantity: int
+    app_id: str
+    request_id: str
+
+
+class _Checker:
+    """Collects violations so one error names every bad field."""
+
+    def __init__(self) -> None:
+        self.violations: list[FieldViolation] = []
+
+    def fail(self, field: str, description: str) -> None:
+        self.violations.append(FieldViolation(field, description))
+
+    def done(self) -> None:
+        if self.violations:
+            raise InvalidRequest(self.violations)
+
+
+def validate_list(request: pb.ListNumberGroupsRequest) -> ListParams:
+    """Validate a list request.
+
+    Raises:
+        InvalidRequest: naming every bad field.
+    """
+    check = _Checker()
+    query = _search_query(request, check)
+    page_size = _page_size(request.page_size, check)
+    offset = _offset(request.page_token, query, check)
+    check.done()
+    assert query is not None  # done() raised otherwise
+    return ListParams(query=query, page_size=page_size, offset=offset)
+
+
+def validate_stream(request: pb.StreamNumberGroupsRequest) -> StreamParams:
+    """Validate a stream request.
+
+    Raises:
+        InvalidRequest: naming every bad field.
+    """
+    check = _Checker()
+    query = _search_query(request, check)
+    page_size = _page_size(request.page_size, check)
+    offset = _offset(request.page_token, query, check)
+    if request.max_results < 0:
+        check.fail("max_results", "must be 0 (no limit) or positive")
+    check.done()
+    assert query is not None  # done() raised otherwise
+    return StreamParams(
+        query=query, page_size=page_size, offset=offset, max_results=request.max_results
+    )
+
+
+def validate_get(request: pb.GetNumberGroupRequest) -> GetParams:
+    """Validate a get request.
+
+    Raises:
+        InvalidRequest: when `group_id` is not 1 to 32 digits.
+    """
+    check = _Checker()
+    _digits(check, "group_id", request.group_id, required=True)
+    check.done()
+    return GetParams(group_id=request.group_id)
+
+
+def validate_rent(request: pb.RentNumbersRequest, *, max_quantity: int) -> RentParams:
+    """Validate a rent request and apply the defaults (quantity 0 means 1).
+
+    Args:
+        request: the request.
+        max_quantity: the most numbers one order may rent.
+
+    Raises:
+        InvalidRequest: naming every bad field.
+    """
+    check = _Checker()
+    _digits(check, "group_id", request.group_id, required=True)
+    _digits(check, "app_id", request.app_id, required=False)
+    if request.quantity < 0:
+        check.fail("quantity", "must be 0 (meaning 1) or positive")
+    elif request.quantity > max_quantity:
+        check.fail("quantity", f"must be at most {max_quantity} per order")
+    if request.request_id and not _is_canonical_uuid(request.request_id):
+        check.fail("request_id", "must be a UUID in canonical 8-4-4-4-12 form")
+    check.done()
+    return RentParams(
+        group_id=request.group_id,
+        quantity=request.quantity or 1,
+        app_id=request.app_id,
+        request_id=request.request_id.lower(),
+    )
+
+
+def _search_query(
+    request: pb.ListNumberGroupsRequest | pb.StreamNumberGroupsRequest, check: _Checker
+) -> SearchQuery | None:
+    if not request.HasField("filter"):
+        check.fail("filter", "is required")
+        return None
+    f = request.filter
+    region_code = f.region_code.upper()
+    if not f.region_code:
+        check.fail("filter.region_code", "is required: an ISO 3166-1 alpha-2 country code")
+    elif not (region_code.isascii() and region_code in countries_by_alpha2):
+        check.fail("filter.region_code", "must be an ISO 3166-1 alpha-2 country code, like US")
+    number_type = f.number_type or pb.NUMBER_TYPE_LOCAL
+    if number_type not in _NUMBER_TYPES:
+        check.fail("filter.number_type", f"unknown NumberType value {f.number_type}")
+    if f.prefix and not _PREFIX.fullmatch(f.prefix):
+        check.fail("filter.prefix", "must be 1 to 5 digits")
+    _region(check, f.region, number_type)
+    for index, service in enumerate(f.services):
+        if service not in _SERVICES:
+            check.fail(f"filter.services[{index}]", f"unknown NumberService value {service}")
+        elif service in f.services[:index]:
+            check.fail(f"filter.services[{index}]", "is repeated; list each service once")
+    return SearchQuery(
+        region_code=region_code,
+        number_type=number_type,
+        prefix=f.prefix,
+        region=f.region,
+        services=tuple(sorted(set(f.services))),
+    )
+
+
+def _region(check: _Checker, region: str, number_type: int) -> None:
+    if not region:
+        return
+    if number_type != pb.NUMBER_TYPE_LOCAL:
+        check.fail("filter.region", "is only allowed with NUMBER_TYPE_LOCAL")
+    if not 2 <= len(region) <= _MAX_REGION_CHARS:
+        check.fail("filter.region", f"must be 2 to {_MAX_REGION_CHARS} characters")
+    elif not region.isprintable() or region != region.strip():
+        check.fail("filter.region", "must be printable text without surrounding spaces")
+
+
+def _page_size(page_size: int, check: _Checker) -> int:
+    if page_size < 0:
+        check.fail("page_size", "must be 0 (the default, 20) or positive")
+    return min(page_size, MAX_PAGE_SIZE) or DEFAULT_PAGE_SIZE
+
+
+def _offset(token: str, query: SearchQuery | None, check: _Checker) -> int:
+    if not token or query is None:
+        return 0
+    try:
+        return paging.decode_page_token(token, query.key)
+    except paging.PageTokenError as exc:
+        check.fail("page_token", str(exc).removeprefix("page_token "))
+        return 0
+
+
+def _digits(check: _Checker, field: str, value: str, *, required: bool) -> None:
+    if not value:
+        if required:
+            check.fail(field, "is required: 1 to 32 digits")
+    elif not _DIGIT_ID.fullmatch(value):
+        check.fail(field, "must be 1 to 32 digits")
+
+
+def _is_canonical_uuid(value: str) -> bool:
+    if not _UUID.fullmatch(value):
+        return False
+    try:
+        uuid.UUID(value)
+    except ValueError:
+        return False
+    return True

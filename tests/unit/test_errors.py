@@ -1,0 +1,219 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import grpc
+import pytest
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
+
+from numbersvc.errors import (
+    DOMAIN,
+    TABLE,
+    DeadlineExceeded,
+    Operation,
+    Outcome,
+    ServiceError,
+    classify,
+    markdown_table,
+    to_status,
+)
+from numbersvc.upstream import (
+    UpstreamConnectError,
+    UpstreamDecodeError,
+    UpstreamStatusError,
+    UpstreamTimeoutError,
+    UpstreamTransportError,
+)
+from numbersvc.validation import FieldViolation, InvalidRequest
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+S = grpc.StatusCode
+
+
+def _status(code: int, retry_after: float | None = None) -> UpstreamStatusError:
+    return UpstreamStatusError(
+        status_code=code,
+        message="nope",
+        method="GET",
+        url="/v1/Account/MA/AvailableNumberGroup/",
+        api_id="api-9",
+        retry_after_seconds=retry_after,
+    )
+
+
+def _details(status: grpc.Status) -> tuple[status_pb2.Status, dict[str, object]]:
+    raw = dict(status.trailing_metadata)["grpc-status-details-bin"]
+    rich = status_pb2.Status.FromString(raw)  # type: ignore[arg-type]
+    found: dict[str, object] = {}
+    for packed in rich.details:
+        for kind in (
+            error_details_pb2.ErrorInfo,
+            error_details_pb2.BadRequest,
+            error_details_pb2.RetryInfo,
+            error_details_pb2.ResourceInfo,
+        ):
+            if packed.Is(kind.DESCRIPTOR):
+                message = kind()
+                packed.Unpack(message)
+                found[kind.DESCRIPTOR.name] = message
+    return rich, found
+
+
+# Every row of the error table: (failure, operation) -> (code, reason, extra details).
+ROWS = [
+    (_status(400), Operation.SEARCH, S.INVALID_ARGUMENT, "UPSTREAM_REJECTED_REQUEST", set()),
+    (_status(409), Operation.RENT, S.INVALID_ARGUMENT, "UPSTREAM_REJECTED_REQUEST", set()),
+    (_status(422), Operation.GET, S.INVALID_ARGUMENT, "UPSTREAM_REJECTED_REQUEST", set()),
+    (_status(401), Operation.SEARCH, S.INTERNAL, "UPSTREAM_AUTH_FAILED", set()),
+    (_status(403), Operation.RENT, S.FAILED_PRECONDITION, "UPSTREAM_PERMISSION_DENIED", set()),
+    (_status(404), Operation.GET, S.NOT_FOUND, "NUMBER_GROUP_NOT_FOUND", {"ResourceInfo"}),
+    (_status(404), Operation.RENT, S.NOT_FOUND, "NUMBER_GROUP_NOT_FOUND", {"ResourceInfo"}),
+    (_status(404), Operation.SEARCH, S.NOT_FOUND, "UPSTREAM_NOT_FOUND", set()),
+    (_status(405), Operation.GET, S.INTERNAL, "UPSTREAM_METHOD_NOT_ALLOWED", set()),
+    (_status(429), Operation.SEARCH, S.UNAVAILABLE, "UPSTREAM_RATE_LIMITED", {"RetryInfo"}),
+    (_status(429), Operation.RENT, S.UNAVAILABLE, "UPSTREAM_RATE_LIMITED", {"RetryInfo"}),
+    (_status(408), Operation.GET, S.UNAVAILABLE, "UPSTREAM_UNAVAILABLE", {"RetryInfo"}),
+    (_status(500), Operation.SEARCH, S.UNAVAILABLE, "UPSTREAM_UNAVAILABLE", {"RetryInfo"}),
+    (_status(502), Operation.GET, S.UNAVAILABLE, "UPSTREAM_UNAVAILABLE", {"RetryInfo"}),
+    (_status(503), Operation.SEARCH, S.UNAVAILABLE, "UPSTREAM_UNAVAILABLE", {"RetryInfo"}),
+    (_status(500), Operation.RENT, S.INTERNAL, "RENT_OUTCOME_UNKNOWN", set()),
+    (_status(503), Operation.RENT, S.INTERNAL, "RENT_OUTCOME_UNKNOWN", set()),
+    (_status(418), Operation.SEARCH, S.INTERNAL, "UPSTREAM_UNEXPECTED_STATUS", set()),
+    (_status(302), Operation.GET, S.INTERNAL, "UPSTREAM_UNEXPECTED_STATUS", set()),
+    (
+        UpstreamConnectError("refused"),
+        Operation.SEARCH,
+        S.UNAVAILABLE,
+        "UPSTREAM_UNREACHABLE",
+        {"RetryInfo"},
+    ),
+    (
+        UpstreamConnectError("refused"),
+        Operation.RENT,
+        S.UNAVAILABLE,
+        "UPSTREAM_UNREACHABLE",
+        {"RetryInfo"},
+    ),
+    (
+        UpstreamTransportError("reset", request_sent=True),
+        Operation.GET,
+        S.UNAVAILABLE,
+        "UPSTREAM_UNREACHABLE",
+        {"RetryInfo"},
+    ),
+    (
+        UpstreamTransportError("reset", request_sent=True),
+        Operation.RENT,
+        S.INTERNAL,
+        "RENT_OUTCOME_UNKNOWN",
+        set(),
+    ),
+    (
+        UpstreamTimeoutError("slow", request_sent=True),
+        Operation.RENT,
+        S.INTERNAL,
+        "RENT_OUTCOME_UNKNOWN",
+        set(),
+    ),
+    (
+        UpstreamTimeoutError("pool", request_sent=False),
+        Operation.RENT,
+        S.UNAVAILABLE,
+        "UPSTREAM_UNREACHABLE",
+        {"RetryInfo"},
+    ),
+    (UpstreamDecodeError("junk"), Operation.SEARCH, S.INTERNAL, "UPSTREAM_BAD_RESPONSE", set()),
+    (UpstreamDecodeError("junk"), Operation.RENT, S.INTERNAL, "RENT_OUTCOME_UNKNOWN", set()),
+    (
+        InvalidRequest([FieldViolation("group_id", "must be digits")]),
+        Operation.GET,
+        S.INVALID_ARGUMENT,
+        "INVALID_REQUEST",
+        {"BadRequest"},
+    ),
+    (DeadlineExceeded("late"), Operation.SEARCH, S.DEADLINE_EXCEEDED, "DEADLINE_EXCEEDED", set()),
+    (RuntimeError("bug"), Operation.SEARCH, S.INTERNAL, "INTERNAL_ERROR", set()),
+]
+
+
+@pytest.mark.parametrize(("failure", "operation", "code", "reason", "extras"), ROWS)
+def test_row(
+    failure: Exception, operation: Operation, code: grpc.StatusCode, reason: str, extras: set[str]
+) -> None:
+    status = to_status(classify(failure, operation))
+    assert status.code == code
+    rich, details = _details(status)
+    assert rich.code == code.value[0]
+    info = details.pop("ErrorInfo")
+    assert isinstance(info, error_details_pb2.ErrorInfo)
+    assert (info.reason, info.domain) == (reason, DOMAIN)
+    assert set(details) == extras
+
+
+def test_every_outcome_has_a_row_and_a_test() -> None:
+    assert set(TABLE) == set(Outcome)
+    reached = {classify(f, op).outcome for f, op, *_ in ROWS}
+    own = {Outcome.RENT_DEADLINE_TOO_SHORT, Outcome.RENT_OUTCOME_UNKNOWN_DEADLINE}
+    assert reached | own == set(Outcome)
+
+
+@pytest.mark.parametrize("outcome", [Outcome.RENT_DEADLINE_TOO_SHORT, Outcome.RENT_OUTCOME_UNKNOWN_DEADLINE])
+def test_servicer_raised_rows(outcome: Outcome) -> None:
+    status = to_status(ServiceError(outcome, "m"))
+    assert status.code == S.DEADLINE_EXCEEDED
+    _, details = _details(status)
+    assert set(details) == {"ErrorInfo"}
+
+
+def test_retry_info_honours_retry_after() -> None:
+    _, details = _details(to_status(classify(_status(429, retry_after=7.5), Operation.SEARCH)))
+    retry = details["RetryInfo"]
+    assert isinstance(retry, error_details_pb2.RetryInfo)
+    assert retry.retry_delay.ToNanoseconds() == 7_500_000_000
+
+
+def test_error_info_metadata_keeps_http_status_and_api_id() -> None:
+    _, details = _details(to_status(classify(_status(418), Operation.SEARCH)))
+    info = details["ErrorInfo"]
+    assert isinstance(info, error_details_pb2.ErrorInfo)
+    assert dict(info.metadata) == {
+        "operation": "search",
+        "httpStatus": "418",
+        "upstreamRequestId": "api-9",
+    }
+
+
+def test_bad_request_names_every_field() -> None:
+    failure = InvalidRequest(
+        [FieldViolation("filter.prefix", "must be 1 to 5 digits"), FieldViolation("page_size", "x")]
+    )
+    _, details = _details(to_status(classify(failure, Operation.SEARCH)))
+    bad = details["BadRequest"]
+    assert isinstance(bad, error_details_pb2.BadRequest)
+    assert [(v.field, v.description) for v in bad.field_violations] == [
+        ("filter.prefix", "must be 1 to 5 digits"),
+        ("page_size", "x"),
+    ]
+
+
+def test_resource_info_names_the_group() -> None:
+    error = ServiceError(Outcome.NUMBER_GROUP_NOT_FOUND, "gone", group_id="123")
+    _, details = _details(to_status(error))
+    info = details["ResourceInfo"]
+    assert isinstance(info, error_details_pb2.ResourceInfo)
+    assert (info.resource_type, info.resource_name) == ("numbersvc.v1.NumberGroup", "123")
+
+
+def test_a_bug_does_not_leak_its_text() -> None:
+    status = to_status(classify(RuntimeError("secret internals"), Operation.GET))
+    assert "secret" not in status.details
+
+
+def test_packing_is_any() -> None:
+    rich, _ = _details(to_status(ServiceError(Outcome.INTERNAL_ERROR, "x")))
+    assert all(isinstance(d, any_pb2.Any) for d in rich.details)
+
+
+def test_readme_error_table_is_generated_from_the_table() -> None:
+    assert markdown_table() in README.read_text()

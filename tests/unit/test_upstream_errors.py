@@ -1,0 +1,236 @@
+"""Tests for numbersvc.upstream.errors: the tree, error bodies and Retry-After."""
+
+from __future__ import annotations
+
+import email.utils
+import time
+
+import pytest
+
+import numbersvc.upstream
+from numbersvc.upstream.errors import (
+    MAX_BODY_EXCERPT_CHARS,
+    MAX_MESSAGE_CHARS,
+    UpstreamConnectError,
+    UpstreamDecodeError,
+    UpstreamError,
+    UpstreamStatusError,
+    UpstreamTimeoutError,
+    UpstreamTransportError,
+    excerpt,
+    parse_error_body,
+    parse_retry_after,
+)
+
+JSON = "application/json"
+NOW = 1_445_412_480.0  # Wed, 21 Oct 2015 07:28:00 GMT
+
+
+def test_package_face_is_pinned() -> None:
+    assert sorted(numbersvc.upstream.__all__) == [
+        "PlivoClient",
+        "RetryPolicy",
+        "UpstreamConnectError",
+        "UpstreamDecodeError",
+        "UpstreamError",
+        "UpstreamResponse",
+        "UpstreamStatusError",
+        "UpstreamTimeoutError",
+        "UpstreamTransportError",
+        "full_jitter_delays",
+        "is_transient",
+        "parse_error_body",
+        "parse_retry_after",
+        "retry_async",
+    ]
+    for name in numbersvc.upstream.__all__:
+        assert getattr(numbersvc.upstream, name) is not None
+
+
+def test_tree() -> None:
+    assert issubclass(UpstreamTransportError, UpstreamError)
+    assert issubclass(UpstreamConnectError, UpstreamTransportError)
+    assert issubclass(UpstreamTimeoutError, UpstreamTransportError)
+    assert issubclass(UpstreamStatusError, UpstreamError)
+    assert issubclass(UpstreamDecodeError, UpstreamError)
+    assert not issubclass(UpstreamStatusError, UpstreamTransportError)
+
+
+def test_connect_error_never_sent() -> None:
+    assert UpstreamConnectError("refused").request_sent is False
+
+
+def test_timeout_error_carries_the_phase() -> None:
+    assert UpstreamTimeoutError("pool", request_sent=False).request_sent is False
+    assert UpstreamTimeoutError("read", request_sent=True).request_sent is True
+
+
+def test_status_error_attributes_and_str() -> None:
+    exc = UpstreamStatusError(
+        status_code=400,
+        message="invalid country ISO",
+        method="GET",
+        url="/v1/Account/MA1/AvailableNumberGroup/",
+        api_id="abc-123",
+        retry_after_seconds=None,
+        body_excerpt='{"error": "invalid country ISO"}',
+    )
+    assert exc.status_code == 400
+    assert exc.message == "invalid country ISO"
+    assert exc.api_id == "abc-123"
+    assert str(exc) == (
+        "GET /v1/Account/MA1/AvailableNumberGroup/ -> HTTP 400: invalid country ISO"
+        " (api_id=abc-123)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("status", "expected"),
+    [(404, "Not Found"), (429, "Too Many Requests"), (599, "HTTP status 599")],
+)
+def test_status_error_without_message_uses_the_reason_phrase(status: int, expected: str) -> None:
+    exc = UpstreamStatusError(status_code=status, message="", method="GET", url="/x/")
+    assert exc.message == expected
+    assert str(exc) == f"GET /x/ -> HTTP {status}: {expected}"
+
+
+def test_decode_error_is_raisable_with_a_message_alone() -> None:
+    exc = UpstreamDecodeError("group has no group_id")
+    assert str(exc) == "group has no group_id"
+    assert exc.status_code is None
+    assert exc.method is None
+
+
+@pytest.mark.parametrize(
+    ("content", "content_type", "expected"),
+    [
+        pytest.param(
+            b'{"api_id": "u-1", "error": "invalid country ISO"}',
+            JSON,
+            ("u-1", "invalid country ISO"),
+            id="plain",
+        ),
+        pytest.param(
+            b'{"api_id": "u-2", "error": {"error": "not found"}}',
+            JSON,
+            ("u-2", "not found"),
+            id="nested",
+        ),
+        pytest.param(
+            b'{"error": {"message": "quantity too large"}}',
+            JSON,
+            (None, "quantity too large"),
+            id="nested-message",
+        ),
+        pytest.param(
+            b'{"error": {"quantity": "must be an integer"}}',
+            JSON,
+            (None, '{"quantity":"must be an integer"}'),
+            id="nested-unknown-keys",
+        ),
+        pytest.param(
+            b'{"error": "authentication failed"}',
+            JSON,
+            (None, "authentication failed"),
+            id="no-api-id",
+        ),
+        pytest.param(b"{}", JSON, (None, ""), id="bare"),
+        pytest.param(b'{"api_id": "u-3"}', JSON, ("u-3", ""), id="api-id-only"),
+        pytest.param(b'{"api_id": "u-4", "error": ""}', JSON, ("u-4", ""), id="empty-error"),
+        pytest.param(b'{"api_id": 7, "error": "x"}', JSON, (None, "x"), id="api-id-not-string"),
+        pytest.param(
+            b'{"message": "Method not allowed"}',
+            JSON,
+            (None, "Method not allowed"),
+            id="message-key",
+        ),
+        pytest.param(b'{"error": ["a", "b"]}', JSON, (None, "a; b"), id="error-list"),
+        pytest.param(b'{"error": null, "message": "m"}', JSON, (None, "m"), id="null-error"),
+        pytest.param(b'{"error": 42}', JSON, (None, "42"), id="error-number"),
+        pytest.param(b'["bad", "things"]', JSON, (None, "bad; things"), id="json-list"),
+        pytest.param(b'"just a string"', JSON, (None, "just a string"), id="json-string"),
+        pytest.param(b"null", JSON, (None, ""), id="json-null"),
+        pytest.param(b"17", JSON, (None, "17"), id="json-number"),
+        pytest.param(b"", None, (None, ""), id="empty"),
+        pytest.param(
+            b"Service Unavailable\r\n", "text/plain", (None, "Service Unavailable"), id="text"
+        ),
+        pytest.param(
+            b"<html>\n<head><title>502 Bad Gateway</title></head>\n"
+            b"<body><center><h1>502 Bad Gateway</h1></center>\n<hr><center>nginx</center>\n"
+            b"</body>\n</html>\n",
+            "text/html",
+            (None, "502 Bad Gateway 502 Bad Gateway nginx"),
+            id="html",
+        ),
+        pytest.param(
+            b"<html><body>Oops</body></html>", None, (None, "Oops"), id="html-without-content-type"
+        ),
+        pytest.param(
+            b'{"api_id": "u-5", "error": "mislabelled"}',
+            "text/html",
+            ("u-5", "mislabelled"),
+            id="json-labelled-html",
+        ),
+        pytest.param(
+            b"\xff\xfe garbage \x00", None, (None, "\ufffd\ufffd garbage \x00"), id="binary"
+        ),
+    ],
+)
+def test_parse_error_body_shapes(
+    content: bytes, content_type: str | None, expected: tuple[str | None, str]
+) -> None:
+    assert parse_error_body(content, content_type) == expected
+
+
+def test_parse_error_body_bounds_long_text() -> None:
+    api_id, message = parse_error_body(b"word   \n" * 1000, "text/plain")
+    assert api_id is None
+    assert len(message) == MAX_MESSAGE_CHARS
+    assert message.endswith("…")
+    assert "  " not in message
+
+
+def test_parse_error_body_bounds_long_json_message() -> None:
+    _, message = parse_error_body(b'{"error": "' + b"x" * 5000 + b'"}', JSON)
+    assert len(message) == MAX_MESSAGE_CHARS
+
+
+def test_excerpt() -> None:
+    assert excerpt("  a \n\t b  ") == "a b"
+    assert excerpt("abcdef", 4) == "abc…"
+    assert len(excerpt("y" * 10_000)) == MAX_BODY_EXCERPT_CHARS
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (None, None),
+        ("", None),
+        ("   ", None),
+        ("0", 0.0),
+        ("120", 120.0),
+        (" 3 ", 3.0),
+        ("1.5", 1.5),
+        ("-5", 0.0),
+        ("inf", None),
+        ("nan", None),
+        ("soon", None),
+        ("Wed, 99 Oct 2015 07:28:00 GMT", None),
+        ("Wed, 21 Oct 2015 07:28:30 GMT", 30.0),
+        ("Wednesday, 21-Oct-15 07:29:00 GMT", 60.0),  # RFC 850, obsolete but allowed
+        ("Wed Oct 21 07:28:10 2015", 10.0),  # asctime: no zone, GMT by definition
+        ("Wed, 21 Oct 2015 07:28:10 -0000", 10.0),
+        ("Wed, 21 Oct 2015 09:28:10 +0200", 10.0),
+        ("Wed, 21 Oct 2015 07:00:00 GMT", 0.0),  # in the past
+    ],
+)
+def test_parse_retry_after(value: str | None, expected: float | None) -> None:
+    assert parse_retry_after(value, now=NOW) == expected
+
+
+def test_parse_retry_after_uses_the_wall_clock_by_default() -> None:
+    future = email.utils.formatdate(time.time() + 100, usegmt=True)
+    delay = parse_retry_after(future)
+    assert delay is not None
+    assert 98.0 <= delay <= 100.0

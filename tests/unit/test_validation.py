@@ -1,0 +1,223 @@
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from numbersvc import paging
+from numbersvc.v1 import number_groups_pb2 as pb
+from numbersvc.validation import (
+    InvalidRequest,
+    validate_get,
+    validate_list,
+    validate_rent,
+    validate_stream,
+)
+
+
+def _list(**filter_fields: object) -> pb.ListNumberGroupsRequest:
+    fields = {"region_code": "US", **filter_fields}
+    return pb.ListNumberGroupsRequest(filter=pb.SearchFilter(**fields))  # type: ignore[arg-type]
+
+
+def _fields(exc: pytest.ExceptionInfo[InvalidRequest]) -> list[str]:
+    return [v.field for v in exc.value.violations]
+
+
+class TestSearchFilter:
+    def test_defaults_and_normalization(self) -> None:
+        params = validate_list(_list(region_code="us"))
+        assert params.query.region_code == "US"
+        assert params.query.number_type == pb.NUMBER_TYPE_LOCAL
+        assert params.page_size == 20
+        assert params.offset == 0
+
+    def test_filter_is_required(self) -> None:
+        with pytest.raises(InvalidRequest) as exc:
+            validate_list(pb.ListNumberGroupsRequest())
+        assert _fields(exc) == ["filter"]
+
+    @pytest.mark.parametrize("code", ["", "USA", "ZZ", "U1", "uk", "ÜS", "X"])
+    def test_region_code_must_be_iso_alpha2(self, code: str) -> None:
+        with pytest.raises(InvalidRequest) as exc:
+            validate_list(_list(region_code=code))
+        assert _fields(exc) == ["filter.region_code"]
+
+    @pytest.mark.parametrize("code", ["US", "gb", "De", "BE", "FR"])
+    def test_region_code_accepts_countries(self, code: str) -> None:
+        assert validate_list(_list(region_code=code)).query.region_code == code.upper()
+
+    @pytest.mark.parametrize("prefix", ["1", "212", "12345"])
+    def test_prefix_ok(self, prefix: str) -> None:
+        assert validate_list(_list(prefix=prefix)).query.prefix == prefix
+
+    @pytest.mark.parametrize("prefix", ["123456", "21a", " 21", "２１２", "212\n", "-1"])
+    def test_prefix_must_be_1_to_5_ascii_digits(self, prefix: str) -> None:
+        with pytest.raises(InvalidRequest) as exc:
+            validate_list(_list(prefix=prefix))
+        assert _fields(exc) == ["filter.prefix"]
+
+    @pytest.mark.parametrize("number_type", [pb.NUMBER_TYPE_NATIONAL, pb.NUMBER_TYPE_TOLLFREE])
+    def test_region_only_with_local(self, number_type: int) -> None:
+        with pytest.raises(InvalidRequest) as exc:
+            validate_list(_list(region="NY", number_type=number_type))
+        assert _fields(exc) == ["filter.region"]
+
+    def test_region_with_default_type_is_local(self) -> None:
+        assert validate_list(_list(region="ebra")).query.region == "ebra"
+
+    @pytest.mark.parametrize("region", ["N", " NY", "New\nYork", "x" * 65])
+    def test_region_text_rules(self, region: str) -> None:
+        with pytest.raises(InvalidRequest) as exc:
+            validate_list(_list(region=region))
+        assert _fields(exc) == ["filter.region"]
+
+    def test_unknown_enum_numbers(self) -> None:
+        request = _list(number_type=9)
+        request.filter.services.extend([pb.NUMBER_SERVICE_VOICE, 7, pb.NUMBER_SERVICE_UNSPECIFIED])
+        with pytest.raises(InvalidRequest) as exc:
+            validate_list(request)
+        assert _fields(exc) == [
+            "filter.number_type",
+            "filter.services[1]",
+            "filter.services[2]",
+        ]
+
+    def test_repeated_service(self) -> None:
+        request = _list(services=[pb.NUMBER_SERVICE_SMS, pb.NUMBER_SERVICE_SMS])
+        with pytest.raises(InvalidRequest) as exc:
+            validate_list(request)
+        assert _fields(exc) == ["filter.services[1]"]
+
+    def test_services_are_order_insensitive_in_the_key(self) -> None:
+        a = validate_list(_list(services=[pb.NUMBER_SERVICE_SMS, pb.NUMBER_SERVICE_VOICE]))
+        b = validate_list(_list(services=[pb.NUMBER_SERVICE_VOICE, pb.NUMBER_SERVICE_SMS]))
+        assert a.query == b.query
+
+    def test_every_bad_field_is_reported_at_once(self) -> None:
+        request = pb.ListNumberGroupsRequest(
+            filter=pb.SearchFilter(region_code="ZZ", prefix="x", number_type=5),
+            page_size=-1,
+            page_token="garbage",
+        )
+        with pytest.raises(InvalidRequest) as exc:
+            validate_list(request)
+        assert _fields(exc) == [
+            "filter.region_code",
+            "filter.number_type",
+            "filter.prefix",
+            "page_size",
+            "page_token",
+        ]
+
+
+class TestPaging:
+    @pytest.mark.parametrize(("asked", "used"), [(0, 20), (1, 1), (20, 20), (21, 20), (10**6, 20)])
+    def test_page_size_default_and_coercion(self, asked: int, used: int) -> None:
+        request = _list()
+        request.page_size = asked
+        assert validate_list(request).page_size == used
+
+    def test_negative_page_size(self) -> None:
+        request = _list()
+        request.page_size = -1
+        with pytest.raises(InvalidRequest) as exc:
+            validate_list(request)
+        assert _fields(exc) == ["page_size"]
+
+    def test_token_from_same_filter_carries_offset(self) -> None:
+        key = validate_list(_list()).query.key
+        request = _list()
+        request.page_token = paging.encode_page_token(60, key)
+        assert validate_list(request).offset == 60
+
+    def test_token_is_shared_between_list_and_stream(self) -> None:
+        key = validate_list(_list(prefix="212")).query.key
+        token = paging.encode_page_token(40, key)
+        stream = pb.StreamNumberGroupsRequest(
+            filter=pb.SearchFilter(region_code="us", prefix="212"), page_token=token
+        )
+        assert validate_stream(stream).offset == 40
+
+    def test_token_for_another_filter(self) -> None:
+        key = validate_list(_list(prefix="212")).query.key
+        request = _list(prefix="213")
+        request.page_token = paging.encode_page_token(40, key)
+        with pytest.raises(InvalidRequest) as exc:
+            validate_list(request)
+        assert exc.value.violations[0].description == "was issued for another filter"
+
+    def test_negative_max_results(self) -> None:
+        request = pb.StreamNumberGroupsRequest(
+            filter=pb.SearchFilter(region_code="US"), max_results=-5
+        )
+        with pytest.raises(InvalidRequest) as exc:
+            validate_stream(request)
+        assert _fields(exc) == ["max_results"]
+
+
+class TestGetAndRent:
+    @pytest.mark.parametrize("group_id", ["", "abc", "1" * 33, "12/../3", "12%2F", "12?x", "١٢"])
+    def test_group_id_digits(self, group_id: str) -> None:
+        with pytest.raises(InvalidRequest) as exc:
+            validate_get(pb.GetNumberGroupRequest(group_id=group_id))
+        assert _fields(exc) == ["group_id"]
+
+    def test_rent_defaults(self) -> None:
+        params = validate_rent(pb.RentNumbersRequest(group_id="123"), max_quantity=10)
+        assert (params.quantity, params.app_id, params.request_id) == (1, "", "")
+
+    def test_rent_request_id_is_lower_cased(self) -> None:
+        rid = "0F8FAD5B-D9CB-469F-A165-70867728950E"
+        params = validate_rent(pb.RentNumbersRequest(group_id="1", request_id=rid), max_quantity=10)
+        assert params.request_id == rid.lower()
+
+    @pytest.mark.parametrize(
+        ("field", "value"),
+        [
+            ("quantity", -1),
+            ("quantity", 11),
+            ("app_id", "app-1"),
+            ("app_id", "1" * 33),
+            ("request_id", "not-a-uuid"),
+            ("request_id", "0f8fad5bd9cb469fa16570867728950e"),
+            ("request_id", "{0f8fad5b-d9cb-469f-a165-70867728950e}"),
+        ],
+    )
+    def test_rent_field_rules(self, field: str, value: object) -> None:
+        request = pb.RentNumbersRequest(group_id="1", **{field: value})  # type: ignore[arg-type]
+        with pytest.raises(InvalidRequest) as exc:
+            validate_rent(request, max_quantity=10)
+        assert _fields(exc) == [field]
+
+    def test_max_quantity_is_configurable(self) -> None:
+        request = pb.RentNumbersRequest(group_id="1", quantity=3)
+        assert validate_rent(request, max_quantity=3).quantity == 3
+        with pytest.raises(InvalidRequest):
+            validate_rent(request, max_quantity=2)
+
+
+@given(
+    region_code=st.text(max_size=4),
+    prefix=st.text(max_size=7),
+    region=st.text(max_size=70),
+    number_type=st.integers(-3, 6),
+    page_size=st.integers(-(2**31), 2**31 - 1),
+)
+def test_any_search_input_is_accepted_clean_or_refused(
+    region_code: str, prefix: str, region: str, number_type: int, page_size: int
+) -> None:
+    request = pb.ListNumberGroupsRequest(
+        filter=pb.SearchFilter(
+            region_code=region_code, prefix=prefix, region=region, number_type=number_type
+        ),
+        page_size=page_size,
+    )
+    try:
+        params = validate_list(request)
+    except InvalidRequest as exc:
+        assert exc.violations
+        return
+    assert params.query.region_code.isascii() and len(params.query.region_code) == 2
+    assert params.query.prefix == "" or params.query.prefix.isdigit()
+    assert 1 <= params.page_size <= 20
