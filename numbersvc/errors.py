@@ -30,8 +30,8 @@ from numbersvc.upstream.errors import (
     UpstreamStatusError,
     UpstreamTransportError,
 )
-from numbersvc.validation import FieldViolation, InvalidRequest
 from numbersvc.v1 import number_groups_pb2 as pb
+from numbersvc.validation import FieldViolation, InvalidRequest
 
 __all__ = [
     "DOMAIN",
@@ -113,7 +113,9 @@ def _bad_request(error: ServiceError) -> any_pb2.Any:
     return _pack(
         error_details_pb2.BadRequest(
             field_violations=[
-                error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+                error_details_pb2.BadRequest.FieldViolation(
+                    field=v.field, description=v.description
+                )
                 for v in error.violations
             ]
         )
@@ -202,7 +204,9 @@ TABLE: Final[Mapping[Outcome, Rule]] = {
         _S.INTERNAL, "UPSTREAM_BAD_RESPONSE", "a read's 2xx body is not JSON or has the wrong shape"
     ),
     Outcome.DEADLINE_EXCEEDED: Rule(
-        _S.DEADLINE_EXCEEDED, "DEADLINE_EXCEEDED", "the caller's deadline (or the default budget) ran out"
+        _S.DEADLINE_EXCEEDED,
+        "DEADLINE_EXCEEDED",
+        "the caller's deadline (or the default budget) ran out",
     ),
     Outcome.RENT_DEADLINE_TOO_SHORT: Rule(
         _S.DEADLINE_EXCEEDED,
@@ -261,7 +265,9 @@ def _classify_upstream(exc: UpstreamError, op: Operation) -> ServiceError:
                 f"the rent was sent but its answer was lost ({exc}); check before ordering again",
                 metadata=meta,
             )
-        return ServiceError(Outcome.UPSTREAM_UNREACHABLE, f"Plivo unreachable: {exc}", metadata=meta)
+        return ServiceError(
+            Outcome.UPSTREAM_UNREACHABLE, f"Plivo unreachable: {exc}", metadata=meta
+        )
     if isinstance(exc, UpstreamDecodeError) and renting:
         return ServiceError(
             Outcome.RENT_OUTCOME_UNKNOWN,
@@ -284,9 +290,13 @@ def _status_outcome(status: int, op: Operation) -> Outcome:
     if 500 <= status <= 599:
         # NOTE: a rent that got a 5xx may still have been placed (a proxy's 502/504 says
         # nothing about Plivo), so it is never reported as safe to retry.
-        return Outcome.RENT_OUTCOME_UNKNOWN if op is Operation.RENT else Outcome.UPSTREAM_UNAVAILABLE
+        return (
+            Outcome.RENT_OUTCOME_UNKNOWN if op is Operation.RENT else Outcome.UPSTREAM_UNAVAILABLE
+        )
     if status == 404:
-        return Outcome.UPSTREAM_NOT_FOUND if op is Operation.SEARCH else Outcome.NUMBER_GROUP_NOT_FOUND
+        return (
+            Outcome.UPSTREAM_NOT_FOUND if op is Operation.SEARCH else Outcome.NUMBER_GROUP_NOT_FOUND
+        )
     return {
         401: Outcome.UPSTREAM_AUTH_FAILED,
         403: Outcome.UPSTREAM_PERMISSION_DENIED,
@@ -305,7 +315,8 @@ def to_status(error: ServiceError) -> grpc.Status:
         message=error.message,
         details=[_pack(info), *(build(error) for build in rule.details)],
     )
-    return rpc_status.to_status(status)
+    grpc_status: grpc.Status = rpc_status.to_status(status)
+    return grpc_status
 
 
 def markdown_table() -> str:
@@ -314,7 +325,11 @@ def markdown_table() -> str:
         "| when | gRPC code | `ErrorInfo.reason` | details beside `ErrorInfo` |",
         "|---|---|---|---|",
     ]
-    names = {_bad_request: "BadRequest", _retry_info: "RetryInfo", _resource_info: "ResourceInfo"}
+    names: dict[_Builder, str] = {
+        _bad_request: "BadRequest",
+        _retry_info: "RetryInfo",
+        _resource_info: "ResourceInfo",
+    }
     for rule in TABLE.values():
         details = ", ".join(names[b] for b in rule.details) or "-"
         lines.append(f"| {rule.when} | `{rule.code.name}` | `{rule.reason}` | {details} |")

@@ -7,13 +7,14 @@ The access line is written when the call ends, however it ends, with the final s
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import inspect
 import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, Final
 
 import grpc
@@ -23,9 +24,13 @@ __all__ = ["AccessLogInterceptor", "request_id_var"]
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 """The id of the RPC being served, for log lines."""
 
-_REQUEST_ID_HEADER: Final = "x-request-id"
+_REQUEST_ID_KEY: Final = "x-request-id"
 _SANE_REQUEST_ID: Final = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+_BEHAVIOURS: Final = ("unary_unary", "unary_stream", "stream_unary", "stream_stream")
 _access_log = logging.getLogger("numbersvc.access")
+
+_Context = grpc.aio.ServicerContext[Any, Any]
+_Handler = grpc.RpcMethodHandler[Any, Any]
 
 
 class AccessLogInterceptor(grpc.aio.ServerInterceptor):
@@ -46,89 +51,93 @@ class AccessLogInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[_Handler | None]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        """Wrap the method's handler so the call is timed and logged."""
+    ) -> _Handler | None:
+        """Wrap the method's handler so that the call is timed, tagged and logged."""
         handler = await continuation(handler_call_details)
         if handler is None:
-            return handler
-        method = handler_call_details.method
-        request_id = _request_id(handler_call_details.invocation_metadata)
-        wrap = _wrap_stream if handler.unary_stream or handler.stream_stream else _wrap_unary
-        behaviour_name = next(
-            name
-            for name in ("unary_unary", "unary_stream", "stream_unary", "stream_stream")
-            if getattr(handler, name) is not None
-        )
-        behaviour = getattr(handler, behaviour_name)
-        wrapped = wrap(behaviour, lambda ctx, code, t0: self._log(method, request_id, ctx, code, t0), request_id, self._clock)
-        return handler._replace(**{behaviour_name: wrapped})
+            return None
+        call = _Call(self, handler_call_details)
+        name = next(n for n in _BEHAVIOURS if getattr(handler, n) is not None)
+        behaviour = getattr(handler, name)
+        wrapped = call.wrap_stream(behaviour) if name.endswith("stream") else call.wrap(behaviour)
+        # RpcMethodHandler is a namedtuple at run time; the stubs do not say so.
+        replaced: _Handler = handler._replace(**{name: wrapped})  # type: ignore[attr-defined]
+        return replaced
 
-    def _log(self, method: str, request_id: str, context: Any, code: grpc.StatusCode, started: float) -> None:
+    def log(self, method: str, request_id: str, peer: str, code: str, started: float) -> None:
+        """Write the access line for one finished call."""
         self._logger.info(
             "rpc method=%s code=%s duration_ms=%.2f request_id=%s peer=%s",
             method,
-            code.name,
+            code,
             1000 * (self._clock() - started),
             request_id,
-            context.peer(),
+            peer,
         )
 
 
-_Log = Callable[[Any, grpc.StatusCode, float], None]
+class _Call:
+    """One call's request id and timing around its handler."""
 
+    def __init__(self, owner: AccessLogInterceptor, details: grpc.HandlerCallDetails) -> None:
+        self._owner = owner
+        self._method = details.method
+        self._request_id = _request_id(details.invocation_metadata)
 
-def _wrap_unary(behaviour: Any, log: _Log, request_id: str, clock: Callable[[], float]) -> Any:
-    async def run(request: Any, context: Any) -> Any:
-        request_id_var.set(request_id)
-        started = clock()
-        code = grpc.StatusCode.UNKNOWN
-        try:
-            response = await behaviour(request, context)
-            code = grpc.StatusCode.OK
-            return response
-        except BaseException as exc:
-            code = _code_of(exc, context)
-            raise
-        finally:
-            log(context, code, started)
+    def _start(self) -> float:
+        request_id_var.set(self._request_id)
+        return self._owner._clock()
 
-    return run
+    def _finish(self, context: _Context, exc: BaseException | None, started: float) -> None:
+        self._owner.log(
+            self._method, self._request_id, context.peer(), _code(exc, context), started
+        )
 
+    def wrap(self, behaviour: Callable[[Any, _Context], Awaitable[Any]]) -> Any:
+        async def run(request: Any, context: _Context) -> Any:
+            started, failure = self._start(), None
+            try:
+                return await behaviour(request, context)
+            except BaseException as exc:
+                failure = exc
+                raise
+            finally:
+                self._finish(context, failure, started)
 
-def _wrap_stream(behaviour: Any, log: _Log, request_id: str, clock: Callable[[], float]) -> Any:
-    if inspect.isasyncgenfunction(behaviour):
+        return run
 
-        async def run_gen(request: Any, context: Any) -> AsyncIterator[Any]:
-            request_id_var.set(request_id)
-            started = clock()
-            code = grpc.StatusCode.UNKNOWN
+    def wrap_stream(self, behaviour: Callable[[Any, _Context], Any]) -> Any:
+        if not inspect.isasyncgenfunction(behaviour):
+            return self.wrap(behaviour)  # a handler that writes with context.write
+
+        async def run(request: Any, context: _Context) -> AsyncIterator[Any]:
+            started, failure = self._start(), None
             try:
                 async for response in behaviour(request, context):
                     yield response
-                code = grpc.StatusCode.OK
             except BaseException as exc:
-                code = _code_of(exc, context)
+                failure = exc
                 raise
             finally:
-                log(context, code, started)
+                self._finish(context, failure, started)
 
-        return run_gen
-    return _wrap_unary(behaviour, log, request_id, clock)
-
-
-def _code_of(exc: BaseException, context: Any) -> grpc.StatusCode:
-    if isinstance(exc, grpc.aio.AbortError):
-        code: grpc.StatusCode | None = context.code()
-        return code or grpc.StatusCode.UNKNOWN
-    if isinstance(exc, BaseException) and type(exc).__name__ == "CancelledError":
-        return grpc.StatusCode.CANCELLED
-    return grpc.StatusCode.UNKNOWN
+        return run
 
 
-def _request_id(metadata: Any) -> str:
+def _code(exc: BaseException | None, context: _Context) -> str:
+    if exc is None:
+        return grpc.StatusCode.OK.name
+    if isinstance(exc, asyncio.CancelledError):
+        return grpc.StatusCode.CANCELLED.name
+    code = context.code()
+    # After an abort the context holds the code sent; anything else escaped unmapped.
+    return code.name if isinstance(code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN.name
+
+
+def _request_id(metadata: Sequence[tuple[str, str | bytes]] | None) -> str:
     for key, value in metadata or ():
-        if key == _REQUEST_ID_HEADER and isinstance(value, str) and _SANE_REQUEST_ID.fullmatch(value):
+        if key == _REQUEST_ID_KEY and isinstance(value, str) and _SANE_REQUEST_ID.fullmatch(value):
             return value
     return uuid.uuid4().hex

@@ -116,6 +116,7 @@ def _rent_error(exc: Exception) -> ServiceError:
         # A bug anywhere around the POST leaves the order's fate unknown: say so, not "bug".
         _log.error("rent failed in numbersvc itself", exc_info=exc)
         return ServiceError(
-            Outcome.RENT_OUTCOME_UNKNOWN, "internal error while renting; check before ordering again"
+            Outcome.RENT_OUTCOME_UNKNOWN,
+            "internal error while renting; check before ordering again",
         )
     return error

@@ -22,7 +22,7 @@ import hashlib
 import struct
 import zlib
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Final, Generic, TypeVar
 
@@ -120,7 +120,7 @@ async def walk_pages(
     *,
     page_size: int,
     read_ahead: int,
-) -> AsyncIterator[Page[T]]:
+) -> AsyncGenerator[Page[T], None]:
     """Yield `first` and every page after it, in order, fetching ahead of the consumer.
 
     At most `read_ahead` pages are fetched (or in flight) and not yet taken back by the

@@ -38,15 +38,17 @@ _log = logging.getLogger("numbersvc.server")
 _MAX_MESSAGE_BYTES: Final = 4 * 1024 * 1024
 
 
-class _HealthServicer(health.aio.HealthServicer):
+class _HealthServicer(health.aio.HealthServicer):  # type: ignore[misc]
     """The standard health service, also saying which upstream is in use (initial metadata)."""
 
     def __init__(self, upstream: UpstreamKind) -> None:
         super().__init__()
         self._metadata = ((UPSTREAM_METADATA_KEY, upstream.value),)
 
-    async def Check(  # noqa: N802 - gRPC method name
-        self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext
+    async def Check(
+        self,
+        request: health_pb2.HealthCheckRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
     ) -> health_pb2.HealthCheckResponse:
         """Answer a health check, with `numbersvc-upstream: plivo|sandbox` metadata."""
         await context.send_initial_metadata(self._metadata)
@@ -127,7 +129,11 @@ async def create_server(config: Config) -> RunningServer:
     health_servicer = _HealthServicer(kind)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        (
+            SERVICE_NAME,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ),
         server,
     )
     port = server.add_insecure_port(config.listen)

@@ -2,20 +2,20 @@
 
 The servicer owns no policy of its own: rules are in `validation`, shapes in `translation`,
 paging in `paging`, statuses in `errors`, retries in `upstream.retry`, orders in `orders`.
-Every handler runs inside `_rpc`, which turns any failure into the rich status the error
-table prescribes, so no call ever ends as UNKNOWN.
+Every handler runs under `_unary` or `_abort_on_error`, which turn any failure into the rich
+status the error table prescribes, so no call ever ends as UNKNOWN.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import dataclasses
 import functools
+import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Final, TypeVar
+from typing import Any, Final, TypeVar
 
 import grpc
 
@@ -25,49 +25,50 @@ from numbersvc.deadline import Deadline
 from numbersvc.errors import DeadlineExceeded, Operation, Outcome, ServiceError, classify, to_status
 from numbersvc.orders import RentDesk
 from numbersvc.paging import Page
-from numbersvc.upstream import PlivoClient, RetryPolicy, UpstreamError, retry_async
-from numbersvc.upstream.client import UpstreamResponse
+from numbersvc.upstream import (
+    PlivoClient,
+    RetryPolicy,
+    UpstreamError,
+    UpstreamResponse,
+    retry_async,
+)
 from numbersvc.v1 import number_groups_pb2 as pb
 from numbersvc.v1 import number_groups_pb2_grpc as pb_grpc
 from numbersvc.validation import SearchQuery
 
 __all__ = ["NumberGroupServicer"]
 
-_Request = TypeVar("_Request")
-_Response = TypeVar("_Response")
+_log = logging.getLogger("numbersvc.service")
+_Req = TypeVar("_Req")
+_Resp = TypeVar("_Resp")
+_Context = grpc.aio.ServicerContext[Any, Any]
+_Handler = Callable[[Any, _Req, _Context], Awaitable[_Resp]]
 # gRPC Python reports "no deadline" as None or as a huge number, depending on the version.
 _NO_DEADLINE_SECONDS: Final = 10**8
-_log = logging.getLogger("numbersvc.service")
 
 
-def _rpc(operation: Operation) -> Callable[..., Callable[..., Awaitable[_Response]]]:
+async def _abort(context: _Context, exc: Exception, operation: Operation) -> None:
+    error = classify(exc, operation)
+    if error.outcome is Outcome.INTERNAL_ERROR:
+        _log.error("unhandled error in %s", operation.value, exc_info=exc)
+    await context.abort_with_status(to_status(error))
+
+
+def _unary(operation: Operation) -> Callable[[_Handler[_Req, _Resp]], _Handler[_Req, _Resp]]:
     """Run a unary handler, turning any failure into the status the error table says."""
 
-    def wrap(
-        handler: Callable[[NumberGroupServicer, _Request, grpc.aio.ServicerContext[_Request, _Response]], Awaitable[_Response]],
-    ) -> Callable[..., Awaitable[_Response]]:
+    def wrap(handler: _Handler[_Req, _Resp]) -> _Handler[_Req, _Resp]:
         @functools.wraps(handler)
-        async def run(
-            self: NumberGroupServicer,
-            request: _Request,
-            context: grpc.aio.ServicerContext[_Request, _Response],
-        ) -> _Response:
+        async def run(self: Any, request: _Req, context: _Context) -> _Resp:
             try:
                 return await handler(self, request, context)
             except Exception as exc:
                 await _abort(context, exc, operation)
-                raise  # not reached: abort raises
+                raise  # abort always raises; this only satisfies the type checker
 
         return run
 
     return wrap
-
-
-async def _abort(context: grpc.aio.ServicerContext[object, object], exc: Exception, op: Operation) -> None:
-    error = classify(exc, op)
-    if error.outcome is Outcome.INTERNAL_ERROR:
-        _log.error("unhandled error in %s", op.value, exc_info=exc)
-    await context.abort_with_status(to_status(error))
 
 
 class NumberGroupServicer(pb_grpc.NumberGroupServiceServicer):
@@ -90,13 +91,14 @@ class NumberGroupServicer(pb_grpc.NumberGroupServiceServicer):
             retry_after_ceiling_seconds=config.retry_after_ceiling_seconds,
         )
 
-    @_rpc(Operation.SEARCH)
+    @_unary(Operation.SEARCH)
     async def ListNumberGroups(
-        self, request: pb.ListNumberGroupsRequest, context: grpc.aio.ServicerContext
+        self, request: pb.ListNumberGroupsRequest, context: _Context
     ) -> pb.ListNumberGroupsResponse:
         """Return one page of groups."""
         params = validation.validate_list(request)
-        page = await self._search(params.query, params.page_size, params.offset, self._deadline(context))
+        deadline = self._deadline(context)
+        page = await self._search(params.query, params.page_size, params.offset, deadline)
         return pb.ListNumberGroupsResponse(
             number_groups=page.items,
             next_page_token=_token(page.end, params.query) if page.has_next else "",
@@ -104,70 +106,76 @@ class NumberGroupServicer(pb_grpc.NumberGroupServiceServicer):
         )
 
     async def StreamNumberGroups(
-        self, request: pb.StreamNumberGroupsRequest, context: grpc.aio.ServicerContext
-    ) -> None:
-        """Stream every page of groups, fetching a bounded number of pages ahead."""
+        self, request: pb.StreamNumberGroupsRequest, context: _Context
+    ) -> AsyncIterator[pb.StreamNumberGroupsResponse]:
+        """Stream every page of groups, fetching a bounded number of pages ahead.
+
+        grpc.aio sends each yielded message before asking for the next, under HTTP/2 flow
+        control, so a reader that stops reading stops the walk (`paging.walk_pages`).
+        """
         try:
             params = validation.validate_stream(request)
-            remaining = self._caller_deadline(context)
-            call_deadline = None if remaining is None else Deadline.after(remaining, default_seconds=0)
+            caller = self._caller_deadline(context)
 
             def fetch(offset: int) -> Awaitable[Page[pb.NumberGroup]]:
-                return self._search(params.query, params.page_size, offset, self._page_deadline(call_deadline))
+                deadline = self._page_deadline(caller)
+                return self._search(params.query, params.page_size, offset, deadline)
 
             first = await fetch(params.offset)
             cursor = paging.StreamCursor[pb.NumberGroup](
-                key=lambda g: g.group_id, max_results=params.max_results
+                key=lambda group: group.group_id, max_results=params.max_results
             )
+            read_ahead = self._config.stream_read_ahead_pages
             walk = paging.walk_pages(
-                fetch, first, page_size=params.page_size, read_ahead=self._config.stream_read_ahead_pages
+                fetch, first, page_size=params.page_size, read_ahead=read_ahead
             )
             async with contextlib.aclosing(walk) as pages:
                 async for page in pages:
                     groups, resume = cursor.take(page)
                     last = resume is None or cursor.exhausted
                     if groups or last:
-                        await context.write(
-                            pb.StreamNumberGroupsResponse(
-                                number_groups=groups,
-                                total_size=_int32(page.total_count),
-                                next_page_token="" if resume is None else _token(resume, params.query),
-                            )
+                        yield pb.StreamNumberGroupsResponse(
+                            number_groups=groups,
+                            total_size=_int32(page.total_count),
+                            next_page_token="" if resume is None else _token(resume, params.query),
                         )
                     if last:
                         return
         except Exception as exc:
             await _abort(context, exc, Operation.SEARCH)
 
-    @_rpc(Operation.GET)
+    @_unary(Operation.GET)
     async def GetNumberGroup(
-        self, request: pb.GetNumberGroupRequest, context: grpc.aio.ServicerContext
+        self, request: pb.GetNumberGroupRequest, context: _Context
     ) -> pb.GetNumberGroupResponse:
         """Return one group."""
         params = validation.validate_get(request)
         try:
             body = await self._read(
-                lambda timeout: self._upstream.get_number_group(params.group_id, timeout_seconds=timeout),
+                lambda timeout: self._upstream.get_number_group(
+                    params.group_id, timeout_seconds=timeout
+                ),
                 self._deadline(context),
             )
         except UpstreamError as exc:
-            raise dataclasses.replace(classify(exc, Operation.GET), group_id=params.group_id) from exc
+            error = classify(exc, Operation.GET)
+            raise dataclasses.replace(error, group_id=params.group_id) from exc
         return pb.GetNumberGroupResponse(number_group=translation.parse_group(body))
 
-    @_rpc(Operation.RENT)
+    @_unary(Operation.RENT)
     async def RentNumbers(
-        self, request: pb.RentNumbersRequest, context: grpc.aio.ServicerContext
+        self, request: pb.RentNumbersRequest, context: _Context
     ) -> pb.RentNumbersResponse:
-        """Rent numbers: never retried, shielded from the caller once sent."""
+        """Rent numbers: never retried, and once sent, shielded from the caller going away."""
         params = validation.validate_rent(request, max_quantity=self._config.max_rent_quantity)
         if not params.request_id:
             params = dataclasses.replace(params, request_id=str(uuid.uuid4()))
         deadline = self._deadline(context)
-        if deadline.remaining() < self._config.rent_min_deadline_seconds:
+        minimum = self._config.rent_min_deadline_seconds
+        if deadline.remaining() < minimum:
             raise ServiceError(
                 Outcome.RENT_DEADLINE_TOO_SHORT,
-                f"a rent needs at least {self._config.rent_min_deadline_seconds:g} s of deadline;"
-                " nothing was sent",
+                f"a rent needs at least {minimum:g} s of deadline left; nothing was sent",
             )
         order = self._rent_desk.submit(params)
         try:
@@ -177,7 +185,8 @@ class NumberGroupServicer(pb_grpc.NumberGroupServiceServicer):
             raise ServiceError(
                 Outcome.RENT_OUTCOME_UNKNOWN_DEADLINE,
                 f"the deadline ran out while rent {params.request_id} was in flight;"
-                " its outcome will be in the order ledger",
+                " the service records its outcome when it arrives",
+                metadata={"requestId": params.request_id},
             ) from None
         except ServiceError as exc:
             if exc.outcome is Outcome.NUMBER_GROUP_NOT_FOUND:
@@ -194,13 +203,13 @@ class NumberGroupServicer(pb_grpc.NumberGroupServiceServicer):
             deadline,
         )
         page = translation.parse_search_page(body, region_code=query.region_code)
-        # Page by the offset we asked for: upstream's echo is informative only.
+        # Page by the offset we asked for: upstream's echo of it is informative only.
         return dataclasses.replace(page, offset=offset)
 
     async def _read(
         self, call: Callable[[float], Awaitable[UpstreamResponse]], deadline: Deadline
     ) -> object:
-        """Make a read with retries; turn the deadline running out into DEADLINE_EXCEEDED."""
+        """Make a read with retries; the deadline running out becomes DEADLINE_EXCEEDED."""
         cap = self._config.attempt_timeout_seconds
         try:
             response = await retry_async(
@@ -212,20 +221,21 @@ class NumberGroupServicer(pb_grpc.NumberGroupServiceServicer):
             raise
         return response.body
 
-    def _caller_deadline(self, context: grpc.aio.ServicerContext) -> float | None:
+    def _caller_deadline(self, context: _Context) -> Deadline | None:
         remaining = context.time_remaining()
-        return None if remaining is None or remaining > _NO_DEADLINE_SECONDS else remaining
+        if remaining is None or remaining > _NO_DEADLINE_SECONDS:
+            return None
+        return Deadline.after(remaining, default_seconds=remaining)
 
-    def _deadline(self, context: grpc.aio.ServicerContext) -> Deadline:
-        return Deadline.after(
-            self._caller_deadline(context), default_seconds=self._config.default_deadline_seconds
-        )
+    def _deadline(self, context: _Context) -> Deadline:
+        caller = self._caller_deadline(context)
+        return caller or Deadline.after(None, default_seconds=self._config.default_deadline_seconds)
 
-    def _page_deadline(self, call_deadline: Deadline | None) -> Deadline:
+    def _page_deadline(self, caller: Deadline | None) -> Deadline:
         # A stream's own deadline bounds the whole walk; each page also gets the default
         # budget, so a stream without a deadline can run long but no page hangs forever.
         default = self._config.default_deadline_seconds
-        budget = default if call_deadline is None else min(call_deadline.remaining(), default)
+        budget = default if caller is None else min(caller.remaining(), default)
         return Deadline.after(budget, default_seconds=default)
 
 

@@ -40,7 +40,9 @@ _MAX_REGION_CHARS: Final = 64
 # ASCII only: `\d` would also accept other scripts' digits, which must not reach a URL.
 _PREFIX: Final = re.compile(r"[0-9]{1,5}")
 _DIGIT_ID: Final = re.compile(r"[0-9]{1,32}")
-_UUID: Final = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+_UUID: Final = re.compile(
+    r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
+)
 _NUMBER_TYPES: Final = frozenset(pb.NumberType.values()) - {pb.NUMBER_TYPE_UNSPECIFIED}
 _SERVICES: Final = frozenset(pb.NumberService.values()) - {pb.NUMBER_SERVICE_UNSPECIFIED}
 

@@ -57,6 +57,9 @@ class FaultKind(StrEnum):
         return self not in (FaultKind.RESET, FaultKind.HANG)
 
 
+_KIND_VALUES = frozenset(kind.value for kind in FaultKind)
+
+
 def _seconds(name: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise ValueError(f"invalid {name} {value!r}: must be a number of seconds")
@@ -106,6 +109,8 @@ class FaultSpec:
 
     def __post_init__(self) -> None:
         # Frozen: normalise through object.__setattr__ (the documented dataclass idiom).
+        if self.kind not in _KIND_VALUES:
+            raise ValueError(f"invalid kind {self.kind!r}: one of {sorted(_KIND_VALUES)}")
         object.__setattr__(self, "kind", FaultKind(self.kind))
         _integer("count", self.count, 1, 1_000_000)
         if self.method is not None:
@@ -139,12 +144,8 @@ class FaultSpec:
     def to_json(self) -> dict[str, Any]:
         """Return the JSON form, leaving out fields still at their defaults."""
         defaults = FaultSpec(self.kind)
-        data = asdict(self)
-        return {
-            key: value
-            for key, value in data.items()
-            if key == "kind" or value != getattr(defaults, key)
-        }
+        data = {key: v for key, v in asdict(self).items() if v != getattr(defaults, key)}
+        return {"kind": self.kind.value, **data}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> FaultSpec:
@@ -157,9 +158,7 @@ class FaultSpec:
         if unknown:
             raise ValueError(f"unknown fault fields: {sorted(unknown)}")
         if "kind" not in data:
-            raise ValueError(f"kind is required: one of {[k.value for k in FaultKind]}")
-        if data["kind"] not in FaultKind.__members__.values():
-            raise ValueError(f"invalid kind {data['kind']!r}: one of {[k.value for k in FaultKind]}")
+            raise ValueError(f"kind is required: one of {sorted(_KIND_VALUES)}")
         return cls(**data)
 
 

@@ -101,7 +101,11 @@ def parse_search_params(params: Mapping[str, str]) -> SearchParams:
     """
     country = params.get("country_iso")
     # NOTE: case-insensitive ("us" works): Plivo's handling of case is not documented.
-    if country is None or len(country) != 2 or iso3166.countries_by_alpha2.get(country.upper()) is None:
+    if (
+        country is None
+        or len(country) != 2
+        or iso3166.countries_by_alpha2.get(country.upper()) is None
+    ):
         raise ParamError(f"invalid country ISO {country!r}: country_iso is required")
     number_type = params.get("number_type", "local")
     if number_type not in NUMBER_TYPES:

@@ -1,18 +1,15 @@
 """The HTTP client for Plivo's v1 `AvailableNumberGroup` API: one attempt per call, no retries.
 
 `PlivoClient` owns one shared `httpx.AsyncClient` (bounded pool, keep-alive, Basic auth) and
-knows Plivo's paths, and nothing of gRPC or protobuf. Each method makes exactly ONE attempt
-bounded by a TOTAL timeout and either returns an `UpstreamResponse` carrying the decoded JSON
-body or raises an `UpstreamError` (tree in `numbersvc.upstream.errors`). Retrying is the
-caller's choice (`numbersvc.upstream.retry`); checking the business shape of a 2xx body is
-translation's job.
+knows Plivo's paths, and nothing of gRPC or protobuf. Each method makes ONE attempt bounded by a
+TOTAL timeout, and returns an `UpstreamResponse` with the decoded JSON or raises an
+`UpstreamError`. Retrying is the caller's choice (`retry.py`); checking the shape of a 2xx body
+is translation's.
 
-Foreign exceptions become ours in exactly one place, `_mapped_errors`, driven by the table
-`_HTTPX_ERRORS`; a test walks every httpx exception class and fails if one is missing.
-
-The auth token never appears in an exception, a repr or a log line: requests are logged at
-DEBUG on the `numbersvc.upstream` logger with method, path, status, elapsed time and api_id
-only, and any upstream text that is copied into an exception is scrubbed of the token first.
+Foreign exceptions become ours in ONE place, `_mapped_errors`, driven by `_HTTPX_ERRORS`; a
+test walks every httpx exception class and fails if one lacks a row. The auth token never
+appears in an exception, a repr or a log line (DEBUG on `numbersvc.upstream`: method, path,
+status, elapsed, api_id); upstream text copied into an exception is scrubbed of it first.
 """
 
 from __future__ import annotations
@@ -124,12 +121,8 @@ _HTTPX_ERRORS: Final[Mapping[type[httpx.RequestError], tuple[type[UpstreamError]
 
 def _from_httpx(exc: httpx.RequestError, method: str, path: str, message: str) -> UpstreamError:
     """Build our exception for one httpx exception, via `_HTTPX_ERRORS`."""
-    for klass in type(exc).__mro__:
-        if klass in _HTTPX_ERRORS:
-            ours, request_sent = _HTTPX_ERRORS[klass]
-            break
-    else:  # pragma: no cover - RequestError itself is in the table
-        ours, request_sent = UpstreamTransportError, True
+    # The nearest row up the MRO; `httpx.RequestError` itself has one, so there always is one.
+    ours, request_sent = next(_HTTPX_ERRORS[k] for k in type(exc).__mro__ if k in _HTTPX_ERRORS)
     text = f"{method} {path}: {type(exc).__name__}: {message}"
     if ours is UpstreamConnectError:
         return UpstreamConnectError(text, method=method, url=path)
@@ -274,7 +267,7 @@ class PlivoClient:
         """Rent numbers from a group: `POST .../AvailableNumberGroup/{group_id}/`.
 
         NOTE: this spends money. Never retry it blindly: after an `UpstreamTransportError` with
-        `request_sent` True, or an `UpstreamDecodeError`, the order may have gone through.
+        `request_sent` True, a 5xx or an `UpstreamDecodeError`, the order may have gone through.
 
         Args:
             group_id: The group's id (digits; percent-encoded here anyway).
@@ -343,7 +336,7 @@ class PlivoClient:
             with self._mapped_errors(method, path):
                 # httpx's timeouts bound each phase (connect, each read, ...), so a body dripped
                 # a byte at a time would evade them; asyncio.timeout bounds the whole attempt.
-                async with contextlib.nullcontext():
+                async with asyncio.timeout(timeout_seconds):
                     response = await self._client.request(
                         method,
                         self._groups_url + suffix,
@@ -352,14 +345,7 @@ class PlivoClient:
                         timeout=timeout_seconds,
                     )
         except UpstreamError as exc:
-            if _LOG.isEnabledFor(logging.DEBUG):
-                _LOG.debug(
-                    "upstream %s %s failed after %.3f s: %s",
-                    method,
-                    path,
-                    time.perf_counter() - started,
-                    type(exc).__name__,
-                )
+            self._log(method, path, type(exc).__name__, time.perf_counter() - started, None)
             raise
         elapsed = time.perf_counter() - started
         return self._decode(response, method, path, elapsed)
@@ -405,8 +391,11 @@ class PlivoClient:
         return self._scrub(excerpt(content.decode("utf-8", errors="replace")))
 
     @staticmethod
-    def _log(method: str, path: str, status: int, elapsed: float, api_id: str | None) -> None:
-        if _LOG.isEnabledFor(logging.DEBUG):
+    def _log(
+        method: str, path: str, outcome: int | str, elapsed: float, api_id: str | None
+    ) -> None:
+        """Log one attempt at DEBUG; `outcome` is the status, or the exception's class name."""
+        if _LOG.isEnabledFor(logging.DEBUG):  # skip formatting on the hot path
             _LOG.debug(
-                "upstream %s %s -> %d in %.3f s api_id=%s", method, path, status, elapsed, api_id
+                "upstream %s %s -> %s in %.3f s api_id=%s", method, path, outcome, elapsed, api_id
             )

@@ -44,7 +44,7 @@ def _status(code: int, retry_after: float | None = None) -> UpstreamStatusError:
 
 def _details(status: grpc.Status) -> tuple[status_pb2.Status, dict[str, object]]:
     raw = dict(status.trailing_metadata)["grpc-status-details-bin"]
-    rich = status_pb2.Status.FromString(raw)  # type: ignore[arg-type]
+    rich = status_pb2.Status.FromString(raw)
     found: dict[str, object] = {}
     for packed in rich.details:
         for kind in (
@@ -158,7 +158,9 @@ def test_every_outcome_has_a_row_and_a_test() -> None:
     assert reached | own == set(Outcome)
 
 
-@pytest.mark.parametrize("outcome", [Outcome.RENT_DEADLINE_TOO_SHORT, Outcome.RENT_OUTCOME_UNKNOWN_DEADLINE])
+@pytest.mark.parametrize(
+    "outcome", [Outcome.RENT_DEADLINE_TOO_SHORT, Outcome.RENT_OUTCOME_UNKNOWN_DEADLINE]
+)
 def test_servicer_raised_rows(outcome: Outcome) -> None:
     status = to_status(ServiceError(outcome, "m"))
     assert status.code == S.DEADLINE_EXCEEDED

@@ -171,7 +171,13 @@ class TestMoney:
 
 class TestSearchPage:
     def _body(self, objects: list[Any], **meta: Any) -> dict[str, Any]:
-        base = {"previous": None, "total_count": 45, "offset": 20, "limit": 20, "next": "/x?offset=40"}
+        base = {
+            "previous": None,
+            "total_count": 45,
+            "offset": 20,
+            "limit": 20,
+            "next": "/x?offset=40",
+        }
         return {"api_id": "a", "meta": {**base, **meta}, "objects": objects}
 
     def test_page(self) -> None:

@@ -1,0 +1,297 @@
+"""What the command line prints: tables, key-value blocks, JSON and error lines. Pure.
+
+Nothing here touches a channel, a stream or the clock: every function turns messages into
+text, so every layout is tested with plain messages. Money is printed from `units` and `nanos`
+with integer arithmetic only; a float would turn `0.0085` into `0.0084999...`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Final, Literal, TypeVar
+
+from google.protobuf import json_format
+from google.protobuf.message import Message
+from google.type import money_pb2
+
+from numbersvc.v1 import number_groups_pb2 as pb
+
+__all__ = [
+    "NUMBER_TYPES",
+    "SERVICES",
+    "ErrorReport",
+    "Table",
+    "error_lines",
+    "format_money",
+    "group_details",
+    "group_row",
+    "groups_table",
+    "json_line",
+    "json_text",
+    "list_footer",
+    "order_details",
+    "progress_text",
+    "stream_footer",
+]
+
+_V = TypeVar("_V", bound=int)
+_NANOS_PER_UNIT: Final = 1_000_000_000
+_MIN_DECIMALS: Final = 2
+_CURRENCY_SYMBOLS: Final = {"USD": "$"}
+_UNSET: Final = "-"
+
+
+def _labels(items: Iterable[tuple[str, _V]], prefix: str) -> dict[str, _V]:
+    """Map `NUMBER_TYPE_LOCAL` -> `local`, skipping the zero value; names come from the enum."""
+    return {name.removeprefix(prefix).lower(): value for name, value in items if value}
+
+
+NUMBER_TYPES: Final = _labels(pb.NumberType.items(), "NUMBER_TYPE_")
+"""Command-line names of the number types: `local`, `national`, `tollfree`."""
+SERVICES: Final = _labels(pb.NumberService.items(), "NUMBER_SERVICE_")
+"""Command-line names of the services: `voice`, `sms`."""
+_ORDER_STATUSES: Final = _labels(pb.OrderStatus.items(), "ORDER_STATUS_")
+_NUMBER_STATUSES: Final = {
+    pb.RENTED_NUMBER_STATUS_SUCCESS: "rented",
+    pb.RENTED_NUMBER_STATUS_FAILED: "failed",
+}
+
+
+def _label(labels: Mapping[str, int], value: int, upstream: str = "") -> str:
+    """Name an enum value; an unknown one (a newer server) shows the upstream text or number."""
+    for name, known in labels.items():
+        if known == value:
+            return name.replace("_", " ")
+    return upstream or f"unknown({value})"
+
+
+def format_money(money: money_pb2.Money | None) -> str:
+    """Print an amount exactly: `$0.80`, `$0.007`, `-$1.50`, `12.5 EUR` style; `-` when unset.
+
+    At least two decimals, then as many as `nanos` needs (trailing zeros dropped).
+    """
+    if money is None:
+        return _UNSET
+    # NOTE: one integer of nanos, so mixed-sign (malformed) values still add up correctly.
+    total = money.units * _NANOS_PER_UNIT + money.nanos
+    whole, frac = divmod(abs(total), _NANOS_PER_UNIT)
+    decimals = f"{frac:09d}".rstrip("0").ljust(_MIN_DECIMALS, "0")
+    sign = "-" if total < 0 else ""
+    symbol = _CURRENCY_SYMBOLS.get(money.currency_code)
+    if symbol is not None:
+        return f"{sign}{symbol}{whole}.{decimals}"
+    suffix = f" {money.currency_code}" if money.currency_code else ""
+    return f"{sign}{whole}.{decimals}{suffix}"
+
+
+_RateField = Literal["rental_rate", "setup_rate", "voice_rate", "sms_rate"]
+
+
+def _optional_money(group: pb.NumberGroup, field: _RateField) -> str:
+    # A Money field that was never set reads as $0.00; `HasField` tells the two apart.
+    if not group.HasField(field):
+        return _UNSET
+    money: money_pb2.Money = getattr(group, field)
+    return format_money(money)
+
+
+def _services(values: Iterable[int]) -> str:
+    return ",".join(_label(SERVICES, v) for v in values) or _UNSET
+
+
+def _number_type(group: pb.NumberGroup) -> str:
+    return _label(NUMBER_TYPES, group.number_type, group.upstream_number_type)
+
+
+@dataclass(frozen=True, slots=True)
+class Table:
+    """A plain-text table: left-aligned text, right-aligned numbers, two spaces between."""
+
+    headers: Sequence[str]
+    right_aligned: frozenset[int] = frozenset()
+
+    def widths(self, rows: Iterable[Sequence[str]]) -> list[int]:
+        """The width of each column: its widest cell or header."""
+        widths = [len(h) for h in self.headers]
+        for row in rows:
+            widths = [max(w, len(cell)) for w, cell in zip(widths, row, strict=True)]
+        return widths
+
+    def line(self, cells: Sequence[str], widths: Sequence[int]) -> str:
+        """One row laid out on `widths` (a longer cell pushes the rest right rather than cut)."""
+        padded = (
+            cell.rjust(width) if i in self.right_aligned else cell.ljust(width)
+            for i, (cell, width) in enumerate(zip(cells, widths, strict=True))
+        )
+        return "  ".join(padded).rstrip()
+
+    def render(self, rows: Sequence[Sequence[str]], widths: Sequence[int] | None = None) -> str:
+        """The header line and every row, newline-separated, without a trailing newline."""
+        widths = widths or self.widths(rows)
+        return "\n".join(self.line(cells, widths) for cells in [self.headers, *rows])
+
+
+GROUPS_TABLE: Final = Table(
+    headers=(
+        "GROUP ID",
+        "TYPE",
+        "PREFIX",
+        "REGION",
+        "SERVICES",
+        "STOCK",
+        "MONTHLY",
+        "SETUP",
+        "VOICE/MIN",
+        "SMS",
+    ),
+    right_aligned=frozenset(range(5, 10)),
+)
+
+
+def group_row(group: pb.NumberGroup) -> tuple[str, ...]:
+    """The cells of one group in `GROUPS_TABLE`."""
+    return (
+        group.group_id,
+        _number_type(group),
+        group.prefix or _UNSET,
+        group.region or _UNSET,
+        _services(group.services),
+        str(group.stock),
+        _optional_money(group, "rental_rate"),
+        _optional_money(group, "setup_rate"),
+        _optional_money(group, "voice_rate"),
+        _optional_money(group, "sms_rate"),
+    )
+
+
+def groups_table(groups: Iterable[pb.NumberGroup]) -> str:
+    """A table of groups, header first, columns as wide as their widest cell."""
+    return GROUPS_TABLE.render([group_row(g) for g in groups])
+
+
+def list_footer(shown: int, total: int, next_page_token: str) -> str:
+    """The line under a `list` table: how many of how many, and how to get the next page."""
+    where = f"next page: --page-token {next_page_token}" if next_page_token else "last page"
+    return f"{shown} of {total} groups; {where}"
+
+
+def stream_footer(received: int, total: int, next_page_token: str) -> str:
+    """The line after a streamed table; a token means the stream stopped early (max results)."""
+    line = f"{received} groups streamed of {total}"
+    return f"{line}; more: --page-token {next_page_token}" if next_page_token else line
+
+
+def progress_text(received: int, total: int) -> str:
+    """The live progress line of `stream` on a terminal."""
+    return f"streaming: {received} of {total} groups"
+
+
+def _key_values(pairs: Iterable[tuple[str, str | Sequence[str]]]) -> str:
+    """Aligned `key: value` lines; a sequence value continues on indented lines."""
+    pairs = list(pairs)
+    width = max(len(key) for key, _ in pairs) + 2
+    lines = []
+    for key, value in pairs:
+        values = [value] if isinstance(value, str) else list(value) or [_UNSET]
+        lines.append(f"{key + ':':<{width}}{values[0]}")
+        lines.extend(" " * width + more for more in values[1:])
+    return "\n".join(lines)
+
+
+def group_details(group: pb.NumberGroup) -> str:
+    """One group as a key-value block (the `get` command)."""
+    cells = dict(zip(GROUPS_TABLE.headers, group_row(group), strict=True))
+    return _key_values(
+        [
+            ("group id", group.group_id),
+            ("type", cells["TYPE"]),
+            ("prefix", cells["PREFIX"]),
+            ("region", cells["REGION"]),
+            ("country", group.region_code or _UNSET),
+            ("stock", cells["STOCK"]),
+            ("services", cells["SERVICES"]),
+            ("monthly", cells["MONTHLY"]),
+            ("setup", cells["SETUP"]),
+            ("voice/min", cells["VOICE/MIN"]),
+            ("sms", cells["SMS"]),
+        ]
+    )
+
+
+def _rented_number(number: pb.RentedNumber) -> str:
+    status = _NUMBER_STATUSES.get(number.status, "unknown")
+    upstream = f" (upstream: {number.upstream_status})" if status != "rented" else ""
+    return f"{number.e164 or '+' + number.number}  {status}{upstream}"
+
+
+def order_details(order: pb.RentalOrder) -> str:
+    """A rental order as a key-value block: status, numbers in E.164, ids, pending details."""
+    status = _label(_ORDER_STATUSES, order.status)
+    if order.upstream_status and order.upstream_status != status:
+        status = f"{status} (upstream: {order.upstream_status})"
+    pairs: list[tuple[str, str | Sequence[str]]] = [
+        ("status", status),
+        ("group id", order.group_id),
+        ("quantity", str(order.quantity)),
+        ("numbers", [_rented_number(n) for n in order.numbers]),
+    ]
+    if order.details:
+        pairs.append(("details", order.details))
+    pairs += [
+        ("app id", order.app_id or "(account default)"),
+        ("request id", order.request_id),
+        ("upstream id", order.upstream_request_id or _UNSET),
+    ]
+    if order.HasField("create_time"):
+        pairs.append(("created", order.create_time.ToJsonString()))
+    return _key_values(pairs)
+
+
+def _as_dict(message: Message) -> dict[str, object]:
+    return json_format.MessageToDict(message, preserving_proto_field_name=True)
+
+
+def json_text(message: Message) -> str:
+    """A whole response as indented JSON (proto3 JSON mapping, proto field names)."""
+    return json.dumps(_as_dict(message), indent=2)
+
+
+def json_line(message: Message) -> str:
+    """One message as a single JSON line (the JSON-lines output of `stream`)."""
+    return json.dumps(_as_dict(message), separators=(",", ":"))
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorReport:
+    """A failed call, decoded from its rich status, ready to print."""
+
+    code: str
+    """The gRPC status code name, such as `INVALID_ARGUMENT`."""
+    message: str
+    reason: str = ""
+    metadata: Mapping[str, str] | None = None
+    violations: Sequence[tuple[str, str]] = ()
+    """Bad request fields as (field path, description)."""
+    retry_delay_seconds: float | None = None
+    resource: str = ""
+    hints: Sequence[str] = ()
+    """Advice for the user, one line each, printed last."""
+
+
+def error_lines(report: ErrorReport) -> list[str]:
+    """The stderr lines for a failed call: `error: CODE: message`, then the details."""
+    lines = [f"error: {report.code}: {report.message}"]
+    if report.reason:
+        lines.append(f"  reason: {report.reason}")
+    lines.extend(f"  {field}: {description}" for field, description in report.violations)
+    if report.resource:
+        lines.append(f"  resource: {report.resource}")
+    if report.retry_delay_seconds is not None:
+        lines.append(f"  retry after: {report.retry_delay_seconds:g} s")
+    if report.metadata:
+        shown = ", ".join(f"{k}={v}" for k, v in sorted(report.metadata.items()))
+        lines.append(f"  metadata: {shown}")
+    lines.extend(f"hint: {hint}" for hint in report.hints)
+    return lines
