@@ -15,7 +15,7 @@ import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import grpc
 
@@ -30,7 +30,8 @@ _BEHAVIOURS: Final = ("unary_unary", "unary_stream", "stream_unary", "stream_str
 _access_log = logging.getLogger("numbersvc.access")
 
 _Context = grpc.aio.ServicerContext[Any, Any]
-_Handler = grpc.RpcMethodHandler[Any, Any]
+if TYPE_CHECKING:  # the stubs make it generic; at run time it is a plain class
+    _Handler = grpc.RpcMethodHandler[Any, Any]
 
 
 class AccessLogInterceptor(grpc.aio.ServerInterceptor):

@@ -113,7 +113,7 @@ class Table:
     right_aligned: frozenset[int] = frozenset()
 
     def widths(self, rows: Iterable[Sequence[str]]) -> list[int]:
-        """The width of each column: its widest cell or header."""
+        """Return the width of each column: its widest cell or header."""
         widths = [len(h) for h in self.headers]
         for row in rows:
             widths = [max(w, len(cell)) for w, cell in zip(widths, row, strict=True)]
@@ -128,7 +128,7 @@ class Table:
         return "  ".join(padded).rstrip()
 
     def render(self, rows: Sequence[Sequence[str]], widths: Sequence[int] | None = None) -> str:
-        """The header line and every row, newline-separated, without a trailing newline."""
+        """Lay out the header and every row, newline-separated, without a trailing newline."""
         widths = widths or self.widths(rows)
         return "\n".join(self.line(cells, widths) for cells in [self.headers, *rows])
 
@@ -151,7 +151,7 @@ GROUPS_TABLE: Final = Table(
 
 
 def group_row(group: pb.NumberGroup) -> tuple[str, ...]:
-    """The cells of one group in `GROUPS_TABLE`."""
+    """Return the cells of one group in `GROUPS_TABLE`."""
     return (
         group.group_id,
         _number_type(group),
@@ -167,24 +167,24 @@ def group_row(group: pb.NumberGroup) -> tuple[str, ...]:
 
 
 def groups_table(groups: Iterable[pb.NumberGroup]) -> str:
-    """A table of groups, header first, columns as wide as their widest cell."""
+    """Lay out groups as a table, header first, columns as wide as their widest cell."""
     return GROUPS_TABLE.render([group_row(g) for g in groups])
 
 
 def list_footer(shown: int, total: int, next_page_token: str) -> str:
-    """The line under a `list` table: how many of how many, and how to get the next page."""
+    """Say under a `list` table how many of how many, and how to get the next page."""
     where = f"next page: --page-token {next_page_token}" if next_page_token else "last page"
     return f"{shown} of {total} groups; {where}"
 
 
 def stream_footer(received: int, total: int, next_page_token: str) -> str:
-    """The line after a streamed table; a token means the stream stopped early (max results)."""
+    """Say after a streamed table how many came; a token means it stopped early (max results)."""
     line = f"{received} groups streamed of {total}"
     return f"{line}; more: --page-token {next_page_token}" if next_page_token else line
 
 
 def progress_text(received: int, total: int) -> str:
-    """The live progress line of `stream` on a terminal."""
+    """Return the live progress line of `stream` on a terminal."""
     return f"streaming: {received} of {total} groups"
 
 
@@ -201,7 +201,7 @@ def _key_values(pairs: Iterable[tuple[str, str | Sequence[str]]]) -> str:
 
 
 def group_details(group: pb.NumberGroup) -> str:
-    """One group as a key-value block (the `get` command)."""
+    """Show one group as a key-value block (the `get` command)."""
     cells = dict(zip(GROUPS_TABLE.headers, group_row(group), strict=True))
     return _key_values(
         [
@@ -227,7 +227,7 @@ def _rented_number(number: pb.RentedNumber) -> str:
 
 
 def order_details(order: pb.RentalOrder) -> str:
-    """A rental order as a key-value block: status, numbers in E.164, ids, pending details."""
+    """Show an order as a key-value block: status, numbers in E.164, ids, pending details."""
     status = _label(_ORDER_STATUSES, order.status)
     if order.upstream_status and order.upstream_status != status:
         status = f"{status} (upstream: {order.upstream_status})"
@@ -254,12 +254,12 @@ def _as_dict(message: Message) -> dict[str, object]:
 
 
 def json_text(message: Message) -> str:
-    """A whole response as indented JSON (proto3 JSON mapping, proto field names)."""
+    """Return a whole response as indented JSON (proto3 JSON mapping, proto field names)."""
     return json.dumps(_as_dict(message), indent=2)
 
 
 def json_line(message: Message) -> str:
-    """One message as a single JSON line (the JSON-lines output of `stream`)."""
+    """Return one message as a single JSON line (the JSON-lines output of `stream`)."""
     return json.dumps(_as_dict(message), separators=(",", ":"))
 
 
@@ -281,7 +281,7 @@ class ErrorReport:
 
 
 def error_lines(report: ErrorReport) -> list[str]:
-    """The stderr lines for a failed call: `error: CODE: message`, then the details."""
+    """Return the stderr lines for a failed call: `error: CODE: message`, then details."""
     lines = [f"error: {report.code}: {report.message}"]
     if report.reason:
         lines.append(f"  reason: {report.reason}")

@@ -342,7 +342,7 @@ def create_app(inventory: Inventory, *, auth_id: str, auth_token: str) -> web.Ap
     app[STATE] = SandboxState(inventory=inventory, auth_id=auth_id, auth_token=auth_token)
     app.on_shutdown.append(_on_shutdown)
     router = app.router
-    router.add_route("*", f"{CONTROL_PREFIX}/{{name}}", _control)
+    router.add_route("*", f"{CONTROL_PREFIX}/{{name:.*}}", _control)
     router.add_route(
         "*", _groups_path("{auth_id}"), _api_route({"GET": _Endpoint("search", _search)})
     )

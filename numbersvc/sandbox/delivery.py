@@ -62,7 +62,7 @@ class Reply:
 
 
 def success_status(operation: str | None) -> int:
-    """The status a successful ``operation`` answers with: 201 for rent, else 200."""
+    """Return the status a successful ``operation`` answers with: 201 for rent, else 200."""
     return 201 if operation == "rent" else 200
 
 

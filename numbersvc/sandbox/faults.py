@@ -121,8 +121,9 @@ class FaultSpec:
             raise ValueError(f"invalid operation {self.operation!r}: one of {OPERATIONS}")
         if self.status is not None:
             _integer("status", self.status, 100, 599)
-        if isinstance(self.retry_after, int) and not isinstance(self.retry_after, bool):
-            object.__setattr__(self, "retry_after", str(self.retry_after))
+        retry_after: object = self.retry_after  # JSON may carry seconds as a number
+        if isinstance(retry_after, int) and not isinstance(retry_after, bool):
+            object.__setattr__(self, "retry_after", str(retry_after))
         for name in ("message", "retry_after"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
                 raise ValueError(f"invalid {name} {getattr(self, name)!r}: must be a string")

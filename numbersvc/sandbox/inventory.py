@@ -278,18 +278,16 @@ class Inventory:
         if not 1 <= spec.count <= MAX_SYNTHETIC_GROUPS:
             raise SeedError(f"count must be between 1 and {MAX_SYNTHETIC_GROUPS}")
         places = _synthetic_places(offer, spec)
-        first = last = None
+        added = []
         for index in range(spec.count):
             region, prefix = places[index % len(places)]
             services = spec.services or self._draw_services(offer)
             stock = spec.stock
             if stock is None:
                 stock = self._random.randint(*_SYNTHETIC_STOCK_RANGE)
-            last = self._add(offer, region, prefix, services, stock)
-            if first is None:
-                first = last
-        assert first is not None and last is not None  # count >= 1 was checked above
-        return SeedResult(spec.count, first.group_id, last.group_id, len(self._by_id))
+            added.append(self._add(offer, region, prefix, services, stock))
+        first, last = added[0].group_id, added[-1].group_id
+        return SeedResult(spec.count, first, last, len(self._by_id))
 
     def _add(
         self, offer: Offer, region: Region, prefix: str, services: frozenset[str], stock: int

@@ -1,0 +1,366 @@
+"""The client commands: one call each over the sync stub, printed through `render`.
+
+Each command takes an open channel (the CLI opens a real one; tests pass a `grpc_testing`
+channel), a request and where to print, and returns the process exit code. None of them
+raises `grpc.RpcError`: a failed call becomes one `error: CODE: message` line on stderr with
+the decoded rich status (`ErrorInfo` reason, `BadRequest` fields, `RetryInfo`,
+`ResourceInfo`), and exit code `10 + the gRPC status code`.
+
+Exit codes:
+    0    success
+    2    usage error (argparse) or bad server configuration
+    10+N the call failed with gRPC status code N (13 INVALID_ARGUMENT, 24 UNAVAILABLE, ...)
+    130  interrupted (Ctrl-C)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from collections.abc import Callable, Sequence
+from typing import Final, TextIO, TypeVar
+
+import grpc
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from numbersvc.cli import render
+from numbersvc.v1 import number_groups_pb2 as pb
+from numbersvc.v1 import number_groups_pb2_grpc as pb_grpc
+
+__all__ = [
+    "EXIT_INTERRUPTED",
+    "EXIT_OK",
+    "EXIT_USAGE",
+    "REQUEST_ID_HEADER",
+    "CallOptions",
+    "Console",
+    "describe_error",
+    "exit_code",
+    "get_group",
+    "list_groups",
+    "rent_numbers",
+    "stream_groups",
+]
+
+EXIT_OK: Final = 0
+EXIT_USAGE: Final = 2
+EXIT_INTERRUPTED: Final = 130
+_EXIT_RPC_BASE: Final = 10
+_Detail = TypeVar(
+    "_Detail",
+    error_details_pb2.ErrorInfo,
+    error_details_pb2.BadRequest,
+    error_details_pb2.RetryInfo,
+    error_details_pb2.ResourceInfo,
+)
+REQUEST_ID_HEADER: Final = "x-request-id"
+"""Metadata key the server's access log takes its request id from."""
+_RENT_OUTCOME_UNKNOWN: Final = "RENT_OUTCOME_UNKNOWN"
+# Codes a rent can end with, without any ErrorInfo, after the server may have sent the order.
+_RENT_MAYBE_PLACED_CODES: Final = frozenset(
+    {
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.INTERNAL,
+    }
+)
+
+
+def exit_code(code: grpc.StatusCode) -> int:
+    """Return the process exit code for a call that failed with `code`: 10 + its number."""
+    return _EXIT_RPC_BASE + code.value[0]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class CallOptions:
+    """How to call the server: its address (for messages) and the deadline of each call."""
+
+    target: str
+    deadline_seconds: float
+
+
+@dataclasses.dataclass(slots=True)
+class Console:
+    """Where a command prints: results on `out`, notes, progress and errors on `err`.
+
+    Args:
+        out: the results (tables or JSON).
+        err: everything else.
+        json: print results as JSON instead of tables.
+        progress: keep a live progress line on `err` (only sensible on a terminal).
+    """
+
+    out: TextIO
+    err: TextIO
+    json: bool = False
+    progress: bool = False
+    _progress_shown: bool = dataclasses.field(default=False, repr=False)
+
+    def result(self, text: str) -> None:
+        """Print a result on `out`, flushed so a pipe sees streamed rows as they come."""
+        self.clear_progress()
+        print(text, file=self.out, flush=True)
+
+    def note(self, text: str) -> None:
+        """Print a line on `err`."""
+        self.clear_progress()
+        print(text, file=self.err, flush=True)
+
+    def show_progress(self, text: str) -> None:
+        """Replace the progress line on `err` (no-op unless `progress`)."""
+        if self.progress:
+            self.err.write(f"\r\x1b[K{text}")
+            self.err.flush()
+            self._progress_shown = True
+
+    def clear_progress(self) -> None:
+        """Erase the progress line, so the next line starts clean."""
+        if self._progress_shown:
+            self.err.write("\r\x1b[K")
+            self.err.flush()
+            self._progress_shown = False
+
+
+def list_groups(
+    channel: grpc.Channel,
+    request: pb.ListNumberGroupsRequest,
+    options: CallOptions,
+    console: Console,
+) -> int:
+    """Print one page of number groups: a table with a footer, or the response as JSON."""
+    stub = pb_grpc.NumberGroupServiceStub(channel)
+    try:
+        response = stub.ListNumberGroups(request, timeout=options.deadline_seconds)
+    except grpc.RpcError as exc:
+        return _fail(exc, describe_error(exc, options), console)
+    if console.json:
+        console.result(render.json_text(response))
+    else:
+        if response.number_groups:
+            console.result(render.groups_table(response.number_groups))
+        console.result(
+            render.list_footer(
+                len(response.number_groups), response.total_size, response.next_page_token
+            )
+        )
+    return EXIT_OK
+
+
+@dataclasses.dataclass(slots=True)
+class _Walk:
+    """What a stream has shown so far: enough to lay out rows and to resume it."""
+
+    received: int = 0
+    total: int = 0
+    resume_token: str = ""
+    widths: list[int] | None = None
+
+    def resume_hints(self) -> list[str]:
+        if not self.resume_token:
+            return []
+        return [
+            f"{self.received} groups were received; resume with --page-token {self.resume_token}"
+        ]
+
+
+def stream_groups(
+    channel: grpc.Channel,
+    request: pb.StreamNumberGroupsRequest,
+    options: CallOptions,
+    console: Console,
+) -> int:
+    """Print groups as they stream in: table rows, or one JSON object per group per line.
+
+    A stream that fails or is interrupted after some messages prints the last
+    `next_page_token` on stderr, so the walk can be resumed with `--page-token`.
+    """
+    stub = pb_grpc.NumberGroupServiceStub(channel)
+    walk = _Walk()
+    call = stub.StreamNumberGroups(request, timeout=options.deadline_seconds)
+    try:
+        for message in call:
+            _show_stream_page(message, walk, console)
+    except grpc.RpcError as exc:
+        return _fail(exc, describe_error(exc, options, hints=walk.resume_hints()), console)
+    except KeyboardInterrupt:
+        call.cancel()
+        for line in ["interrupted", *(f"hint: {h}" for h in walk.resume_hints())]:
+            console.note(line)
+        return EXIT_INTERRUPTED
+    if console.json:
+        # The stream stopped early (max results): stdout stays pure JSON lines.
+        if walk.resume_token:
+            console.note(f"more: --page-token {walk.resume_token}")
+    elif walk.received:
+        console.result(render.stream_footer(walk.received, walk.total, walk.resume_token))
+    else:
+        console.result("no groups match")
+    return EXIT_OK
+
+
+def _show_stream_page(
+    message: pb.StreamNumberGroupsResponse, walk: _Walk, console: Console
+) -> None:
+    groups = message.number_groups
+    walk.received += len(groups)
+    walk.total = message.total_size
+    walk.resume_token = message.next_page_token
+    if console.json:
+        for group in groups:
+            console.result(render.json_line(group))
+        return
+    if groups:
+        rows: list[Sequence[str]] = [render.group_row(g) for g in groups]
+        table = render.GROUPS_TABLE
+        # Widths come from the first page and only grow, so rows stay aligned while they
+        # stream (a later, wider cell pushes its own row only).
+        widths = table.widths(rows)
+        if walk.widths is None:
+            rows.insert(0, table.headers)
+        else:
+            widths = [max(old, new) for old, new in zip(walk.widths, widths, strict=True)]
+        walk.widths = widths
+        console.result("\n".join(table.line(row, widths) for row in rows))
+    console.show_progress(render.progress_text(walk.received, walk.total))
+
+
+def get_group(
+    channel: grpc.Channel,
+    request: pb.GetNumberGroupRequest,
+    options: CallOptions,
+    console: Console,
+) -> int:
+    """Print one number group: a key-value block, or the response as JSON."""
+    stub = pb_grpc.NumberGroupServiceStub(channel)
+    try:
+        response = stub.GetNumberGroup(request, timeout=options.deadline_seconds)
+    except grpc.RpcError as exc:
+        return _fail(exc, describe_error(exc, options), console)
+    if console.json:
+        console.result(render.json_text(response))
+    else:
+        console.result(render.group_details(response.number_group))
+    return EXIT_OK
+
+
+def _new_request_id() -> str:
+    return str(uuid.uuid4())
+
+
+def rent_numbers(
+    channel: grpc.Channel,
+    request: pb.RentNumbersRequest,
+    options: CallOptions,
+    console: Console,
+    *,
+    new_request_id: Callable[[], str] = _new_request_id,
+) -> int:
+    """Rent numbers and print the order. The call is never retried: it spends money.
+
+    The request id (the caller's, or a new UUID4) is printed before the call is sent (on
+    stderr with `--json`), so an order whose answer is lost can still be looked up.
+    """
+    sent = pb.RentNumbersRequest()
+    sent.CopyFrom(request)
+    sent.request_id = sent.request_id or new_request_id()
+    (console.note if console.json else console.result)(f"request id: {sent.request_id}")
+    stub = pb_grpc.NumberGroupServiceStub(channel)
+    try:
+        response = stub.RentNumbers(
+            sent,
+            timeout=options.deadline_seconds,
+            metadata=((REQUEST_ID_HEADER, sent.request_id),),
+        )
+    except grpc.RpcError as exc:
+        report = describe_error(exc, options)
+        if _rent_maybe_placed(exc.code(), report):
+            hint = (
+                f"the order may have been placed: look up request id {sent.request_id}"
+                " (server log numbersvc.orders, Plivo console) before renting again"
+            )
+            report = dataclasses.replace(report, hints=[*report.hints, hint])
+        return _fail(exc, report, console)
+    if console.json:
+        console.result(render.json_text(response))
+    else:
+        console.result(render.order_details(response.order))
+    return EXIT_OK
+
+
+def _rent_maybe_placed(code: grpc.StatusCode, report: render.ErrorReport) -> bool:
+    """Whether a failed rent may still have been placed upstream.
+
+    The service says so with `RENT_OUTCOME_UNKNOWN`; any other reason it gives means it knows
+    nothing was rented. With no reason at all (the error came from the transport or our own
+    deadline) the order may have reached the server: assume the worst, it is money.
+    """
+    if report.reason:
+        return report.reason == _RENT_OUTCOME_UNKNOWN
+    return code in _RENT_MAYBE_PLACED_CODES
+
+
+def describe_error(
+    exc: grpc.RpcError, options: CallOptions, *, hints: Sequence[str] = ()
+) -> render.ErrorReport:
+    """Decode a failed call's rich status (`grpc-status-details-bin`) into an error report.
+
+    A status without details did not come from the service's error table: UNAVAILABLE then
+    means the server could not be reached, DEADLINE_EXCEEDED that our own deadline ran out.
+    """
+    code = exc.code()
+    status = _rich_status(exc)
+    if status is None:
+        return render.ErrorReport(code.name, _transport_message(exc, options), hints=hints)
+    info = _detail(status, error_details_pb2.ErrorInfo)
+    bad = _detail(status, error_details_pb2.BadRequest)
+    retry = _detail(status, error_details_pb2.RetryInfo)
+    resource = _detail(status, error_details_pb2.ResourceInfo)
+    return render.ErrorReport(
+        code.name,
+        status.message,
+        reason=info.reason if info else "",
+        metadata=dict(info.metadata) if info else None,
+        violations=[(v.field, v.description) for v in bad.field_violations] if bad else (),
+        retry_delay_seconds=retry.retry_delay.ToTimedelta().total_seconds() if retry else None,
+        resource=f"{resource.resource_type} {resource.resource_name}".strip() if resource else "",
+        hints=hints,
+    )
+
+
+def _detail(status: status_pb2.Status, kind: type[_Detail]) -> _Detail | None:
+    """Return the first detail of one type in a status, unpacked; None when there is none."""
+    for packed in status.details:
+        detail = kind()
+        if packed.Unpack(detail):  # False when the detail is of another type
+            return detail
+    return None
+
+
+def _rich_status(exc: grpc.RpcError) -> status_pb2.Status | None:
+    try:
+        status: status_pb2.Status | None = rpc_status.from_call(exc)
+    except ValueError:
+        # The trailer contradicts the call's own code or message: trust the call.
+        return None
+    return status
+
+
+def _transport_message(exc: grpc.RpcError, options: CallOptions) -> str:
+    code, details = exc.code(), exc.details() or ""
+    if code is grpc.StatusCode.UNAVAILABLE:
+        return f"cannot reach numbersvc at {options.target}: {details}"
+    if code is grpc.StatusCode.DEADLINE_EXCEEDED:
+        return (
+            f"no answer from {options.target} within {options.deadline_seconds:g} s"
+            " (raise it with --deadline)"
+        )
+    return details or code.name
+
+
+def _fail(exc: grpc.RpcError, report: render.ErrorReport, console: Console) -> int:
+    for line in render.error_lines(report):
+        console.note(line)
+    return exit_code(exc.code())

@@ -1,0 +1,115 @@
+"""End-to-end fixtures: a real sandbox on loopback and a real grpc.aio server on port 0.
+
+The server is pointed at the sandbox as if it were Plivo (upstream `plivo`, the sandbox's
+URL and credentials), so every byte goes through the production client, over real HTTP.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2, status_pb2
+
+from numbersvc.config import Config, Secret, UpstreamKind
+from numbersvc.sandbox import SandboxControl, SandboxServer
+from numbersvc.server import RunningServer, create_server
+from numbersvc.v1 import number_groups_pb2_grpc as pb_grpc
+
+# Fast retries, no drain: the suite measures behaviour, not patience.
+FAST: dict[str, Any] = {
+    "retry_initial_delay_seconds": 0.01,
+    "retry_max_delay_seconds": 0.05,
+    "retry_after_ceiling_seconds": 0.2,
+    "drain_seconds": 0.0,
+    "shutdown_grace_seconds": 1.0,
+}
+
+
+@pytest.fixture
+async def sandbox() -> AsyncIterator[SandboxServer]:
+    async with SandboxServer(host="127.0.0.1", port=0) as server:
+        yield server
+
+
+@pytest.fixture
+async def control(sandbox: SandboxServer) -> AsyncIterator[SandboxControl]:
+    async with SandboxControl(sandbox.base_url) as client:
+        yield client
+
+
+def config_for(sandbox: SandboxServer, **overrides: Any) -> Config:
+    """A config that treats the sandbox as Plivo, with fast retries."""
+    return Config(
+        listen="127.0.0.1:0",
+        upstream=UpstreamKind.PLIVO,
+        plivo_base_url=sandbox.base_url,
+        plivo_auth_id=sandbox.auth_id,
+        plivo_auth_token=Secret(sandbox.auth_token),
+        **{**FAST, **overrides},
+    )
+
+
+StartServer = Callable[..., Awaitable[RunningServer]]
+
+
+@pytest.fixture
+async def start_server(sandbox: SandboxServer) -> AsyncIterator[StartServer]:
+    """Start servers with config overrides; all are stopped after the test."""
+    started: list[RunningServer] = []
+
+    async def start(**overrides: Any) -> RunningServer:
+        running = await create_server(config_for(sandbox, **overrides))
+        started.append(running)
+        return running
+
+    yield start
+    for running in started:
+        await running.stop(grace_seconds=0.5)
+
+
+@pytest.fixture
+async def server(start_server: StartServer) -> RunningServer:
+    return await start_server()
+
+
+@pytest.fixture
+async def channel(server: RunningServer) -> AsyncIterator[grpc.aio.Channel]:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as chan:
+        yield chan
+
+
+@pytest.fixture
+def stub(channel: grpc.aio.Channel) -> pb_grpc.NumberGroupServiceStub:
+    return pb_grpc.NumberGroupServiceStub(channel)
+
+
+def rich_details(error: grpc.aio.AioRpcError) -> dict[str, Any]:
+    """Decode the `google.rpc` details of a failed call, by detail type name."""
+    raw = dict(error.trailing_metadata() or ()).get("grpc-status-details-bin")
+    assert raw is not None, f"no rich status on {error.code()}: {error.details()}"
+    status = status_pb2.Status.FromString(raw)
+    assert status.code == error.code().value[0]
+    found: dict[str, Any] = {}
+    for packed in status.details:
+        for kind in (
+            error_details_pb2.ErrorInfo,
+            error_details_pb2.BadRequest,
+            error_details_pb2.RetryInfo,
+            error_details_pb2.ResourceInfo,
+        ):
+            if packed.Is(kind.DESCRIPTOR):
+                message = kind()
+                packed.Unpack(message)
+                found[kind.DESCRIPTOR.name] = message
+    return found
+
+
+def reason_of(error: grpc.aio.AioRpcError) -> str:
+    """The `ErrorInfo.reason` of a failed call."""
+    info = rich_details(error)["ErrorInfo"]
+    assert info.domain == "numbersvc"
+    reason: str = info.reason
+    return reason
