@@ -172,7 +172,9 @@ def parse_rent(
         UpstreamDecodeError: the body is not a rent response.
     """
     obj = _mapping(body, "rent response")
-    raw_status = _str(obj.get("status", ""), "status")
+    raw_status = _str(obj.get("status"), "status")
+    if not raw_status:
+        raise UpstreamDecodeError("rent response has no order status")
     numbers = obj.get("numbers", [])
     if not isinstance(numbers, list):
         raise UpstreamDecodeError("rent response 'numbers' is not a list")

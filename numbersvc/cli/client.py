@@ -277,17 +277,24 @@ def rent_numbers(
     except grpc.RpcError as exc:
         report = describe_error(exc, options)
         if _rent_maybe_placed(exc.code(), report):
-            hint = (
-                f"the order may have been placed: look up request id {sent.request_id}"
-                " (server log numbersvc.orders, Plivo console) before renting again"
-            )
-            report = dataclasses.replace(report, hints=[*report.hints, hint])
+            report = dataclasses.replace(report, hints=[_maybe_placed_hint(sent.request_id)])
         return _fail(exc, report, console)
+    except KeyboardInterrupt:
+        console.note("interrupted")
+        console.note(f"hint: {_maybe_placed_hint(sent.request_id)}")
+        return EXIT_INTERRUPTED
     if console.json:
         console.result(render.json_text(response))
     else:
         console.result(render.order_details(response.order))
     return EXIT_OK
+
+
+def _maybe_placed_hint(request_id: str) -> str:
+    return (
+        f"the order may have been placed: look up request id {request_id}"
+        " (server log numbersvc.orders, Plivo console) before renting again"
+    )
 
 
 def _rent_maybe_placed(code: grpc.StatusCode, report: render.ErrorReport) -> bool:

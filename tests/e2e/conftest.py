@@ -42,14 +42,15 @@ async def control(sandbox: SandboxServer) -> AsyncIterator[SandboxControl]:
 
 def config_for(sandbox: SandboxServer, **overrides: Any) -> Config:
     """A config that treats the sandbox as Plivo, with fast retries."""
-    return Config(
-        listen="127.0.0.1:0",
-        upstream=UpstreamKind.PLIVO,
-        plivo_base_url=sandbox.base_url,
-        plivo_auth_id=sandbox.auth_id,
-        plivo_auth_token=Secret(sandbox.auth_token),
-        **{**FAST, **overrides},
-    )
+    settings: dict[str, Any] = {
+        "listen": "127.0.0.1:0",
+        "upstream": UpstreamKind.PLIVO,
+        "plivo_base_url": sandbox.base_url,
+        "plivo_auth_id": sandbox.auth_id,
+        "plivo_auth_token": Secret(sandbox.auth_token),
+        **FAST,
+    }
+    return Config(**{**settings, **overrides})
 
 
 StartServer = Callable[..., Awaitable[RunningServer]]

@@ -1,0 +1,404 @@
+"""The `numbersvc` command: run the server or the sandbox, or call a running server.
+
+`main(argv)` parses the command line and returns the process exit code. The client commands
+(`list`, `stream`, `get`, `rent`) open one insecure channel to `--target` and hand it to
+`numbersvc.cli.client`; `serve` and `sandbox` import their heavy modules only when run, so a
+client command starts without loading the HTTP stack.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import sys
+import textwrap
+from collections.abc import Callable, Sequence
+from typing import Final
+
+import grpc
+
+from numbersvc import __version__, logs
+from numbersvc.cli import client, render
+from numbersvc.config import Config, ConfigError, add_arguments
+from numbersvc.v1 import number_groups_pb2 as pb
+
+__all__ = ["TARGET_ENV", "main", "run"]
+
+TARGET_ENV: Final = "NUMBERSVC_TARGET"
+_DEFAULT_TARGET: Final = "127.0.0.1:50051"
+_DEFAULT_DEADLINE_SECONDS: Final = 10.0
+# A rent may wait on Plivo for a while, and the server refuses one with too little deadline.
+_DEFAULT_RENT_DEADLINE_SECONDS: Final = 30.0
+_DEFAULT_SANDBOX_LISTEN: Final = "127.0.0.1:8089"
+_USER_AGENT: Final = f"numbersvc-cli/{__version__}"
+_HELP_WIDTH: Final = 79
+
+ChannelFactory = Callable[[str], grpc.Channel]
+"""Open a channel to a HOST:PORT target (injected so tests can pass a `grpc_testing` one)."""
+_ClientCommand = Callable[
+    [grpc.Channel, argparse.Namespace, client.CallOptions, client.Console], int
+]
+
+
+def _exit_codes_epilog() -> str:
+    # A no-break space inside each "NN NAME" pair keeps textwrap from splitting the pair.
+    rpc_codes = ", ".join(
+        f"{client.exit_code(code)}\N{NO-BREAK SPACE}{code.name}"
+        for code in grpc.StatusCode
+        if code.value[0]
+    )
+    return (
+        "exit codes:\n"
+        f"  {client.EXIT_OK}    success\n"
+        f"  {client.EXIT_USAGE}    usage error, or a bad server configuration\n"
+        "  10+N a call failed with gRPC status code N:\n"
+        + textwrap.fill(
+            rpc_codes, _HELP_WIDTH, initial_indent=" " * 7, subsequent_indent=" " * 7
+        ).replace("\N{NO-BREAK SPACE}", " ")
+        + f"\n  {client.EXIT_INTERRUPTED}  interrupted (Ctrl-C)\n"
+    )
+
+
+def _open_channel(target: str) -> grpc.Channel:
+    # Plaintext: numbersvc serves without TLS; put a TLS-terminating proxy in front if needed.
+    return grpc.insecure_channel(target, options=[("grpc.primary_user_agent", _USER_AGENT)])
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the `numbersvc` command line and return its exit code (the console script)."""
+    return run(argv)
+
+
+def run(argv: Sequence[str] | None = None, *, open_channel: ChannelFactory = _open_channel) -> int:
+    """Parse `argv` (default `sys.argv[1:]`), run the command and return its exit code.
+
+    Args:
+        argv: the arguments after the program name.
+        open_channel: how client commands reach `--target`.
+    """
+    args = build_parser().parse_args(argv)
+    command: _ClientCommand | None = getattr(args, "client_command", None)
+    if command is None:
+        local: Callable[[argparse.Namespace], int] = args.local_command
+        return local(args)
+    console = client.Console(
+        sys.stdout,
+        sys.stderr,
+        json=args.json,
+        # The progress line rewrites itself with \r: only a terminal shows that sensibly.
+        progress=not args.json and sys.stderr.isatty(),
+    )
+    options = client.CallOptions(target=args.target, deadline_seconds=args.deadline)
+    with open_channel(args.target) as channel:
+        try:
+            return command(channel, args, options, console)
+        except KeyboardInterrupt:
+            console.note("interrupted")
+            return client.EXIT_INTERRUPTED
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Build the parser for every command; defaults that read the environment read it now."""
+    parser = argparse.ArgumentParser(
+        prog="numbersvc",
+        description="gRPC service over Plivo's phone-number groups, and a client for it.",
+        epilog=_exit_codes_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
+
+    def command(
+        name: str, help: str, description: str, epilog: str = _exit_codes_epilog()
+    ) -> argparse.ArgumentParser:
+        return commands.add_parser(
+            name,
+            help=help,
+            # Filled here because the raw formatter (kept for the epilog) would not wrap it.
+            description=textwrap.fill(description, _HELP_WIDTH),
+            epilog=epilog,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+
+    serve = command(
+        "serve",
+        "run the gRPC server",
+        "Run the gRPC server until SIGTERM or SIGINT. Every flag overrides its environment"
+        " variable; without Plivo credentials the server uses its embedded sandbox.",
+        epilog="exit codes:\n  0    after a graceful shutdown\n  2    bad configuration\n",
+    )
+    add_arguments(serve)
+    serve.set_defaults(local_command=_serve)
+
+    sandbox = command(
+        "sandbox",
+        "run the Plivo-compatible sandbox alone",
+        "Serve the fake Plivo API (with control routes under /__sandbox) until Ctrl-C.",
+        epilog="exit codes:\n  0    stopped with Ctrl-C\n  2    usage error\n",
+    )
+    sandbox.add_argument(
+        "--listen",
+        type=_host_port,
+        default=_DEFAULT_SANDBOX_LISTEN,
+        metavar="HOST:PORT",
+        help="address to serve HTTP on; port 0 picks a free one (default: %(default)s)",
+    )
+    sandbox.add_argument(
+        "--seed",
+        type=int,
+        default=Config().sandbox_seed,
+        help="seed of the inventory and of every id handed out (default: %(default)s,"
+        " as the server's embedded sandbox)",
+    )
+    sandbox.set_defaults(local_command=_sandbox)
+
+    list_ = command("list", "print one page of number groups", "Search number groups: one page.")
+    _search_options(list_)
+    _page_options(list_, size_help="groups on the page, 1 to 20 (default: the server's, 20)")
+    _client_options(list_, _DEFAULT_DEADLINE_SECONDS)
+    list_.set_defaults(client_command=_list)
+
+    stream = command(
+        "stream",
+        "stream every matching number group",
+        "Walk every page of a search, printing groups as they arrive. With --json, one JSON"
+        " object per group per line. A stream that breaks prints a --page-token to resume.",
+    )
+    _search_options(stream)
+    _page_options(stream, size_help="groups per streamed page, 1 to 20 (default: 20)")
+    stream.add_argument(
+        "--max-results",
+        type=_positive_int,
+        default=0,
+        metavar="N",
+        help="stop after N groups (default: no limit)",
+    )
+    _client_options(
+        stream, _DEFAULT_DEADLINE_SECONDS, deadline_note="; the whole stream must end within it"
+    )
+    stream.set_defaults(client_command=_stream)
+
+    get = command("get", "print one number group", "Get one number group by its id.")
+    get.add_argument("group_id", metavar="GROUP_ID", help="the group's id (1 to 32 digits)")
+    _client_options(get, _DEFAULT_DEADLINE_SECONDS)
+    get.set_defaults(client_command=_get)
+
+    rent = command(
+        "rent",
+        "rent numbers from a group (spends money)",
+        "Rent numbers from a number group. This spends money and is never retried. The"
+        " request id is printed before the order is sent (on stderr with --json): if the"
+        " call fails, look the order up by it before renting again.",
+    )
+    rent.add_argument("group_id", metavar="GROUP_ID", help="the group's id (1 to 32 digits)")
+    rent.add_argument(
+        "--quantity",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="numbers to rent, at most the server's per-order maximum (default: %(default)s)",
+    )
+    rent.add_argument(
+        "--app-id",
+        default="",
+        metavar="ID",
+        help="Plivo application to attach the numbers to (default: the account's default)",
+    )
+    rent.add_argument(
+        "--request-id",
+        default="",
+        metavar="UUID",
+        help="id of this order, a canonical UUID (default: a new random UUID4)",
+    )
+    _client_options(rent, _DEFAULT_RENT_DEADLINE_SECONDS)
+    rent.set_defaults(client_command=_rent)
+    return parser
+
+
+def _search_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--country",
+        required=True,
+        metavar="CC",
+        help="ISO 3166-1 alpha-2 country code, such as US or GB (required)",
+    )
+    parser.add_argument(
+        "--type",
+        choices=sorted(render.NUMBER_TYPES),
+        help="number type (default: local, as upstream)",
+    )
+    parser.add_argument(
+        "--prefix", default="", help="1 to 5 digits the numbers start with (default: any)"
+    )
+    parser.add_argument(
+        "--region",
+        default="",
+        help="region code (NY) or name (California); local numbers only (default: any)",
+    )
+    parser.add_argument(
+        "--services",
+        type=_services,
+        default=[],
+        metavar=",".join(render.SERVICES),
+        help="comma-separated services every group must offer (default: any)",
+    )
+
+
+def _page_options(parser: argparse.ArgumentParser, *, size_help: str) -> None:
+    parser.add_argument("--page-size", type=_positive_int, default=0, metavar="N", help=size_help)
+    parser.add_argument(
+        "--page-token",
+        default="",
+        metavar="TOKEN",
+        help="a next-page token from an earlier list or stream (default: the first page)",
+    )
+
+
+def _client_options(
+    parser: argparse.ArgumentParser, deadline_seconds: float, *, deadline_note: str = ""
+) -> None:
+    parser.add_argument(
+        "--target",
+        default=os.environ.get(TARGET_ENV) or _DEFAULT_TARGET,
+        metavar="HOST:PORT",
+        help=f"the numbersvc server (env {TARGET_ENV}; default: {_DEFAULT_TARGET})",
+    )
+    parser.add_argument(
+        "--deadline",
+        type=_positive_float,
+        default=deadline_seconds,
+        metavar="SECONDS",
+        help=f"give up on the call after this long{deadline_note} (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="print the response as JSON (proto field names) instead of a table",
+    )
+
+
+def _positive_int(raw: str) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {raw!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def _positive_float(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {raw!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {raw}")
+    return value
+
+
+def _services(raw: str) -> list[pb.NumberService.ValueType]:
+    names = [name.strip().lower() for name in raw.split(",") if name.strip()]
+    unknown = [name for name in names if name not in render.SERVICES]
+    if unknown or not names:
+        known = ", ".join(render.SERVICES)
+        what = ", ".join(map(repr, unknown)) or "none"
+        raise argparse.ArgumentTypeError(f"unknown service {what}: choose from {known}")
+    # dict.fromkeys: the service refuses a repeated value, and repeating one means nothing.
+    return [render.SERVICES[name] for name in dict.fromkeys(names)]
+
+
+def _host_port(raw: str) -> tuple[str, int]:
+    host, sep, port = raw.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise argparse.ArgumentTypeError(f"not HOST:PORT: {raw!r}")
+    return host.strip("[]"), int(port)
+
+
+def _search_filter(args: argparse.Namespace) -> pb.SearchFilter:
+    return pb.SearchFilter(
+        region_code=args.country,
+        number_type=render.NUMBER_TYPES[args.type] if args.type else pb.NUMBER_TYPE_UNSPECIFIED,
+        prefix=args.prefix,
+        region=args.region,
+        services=args.services,
+    )
+
+
+def _list(
+    channel: grpc.Channel,
+    args: argparse.Namespace,
+    options: client.CallOptions,
+    console: client.Console,
+) -> int:
+    request = pb.ListNumberGroupsRequest(
+        filter=_search_filter(args), page_size=args.page_size, page_token=args.page_token
+    )
+    return client.list_groups(channel, request, options, console)
+
+
+def _stream(
+    channel: grpc.Channel,
+    args: argparse.Namespace,
+    options: client.CallOptions,
+    console: client.Console,
+) -> int:
+    request = pb.StreamNumberGroupsRequest(
+        filter=_search_filter(args),
+        page_size=args.page_size,
+        max_results=args.max_results,
+        page_token=args.page_token,
+    )
+    return client.stream_groups(channel, request, options, console)
+
+
+def _get(
+    channel: grpc.Channel,
+    args: argparse.Namespace,
+    options: client.CallOptions,
+    console: client.Console,
+) -> int:
+    request = pb.GetNumberGroupRequest(group_id=args.group_id)
+    return client.get_group(channel, request, options, console)
+
+
+def _rent(
+    channel: grpc.Channel,
+    args: argparse.Namespace,
+    options: client.CallOptions,
+    console: client.Console,
+) -> int:
+    request = pb.RentNumbersRequest(
+        group_id=args.group_id,
+        quantity=args.quantity,
+        app_id=args.app_id,
+        request_id=args.request_id,
+    )
+    return client.rent_numbers(channel, request, options, console)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    try:
+        config = Config.from_env(os.environ).with_args(args)
+        # NOTE: contradictions between settings (one Plivo credential of two) are raised here,
+        # before the server module is even imported, so nothing is bound or started.
+        config.resolved_upstream()
+    except ConfigError as exc:
+        print(f"error: configuration: {exc}", file=sys.stderr)
+        return client.EXIT_USAGE
+    from numbersvc.server import serve  # imported here: it loads grpc.aio, httpx, the sandbox
+
+    logs.configure_logging(config.log_level)
+    return asyncio.run(serve(config))
+
+
+def _sandbox(args: argparse.Namespace) -> int:
+    from numbersvc.sandbox import run_sandbox  # imported here: it loads aiohttp
+
+    host, port = args.listen
+    logs.configure_logging("INFO")  # run_sandbox logs the URL and credentials to use
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is how the sandbox is meant to stop
+        asyncio.run(run_sandbox(host, port, seed=args.seed))
+    return client.EXIT_OK
