@@ -86,19 +86,21 @@ class _Call:
         self._owner = owner
         self._method = details.method
         self._request_id = _request_id(details.invocation_metadata)
+        self._peer = "-"
 
-    def _start(self) -> float:
+    def _start(self, context: _Context) -> float:
         request_id_var.set(self._request_id)
+        # NOTE: read the peer now. After a server stop cancels the call, the context's core
+        # call is gone and `peer()` crashes the process (seen with grpcio 1.85).
+        self._peer = context.peer()
         return self._owner._clock()
 
     def _finish(self, context: _Context, exc: BaseException | None, started: float) -> None:
-        self._owner.log(
-            self._method, self._request_id, context.peer(), _code(exc, context), started
-        )
+        self._owner.log(self._method, self._request_id, self._peer, _code(exc, context), started)
 
     def wrap(self, behaviour: Callable[[Any, _Context], Awaitable[Any]]) -> Any:
         async def run(request: Any, context: _Context) -> Any:
-            started, failure = self._start(), None
+            started, failure = self._start(context), None
             try:
                 return await behaviour(request, context)
             except BaseException as exc:
@@ -114,7 +116,7 @@ class _Call:
             return self.wrap(behaviour)  # a handler that writes with context.write
 
         async def run(request: Any, context: _Context) -> AsyncIterator[Any]:
-            started, failure = self._start(), None
+            started, failure = self._start(context), None
             try:
                 async for response in behaviour(request, context):
                     yield response

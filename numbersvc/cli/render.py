@@ -228,7 +228,7 @@ def _rented_number(number: pb.RentedNumber) -> str:
 
 def order_details(order: pb.RentalOrder) -> str:
     """Show an order as a key-value block: status, numbers in E.164, ids, pending details."""
-    status = _label(_ORDER_STATUSES, order.status)
+    status = _label(_ORDER_STATUSES, order.status, order.upstream_status)
     if order.upstream_status and order.upstream_status != status:
         status = f"{status} (upstream: {order.upstream_status})"
     pairs: list[tuple[str, str | Sequence[str]]] = [

@@ -59,7 +59,9 @@ class TestGeneration:
         assert 300 <= present["US", "local"] <= 500  # enough for paging to matter
 
     def test_group_ids_are_unique_14_digit_strings(self) -> None:
-        ids = [gid for iso in load_catalog().countries for gid in all_groups(SHARED, SearchQuery(iso))]
+        ids = [
+            gid for iso in load_catalog().countries for gid in all_groups(SHARED, SearchQuery(iso))
+        ]
         assert len(ids) == len(set(ids))
         assert all(re.fullmatch(r"[1-9][0-9]{13}", gid) for gid in ids)
 

@@ -1,0 +1,434 @@
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import grpc
+import pytest
+from google.protobuf import duration_pb2, json_format
+from google.rpc import error_details_pb2
+
+from numbersvc.cli import client
+from numbersvc.v1 import number_groups_pb2 as pb
+from tests.cli import CliHarness, rich_error, sample_group
+
+TARGET = "numbersvc.test:50051"
+DEADLINE_SECONDS = 7.5
+RESULT_TIMEOUT_SECONDS = 5.0
+REQUEST_ID = "3b241101-e2bb-4255-8caf-4136c566a962"
+OK = grpc.StatusCode.OK
+LIST_REQUEST = pb.ListNumberGroupsRequest(
+    filter=pb.SearchFilter(region_code="US", prefix="212"), page_size=2
+)
+STREAM_REQUEST = pb.StreamNumberGroupsRequest(filter=pb.SearchFilter(region_code="US"))
+
+
+@dataclass
+class Run:
+    """A command started in the harness, with what it printed."""
+
+    harness: CliHarness
+    future: Future[int]
+    out: io.StringIO
+    err: io.StringIO
+    ids_made: list[str] = field(default_factory=list)
+
+    def exit_code(self) -> int:
+        return self.future.result(timeout=RESULT_TIMEOUT_SECONDS)
+
+
+Command = Callable[..., int]
+
+
+@pytest.fixture
+def start() -> Callable[..., Run]:
+    def start_command(
+        command: Command, request: object, *, json: bool = False, progress: bool = False
+    ) -> Run:
+        harness = CliHarness()
+        out, err = io.StringIO(), io.StringIO()
+        console = client.Console(out, err, json=json, progress=progress)
+        options = client.CallOptions(target=TARGET, deadline_seconds=DEADLINE_SECONDS)
+        ids_made: list[str] = []
+
+        def run() -> int:
+            channel = harness.recorder.as_channel()
+            if command is client.rent_numbers:
+                return client.rent_numbers(
+                    channel,
+                    request,  # type: ignore[arg-type]
+                    options,
+                    console,
+                    new_request_id=lambda: ids_made.append(REQUEST_ID) or REQUEST_ID,
+                )
+            return command(channel, request, options, console)
+
+        return Run(harness, harness.start(run), out, err, ids_made)
+
+    return start_command
+
+
+def invalid_request_error() -> tuple[tuple[tuple[str, str | bytes], ...], grpc.StatusCode, str]:
+    return rich_error(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "2 request fields are invalid",
+        error_details_pb2.ErrorInfo(reason="INVALID_REQUEST", domain="numbersvc"),
+        error_details_pb2.BadRequest(
+            field_violations=[
+                error_details_pb2.BadRequest.FieldViolation(
+                    field="filter.region_code", description="must be an ISO 3166-1 alpha-2 code"
+                ),
+                error_details_pb2.BadRequest.FieldViolation(
+                    field="filter.prefix", description="must be 1 to 5 digits"
+                ),
+            ]
+        ),
+    )
+
+
+def test_list_sends_the_request_with_the_deadline_and_prints_a_table(
+    start: Callable[..., Run],
+) -> None:
+    run = start(client.list_groups, LIST_REQUEST)
+    _, request, rpc = run.harness.take_unary("ListNumberGroups", run.future)
+    assert request == LIST_REQUEST
+    assert run.harness.recorder.timeouts == [DEADLINE_SECONDS]
+    response = pb.ListNumberGroupsResponse(
+        number_groups=[sample_group(), sample_group(group_id="5", stock=7)],
+        next_page_token="tok-2",
+        total_size=40,
+    )
+    rpc.terminate(response, (), OK, "")
+    assert run.exit_code() == 0
+    lines = run.out.getvalue().splitlines()
+    assert lines[0].split() == [
+        "GROUP",
+        "ID",
+        "TYPE",
+        "PREFIX",
+        "REGION",
+        "SERVICES",
+        "STOCK",
+        "MONTHLY",
+        "SETUP",
+        "VOICE/MIN",
+        "SMS",
+    ]
+    assert lines[1].startswith("73762538809838  local  212")
+    assert lines[2].startswith("5               local  212")
+    assert lines[3] == "2 of 40 groups; next page: --page-token tok-2"
+    assert run.err.getvalue() == ""
+
+
+def test_list_json_prints_the_whole_response(start: Callable[..., Run]) -> None:
+    run = start(client.list_groups, LIST_REQUEST, json=True)
+    _, _, rpc = run.harness.take_unary("ListNumberGroups", run.future)
+    response = pb.ListNumberGroupsResponse(number_groups=[sample_group()], total_size=1)
+    rpc.terminate(response, (), OK, "")
+    assert run.exit_code() == 0
+    printed = json.loads(run.out.getvalue())
+    assert printed == json_format.MessageToDict(response, preserving_proto_field_name=True)
+
+
+def test_list_of_nothing_prints_only_the_footer(start: Callable[..., Run]) -> None:
+    run = start(client.list_groups, LIST_REQUEST)
+    _, _, rpc = run.harness.take_unary("ListNumberGroups", run.future)
+    rpc.terminate(pb.ListNumberGroupsResponse(), (), OK, "")
+    assert run.exit_code() == 0
+    assert run.out.getvalue() == "0 of 0 groups; last page\n"
+
+
+def test_rich_invalid_argument_prints_each_bad_field_and_exits_13(
+    start: Callable[..., Run],
+) -> None:
+    run = start(client.list_groups, LIST_REQUEST)
+    _, _, rpc = run.harness.take_unary("ListNumberGroups", run.future)
+    rpc.terminate(None, *invalid_request_error())
+    assert run.exit_code() == 13
+    assert run.out.getvalue() == ""
+    assert run.err.getvalue().splitlines() == [
+        "error: INVALID_ARGUMENT: 2 request fields are invalid",
+        "  reason: INVALID_REQUEST",
+        "  filter.region_code: must be an ISO 3166-1 alpha-2 code",
+        "  filter.prefix: must be 1 to 5 digits",
+    ]
+
+
+def test_retryable_error_prints_the_retry_delay_and_metadata(start: Callable[..., Run]) -> None:
+    run = start(client.list_groups, LIST_REQUEST)
+    _, _, rpc = run.harness.take_unary("ListNumberGroups", run.future)
+    rpc.terminate(
+        None,
+        *rich_error(
+            grpc.StatusCode.UNAVAILABLE,
+            "Plivo answered HTTP 503 to the search",
+            error_details_pb2.ErrorInfo(
+                reason="UPSTREAM_UNAVAILABLE",
+                domain="numbersvc",
+                metadata={"httpStatus": "503", "operation": "search"},
+            ),
+            error_details_pb2.RetryInfo(
+                retry_delay=duration_pb2.Duration(seconds=1, nanos=500_000_000)
+            ),
+        ),
+    )
+    assert run.exit_code() == 24
+    assert run.err.getvalue().splitlines() == [
+        "error: UNAVAILABLE: Plivo answered HTTP 503 to the search",
+        "  reason: UPSTREAM_UNAVAILABLE",
+        "  retry after: 1.5 s",
+        "  metadata: httpStatus=503, operation=search",
+    ]
+
+
+def test_unavailable_without_details_names_the_target(start: Callable[..., Run]) -> None:
+    run = start(client.list_groups, LIST_REQUEST)
+    _, _, rpc = run.harness.take_unary("ListNumberGroups", run.future)
+    rpc.terminate(None, (), grpc.StatusCode.UNAVAILABLE, "failed to connect to all addresses")
+    assert run.exit_code() == 24
+    assert run.err.getvalue() == (
+        f"error: UNAVAILABLE: cannot reach numbersvc at {TARGET}:"
+        " failed to connect to all addresses\n"
+    )
+
+
+def test_own_deadline_says_how_long_it_waited(start: Callable[..., Run]) -> None:
+    run = start(client.list_groups, LIST_REQUEST)
+    _, _, rpc = run.harness.take_unary("ListNumberGroups", run.future)
+    rpc.terminate(None, (), grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
+    assert run.exit_code() == 14
+    assert run.err.getvalue() == (
+        f"error: DEADLINE_EXCEEDED: no answer from {TARGET} within 7.5 s"
+        " (raise it with --deadline)\n"
+    )
+
+
+def test_a_status_trailer_that_contradicts_the_call_is_ignored(start: Callable[..., Run]) -> None:
+    run = start(client.list_groups, LIST_REQUEST)
+    _, _, rpc = run.harness.take_unary("ListNumberGroups", run.future)
+    trailer, _, _ = invalid_request_error()
+    rpc.terminate(None, trailer, grpc.StatusCode.INTERNAL, "proxy error")
+    assert run.exit_code() == 23
+    assert run.err.getvalue() == "error: INTERNAL: proxy error\n"
+
+
+def test_get_prints_the_group(start: Callable[..., Run]) -> None:
+    run = start(client.get_group, pb.GetNumberGroupRequest(group_id="737"))
+    _, request, rpc = run.harness.take_unary("GetNumberGroup", run.future)
+    assert request.group_id == "737"
+    assert run.harness.recorder.timeouts == [DEADLINE_SECONDS]
+    rpc.terminate(pb.GetNumberGroupResponse(number_group=sample_group()), (), OK, "")
+    assert run.exit_code() == 0
+    assert run.out.getvalue().splitlines()[:2] == ["group id:  73762538809838", "type:      local"]
+
+
+def test_get_of_a_missing_group_names_the_resource_and_exits_15(
+    start: Callable[..., Run],
+) -> None:
+    run = start(client.get_group, pb.GetNumberGroupRequest(group_id="999"))
+    _, _, rpc = run.harness.take_unary("GetNumberGroup", run.future)
+    rpc.terminate(
+        None,
+        *rich_error(
+            grpc.StatusCode.NOT_FOUND,
+            "group 999 not found",
+            error_details_pb2.ErrorInfo(reason="NUMBER_GROUP_NOT_FOUND", domain="numbersvc"),
+            error_details_pb2.ResourceInfo(
+                resource_type="numbersvc.v1.NumberGroup", resource_name="999"
+            ),
+        ),
+    )
+    assert run.exit_code() == 15
+    assert "  resource: numbersvc.v1.NumberGroup 999" in run.err.getvalue().splitlines()
+
+
+def page(*group_ids: str, token: str, total: int = 5) -> pb.StreamNumberGroupsResponse:
+    groups = [sample_group(group_id=g) for g in group_ids]
+    return pb.StreamNumberGroupsResponse(
+        number_groups=groups, next_page_token=token, total_size=total
+    )
+
+
+def test_stream_prints_one_header_then_rows_as_pages_arrive(start: Callable[..., Run]) -> None:
+    run = start(client.stream_groups, STREAM_REQUEST, progress=True)
+    _, request, rpc = run.harness.take_stream("StreamNumberGroups", run.future)
+    assert request == STREAM_REQUEST
+    assert run.harness.recorder.timeouts == [DEADLINE_SECONDS]
+    rpc.send_response(page("1", "2", token="t2", total=3))
+    rpc.send_response(page("3333333333333333", token="", total=3))
+    rpc.terminate((), OK, "")
+    assert run.exit_code() == 0
+    lines = run.out.getvalue().splitlines()
+    assert [line.split()[0] for line in lines] == ["GROUP", "1", "2", "3333333333333333", "3"]
+    assert lines[-1] == "3 groups streamed of 3"
+    # The first page sets the widths: the rows under it line up with the header.
+    assert lines[1].index("local") == lines[0].index("TYPE")
+    progress = run.err.getvalue()
+    assert "\r\x1b[Kstreaming: 2 of 3 groups" in progress
+    assert "\r\x1b[Kstreaming: 3 of 3 groups" in progress
+    assert progress.endswith("\r\x1b[K")  # erased before the footer
+
+
+def test_stream_without_progress_writes_nothing_to_stderr(start: Callable[..., Run]) -> None:
+    run = start(client.stream_groups, STREAM_REQUEST, progress=False)
+    _, _, rpc = run.harness.take_stream("StreamNumberGroups", run.future)
+    rpc.send_response(page("1", token=""))
+    rpc.terminate((), OK, "")
+    assert run.exit_code() == 0
+    assert run.err.getvalue() == ""
+
+
+def test_stream_json_prints_one_group_per_line(start: Callable[..., Run]) -> None:
+    run = start(client.stream_groups, STREAM_REQUEST, json=True, progress=True)
+    _, _, rpc = run.harness.take_stream("StreamNumberGroups", run.future)
+    rpc.send_response(page("1", "2", token="t2"))
+    rpc.send_response(page("3", token="t3"))  # stopped early by max_results: t3 resumes
+    rpc.terminate((), OK, "")
+    assert run.exit_code() == 0
+    lines = run.out.getvalue().splitlines()
+    assert [json.loads(line)["group_id"] for line in lines] == ["1", "2", "3"]
+    assert run.err.getvalue() == "more: --page-token t3\n"  # and no progress line in JSON mode
+
+
+def test_stream_that_breaks_after_pages_prints_the_token_to_resume(
+    start: Callable[..., Run],
+) -> None:
+    run = start(client.stream_groups, STREAM_REQUEST)
+    _, _, rpc = run.harness.take_stream("StreamNumberGroups", run.future)
+    rpc.send_response(page("1", "2", token="t2"))
+    rpc.send_response(page("3", token="t3"))
+    # grpc_testing drops unread messages when a stream ends in an error (gRPC delivers them):
+    # let the command print them first.
+    run.harness.wait_until(lambda: run.out.getvalue().count("\n") == 4, run.future)
+    rpc.terminate(
+        *rich_error(
+            grpc.StatusCode.UNAVAILABLE,
+            "Plivo unreachable",
+            error_details_pb2.ErrorInfo(reason="UPSTREAM_UNREACHABLE", domain="numbersvc"),
+        )
+    )
+    assert run.exit_code() == 24
+    assert [line.split()[0] for line in run.out.getvalue().splitlines()] == ["GROUP", "1", "2", "3"]
+    assert run.err.getvalue().splitlines() == [
+        "error: UNAVAILABLE: Plivo unreachable",
+        "  reason: UPSTREAM_UNREACHABLE",
+        "hint: 3 groups were received; resume with --page-token t3",
+    ]
+
+
+def test_stream_that_fails_at_once_has_nothing_to_resume(start: Callable[..., Run]) -> None:
+    run = start(client.stream_groups, STREAM_REQUEST)
+    _, _, rpc = run.harness.take_stream("StreamNumberGroups", run.future)
+    rpc.terminate(*invalid_request_error())
+    assert run.exit_code() == 13
+    assert "--page-token" not in run.err.getvalue()
+    assert run.out.getvalue() == ""
+
+
+def rent_request(**fields: object) -> pb.RentNumbersRequest:
+    return pb.RentNumbersRequest(group_id="737", quantity=2, **fields)  # type: ignore[arg-type]
+
+
+FULFILLED = pb.RentNumbersResponse(
+    order=pb.RentalOrder(
+        status=pb.ORDER_STATUS_FULFILLED,
+        upstream_status="fulfilled",
+        numbers=[
+            pb.RentedNumber(
+                number="12125550100",
+                e164="+12125550100",
+                status=pb.RENTED_NUMBER_STATUS_SUCCESS,
+                upstream_status="Success",
+            )
+        ],
+        group_id="737",
+        quantity=1,
+        request_id=REQUEST_ID,
+        upstream_request_id="api-1",
+    )
+)
+
+
+def test_rent_prints_a_new_request_id_before_sending_it(start: Callable[..., Run]) -> None:
+    run = start(client.rent_numbers, rent_request())
+    metadata, request, rpc = run.harness.take_unary("RentNumbers", run.future)
+    # Already printed while the call is still in flight: a lost answer leaves the id behind.
+    assert run.out.getvalue() == f"request id: {REQUEST_ID}\n"
+    assert run.ids_made == [REQUEST_ID]
+    assert request == rent_request(request_id=REQUEST_ID)
+    assert (client.REQUEST_ID_HEADER, REQUEST_ID) in metadata
+    assert run.harness.recorder.timeouts == [DEADLINE_SECONDS]
+    rpc.terminate(FULFILLED, (), OK, "")
+    assert run.exit_code() == 0
+    lines = run.out.getvalue().splitlines()
+    assert lines[1:5] == [
+        "status:      fulfilled",
+        "group id:    737",
+        "quantity:    1",
+        "numbers:     +12125550100  rented",
+    ]
+    assert "upstream id: api-1" in lines
+
+
+def test_rent_keeps_the_callers_request_id(start: Callable[..., Run]) -> None:
+    given = "6F9619FF-8B86-D011-B42D-00C04FC964FF"
+    run = start(client.rent_numbers, rent_request(request_id=given))
+    metadata, request, rpc = run.harness.take_unary("RentNumbers", run.future)
+    assert request.request_id == given
+    assert (client.REQUEST_ID_HEADER, given) in metadata
+    assert run.ids_made == []
+    rpc.terminate(FULFILLED, (), OK, "")
+    assert run.exit_code() == 0
+    assert run.out.getvalue().startswith(f"request id: {given}\n")
+
+
+def test_rent_json_keeps_stdout_pure_json(start: Callable[..., Run]) -> None:
+    run = start(client.rent_numbers, rent_request(), json=True)
+    _, _, rpc = run.harness.take_unary("RentNumbers", run.future)
+    assert run.err.getvalue() == f"request id: {REQUEST_ID}\n"
+    rpc.terminate(FULFILLED, (), OK, "")
+    assert run.exit_code() == 0
+    assert json.loads(run.out.getvalue())["order"]["numbers"][0]["e164"] == "+12125550100"
+
+
+def test_rent_outcome_unknown_says_to_check_the_order(start: Callable[..., Run]) -> None:
+    run = start(client.rent_numbers, rent_request())
+    _, _, rpc = run.harness.take_unary("RentNumbers", run.future)
+    rpc.terminate(
+        None,
+        *rich_error(
+            grpc.StatusCode.INTERNAL,
+            "the rent was sent but its answer was lost",
+            error_details_pb2.ErrorInfo(reason="RENT_OUTCOME_UNKNOWN", domain="numbersvc"),
+        ),
+    )
+    assert run.exit_code() == 23
+    assert run.err.getvalue().splitlines()[-1] == (
+        f"hint: the order may have been placed: look up request id {REQUEST_ID}"
+        " (server log numbersvc.orders, Plivo console) before renting again"
+    )
+
+
+def test_rent_that_lost_its_own_deadline_may_have_been_placed(start: Callable[..., Run]) -> None:
+    run = start(client.rent_numbers, rent_request())
+    _, _, rpc = run.harness.take_unary("RentNumbers", run.future)
+    rpc.terminate(None, (), grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
+    assert run.exit_code() == 14
+    assert f"look up request id {REQUEST_ID}" in run.err.getvalue()
+
+
+def test_rent_refused_by_the_service_gives_no_order_hint(start: Callable[..., Run]) -> None:
+    run = start(client.rent_numbers, rent_request())
+    _, _, rpc = run.harness.take_unary("RentNumbers", run.future)
+    rpc.terminate(None, *invalid_request_error())
+    assert run.exit_code() == 13
+    assert "hint:" not in run.err.getvalue()
+
+
+@pytest.mark.parametrize("code", [c for c in grpc.StatusCode if c is not OK])
+def test_exit_code_is_ten_plus_the_status_code(code: grpc.StatusCode) -> None:
+    assert client.exit_code(code) == 10 + code.value[0]
+    assert 11 <= client.exit_code(code) <= 26

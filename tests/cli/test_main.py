@@ -1,0 +1,351 @@
+from __future__ import annotations
+
+import argparse
+import io
+import socket
+import subprocess
+import sys
+import types
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+import pytest
+
+from numbersvc import logs
+from numbersvc.cli import client, main
+from numbersvc.config import Config, settings
+from numbersvc.v1 import number_groups_pb2 as pb
+from tests.cli import CliHarness
+
+CLIENT_COMMANDS = ["list", "stream", "get", "rent"]
+RESULT_TIMEOUT_SECONDS = 5.0
+
+
+@pytest.fixture(autouse=True)
+def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ["NUMBERSVC_TARGET", "PLIVO_AUTH_ID", "PLIVO_AUTH_TOKEN", "NUMBERSVC_UPSTREAM"]:
+        monkeypatch.delenv(name, raising=False)
+
+
+def exit_status(argv: list[str]) -> int | str | None:
+    with pytest.raises(SystemExit) as exited:
+        main.main(argv)
+    return exited.value.code
+
+
+@pytest.mark.parametrize("command", ["serve", "sandbox", *CLIENT_COMMANDS])
+def test_help_of_every_command_exits_0(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert exit_status([command, "--help"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith(f"usage: numbersvc {command}")
+    assert "exit codes:" in text
+    if command in CLIENT_COMMANDS:
+        assert "env NUMBERSVC_TARGET" in text
+        assert "--deadline SECONDS" in text
+        assert "24 UNAVAILABLE" in text
+
+
+def test_top_level_help_lists_the_commands_and_exit_codes(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert exit_status(["--help"]) == 0
+    text = capsys.readouterr().out
+    for command in ["serve", "sandbox", *CLIENT_COMMANDS]:
+        assert f"    {command} " in text
+    assert "10+N a call failed with gRPC status code N" in text
+    assert "13 INVALID_ARGUMENT" in text
+
+
+def test_serve_help_documents_every_setting_with_its_env_variable(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert exit_status(["serve", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())  # undo argparse's line wrapping
+    for _, setting, _ in settings():
+        assert f"{setting.flag} " in text
+        assert f"env {setting.env};" in text
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [],
+        ["list"],  # --country is required
+        ["list", "--country", "US", "--type", "mobile"],
+        ["list", "--country", "US", "--services", "voice,fax"],
+        ["list", "--country", "US", "--services", ","],
+        ["list", "--country", "US", "--page-size", "0"],
+        ["stream", "--country", "US", "--max-results", "-1"],
+        ["get"],
+        ["get", "1", "--deadline", "0"],
+        ["get", "1", "--deadline", "nan"],
+        ["rent", "1", "--quantity", "0"],
+        ["rent", "1", "--quantity", "two"],
+        ["sandbox", "--listen", "8089"],
+        ["serve", "--retry-max-attempts", "many"],
+    ],
+)
+def test_usage_errors_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    assert exit_status(argv) == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_unknown_service_is_named(capsys: pytest.CaptureFixture[str]) -> None:
+    exit_status(["list", "--country", "US", "--services", "voice,fax"])
+    assert "unknown service 'fax': choose from voice, sms" in capsys.readouterr().err
+
+
+def test_target_comes_from_the_environment_and_the_flag_wins(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    parser = main.build_parser
+    assert parser().parse_args(["get", "1"]).target == "127.0.0.1:50051"
+    monkeypatch.setenv("NUMBERSVC_TARGET", "numbers.internal:443")
+    assert parser().parse_args(["get", "1"]).target == "numbers.internal:443"
+    assert parser().parse_args(["get", "1", "--target", "h:1"]).target == "h:1"
+
+
+def test_deadline_defaults_are_10_s_and_30_s_for_rent() -> None:
+    parser = main.build_parser()
+    assert parser.parse_args(["get", "1"]).deadline == 10.0
+    assert parser.parse_args(["rent", "1"]).deadline == 30.0
+    assert parser.parse_args(["rent", "1", "--deadline", "2.5"]).deadline == 2.5
+
+
+def run_in_harness(argv: list[str]) -> tuple[CliHarness, Any, list[str]]:
+    """Start `main.run(argv)` against a grpc_testing channel; also returns the targets opened."""
+    harness = CliHarness()
+    targets: list[str] = []
+
+    def open_channel(target: str) -> grpc.Channel:
+        targets.append(target)
+        return harness.recorder.as_channel()
+
+    return harness, harness.start(lambda: main.run(argv, open_channel=open_channel)), targets
+
+
+def test_list_flags_map_onto_the_request(capsys: pytest.CaptureFixture[str]) -> None:
+    harness, running, targets = run_in_harness(
+        [
+            "list",
+            "--country",
+            "us",
+            "--type",
+            "tollfree",
+            "--prefix",
+            "800",
+            "--region",
+            "NY",
+            "--services",
+            "sms,voice,sms",
+            "--page-size",
+            "5",
+            "--page-token",
+            "tok",
+            "--target",
+            "h:1",
+            "--deadline",
+            "3",
+        ]
+    )
+    _, request, rpc = harness.take_unary("ListNumberGroups", running)
+    assert request == pb.ListNumberGroupsRequest(
+        filter=pb.SearchFilter(
+            region_code="us",  # the service upper-cases it
+            number_type=pb.NUMBER_TYPE_TOLLFREE,
+            prefix="800",
+            region="NY",
+            services=[pb.NUMBER_SERVICE_SMS, pb.NUMBER_SERVICE_VOICE],
+        ),
+        page_size=5,
+        page_token="tok",
+    )
+    assert harness.recorder.timeouts == [3.0]
+    assert targets == ["h:1"]
+    rpc.terminate(pb.ListNumberGroupsResponse(), (), grpc.StatusCode.OK, "")
+    assert running.result(timeout=RESULT_TIMEOUT_SECONDS) == 0
+    assert capsys.readouterr().out == "0 of 0 groups; last page\n"
+
+
+def test_stream_and_rent_flags_map_onto_their_requests() -> None:
+    harness, running, _ = run_in_harness(
+        ["stream", "--country", "GB", "--max-results", "30", "--page-size", "7"]
+    )
+    _, request, rpc = harness.take_stream("StreamNumberGroups", running)
+    assert request == pb.StreamNumberGroupsRequest(
+        filter=pb.SearchFilter(region_code="GB"), page_size=7, max_results=30
+    )
+    rpc.terminate((), grpc.StatusCode.OK, "")
+    assert running.result(timeout=RESULT_TIMEOUT_SECONDS) == 0
+
+    request_id = "3b241101-e2bb-4255-8caf-4136c566a962"
+    harness, running, _ = run_in_harness(
+        ["rent", "737", "--quantity", "3", "--app-id", "42", "--request-id", request_id]
+    )
+    _, request, rpc = harness.take_unary("RentNumbers", running)
+    assert request == pb.RentNumbersRequest(
+        group_id="737", quantity=3, app_id="42", request_id=request_id
+    )
+    assert harness.recorder.timeouts == [30.0]
+    rpc.terminate(pb.RentNumbersResponse(), (), grpc.StatusCode.OK, "")
+    assert running.result(timeout=RESULT_TIMEOUT_SECONDS) == 0
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize(
+    ("argv", "terminal", "progress"),
+    [
+        (["stream", "--country", "US"], True, True),
+        (["stream", "--country", "US", "--json"], True, False),
+        (["stream", "--country", "US"], False, False),
+    ],
+)
+def test_progress_only_on_a_terminal_and_never_with_json(
+    argv: list[str], terminal: bool, progress: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[client.Console] = []
+
+    def fake_stream(channel: object, request: object, options: object, console: Any) -> int:
+        seen.append(console)
+        return 0
+
+    monkeypatch.setattr(client, "stream_groups", fake_stream)
+    monkeypatch.setattr(sys, "stderr", _Terminal() if terminal else io.StringIO())
+    assert main.run(argv, open_channel=lambda target: CliHarness().recorder.as_channel()) == 0
+    assert [c.progress for c in seen] == [progress]
+
+
+def closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+    return port
+
+
+def test_unreachable_server_names_the_target(capsys: pytest.CaptureFixture[str]) -> None:
+    target = f"127.0.0.1:{closed_port()}"
+    code = main.main(["get", "1", "--target", target, "--deadline", "5"])
+    assert code == 10 + grpc.StatusCode.UNAVAILABLE.value[0]
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: UNAVAILABLE: cannot reach numbersvc at {target}: ")
+    assert len(err.splitlines()) == 1
+
+
+@pytest.fixture
+def fake_server(monkeypatch: pytest.MonkeyPatch) -> list[Config]:
+    """Replace `numbersvc.server` (imported by `serve` when it runs) with one that records."""
+    served: list[Config] = []
+
+    async def serve(config: Config) -> int:
+        served.append(config)
+        return 3
+
+    module = types.ModuleType("numbersvc.server")
+    module.serve = serve  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "numbersvc.server", module)
+    monkeypatch.setattr(logs, "configure_logging", lambda level: None)
+    return served
+
+
+@pytest.mark.parametrize(
+    ("env", "argv", "missing"),
+    [
+        ({"PLIVO_AUTH_ID": "MAXXXXXXXXXXXXXXXXXX"}, [], "PLIVO_AUTH_TOKEN"),
+        ({}, ["--plivo-auth-token", "secret"], "PLIVO_AUTH_ID"),
+        ({"NUMBERSVC_UPSTREAM": "plivo"}, [], "PLIVO_AUTH_ID"),
+    ],
+)
+def test_serve_refuses_contradictory_settings_before_starting(
+    env: dict[str, str],
+    argv: list[str],
+    missing: str,
+    fake_server: list[Config],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert main.main(["serve", "--listen", "127.0.0.1:0", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: configuration: ")
+    assert missing in err
+    assert fake_server == []
+
+
+def test_serve_rejects_a_bad_environment_value(
+    fake_server: list[Config], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("NUMBERSVC_RETRY_MAX_ATTEMPTS", "0")
+    assert main.main(["serve"]) == 2
+    assert "NUMBERSVC_RETRY_MAX_ATTEMPTS must be at least 1" in capsys.readouterr().err
+    assert fake_server == []
+
+
+def test_serve_layers_flags_over_the_environment_and_returns_the_servers_code(
+    fake_server: list[Config], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    levels: list[str] = []
+    monkeypatch.setattr(logs, "configure_logging", levels.append)
+    monkeypatch.setenv("NUMBERSVC_LISTEN", "0.0.0.0:7000")
+    monkeypatch.setenv("NUMBERSVC_SANDBOX_SEED", "11")
+    assert main.main(["serve", "--listen", "127.0.0.1:0", "--log-level", "DEBUG"]) == 3
+    [config] = fake_server
+    assert (config.listen, config.sandbox_seed, config.log_level) == ("127.0.0.1:0", 11, "DEBUG")
+    assert levels == ["DEBUG"]
+
+
+@pytest.fixture
+def fake_sandbox(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int, int]]:
+    """Replace `numbersvc.sandbox` with one that records its arguments, then is Ctrl-C'd."""
+    runs: list[tuple[str, int, int]] = []
+
+    async def run_sandbox(host: str, port: int, *, seed: int) -> None:
+        runs.append((host, port, seed))
+        raise KeyboardInterrupt
+
+    module = types.ModuleType("numbersvc.sandbox")
+    module.run_sandbox = run_sandbox  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "numbersvc.sandbox", module)
+    monkeypatch.setattr(logs, "configure_logging", lambda level: None)
+    return runs
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        ([], ("127.0.0.1", 8089, Config().sandbox_seed)),
+        (["--listen", "0.0.0.0:0", "--seed", "3"], ("0.0.0.0", 0, 3)),
+        (["--listen", "[::1]:9000"], ("::1", 9000, Config().sandbox_seed)),
+    ],
+)
+def test_sandbox_runs_until_ctrl_c_and_exits_0(
+    argv: list[str], expected: tuple[str, int, int], fake_sandbox: list[tuple[str, int, int]]
+) -> None:
+    assert main.main(["sandbox", *argv]) == 0
+    assert fake_sandbox == [expected]
+
+
+def test_commands_dispatch_to_their_handlers() -> None:
+    parser = main.build_parser()
+    handlers: dict[str, Callable[..., int]] = {}
+    for argv in (["serve"], ["sandbox"], ["list", "--country", "US"], ["get", "1"]):
+        args: argparse.Namespace = parser.parse_args(argv)
+        handlers[argv[0]] = getattr(args, "client_command", None) or args.local_command
+    assert len(set(handlers.values())) == 4
+
+
+def test_python_dash_m_numbersvc_runs_the_cli() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "numbersvc", "--version"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 0
+    assert done.stdout.startswith("numbersvc ")

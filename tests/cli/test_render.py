@@ -1,0 +1,243 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+from google.protobuf import json_format, timestamp_pb2
+from google.type import money_pb2
+
+from numbersvc.cli import render
+from numbersvc.v1 import number_groups_pb2 as pb
+from tests.cli import sample_group, usd
+
+INT64_MAX = 2**63 - 1
+
+
+@pytest.mark.parametrize(
+    ("money", "text"),
+    [
+        (usd(0, 7_000_000), "$0.007"),
+        (usd(0, 800_000_000), "$0.80"),
+        (usd(0, 8_500_000), "$0.0085"),
+        (usd(0, 1), "$0.000000001"),
+        (usd(12), "$12.00"),
+        (usd(0), "$0.00"),
+        (usd(-1, -500_000_000), "-$1.50"),
+        (usd(0, -5_000_000), "-$0.005"),
+        # Exact where a float is not: 2**63 - 1 has 19 digits, a double keeps about 16.
+        (usd(INT64_MAX, 999_999_999), "$9223372036854775807.999999999"),
+        (money_pb2.Money(currency_code="EUR", units=12, nanos=500_000_000), "12.50 EUR"),
+        (money_pb2.Money(units=3), "3.00"),
+        (None, "-"),
+    ],
+)
+def test_format_money_is_exact(money: money_pb2.Money | None, text: str) -> None:
+    assert render.format_money(money) == text
+
+
+def test_format_money_adds_malformed_mixed_signs_instead_of_concatenating() -> None:
+    # units=1, nanos=-250000000 is 0.75, not "1.-25".
+    assert render.format_money(usd(1, -250_000_000)) == "$0.75"
+
+
+def test_command_line_names_come_from_the_enums() -> None:
+    assert render.NUMBER_TYPES == {
+        "local": pb.NUMBER_TYPE_LOCAL,
+        "national": pb.NUMBER_TYPE_NATIONAL,
+        "tollfree": pb.NUMBER_TYPE_TOLLFREE,
+    }
+    assert render.SERVICES == {"voice": pb.NUMBER_SERVICE_VOICE, "sms": pb.NUMBER_SERVICE_SMS}
+
+
+def test_group_row_tells_an_unset_sms_rate_from_a_free_one() -> None:
+    unset = pb.NumberGroup()
+    unset.CopyFrom(sample_group(sms_enabled=False, services=[pb.NUMBER_SERVICE_VOICE]))
+    unset.ClearField("sms_rate")
+    assert render.group_row(unset)[-1] == "-"
+    assert render.group_row(sample_group(sms_rate=usd(0)))[-1] == "$0.00"
+
+
+def test_group_row_shows_unknown_enum_values_from_a_newer_server() -> None:
+    group = sample_group(number_type=9, upstream_number_type="mobile", services=[1, 7])
+    row = render.group_row(group)
+    assert row[1:5] == ("mobile", "212", "New York, UNITED STATES", "voice,unknown(7)")
+
+
+def test_groups_table_aligns_text_left_and_numbers_right() -> None:
+    groups = [
+        sample_group(),
+        sample_group(
+            group_id="5",
+            number_type=pb.NUMBER_TYPE_TOLLFREE,
+            upstream_number_type="tollfree",
+            prefix="800",
+            region="",
+            stock=7,
+            services=[pb.NUMBER_SERVICE_VOICE],
+            rental_rate=usd(2),
+            voice_rate=usd(0, 12_000_000),
+            sms_rate=None,
+        ),
+    ]
+    assert render.groups_table(groups).splitlines() == [
+        "GROUP ID        TYPE      PREFIX  REGION                   SERVICES   STOCK"
+        "  MONTHLY  SETUP  VOICE/MIN     SMS",
+        "73762538809838  local     212     New York, UNITED STATES  voice,sms    220"
+        "    $0.80  $0.00    $0.0085  $0.005",
+        "5               tollfree  800     -                        voice          7"
+        "    $2.00  $0.00     $0.012       -",
+    ]
+
+
+def test_table_line_lets_a_long_cell_push_instead_of_cutting_it() -> None:
+    table = render.Table(("A", "N"), right_aligned=frozenset({1}))
+    assert table.line(("abcdef", "1"), [3, 2]) == "abcdef   1"
+
+
+@pytest.mark.parametrize(
+    ("token", "footer"),
+    [
+        ("tok", "2 of 40 groups; next page: --page-token tok"),
+        ("", "2 of 40 groups; last page"),
+    ],
+)
+def test_list_footer(token: str, footer: str) -> None:
+    assert render.list_footer(2, 40, token) == footer
+
+
+def test_stream_footer_offers_the_token_only_when_the_stream_stopped_early() -> None:
+    assert render.stream_footer(10, 28, "tok") == "10 groups streamed of 28; more: --page-token tok"
+    assert render.stream_footer(28, 28, "") == "28 groups streamed of 28"
+
+
+def test_json_line_is_one_line_of_proto_json_with_proto_field_names() -> None:
+    group = sample_group()
+    line = render.json_line(group)
+    assert "\n" not in line
+    parsed = json.loads(line)
+    assert parsed == json_format.MessageToDict(group, preserving_proto_field_name=True)
+    assert parsed["group_id"] == "73762538809838"
+    assert parsed["stock"] == "220"  # int64 is a string in proto3 JSON: exact in any reader
+    assert parsed["sms_rate"] == {"currency_code": "USD", "nanos": 5_000_000}
+
+
+def test_json_text_is_indented_and_round_trips() -> None:
+    response = pb.ListNumberGroupsResponse(
+        number_groups=[sample_group()], next_page_token="t", total_size=3
+    )
+    text = render.json_text(response)
+    assert text.startswith('{\n  "number_groups": [')
+    again = json_format.ParseDict(json.loads(text), pb.ListNumberGroupsResponse())
+    assert again == response
+
+
+def test_group_details() -> None:
+    assert render.group_details(sample_group(region_code="")) == (
+        "group id:  73762538809838\n"
+        "type:      local\n"
+        "prefix:    212\n"
+        "region:    New York, UNITED STATES\n"
+        "country:   -\n"
+        "stock:     220\n"
+        "services:  voice,sms\n"
+        "monthly:   $0.80\n"
+        "setup:     $0.00\n"
+        "voice/min: $0.0085\n"
+        "sms:       $0.005"
+    )
+
+
+def test_order_details_lists_numbers_in_e164_and_says_which_failed() -> None:
+    order = pb.RentalOrder(
+        status=pb.ORDER_STATUS_FULFILLED,
+        upstream_status="fulfilled",
+        numbers=[
+            pb.RentedNumber(
+                number="12125550100",
+                e164="+12125550100",
+                status=pb.RENTED_NUMBER_STATUS_SUCCESS,
+                upstream_status="Success",
+            ),
+            pb.RentedNumber(
+                number="12125550101",
+                e164="+12125550101",
+                status=pb.RENTED_NUMBER_STATUS_FAILED,
+                upstream_status="Failed",
+            ),
+        ],
+        group_id="737",
+        quantity=2,
+        request_id="rid",
+        upstream_request_id="api-1",
+        create_time=timestamp_pb2.Timestamp(seconds=1_700_000_000),
+    )
+    assert render.order_details(order) == (
+        "status:      fulfilled\n"
+        "group id:    737\n"
+        "quantity:    2\n"
+        "numbers:     +12125550100  rented\n"
+        "             +12125550101  failed (upstream: Failed)\n"
+        "app id:      (account default)\n"
+        "request id:  rid\n"
+        "upstream id: api-1\n"
+        "created:     2023-11-14T22:13:20Z"
+    )
+
+
+def test_order_details_of_a_pending_order_carries_its_details() -> None:
+    order = pb.RentalOrder(
+        status=pb.ORDER_STATUS_PENDING,
+        upstream_status="pending",
+        details="Regulatory documents are needed",
+        group_id="737",
+        quantity=1,
+        app_id="42",
+        request_id="rid",
+    )
+    lines = render.order_details(order).splitlines()
+    assert lines[:5] == [
+        "status:      pending",
+        "group id:    737",
+        "quantity:    1",
+        "numbers:     -",
+        "details:     Regulatory documents are needed",
+    ]
+    assert "app id:      42" in lines
+    assert "upstream id: -" in lines
+    assert not any(line.startswith("created:") for line in lines)
+
+
+def test_order_details_of_an_unknown_status_shows_the_upstream_text() -> None:
+    order = pb.RentalOrder(status=pb.ORDER_STATUS_UNSPECIFIED, upstream_status="backordered")
+    assert render.order_details(order).splitlines()[0] == "status:      backordered"
+    order = pb.RentalOrder(status=pb.ORDER_STATUS_OUTCOME_UNKNOWN)
+    assert render.order_details(order).splitlines()[0] == "status:      outcome unknown"
+
+
+def test_error_lines_show_every_decoded_detail_in_order() -> None:
+    report = render.ErrorReport(
+        "INVALID_ARGUMENT",
+        "2 fields are invalid",
+        reason="INVALID_REQUEST",
+        metadata={"operation": "search", "httpStatus": "400"},
+        violations=[("filter.prefix", "must be 1 to 5 digits"), ("page_size", "negative")],
+        retry_delay_seconds=1.5,
+        resource="numbersvc.v1.NumberGroup 99",
+        hints=["try again"],
+    )
+    assert render.error_lines(report) == [
+        "error: INVALID_ARGUMENT: 2 fields are invalid",
+        "  reason: INVALID_REQUEST",
+        "  filter.prefix: must be 1 to 5 digits",
+        "  page_size: negative",
+        "  resource: numbersvc.v1.NumberGroup 99",
+        "  retry after: 1.5 s",
+        "  metadata: httpStatus=400, operation=search",
+        "hint: try again",
+    ]
+
+
+def test_error_lines_of_a_bare_status_is_one_line() -> None:
+    assert render.error_lines(render.ErrorReport("UNAVAILABLE", "down")) == [
+        "error: UNAVAILABLE: down"
+    ]
