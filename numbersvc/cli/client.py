@@ -161,9 +161,7 @@ class _Walk:
     def resume_hints(self) -> list[str]:
         if not self.resume_token:
             return []
-        return [
-            f"{self.received} groups were received; resume with --page-token {self.resume_token}"
-        ]
+        return [render.resume_hint(self.received, self.resume_token)]
 
 
 def stream_groups(

@@ -33,6 +33,7 @@ __all__ = [
     "list_footer",
     "order_details",
     "progress_text",
+    "resume_hint",
     "stream_footer",
 ]
 
@@ -171,21 +172,30 @@ def groups_table(groups: Iterable[pb.NumberGroup]) -> str:
     return GROUPS_TABLE.render([group_row(g) for g in groups])
 
 
+def _groups(count: int) -> str:
+    return f"{count} group" if count == 1 else f"{count} groups"
+
+
 def list_footer(shown: int, total: int, next_page_token: str) -> str:
     """Say under a `list` table how many of how many, and how to get the next page."""
     where = f"next page: --page-token {next_page_token}" if next_page_token else "last page"
-    return f"{shown} of {total} groups; {where}"
+    return f"{shown} of {_groups(total)}; {where}"
 
 
 def stream_footer(received: int, total: int, next_page_token: str) -> str:
     """Say after a streamed table how many came; a token means it stopped early (max results)."""
-    line = f"{received} groups streamed of {total}"
+    line = f"{_groups(received)} streamed of {total}"
     return f"{line}; more: --page-token {next_page_token}" if next_page_token else line
 
 
 def progress_text(received: int, total: int) -> str:
     """Return the live progress line of `stream` on a terminal."""
-    return f"streaming: {received} of {total} groups"
+    return f"streaming: {received} of {_groups(total)}"
+
+
+def resume_hint(received: int, next_page_token: str) -> str:
+    """Tell how to resume a stream that broke after `received` groups."""
+    return f"{_groups(received)} received; resume with --page-token {next_page_token}"
 
 
 def _key_values(pairs: Iterable[tuple[str, str | Sequence[str]]]) -> str:

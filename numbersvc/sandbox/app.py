@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any, NamedTuple
@@ -200,7 +200,9 @@ def _process(
         return Reply.error(400, str(exc), new_api_id())
 
 
-def _api_route(endpoints: Mapping[str, _Endpoint]) -> Callable[[web.Request], Any]:
+def _api_route(
+    endpoints: Mapping[str, _Endpoint],
+) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     """Build the aiohttp handler for one API path (empty ``endpoints``: an unknown path)."""
 
     async def handle(request: web.Request) -> web.StreamResponse:

@@ -2,9 +2,10 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import cast
 
 import grpc
 import pytest
@@ -34,39 +35,41 @@ class Run:
     future: Future[int]
     out: io.StringIO
     err: io.StringIO
-    ids_made: list[str] = field(default_factory=list)
 
     def exit_code(self) -> int:
         return self.future.result(timeout=RESULT_TIMEOUT_SECONDS)
 
 
-Command = Callable[..., int]
+@dataclass
+class IdMaker:
+    """Stands in for uuid4 in `rent_numbers`, counting how often it was asked."""
+
+    made: list[str] = field(default_factory=list)
+
+    def __call__(self) -> str:
+        self.made.append(REQUEST_ID)
+        return REQUEST_ID
 
 
 @pytest.fixture
 def start() -> Callable[..., Run]:
+    """Start `command(channel, request, options, console, **extra)` in a harness."""
+
     def start_command(
-        command: Command, request: object, *, json: bool = False, progress: bool = False
+        command: Callable[..., int],
+        request: object,
+        *,
+        json: bool = False,
+        progress: bool = False,
+        **extra: object,
     ) -> Run:
         harness = CliHarness()
         out, err = io.StringIO(), io.StringIO()
         console = client.Console(out, err, json=json, progress=progress)
         options = client.CallOptions(target=TARGET, deadline_seconds=DEADLINE_SECONDS)
-        ids_made: list[str] = []
-
-        def run() -> int:
-            channel = harness.recorder.as_channel()
-            if command is client.rent_numbers:
-                return client.rent_numbers(
-                    channel,
-                    request,  # type: ignore[arg-type]
-                    options,
-                    console,
-                    new_request_id=lambda: ids_made.append(REQUEST_ID) or REQUEST_ID,
-                )
-            return command(channel, request, options, console)
-
-        return Run(harness, harness.start(run), out, err, ids_made)
+        channel = harness.recorder.as_channel()
+        future = harness.start(lambda: command(channel, request, options, console, **extra))
+        return Run(harness, future, out, err)
 
     return start_command
 
@@ -315,7 +318,7 @@ def test_stream_that_breaks_after_pages_prints_the_token_to_resume(
     assert run.err.getvalue().splitlines() == [
         "error: UNAVAILABLE: Plivo unreachable",
         "  reason: UPSTREAM_UNREACHABLE",
-        "hint: 3 groups were received; resume with --page-token t3",
+        "hint: 3 groups received; resume with --page-token t3",
     ]
 
 
@@ -353,11 +356,12 @@ FULFILLED = pb.RentNumbersResponse(
 
 
 def test_rent_prints_a_new_request_id_before_sending_it(start: Callable[..., Run]) -> None:
-    run = start(client.rent_numbers, rent_request())
+    ids = IdMaker()
+    run = start(client.rent_numbers, rent_request(), new_request_id=ids)
     metadata, request, rpc = run.harness.take_unary("RentNumbers", run.future)
     # Already printed while the call is still in flight: a lost answer leaves the id behind.
     assert run.out.getvalue() == f"request id: {REQUEST_ID}\n"
-    assert run.ids_made == [REQUEST_ID]
+    assert ids.made == [REQUEST_ID]
     assert request == rent_request(request_id=REQUEST_ID)
     assert (client.REQUEST_ID_HEADER, REQUEST_ID) in metadata
     assert run.harness.recorder.timeouts == [DEADLINE_SECONDS]
@@ -375,18 +379,19 @@ def test_rent_prints_a_new_request_id_before_sending_it(start: Callable[..., Run
 
 def test_rent_keeps_the_callers_request_id(start: Callable[..., Run]) -> None:
     given = "6F9619FF-8B86-D011-B42D-00C04FC964FF"
-    run = start(client.rent_numbers, rent_request(request_id=given))
+    ids = IdMaker()
+    run = start(client.rent_numbers, rent_request(request_id=given), new_request_id=ids)
     metadata, request, rpc = run.harness.take_unary("RentNumbers", run.future)
     assert request.request_id == given
     assert (client.REQUEST_ID_HEADER, given) in metadata
-    assert run.ids_made == []
+    assert ids.made == []
     rpc.terminate(FULFILLED, (), OK, "")
     assert run.exit_code() == 0
     assert run.out.getvalue().startswith(f"request id: {given}\n")
 
 
 def test_rent_json_keeps_stdout_pure_json(start: Callable[..., Run]) -> None:
-    run = start(client.rent_numbers, rent_request(), json=True)
+    run = start(client.rent_numbers, rent_request(), json=True, new_request_id=IdMaker())
     _, _, rpc = run.harness.take_unary("RentNumbers", run.future)
     assert run.err.getvalue() == f"request id: {REQUEST_ID}\n"
     rpc.terminate(FULFILLED, (), OK, "")
@@ -395,7 +400,7 @@ def test_rent_json_keeps_stdout_pure_json(start: Callable[..., Run]) -> None:
 
 
 def test_rent_outcome_unknown_says_to_check_the_order(start: Callable[..., Run]) -> None:
-    run = start(client.rent_numbers, rent_request())
+    run = start(client.rent_numbers, rent_request(), new_request_id=IdMaker())
     _, _, rpc = run.harness.take_unary("RentNumbers", run.future)
     rpc.terminate(
         None,
@@ -413,7 +418,7 @@ def test_rent_outcome_unknown_says_to_check_the_order(start: Callable[..., Run])
 
 
 def test_rent_that_lost_its_own_deadline_may_have_been_placed(start: Callable[..., Run]) -> None:
-    run = start(client.rent_numbers, rent_request())
+    run = start(client.rent_numbers, rent_request(), new_request_id=IdMaker())
     _, _, rpc = run.harness.take_unary("RentNumbers", run.future)
     rpc.terminate(None, (), grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
     assert run.exit_code() == 14
@@ -421,7 +426,7 @@ def test_rent_that_lost_its_own_deadline_may_have_been_placed(start: Callable[..
 
 
 def test_rent_refused_by_the_service_gives_no_order_hint(start: Callable[..., Run]) -> None:
-    run = start(client.rent_numbers, rent_request())
+    run = start(client.rent_numbers, rent_request(), new_request_id=IdMaker())
     _, _, rpc = run.harness.take_unary("RentNumbers", run.future)
     rpc.terminate(None, *invalid_request_error())
     assert run.exit_code() == 13
@@ -432,3 +437,54 @@ def test_rent_refused_by_the_service_gives_no_order_hint(start: Callable[..., Ru
 def test_exit_code_is_ten_plus_the_status_code(code: grpc.StatusCode) -> None:
     assert client.exit_code(code) == 10 + code.value[0]
     assert 11 <= client.exit_code(code) <= 26
+
+
+class InterruptingChannel:
+    """A channel whose calls are Ctrl-C'd: streams after their first message."""
+
+    def __init__(self, first: pb.StreamNumberGroupsResponse) -> None:
+        self.first = first
+        self.cancelled = False
+
+    def unary_unary(self, *args: object, **kwargs: object) -> Callable[..., object]:
+        def call(*args: object, **kwargs: object) -> object:
+            raise KeyboardInterrupt
+
+        return call
+
+    def unary_stream(self, *args: object, **kwargs: object) -> Callable[..., object]:
+        return lambda *args, **kwargs: self
+
+    def __iter__(self) -> Iterator[pb.StreamNumberGroupsResponse]:
+        yield self.first
+        raise KeyboardInterrupt
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+def interrupted(
+    command: Callable[..., int], request: object, **extra: object
+) -> tuple[int, str, InterruptingChannel]:
+    channel = InterruptingChannel(page("1", token="t1"))
+    out, err = io.StringIO(), io.StringIO()
+    options = client.CallOptions(target=TARGET, deadline_seconds=DEADLINE_SECONDS)
+    code = command(cast(grpc.Channel, channel), request, options, client.Console(out, err), **extra)
+    return code, err.getvalue(), channel
+
+
+def test_interrupted_stream_cancels_the_call_and_prints_the_token_to_resume() -> None:
+    code, err, channel = interrupted(client.stream_groups, STREAM_REQUEST)
+    assert code == client.EXIT_INTERRUPTED
+    assert channel.cancelled
+    assert err == "interrupted\nhint: 1 group received; resume with --page-token t1\n"
+
+
+def test_interrupted_rent_says_the_order_may_have_been_placed() -> None:
+    code, err, _ = interrupted(client.rent_numbers, rent_request(), new_request_id=IdMaker())
+    assert code == client.EXIT_INTERRUPTED
+    assert err == (
+        "interrupted\nhint: the order may have been placed:"
+        f" look up request id {REQUEST_ID} (server log numbersvc.orders, Plivo console)"
+        " before renting again\n"
+    )

@@ -105,6 +105,12 @@ def test_list_footer(token: str, footer: str) -> None:
     assert render.list_footer(2, 40, token) == footer
 
 
+def test_counts_of_one_are_singular() -> None:
+    assert render.list_footer(1, 1, "") == "1 of 1 group; last page"
+    assert render.progress_text(1, 1) == "streaming: 1 of 1 group"
+    assert render.resume_hint(1, "t") == "1 group received; resume with --page-token t"
+
+
 def test_stream_footer_offers_the_token_only_when_the_stream_stopped_early() -> None:
     assert render.stream_footer(10, 28, "tok") == "10 groups streamed of 28; more: --page-token tok"
     assert render.stream_footer(28, 28, "") == "28 groups streamed of 28"
