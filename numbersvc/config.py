@@ -22,6 +22,7 @@ __all__ = [
     "Setting",
     "UpstreamKind",
     "add_arguments",
+    "markdown_table",
     "settings",
 ]
 
@@ -100,7 +101,9 @@ class Config:
         "plivo|sandbox",
     )
     plivo_auth_id: str = _s("", "PLIVO_AUTH_ID", "Plivo Auth ID (MA... or SA..., 20 characters)")
-    plivo_auth_token: Secret = _s(Secret(""), "PLIVO_AUTH_TOKEN", "Plivo Auth Token (secret)")
+    plivo_auth_token: Secret = _s(
+        Secret(""), "PLIVO_AUTH_TOKEN", "Plivo Auth Token; prefer the env: flags show in `ps`"
+    )
     plivo_base_url: str = _s(PLIVO_DEFAULT_BASE_URL, "PLIVO_BASE_URL", "Plivo API base URL")
     sandbox_seed: int = _s(7, "NUMBERSVC_SANDBOX_SEED", "seed of the embedded sandbox's inventory")
     default_deadline_seconds: float = _s(
@@ -197,6 +200,14 @@ class Config:
 def settings() -> list[tuple[str, Setting, Any]]:
     """Every setting as (field name, declaration, default), in declaration order."""
     return [(f.name, _setting(f), f.default) for f in dataclasses.fields(Config)]
+
+
+def markdown_table() -> str:
+    """Render every setting as the README's configuration table."""
+    lines = ["| env variable | flag | default | what it sets |", "|---|---|---|---|"]
+    for _, s, default in settings():
+        lines.append(f"| `{s.env}` | `{s.flag}` | {_show_default(default)} | {s.help} |")
+    return "\n".join(lines)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -15,9 +15,10 @@ import os
 import sys
 import textwrap
 from collections.abc import Callable, Sequence
-from typing import Final
+from typing import Any, Final
 
 import grpc
+from google.protobuf.message import Message
 
 from numbersvc import __version__, logs
 from numbersvc.cli import client, render
@@ -37,9 +38,9 @@ _HELP_WIDTH: Final = 79
 
 ChannelFactory = Callable[[str], grpc.Channel]
 """Open a channel to a HOST:PORT target (injected so tests can pass a `grpc_testing` one)."""
-_ClientCommand = Callable[
-    [grpc.Channel, argparse.Namespace, client.CallOptions, client.Console], int
-]
+# A client command and the function that builds its request from the parsed arguments.
+_ClientCommand = Callable[[grpc.Channel, Any, client.CallOptions, client.Console], int]
+_BuildRequest = Callable[[argparse.Namespace], Message]
 
 
 def _exit_codes_epilog() -> str:
@@ -80,7 +81,8 @@ def run(argv: Sequence[str] | None = None, *, open_channel: ChannelFactory = _op
     """
     args = build_parser().parse_args(argv)
     command: _ClientCommand | None = getattr(args, "client_command", None)
-    if command is None:
+    build_request: _BuildRequest | None = getattr(args, "build_request", None)
+    if command is None or build_request is None:
         local: Callable[[argparse.Namespace], int] = args.local_command
         return local(args)
     console = client.Console(
@@ -93,7 +95,7 @@ def run(argv: Sequence[str] | None = None, *, open_channel: ChannelFactory = _op
     options = client.CallOptions(target=args.target, deadline_seconds=args.deadline)
     with open_channel(args.target) as channel:
         try:
-            return command(channel, args, options, console)
+            return command(channel, build_request(args), options, console)
         except KeyboardInterrupt:
             console.note("interrupted")
             return client.EXIT_INTERRUPTED
@@ -158,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     _search_options(list_)
     _page_options(list_, size_help="groups on the page, 1 to 20 (default: the server's, 20)")
     _client_options(list_, _DEFAULT_DEADLINE_SECONDS)
-    list_.set_defaults(client_command=_list)
+    list_.set_defaults(client_command=client.list_groups, build_request=_list_request)
 
     stream = command(
         "stream",
@@ -178,12 +180,12 @@ def build_parser() -> argparse.ArgumentParser:
     _client_options(
         stream, _DEFAULT_DEADLINE_SECONDS, deadline_note="; the whole stream must end within it"
     )
-    stream.set_defaults(client_command=_stream)
+    stream.set_defaults(client_command=client.stream_groups, build_request=_stream_request)
 
     get = command("get", "print one number group", "Get one number group by its id.")
     get.add_argument("group_id", metavar="GROUP_ID", help="the group's id (1 to 32 digits)")
     _client_options(get, _DEFAULT_DEADLINE_SECONDS)
-    get.set_defaults(client_command=_get)
+    get.set_defaults(client_command=client.get_group, build_request=_get_request)
 
     rent = command(
         "rent",
@@ -213,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="id of this order, a canonical UUID (default: a new random UUID4)",
     )
     _client_options(rent, _DEFAULT_RENT_DEADLINE_SECONDS)
-    rent.set_defaults(client_command=_rent)
+    rent.set_defaults(client_command=client.rent_numbers, build_request=_rent_request)
     return parser
 
 
@@ -327,56 +329,32 @@ def _search_filter(args: argparse.Namespace) -> pb.SearchFilter:
     )
 
 
-def _list(
-    channel: grpc.Channel,
-    args: argparse.Namespace,
-    options: client.CallOptions,
-    console: client.Console,
-) -> int:
-    request = pb.ListNumberGroupsRequest(
+def _list_request(args: argparse.Namespace) -> pb.ListNumberGroupsRequest:
+    return pb.ListNumberGroupsRequest(
         filter=_search_filter(args), page_size=args.page_size, page_token=args.page_token
     )
-    return client.list_groups(channel, request, options, console)
 
 
-def _stream(
-    channel: grpc.Channel,
-    args: argparse.Namespace,
-    options: client.CallOptions,
-    console: client.Console,
-) -> int:
-    request = pb.StreamNumberGroupsRequest(
+def _stream_request(args: argparse.Namespace) -> pb.StreamNumberGroupsRequest:
+    return pb.StreamNumberGroupsRequest(
         filter=_search_filter(args),
         page_size=args.page_size,
         max_results=args.max_results,
         page_token=args.page_token,
     )
-    return client.stream_groups(channel, request, options, console)
 
 
-def _get(
-    channel: grpc.Channel,
-    args: argparse.Namespace,
-    options: client.CallOptions,
-    console: client.Console,
-) -> int:
-    request = pb.GetNumberGroupRequest(group_id=args.group_id)
-    return client.get_group(channel, request, options, console)
+def _get_request(args: argparse.Namespace) -> pb.GetNumberGroupRequest:
+    return pb.GetNumberGroupRequest(group_id=args.group_id)
 
 
-def _rent(
-    channel: grpc.Channel,
-    args: argparse.Namespace,
-    options: client.CallOptions,
-    console: client.Console,
-) -> int:
-    request = pb.RentNumbersRequest(
+def _rent_request(args: argparse.Namespace) -> pb.RentNumbersRequest:
+    return pb.RentNumbersRequest(
         group_id=args.group_id,
         quantity=args.quantity,
         app_id=args.app_id,
         request_id=args.request_id,
     )
-    return client.rent_numbers(channel, request, options, console)
 
 
 def _serve(args: argparse.Namespace) -> int:

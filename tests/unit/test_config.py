@@ -1,0 +1,134 @@
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from numbersvc.config import (
+    Config,
+    ConfigError,
+    Secret,
+    UpstreamKind,
+    add_arguments,
+    markdown_table,
+    settings,
+)
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def test_defaults_are_what_make_run_uses() -> None:
+    config = Config()
+    assert config.listen == "127.0.0.1:50051"
+    assert config.resolved_upstream() is UpstreamKind.SANDBOX
+    assert config.default_deadline_seconds == 10.0
+    assert config.max_rent_quantity == 10
+    assert config.stream_read_ahead_pages == 4
+
+
+def test_from_env_reads_every_kind_of_setting() -> None:
+    config = Config.from_env(
+        {
+            "NUMBERSVC_LISTEN": "0.0.0.0:9000",
+            "NUMBERSVC_UPSTREAM": "plivo",
+            "PLIVO_AUTH_ID": "MA" + "A" * 18,
+            "PLIVO_AUTH_TOKEN": " secret with spaces ",
+            "NUMBERSVC_MAX_RENT_QUANTITY": "3",
+            "NUMBERSVC_DRAIN_SECONDS": "0.5",
+            "UNRELATED": "x",
+        }
+    )
+    assert config.listen == "0.0.0.0:9000"
+    assert config.upstream is UpstreamKind.PLIVO
+    assert config.plivo_auth_token.reveal() == " secret with spaces "
+    assert (config.max_rent_quantity, config.drain_seconds) == (3, 0.5)
+    assert config.resolved_upstream() is UpstreamKind.PLIVO
+
+
+def test_empty_env_values_keep_defaults() -> None:
+    assert Config.from_env({"NUMBERSVC_LISTEN": "", "PLIVO_AUTH_ID": ""}) == Config()
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"NUMBERSVC_MAX_RENT_QUANTITY": "many"}, "cannot read"),
+        ({"NUMBERSVC_MAX_RENT_QUANTITY": "0"}, "at least 1"),
+        ({"NUMBERSVC_DRAIN_SECONDS": "-1"}, ">= 0"),
+        ({"NUMBERSVC_DRAIN_SECONDS": "nan"}, ">= 0"),
+        ({"NUMBERSVC_LISTEN": "localhost"}, "HOST:PORT"),
+        ({"NUMBERSVC_LISTEN": "localhost:99999"}, "HOST:PORT"),
+        ({"NUMBERSVC_UPSTREAM": "twilio"}, "cannot read"),
+        ({"NUMBERSVC_LOG_LEVEL": "chatty"}, "unknown level"),
+    ],
+)
+def test_bad_values(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        Config.from_env(env)
+
+
+@pytest.mark.parametrize(
+    ("upstream", "auth_id", "token", "expected"),
+    [
+        (None, "", "", UpstreamKind.SANDBOX),
+        (None, "MAX", "t", UpstreamKind.PLIVO),
+        (UpstreamKind.SANDBOX, "MAX", "t", UpstreamKind.SANDBOX),
+        (UpstreamKind.PLIVO, "MAX", "t", UpstreamKind.PLIVO),
+    ],
+)
+def test_upstream_resolution(
+    upstream: UpstreamKind | None, auth_id: str, token: str, expected: UpstreamKind
+) -> None:
+    config = Config(upstream=upstream, plivo_auth_id=auth_id, plivo_auth_token=Secret(token))
+    assert config.resolved_upstream() is expected
+
+
+@pytest.mark.parametrize(
+    ("upstream", "auth_id", "token", "message"),
+    [
+        (None, "MAX", "", "PLIVO_AUTH_TOKEN is not set"),
+        (None, "", "t", "PLIVO_AUTH_ID is not set"),
+        (UpstreamKind.PLIVO, "", "", "needs PLIVO_AUTH_ID"),
+    ],
+)
+def test_contradictory_upstream(
+    upstream: UpstreamKind | None, auth_id: str, token: str, message: str
+) -> None:
+    config = Config(upstream=upstream, plivo_auth_id=auth_id, plivo_auth_token=Secret(token))
+    with pytest.raises(ConfigError, match=message):
+        config.resolved_upstream()
+
+
+def test_flags_override_env_and_unset_flags_do_not() -> None:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--listen", "127.0.0.1:0", "--max-rent-quantity", "2"])
+    config = Config.from_env({"NUMBERSVC_MAX_RENT_QUANTITY": "5", "NUMBERSVC_DRAIN_SECONDS": "1"})
+    merged = config.with_args(args)
+    assert (merged.listen, merged.max_rent_quantity, merged.drain_seconds) == ("127.0.0.1:0", 2, 1.0)
+
+
+def test_bad_flag_is_a_usage_error() -> None:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--drain-seconds", "soon"])
+
+
+def test_every_field_has_one_env_variable_and_flag() -> None:
+    envs = [s.env for _, s, _ in settings()]
+    assert len(envs) == len(set(envs)) == len(dataclasses.fields(Config))
+    assert all(s.flag.startswith("--") for _, s, _ in settings())
+
+
+def test_token_never_in_repr() -> None:
+    config = Config(plivo_auth_id="MAX", plivo_auth_token=Secret("hunter2"))
+    assert "hunter2" not in repr(config)
+    assert "hunter2" not in str(config.plivo_auth_token)
+    assert f"{config.plivo_auth_token}" == "Secret('********')"
+
+
+def test_readme_settings_table_is_generated() -> None:
+    assert markdown_table() in README.read_text()
