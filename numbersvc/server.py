@@ -13,7 +13,7 @@ import asyncio
 import logging
 import signal
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc

@@ -47,13 +47,6 @@ EXIT_OK: Final = 0
 EXIT_USAGE: Final = 2
 EXIT_INTERRUPTED: Final = 130
 _EXIT_RPC_BASE: Final = 10
-_Detail = TypeVar(
-    "_Detail",
-    error_details_pb2.ErrorInfo,
-    error_details_pb2.BadRequest,
-    error_details_pb2.RetryInfo,
-    error_details_pb2.ResourceInfo,
-)
 REQUEST_ID_HEADER: Final = "x-request-id"
 """Metadata key the server's access log takes its request id from."""
 _RENT_OUTCOME_UNKNOWN: Final = "RENT_OUTCOME_UNKNOWN"
@@ -320,28 +313,41 @@ def describe_error(
     if status is None:
         return render.ErrorReport(code.name, _transport_message(exc, options), hints=hints)
     info = _detail(status, error_details_pb2.ErrorInfo)
-    bad = _detail(status, error_details_pb2.BadRequest)
     retry = _detail(status, error_details_pb2.RetryInfo)
     resource = _detail(status, error_details_pb2.ResourceInfo)
     return render.ErrorReport(
         code.name,
         status.message,
-        reason=info.reason if info else "",
-        metadata=dict(info.metadata) if info else None,
-        violations=[(v.field, v.description) for v in bad.field_violations] if bad else (),
-        retry_delay_seconds=retry.retry_delay.ToTimedelta().total_seconds() if retry else None,
-        resource=f"{resource.resource_type} {resource.resource_name}".strip() if resource else "",
+        reason=info.reason,
+        metadata=dict(info.metadata),
+        violations=[
+            (v.field, v.description)
+            for v in _detail(status, error_details_pb2.BadRequest).field_violations
+        ],
+        retry_delay_seconds=retry.retry_delay.ToTimedelta().total_seconds()
+        if retry.HasField("retry_delay")
+        else None,
+        resource=f"{resource.resource_type} {resource.resource_name}".strip(),
         hints=hints,
     )
 
 
-def _detail(status: status_pb2.Status, kind: type[_Detail]) -> _Detail | None:
-    """Return the first detail of one type in a status, unpacked; None when there is none."""
+_Detail = TypeVar(
+    "_Detail",
+    error_details_pb2.ErrorInfo,
+    error_details_pb2.BadRequest,
+    error_details_pb2.RetryInfo,
+    error_details_pb2.ResourceInfo,
+)
+
+
+def _detail(status: status_pb2.Status, kind: type[_Detail]) -> _Detail:
+    """Return the first detail of one type in a status, unpacked; empty when there is none."""
     for packed in status.details:
         detail = kind()
         if packed.Unpack(detail):  # False when the detail is of another type
             return detail
-    return None
+    return kind()
 
 
 def _rich_status(exc: grpc.RpcError) -> status_pb2.Status | None:

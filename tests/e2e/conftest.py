@@ -83,7 +83,7 @@ async def channel(server: RunningServer) -> AsyncIterator[grpc.aio.Channel]:
 
 
 @pytest.fixture
-def stub(channel: grpc.aio.Channel) -> pb_grpc.NumberGroupServiceStub:
+def stub(channel: grpc.aio.Channel) -> pb_grpc.NumberGroupServiceAsyncStub:
     return pb_grpc.NumberGroupServiceStub(channel)
 
 

@@ -42,29 +42,118 @@ class Row:
 RETRY = frozenset({"RetryInfo"})
 UNKNOWN = (C.INTERNAL, "RENT_OUTCOME_UNKNOWN", 1)
 ROWS = [
-    Row("400", {"kind": "status", "status": 400}, (C.INVALID_ARGUMENT, "UPSTREAM_REJECTED_REQUEST", 1), (C.INVALID_ARGUMENT, "UPSTREAM_REJECTED_REQUEST", 1)),
-    Row("409", {"kind": "status", "status": 409}, (C.INVALID_ARGUMENT, "UPSTREAM_REJECTED_REQUEST", 1), (C.INVALID_ARGUMENT, "UPSTREAM_REJECTED_REQUEST", 1)),
-    Row("422", {"kind": "status", "status": 422}, (C.INVALID_ARGUMENT, "UPSTREAM_REJECTED_REQUEST", 1), (C.INVALID_ARGUMENT, "UPSTREAM_REJECTED_REQUEST", 1)),
-    Row("401", {"kind": "status", "status": 401}, (C.INTERNAL, "UPSTREAM_AUTH_FAILED", 1), (C.INTERNAL, "UPSTREAM_AUTH_FAILED", 1)),
-    Row("403", {"kind": "status", "status": 403}, (C.FAILED_PRECONDITION, "UPSTREAM_PERMISSION_DENIED", 1), (C.FAILED_PRECONDITION, "UPSTREAM_PERMISSION_DENIED", 1)),
-    Row("405", {"kind": "status", "status": 405}, (C.INTERNAL, "UPSTREAM_METHOD_NOT_ALLOWED", 1), (C.INTERNAL, "UPSTREAM_METHOD_NOT_ALLOWED", 1)),
-    Row("429 with Retry-After", {"kind": "status", "status": 429, "retry_after": "0"}, (C.UNAVAILABLE, "UPSTREAM_RATE_LIMITED", ATTEMPTS), (C.UNAVAILABLE, "UPSTREAM_RATE_LIMITED", 1), RETRY, RETRY),
-    Row("429", {"kind": "status", "status": 429}, (C.UNAVAILABLE, "UPSTREAM_RATE_LIMITED", ATTEMPTS), (C.UNAVAILABLE, "UPSTREAM_RATE_LIMITED", 1), RETRY, RETRY),
-    Row("500", {"kind": "status", "status": 500}, (C.UNAVAILABLE, "UPSTREAM_UNAVAILABLE", ATTEMPTS), UNKNOWN, RETRY),
-    Row("503", {"kind": "status", "status": 503}, (C.UNAVAILABLE, "UPSTREAM_UNAVAILABLE", ATTEMPTS), UNKNOWN, RETRY),
-    Row("502 HTML", {"kind": "html", "status": 502}, (C.UNAVAILABLE, "UPSTREAM_UNAVAILABLE", ATTEMPTS), UNKNOWN, RETRY),
+    Row(
+        "400",
+        {"kind": "status", "status": 400},
+        (C.INVALID_ARGUMENT, "UPSTREAM_REJECTED_REQUEST", 1),
+        (C.INVALID_ARGUMENT, "UPSTREAM_REJECTED_REQUEST", 1),
+    ),
+    Row(
+        "409",
+        {"kind": "status", "status": 409},
+        (C.INVALID_ARGUMENT, "UPSTREAM_REJECTED_REQUEST", 1),
+        (C.INVALID_ARGUMENT, "UPSTREAM_REJECTED_REQUEST", 1),
+    ),
+    Row(
+        "422",
+        {"kind": "status", "status": 422},
+        (C.INVALID_ARGUMENT, "UPSTREAM_REJECTED_REQUEST", 1),
+        (C.INVALID_ARGUMENT, "UPSTREAM_REJECTED_REQUEST", 1),
+    ),
+    Row(
+        "401",
+        {"kind": "status", "status": 401},
+        (C.INTERNAL, "UPSTREAM_AUTH_FAILED", 1),
+        (C.INTERNAL, "UPSTREAM_AUTH_FAILED", 1),
+    ),
+    Row(
+        "403",
+        {"kind": "status", "status": 403},
+        (C.FAILED_PRECONDITION, "UPSTREAM_PERMISSION_DENIED", 1),
+        (C.FAILED_PRECONDITION, "UPSTREAM_PERMISSION_DENIED", 1),
+    ),
+    Row(
+        "405",
+        {"kind": "status", "status": 405},
+        (C.INTERNAL, "UPSTREAM_METHOD_NOT_ALLOWED", 1),
+        (C.INTERNAL, "UPSTREAM_METHOD_NOT_ALLOWED", 1),
+    ),
+    Row(
+        "429 with Retry-After",
+        {"kind": "status", "status": 429, "retry_after": "0"},
+        (C.UNAVAILABLE, "UPSTREAM_RATE_LIMITED", ATTEMPTS),
+        (C.UNAVAILABLE, "UPSTREAM_RATE_LIMITED", 1),
+        RETRY,
+        RETRY,
+    ),
+    Row(
+        "429",
+        {"kind": "status", "status": 429},
+        (C.UNAVAILABLE, "UPSTREAM_RATE_LIMITED", ATTEMPTS),
+        (C.UNAVAILABLE, "UPSTREAM_RATE_LIMITED", 1),
+        RETRY,
+        RETRY,
+    ),
+    Row(
+        "500",
+        {"kind": "status", "status": 500},
+        (C.UNAVAILABLE, "UPSTREAM_UNAVAILABLE", ATTEMPTS),
+        UNKNOWN,
+        RETRY,
+    ),
+    Row(
+        "503",
+        {"kind": "status", "status": 503},
+        (C.UNAVAILABLE, "UPSTREAM_UNAVAILABLE", ATTEMPTS),
+        UNKNOWN,
+        RETRY,
+    ),
+    Row(
+        "502 HTML",
+        {"kind": "html", "status": 502},
+        (C.UNAVAILABLE, "UPSTREAM_UNAVAILABLE", ATTEMPTS),
+        UNKNOWN,
+        RETRY,
+    ),
     Row("malformed JSON", {"kind": "malformed"}, (C.INTERNAL, "UPSTREAM_BAD_RESPONSE", 1), UNKNOWN),
     Row("truncated JSON", {"kind": "truncated"}, (C.INTERNAL, "UPSTREAM_BAD_RESPONSE", 1), UNKNOWN),
-    Row("wrong shape", {"kind": "wrong_shape", "body": {"objects": "nope", "group_id": []}}, (C.INTERNAL, "UPSTREAM_BAD_RESPONSE", 1), UNKNOWN),
-    Row("reset after the request", {"kind": "reset"}, (C.UNAVAILABLE, "UPSTREAM_UNREACHABLE", ATTEMPTS), UNKNOWN, RETRY),
-    Row("reset mid-body", {"kind": "reset_after_headers"}, (C.UNAVAILABLE, "UPSTREAM_UNREACHABLE", ATTEMPTS), UNKNOWN, RETRY),
-    Row("hang", {"kind": "hang"}, (C.DEADLINE_EXCEEDED, "DEADLINE_EXCEEDED", None), (C.DEADLINE_EXCEEDED, "RENT_OUTCOME_UNKNOWN", 1)),
-    Row("slow body", {"kind": "slow_body", "chunks": 50, "chunk_delay_seconds": 0.2}, (C.DEADLINE_EXCEEDED, "DEADLINE_EXCEEDED", None), (C.DEADLINE_EXCEEDED, "RENT_OUTCOME_UNKNOWN", 1)),
+    Row(
+        "wrong shape",
+        {"kind": "wrong_shape", "body": {"objects": "nope", "group_id": []}},
+        (C.INTERNAL, "UPSTREAM_BAD_RESPONSE", 1),
+        UNKNOWN,
+    ),
+    Row(
+        "reset after the request",
+        {"kind": "reset"},
+        (C.UNAVAILABLE, "UPSTREAM_UNREACHABLE", ATTEMPTS),
+        UNKNOWN,
+        RETRY,
+    ),
+    Row(
+        "reset mid-body",
+        {"kind": "reset_after_headers"},
+        (C.UNAVAILABLE, "UPSTREAM_UNREACHABLE", ATTEMPTS),
+        UNKNOWN,
+        RETRY,
+    ),
+    Row(
+        "hang",
+        {"kind": "hang"},
+        (C.DEADLINE_EXCEEDED, "DEADLINE_EXCEEDED", None),
+        (C.DEADLINE_EXCEEDED, "RENT_OUTCOME_UNKNOWN", 1),
+    ),
+    Row(
+        "slow body",
+        {"kind": "slow_body", "chunks": 50, "chunk_delay_seconds": 0.2},
+        (C.DEADLINE_EXCEEDED, "DEADLINE_EXCEEDED", None),
+        (C.DEADLINE_EXCEEDED, "RENT_OUTCOME_UNKNOWN", 1),
+    ),
 ]
 OPERATIONS = {"list": "search", "stream": "search", "get": "get", "rent": "rent"}
 
 
-async def _call(stub: pb_grpc.NumberGroupServiceStub, rpc: str, group_id: str) -> None:
+async def _call(stub: pb_grpc.NumberGroupServiceAsyncStub, rpc: str, group_id: str) -> None:
     timeout = DEADLINE_SECONDS
     if rpc == "list":
         await stub.ListNumberGroups(pb.ListNumberGroupsRequest(filter=US), timeout=timeout)
@@ -80,7 +169,7 @@ async def _call(stub: pb_grpc.NumberGroupServiceStub, rpc: str, group_id: str) -
 @pytest.fixture
 async def rig(
     start_server: StartServer, control: SandboxControl
-) -> tuple[RunningServer, pb_grpc.NumberGroupServiceStub, str]:
+) -> tuple[RunningServer, pb_grpc.NumberGroupServiceAsyncStub, str]:
     # The rent POST gets a short budget of its own so a hung one ends inside the test.
     running = await start_server(retry_max_attempts=ATTEMPTS, rent_timeout_seconds=3.0)
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{running.port}")
@@ -93,7 +182,7 @@ async def rig(
 @pytest.mark.parametrize("rpc", list(OPERATIONS))
 @pytest.mark.parametrize("row", ROWS, ids=[r.name for r in ROWS])
 async def test_fault(
-    rig: tuple[RunningServer, pb_grpc.NumberGroupServiceStub, str],
+    rig: tuple[RunningServer, pb_grpc.NumberGroupServiceAsyncStub, str],
     control: SandboxControl,
     row: Row,
     rpc: str,
@@ -101,7 +190,9 @@ async def test_fault(
     running, stub, group_id = rig
     operation = OPERATIONS[rpc]
     code, reason, requests = row.rent if rpc == "rent" else row.read
-    await control.inject_fault(FaultSpec.from_json({**row.fault, "count": 50, "operation": operation}))
+    await control.inject_fault(
+        FaultSpec.from_json({**row.fault, "count": 50, "operation": operation})
+    )
 
     started = time.monotonic()
     with pytest.raises(grpc.aio.AioRpcError) as info:
@@ -123,10 +214,15 @@ async def test_fault(
 
 
 @pytest.mark.parametrize(
-    ("rpc", "reason"), [("list", "UPSTREAM_NOT_FOUND"), ("get", "NUMBER_GROUP_NOT_FOUND"), ("rent", "NUMBER_GROUP_NOT_FOUND")]
+    ("rpc", "reason"),
+    [
+        ("list", "UPSTREAM_NOT_FOUND"),
+        ("get", "NUMBER_GROUP_NOT_FOUND"),
+        ("rent", "NUMBER_GROUP_NOT_FOUND"),
+    ],
 )
 async def test_404(
-    rig: tuple[RunningServer, pb_grpc.NumberGroupServiceStub, str],
+    rig: tuple[RunningServer, pb_grpc.NumberGroupServiceAsyncStub, str],
     control: SandboxControl,
     rpc: str,
     reason: str,
@@ -157,19 +253,21 @@ async def test_refused_connection(start_server: StartServer, rpc: str) -> None:
 
 @pytest.mark.parametrize("rpc", ["list", "stream", "get"])
 async def test_reads_recover_from_a_transient_fault(
-    rig: tuple[RunningServer, pb_grpc.NumberGroupServiceStub, str],
+    rig: tuple[RunningServer, pb_grpc.NumberGroupServiceAsyncStub, str],
     control: SandboxControl,
     rpc: str,
 ) -> None:
     _, stub, group_id = rig
-    await control.inject_fault(FaultSpec(FaultKind.STATUS, status=503, count=2, operation=OPERATIONS[rpc]))
+    await control.inject_fault(
+        FaultSpec(FaultKind.STATUS, status=503, count=2, operation=OPERATIONS[rpc])
+    )
     await _call(stub, rpc, group_id)
     sent = [r for r in await control.requests() if r["operation"] == OPERATIONS[rpc]]
     assert [r["fault"] is not None for r in sent][:3] == [True, True, False]
 
 
 async def test_slow_upstream_within_the_deadline_is_fine(
-    rig: tuple[RunningServer, pb_grpc.NumberGroupServiceStub, str], control: SandboxControl
+    rig: tuple[RunningServer, pb_grpc.NumberGroupServiceAsyncStub, str], control: SandboxControl
 ) -> None:
     _, stub, _ = rig
     await control.inject_fault(FaultSpec(FaultKind.DELAY, seconds=0.3, operation="search"))

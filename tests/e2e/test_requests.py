@@ -19,27 +19,53 @@ from tests.e2e.conftest import StartServer, reason_of, rich_details
 
 US = pb.SearchFilter(region_code="US")
 BAD_REQUESTS = [
-    ("list", pb.ListNumberGroupsRequest(filter=pb.SearchFilter(region_code="XX")), ["filter.region_code"]),
+    (
+        "list",
+        pb.ListNumberGroupsRequest(filter=pb.SearchFilter(region_code="XX")),
+        ["filter.region_code"],
+    ),
     ("list", pb.ListNumberGroupsRequest(), ["filter"]),
-    ("list", pb.ListNumberGroupsRequest(filter=pb.SearchFilter(region_code="US", prefix="123456")), ["filter.prefix"]),
+    (
+        "list",
+        pb.ListNumberGroupsRequest(filter=pb.SearchFilter(region_code="US", prefix="123456")),
+        ["filter.prefix"],
+    ),
     (
         "list",
         pb.ListNumberGroupsRequest(
-            filter=pb.SearchFilter(region_code="US", region="NY", number_type=pb.NUMBER_TYPE_TOLLFREE)
+            filter=pb.SearchFilter(
+                region_code="US", region="NY", number_type=pb.NUMBER_TYPE_TOLLFREE
+            )
         ),
         ["filter.region"],
     ),
-    ("list", pb.ListNumberGroupsRequest(filter=US, page_size=-1, page_token="%%%"), ["page_size", "page_token"]),
-    ("stream", pb.StreamNumberGroupsRequest(filter=pb.SearchFilter(region_code="US", services=[9])), ["filter.services[0]"]),
+    (
+        "list",
+        pb.ListNumberGroupsRequest(filter=US, page_size=-1, page_token="%%%"),
+        ["page_size", "page_token"],
+    ),
+    (
+        "stream",
+        pb.StreamNumberGroupsRequest(
+            filter=pb.SearchFilter(region_code="US", services=[pb.NumberService.ValueType(9)])
+        ),
+        ["filter.services[0]"],
+    ),
     ("stream", pb.StreamNumberGroupsRequest(filter=US, max_results=-1), ["max_results"]),
     ("get", pb.GetNumberGroupRequest(group_id="../../Account"), ["group_id"]),
     ("get", pb.GetNumberGroupRequest(), ["group_id"]),
-    ("rent", pb.RentNumbersRequest(group_id="1/2", quantity=11, app_id="x", request_id="nope"), ["group_id", "app_id", "quantity", "request_id"]),
+    (
+        "rent",
+        pb.RentNumbersRequest(group_id="1/2", quantity=11, app_id="x", request_id="nope"),
+        ["group_id", "app_id", "quantity", "request_id"],
+    ),
     ("rent", pb.RentNumbersRequest(group_id="12", quantity=-1), ["quantity"]),
 ]
 
 
-async def _invoke(stub: pb_grpc.NumberGroupServiceStub, rpc: str, request: object, **kw: object) -> object:
+async def _invoke(
+    stub: pb_grpc.NumberGroupServiceAsyncStub, rpc: str, request: object, **kw: object
+) -> object:
     if rpc == "list":
         return await stub.ListNumberGroups(request, **kw)  # type: ignore[arg-type]
     if rpc == "stream":
@@ -51,7 +77,7 @@ async def _invoke(stub: pb_grpc.NumberGroupServiceStub, rpc: str, request: objec
 
 @pytest.mark.parametrize(("rpc", "request_", "fields"), BAD_REQUESTS)
 async def test_bad_request_names_each_field_and_sends_nothing(
-    stub: pb_grpc.NumberGroupServiceStub,
+    stub: pb_grpc.NumberGroupServiceAsyncStub,
     control: SandboxControl,
     rpc: str,
     request_: object,
@@ -67,7 +93,9 @@ async def test_bad_request_names_each_field_and_sends_nothing(
     assert await control.requests() == []
 
 
-async def test_max_quantity_is_a_setting(start_server: StartServer, control: SandboxControl) -> None:
+async def test_max_quantity_is_a_setting(
+    start_server: StartServer, control: SandboxControl
+) -> None:
     running = await start_server(max_rent_quantity=2)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
         stub = pb_grpc.NumberGroupServiceStub(channel)
@@ -79,7 +107,7 @@ async def test_max_quantity_is_a_setting(start_server: StartServer, control: San
 
 @pytest.mark.parametrize("rpc", ["list", "stream", "get"])
 async def test_hung_upstream_ends_within_the_deadline(
-    stub: pb_grpc.NumberGroupServiceStub, control: SandboxControl, rpc: str
+    stub: pb_grpc.NumberGroupServiceAsyncStub, control: SandboxControl, rpc: str
 ) -> None:
     await control.inject_fault(FaultSpec(FaultKind.HANG, count=10))
     request = {
@@ -124,7 +152,9 @@ async def test_persistent_503_answers_unavailable_before_the_deadline(
     start_server: StartServer, control: SandboxControl
 ) -> None:
     # Backoff that would outlive the deadline: the service stops retrying and says so.
-    running = await start_server(retry_max_attempts=50, retry_initial_delay_seconds=0.4, retry_max_delay_seconds=0.4)
+    running = await start_server(
+        retry_max_attempts=50, retry_initial_delay_seconds=0.4, retry_max_delay_seconds=0.4
+    )
     await control.inject_fault(FaultSpec(FaultKind.STATUS, status=503, count=100))
     async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
         stub = pb_grpc.NumberGroupServiceStub(channel)
@@ -135,12 +165,12 @@ async def test_persistent_503_answers_unavailable_before_the_deadline(
 
 
 class TestRentSafety:
-    async def _group(self, stub: pb_grpc.NumberGroupServiceStub) -> str:
+    async def _group(self, stub: pb_grpc.NumberGroupServiceAsyncStub) -> str:
         page = await stub.ListNumberGroups(pb.ListNumberGroupsRequest(filter=US, page_size=1))
         return page.number_groups[0].group_id
 
     async def test_short_deadline_is_refused_and_nothing_sent(
-        self, stub: pb_grpc.NumberGroupServiceStub, control: SandboxControl
+        self, stub: pb_grpc.NumberGroupServiceAsyncStub, control: SandboxControl
     ) -> None:
         group_id = await self._group(stub)
         await control.clear_requests()
@@ -151,7 +181,10 @@ class TestRentSafety:
         assert await control.requests() == []
 
     async def test_caller_giving_up_does_not_cancel_the_post(
-        self, server: RunningServer, stub: pb_grpc.NumberGroupServiceStub, control: SandboxControl
+        self,
+        server: RunningServer,
+        stub: pb_grpc.NumberGroupServiceAsyncStub,
+        control: SandboxControl,
     ) -> None:
         group_id = await self._group(stub)
         request_id = str(uuid.uuid4())
@@ -166,7 +199,10 @@ class TestRentSafety:
         assert len(entry.order.numbers) == 1
 
     async def test_deadline_during_the_post_is_outcome_unknown_and_recorded_later(
-        self, server: RunningServer, stub: pb_grpc.NumberGroupServiceStub, control: SandboxControl
+        self,
+        server: RunningServer,
+        stub: pb_grpc.NumberGroupServiceAsyncStub,
+        control: SandboxControl,
     ) -> None:
         group_id = await self._group(stub)
         request_id = str(uuid.uuid4())
@@ -188,7 +224,10 @@ class TestRentSafety:
         assert len(posts) == 1
 
     async def test_outcome_unknown_is_recorded(
-        self, server: RunningServer, stub: pb_grpc.NumberGroupServiceStub, control: SandboxControl
+        self,
+        server: RunningServer,
+        stub: pb_grpc.NumberGroupServiceAsyncStub,
+        control: SandboxControl,
     ) -> None:
         group_id = await self._group(stub)
         request_id = str(uuid.uuid4())

@@ -21,7 +21,9 @@ def _money(m: object) -> Decimal:
     return Decimal(m.units) + Decimal(m.nanos) / 10**9  # type: ignore[attr-defined]
 
 
-async def _first_group(stub: pb_grpc.NumberGroupServiceStub, **filter_fields: object) -> pb.NumberGroup:
+async def _first_group(
+    stub: pb_grpc.NumberGroupServiceAsyncStub, **filter_fields: object
+) -> pb.NumberGroup:
     request = pb.ListNumberGroupsRequest(filter=pb.SearchFilter(**filter_fields), page_size=1)  # type: ignore[arg-type]
     response = await stub.ListNumberGroups(request)
     assert response.number_groups, f"sandbox has no group for {filter_fields}"
@@ -29,7 +31,7 @@ async def _first_group(stub: pb_grpc.NumberGroupServiceStub, **filter_fields: ob
 
 
 class TestList:
-    async def test_first_page(self, stub: pb_grpc.NumberGroupServiceStub) -> None:
+    async def test_first_page(self, stub: pb_grpc.NumberGroupServiceAsyncStub) -> None:
         response = await stub.ListNumberGroups(pb.ListNumberGroupsRequest(filter=US))
         assert len(response.number_groups) == 20
         assert response.total_size > 100  # paging matters in the sandbox
@@ -40,22 +42,25 @@ class TestList:
             assert group.upstream_number_type == "local"
             assert group.group_id.isdigit()
             assert group.rental_rate.currency_code == "USD"
-            expected = [pb.NUMBER_SERVICE_VOICE] * group.voice_enabled + [pb.NUMBER_SERVICE_SMS] * group.sms_enabled
+            expected = [pb.NUMBER_SERVICE_VOICE] * group.voice_enabled + [
+                pb.NUMBER_SERVICE_SMS
+            ] * group.sms_enabled
             assert list(group.services) == expected
             assert group.HasField("sms_rate") == group.sms_enabled
 
     async def test_money_is_exact(
-        self, stub: pb_grpc.NumberGroupServiceStub, sandbox: SandboxServer
+        self, stub: pb_grpc.NumberGroupServiceAsyncStub, sandbox: SandboxServer
     ) -> None:
         group = await _first_group(stub, region_code="US", services=[pb.NUMBER_SERVICE_SMS])
-        url = f"{sandbox.base_url}/v1/Account/{sandbox.auth_id}/AvailableNumberGroup/{group.group_id}/"
+        path = f"/v1/Account/{sandbox.auth_id}/AvailableNumberGroup/{group.group_id}/"
+        url = sandbox.base_url + path
         async with httpx.AsyncClient(auth=(sandbox.auth_id, sandbox.auth_token)) as client:
             raw = (await client.get(url)).json(parse_float=Decimal)
         for name in ("rental_rate", "setup_rate", "voice_rate", "sms_rate"):
             assert _money(getattr(group, name)) == Decimal(raw[name]), name
 
     async def test_pages_chain_to_the_end_without_repeats(
-        self, stub: pb_grpc.NumberGroupServiceStub
+        self, stub: pb_grpc.NumberGroupServiceAsyncStub
     ) -> None:
         request = pb.ListNumberGroupsRequest(
             filter=pb.SearchFilter(region_code="US", number_type=pb.NUMBER_TYPE_TOLLFREE)
@@ -73,50 +78,66 @@ class TestList:
 
     @pytest.mark.parametrize(("asked", "got"), [(0, 20), (7, 7), (21, 20), (1000, 20)])
     async def test_page_size_default_and_coercion(
-        self, stub: pb_grpc.NumberGroupServiceStub, asked: int, got: int
+        self, stub: pb_grpc.NumberGroupServiceAsyncStub, asked: int, got: int
     ) -> None:
-        response = await stub.ListNumberGroups(pb.ListNumberGroupsRequest(filter=US, page_size=asked))
+        response = await stub.ListNumberGroups(
+            pb.ListNumberGroupsRequest(filter=US, page_size=asked)
+        )
         assert len(response.number_groups) == got
 
-    async def test_token_does_not_bind_page_size(self, stub: pb_grpc.NumberGroupServiceStub) -> None:
+    async def test_token_does_not_bind_page_size(
+        self, stub: pb_grpc.NumberGroupServiceAsyncStub
+    ) -> None:
         first = await stub.ListNumberGroups(pb.ListNumberGroupsRequest(filter=US, page_size=5))
         whole = await stub.ListNumberGroups(pb.ListNumberGroupsRequest(filter=US, page_size=10))
         second = await stub.ListNumberGroups(
             pb.ListNumberGroupsRequest(filter=US, page_size=5, page_token=first.next_page_token)
         )
-        assert [g.group_id for g in second.number_groups] == [g.group_id for g in whole.number_groups[5:]]
+        assert [g.group_id for g in second.number_groups] == [
+            g.group_id for g in whole.number_groups[5:]
+        ]
 
-    async def test_filters_narrow(self, stub: pb_grpc.NumberGroupServiceStub) -> None:
-        sms = pb.SearchFilter(region_code="US", services=[pb.NUMBER_SERVICE_SMS, pb.NUMBER_SERVICE_VOICE])
+    async def test_filters_narrow(self, stub: pb_grpc.NumberGroupServiceAsyncStub) -> None:
+        sms = pb.SearchFilter(
+            region_code="US", services=[pb.NUMBER_SERVICE_SMS, pb.NUMBER_SERVICE_VOICE]
+        )
         response = await stub.ListNumberGroups(pb.ListNumberGroupsRequest(filter=sms))
         assert response.number_groups
         assert all(g.sms_enabled and g.voice_enabled for g in response.number_groups)
         group = response.number_groups[0]
         by_prefix = await stub.ListNumberGroups(
-            pb.ListNumberGroupsRequest(filter=pb.SearchFilter(region_code="US", prefix=group.prefix))
+            pb.ListNumberGroupsRequest(
+                filter=pb.SearchFilter(region_code="US", prefix=group.prefix)
+            )
         )
         assert all(g.prefix.startswith(group.prefix) for g in by_prefix.number_groups)
 
-    async def test_empty_result(self, stub: pb_grpc.NumberGroupServiceStub) -> None:
+    async def test_empty_result(self, stub: pb_grpc.NumberGroupServiceAsyncStub) -> None:
         # A real country the sandbox sells nothing in.
         response = await stub.ListNumberGroups(
             pb.ListNumberGroupsRequest(filter=pb.SearchFilter(region_code="AQ"))
         )
-        assert (list(response.number_groups), response.next_page_token, response.total_size) == ([], "", 0)
+        assert (list(response.number_groups), response.next_page_token, response.total_size) == (
+            [],
+            "",
+            0,
+        )
 
 
 class TestGet:
     async def test_get_matches_list_but_without_region_code(
-        self, stub: pb_grpc.NumberGroupServiceStub
+        self, stub: pb_grpc.NumberGroupServiceAsyncStub
     ) -> None:
         listed = await _first_group(stub, region_code="GB", number_type=pb.NUMBER_TYPE_NATIONAL)
-        got = (await stub.GetNumberGroup(pb.GetNumberGroupRequest(group_id=listed.group_id))).number_group
+        got = (
+            await stub.GetNumberGroup(pb.GetNumberGroupRequest(group_id=listed.group_id))
+        ).number_group
         assert got.region_code == ""
         listed.region_code = ""
         assert got == listed
 
     async def test_unknown_group_is_not_found_with_resource_info(
-        self, stub: pb_grpc.NumberGroupServiceStub
+        self, stub: pb_grpc.NumberGroupServiceAsyncStub
     ) -> None:
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await stub.GetNumberGroup(pb.GetNumberGroupRequest(group_id="99999999999999"))
@@ -131,7 +152,7 @@ class TestGet:
 
 class TestRent:
     async def test_fulfilled_order(
-        self, stub: pb_grpc.NumberGroupServiceStub, control: SandboxControl
+        self, stub: pb_grpc.NumberGroupServiceAsyncStub, control: SandboxControl
     ) -> None:
         group = await _first_group(stub, region_code="US")
         request_id = str(uuid.uuid4())
@@ -150,14 +171,16 @@ class TestRent:
             assert number.upstream_status == "Success"
             assert number.e164 == "+" + number.number
             assert number.number.isdigit()
-        after = (await stub.GetNumberGroup(pb.GetNumberGroupRequest(group_id=group.group_id))).number_group
+        after = (
+            await stub.GetNumberGroup(pb.GetNumberGroupRequest(group_id=group.group_id))
+        ).number_group
         assert after.stock == group.stock - 2
         posts = [r for r in await control.requests() if r["method"] == "POST"]
         assert len(posts) == 1
         assert posts[0]["body"] == {"quantity": 2}
 
     async def test_quantity_defaults_to_one_and_request_id_is_assigned(
-        self, stub: pb_grpc.NumberGroupServiceStub
+        self, stub: pb_grpc.NumberGroupServiceAsyncStub
     ) -> None:
         group = await _first_group(stub, region_code="CA")
         order = (await stub.RentNumbers(pb.RentNumbersRequest(group_id=group.group_id))).order
@@ -166,11 +189,13 @@ class TestRent:
         assert str(uuid.UUID(order.request_id)) == order.request_id
 
     async def test_pending_order_in_a_regulated_country(
-        self, stub: pb_grpc.NumberGroupServiceStub
+        self, stub: pb_grpc.NumberGroupServiceAsyncStub
     ) -> None:
         group = await _first_group(stub, region_code="FR")
         order = (
-            await stub.RentNumbers(pb.RentNumbersRequest(group_id=group.group_id, quantity=2, app_id="2037"))
+            await stub.RentNumbers(
+                pb.RentNumbersRequest(group_id=group.group_id, quantity=2, app_id="2037")
+            )
         ).order
         assert order.status == pb.ORDER_STATUS_PENDING
         assert order.upstream_status == "pending"
@@ -178,7 +203,7 @@ class TestRent:
         assert not order.numbers
         assert order.app_id == "2037"
 
-    async def test_unknown_group(self, stub: pb_grpc.NumberGroupServiceStub) -> None:
+    async def test_unknown_group(self, stub: pb_grpc.NumberGroupServiceAsyncStub) -> None:
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await stub.RentNumbers(pb.RentNumbersRequest(group_id="12345"))
         assert info.value.code() == grpc.StatusCode.NOT_FOUND

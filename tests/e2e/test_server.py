@@ -83,7 +83,7 @@ async def test_graceful_stop_goes_not_serving_then_lets_calls_finish(
 
 
 async def test_access_log_line_per_rpc(
-    stub: pb_grpc.NumberGroupServiceStub, caplog: pytest.LogCaptureFixture
+    stub: pb_grpc.NumberGroupServiceAsyncStub, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="numbersvc.access")
     await stub.ListNumberGroups(
@@ -91,7 +91,12 @@ async def test_access_log_line_per_rpc(
     )
     with pytest.raises(grpc.aio.AioRpcError):
         await stub.GetNumberGroup(pb.GetNumberGroupRequest(group_id="x"))
-    [_ async for _ in stub.StreamNumberGroups(pb.StreamNumberGroupsRequest(filter=US, max_results=3))]
+    [
+        _
+        async for _ in stub.StreamNumberGroups(
+            pb.StreamNumberGroupsRequest(filter=US, max_results=3)
+        )
+    ]
     lines = [r.getMessage() for r in caplog.records if r.name == "numbersvc.access"]
     assert len(lines) == 3
     assert "method=/numbersvc.v1.NumberGroupService/ListNumberGroups code=OK" in lines[0]
@@ -104,7 +109,10 @@ async def test_access_log_line_per_rpc(
 async def test_auth_token_never_logged(caplog: pytest.LogCaptureFixture) -> None:
     token = f"tok-{uuid.uuid4().hex}"
     caplog.set_level(logging.DEBUG)
-    async with SandboxServer(auth_token=token) as sandbox, SandboxControl(sandbox.base_url) as control:
+    async with (
+        SandboxServer(auth_token=token) as sandbox,
+        SandboxControl(sandbox.base_url) as control,
+    ):
         running = await create_server(config_for(sandbox, log_level="DEBUG"))
         try:
             async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:

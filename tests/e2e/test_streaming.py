@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterable
 
 import grpc
 import httpx
@@ -18,17 +19,25 @@ US = pb.SearchFilter(region_code="US")
 
 
 async def _stream(
-    stub: pb_grpc.NumberGroupServiceStub, **fields: object
+    stub: pb_grpc.NumberGroupServiceAsyncStub, **fields: object
 ) -> list[pb.StreamNumberGroupsResponse]:
     request = pb.StreamNumberGroupsRequest(filter=US, **fields)  # type: ignore[arg-type]
     return [message async for message in stub.StreamNumberGroups(request, timeout=30)]
+
+
+async def _collect(
+    call: AsyncIterable[pb.StreamNumberGroupsResponse], into: list[pb.StreamNumberGroupsResponse]
+) -> None:
+    """Keep every message received before the stream fails."""
+    async for message in call:
+        into.append(message)
 
 
 def _ids(messages: list[pb.StreamNumberGroupsResponse]) -> list[str]:
     return [g.group_id for m in messages for g in m.number_groups]
 
 
-async def _list_all(stub: pb_grpc.NumberGroupServiceStub) -> list[str]:
+async def _list_all(stub: pb_grpc.NumberGroupServiceAsyncStub) -> list[str]:
     request = pb.ListNumberGroupsRequest(filter=US)
     ids: list[str] = []
     while True:
@@ -40,7 +49,7 @@ async def _list_all(stub: pb_grpc.NumberGroupServiceStub) -> list[str]:
 
 
 async def test_walks_every_page_in_order(
-    stub: pb_grpc.NumberGroupServiceStub, control: SandboxControl
+    stub: pb_grpc.NumberGroupServiceAsyncStub, control: SandboxControl
 ) -> None:
     messages = await _stream(stub)
     listed = await _list_all(stub)
@@ -49,12 +58,16 @@ async def test_walks_every_page_in_order(
     assert all(len(m.number_groups) == 20 for m in messages[:-1])
     assert messages[-1].next_page_token == ""
     assert all(m.next_page_token for m in messages[:-1])
-    offsets = sorted(int(r["query"]["offset"]) for r in await control.requests() if r["operation"] == "search")
+    offsets = sorted(
+        int(r["query"]["offset"]) for r in await control.requests() if r["operation"] == "search"
+    )
     # Each page once for the stream and once for the list walk: no page fetched twice per walk.
     assert offsets == sorted(list(range(0, len(listed), 20)) * 2)
 
 
-async def test_every_token_resumes_right_after_its_message(stub: pb_grpc.NumberGroupServiceStub) -> None:
+async def test_every_token_resumes_right_after_its_message(
+    stub: pb_grpc.NumberGroupServiceAsyncStub,
+) -> None:
     messages = await _stream(stub, page_size=7)
     everything = _ids(messages)
     sent = 0
@@ -65,7 +78,7 @@ async def test_every_token_resumes_right_after_its_message(stub: pb_grpc.NumberG
 
 
 async def test_max_results_stops_early_and_resumes_after_last_group(
-    stub: pb_grpc.NumberGroupServiceStub,
+    stub: pb_grpc.NumberGroupServiceAsyncStub,
 ) -> None:
     everything = _ids(await _stream(stub))
     first = await _stream(stub, max_results=25)
@@ -75,7 +88,9 @@ async def test_max_results_stops_early_and_resumes_after_last_group(
     assert _ids(resumed) == everything[25:35]
 
 
-async def test_tokens_work_across_list_and_stream(stub: pb_grpc.NumberGroupServiceStub) -> None:
+async def test_tokens_work_across_list_and_stream(
+    stub: pb_grpc.NumberGroupServiceAsyncStub,
+) -> None:
     page = await stub.ListNumberGroups(pb.ListNumberGroupsRequest(filter=US, page_size=5))
     streamed = await _stream(stub, max_results=5, page_token=page.next_page_token)
     listed = await stub.ListNumberGroups(
@@ -87,7 +102,7 @@ async def test_tokens_work_across_list_and_stream(stub: pb_grpc.NumberGroupServi
 
 
 async def test_token_for_another_filter_is_refused_before_any_message(
-    stub: pb_grpc.NumberGroupServiceStub, control: SandboxControl
+    stub: pb_grpc.NumberGroupServiceAsyncStub, control: SandboxControl
 ) -> None:
     page = await stub.ListNumberGroups(pb.ListNumberGroupsRequest(filter=US, page_size=5))
     await control.clear_requests()
@@ -101,21 +116,24 @@ async def test_token_for_another_filter_is_refused_before_any_message(
     assert await control.requests() == []
 
 
-async def test_empty_result_is_one_empty_message(stub: pb_grpc.NumberGroupServiceStub) -> None:
+async def test_empty_result_is_one_empty_message(stub: pb_grpc.NumberGroupServiceAsyncStub) -> None:
     request = pb.StreamNumberGroupsRequest(filter=pb.SearchFilter(region_code="AQ"))
     messages = [m async for m in stub.StreamNumberGroups(request)]
     assert len(messages) == 1
-    assert (list(messages[0].number_groups), messages[0].total_size, messages[0].next_page_token) == ([], 0, "")
+    assert (
+        list(messages[0].number_groups),
+        messages[0].total_size,
+        messages[0].next_page_token,
+    ) == ([], 0, "")
 
 
 async def test_first_page_failure_fails_the_call_with_no_message(
-    stub: pb_grpc.NumberGroupServiceStub, control: SandboxControl
+    stub: pb_grpc.NumberGroupServiceAsyncStub, control: SandboxControl
 ) -> None:
     await control.inject_fault(FaultSpec(FaultKind.STATUS, status=403, operation="search"))
-    received = []
+    received: list[pb.StreamNumberGroupsResponse] = []
     with pytest.raises(grpc.aio.AioRpcError) as info:
-        async for message in stub.StreamNumberGroups(pb.StreamNumberGroupsRequest(filter=US)):
-            received.append(message)
+        await _collect(stub.StreamNumberGroups(pb.StreamNumberGroupsRequest(filter=US)), received)
     assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert received == []
 
@@ -129,9 +147,9 @@ async def test_later_page_failure_ends_with_a_status_after_resumable_messages(
         await control.inject_fault(FaultSpec(FaultKind.DELAY, seconds=0.0, operation="search"))
         await control.inject_fault(FaultSpec(FaultKind.STATUS, status=503, operation="search"))
         received: list[pb.StreamNumberGroupsResponse] = []
+        call = stub.StreamNumberGroups(pb.StreamNumberGroupsRequest(filter=US))
         with pytest.raises(grpc.aio.AioRpcError) as info:
-            async for message in stub.StreamNumberGroups(pb.StreamNumberGroupsRequest(filter=US)):
-                received.append(message)
+            await _collect(call, received)
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE
         assert len(received) == 1
         rest = await _stream(stub, page_token=received[0].next_page_token, max_results=5)
@@ -164,6 +182,7 @@ async def test_paused_reader_stops_the_walk(
         stub = pb_grpc.NumberGroupServiceStub(channel)
         call = stub.StreamNumberGroups(pb.StreamNumberGroupsRequest(filter=big))
         first = await call.read()
+        assert isinstance(first, pb.StreamNumberGroupsResponse)
         assert first.total_size >= 20_000
         await asyncio.sleep(1.0)  # the reader pauses; the walk must stall, not run ahead
         stalled = await _searches(control)
@@ -202,7 +221,9 @@ async def test_no_group_repeats_when_inventory_shifts(
     # slot: page two (offset 20) starts with the last group of page one.
     url = f"{sandbox.base_url}/v1/Account/{sandbox.auth_id}/AvailableNumberGroup/"
     async with httpx.AsyncClient(auth=(sandbox.auth_id, sandbox.auth_token)) as client:
-        shifted = (await client.get(url, params={"country_iso": "US", "offset": 19, "limit": 20})).json()
+        shifted = (
+            await client.get(url, params={"country_iso": "US", "offset": 19, "limit": 20})
+        ).json()
     shifted["meta"]["offset"] = 20
     running = await start_server(stream_read_ahead_pages=1)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:

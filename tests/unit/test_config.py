@@ -107,7 +107,11 @@ def test_flags_override_env_and_unset_flags_do_not() -> None:
     args = parser.parse_args(["--listen", "127.0.0.1:0", "--max-rent-quantity", "2"])
     config = Config.from_env({"NUMBERSVC_MAX_RENT_QUANTITY": "5", "NUMBERSVC_DRAIN_SECONDS": "1"})
     merged = config.with_args(args)
-    assert (merged.listen, merged.max_rent_quantity, merged.drain_seconds) == ("127.0.0.1:0", 2, 1.0)
+    assert (merged.listen, merged.max_rent_quantity, merged.drain_seconds) == (
+        "127.0.0.1:0",
+        2,
+        1.0,
+    )
 
 
 def test_bad_flag_is_a_usage_error() -> None:

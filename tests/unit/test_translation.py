@@ -253,7 +253,8 @@ class TestRent:
         assert order.upstream_status == "queued"
 
     @pytest.mark.parametrize(
-        "body", ["created", {}, {"status": ""}, {"status": 1}, {"status": "fulfilled", "numbers": {}}]
+        "body",
+        ["created", {}, {"status": ""}, {"status": 1}, {"status": "fulfilled", "numbers": {}}],
     )
     def test_wrong_shapes(self, body: object) -> None:
         with pytest.raises(UpstreamDecodeError):

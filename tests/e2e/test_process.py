@@ -1,0 +1,141 @@
+"""`numbersvc serve` as a real process: start-up line, SIGTERM exit 0, nothing secret logged."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import signal
+import sys
+import uuid
+from collections.abc import AsyncIterator, Mapping
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from numbersvc.sandbox import SandboxServer
+from numbersvc.v1 import number_groups_pb2 as pb
+from numbersvc.v1 import number_groups_pb2_grpc as pb_grpc
+
+_SERVING = re.compile(rb"serving on 127\.0\.0\.1:(\d+)")
+_START_TIMEOUT_SECONDS = 20
+
+
+class Served:
+    """A running `numbersvc serve` and everything it wrote to stderr so far."""
+
+    def __init__(self, process: asyncio.subprocess.Process) -> None:
+        self.process = process
+        self.stderr = b""
+        self.port = 0
+
+    async def wait_serving(self) -> None:
+        assert self.process.stderr is not None
+        async with asyncio.timeout(_START_TIMEOUT_SECONDS):
+            while not (match := _SERVING.search(self.stderr)):
+                line = await self.process.stderr.readline()
+                assert line, f"server exited early:\n{self.stderr.decode()}"
+                self.stderr += line
+        self.port = int(match.group(1))
+
+    async def finish(self) -> int:
+        _, rest = await asyncio.wait_for(self.process.communicate(), timeout=20)
+        self.stderr += rest
+        assert self.process.returncode is not None
+        return self.process.returncode
+
+
+@contextlib.asynccontextmanager
+async def _serve(env: Mapping[str, str], *args: str) -> AsyncIterator[Served]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("PLIVO_", "NUMBERSVC_"))}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "numbersvc",
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--drain-seconds",
+        "0.2",
+        *args,
+        env={**clean, **env},
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    served = Served(process)
+    try:
+        await served.wait_serving()
+        yield served
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+async def test_sigterm_drains_and_exits_zero() -> None:
+    async with _serve({}) as served:
+        assert b"UPSTREAM IS THE EMBEDDED SANDBOX" in served.stderr
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{served.port}") as channel:
+            status = await health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest()
+            )
+            assert status.status == health_pb2.HealthCheckResponse.SERVING
+            stub = pb_grpc.NumberGroupServiceStub(channel)
+            page = await stub.ListNumberGroups(
+                pb.ListNumberGroupsRequest(filter=pb.SearchFilter(region_code="GB"))
+            )
+            assert page.number_groups
+        served.process.send_signal(signal.SIGTERM)
+        assert await served.finish() == 0
+        assert b"shutting down" in served.stderr
+        assert b"rpc method=/numbersvc.v1.NumberGroupService/ListNumberGroups code=OK" in (
+            served.stderr
+        )
+
+
+@pytest.mark.parametrize(
+    "env", [{"PLIVO_AUTH_ID": "MAXXXXXXXXXXXXXXXXXX"}, {"NUMBERSVC_UPSTREAM": "plivo"}]
+)
+async def test_contradictory_upstream_settings_fail_at_start(env: dict[str, str]) -> None:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("PLIVO_", "NUMBERSVC_"))}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "numbersvc",
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        env={**clean, **env},
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await asyncio.wait_for(process.communicate(), timeout=20)
+    assert process.returncode == 2
+    assert b"PLIVO_AUTH" in err
+
+
+async def test_token_absent_from_every_line_at_debug() -> None:
+    token = f"tok-{uuid.uuid4().hex}"
+    async with SandboxServer(auth_token=token) as sandbox:
+        env = {
+            "PLIVO_AUTH_ID": sandbox.auth_id,
+            "PLIVO_AUTH_TOKEN": token,
+            "PLIVO_BASE_URL": sandbox.base_url,
+            "NUMBERSVC_LOG_LEVEL": "DEBUG",
+        }
+        async with _serve(env) as served:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{served.port}") as channel:
+                stub = pb_grpc.NumberGroupServiceStub(channel)
+                page = await stub.ListNumberGroups(
+                    pb.ListNumberGroupsRequest(filter=pb.SearchFilter(region_code="US"))
+                )
+                await stub.RentNumbers(
+                    pb.RentNumbersRequest(group_id=page.number_groups[0].group_id)
+                )
+                with pytest.raises(grpc.aio.AioRpcError):
+                    await stub.GetNumberGroup(pb.GetNumberGroupRequest(group_id="1"))
+            served.process.send_signal(signal.SIGINT)
+            assert await served.finish() == 0
+            assert b"numbersvc.upstream" in served.stderr  # the DEBUG lines were there
+            assert token.encode() not in served.stderr
