@@ -60,7 +60,8 @@ fmt: $(VENV)/.dev  ## Format and fix what ruff can.
 OUT ?= .
 proto: $(VENV)/.dev  ## Regenerate the Python stubs from protos/.
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m grpc_tools.protoc -I protos \
-	  --python_out=$(OUT) --grpc_python_out=$(OUT) --mypy_out=$(OUT) --mypy_grpc_out=$(OUT) \
+	  --python_out=$(OUT) --grpc_python_out=$(OUT) \
+	  --mypy_out=quiet:$(OUT) --mypy_grpc_out=quiet:$(OUT) \
 	  $(PROTO_SRC)
 
 check-proto: $(VENV)/.dev  ## Fail when the committed stubs differ from protos/.
