@@ -99,6 +99,11 @@ def run(argv: Sequence[str] | None = None, *, open_channel: ChannelFactory = _op
         except KeyboardInterrupt:
             console.note("interrupted")
             return client.EXIT_INTERRUPTED
+        except BrokenPipeError:
+            # The reader went away (`numbersvc stream ... | head`): stop quietly, as Unix
+            # tools do, and keep Python from complaining again when it flushes stdout.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return client.EXIT_OK
 
 
 def build_parser() -> argparse.ArgumentParser:

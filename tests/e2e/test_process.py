@@ -139,3 +139,21 @@ async def test_token_absent_from_every_line_at_debug() -> None:
             assert await served.finish() == 0
             assert b"numbersvc.upstream" in served.stderr  # the DEBUG lines were there
             assert token.encode() not in served.stderr
+
+
+async def test_cli_stream_into_a_closed_pipe_exits_quietly() -> None:
+    async with _serve({}) as served:
+        read_end, write_end = os.pipe()
+        reader = await asyncio.create_subprocess_exec(
+            *(sys.executable, "-m", "numbersvc", "stream", "--country", "US", "--json"),
+            *("--target", f"127.0.0.1:{served.port}"),
+            stdout=write_end,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        os.close(write_end)
+        with os.fdopen(read_end, "rb") as pipe:  # like `| head -1`: read a line, then close
+            first = await asyncio.to_thread(pipe.readline)
+        assert first.startswith(b"{")
+        _, err = await asyncio.wait_for(reader.communicate(), timeout=20)
+        assert reader.returncode == 0
+        assert b"Traceback" not in err
