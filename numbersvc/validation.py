@@ -137,12 +137,10 @@ def validate_list(request: pb.ListNumberGroupsRequest) -> ListParams:
         InvalidRequest: naming every bad field.
     """
     check = _Checker()
-    query = _search_query(request, check)
-    page_size = _page_size(request.page_size, check)
-    offset = _offset(request.page_token, query, check)
+    page = _search_page(request, check)
     check.done()
-    assert query is not None  # done() raised otherwise
-    return ListParams(query=query, page_size=page_size, offset=offset)
+    assert page is not None  # done() raised otherwise
+    return page
 
 
 def validate_stream(request: pb.StreamNumberGroupsRequest) -> StreamParams:
@@ -152,15 +150,16 @@ def validate_stream(request: pb.StreamNumberGroupsRequest) -> StreamParams:
         InvalidRequest: naming every bad field.
     """
     check = _Checker()
-    query = _search_query(request, check)
-    page_size = _page_size(request.page_size, check)
-    offset = _offset(request.page_token, query, check)
+    page = _search_page(request, check)
     if request.max_results < 0:
         check.fail("max_results", "must be 0 (no limit) or positive")
     check.done()
-    assert query is not None  # done() raised otherwise
+    assert page is not None  # done() raised otherwise
     return StreamParams(
-        query=query, page_size=page_size, offset=offset, max_results=request.max_results
+        query=page.query,
+        page_size=page.page_size,
+        offset=page.offset,
+        max_results=request.max_results,
     )
 
 
@@ -202,6 +201,15 @@ def validate_rent(request: pb.RentNumbersRequest, *, max_quantity: int) -> RentP
         app_id=request.app_id,
         request_id=request.request_id.lower(),
     )
+
+
+def _search_page(
+    request: pb.ListNumberGroupsRequest | pb.StreamNumberGroupsRequest, check: _Checker
+) -> ListParams | None:
+    query = _search_query(request, check)
+    page_size = _page_size(request.page_size, check)
+    offset = _offset(request.page_token, query, check)
+    return None if query is None else ListParams(query=query, page_size=page_size, offset=offset)
 
 
 def _search_query(

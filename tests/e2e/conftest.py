@@ -11,12 +11,12 @@ from typing import Any
 
 import grpc
 import pytest
-from google.rpc import error_details_pb2, status_pb2
 
 from numbersvc.config import Config, Secret, UpstreamKind
 from numbersvc.sandbox import SandboxControl, SandboxServer
 from numbersvc.server import RunningServer, create_server
 from numbersvc.v1 import number_groups_pb2_grpc as pb_grpc
+from tests import richstatus
 
 # Fast retries, no drain: the suite measures behaviour, not patience.
 FAST: dict[str, Any] = {
@@ -89,23 +89,9 @@ def stub(channel: grpc.aio.Channel) -> pb_grpc.NumberGroupServiceAsyncStub:
 
 def rich_details(error: grpc.aio.AioRpcError) -> dict[str, Any]:
     """Decode the `google.rpc` details of a failed call, by detail type name."""
-    raw = dict(error.trailing_metadata() or ()).get("grpc-status-details-bin")
-    assert raw is not None, f"no rich status on {error.code()}: {error.details()}"
-    status = status_pb2.Status.FromString(raw)
+    status, details = richstatus.decode(error.trailing_metadata() or ())
     assert status.code == error.code().value[0]
-    found: dict[str, Any] = {}
-    for packed in status.details:
-        for kind in (
-            error_details_pb2.ErrorInfo,
-            error_details_pb2.BadRequest,
-            error_details_pb2.RetryInfo,
-            error_details_pb2.ResourceInfo,
-        ):
-            if packed.Is(kind.DESCRIPTOR):
-                message = kind()
-                packed.Unpack(message)
-                found[kind.DESCRIPTOR.name] = message
-    return found
+    return details
 
 
 def reason_of(error: grpc.aio.AioRpcError) -> str:

@@ -26,6 +26,7 @@ from numbersvc.upstream import (
     UpstreamTransportError,
 )
 from numbersvc.validation import FieldViolation, InvalidRequest
+from tests import richstatus
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 S = grpc.StatusCode
@@ -43,21 +44,7 @@ def _status(code: int, retry_after: float | None = None) -> UpstreamStatusError:
 
 
 def _details(status: grpc.Status) -> tuple[status_pb2.Status, dict[str, object]]:
-    raw = dict(status.trailing_metadata)["grpc-status-details-bin"]
-    rich = status_pb2.Status.FromString(raw)
-    found: dict[str, object] = {}
-    for packed in rich.details:
-        for kind in (
-            error_details_pb2.ErrorInfo,
-            error_details_pb2.BadRequest,
-            error_details_pb2.RetryInfo,
-            error_details_pb2.ResourceInfo,
-        ):
-            if packed.Is(kind.DESCRIPTOR):
-                message = kind()
-                packed.Unpack(message)
-                found[kind.DESCRIPTOR.name] = message
-    return rich, found
+    return richstatus.decode(status.trailing_metadata)
 
 
 # Every row of the error table: (failure, operation) -> (code, reason, extra details).
