@@ -15,6 +15,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from numbersvc.ledger import default_ledger_path
+from numbersvc.upstream.ratelimit import parse_rate
+
 __all__ = [
     "Config",
     "ConfigError",
@@ -129,6 +132,17 @@ class Config:
         30.0, "NUMBERSVC_RENT_TIMEOUT_SECONDS", "how long a sent rent may run to learn its outcome"
     )
     max_rent_quantity: int = _s(10, "NUMBERSVC_MAX_RENT_QUANTITY", "most numbers per order")
+    daily_rent_cap: int = _s(
+        100, "NUMBERSVC_DAILY_RENT_CAP", "most numbers one caller may rent per UTC day; 0: no cap"
+    )
+    ledger_path: str = _s(
+        "",
+        "NUMBERSVC_LEDGER_PATH",
+        "order ledger (SQLite); unset: $XDG_STATE_HOME/numbersvc/ledger[-sandbox].sqlite3",
+    )
+    upstream_rate: str = _s(
+        "300/5s", "NUMBERSVC_UPSTREAM_RATE", "budget of Plivo requests, N/<time>, or off"
+    )
     stream_read_ahead_pages: int = _s(
         4, "NUMBERSVC_STREAM_READ_AHEAD_PAGES", "pages a stream fetches ahead of its reader"
     )
@@ -152,10 +166,28 @@ class Config:
         for name in ("retry_max_attempts", "max_rent_quantity", "stream_read_ahead_pages"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{_setting_named(name).env} must be at least 1")
+        if self.daily_rent_cap < 0:
+            raise ConfigError("NUMBERSVC_DAILY_RENT_CAP must be 0 (no cap) or positive")
+        try:
+            parse_rate(self.upstream_rate)
+        except ValueError as exc:
+            raise ConfigError(f"NUMBERSVC_UPSTREAM_RATE: {exc}") from None
         if self.upstream_max_connections < 1:
             raise ConfigError("NUMBERSVC_UPSTREAM_MAX_CONNECTIONS must be at least 1")
         if self.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
             raise ConfigError(f"NUMBERSVC_LOG_LEVEL: unknown level {self.log_level!r}")
+
+    def resolved_ledger_path(self) -> str:
+        """The ledger file: the setting, else a per-upstream file under the XDG state folder.
+
+        The sandbox gets its own file so that play orders never mix with real ones.
+        """
+        if self.ledger_path:
+            return self.ledger_path
+        name = "ledger.sqlite3"
+        if self.resolved_upstream() is UpstreamKind.SANDBOX:
+            name = "ledger-sandbox.sqlite3"
+        return str(default_ledger_path().with_name(name))
 
     def resolved_upstream(self) -> UpstreamKind:
         """Decide the upstream from `upstream` and the credentials.

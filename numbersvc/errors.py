@@ -28,6 +28,7 @@ from numbersvc.upstream.errors import (
     UpstreamDecodeError,
     UpstreamError,
     UpstreamStatusError,
+    UpstreamThrottledError,
     UpstreamTransportError,
 )
 from numbersvc.v1 import number_groups_pb2 as pb
@@ -49,6 +50,7 @@ __all__ = [
 DOMAIN: Final = "numbersvc"
 _DEFAULT_RETRY_DELAY_SECONDS: Final = 1.0
 _GROUP_RESOURCE_TYPE: Final = pb.NumberGroup.DESCRIPTOR.full_name
+_ORDER_RESOURCE_TYPE: Final = pb.RentalOrder.DESCRIPTOR.full_name
 
 
 class Operation(enum.StrEnum):
@@ -78,6 +80,12 @@ class Outcome(enum.Enum):
     RENT_DEADLINE_TOO_SHORT = enum.auto()
     RENT_OUTCOME_UNKNOWN = enum.auto()
     RENT_OUTCOME_UNKNOWN_DEADLINE = enum.auto()
+    RENT_OUTCOME_UNKNOWN_REPEAT = enum.auto()
+    RENT_IN_PROGRESS = enum.auto()
+    REQUEST_ID_REUSED = enum.auto()
+    DAILY_RENT_CAP_EXCEEDED = enum.auto()
+    UPSTREAM_BUDGET_EXHAUSTED = enum.auto()
+    RENTAL_ORDER_NOT_FOUND = enum.auto()
     INTERNAL_ERROR = enum.auto()
 
 
@@ -88,8 +96,11 @@ class ServiceError(Exception):
     outcome: Outcome
     message: str
     violations: tuple[FieldViolation, ...] = ()
-    group_id: str = ""
+    resource_name: str = ""
+    """The group id (NOT_FOUND for a group) or request id (order rows) the error is about."""
     retry_delay_seconds: float | None = None
+    quota: str = ""
+    """For DAILY_RENT_CAP_EXCEEDED: the quota's subject, such as `caller:anonymous`."""
     metadata: Mapping[str, str] = field(default_factory=dict)
 
     def __str__(self) -> str:
@@ -128,14 +139,31 @@ def _retry_info(error: ServiceError) -> any_pb2.Any:
     return _pack(error_details_pb2.RetryInfo(retry_delay=delay))
 
 
-def _resource_info(error: ServiceError) -> any_pb2.Any:
+def _group_info(error: ServiceError) -> any_pb2.Any:
     return _pack(
         error_details_pb2.ResourceInfo(
             resource_type=_GROUP_RESOURCE_TYPE,
-            resource_name=error.group_id,
+            resource_name=error.resource_name,
             description="no such number group upstream",
         )
     )
+
+
+def _order_info(error: ServiceError) -> any_pb2.Any:
+    return _pack(
+        error_details_pb2.ResourceInfo(
+            resource_type=_ORDER_RESOURCE_TYPE,
+            resource_name=error.resource_name,
+            description=error.message,
+        )
+    )
+
+
+def _quota_failure(error: ServiceError) -> any_pb2.Any:
+    violation = error_details_pb2.QuotaFailure.Violation(
+        subject=error.quota, description=error.message
+    )
+    return _pack(error_details_pb2.QuotaFailure(violations=[violation]))
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,7 +199,7 @@ TABLE: Final[Mapping[Outcome, Rule]] = {
         _S.NOT_FOUND,
         "NUMBER_GROUP_NOT_FOUND",
         "Plivo answered 404 for a group (get, rent)",
-        (_resource_info,),
+        (_group_info,),
     ),
     Outcome.UPSTREAM_NOT_FOUND: Rule(
         _S.NOT_FOUND, "UPSTREAM_NOT_FOUND", "Plivo answered 404 to a search"
@@ -223,6 +251,39 @@ TABLE: Final[Mapping[Outcome, Rule]] = {
         "RENT_OUTCOME_UNKNOWN",
         "the deadline ran out while a sent rent was in flight",
     ),
+    Outcome.RENT_OUTCOME_UNKNOWN_REPEAT: Rule(
+        _S.FAILED_PRECONDITION,
+        "RENT_OUTCOME_UNKNOWN",
+        "a rent repeats a request id whose outcome is unknown: settle it first; nothing sent",
+        (_order_info,),
+    ),
+    Outcome.RENT_IN_PROGRESS: Rule(
+        _S.ABORTED,
+        "RENT_IN_PROGRESS",
+        "a rent repeats a request id still in flight and its deadline ran out waiting",
+        (_retry_info, _order_info),
+    ),
+    Outcome.REQUEST_ID_REUSED: Rule(
+        _S.ALREADY_EXISTS,
+        "REQUEST_ID_REUSED",
+        "a rent reuses a request id with a different group, quantity or app; nothing sent",
+        (_order_info,),
+    ),
+    Outcome.DAILY_RENT_CAP_EXCEEDED: Rule(
+        _S.RESOURCE_EXHAUSTED,
+        "DAILY_RENT_CAP_EXCEEDED",
+        "the rent would pass the caller's cap on numbers per UTC day; nothing sent",
+        (_quota_failure,),
+    ),
+    Outcome.UPSTREAM_BUDGET_EXHAUSTED: Rule(
+        _S.UNAVAILABLE,
+        "UPSTREAM_BUDGET_EXHAUSTED",
+        "the service's own Plivo rate budget has no room within the deadline; nothing sent",
+        (_retry_info,),
+    ),
+    Outcome.RENTAL_ORDER_NOT_FOUND: Rule(
+        _S.NOT_FOUND, "RENTAL_ORDER_NOT_FOUND", "no order with that request id", (_order_info,)
+    ),
     Outcome.INTERNAL_ERROR: Rule(_S.INTERNAL, "INTERNAL_ERROR", "a bug in numbersvc (logged)"),
 }
 
@@ -257,6 +318,13 @@ def _classify_upstream(exc: UpstreamError, op: Operation) -> ServiceError:
         outcome = _status_outcome(status, op)
         return ServiceError(
             outcome, message, retry_delay_seconds=exc.retry_after_seconds, metadata=meta
+        )
+    if isinstance(exc, UpstreamThrottledError):
+        return ServiceError(
+            Outcome.UPSTREAM_BUDGET_EXHAUSTED,
+            "the service's request budget for Plivo has no room before the deadline",
+            retry_delay_seconds=exc.retry_after_seconds,
+            metadata=meta,
         )
     if isinstance(exc, UpstreamTransportError):
         if renting and exc.request_sent:
@@ -308,8 +376,10 @@ def to_status(error: ServiceError) -> grpc.Status:
     """Build the rich gRPC status (code, message, `grpc-status-details-bin`) for an error."""
     rule = TABLE[error.outcome]
     info = error_details_pb2.ErrorInfo(reason=rule.reason, domain=DOMAIN, metadata=error.metadata)
-    if error.group_id:
-        info.metadata["groupId"] = error.group_id
+    if error.resource_name and _group_info in rule.details:
+        info.metadata["groupId"] = error.resource_name
+    elif error.resource_name and _order_info in rule.details:
+        info.metadata["requestId"] = error.resource_name
     status = status_pb2.Status(
         code=rule.code.value[0],
         message=error.message,
@@ -328,9 +398,11 @@ def markdown_table() -> str:
     names: dict[_Builder, str] = {
         _bad_request: "BadRequest",
         _retry_info: "RetryInfo",
-        _resource_info: "ResourceInfo",
+        _group_info: "ResourceInfo",
+        _order_info: "ResourceInfo",
+        _quota_failure: "QuotaFailure",
     }
     for rule in TABLE.values():
-        details = ", ".join(names[b] for b in rule.details) or "-"
+        details = ", ".join(dict.fromkeys(names[b] for b in rule.details)) or "-"
         lines.append(f"| {rule.when} | `{rule.code.name}` | `{rule.reason}` | {details} |")
     return "\n".join(lines)

@@ -1,23 +1,31 @@
-"""Placing rent orders: ledger first, one POST never retried, the outcome always recorded.
+"""Placing rent orders: idempotent by request id, ledger first, one POST, outcome always kept.
 
-Renting spends money, so a placed order runs as its own task: the servicer waits for it
-within the caller's deadline, but a caller who gives up (deadline, cancellation) does not
-cancel the POST. The task finishes on its own time budget and writes the outcome to the
-ledger, so the service always learns what it bought. `drain` lets shutdown wait for them.
+`RentDesk.rent` is the whole money path:
+
+1. Single flight in the process: a second call with a request id already in flight waits for
+   the first one's result (within its own deadline, else ABORTED with RetryInfo); with a
+   different request it is refused. Nothing extra goes upstream.
+2. The ledger claims the id (`OrderLedger.begin`) before anything is sent: a repeat of a
+   finished order returns it, a repeat of an order whose outcome is unknown is refused until
+   it is settled, and the caller's daily cap is checked in the same transaction.
+3. One POST, never retried, run as the service's own task: a caller that gives up does not
+   cancel it, and its outcome is written to the ledger whenever it arrives.
+
+Failures that prove nothing was rented (Plivo said no, or the request never left) leave the
+id free for another attempt: sending again cannot rent twice.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
-from collections.abc import Callable
-
-from google.protobuf import timestamp_pb2
+from dataclasses import dataclass, field
+from typing import Final
 
 from numbersvc import translation
-from numbersvc.errors import Operation, Outcome, ServiceError, classify
-from numbersvc.ledger import OrderLedger, RentResult
+from numbersvc.deadline import Deadline
+from numbersvc.errors import DeadlineExceeded, Operation, Outcome, ServiceError, classify
+from numbersvc.ledger import Attempt, Begin, LedgerEntry, OrderLedger, OrderState
 from numbersvc.upstream import PlivoClient
 from numbersvc.v1 import number_groups_pb2 as pb
 from numbersvc.validation import RentParams
@@ -25,10 +33,40 @@ from numbersvc.validation import RentParams
 __all__ = ["RentDesk"]
 
 _log = logging.getLogger("numbersvc.orders")
-_RESULT_BY_STATUS = {
-    pb.ORDER_STATUS_FULFILLED: RentResult.FULFILLED,
-    pb.ORDER_STATUS_PENDING: RentResult.PENDING,
+_IN_PROGRESS_RETRY_SECONDS: Final = 1.0
+_STATE_BY_STATUS: Final = {
+    pb.ORDER_STATUS_FULFILLED: OrderState.FULFILLED,
+    pb.ORDER_STATUS_PENDING: OrderState.PENDING,
 }
+# Outcomes that prove Plivo rented nothing: the order is `failed`, its id free again.
+_REFUSED: Final = frozenset(
+    {
+        Outcome.UPSTREAM_REJECTED,
+        Outcome.UPSTREAM_AUTH_FAILED,
+        Outcome.UPSTREAM_PERMISSION_DENIED,
+        Outcome.NUMBER_GROUP_NOT_FOUND,
+        Outcome.UPSTREAM_METHOD_NOT_ALLOWED,
+        Outcome.UPSTREAM_UNEXPECTED_STATUS,
+        Outcome.UPSTREAM_RATE_LIMITED,
+    }
+)
+# Outcomes where the request never left: the order is `released`.
+_NOT_SENT: Final = frozenset(
+    {Outcome.UPSTREAM_UNREACHABLE, Outcome.UPSTREAM_BUDGET_EXHAUSTED, Outcome.DEADLINE_EXCEEDED}
+)
+
+
+def fingerprint(params: RentParams) -> str:
+    """The request as compared for idempotency: after defaults, so quantity 0 equals 1."""
+    return f"{params.group_id}|{params.quantity}|{params.app_id}"
+
+
+@dataclass
+class _Flight:
+    """One order being placed, shared by every call that carries its request id."""
+
+    fingerprint: str
+    task: asyncio.Task[pb.RentalOrder] = field(init=False)
 
 
 class RentDesk:
@@ -38,7 +76,7 @@ class RentDesk:
         upstream: the Plivo client.
         ledger: where attempts and outcomes are written.
         rent_timeout_seconds: how long one POST may take, whatever the caller's deadline.
-        clock_ns: wall clock in nanoseconds, for `create_time`.
+        daily_cap: the most numbers one caller may rent per UTC day; 0 for no cap.
     """
 
     def __init__(
@@ -47,67 +85,145 @@ class RentDesk:
         upstream: PlivoClient,
         ledger: OrderLedger,
         rent_timeout_seconds: float,
-        clock_ns: Callable[[], int] = time.time_ns,
+        daily_cap: int,
     ) -> None:
         self._upstream = upstream
         self._ledger = ledger
         self._timeout = rent_timeout_seconds
-        self._clock_ns = clock_ns
-        self._in_flight: set[asyncio.Task[pb.RentalOrder]] = set()
-
-    def submit(self, params: RentParams) -> asyncio.Task[pb.RentalOrder]:
-        """Start placing an order; the task is the service's, not the caller's.
-
-        Await it through `asyncio.shield` so that a caller's cancellation leaves it running.
-        The task raises `ServiceError` when the order failed or its outcome is unknown.
-        """
-        task = asyncio.create_task(self._place(params), name=f"rent {params.request_id}")
-        self._in_flight.add(task)
-        task.add_done_callback(self._forget)
-        return task
+        self._daily_cap = daily_cap
+        self._flights: dict[str, _Flight] = {}
 
     @property
     def in_flight(self) -> int:
-        """How many orders are out upstream right now."""
-        return len(self._in_flight)
+        """How many orders are being placed right now."""
+        return len(self._flights)
+
+    async def rent(
+        self, params: RentParams, *, caller: str, peer: str, deadline: Deadline
+    ) -> pb.RentalOrder:
+        """Place an order, or answer for the one already placed under its request id.
+
+        Raises:
+            ServiceError: the order failed, its outcome is unknown, the id is taken by another
+                request, the cap is reached, or the deadline ran out (see the error table).
+        """
+        print_ = fingerprint(params)
+        flight = self._flights.get(params.request_id)
+        if flight is not None:
+            if flight.fingerprint != print_:
+                raise _reused(params.request_id)
+            return await self._wait(flight, deadline, params.request_id, first=False)
+        flight = _Flight(print_)
+        flight.task = asyncio.create_task(
+            self._place(
+                params,
+                Attempt(translation.new_order(params, caller=caller), print_, peer),
+                deadline,
+            ),
+            name=f"rent {params.request_id}",
+        )
+        self._flights[params.request_id] = flight
+        flight.task.add_done_callback(lambda task: self._land(params.request_id, task))
+        return await self._wait(flight, deadline, params.request_id, first=True)
 
     async def drain(self, timeout_seconds: float) -> None:
         """Wait up to `timeout_seconds` for the orders in flight to learn their outcome."""
-        if self._in_flight:
-            _log.info("waiting for %d rent order(s) in flight", len(self._in_flight))
-            await asyncio.wait(set(self._in_flight), timeout=timeout_seconds)
+        tasks = {flight.task for flight in self._flights.values()}
+        if tasks:
+            _log.info("waiting for %d rent order(s) in flight", len(tasks))
+            await asyncio.wait(tasks, timeout=timeout_seconds)
 
-    async def _place(self, params: RentParams) -> pb.RentalOrder:
-        create_time = timestamp_pb2.Timestamp()
-        create_time.FromNanoseconds(self._clock_ns())
-        order = translation.outcome_unknown_order(params, create_time=create_time)
-        await self._ledger.record_attempt(order)
+    async def _wait(
+        self, flight: _Flight, deadline: Deadline, request_id: str, *, first: bool
+    ) -> pb.RentalOrder:
+        # NOTE: shield: the caller's cancellation or deadline must never cancel the POST.
         try:
+            async with asyncio.timeout(deadline.attempt_timeout()):
+                return await asyncio.shield(flight.task)
+        except TimeoutError:
+            if not first:
+                raise ServiceError(
+                    Outcome.RENT_IN_PROGRESS,
+                    f"order {request_id} is still being placed; retry to get its outcome",
+                    resource_name=request_id,
+                    retry_delay_seconds=_IN_PROGRESS_RETRY_SECONDS,
+                ) from None
+            raise ServiceError(
+                Outcome.RENT_OUTCOME_UNKNOWN_DEADLINE,
+                f"the deadline ran out while order {request_id} was being placed; retry with the"
+                " same request id to get its outcome",
+                metadata={"requestId": request_id},
+            ) from None
+
+    async def _place(
+        self, params: RentParams, attempt: Attempt, deadline: Deadline
+    ) -> pb.RentalOrder:
+        begun = await self._ledger.begin(attempt, daily_cap=self._daily_cap)
+        if begun.kind is Begin.CONFLICT:
+            raise _reused(params.request_id)
+        if begun.kind is Begin.OVER_QUOTA:
+            raise _over_quota(attempt.order, begun.used_today, self._daily_cap)
+        if begun.kind is Begin.EXISTING:
+            assert begun.entry is not None
+            return _replay(begun.entry)
+        return await self._send(params, attempt.order, deadline)
+
+    async def _send(
+        self, params: RentParams, order: pb.RentalOrder, deadline: Deadline
+    ) -> pb.RentalOrder:
+        try:
+            budget = deadline.attempt_timeout()
+            if budget <= 0:
+                raise DeadlineExceeded("the deadline ran out before the order was sent")
             response = await self._upstream.rent_numbers(
-                params.group_id, translation.rent_body(params), timeout_seconds=self._timeout
+                params.group_id,
+                translation.rent_body(params),
+                timeout_seconds=self._timeout,
+                max_wait_seconds=budget,
             )
-            placed = translation.parse_rent(response.body, params, create_time=create_time)
+            placed = translation.parse_rent(response.body, order)
         except asyncio.CancelledError:
             # Only a hard shutdown cancels this task; the POST may be out.
-            await self._ledger.record_outcome(
-                order, RentResult.OUTCOME_UNKNOWN, error="cancelled by shutdown"
-            )
+            order.status_message = "cancelled by a shutdown while being sent"
+            await self._ledger.finish(order, OrderState.OUTCOME_UNKNOWN)
             raise
         except Exception as exc:
             error = _rent_error(exc)
-            unknown = error.outcome is Outcome.RENT_OUTCOME_UNKNOWN
-            result = RentResult.OUTCOME_UNKNOWN if unknown else RentResult.REJECTED
-            await self._ledger.record_outcome(order, result, error=str(error))
+            order.status_message = error.message
+            await self._ledger.finish(order, _state_after(error), error_outcome=error.outcome.name)
             raise error from exc
-        result = _RESULT_BY_STATUS.get(placed.status, RentResult.UNRECOGNIZED)
-        await self._ledger.record_outcome(placed, result)
+        await self._ledger.finish(
+            placed,
+            _STATE_BY_STATUS.get(placed.status, OrderState.UNRECOGNIZED),
+            upstream=str(response.body),
+        )
         return placed
 
-    def _forget(self, task: asyncio.Task[pb.RentalOrder]) -> None:
-        self._in_flight.discard(task)
-        # The caller may be gone; the outcome is in the ledger, so only mark it retrieved.
+    def _land(self, request_id: str, task: asyncio.Task[pb.RentalOrder]) -> None:
+        self._flights.pop(request_id, None)
+        # The callers may be gone; the outcome is in the ledger, so only mark it retrieved.
         if not task.cancelled():
             task.exception()
+
+
+def _replay(entry: LedgerEntry) -> pb.RentalOrder:
+    """Answer a repeat of a finished order: its order, or why it cannot be known."""
+    if entry.state in (OrderState.SENDING, OrderState.OUTCOME_UNKNOWN):
+        raise ServiceError(
+            Outcome.RENT_OUTCOME_UNKNOWN_REPEAT,
+            f"order {entry.order.request_id} was sent but its outcome is unknown; check the"
+            " Plivo console and settle it (numbersvc orders settle) before ordering again",
+            resource_name=entry.order.request_id,
+        )
+    return entry.order
+
+
+def _state_after(error: ServiceError) -> OrderState:
+    if error.outcome in _REFUSED:
+        return OrderState.FAILED
+    if error.outcome in _NOT_SENT:
+        return OrderState.RELEASED
+    return OrderState.OUTCOME_UNKNOWN
 
 
 def _rent_error(exc: Exception) -> ServiceError:
@@ -120,3 +236,21 @@ def _rent_error(exc: Exception) -> ServiceError:
             "internal error while renting; check before ordering again",
         )
     return error
+
+
+def _reused(request_id: str) -> ServiceError:
+    return ServiceError(
+        Outcome.REQUEST_ID_REUSED,
+        f"request id {request_id} was used for a different order (group, quantity or app)",
+        resource_name=request_id,
+    )
+
+
+def _over_quota(order: pb.RentalOrder, used: int, cap: int) -> ServiceError:
+    return ServiceError(
+        Outcome.DAILY_RENT_CAP_EXCEEDED,
+        f"{order.caller} rented {used} of {cap} numbers today (UTC); {order.quantity} more"
+        " would pass the cap",
+        quota=f"caller:{order.caller}",
+        metadata={"used": str(used), "cap": str(cap)},
+    )

@@ -22,11 +22,12 @@ from grpc_reflection.v1alpha import reflection
 from numbersvc import __version__
 from numbersvc.config import Config, UpstreamKind
 from numbersvc.interceptors import AccessLogInterceptor
-from numbersvc.ledger import MemoryLedger, OrderLedger
+from numbersvc.ledger import OrderLedger, SqliteLedger
 from numbersvc.orders import RentDesk
 from numbersvc.sandbox import SandboxServer
 from numbersvc.service import NumberGroupServicer
 from numbersvc.upstream import PlivoClient
+from numbersvc.upstream.ratelimit import TokenBucket, parse_rate
 from numbersvc.v1 import number_groups_pb2 as pb
 from numbersvc.v1 import number_groups_pb2_grpc as pb_grpc
 
@@ -77,6 +78,7 @@ class RunningServer:
         await self.server.stop(grace_seconds)
         await self.rent_desk.drain(grace_seconds)
         await self.upstream.aclose()
+        await self.ledger.close()
         if self.sandbox is not None:
             await self.sandbox.stop()
         _log.info("stopped")
@@ -104,6 +106,7 @@ async def create_server(config: Config) -> RunningServer:
         base_url, auth_id = config.plivo_base_url, config.plivo_auth_id
         token = config.plivo_auth_token.reveal()
         _log.info("upstream is Plivo at %s (account %s)", base_url, auth_id)
+    rate = parse_rate(config.upstream_rate)
     upstream = PlivoClient(
         base_url=base_url,
         auth_id=auth_id,
@@ -111,10 +114,17 @@ async def create_server(config: Config) -> RunningServer:
         user_agent=f"numbersvc/{__version__}",
         max_connections=config.upstream_max_connections,
         max_keepalive_connections=config.upstream_max_connections,
+        rate_limiter=None if rate is None else TokenBucket(rate),
     )
-    ledger = MemoryLedger()
+    ledger_path = config.resolved_ledger_path()
+    ledger = await SqliteLedger.open(ledger_path)
+    await ledger.recover()
+    _log.info("order ledger at %s", ledger_path)
     rent_desk = RentDesk(
-        upstream=upstream, ledger=ledger, rent_timeout_seconds=config.rent_timeout_seconds
+        upstream=upstream,
+        ledger=ledger,
+        rent_timeout_seconds=config.rent_timeout_seconds,
+        daily_cap=config.daily_rent_cap,
     )
     server = grpc.aio.server(
         interceptors=[AccessLogInterceptor()],
@@ -124,7 +134,9 @@ async def create_server(config: Config) -> RunningServer:
             ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
         ],
     )
-    servicer = NumberGroupServicer(config=config, upstream=upstream, rent_desk=rent_desk)
+    servicer = NumberGroupServicer(
+        config=config, upstream=upstream, rent_desk=rent_desk, ledger=ledger
+    )
     pb_grpc.add_NumberGroupServiceServicer_to_server(servicer, server)
     health_servicer = _HealthServicer(kind)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -14,7 +14,6 @@ from decimal import Decimal
 from functools import lru_cache
 from typing import Any, Final
 
-from google.protobuf import timestamp_pb2
 from google.type import money_pb2
 
 from numbersvc.paging import Page
@@ -25,7 +24,7 @@ from numbersvc.validation import RentParams, SearchQuery
 __all__ = [
     "money",
     "number_group",
-    "outcome_unknown_order",
+    "new_order",
     "parse_group",
     "parse_rent",
     "parse_search_page",
@@ -161,10 +160,20 @@ def number_group(obj: Mapping[str, Any], *, region_code: str) -> pb.NumberGroup:
     )
 
 
-def parse_rent(
-    body: object, params: RentParams, *, create_time: timestamp_pb2.Timestamp
-) -> pb.RentalOrder:
-    """Translate a 2xx rent response into an order.
+def new_order(params: RentParams, *, caller: str) -> pb.RentalOrder:
+    """Return the order for a rent about to be sent: its outcome is not known yet."""
+    return pb.RentalOrder(
+        status=pb.ORDER_STATUS_OUTCOME_UNKNOWN,
+        group_id=params.group_id,
+        quantity=params.quantity,
+        app_id=params.app_id,
+        request_id=params.request_id,
+        caller=caller,
+    )
+
+
+def parse_rent(body: object, sent: pb.RentalOrder) -> pb.RentalOrder:
+    """Translate a 2xx rent response into the order `sent` became.
 
     [U] A per-number status other than "Success" counts as failed, its text kept.
 
@@ -178,34 +187,15 @@ def parse_rent(
     numbers = obj.get("numbers", [])
     if not isinstance(numbers, list):
         raise UpstreamDecodeError("rent response 'numbers' is not a list")
-    order = _order(params, create_time, api_id=obj.get("api_id"))
+    api_id = obj.get("api_id")
+    order = pb.RentalOrder()
+    order.CopyFrom(sent)
     order.status = _ORDER_STATUS_FROM_WIRE.get(raw_status, pb.ORDER_STATUS_UNSPECIFIED)
     order.upstream_status = raw_status
+    order.upstream_request_id = api_id if isinstance(api_id, str) else ""
     order.details = _str(obj.get("details", ""), "details")
     order.numbers.extend(_rented_number(_mapping(n, "rented number")) for n in numbers)
     return order
-
-
-def outcome_unknown_order(
-    params: RentParams, *, create_time: timestamp_pb2.Timestamp
-) -> pb.RentalOrder:
-    """Return the order for a rent that was sent but whose outcome the service never saw."""
-    order = _order(params, create_time, api_id=None)
-    order.status = pb.ORDER_STATUS_OUTCOME_UNKNOWN
-    return order
-
-
-def _order(
-    params: RentParams, create_time: timestamp_pb2.Timestamp, *, api_id: object
-) -> pb.RentalOrder:
-    return pb.RentalOrder(
-        group_id=params.group_id,
-        quantity=params.quantity,
-        app_id=params.app_id,
-        request_id=params.request_id,
-        create_time=create_time,
-        upstream_request_id=api_id if isinstance(api_id, str) else "",
-    )
 
 
 def _rented_number(obj: Mapping[str, Any]) -> pb.RentedNumber:

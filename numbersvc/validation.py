@@ -21,13 +21,17 @@ from numbersvc.v1 import number_groups_pb2 as pb
 __all__ = [
     "FieldViolation",
     "GetParams",
+    "OrderListParams",
+    "OrderQuery",
     "InvalidRequest",
     "ListParams",
     "RentParams",
     "SearchQuery",
     "StreamParams",
     "validate_get",
+    "validate_get_order",
     "validate_list",
+    "validate_list_orders",
     "validate_rent",
     "validate_stream",
 ]
@@ -35,6 +39,8 @@ __all__ = [
 MAX_PAGE_SIZE: Final = 20
 """Upstream's largest page (`limit` 1..20); larger requests are coerced to it."""
 DEFAULT_PAGE_SIZE: Final = 20
+DEFAULT_ORDER_PAGE_SIZE: Final = 100
+MAX_ORDER_PAGE_SIZE: Final = 1000
 _MAX_REGION_CHARS: Final = 64
 
 # ASCII only: `\d` would also accept other scripts' digits, which must not reach a URL.
@@ -45,6 +51,7 @@ _UUID: Final = re.compile(
 )
 _NUMBER_TYPES: Final = frozenset(pb.NumberType.values()) - {pb.NUMBER_TYPE_UNSPECIFIED}
 _SERVICES: Final = frozenset(pb.NumberService.values()) - {pb.NUMBER_SERVICE_UNSPECIFIED}
+_ORDER_STATUSES: Final = frozenset(pb.OrderStatus.values())
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +121,29 @@ class RentParams:
     quantity: int
     app_id: str
     request_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class OrderQuery:
+    """A filter on rental orders; empty fields match everything. Times are Unix nanoseconds."""
+
+    statuses: tuple[int, ...] = ()
+    start_time_ns: int | None = None
+    end_time_ns: int | None = None
+
+    @property
+    def key(self) -> str:
+        """A canonical form of the filter, for binding page tokens."""
+        return f"orders|{self.statuses}|{self.start_time_ns}|{self.end_time_ns}"
+
+
+@dataclass(frozen=True, slots=True)
+class OrderListParams:
+    """A validated `ListRentalOrdersRequest`."""
+
+    query: OrderQuery
+    page_size: int
+    offset: int
 
 
 class _Checker:
@@ -203,12 +233,49 @@ def validate_rent(request: pb.RentNumbersRequest, *, max_quantity: int) -> RentP
     )
 
 
+def validate_get_order(request: pb.GetRentalOrderRequest) -> str:
+    """Validate a get-order request and return its request id, lower-cased.
+
+    Raises:
+        InvalidRequest: when `request_id` is not a canonical UUID.
+    """
+    check = _Checker()
+    if not _is_canonical_uuid(request.request_id):
+        check.fail("request_id", "must be a UUID in canonical 8-4-4-4-12 form")
+    check.done()
+    return request.request_id.lower()
+
+
+def validate_list_orders(request: pb.ListRentalOrdersRequest) -> OrderListParams:
+    """Validate a list-orders request: 0 means 100 orders a page, above 1000 means 1000.
+
+    Raises:
+        InvalidRequest: naming every bad field.
+    """
+    check = _Checker()
+    f = request.filter
+    for index, status in enumerate(f.statuses):
+        if status not in _ORDER_STATUSES:
+            check.fail(f"filter.statuses[{index}]", f"unknown OrderStatus value {status}")
+    start = f.start_time.ToNanoseconds() if f.HasField("start_time") else None
+    end = f.end_time.ToNanoseconds() if f.HasField("end_time") else None
+    if start is not None and end is not None and end <= start:
+        check.fail("filter.end_time", "must be after filter.start_time")
+    if request.page_size < 0:
+        check.fail("page_size", "must be 0 (the default, 100) or positive")
+    query = OrderQuery(tuple(sorted(set(f.statuses))), start, end)
+    offset = _offset(request.page_token, query.key, check)
+    check.done()
+    page_size = min(request.page_size, MAX_ORDER_PAGE_SIZE) or DEFAULT_ORDER_PAGE_SIZE
+    return OrderListParams(query=query, page_size=page_size, offset=offset)
+
+
 def _search_page(
     request: pb.ListNumberGroupsRequest | pb.StreamNumberGroupsRequest, check: _Checker
 ) -> ListParams | None:
     query = _search_query(request, check)
     page_size = _page_size(request.page_size, check)
-    offset = _offset(request.page_token, query, check)
+    offset = _offset(request.page_token, None if query is None else query.key, check)
     return None if query is None else ListParams(query=query, page_size=page_size, offset=offset)
 
 
@@ -261,11 +328,11 @@ def _page_size(page_size: int, check: _Checker) -> int:
     return min(page_size, MAX_PAGE_SIZE) or DEFAULT_PAGE_SIZE
 
 
-def _offset(token: str, query: SearchQuery | None, check: _Checker) -> int:
-    if not token or query is None:
+def _offset(token: str, filter_key: str | None, check: _Checker) -> int:
+    if not token or filter_key is None:
         return 0
     try:
-        return paging.decode_page_token(token, query.key)
+        return paging.decode_page_token(token, filter_key)
     except paging.PageTokenError as exc:
         check.fail("page_token", str(exc).removeprefix("page_token "))
         return 0

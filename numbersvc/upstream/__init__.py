@@ -1,4 +1,4 @@
-"""The Plivo upstream: an HTTP client, its exceptions and read retries. Knows nothing of gRPC.
+"""The Plivo upstream: HTTP client, exceptions, read retries, rate limiter. Knows nothing of gRPC.
 
 Import from here, not from the submodules; `tests/unit/test_upstream_errors.py` pins the names.
 """
@@ -9,26 +9,32 @@ from numbersvc.upstream.errors import (
     UpstreamDecodeError,
     UpstreamError,
     UpstreamStatusError,
+    UpstreamThrottledError,
     UpstreamTimeoutError,
     UpstreamTransportError,
     parse_error_body,
     parse_retry_after,
 )
+from numbersvc.upstream.ratelimit import RateSpec, TokenBucket, parse_rate
 from numbersvc.upstream.retry import RetryPolicy, full_jitter_delays, is_transient, retry_async
 
 __all__ = [
     "PlivoClient",
+    "RateSpec",
     "RetryPolicy",
+    "TokenBucket",
     "UpstreamConnectError",
     "UpstreamDecodeError",
     "UpstreamError",
     "UpstreamResponse",
     "UpstreamStatusError",
+    "UpstreamThrottledError",
     "UpstreamTimeoutError",
     "UpstreamTransportError",
     "full_jitter_delays",
     "is_transient",
     "parse_error_body",
+    "parse_rate",
     "parse_retry_after",
     "retry_async",
 ]

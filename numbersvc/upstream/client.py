@@ -4,7 +4,9 @@
 knows Plivo's paths, and nothing of gRPC or protobuf. Each method makes ONE attempt bounded by a
 TOTAL timeout, and returns an `UpstreamResponse` with the decoded JSON or raises an
 `UpstreamError`. Retrying is the caller's choice (`retry.py`); checking the shape of a 2xx body
-is translation's.
+is translation's. With a rate limiter (`ratelimit.py`), every request first takes a token,
+waiting for one at most `max_wait_seconds`; a longer wait raises `UpstreamThrottledError` and
+sends nothing.
 
 Foreign exceptions become ours in ONE place, `_mapped_errors`, driven by `_HTTPX_ERRORS`; a
 test walks every httpx exception class and fails if one lacks a row. The auth token never
@@ -33,12 +35,14 @@ from numbersvc.upstream.errors import (
     UpstreamDecodeError,
     UpstreamError,
     UpstreamStatusError,
+    UpstreamThrottledError,
     UpstreamTimeoutError,
     UpstreamTransportError,
     excerpt,
     parse_error_body,
     parse_retry_after,
 )
+from numbersvc.upstream.ratelimit import TokenBucket
 
 __all__ = [
     "DEFAULT_BASE_URL",
@@ -131,6 +135,18 @@ def _from_httpx(exc: httpx.RequestError, method: str, path: str, message: str) -
     return ours(text, method=method, url=path)
 
 
+def _check_time_left(timeout_seconds: float, method: str, path: str) -> None:
+    """Raise a never-sent `UpstreamTimeoutError` if no time is left for an attempt."""
+    if timeout_seconds <= 0:
+        # No time to even connect: say so without touching the network.
+        raise UpstreamTimeoutError(
+            f"{method} {path}: no time left for an attempt",
+            request_sent=False,
+            method=method,
+            url=path,
+        )
+
+
 def _group_suffix(group_id: str) -> str:
     """Return `{group_id}/`, percent-encoded, to append to the groups URL."""
     if not group_id:
@@ -157,6 +173,7 @@ class PlivoClient:
         max_keepalive_connections: int = DEFAULT_MAX_KEEPALIVE_CONNECTIONS,
         keepalive_expiry_seconds: float = DEFAULT_KEEPALIVE_EXPIRY_SECONDS,
         transport: httpx.AsyncBaseTransport | None = None,
+        rate_limiter: TokenBucket | None = None,
     ) -> None:
         """Create the client and its connection pool.
 
@@ -171,6 +188,8 @@ class PlivoClient:
             keepalive_expiry_seconds: How long an idle connection is kept, in seconds.
             transport: An httpx transport to use instead of the default pooled one (tests pass
                 `httpx.MockTransport`). The pool limits above apply only to the default one.
+            rate_limiter: The bucket every request takes a token from before it is sent; share
+                one per Plivo account. `None` sends without limit.
 
         Raises:
             ValueError: If `base_url` is not http(s) or a credential is empty.
@@ -183,6 +202,7 @@ class PlivoClient:
         self._base_url = base_url
         self._auth_id = auth_id
         self._auth_token = auth_token
+        self._rate_limiter = rate_limiter
         # Built once: every request is an absolute URL made by one string concatenation.
         account = urllib.parse.quote(auth_id, safe="")
         self._groups_url = f"{base_url.rstrip('/')}/v1/Account/{account}/{_GROUPS_PATH}"
@@ -223,14 +243,21 @@ class PlivoClient:
         await self._client.aclose()
 
     async def search_number_groups(
-        self, params: Mapping[str, str], *, timeout_seconds: float
+        self,
+        params: Mapping[str, str],
+        *,
+        timeout_seconds: float,
+        max_wait_seconds: float | None = None,
     ) -> UpstreamResponse:
         """Search groups: `GET .../AvailableNumberGroup/?country_iso=..`.
 
         Args:
             params: Query parameters, already validated (`country_iso`, `number_type`, `prefix`,
                 `region`, `services`, `limit`, `offset`).
-            timeout_seconds: Total time allowed for the attempt, in seconds.
+            timeout_seconds: Total time allowed for the call, in seconds, any wait for a rate
+                limit token included.
+            max_wait_seconds: The longest wait for a rate-limit token, in seconds; `None` (and
+                anything longer) means `timeout_seconds`.
 
         Returns:
             The 2xx response; its body should be `{"api_id", "meta", "objects"}`.
@@ -240,15 +267,24 @@ class PlivoClient:
                 failures are its subclasses.
             UpstreamStatusError: A non-2xx status.
             UpstreamDecodeError: A 2xx whose body is empty or not JSON.
+            UpstreamThrottledError: The wait for a rate-limit token would be too long; nothing
+                was sent.
         """
-        return await self._request("GET", "", timeout_seconds, params=params)
+        return await self._request(
+            "GET", "", timeout_seconds, max_wait_seconds, wait_in_timeout=True, params=params
+        )
 
-    async def get_number_group(self, group_id: str, *, timeout_seconds: float) -> UpstreamResponse:
+    async def get_number_group(
+        self, group_id: str, *, timeout_seconds: float, max_wait_seconds: float | None = None
+    ) -> UpstreamResponse:
         """Fetch one group: `GET .../AvailableNumberGroup/{group_id}/`.
 
         Args:
             group_id: The group's id (digits; percent-encoded here anyway).
-            timeout_seconds: Total time allowed for the attempt, in seconds.
+            timeout_seconds: Total time allowed for the call, in seconds, any wait for a rate
+                limit token included.
+            max_wait_seconds: The longest wait for a rate-limit token, in seconds; `None` (and
+                anything longer) means `timeout_seconds`.
 
         Returns:
             The 2xx response; its body should be one group object plus `api_id`.
@@ -258,11 +294,20 @@ class PlivoClient:
             UpstreamTransportError: No response (see `request_sent`).
             UpstreamStatusError: A non-2xx status (404 for an unknown group).
             UpstreamDecodeError: A 2xx whose body is empty or not JSON.
+            UpstreamThrottledError: The wait for a rate-limit token would be too long; nothing
+                was sent.
         """
-        return await self._request("GET", _group_suffix(group_id), timeout_seconds)
+        return await self._request(
+            "GET", _group_suffix(group_id), timeout_seconds, max_wait_seconds, wait_in_timeout=True
+        )
 
     async def rent_numbers(
-        self, group_id: str, body: Mapping[str, object], *, timeout_seconds: float
+        self,
+        group_id: str,
+        body: Mapping[str, object],
+        *,
+        timeout_seconds: float,
+        max_wait_seconds: float | None = None,
     ) -> UpstreamResponse:
         """Rent numbers from a group: `POST .../AvailableNumberGroup/{group_id}/`.
 
@@ -272,7 +317,10 @@ class PlivoClient:
         Args:
             group_id: The group's id (digits; percent-encoded here anyway).
             body: The JSON body (`quantity`, optionally `app_id`).
-            timeout_seconds: Total time allowed for the attempt, in seconds.
+            timeout_seconds: Total time allowed for the POST, in seconds, once it has a
+                rate-limit token: unlike a read, the wait does not come out of it.
+            max_wait_seconds: The longest wait for a rate-limit token, in seconds (what is left
+                of the caller's deadline, say); `None` means `timeout_seconds`.
 
         Returns:
             The 2xx (201) response; its body should carry `status` and maybe `numbers`.
@@ -282,8 +330,19 @@ class PlivoClient:
             UpstreamTransportError: No response (see `request_sent`).
             UpstreamStatusError: A non-2xx status.
             UpstreamDecodeError: A 2xx whose body is empty or not JSON.
+            UpstreamThrottledError: The wait for a rate-limit token would be too long; nothing
+                was sent.
         """
-        return await self._request("POST", _group_suffix(group_id), timeout_seconds, body=body)
+        # NOTE: a rent's budget is sized for the POST alone (renting is slow and not retried),
+        # so the wait is bounded by max_wait_seconds only and the POST keeps its full timeout.
+        return await self._request(
+            "POST",
+            _group_suffix(group_id),
+            timeout_seconds,
+            max_wait_seconds,
+            wait_in_timeout=False,
+            body=body,
+        )
 
     def _scrub(self, text: str) -> str:
         """Remove the auth token from text that came from elsewhere (httpx, a response)."""
@@ -314,23 +373,28 @@ class PlivoClient:
         method: str,
         suffix: str,
         timeout_seconds: float,
+        max_wait_seconds: float | None,
         *,
+        wait_in_timeout: bool,
         params: Mapping[str, str] | None = None,
         body: Mapping[str, object] | None = None,
     ) -> UpstreamResponse:
-        """Make one attempt at `groups URL + suffix` and decode its answer.
+        """Take a rate-limit token, make one attempt at `groups URL + suffix`, decode the answer.
 
-        See the public methods for the contract.
+        `wait_in_timeout` says whether the wait for the token comes out of `timeout_seconds`
+        (reads: the call never takes longer than that in all) or not (rent). See the public
+        methods for the rest of the contract.
         """
         path = self._groups_path + suffix
-        if timeout_seconds <= 0:
-            # No time to even connect: say so without touching the network.
-            raise UpstreamTimeoutError(
-                f"{method} {path}: no time left for an attempt",
-                request_sent=False,
-                method=method,
-                url=path,
-            )
+        # Checked before taking a token, so that an attempt that cannot go does not spend one.
+        _check_time_left(timeout_seconds, method, path)
+        max_wait = timeout_seconds if max_wait_seconds is None else max_wait_seconds
+        if wait_in_timeout:
+            max_wait = min(max_wait, timeout_seconds)
+        waited = await self._take_token(method, path, max_wait)
+        if wait_in_timeout:
+            timeout_seconds -= waited
+            _check_time_left(timeout_seconds, method, path)
         started = time.perf_counter()
         try:
             with self._mapped_errors(method, path):
@@ -349,6 +413,29 @@ class PlivoClient:
             raise
         elapsed = time.perf_counter() - started
         return self._decode(response, method, path, elapsed)
+
+    async def _take_token(self, method: str, path: str, max_wait_seconds: float) -> float:
+        """Take a token from the rate limiter, if there is one; return the seconds waited.
+
+        Raises:
+            UpstreamThrottledError: The wait would exceed `max_wait_seconds`; the limiter's
+                error again, now naming the request.
+        """
+        if self._rate_limiter is None:
+            return 0.0
+        try:
+            waited = await self._rate_limiter.acquire(max_wait_seconds=max_wait_seconds)
+        except UpstreamThrottledError as exc:
+            self._log(method, path, type(exc).__name__, 0.0, None)
+            raise UpstreamThrottledError(
+                f"{method} {path}: {exc.message}",
+                retry_after_seconds=exc.retry_after_seconds,
+                method=method,
+                url=path,
+            ) from None
+        if waited > 0.0:
+            _LOG.debug("upstream %s %s waited %.3f s for a rate-limit token", method, path, waited)
+        return waited
 
     def _decode(
         self, response: httpx.Response, method: str, path: str, elapsed: float

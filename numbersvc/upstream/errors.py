@@ -8,7 +8,8 @@ The tree::
     │   ├── UpstreamConnectError   the connection was never made (refused, DNS, proxy)
     │   └── UpstreamTimeoutError   an attempt ran out of time (connect, pool, read, write, total)
     ├── UpstreamStatusError        Plivo answered with a non-2xx status
-    └── UpstreamDecodeError        a 2xx whose body is not JSON, or has the wrong shape
+    ├── UpstreamDecodeError        a 2xx whose body is not JSON, or has the wrong shape
+    └── UpstreamThrottledError     our own budget for Plivo is spent; nothing was sent
 
 Nothing here knows gRPC: `numbersvc.errors` maps these to statuses. `parse_error_body` is the one
 place that understands Plivo's error body shapes, and `parse_retry_after` the one place that
@@ -32,6 +33,7 @@ __all__ = [
     "UpstreamDecodeError",
     "UpstreamError",
     "UpstreamStatusError",
+    "UpstreamThrottledError",
     "UpstreamTimeoutError",
     "UpstreamTransportError",
     "excerpt",
@@ -161,6 +163,31 @@ class UpstreamDecodeError(UpstreamError):
         super().__init__(message, method=method, url=url)
         self.status_code = status_code
         self.body_excerpt = body_excerpt
+
+
+class UpstreamThrottledError(UpstreamError):
+    """Our own budget for Plivo is spent and the wait for it is too long; nothing was sent.
+
+    Raised by the rate limiter (`numbersvc.upstream.ratelimit`) BEFORE a request is made, when
+    the wait for a token would exceed what the caller allowed. Plivo never saw the request, so
+    repeating it later is always safe, even for a rent.
+
+    Attributes:
+        retry_after_seconds: The wait, in seconds, that a token needed when this was raised: a
+            hint for when to try again (other callers may take tokens meanwhile, or waiters
+            ahead may give up).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        retry_after_seconds: float,
+        method: str | None = None,
+        url: str | None = None,
+    ) -> None:
+        super().__init__(message, method=method, url=url)
+        self.retry_after_seconds = retry_after_seconds
 
 
 def _reason_phrase(status_code: int) -> str:

@@ -24,7 +24,11 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from numbersvc.deadline import Deadline
-from numbersvc.upstream.errors import UpstreamStatusError, UpstreamTransportError
+from numbersvc.upstream.errors import (
+    UpstreamStatusError,
+    UpstreamThrottledError,
+    UpstreamTransportError,
+)
 
 __all__ = ["RetryPolicy", "full_jitter_delays", "is_transient", "retry_async"]
 
@@ -100,12 +104,23 @@ def is_transient(exc: BaseException) -> bool:
     All of these are safe only because a read has no side effect. Everything else (other 4xx,
     501, 505, undecodable bodies, programming errors) would fail the same way again.
 
+    Not transient, though nothing was sent: `UpstreamThrottledError`. Our own rate limiter
+    raises it after working out exactly how long the wait for a token is, when that wait would
+    exceed what the caller allowed (the attempt's timeout, or what is left of the deadline): it
+    is the deadline that ran out, not luck. A retry one backoff later would face nearly the same
+    wait with less time, and the sleep would only spend the time the caller needs to answer
+    UNAVAILABLE with RetryInfo (the error's `retry_after_seconds` says when to come back).
+
     Args:
         exc: The exception an attempt raised.
 
     Returns:
         True if another attempt may succeed.
     """
+    # NOTE: checked first, by name, so it stays out even if it is ever re-parented under
+    # `UpstreamTransportError` (it is a "never sent" error, which makes that tempting).
+    if isinstance(exc, UpstreamThrottledError):
+        return False
     if isinstance(exc, UpstreamStatusError):
         return exc.status_code in _TRANSIENT_STATUS_CODES
     return isinstance(exc, UpstreamTransportError)

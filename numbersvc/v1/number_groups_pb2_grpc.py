@@ -55,6 +55,16 @@ class NumberGroupServiceStub:
                 request_serializer=numbersvc_dot_v1_dot_number__groups__pb2.RentNumbersRequest.SerializeToString,
                 response_deserializer=numbersvc_dot_v1_dot_number__groups__pb2.RentNumbersResponse.FromString,
                 _registered_method=True)
+        self.GetRentalOrder = channel.unary_unary(
+                '/numbersvc.v1.NumberGroupService/GetRentalOrder',
+                request_serializer=numbersvc_dot_v1_dot_number__groups__pb2.GetRentalOrderRequest.SerializeToString,
+                response_deserializer=numbersvc_dot_v1_dot_number__groups__pb2.GetRentalOrderResponse.FromString,
+                _registered_method=True)
+        self.ListRentalOrders = channel.unary_unary(
+                '/numbersvc.v1.NumberGroupService/ListRentalOrders',
+                request_serializer=numbersvc_dot_v1_dot_number__groups__pb2.ListRentalOrdersRequest.SerializeToString,
+                response_deserializer=numbersvc_dot_v1_dot_number__groups__pb2.ListRentalOrdersResponse.FromString,
+                _registered_method=True)
 
 
 class NumberGroupServiceServicer:
@@ -95,9 +105,28 @@ class NumberGroupServiceServicer:
     def RentNumbers(self, request, context):
         """Rents numbers from a number group. This spends money.
 
-        Never retried by the service. Do not retry it automatically either: an
-        error with reason `RENT_OUTCOME_UNKNOWN` means the order may have been
-        placed, and must be checked before trying again.
+        Idempotent by `request_id` (AIP-155): a repeat with the same id and the
+        same request returns the first order and sends nothing upstream; the same
+        id with a different request fails with `ALREADY_EXISTS` (reason
+        `REQUEST_ID_REUSED`). Never retried by the service. Retry it yourself only
+        with the same `request_id`: an error with reason `RENT_OUTCOME_UNKNOWN`
+        means the order may have been placed, and a retry under its id answers
+        `FAILED_PRECONDITION` until the order is settled.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetRentalOrder(self, request, context):
+        """Returns one rental order from the service's order ledger (AIP-131).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListRentalOrders(self, request, context):
+        """Lists rental orders from the order ledger, oldest first (AIP-132,
+        AIP-158), for callers and finance to reconcile.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -125,6 +154,16 @@ def add_NumberGroupServiceServicer_to_server(servicer, server):
                     servicer.RentNumbers,
                     request_deserializer=numbersvc_dot_v1_dot_number__groups__pb2.RentNumbersRequest.FromString,
                     response_serializer=numbersvc_dot_v1_dot_number__groups__pb2.RentNumbersResponse.SerializeToString,
+            ),
+            'GetRentalOrder': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRentalOrder,
+                    request_deserializer=numbersvc_dot_v1_dot_number__groups__pb2.GetRentalOrderRequest.FromString,
+                    response_serializer=numbersvc_dot_v1_dot_number__groups__pb2.GetRentalOrderResponse.SerializeToString,
+            ),
+            'ListRentalOrders': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListRentalOrders,
+                    request_deserializer=numbersvc_dot_v1_dot_number__groups__pb2.ListRentalOrdersRequest.FromString,
+                    response_serializer=numbersvc_dot_v1_dot_number__groups__pb2.ListRentalOrdersResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -236,6 +275,60 @@ class NumberGroupService:
             '/numbersvc.v1.NumberGroupService/RentNumbers',
             numbersvc_dot_v1_dot_number__groups__pb2.RentNumbersRequest.SerializeToString,
             numbersvc_dot_v1_dot_number__groups__pb2.RentNumbersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRentalOrder(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/numbersvc.v1.NumberGroupService/GetRentalOrder',
+            numbersvc_dot_v1_dot_number__groups__pb2.GetRentalOrderRequest.SerializeToString,
+            numbersvc_dot_v1_dot_number__groups__pb2.GetRentalOrderResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListRentalOrders(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/numbersvc.v1.NumberGroupService/ListRentalOrders',
+            numbersvc_dot_v1_dot_number__groups__pb2.ListRentalOrdersRequest.SerializeToString,
+            numbersvc_dot_v1_dot_number__groups__pb2.ListRentalOrdersResponse.FromString,
             options,
             channel_credentials,
             insecure,

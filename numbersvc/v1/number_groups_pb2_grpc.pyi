@@ -69,9 +69,19 @@ class NumberGroupServiceStub:
     RentNumbers: _grpc.UnaryUnaryMultiCallable[_number_groups_pb2.RentNumbersRequest, _number_groups_pb2.RentNumbersResponse]
     """Rents numbers from a number group. This spends money.
 
-    Never retried by the service. Do not retry it automatically either: an
-    error with reason `RENT_OUTCOME_UNKNOWN` means the order may have been
-    placed, and must be checked before trying again.
+    Idempotent by `request_id` (AIP-155): a repeat with the same id and the
+    same request returns the first order and sends nothing upstream; the same
+    id with a different request fails with `ALREADY_EXISTS` (reason
+    `REQUEST_ID_REUSED`). Never retried by the service. Retry it yourself only
+    with the same `request_id`: an error with reason `RENT_OUTCOME_UNKNOWN`
+    means the order may have been placed, and a retry under its id answers
+    `FAILED_PRECONDITION` until the order is settled.
+    """
+    GetRentalOrder: _grpc.UnaryUnaryMultiCallable[_number_groups_pb2.GetRentalOrderRequest, _number_groups_pb2.GetRentalOrderResponse]
+    """Returns one rental order from the service's order ledger (AIP-131)."""
+    ListRentalOrders: _grpc.UnaryUnaryMultiCallable[_number_groups_pb2.ListRentalOrdersRequest, _number_groups_pb2.ListRentalOrdersResponse]
+    """Lists rental orders from the order ledger, oldest first (AIP-132,
+    AIP-158), for callers and finance to reconcile.
     """
 
 @_typing.type_check_only
@@ -101,9 +111,19 @@ class NumberGroupServiceAsyncStub(NumberGroupServiceStub):
     RentNumbers: _aio.UnaryUnaryMultiCallable[_number_groups_pb2.RentNumbersRequest, _number_groups_pb2.RentNumbersResponse]  # type: ignore[assignment]
     """Rents numbers from a number group. This spends money.
 
-    Never retried by the service. Do not retry it automatically either: an
-    error with reason `RENT_OUTCOME_UNKNOWN` means the order may have been
-    placed, and must be checked before trying again.
+    Idempotent by `request_id` (AIP-155): a repeat with the same id and the
+    same request returns the first order and sends nothing upstream; the same
+    id with a different request fails with `ALREADY_EXISTS` (reason
+    `REQUEST_ID_REUSED`). Never retried by the service. Retry it yourself only
+    with the same `request_id`: an error with reason `RENT_OUTCOME_UNKNOWN`
+    means the order may have been placed, and a retry under its id answers
+    `FAILED_PRECONDITION` until the order is settled.
+    """
+    GetRentalOrder: _aio.UnaryUnaryMultiCallable[_number_groups_pb2.GetRentalOrderRequest, _number_groups_pb2.GetRentalOrderResponse]  # type: ignore[assignment]
+    """Returns one rental order from the service's order ledger (AIP-131)."""
+    ListRentalOrders: _aio.UnaryUnaryMultiCallable[_number_groups_pb2.ListRentalOrdersRequest, _number_groups_pb2.ListRentalOrdersResponse]  # type: ignore[assignment]
+    """Lists rental orders from the order ledger, oldest first (AIP-132,
+    AIP-158), for callers and finance to reconcile.
     """
 
 class NumberGroupServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -154,9 +174,31 @@ class NumberGroupServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_number_groups_pb2.RentNumbersResponse, _abc.Awaitable[_number_groups_pb2.RentNumbersResponse]]:
         """Rents numbers from a number group. This spends money.
 
-        Never retried by the service. Do not retry it automatically either: an
-        error with reason `RENT_OUTCOME_UNKNOWN` means the order may have been
-        placed, and must be checked before trying again.
+        Idempotent by `request_id` (AIP-155): a repeat with the same id and the
+        same request returns the first order and sends nothing upstream; the same
+        id with a different request fails with `ALREADY_EXISTS` (reason
+        `REQUEST_ID_REUSED`). Never retried by the service. Retry it yourself only
+        with the same `request_id`: an error with reason `RENT_OUTCOME_UNKNOWN`
+        means the order may have been placed, and a retry under its id answers
+        `FAILED_PRECONDITION` until the order is settled.
+        """
+
+    @_abc_1.abstractmethod
+    def GetRentalOrder(
+        self,
+        request: _number_groups_pb2.GetRentalOrderRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_number_groups_pb2.GetRentalOrderResponse, _abc.Awaitable[_number_groups_pb2.GetRentalOrderResponse]]:
+        """Returns one rental order from the service's order ledger (AIP-131)."""
+
+    @_abc_1.abstractmethod
+    def ListRentalOrders(
+        self,
+        request: _number_groups_pb2.ListRentalOrdersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_number_groups_pb2.ListRentalOrdersResponse, _abc.Awaitable[_number_groups_pb2.ListRentalOrdersResponse]]:
+        """Lists rental orders from the order ledger, oldest first (AIP-132,
+        AIP-158), for callers and finance to reconcile.
         """
 
 def add_NumberGroupServiceServicer_to_server(servicer: NumberGroupServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -25,6 +25,7 @@ FAST: dict[str, Any] = {
     "retry_after_ceiling_seconds": 0.2,
     "drain_seconds": 0.0,
     "shutdown_grace_seconds": 1.0,
+    "ledger_path": ":memory:",
 }
 
 

@@ -50,6 +50,7 @@ class Served:
 @contextlib.asynccontextmanager
 async def _serve(env: Mapping[str, str], *args: str) -> AsyncIterator[Served]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("PLIVO_", "NUMBERSVC_"))}
+    clean["NUMBERSVC_LEDGER_PATH"] = ":memory:"
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",

@@ -9,7 +9,7 @@ import uuid
 import grpc
 import pytest
 
-from numbersvc.ledger import RentResult
+from numbersvc.ledger import OrderState
 from numbersvc.sandbox import SandboxControl
 from numbersvc.sandbox.faults import FaultKind, FaultSpec
 from numbersvc.server import RunningServer
@@ -195,7 +195,7 @@ class TestRentSafety:
         await server.rent_desk.drain(5.0)
         entry = await server.ledger.get(request_id)
         assert entry is not None
-        assert entry.result is RentResult.FULFILLED
+        assert entry.state is OrderState.FULFILLED
         assert len(entry.order.numbers) == 1
 
     async def test_deadline_during_the_post_is_outcome_unknown_and_recorded_later(
@@ -215,11 +215,11 @@ class TestRentSafety:
         assert reason_of(info.value) == "RENT_OUTCOME_UNKNOWN"
         entry = await server.ledger.get(request_id)
         assert entry is not None
-        assert entry.result is RentResult.SENDING
+        assert entry.state is OrderState.SENDING
         await server.rent_desk.drain(5.0)
         entry = await server.ledger.get(request_id)
         assert entry is not None
-        assert entry.result is RentResult.FULFILLED
+        assert entry.state is OrderState.FULFILLED
         posts = [r for r in await control.requests() if r["method"] == "POST"]
         assert len(posts) == 1
 
@@ -236,5 +236,5 @@ class TestRentSafety:
             await stub.RentNumbers(pb.RentNumbersRequest(group_id=group_id, request_id=request_id))
         entry = await server.ledger.get(request_id)
         assert entry is not None
-        assert entry.result is RentResult.OUTCOME_UNKNOWN
+        assert entry.state is OrderState.OUTCOME_UNKNOWN
         assert entry.order.status == pb.ORDER_STATUS_OUTCOME_UNKNOWN
