@@ -10,7 +10,7 @@ GEN_DIR := numbersvc/v1
 GEN_FILES := number_groups_pb2.py number_groups_pb2.pyi number_groups_pb2_grpc.py number_groups_pb2_grpc.pyi
 BUF := node_modules/.bin/buf
 
-.PHONY: help run sandbox test pytest lint ruff mypy buf-lint proto check-proto fmt clean
+.PHONY: help run sandbox test pytest lint ruff mypy buf-lint proto check-proto fmt readme clean
 
 help:  ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -71,6 +71,9 @@ check-proto: $(VENV)/.dev  ## Fail when the committed stubs differ from protos/.
 	    cmp -s "$$tmp/$(GEN_DIR)/$$f" "$(GEN_DIR)/$$f" || \
 	      { echo "$(GEN_DIR)/$$f is stale: run 'make proto'"; exit 1; }; \
 	  done && echo "stubs match protos/"
+
+readme: $(VENV)/.dev  ## Regenerate the README's error and settings tables.
+	$(BIN)/python tools/readme_tables.py
 
 clean:  ## Remove the virtual environment and caches.
 	rm -rf $(VENV) node_modules .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -178,7 +178,7 @@ class Config:
             raise ConfigError(f"NUMBERSVC_LOG_LEVEL: unknown level {self.log_level!r}")
 
     def resolved_ledger_path(self) -> str:
-        """The ledger file: the setting, else a per-upstream file under the XDG state folder.
+        """Return the ledger file: the setting, else a per-upstream file under XDG state.
 
         The sandbox gets its own file so that play orders never mix with real ones.
         """

@@ -57,7 +57,7 @@ _NOT_SENT: Final = frozenset(
 
 
 def fingerprint(params: RentParams) -> str:
-    """The request as compared for idempotency: after defaults, so quantity 0 equals 1."""
+    """Return the request as compared for idempotency: after defaults (quantity 0 is 1)."""
     return f"{params.group_id}|{params.quantity}|{params.app_id}"
 
 

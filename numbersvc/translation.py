@@ -23,8 +23,8 @@ from numbersvc.validation import RentParams, SearchQuery
 
 __all__ = [
     "money",
-    "number_group",
     "new_order",
+    "number_group",
     "parse_group",
     "parse_rent",
     "parse_search_page",

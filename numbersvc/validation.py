@@ -21,10 +21,10 @@ from numbersvc.v1 import number_groups_pb2 as pb
 __all__ = [
     "FieldViolation",
     "GetParams",
-    "OrderListParams",
-    "OrderQuery",
     "InvalidRequest",
     "ListParams",
+    "OrderListParams",
+    "OrderQuery",
     "RentParams",
     "SearchQuery",
     "StreamParams",

@@ -12,6 +12,7 @@ _KINDS = (
     error_details_pb2.BadRequest,
     error_details_pb2.RetryInfo,
     error_details_pb2.ResourceInfo,
+    error_details_pb2.QuotaFailure,
 )
 
 

@@ -180,7 +180,7 @@ class TokenBucket:
         if not self._queue and self._tokens >= 1.0 - _TOKEN_EPSILON:
             self._take()
             return 0.0
-        needed = self._wait_at(0)
+        needed = self._wait_at(len(self._queue))
         if needed > max_wait_seconds:
             self.refusals += 1
             raise UpstreamThrottledError(

@@ -22,6 +22,7 @@ from numbersvc.upstream import (
     UpstreamConnectError,
     UpstreamDecodeError,
     UpstreamStatusError,
+    UpstreamThrottledError,
     UpstreamTimeoutError,
     UpstreamTransportError,
 )
@@ -120,6 +121,13 @@ ROWS = [
         {"BadRequest"},
     ),
     (DeadlineExceeded("late"), Operation.SEARCH, S.DEADLINE_EXCEEDED, "DEADLINE_EXCEEDED", set()),
+    (
+        UpstreamThrottledError("budget", retry_after_seconds=0.5),
+        Operation.RENT,
+        S.UNAVAILABLE,
+        "UPSTREAM_BUDGET_EXHAUSTED",
+        {"RetryInfo"},
+    ),
     (RuntimeError("bug"), Operation.SEARCH, S.INTERNAL, "INTERNAL_ERROR", set()),
 ]
 
@@ -138,21 +146,60 @@ def test_row(
     assert set(details) == extras
 
 
+# Rows the servicer raises itself, with what the caller must see.
+OWN_ROWS = [
+    (Outcome.RENT_DEADLINE_TOO_SHORT, S.DEADLINE_EXCEEDED, "RENT_DEADLINE_TOO_SHORT", set()),
+    (Outcome.RENT_OUTCOME_UNKNOWN_DEADLINE, S.DEADLINE_EXCEEDED, "RENT_OUTCOME_UNKNOWN", set()),
+    (
+        Outcome.RENT_OUTCOME_UNKNOWN_REPEAT,
+        S.FAILED_PRECONDITION,
+        "RENT_OUTCOME_UNKNOWN",
+        {"ResourceInfo"},
+    ),
+    (Outcome.RENT_IN_PROGRESS, S.ABORTED, "RENT_IN_PROGRESS", {"RetryInfo", "ResourceInfo"}),
+    (Outcome.REQUEST_ID_REUSED, S.ALREADY_EXISTS, "REQUEST_ID_REUSED", {"ResourceInfo"}),
+    (
+        Outcome.DAILY_RENT_CAP_EXCEEDED,
+        S.RESOURCE_EXHAUSTED,
+        "DAILY_RENT_CAP_EXCEEDED",
+        {"QuotaFailure"},
+    ),
+    (Outcome.RENTAL_ORDER_NOT_FOUND, S.NOT_FOUND, "RENTAL_ORDER_NOT_FOUND", {"ResourceInfo"}),
+]
+
+
 def test_every_outcome_has_a_row_and_a_test() -> None:
     assert set(TABLE) == set(Outcome)
     reached = {classify(f, op).outcome for f, op, *_ in ROWS}
-    own = {Outcome.RENT_DEADLINE_TOO_SHORT, Outcome.RENT_OUTCOME_UNKNOWN_DEADLINE}
+    own = {outcome for outcome, *_ in OWN_ROWS}
     assert reached | own == set(Outcome)
 
 
-@pytest.mark.parametrize(
-    "outcome", [Outcome.RENT_DEADLINE_TOO_SHORT, Outcome.RENT_OUTCOME_UNKNOWN_DEADLINE]
-)
-def test_servicer_raised_rows(outcome: Outcome) -> None:
-    status = to_status(ServiceError(outcome, "m"))
-    assert status.code == S.DEADLINE_EXCEEDED
+@pytest.mark.parametrize(("outcome", "code", "reason", "extras"), OWN_ROWS)
+def test_servicer_raised_rows(
+    outcome: Outcome, code: grpc.StatusCode, reason: str, extras: set[str]
+) -> None:
+    status = to_status(ServiceError(outcome, "m", resource_name="r-1", quota="caller:x"))
+    assert status.code == code
     _, details = _details(status)
-    assert set(details) == {"ErrorInfo"}
+    info = details.pop("ErrorInfo")
+    assert info.reason == reason
+    assert set(details) == extras
+
+
+def test_order_rows_name_the_request_id() -> None:
+    error = ServiceError(Outcome.REQUEST_ID_REUSED, "m", resource_name="r-1")
+    _, details = _details(to_status(error))
+    assert details["ResourceInfo"].resource_type == "numbersvc.v1.RentalOrder"
+    assert details["ResourceInfo"].resource_name == "r-1"
+    assert details["ErrorInfo"].metadata["requestId"] == "r-1"
+
+
+def test_quota_failure_names_the_caller() -> None:
+    error = ServiceError(Outcome.DAILY_RENT_CAP_EXCEEDED, "over", quota="caller:anonymous")
+    _, details = _details(to_status(error))
+    [violation] = details["QuotaFailure"].violations
+    assert (violation.subject, violation.description) == ("caller:anonymous", "over")
 
 
 def test_retry_info_honours_retry_after() -> None:
@@ -187,7 +234,7 @@ def test_bad_request_names_every_field() -> None:
 
 
 def test_resource_info_names_the_group() -> None:
-    error = ServiceError(Outcome.NUMBER_GROUP_NOT_FOUND, "gone", group_id="123")
+    error = ServiceError(Outcome.NUMBER_GROUP_NOT_FOUND, "gone", resource_name="123")
     _, details = _details(to_status(error))
     info = details["ResourceInfo"]
     assert isinstance(info, error_details_pb2.ResourceInfo)

@@ -29,6 +29,8 @@ GROUP: dict[str, Any] = {
 }
 NOW = timestamp_pb2.Timestamp(seconds=1_790_000_000)
 RENT = RentParams(group_id="55350421590053", quantity=2, app_id="", request_id="r-1")
+SENT = translation.new_order(RENT, caller="anonymous")
+SENT.create_time.CopyFrom(NOW)
 
 
 def _query(**kw: Any) -> SearchQuery:
@@ -224,7 +226,7 @@ class TestRent:
             ],
             "status": "fulfilled",
         }
-        order = translation.parse_rent(body, RENT, create_time=NOW)
+        order = translation.parse_rent(body, SENT)
         assert order.status == pb.ORDER_STATUS_FULFILLED
         assert order.upstream_status == "fulfilled"
         assert order.upstream_request_id == "api-1"
@@ -242,13 +244,13 @@ class TestRent:
     def test_pending(self) -> None:
         details = "Order for 2 numbers(Region: AMIENS, FRANCE, ...) initiated."
         body = {"api_id": "p", "details": details, "message": "created", "status": "pending"}
-        order = translation.parse_rent(body, RENT, create_time=NOW)
+        order = translation.parse_rent(body, SENT)
         assert order.status == pb.ORDER_STATUS_PENDING
         assert order.details == details
         assert not order.numbers
 
     def test_unknown_status_keeps_text(self) -> None:
-        order = translation.parse_rent({"status": "queued"}, RENT, create_time=NOW)
+        order = translation.parse_rent({"status": "queued"}, SENT)
         assert order.status == pb.ORDER_STATUS_UNSPECIFIED
         assert order.upstream_status == "queued"
 
@@ -258,9 +260,11 @@ class TestRent:
     )
     def test_wrong_shapes(self, body: object) -> None:
         with pytest.raises(UpstreamDecodeError):
-            translation.parse_rent(body, RENT, create_time=NOW)
+            translation.parse_rent(body, SENT)
 
-    def test_outcome_unknown_order(self) -> None:
-        order = translation.outcome_unknown_order(RENT, create_time=NOW)
-        assert order.status == pb.ORDER_STATUS_OUTCOME_UNKNOWN
-        assert (order.request_id, order.quantity) == ("r-1", 2)
+    def test_new_order_is_outcome_unknown_until_answered(self) -> None:
+        assert SENT.status == pb.ORDER_STATUS_OUTCOME_UNKNOWN
+        assert (SENT.request_id, SENT.quantity, SENT.caller) == ("r-1", 2, "anonymous")
+        placed = translation.parse_rent({"status": "fulfilled", "api_id": "a"}, SENT)
+        assert SENT.status == pb.ORDER_STATUS_OUTCOME_UNKNOWN  # the input is not changed
+        assert placed.create_time == NOW
