@@ -20,7 +20,8 @@ def rewrite(text: str) -> str:
     """Return `text` with every marked table replaced by its generated form."""
     for name, render in TABLES.items():
         pattern = re.compile(rf"(<!-- {name}:[^\n]*-->\n).*?(\n<!-- /{name} -->)", re.DOTALL)
-        text, count = pattern.subn(lambda m, r=render: m.group(1) + r() + m.group(2), text)
+        table = render()
+        text, count = pattern.subn(lambda m: m.group(1) + table + m.group(2), text)
         if count != 1:
             sys.exit(f"README.md: expected one {name} block, found {count}")
     return text

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -44,7 +45,7 @@ def _status(code: int, retry_after: float | None = None) -> UpstreamStatusError:
     )
 
 
-def _details(status: grpc.Status) -> tuple[status_pb2.Status, dict[str, object]]:
+def _details(status: grpc.Status) -> tuple[status_pb2.Status, dict[str, Any]]:
     return richstatus.decode(status.trailing_metadata)
 
 
