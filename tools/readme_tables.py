@@ -20,11 +20,15 @@ def rewrite(text: str) -> str:
     """Return `text` with every marked table replaced by its generated form."""
     for name, render in TABLES.items():
         pattern = re.compile(rf"(<!-- {name}:[^\n]*-->\n).*?(\n<!-- /{name} -->)", re.DOTALL)
-        table = render()
-        text, count = pattern.subn(lambda m: m.group(1) + table + m.group(2), text)
+        # A replacement string would read backslashes in the table as escapes.
+        text, count = pattern.subn(_filler(render()), text)
         if count != 1:
             sys.exit(f"README.md: expected one {name} block, found {count}")
     return text
+
+
+def _filler(table: str) -> Callable[[re.Match[str]], str]:
+    return lambda match: match.group(1) + table + match.group(2)
 
 
 if __name__ == "__main__":
