@@ -86,6 +86,7 @@ class Outcome(enum.Enum):
     DAILY_RENT_CAP_EXCEEDED = enum.auto()
     UPSTREAM_BUDGET_EXHAUSTED = enum.auto()
     RENTAL_ORDER_NOT_FOUND = enum.auto()
+    SERVER_SHUTTING_DOWN = enum.auto()
     INTERNAL_ERROR = enum.auto()
 
 
@@ -283,6 +284,12 @@ TABLE: Final[Mapping[Outcome, Rule]] = {
     ),
     Outcome.RENTAL_ORDER_NOT_FOUND: Rule(
         _S.NOT_FOUND, "RENTAL_ORDER_NOT_FOUND", "no order with that request id", (_order_info,)
+    ),
+    Outcome.SERVER_SHUTTING_DOWN: Rule(
+        _S.UNAVAILABLE,
+        "SERVER_SHUTTING_DOWN",
+        "a stream was ended by a graceful shutdown; metadata `resumePageToken` resumes it",
+        (_retry_info,),
     ),
     Outcome.INTERNAL_ERROR: Rule(_S.INTERNAL, "INTERNAL_ERROR", "a bug in numbersvc (logged)"),
 }

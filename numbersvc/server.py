@@ -64,6 +64,7 @@ class RunningServer:
     port: int
     upstream_kind: UpstreamKind
     health: _HealthServicer
+    servicer: NumberGroupServicer
     upstream: PlivoClient
     rent_desk: RentDesk
     ledger: OrderLedger
@@ -75,6 +76,7 @@ class RunningServer:
         if drain_seconds:
             _log.info("health NOT_SERVING; draining for %.1f s", drain_seconds)
             await asyncio.sleep(drain_seconds)
+        self.servicer.begin_shutdown()
         await self.server.stop(grace_seconds)
         await self.rent_desk.drain(grace_seconds)
         await self.upstream.aclose()
@@ -159,6 +161,7 @@ async def create_server(config: Config) -> RunningServer:
         port=port,
         upstream_kind=kind,
         health=health_servicer,
+        servicer=servicer,
         upstream=upstream,
         rent_desk=rent_desk,
         ledger=ledger,

@@ -8,6 +8,7 @@ status the error table prescribes, so no call ever ends as UNKNOWN.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import functools
@@ -89,12 +90,20 @@ class NumberGroupServicer(pb_grpc.NumberGroupServiceServicer):
         self._upstream = upstream
         self._rent_desk = rent_desk
         self._ledger = ledger
+        self._stopping = asyncio.Event()
         self._retry = RetryPolicy(
             max_attempts=config.retry_max_attempts,
             initial_delay_seconds=config.retry_initial_delay_seconds,
             max_delay_seconds=config.retry_max_delay_seconds,
             retry_after_ceiling_seconds=config.retry_after_ceiling_seconds,
         )
+
+    def begin_shutdown(self) -> None:
+        """End every stream at its next page, with a resume token, so the server can stop.
+
+        Unary calls are left to finish within the server's grace period.
+        """
+        self._stopping.set()
 
     @_unary(Operation.SEARCH)
     async def ListNumberGroups(
@@ -134,15 +143,19 @@ class NumberGroupServicer(pb_grpc.NumberGroupServiceServicer):
             walk = paging.walk_pages(
                 fetch, first, page_size=params.page_size, read_ahead=read_ahead
             )
+            resume_token = request.page_token
             async with contextlib.aclosing(walk) as pages:
                 async for page in pages:
+                    if self._stopping.is_set():
+                        raise _shutting_down(resume_token)
                     groups, resume = cursor.take(page)
                     last = resume is None or cursor.exhausted
+                    resume_token = "" if resume is None else _token(resume, params.query)
                     if groups or last:
                         yield pb.StreamNumberGroupsResponse(
                             number_groups=groups,
                             total_size=_int32(page.total_count),
-                            next_page_token="" if resume is None else _token(resume, params.query),
+                            next_page_token=resume_token,
                         )
                     if last:
                         return
@@ -263,6 +276,15 @@ class NumberGroupServicer(pb_grpc.NumberGroupServiceServicer):
         default = self._config.default_deadline_seconds
         budget = default if caller is None else min(caller.remaining(), default)
         return Deadline.after(budget, default_seconds=default)
+
+
+def _shutting_down(resume_token: str) -> ServiceError:
+    return ServiceError(
+        Outcome.SERVER_SHUTTING_DOWN,
+        "the server is shutting down; resume the stream with the page token in ErrorInfo"
+        " metadata `resumePageToken` (empty: from the start)",
+        metadata={"resumePageToken": resume_token},
+    )
 
 
 def _caller(context: _Context) -> str:

@@ -166,6 +166,7 @@ OWN_ROWS = [
         {"QuotaFailure"},
     ),
     (Outcome.RENTAL_ORDER_NOT_FOUND, S.NOT_FOUND, "RENTAL_ORDER_NOT_FOUND", {"ResourceInfo"}),
+    (Outcome.SERVER_SHUTTING_DOWN, S.UNAVAILABLE, "SERVER_SHUTTING_DOWN", {"RetryInfo"}),
 ]
 
 
