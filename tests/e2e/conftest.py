@@ -6,6 +6,7 @@ URL and credentials), so every byte goes through the production client, over rea
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -17,6 +18,8 @@ from numbersvc.sandbox import SandboxControl, SandboxServer
 from numbersvc.server import RunningServer, create_server
 from numbersvc.v1 import number_groups_pb2_grpc as pb_grpc
 from tests import richstatus
+
+_POLL_SECONDS = 0.02
 
 # Fast retries, no drain: the suite measures behaviour, not patience.
 FAST: dict[str, Any] = {
@@ -101,3 +104,13 @@ def reason_of(error: grpc.aio.AioRpcError) -> str:
     assert info.domain == "numbersvc"
     reason: str = info.reason
     return reason
+
+
+async def eventually(probe: Callable[[], Awaitable[bool]], *, timeout_seconds: float = 10) -> None:
+    """Poll `probe` (another process's state, which no event can signal) until it holds."""
+    polls = int(timeout_seconds / _POLL_SECONDS)
+    for _ in range(polls):
+        if await probe():
+            return
+        await asyncio.sleep(_POLL_SECONDS)
+    raise AssertionError(f"still false after {timeout_seconds} s")
