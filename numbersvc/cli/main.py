@@ -1,9 +1,10 @@
 """The `numbersvc` command: run the server or the sandbox, or call a running server.
 
 `main(argv)` parses the command line and returns the process exit code. The client commands
-(`list`, `stream`, `get`, `rent`) open one insecure channel to `--target` and hand it to
-`numbersvc.cli.client`; `serve` and `sandbox` import their heavy modules only when run, so a
-client command starts without loading the HTTP stack.
+(`list`, `stream`, `get`, `rent`, `orders list`, `orders get`) open one insecure channel to
+`--target` and hand it to `numbersvc.cli.client` or `numbersvc.cli.orders`; the local commands
+(`serve`, `sandbox`, `orders settle`) run in this process. `serve` and `sandbox` import their
+heavy modules only when run, so a client command starts without loading the HTTP stack.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import asyncio
 import contextlib
 import os
 import sys
-import textwrap
 from collections.abc import Callable, Sequence
 from typing import Any, Final
 
@@ -21,45 +21,33 @@ import grpc
 from google.protobuf.message import Message
 
 from numbersvc import __version__, logs
-from numbersvc.cli import client, render
+from numbersvc.cli import client, orders, render
+from numbersvc.cli.options import (
+    DEFAULT_DEADLINE_SECONDS,
+    TARGET_ENV,
+    add_client_options,
+    add_command,
+    add_page_options,
+    comma_choices,
+    exit_code_table,
+    exit_codes_epilog,
+    positive_int,
+)
 from numbersvc.config import Config, ConfigError, add_arguments
 from numbersvc.v1 import number_groups_pb2 as pb
 
 __all__ = ["TARGET_ENV", "main", "run"]
 
-TARGET_ENV: Final = "NUMBERSVC_TARGET"
-_DEFAULT_TARGET: Final = "127.0.0.1:50051"
-_DEFAULT_DEADLINE_SECONDS: Final = 10.0
 # A rent may wait on Plivo for a while, and the server refuses one with too little deadline.
 _DEFAULT_RENT_DEADLINE_SECONDS: Final = 30.0
 _DEFAULT_SANDBOX_LISTEN: Final = "127.0.0.1:8089"
 _USER_AGENT: Final = f"numbersvc-cli/{__version__}"
-_HELP_WIDTH: Final = 79
 
 ChannelFactory = Callable[[str], grpc.Channel]
 """Open a channel to a HOST:PORT target (injected so tests can pass a `grpc_testing` one)."""
 # A client command and the function that builds its request from the parsed arguments.
 _ClientCommand = Callable[[grpc.Channel, Any, client.CallOptions, client.Console], int]
 _BuildRequest = Callable[[argparse.Namespace], Message]
-
-
-def _exit_codes_epilog() -> str:
-    # A no-break space inside each "NN NAME" pair keeps textwrap from splitting the pair.
-    rpc_codes = ", ".join(
-        f"{client.exit_code(code)}\N{NO-BREAK SPACE}{code.name}"
-        for code in grpc.StatusCode
-        if code.value[0]
-    )
-    return (
-        "exit codes:\n"
-        f"  {client.EXIT_OK}    success\n"
-        f"  {client.EXIT_USAGE}    usage error, or a bad server configuration\n"
-        "  10+N a call failed with gRPC status code N:\n"
-        + textwrap.fill(
-            rpc_codes, _HELP_WIDTH, initial_indent=" " * 7, subsequent_indent=" " * 7
-        ).replace("\N{NO-BREAK SPACE}", " ")
-        + f"\n  {client.EXIT_INTERRUPTED}  interrupted (Ctrl-C)\n"
-    )
 
 
 def _open_channel(target: str) -> grpc.Channel:
@@ -111,39 +99,33 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="numbersvc",
         description="gRPC service over Plivo's phone-number groups, and a client for it.",
-        epilog=_exit_codes_epilog(),
+        epilog=exit_codes_epilog((orders.EXIT_CANNOT_SETTLE, orders.CANNOT_SETTLE)),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
 
-    def command(
-        name: str, help: str, description: str, epilog: str = _exit_codes_epilog()
-    ) -> argparse.ArgumentParser:
-        return commands.add_parser(
-            name,
-            help=help,
-            # Filled here because the raw formatter (kept for the epilog) would not wrap it.
-            description=textwrap.fill(description, _HELP_WIDTH),
-            epilog=epilog,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-        )
-
-    serve = command(
+    serve = add_command(
+        commands,
         "serve",
         "run the gRPC server",
         "Run the gRPC server until SIGTERM or SIGINT. Every flag overrides its environment"
         " variable; without Plivo credentials the server uses its embedded sandbox.",
-        epilog="exit codes:\n  0    after a graceful shutdown\n  2    bad configuration\n",
+        epilog=exit_code_table(
+            [(client.EXIT_OK, "after a graceful shutdown"), (client.EXIT_USAGE, "bad configuration")]
+        ),
     )
     add_arguments(serve)
     serve.set_defaults(local_command=_serve)
 
-    sandbox = command(
+    sandbox = add_command(
+        commands,
         "sandbox",
         "run the Plivo-compatible sandbox alone",
         "Serve the fake Plivo API (with control routes under /__sandbox) until Ctrl-C.",
-        epilog="exit codes:\n  0    stopped with Ctrl-C\n  2    usage error\n",
+        epilog=exit_code_table(
+            [(client.EXIT_OK, "stopped with Ctrl-C"), (client.EXIT_USAGE, "usage error")]
+        ),
     )
     sandbox.add_argument(
         "--listen",
@@ -161,38 +143,42 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sandbox.set_defaults(local_command=_sandbox)
 
-    list_ = command("list", "print one page of number groups", "Search number groups: one page.")
+    list_ = add_command(
+        commands, "list", "print one page of number groups", "Search number groups: one page."
+    )
     _search_options(list_)
-    _page_options(list_, size_help="groups on the page, 1 to 20 (default: the server's, 20)")
-    _client_options(list_, _DEFAULT_DEADLINE_SECONDS)
+    _group_page_options(list_, size_help="groups on the page, 1 to 20 (default: the server's, 20)")
+    add_client_options(list_, DEFAULT_DEADLINE_SECONDS)
     list_.set_defaults(client_command=client.list_groups, build_request=_list_request)
 
-    stream = command(
+    stream = add_command(
+        commands,
         "stream",
         "stream every matching number group",
         "Walk every page of a search, printing groups as they arrive. With --json, one JSON"
         " object per group per line. A stream that breaks prints a --page-token to resume.",
     )
     _search_options(stream)
-    _page_options(stream, size_help="groups per streamed page, 1 to 20 (default: 20)")
+    _group_page_options(stream, size_help="groups per streamed page, 1 to 20 (default: 20)")
     stream.add_argument(
         "--max-results",
-        type=_positive_int,
+        type=positive_int,
         default=0,
         metavar="N",
         help="stop after N groups (default: no limit)",
     )
-    _client_options(
-        stream, _DEFAULT_DEADLINE_SECONDS, deadline_note="; the whole stream must end within it"
+    add_client_options(
+        stream, DEFAULT_DEADLINE_SECONDS, deadline_note="; the whole stream must end within it"
     )
     stream.set_defaults(client_command=client.stream_groups, build_request=_stream_request)
 
-    get = command("get", "print one number group", "Get one number group by its id.")
+    get = add_command(commands, "get", "print one number group", "Get one number group by its id.")
     get.add_argument("group_id", metavar="GROUP_ID", help="the group's id (1 to 32 digits)")
-    _client_options(get, _DEFAULT_DEADLINE_SECONDS)
+    add_client_options(get, DEFAULT_DEADLINE_SECONDS)
     get.set_defaults(client_command=client.get_group, build_request=_get_request)
 
-    rent = command(
+    rent = add_command(
+        commands,
         "rent",
         "rent numbers from a group (spends money)",
         "Rent numbers from a number group. This spends money and is never retried. The"
@@ -202,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     rent.add_argument("group_id", metavar="GROUP_ID", help="the group's id (1 to 32 digits)")
     rent.add_argument(
         "--quantity",
-        type=_positive_int,
+        type=positive_int,
         default=1,
         metavar="N",
         help="numbers to rent, at most the server's per-order maximum (default: %(default)s)",
@@ -219,8 +205,10 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="UUID",
         help="id of this order, a canonical UUID (default: a new random UUID4)",
     )
-    _client_options(rent, _DEFAULT_RENT_DEADLINE_SECONDS)
+    add_client_options(rent, _DEFAULT_RENT_DEADLINE_SECONDS)
     rent.set_defaults(client_command=client.rent_numbers, build_request=_rent_request)
+
+    orders.add_orders_command(commands)
     return parser
 
 
@@ -246,75 +234,19 @@ def _search_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--services",
-        type=_services,
+        type=comma_choices(render.SERVICES, "service"),
         default=[],
         metavar=",".join(render.SERVICES),
         help="comma-separated services every group must offer (default: any)",
     )
 
 
-def _page_options(parser: argparse.ArgumentParser, *, size_help: str) -> None:
-    parser.add_argument("--page-size", type=_positive_int, default=0, metavar="N", help=size_help)
-    parser.add_argument(
-        "--page-token",
-        default="",
-        metavar="TOKEN",
-        help="a next-page token from an earlier list or stream (default: the first page)",
+def _group_page_options(parser: argparse.ArgumentParser, *, size_help: str) -> None:
+    add_page_options(
+        parser,
+        size_help=size_help,
+        token_help="a next-page token from an earlier list or stream (default: the first page)",
     )
-
-
-def _client_options(
-    parser: argparse.ArgumentParser, deadline_seconds: float, *, deadline_note: str = ""
-) -> None:
-    parser.add_argument(
-        "--target",
-        default=os.environ.get(TARGET_ENV) or _DEFAULT_TARGET,
-        metavar="HOST:PORT",
-        help=f"the numbersvc server (env {TARGET_ENV}; default: {_DEFAULT_TARGET})",
-    )
-    parser.add_argument(
-        "--deadline",
-        type=_positive_float,
-        default=deadline_seconds,
-        metavar="SECONDS",
-        help=f"give up on the call after this long{deadline_note} (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--json",
-        action="store_true",
-        help="print the response as JSON (proto field names) instead of a table",
-    )
-
-
-def _positive_int(raw: str) -> int:
-    try:
-        value = int(raw)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {raw!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
-    return value
-
-
-def _positive_float(raw: str) -> float:
-    try:
-        value = float(raw)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {raw!r}") from None
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {raw}")
-    return value
-
-
-def _services(raw: str) -> list[pb.NumberService.ValueType]:
-    names = [name.strip().lower() for name in raw.split(",") if name.strip()]
-    unknown = [name for name in names if name not in render.SERVICES]
-    if unknown or not names:
-        known = ", ".join(render.SERVICES)
-        what = ", ".join(map(repr, unknown)) or "none"
-        raise argparse.ArgumentTypeError(f"unknown service {what}: choose from {known}")
-    # dict.fromkeys: the service refuses a repeated value, and repeating one means nothing.
-    return [render.SERVICES[name] for name in dict.fromkeys(names)]
 
 
 def _host_port(raw: str) -> tuple[str, int]:
