@@ -10,18 +10,23 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC
 from typing import Final, Literal, TypeVar
 
-from google.protobuf import json_format
+from google.protobuf import json_format, timestamp_pb2
 from google.protobuf.message import Message
 from google.type import money_pb2
 
 from numbersvc.v1 import number_groups_pb2 as pb
 
 __all__ = [
+    "GROUPS_TABLE",
     "NUMBER_TYPES",
+    "ORDERS_TABLE",
+    "ORDER_STATUSES",
     "SERVICES",
     "ErrorReport",
+    "StreamedTable",
     "Table",
     "error_lines",
     "format_money",
@@ -32,6 +37,8 @@ __all__ = [
     "json_text",
     "list_footer",
     "order_details",
+    "order_row",
+    "orders_table",
     "progress_text",
     "resume_hint",
     "stream_footer",
@@ -42,6 +49,8 @@ _NANOS_PER_UNIT: Final = 1_000_000_000
 _MIN_DECIMALS: Final = 2
 _CURRENCY_SYMBOLS: Final = {"USD": "$"}
 _UNSET: Final = "-"
+_NOTE_MAX_CHARS: Final = 40
+_ELLIPSIS: Final = "..."
 
 
 def _labels(items: Iterable[tuple[str, _V]], prefix: str) -> dict[str, _V]:
@@ -53,7 +62,10 @@ NUMBER_TYPES: Final = _labels(pb.NumberType.items(), "NUMBER_TYPE_")
 """Command-line names of the number types: `local`, `national`, `tollfree`."""
 SERVICES: Final = _labels(pb.NumberService.items(), "NUMBER_SERVICE_")
 """Command-line names of the services: `voice`, `sms`."""
-_ORDER_STATUSES: Final = _labels(pb.OrderStatus.items(), "ORDER_STATUS_")
+_ORDER_STATUS_NAMES: Final = _labels(pb.OrderStatus.items(), "ORDER_STATUS_")
+ORDER_STATUSES: Final = {**_ORDER_STATUS_NAMES, "unspecified": pb.ORDER_STATUS_UNSPECIFIED}
+"""Command-line names of the order statuses: `fulfilled`, `pending`, `outcome_unknown`,
+`failed`, and `unspecified` (an upstream status the server does not know)."""
 _NUMBER_STATUSES: Final = {
     pb.RENTED_NUMBER_STATUS_SUCCESS: "rented",
     pb.RENTED_NUMBER_STATUS_FAILED: "failed",
@@ -134,6 +146,29 @@ class Table:
         return "\n".join(self.line(cells, widths) for cells in [self.headers, *rows])
 
 
+@dataclass(slots=True)
+class StreamedTable:
+    """A table printed one batch of rows at a time, as pages arrive.
+
+    The first batch sets the widths and carries the header; later batches only widen them, so
+    rows stay aligned while they stream (a later, wider cell pushes its own row only).
+    """
+
+    table: Table
+    widths: list[int] | None = None
+
+    def add(self, rows: Sequence[Sequence[str]]) -> str:
+        """Lay out one batch (after the header, if it is the first) on the widths so far."""
+        lines = list(rows)
+        widths = self.table.widths(lines)
+        if self.widths is None:
+            lines.insert(0, self.table.headers)
+        else:
+            widths = [max(old, new) for old, new in zip(self.widths, widths, strict=True)]
+        self.widths = widths
+        return "\n".join(self.table.line(row, widths) for row in lines)
+
+
 GROUPS_TABLE: Final = Table(
     headers=(
         "GROUP ID",
@@ -172,14 +207,18 @@ def groups_table(groups: Iterable[pb.NumberGroup]) -> str:
     return GROUPS_TABLE.render([group_row(g) for g in groups])
 
 
+def _count(count: int, noun: str) -> str:
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
 def _groups(count: int) -> str:
-    return f"{count} group" if count == 1 else f"{count} groups"
+    return _count(count, "group")
 
 
-def list_footer(shown: int, total: int, next_page_token: str) -> str:
-    """Say under a `list` table how many of how many, and how to get the next page."""
+def list_footer(shown: int, total: int, next_page_token: str, *, noun: str = "group") -> str:
+    """Say under a listed table how many of how many `noun`s, and how to get the next page."""
     where = f"next page: --page-token {next_page_token}" if next_page_token else "last page"
-    return f"{shown} of {_groups(total)}; {where}"
+    return f"{shown} of {_count(total, noun)}; {where}"
 
 
 def stream_footer(received: int, total: int, next_page_token: str) -> str:
@@ -193,9 +232,9 @@ def progress_text(received: int, total: int) -> str:
     return f"streaming: {received} of {_groups(total)}"
 
 
-def resume_hint(received: int, next_page_token: str) -> str:
-    """Tell how to resume a stream that broke after `received` groups."""
-    return f"{_groups(received)} received; resume with --page-token {next_page_token}"
+def resume_hint(received: int, next_page_token: str, *, noun: str = "group") -> str:
+    """Tell how to resume a walk that broke after `received` `noun`s."""
+    return f"{_count(received, noun)} received; resume with --page-token {next_page_token}"
 
 
 def _key_values(pairs: Iterable[tuple[str, str | Sequence[str]]]) -> str:
@@ -230,15 +269,73 @@ def group_details(group: pb.NumberGroup) -> str:
     )
 
 
+def _e164(number: pb.RentedNumber) -> str:
+    return number.e164 or "+" + number.number
+
+
 def _rented_number(number: pb.RentedNumber) -> str:
     status = _NUMBER_STATUSES.get(number.status, "unknown")
     upstream = f" (upstream: {number.upstream_status})" if status != "rented" else ""
-    return f"{number.e164 or '+' + number.number}  {status}{upstream}"
+    return f"{_e164(number)}  {status}{upstream}"
+
+
+def _order_status(order: pb.RentalOrder) -> str:
+    return _label(_ORDER_STATUS_NAMES, order.status, order.upstream_status)
+
+
+def _utc_seconds(stamp: timestamp_pb2.Timestamp) -> str:
+    return stamp.ToDatetime(tzinfo=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _one_line(text: str, max_chars: int) -> str:
+    """Fold whitespace (newlines too) and cut to `max_chars`, marking the cut."""
+    text = " ".join(text.split())
+    if len(text) <= max_chars:
+        return text
+    return text[: max_chars - len(_ELLIPSIS)].rstrip() + _ELLIPSIS
+
+
+ORDERS_TABLE: Final = Table(
+    headers=(
+        "REQUEST ID",
+        "CREATED",
+        "STATUS",
+        "GROUP ID",
+        "QTY",
+        "NUMBERS",
+        "CALLER",
+        "NOTE",
+    ),
+    right_aligned=frozenset({4}),
+)
+
+
+def order_row(order: pb.RentalOrder) -> tuple[str, ...]:
+    """Return the cells of one order in `ORDERS_TABLE`: created in UTC to the second, numbers
+    in E.164, and the status message cut to one short line."""
+    return (
+        order.request_id,
+        _utc_seconds(order.create_time) if order.HasField("create_time") else _UNSET,
+        _order_status(order),
+        order.group_id or _UNSET,
+        str(order.quantity),
+        ",".join(_e164(n) for n in order.numbers) or _UNSET,
+        order.caller or _UNSET,
+        _one_line(order.status_message, _NOTE_MAX_CHARS) or _UNSET,
+    )
+
+
+def orders_table(orders: Iterable[pb.RentalOrder]) -> str:
+    """Lay out orders as a table, header first, columns as wide as their widest cell."""
+    return ORDERS_TABLE.render([order_row(o) for o in orders])
 
 
 def order_details(order: pb.RentalOrder) -> str:
-    """Show an order as a key-value block: status, numbers in E.164, ids, pending details."""
-    status = _label(_ORDER_STATUSES, order.status, order.upstream_status)
+    """Show an order as a key-value block: status, numbers in E.164, ids, pending details.
+
+    The status message (`note`), caller and times appear only when the server sent them.
+    """
+    status = _order_status(order)
     if order.upstream_status and order.upstream_status != status:
         status = f"{status} (upstream: {order.upstream_status})"
     pairs: list[tuple[str, str | Sequence[str]]] = [
@@ -249,13 +346,19 @@ def order_details(order: pb.RentalOrder) -> str:
     ]
     if order.details:
         pairs.append(("details", order.details))
+    if order.status_message:
+        pairs.append(("note", order.status_message))
     pairs += [
         ("app id", order.app_id or "(account default)"),
         ("request id", order.request_id),
         ("upstream id", order.upstream_request_id or _UNSET),
     ]
+    if order.caller:
+        pairs.append(("caller", order.caller))
     if order.HasField("create_time"):
         pairs.append(("created", order.create_time.ToJsonString()))
+    if order.HasField("update_time"):
+        pairs.append(("updated", order.update_time.ToJsonString()))
     return _key_values(pairs)
 
 

@@ -23,9 +23,10 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Coroutine
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 import grpc
+from hypothesis import strategies as st
 
 from numbersvc.sandbox import SandboxControl, SandboxServer
 from numbersvc.server import RunningServer, create_server
@@ -33,9 +34,21 @@ from numbersvc.v1 import number_groups_pb2 as pb
 from numbersvc.v1 import number_groups_pb2_grpc as pb_grpc
 from tests.e2e.conftest import config_for
 
-__all__ = ["LiveStack"]
+__all__ = ["RPCS", "LiveStack", "mostly"]
 
 T = TypeVar("T")
+RPCS: Final = ("list", "stream", "get", "rent")
+_TIMEOUT_SECONDS: Final = 10.0  # well above the rent minimum (2 s); nothing here should wait
+_MAX_STREAM_MESSAGES: Final = 3  # a stream is read this far, then cancelled: walks stay short
+
+
+def mostly(valid: st.SearchStrategy[T], odd: st.SearchStrategy[T]) -> st.SearchStrategy[T]:
+    """Draw from `valid` 7 times in 8, else from `odd`.
+
+    Inputs with one odd part in an otherwise good whole get furthest (past validation, deep
+    into parsing), so they find the most; uniform choices would mostly be rejected at once.
+    """
+    return st.integers(0, 7).flatmap(lambda roll: odd if roll == 0 else valid)
 
 
 class LiveStack:
@@ -79,6 +92,34 @@ class LiveStack:
         )
         page = await self.stub.ListNumberGroups(request, timeout=5)
         return [group.group_id for group in page.number_groups]
+
+    async def send(self, rpc: str, request: Any) -> grpc.aio.AioRpcError | None:
+        """Call `rpc` ("list", "stream", "get", "rent"); return its error, or None if it succeeded.
+
+        A stream is read for at most 3 messages and then cancelled, so a filter with
+        thousands of groups is not walked to the end.
+        """
+        stub = self.stub
+        try:
+            if rpc == "list":
+                await stub.ListNumberGroups(request, timeout=_TIMEOUT_SECONDS)
+            elif rpc == "stream":
+                call = stub.StreamNumberGroups(request, timeout=_TIMEOUT_SECONDS)
+                received = 0
+                async for _ in call:
+                    received += 1
+                    if received >= _MAX_STREAM_MESSAGES:
+                        call.cancel()
+                        break
+            elif rpc == "get":
+                await stub.GetNumberGroup(request, timeout=_TIMEOUT_SECONDS)
+            elif rpc == "rent":
+                await stub.RentNumbers(request, timeout=_TIMEOUT_SECONDS)
+            else:
+                raise ValueError(f"unknown rpc {rpc!r}: one of {RPCS}")
+        except grpc.aio.AioRpcError as error:
+            return error
+        return None
 
     async def _start(self) -> None:
         self._sandbox = SandboxServer(host="127.0.0.1", port=0)

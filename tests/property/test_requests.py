@@ -20,7 +20,7 @@ from __future__ import annotations
 import re
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Final, TypeVar
+from typing import Any, Final
 
 import grpc
 import iso3166
@@ -33,12 +33,8 @@ from numbersvc.errors import TABLE, Outcome
 from numbersvc.sandbox import DEFAULT_AUTH_ID, RequestRecord
 from numbersvc.v1 import number_groups_pb2 as pb
 from tests import richstatus
-from tests.property import LiveStack
+from tests.property import RPCS, LiveStack, mostly
 
-T = TypeVar("T")
-RPCS: Final = ("list", "stream", "get", "rent")
-_TIMEOUT_SECONDS: Final = 10.0  # well above the rent minimum (2 s); nothing here should wait
-_MAX_STREAM_MESSAGES: Final = 3  # a stream is read this far, then cancelled: walks stay short
 _MAX_RENT_QUANTITY: Final = 10  # the server's default NUMBERSVC_MAX_RENT_QUANTITY
 _INT32: Final = st.integers(min_value=-(2**31), max_value=2**31 - 1)
 
@@ -140,28 +136,22 @@ def _tricky(valid: st.SearchStrategy[str]) -> st.SearchStrategy[str]:
     return st.one_of(st.just(""), st.text(max_size=40), st.lists(pieces, max_size=5).map("".join))
 
 
-def _mostly(valid: st.SearchStrategy[T], odd: st.SearchStrategy[T]) -> st.SearchStrategy[T]:
-    """`valid` 7 times in 8, else `odd`: most requests get past validation to the upstream,
-    where one odd field in an otherwise good request is the interesting case."""
-    return st.integers(0, 7).flatmap(lambda roll: odd if roll == 0 else valid)
-
-
 def _text(valid: st.SearchStrategy[str]) -> st.SearchStrategy[str]:
-    return _mostly(valid, _tricky(valid))
+    return mostly(valid, _tricky(valid))
 
 
-_PAGE_SIZES: Final = _mostly(st.integers(0, 25), _INT32)
+_PAGE_SIZES: Final = mostly(st.integers(0, 25), _INT32)
 _REGION_CODES: Final = _text(
     st.sampled_from(["US", "us", "GB", "CA", "DE", "FR", "BE", "JP", "gb", "XK", "ZZ", "U"])
 )
-_NUMBER_TYPE_VALUES: Final = _mostly(st.sampled_from(pb.NumberType.values()), _INT32)
+_NUMBER_TYPE_VALUES: Final = mostly(st.sampled_from(pb.NumberType.values()), _INT32)
 _SERVICES_VALID: st.SearchStrategy[list[int]] = st.lists(
     st.sampled_from([pb.NUMBER_SERVICE_VOICE, pb.NUMBER_SERVICE_SMS]), unique=True
 )
 _SERVICES_ODD: st.SearchStrategy[list[int]] = st.lists(
     st.one_of(st.sampled_from(pb.NumberService.values()), _INT32), max_size=4
 )
-_SERVICE_LISTS: Final = _mostly(_SERVICES_VALID, _SERVICES_ODD).map(
+_SERVICE_LISTS: Final = mostly(_SERVICES_VALID, _SERVICES_ODD).map(
     lambda values: [pb.NumberService.ValueType(v) for v in values]
 )
 _PREFIXES: Final = _text(st.one_of(st.just(""), st.from_regex(r"[0-9]{1,5}", fullmatch=True)))
@@ -240,7 +230,7 @@ def rent_requests(known: Sequence[str]) -> st.SearchStrategy[pb.RentNumbersReque
     return st.builds(
         pb.RentNumbersRequest,
         group_id=_group_ids(known),
-        quantity=_mostly(st.integers(0, _MAX_RENT_QUANTITY), _INT32),
+        quantity=mostly(st.integers(0, _MAX_RENT_QUANTITY), _INT32),
         app_id=_APP_IDS,
         request_id=_REQUEST_IDS,
     )
@@ -256,34 +246,7 @@ def _requests(rpc: str, known: Sequence[str]) -> st.SearchStrategy[Any]:
     return rent_requests(known)
 
 
-# --- Sending ------------------------------------------------------------------------------------
-
-
-async def send(live: LiveStack, rpc: str, request: Any) -> grpc.aio.AioRpcError | None:
-    """Send one request; return its error, or None when it succeeded.
-
-    A stream is read for at most `_MAX_STREAM_MESSAGES` messages and then cancelled, so a
-    filter with thousands of groups does not walk them all.
-    """
-    stub = live.stub
-    try:
-        if rpc == "list":
-            await stub.ListNumberGroups(request, timeout=_TIMEOUT_SECONDS)
-        elif rpc == "stream":
-            call = stub.StreamNumberGroups(request, timeout=_TIMEOUT_SECONDS)
-            received = 0
-            async for _ in call:
-                received += 1
-                if received >= _MAX_STREAM_MESSAGES:
-                    call.cancel()
-                    break
-        elif rpc == "get":
-            await stub.GetNumberGroup(request, timeout=_TIMEOUT_SECONDS)
-        else:
-            await stub.RentNumbers(request, timeout=_TIMEOUT_SECONDS)
-    except grpc.aio.AioRpcError as error:
-        return error
-    return None
+# --- Checking ---------------------------------------------------------------------------------
 
 
 def assert_documented(error: grpc.aio.AioRpcError | None, request: Any) -> None:
@@ -301,7 +264,7 @@ def assert_documented(error: grpc.aio.AioRpcError | None, request: Any) -> None:
 
 async def _example(live: LiveStack, rpc: str, request: Any) -> None:
     await live.control.reset()
-    error = await send(live, rpc, request)
+    error = await live.send(rpc, request)
     assert_documented(error, request)
     records = await live.control.requests()
     for record in records:
