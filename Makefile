@@ -10,7 +10,7 @@ GEN_DIR := numbersvc/v1
 GEN_FILES := number_groups_pb2.py number_groups_pb2.pyi number_groups_pb2_grpc.py number_groups_pb2_grpc.pyi
 BUF := node_modules/.bin/buf
 
-.PHONY: help run sandbox test pytest lint ruff mypy buf-lint proto check-proto fmt readme clean
+.PHONY: help run sandbox test pytest faults soak lint ruff mypy buf-lint proto check-proto fmt readme clean
 
 help:  ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -39,6 +39,12 @@ test: check-proto lint pytest  ## Everything CI runs: stubs, lint, buf lint, tes
 
 pytest: $(VENV)/.dev  ## The test suite.
 	$(BIN)/python -m pytest
+
+faults: $(VENV)/.dev  ## Print the fault matrix: every upstream fault x every RPC, ok/FAIL.
+	$(BIN)/python -m tests.faultmatrix
+
+soak: $(VENV)/.dev  ## Soak a server process for 60 s: streams, List/Get, errors, latency, RSS.
+	$(BIN)/python -m bench.soak --seconds 60
 
 lint: ruff mypy buf-lint  ## ruff, mypy and buf lint.
 

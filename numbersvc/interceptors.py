@@ -1,8 +1,10 @@
-"""Server interceptors: a request id per call and one access log line per RPC.
+"""The server interceptor: one `CallRecord` per RPC, handed to observers as it starts and ends.
 
-The request id comes from the caller's `x-request-id` metadata when it is sane, else it is
-made here; it lives in a `ContextVar` so every log line of the call carries it (`logs.py`).
-The access line is written when the call ends, however it ends, with the final status code.
+The record carries the request id (the caller's sane `x-request-id`, else a new one), the
+caller's W3C `traceparent`, the peer, and what the call did upstream; it lives in a
+`ContextVar` for the whole call, so log lines, the upstream client's header and response hooks
+and the tasks a call starts (stream page fetches, rent orders) all reach it. Observers get it
+injected: the access log (`AccessLog`) and the metrics (`numbersvc.metrics.Metrics`).
 """
 
 from __future__ import annotations
@@ -15,39 +17,116 @@ import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Any, Final
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import grpc
 
-__all__ = ["AccessLogInterceptor", "request_id_var"]
-
-request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
-"""The id of the RPC being served, for log lines."""
+__all__ = [
+    "AccessLog",
+    "CallObserver",
+    "CallRecord",
+    "ObservingInterceptor",
+    "current_call",
+    "upstream_headers",
+]
 
 _REQUEST_ID_KEY: Final = "x-request-id"
+_TRACEPARENT_KEY: Final = "traceparent"
 _SANE_REQUEST_ID: Final = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+# W3C Trace Context, version 00: a malformed header is dropped, never forwarded.
+_TRACEPARENT: Final = re.compile(r"00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
 _BEHAVIOURS: Final = ("unary_unary", "unary_stream", "stream_unary", "stream_stream")
-_access_log = logging.getLogger("numbersvc.access")
 
 _Context = grpc.aio.ServicerContext[Any, Any]
 if TYPE_CHECKING:  # the stubs make it generic; at run time it is a plain class
     _Handler = grpc.RpcMethodHandler[Any, Any]
 
 
-class AccessLogInterceptor(grpc.aio.ServerInterceptor):
-    """Sets the request id and logs `method code duration_ms request_id peer` per RPC.
+@dataclass
+class CallRecord:
+    """What one RPC was and did; observers read it, the upstream hooks add to it."""
+
+    method: str
+    request_id: str
+    traceparent: str
+    streaming: bool
+    peer: str = "-"
+    caller: str = "-"
+    started: float = 0.0
+    code: str = ""
+    duration_seconds: float = 0.0
+    upstream: list[str] = field(default_factory=list)
+    """One entry per upstream response: `operation:status:api_id`."""
+
+
+_current: contextvars.ContextVar[CallRecord | None] = contextvars.ContextVar(
+    "numbersvc_call", default=None
+)
+
+
+def current_call() -> CallRecord | None:
+    """The record of the RPC this code runs for, or None outside any RPC."""
+    return _current.get()
+
+
+def upstream_headers() -> dict[str, str]:
+    """Headers to add to an upstream request for the current RPC: its `traceparent`."""
+    call = _current.get()
+    return {"traceparent": call.traceparent} if call and call.traceparent else {}
+
+
+class CallObserver(Protocol):
+    """Told when each RPC starts and ends (with its final status code)."""
+
+    def call_started(self, record: CallRecord) -> None:
+        """An RPC started."""
+
+    def call_finished(self, record: CallRecord) -> None:
+        """An RPC ended; `record.code` and `record.duration_seconds` are set."""
+
+
+class AccessLog:
+    """Writes one access line per RPC to the `numbersvc.access` logger.
+
+    The line's fields also travel as `extra["fields"]`, which the JSON log format emits as
+    keys of the log object.
+    """
+
+    def __init__(self, logger: logging.Logger | None = None) -> None:
+        self._logger = logger or logging.getLogger("numbersvc.access")
+
+    def call_started(self, record: CallRecord) -> None:
+        """Nothing to log yet."""
+
+    def call_finished(self, record: CallRecord) -> None:
+        """Log the finished call."""
+        fields = {
+            "method": record.method,
+            "code": record.code,
+            "duration_ms": round(1000 * record.duration_seconds, 2),
+            "request_id": record.request_id,
+            "peer": record.peer,
+            "caller": record.caller,
+            "upstream": ",".join(record.upstream) or "-",
+            "traceparent": record.traceparent or "-",
+        }
+        text = " ".join(f"{key}={value}" for key, value in fields.items())
+        self._logger.info("rpc %s", text, extra={"fields": fields})
+
+
+class ObservingInterceptor(grpc.aio.ServerInterceptor):
+    """Wraps every method handler so that its call is recorded and observed.
 
     Args:
-        logger: where access lines go (injected so tests can collect them).
+        observers: told about every call, in order.
         clock: a monotonic clock in seconds.
     """
 
     def __init__(
-        self,
-        logger: logging.Logger = _access_log,
-        clock: Callable[[], float] = time.perf_counter,
+        self, observers: Sequence[CallObserver], clock: Callable[[], float] = time.perf_counter
     ) -> None:
-        self._logger = logger
+        self._observers = tuple(observers)
         self._clock = clock
 
     async def intercept_service(
@@ -55,59 +134,63 @@ class AccessLogInterceptor(grpc.aio.ServerInterceptor):
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[_Handler | None]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> _Handler | None:
-        """Wrap the method's handler so that the call is timed, tagged and logged."""
+        """Wrap the method's handler so that the call is timed, tagged and observed."""
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
-        call = _Call(self, handler_call_details)
         name = next(n for n in _BEHAVIOURS if getattr(handler, n) is not None)
+        call = _Call(self, handler_call_details, streaming=name.endswith("stream"))
         behaviour = getattr(handler, name)
-        wrapped = call.wrap_stream(behaviour) if name.endswith("stream") else call.wrap(behaviour)
+        wrapped = call.wrap_stream(behaviour) if call.streaming else call.wrap(behaviour)
         # RpcMethodHandler is a namedtuple at run time; the stubs do not say so.
         replaced: _Handler = handler._replace(**{name: wrapped})  # type: ignore[attr-defined]
         return replaced
 
-    def log(self, method: str, request_id: str, peer: str, code: str, started: float) -> None:
-        """Write the access line for one finished call."""
-        self._logger.info(
-            "rpc method=%s code=%s duration_ms=%.2f request_id=%s peer=%s",
-            method,
-            code,
-            1000 * (self._clock() - started),
-            request_id,
-            peer,
-        )
-
 
 class _Call:
-    """One call's request id and timing around its handler."""
+    """One call's record around its handler."""
 
-    def __init__(self, owner: AccessLogInterceptor, details: grpc.HandlerCallDetails) -> None:
+    def __init__(
+        self, owner: ObservingInterceptor, details: grpc.HandlerCallDetails, *, streaming: bool
+    ) -> None:
         self._owner = owner
-        self._method = details.method
-        self._request_id = _request_id(details.invocation_metadata)
-        self._peer = "-"
+        metadata = details.invocation_metadata
+        self.streaming = streaming
+        self._record = CallRecord(
+            method=details.method,
+            request_id=_header(metadata, _REQUEST_ID_KEY, _SANE_REQUEST_ID) or uuid.uuid4().hex,
+            traceparent=_header(metadata, _TRACEPARENT_KEY, _TRACEPARENT),
+            streaming=streaming,
+        )
 
-    def _start(self, context: _Context) -> float:
-        request_id_var.set(self._request_id)
+    def _start(self, context: _Context) -> None:
+        record = self._record
+        _current.set(record)
         # NOTE: read the peer now. After a server stop cancels the call, the context's core
         # call is gone and `peer()` crashes the process (seen with grpcio 1.85).
-        self._peer = context.peer()
-        return self._owner._clock()
+        record.peer = context.peer()
+        record.started = self._owner._clock()
+        for observer in self._owner._observers:
+            observer.call_started(record)
 
-    def _finish(self, context: _Context, exc: BaseException | None, started: float) -> None:
-        self._owner.log(self._method, self._request_id, self._peer, _code(exc, context), started)
+    def _finish(self, context: _Context, exc: BaseException | None) -> None:
+        record = self._record
+        record.code = _code(exc, context)
+        record.duration_seconds = self._owner._clock() - record.started
+        for observer in self._owner._observers:
+            observer.call_finished(record)
 
     def wrap(self, behaviour: Callable[[Any, _Context], Awaitable[Any]]) -> Any:
         async def run(request: Any, context: _Context) -> Any:
-            started, failure = self._start(context), None
+            self._start(context)
+            failure = None
             try:
                 return await behaviour(request, context)
             except BaseException as exc:
                 failure = exc
                 raise
             finally:
-                self._finish(context, failure, started)
+                self._finish(context, failure)
 
         return run
 
@@ -116,7 +199,8 @@ class _Call:
             return self.wrap(behaviour)  # a handler that writes with context.write
 
         async def run(request: Any, context: _Context) -> AsyncIterator[Any]:
-            started, failure = self._start(context), None
+            self._start(context)
+            failure = None
             try:
                 async for response in behaviour(request, context):
                     yield response
@@ -124,7 +208,7 @@ class _Call:
                 failure = exc
                 raise
             finally:
-                self._finish(context, failure, started)
+                self._finish(context, failure)
 
         return run
 
@@ -139,8 +223,8 @@ def _code(exc: BaseException | None, context: _Context) -> str:
     return code.name if isinstance(code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN.name
 
 
-def _request_id(metadata: Sequence[tuple[str, str | bytes]] | None) -> str:
-    for key, value in metadata or ():
-        if key == _REQUEST_ID_KEY and isinstance(value, str) and _SANE_REQUEST_ID.fullmatch(value):
+def _header(metadata: Sequence[tuple[str, str | bytes]] | None, key: str, sane: re.Pattern[str]) -> str:
+    for name, value in metadata or ():
+        if name == key and isinstance(value, str) and sane.fullmatch(value):
             return value
-    return uuid.uuid4().hex
+    return ""

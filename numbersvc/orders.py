@@ -56,9 +56,12 @@ _NOT_SENT: Final = frozenset(
 )
 
 
-def fingerprint(params: RentParams) -> str:
-    """Return the request as compared for idempotency: after defaults (quantity 0 is 1)."""
-    return f"{params.group_id}|{params.quantity}|{params.app_id}"
+def fingerprint(params: RentParams, caller: str) -> str:
+    """Return the request as compared for idempotency: after defaults (quantity 0 is 1).
+
+    The caller is part of it, so one caller's request id never answers for another's order.
+    """
+    return f"{caller}|{params.group_id}|{params.quantity}|{params.app_id}"
 
 
 @dataclass
@@ -107,7 +110,7 @@ class RentDesk:
             ServiceError: the order failed, its outcome is unknown, the id is taken by another
                 request, the cap is reached, or the deadline ran out (see the error table).
         """
-        print_ = fingerprint(params)
+        print_ = fingerprint(params, caller)
         flight = self._flights.get(params.request_id)
         if flight is not None:
             if flight.fingerprint != print_:

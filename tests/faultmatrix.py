@@ -20,6 +20,7 @@ Upstream request counts are the requests the sandbox logged for the RPC's operat
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import sys
 import time
@@ -41,6 +42,7 @@ from tests.e2e.conftest import config_for
 __all__ = [
     "ATTEMPTS",
     "DEADLINE_SECONDS",
+    "DEADLINE_SLACK_SECONDS",
     "OPERATIONS",
     "ROWS",
     "RPCS",
@@ -49,8 +51,10 @@ __all__ = [
     "Observed",
     "Rig",
     "Row",
+    "closed_port_url",
     "main",
     "problems",
+    "render",
     "run_cell",
     "run_matrix",
     "start_rig",
@@ -458,8 +462,12 @@ def render(results: Sequence[Result]) -> str:
 def main() -> int:
     """Run the matrix and print it; exit 1 if any cell fails."""
     cells = len(ROWS) * len(RPCS)
-    print(f"running {cells} fault cells (about 30 s)...", file=sys.stderr, flush=True)
-    results = asyncio.run(run_matrix())
+    # NOTE: the sandbox's slow_body delivery logs a traceback through aiohttp when the server
+    # gives up on the body mid-stream (what that row tests); it is noise here, not a failure.
+    logging.getLogger("aiohttp.server").setLevel(logging.CRITICAL)
+    print(f"running {cells} fault cells (about 30 s)", end="", file=sys.stderr, flush=True)
+    results = asyncio.run(run_matrix(on_cell=lambda *_: print(".", end="", file=sys.stderr)))
+    print(file=sys.stderr)
     print(render(results))
     failed = any(problems(row.expected[rpc], observed) for row, rpc, observed in results)
     return 1 if failed else 0

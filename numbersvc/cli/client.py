@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from typing import Final, TextIO, TypeVar
 
 import grpc
+from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -37,9 +38,11 @@ __all__ = [
     "Console",
     "describe_error",
     "exit_code",
+    "fail",
     "get_group",
     "list_groups",
     "rent_numbers",
+    "show_response",
     "stream_groups",
 ]
 
@@ -117,6 +120,34 @@ class Console:
             self._progress_shown = False
 
 
+_Response = TypeVar("_Response", bound=Message)
+
+
+def show_response(
+    call: Callable[[float], _Response],
+    text: Callable[[_Response], str],
+    options: CallOptions,
+    console: Console,
+) -> int:
+    """Make one unary call and print its answer: `text(response)`, or the response as JSON.
+
+    Args:
+        call: makes the call with a timeout in seconds (the deadline of `options`).
+        text: lays out the response for people.
+        options: the deadline, and the target to name when the server cannot be reached.
+        console: where to print the answer, or the error.
+
+    Returns:
+        The exit code: 0, or 10 + the gRPC status code when the call failed.
+    """
+    try:
+        response = call(options.deadline_seconds)
+    except grpc.RpcError as exc:
+        return fail(exc, describe_error(exc, options), console)
+    console.result(render.json_text(response) if console.json else text(response))
+    return EXIT_OK
+
+
 def list_groups(
     channel: grpc.Channel,
     request: pb.ListNumberGroupsRequest,
@@ -125,21 +156,18 @@ def list_groups(
 ) -> int:
     """Print one page of number groups: a table with a footer, or the response as JSON."""
     stub = pb_grpc.NumberGroupServiceStub(channel)
-    try:
-        response = stub.ListNumberGroups(request, timeout=options.deadline_seconds)
-    except grpc.RpcError as exc:
-        return _fail(exc, describe_error(exc, options), console)
-    if console.json:
-        console.result(render.json_text(response))
-    else:
-        if response.number_groups:
-            console.result(render.groups_table(response.number_groups))
-        console.result(
-            render.list_footer(
-                len(response.number_groups), response.total_size, response.next_page_token
-            )
-        )
-    return EXIT_OK
+    return show_response(
+        lambda timeout: stub.ListNumberGroups(request, timeout=timeout),
+        _groups_page,
+        options,
+        console,
+    )
+
+
+def _groups_page(response: pb.ListNumberGroupsResponse) -> str:
+    groups = response.number_groups
+    footer = render.list_footer(len(groups), response.total_size, response.next_page_token)
+    return f"{render.groups_table(groups)}\n{footer}" if groups else footer
 
 
 @dataclasses.dataclass(slots=True)
@@ -149,7 +177,9 @@ class _Walk:
     received: int = 0
     total: int = 0
     resume_token: str = ""
-    widths: list[int] | None = None
+    table: render.StreamedTable = dataclasses.field(
+        default_factory=lambda: render.StreamedTable(render.GROUPS_TABLE)
+    )
 
     def resume_hints(self) -> list[str]:
         if not self.resume_token:
@@ -175,7 +205,7 @@ def stream_groups(
         for message in call:
             _show_stream_page(message, walk, console)
     except grpc.RpcError as exc:
-        return _fail(exc, describe_error(exc, options, hints=walk.resume_hints()), console)
+        return fail(exc, describe_error(exc, options, hints=walk.resume_hints()), console)
     except KeyboardInterrupt:
         call.cancel()
         for line in ["interrupted", *(f"hint: {h}" for h in walk.resume_hints())]:
@@ -204,17 +234,7 @@ def _show_stream_page(
             console.result(render.json_line(group))
         return
     if groups:
-        rows: list[Sequence[str]] = [render.group_row(g) for g in groups]
-        table = render.GROUPS_TABLE
-        # Widths come from the first page and only grow, so rows stay aligned while they
-        # stream (a later, wider cell pushes its own row only).
-        widths = table.widths(rows)
-        if walk.widths is None:
-            rows.insert(0, table.headers)
-        else:
-            widths = [max(old, new) for old, new in zip(walk.widths, widths, strict=True)]
-        walk.widths = widths
-        console.result("\n".join(table.line(row, widths) for row in rows))
+        console.result(walk.table.add([render.group_row(g) for g in groups]))
     console.show_progress(render.progress_text(walk.received, walk.total))
 
 
@@ -226,15 +246,12 @@ def get_group(
 ) -> int:
     """Print one number group: a key-value block, or the response as JSON."""
     stub = pb_grpc.NumberGroupServiceStub(channel)
-    try:
-        response = stub.GetNumberGroup(request, timeout=options.deadline_seconds)
-    except grpc.RpcError as exc:
-        return _fail(exc, describe_error(exc, options), console)
-    if console.json:
-        console.result(render.json_text(response))
-    else:
-        console.result(render.group_details(response.number_group))
-    return EXIT_OK
+    return show_response(
+        lambda timeout: stub.GetNumberGroup(request, timeout=timeout),
+        lambda response: render.group_details(response.number_group),
+        options,
+        console,
+    )
 
 
 def _new_request_id() -> str:
@@ -269,7 +286,7 @@ def rent_numbers(
         report = describe_error(exc, options)
         if _rent_maybe_placed(exc.code(), report):
             report = dataclasses.replace(report, hints=[_maybe_placed_hint(sent.request_id)])
-        return _fail(exc, report, console)
+        return fail(exc, report, console)
     except KeyboardInterrupt:
         console.note("interrupted")
         console.note(f"hint: {_maybe_placed_hint(sent.request_id)}")
@@ -371,7 +388,8 @@ def _transport_message(exc: grpc.RpcError, options: CallOptions) -> str:
     return details or code.name
 
 
-def _fail(exc: grpc.RpcError, report: render.ErrorReport, console: Console) -> int:
+def fail(exc: grpc.RpcError, report: render.ErrorReport, console: Console) -> int:
+    """Print a failed call's report on stderr and return its exit code (10 + the code)."""
     for line in render.error_lines(report):
         console.note(line)
     return exit_code(exc.code())

@@ -112,7 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
         "Run the gRPC server until SIGTERM or SIGINT. Every flag overrides its environment"
         " variable; without Plivo credentials the server uses its embedded sandbox.",
         epilog=exit_code_table(
-            [(client.EXIT_OK, "after a graceful shutdown"), (client.EXIT_USAGE, "bad configuration")]
+            [
+                (client.EXIT_OK, "after a graceful shutdown"),
+                (client.EXIT_USAGE, "bad configuration"),
+            ]
         ),
     )
     add_arguments(serve)

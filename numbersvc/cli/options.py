@@ -46,7 +46,10 @@ def exit_code_table(rows: Iterable[tuple[int, str]]) -> str:
 
 
 def _rows(rows: Iterable[tuple[int | str, str]]) -> str:
-    return "".join(f"  {code!s:<4} {what}\n" for code, what in rows)
+    return "".join(
+        textwrap.fill(f"  {code!s:<4} {what}", _HELP_WIDTH, subsequent_indent=" " * 7) + "\n"
+        for code, what in rows
+    )
 
 
 def exit_codes_epilog(*extra: tuple[int, str]) -> str:
@@ -58,8 +61,11 @@ def exit_codes_epilog(*extra: tuple[int, str]) -> str:
         if code.value[0]
     )
     rows = sorted(
-        [(client.EXIT_OK, "success"), (client.EXIT_USAGE, "usage error, or a bad configuration")]
-        + list(extra)
+        [
+            (client.EXIT_OK, "success"),
+            (client.EXIT_USAGE, "usage error, or a bad configuration"),
+            *extra,
+        ]
     )
     return (
         exit_code_table(rows)

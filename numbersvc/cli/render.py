@@ -211,10 +211,6 @@ def _count(count: int, noun: str) -> str:
     return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
-def _groups(count: int) -> str:
-    return _count(count, "group")
-
-
 def list_footer(shown: int, total: int, next_page_token: str, *, noun: str = "group") -> str:
     """Say under a listed table how many of how many `noun`s, and how to get the next page."""
     where = f"next page: --page-token {next_page_token}" if next_page_token else "last page"
@@ -223,13 +219,13 @@ def list_footer(shown: int, total: int, next_page_token: str, *, noun: str = "gr
 
 def stream_footer(received: int, total: int, next_page_token: str) -> str:
     """Say after a streamed table how many came; a token means it stopped early (max results)."""
-    line = f"{_groups(received)} streamed of {total}"
+    line = f"{_count(received, 'group')} streamed of {total}"
     return f"{line}; more: --page-token {next_page_token}" if next_page_token else line
 
 
 def progress_text(received: int, total: int) -> str:
     """Return the live progress line of `stream` on a terminal."""
-    return f"streaming: {received} of {_groups(total)}"
+    return f"streaming: {received} of {_count(total, 'group')}"
 
 
 def resume_hint(received: int, next_page_token: str, *, noun: str = "group") -> str:
@@ -288,31 +284,31 @@ def _utc_seconds(stamp: timestamp_pb2.Timestamp) -> str:
 
 
 def _one_line(text: str, max_chars: int) -> str:
-    """Fold whitespace (newlines too) and cut to `max_chars`, marking the cut."""
+    """Fold whitespace (newlines too) and cut to `max_chars`, marking the cut.
+
+    The cut falls between words when a space lies in the second half; else inside a word.
+    """
     text = " ".join(text.split())
     if len(text) <= max_chars:
         return text
-    return text[: max_chars - len(_ELLIPSIS)].rstrip() + _ELLIPSIS
+    head = text[: max_chars - len(_ELLIPSIS)]
+    space = head.rfind(" ")
+    if text[len(head)] != " " and space > len(head) // 2:
+        head = head[:space]
+    return head.rstrip() + _ELLIPSIS
 
 
 ORDERS_TABLE: Final = Table(
-    headers=(
-        "REQUEST ID",
-        "CREATED",
-        "STATUS",
-        "GROUP ID",
-        "QTY",
-        "NUMBERS",
-        "CALLER",
-        "NOTE",
-    ),
+    headers=("REQUEST ID", "CREATED", "STATUS", "GROUP ID", "QTY", "NUMBERS", "CALLER", "NOTE"),
     right_aligned=frozenset({4}),
 )
 
 
 def order_row(order: pb.RentalOrder) -> tuple[str, ...]:
-    """Return the cells of one order in `ORDERS_TABLE`: created in UTC to the second, numbers
-    in E.164, and the status message cut to one short line."""
+    """Return the cells of one order in `ORDERS_TABLE`.
+
+    Created in UTC to the second, numbers in E.164, the status message cut to one short line.
+    """
     return (
         order.request_id,
         _utc_seconds(order.create_time) if order.HasField("create_time") else _UNSET,

@@ -46,9 +46,10 @@ _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0}
 _RATE = re.compile(r"(?P<count>\d+)\s*/\s*(?P<amount>\d+(?:\.\d*)?|\.\d+)?\s*(?P<unit>ms|s|m)")
 _FORMS = "'<requests>/<period>' with the period in ms, s or m (such as '300/5s'), or 'off'"
 # `elapsed * rate` is rarely exact in binary floating point: a head that slept precisely until
-# its token was due may find 0.9999999999 tokens. Treat that as a whole token rather than sleep
-# again for a few femtoseconds.
-_TOKEN_EPSILON = 1e-9
+# its token was due may find 0.9999999999 tokens, and a sleep for the rest can be too short to
+# move a clock at all. Count such a near-whole token as whole: a millionth of a token given away
+# is far below anything Plivo could count.
+_TOKEN_EPSILON = 1e-6
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,15 +178,15 @@ class TokenBucket:
         if math.isnan(max_wait_seconds):
             raise ValueError("max_wait_seconds must be a number, not NaN")
         self._refill()
-        if not self._queue and self._tokens >= 1.0 - _TOKEN_EPSILON:
-            self._take()
+        if not self._queue and self._wait_at(0) == 0.0:
+            self._tokens -= 1.0
             return 0.0
         needed = self._wait_at(len(self._queue))
         if needed > max_wait_seconds:
             self.refusals += 1
             raise UpstreamThrottledError(
-                f"upstream rate limit {self._spec}: the next request may go in {needed:.3f} s,"
-                f" more than the {max(0.0, max_wait_seconds):.3f} s left to wait; nothing was sent",
+                f"upstream rate limit {self._spec}: a token is {needed:.3f} s away, more than"
+                f" the {max(0.0, max_wait_seconds):.3f} s this call may wait; nothing was sent",
                 retry_after_seconds=needed,
             )
         started = self._clock()
@@ -201,10 +202,6 @@ class TokenBucket:
         earned = max(0.0, now - self._refilled_at) * self._rate
         self._tokens = min(float(self._spec.requests), self._tokens + earned)
         self._refilled_at = now
-
-    def _take(self) -> None:
-        # Never below zero: a token counted whole within _TOKEN_EPSILON must not leave a debt.
-        self._tokens = max(0.0, self._tokens - 1.0)
 
     def _wait_at(self, position: int) -> float:
         """Return the wait, in seconds, of a waiter with `position` waiters ahead of it.
@@ -228,7 +225,7 @@ class TokenBucket:
                 self._refill()
                 wait = self._wait_at(0)
                 if wait == 0.0:
-                    self._take()
+                    self._tokens -= 1.0
                     return
                 await self._sleep(wait)
         finally:

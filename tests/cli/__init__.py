@@ -3,28 +3,38 @@
 `CliHarness` runs a command in a thread against a `grpc_testing` channel, so a test can take
 each RPC the command makes, check the request, and answer it: a response, or a rich error
 built with `rich_error`. `DeadlineRecorder` sits between the stub and that channel because
-`grpc_testing` drops the timeout of every call.
+`grpc_testing` drops the timeout of every call. `start_command` starts one client function
+(what it prints is captured in its `Run`); `run_main` starts the whole command line.
 """
 
 from __future__ import annotations
 
+import io
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import Any, Final, Self, cast
 
 import grpc
 import grpc_testing
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, timestamp_pb2
 from google.protobuf.message import Message
 from google.rpc import status_pb2
 from google.type import money_pb2
 from grpc_status import rpc_status
 
+from numbersvc.cli import client, main
 from numbersvc.v1 import number_groups_pb2 as pb
 
 SERVICE: Final = pb.DESCRIPTOR.services_by_name["NumberGroupService"]
+TARGET: Final = "numbersvc.test:50051"
+DEADLINE_SECONDS: Final = 7.5
+RESULT_TIMEOUT_SECONDS: Final = 5.0
+ORDER_ID: Final = "9896e486-0cc5-45b3-a9c5-0bc4bcfadcae"
+CREATED: Final = timestamp_pb2.Timestamp(seconds=1_777_636_803, nanos=250_000_000)
+"""2026-05-01T12:00:03.250Z"""
 _TAKE_TIMEOUT_SECONDS: Final = 5.0
 _POLL_SECONDS: Final = 0.01
 
@@ -54,6 +64,33 @@ def sample_group(**overrides: Any) -> pb.NumberGroup:
     }
     fields.update(overrides)
     return pb.NumberGroup(**{k: v for k, v in fields.items() if v is not None})
+
+
+def rented(number: str) -> pb.RentedNumber:
+    """A number rented in an order, as upstream reports it (digits with the country code)."""
+    return pb.RentedNumber(
+        number=number,
+        e164=f"+{number}",
+        status=pb.RENTED_NUMBER_STATUS_SUCCESS,
+        upstream_status="Success",
+    )
+
+
+def sample_order(**overrides: Any) -> pb.RentalOrder:
+    """A fulfilled order of two numbers placed by alice; any field can be overridden."""
+    fields: dict[str, Any] = {
+        "status": pb.ORDER_STATUS_FULFILLED,
+        "upstream_status": "fulfilled",
+        "numbers": [rented("14155550100"), rented("14155550101")],
+        "group_id": "737",
+        "quantity": 2,
+        "request_id": ORDER_ID,
+        "create_time": CREATED,
+        "upstream_request_id": "api-1",
+        "caller": "alice",
+    }
+    fields.update(overrides)
+    return pb.RentalOrder(**{k: v for k, v in fields.items() if v is not None})
 
 
 def rich_error(
@@ -155,3 +192,46 @@ class CliHarness:
                 raise AssertionError(f"no call to {method} within {_TAKE_TIMEOUT_SECONDS} s")
             time.sleep(_POLL_SECONDS)
         return taken.result()
+
+
+@dataclass
+class Run:
+    """A command started in the harness, with what it printed."""
+
+    harness: CliHarness
+    future: Future[int]
+    out: io.StringIO
+    err: io.StringIO
+
+    def exit_code(self) -> int:
+        return self.future.result(timeout=RESULT_TIMEOUT_SECONDS)
+
+
+def start_command(
+    command: Callable[..., int],
+    request: object,
+    *,
+    json: bool = False,
+    progress: bool = False,
+    **extra: object,
+) -> Run:
+    """Start `command(channel, request, options, console, **extra)` in a harness."""
+    harness = CliHarness()
+    out, err = io.StringIO(), io.StringIO()
+    console = client.Console(out, err, json=json, progress=progress)
+    options = client.CallOptions(target=TARGET, deadline_seconds=DEADLINE_SECONDS)
+    channel = harness.recorder.as_channel()
+    future = harness.start(lambda: command(channel, request, options, console, **extra))
+    return Run(harness, future, out, err)
+
+
+def run_main(argv: list[str]) -> tuple[CliHarness, Future[int], list[str]]:
+    """Start `main.run(argv)` against a grpc_testing channel; also returns the targets opened."""
+    harness = CliHarness()
+    targets: list[str] = []
+
+    def open_channel(target: str) -> grpc.Channel:
+        targets.append(target)
+        return harness.recorder.as_channel()
+
+    return harness, harness.start(lambda: main.run(argv, open_channel=open_channel)), targets

@@ -3,7 +3,6 @@ from __future__ import annotations
 import io
 import json
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import cast
 
@@ -14,30 +13,14 @@ from google.rpc import error_details_pb2
 
 from numbersvc.cli import client
 from numbersvc.v1 import number_groups_pb2 as pb
-from tests.cli import CliHarness, rich_error, sample_group
+from tests.cli import DEADLINE_SECONDS, TARGET, Run, rich_error, sample_group, start_command
 
-TARGET = "numbersvc.test:50051"
-DEADLINE_SECONDS = 7.5
-RESULT_TIMEOUT_SECONDS = 5.0
 REQUEST_ID = "3b241101-e2bb-4255-8caf-4136c566a962"
 OK = grpc.StatusCode.OK
 LIST_REQUEST = pb.ListNumberGroupsRequest(
     filter=pb.SearchFilter(region_code="US", prefix="212"), page_size=2
 )
 STREAM_REQUEST = pb.StreamNumberGroupsRequest(filter=pb.SearchFilter(region_code="US"))
-
-
-@dataclass
-class Run:
-    """A command started in the harness, with what it printed."""
-
-    harness: CliHarness
-    future: Future[int]
-    out: io.StringIO
-    err: io.StringIO
-
-    def exit_code(self) -> int:
-        return self.future.result(timeout=RESULT_TIMEOUT_SECONDS)
 
 
 @dataclass
@@ -54,23 +37,6 @@ class IdMaker:
 @pytest.fixture
 def start() -> Callable[..., Run]:
     """Start `command(channel, request, options, console, **extra)` in a harness."""
-
-    def start_command(
-        command: Callable[..., int],
-        request: object,
-        *,
-        json: bool = False,
-        progress: bool = False,
-        **extra: object,
-    ) -> Run:
-        harness = CliHarness()
-        out, err = io.StringIO(), io.StringIO()
-        console = client.Console(out, err, json=json, progress=progress)
-        options = client.CallOptions(target=TARGET, deadline_seconds=DEADLINE_SECONDS)
-        channel = harness.recorder.as_channel()
-        future = harness.start(lambda: command(channel, request, options, console, **extra))
-        return Run(harness, future, out, err)
-
     return start_command
 
 

@@ -15,10 +15,9 @@ from numbersvc import logs
 from numbersvc.cli import client, main
 from numbersvc.config import Config, settings
 from numbersvc.v1 import number_groups_pb2 as pb
-from tests.cli import CliHarness
+from tests.cli import RESULT_TIMEOUT_SECONDS, CliHarness, run_main
 
 CLIENT_COMMANDS = ["list", "stream", "get", "rent"]
-RESULT_TIMEOUT_SECONDS = 5.0
 
 
 @pytest.fixture(autouse=True)
@@ -112,20 +111,8 @@ def test_deadline_defaults_are_10_s_and_30_s_for_rent() -> None:
     assert parser.parse_args(["rent", "1", "--deadline", "2.5"]).deadline == 2.5
 
 
-def run_in_harness(argv: list[str]) -> tuple[CliHarness, Any, list[str]]:
-    """Start `main.run(argv)` against a grpc_testing channel; also returns the targets opened."""
-    harness = CliHarness()
-    targets: list[str] = []
-
-    def open_channel(target: str) -> grpc.Channel:
-        targets.append(target)
-        return harness.recorder.as_channel()
-
-    return harness, harness.start(lambda: main.run(argv, open_channel=open_channel)), targets
-
-
 def test_list_flags_map_onto_the_request(capsys: pytest.CaptureFixture[str]) -> None:
-    harness, running, targets = run_in_harness(
+    harness, running, targets = run_main(
         [
             "list",
             "--country",
@@ -168,7 +155,7 @@ def test_list_flags_map_onto_the_request(capsys: pytest.CaptureFixture[str]) -> 
 
 
 def test_stream_and_rent_flags_map_onto_their_requests() -> None:
-    harness, running, _ = run_in_harness(
+    harness, running, _ = run_main(
         ["stream", "--country", "GB", "--max-results", "30", "--page-size", "7"]
     )
     _, request, rpc = harness.take_stream("StreamNumberGroups", running)
@@ -179,7 +166,7 @@ def test_stream_and_rent_flags_map_onto_their_requests() -> None:
     assert running.result(timeout=RESULT_TIMEOUT_SECONDS) == 0
 
     request_id = "3b241101-e2bb-4255-8caf-4136c566a962"
-    harness, running, _ = run_in_harness(
+    harness, running, _ = run_main(
         ["rent", "737", "--quantity", "3", "--app-id", "42", "--request-id", request_id]
     )
     _, request, rpc = harness.take_unary("RentNumbers", running)

@@ -8,7 +8,7 @@ from google.type import money_pb2
 
 from numbersvc.cli import render
 from numbersvc.v1 import number_groups_pb2 as pb
-from tests.cli import sample_group, usd
+from tests.cli import ORDER_ID, sample_group, sample_order, usd
 
 INT64_MAX = 2**63 - 1
 
@@ -47,6 +47,16 @@ def test_command_line_names_come_from_the_enums() -> None:
         "tollfree": pb.NUMBER_TYPE_TOLLFREE,
     }
     assert render.SERVICES == {"voice": pb.NUMBER_SERVICE_VOICE, "sms": pb.NUMBER_SERVICE_SMS}
+
+
+def test_order_status_names_come_from_the_enum_and_include_unspecified() -> None:
+    assert render.ORDER_STATUSES == {
+        "fulfilled": pb.ORDER_STATUS_FULFILLED,
+        "pending": pb.ORDER_STATUS_PENDING,
+        "outcome_unknown": pb.ORDER_STATUS_OUTCOME_UNKNOWN,
+        "failed": pb.ORDER_STATUS_FAILED,
+        "unspecified": pb.ORDER_STATUS_UNSPECIFIED,
+    }
 
 
 def test_group_row_tells_an_unset_sms_rate_from_a_free_one() -> None:
@@ -246,4 +256,81 @@ def test_error_lines_show_every_decoded_detail_in_order() -> None:
 def test_error_lines_of_a_bare_status_is_one_line() -> None:
     assert render.error_lines(render.ErrorReport("UNAVAILABLE", "down")) == [
         "error: UNAVAILABLE: down"
+    ]
+
+
+def test_order_row_shows_utc_seconds_e164_numbers_and_dashes_for_blanks() -> None:
+    assert render.order_row(sample_order()) == (
+        ORDER_ID,
+        "2026-05-01T12:00:03Z",
+        "fulfilled",
+        "737",
+        "2",
+        "+14155550100,+14155550101",
+        "alice",
+        "-",
+    )
+    bare = pb.RentalOrder(request_id="r", status=pb.ORDER_STATUS_UNSPECIFIED, upstream_status="x")
+    assert render.order_row(bare) == ("r", "-", "x", "-", "0", "-", "-", "-")
+
+
+@pytest.mark.parametrize(
+    ("message", "note"),
+    [
+        ("settled as failed: not in console", "settled as failed: not in console"),
+        ("line one\n  line two", "line one line two"),
+        (
+            "settled as fulfilled: seen in the Plivo console by oncall",
+            "settled as fulfilled: seen in the...",
+        ),
+        ("x" * 60, "x" * 37 + "..."),  # one long word: cut inside it
+    ],
+)
+def test_order_row_keeps_the_note_to_one_short_line(message: str, note: str) -> None:
+    cell = render.order_row(sample_order(status_message=message))[-1]
+    assert cell == note
+    assert len(cell) <= 40
+
+
+def test_orders_table_aligns_the_quantity_right() -> None:
+    lines = render.orders_table([sample_order(quantity=12), sample_order()]).splitlines()
+    end = lines[0].index("QTY") + len("QTY")
+    assert [line[end - 3 : end + 2] for line in lines] == ["QTY  ", " 12  ", "  2  "]
+
+
+def test_streamed_table_keeps_one_header_and_only_widens() -> None:
+    table = render.StreamedTable(render.Table(headers=("A", "B"), right_aligned=frozenset({1})))
+    assert table.add([("xx", "1")]) == "A   B\nxx  1"
+    assert table.add([("x", "10")]) == "x   10"  # B widened for this row only
+    assert table.add([("xxxx", "2")]) == "xxxx   2"
+    assert table.widths == [4, 2]
+
+
+def test_list_footer_and_resume_hint_name_what_they_count() -> None:
+    assert render.list_footer(3, 3, "", noun="order") == "3 of 3 orders; last page"
+    assert (
+        render.resume_hint(1, "t", noun="order") == "1 order received; resume with --page-token t"
+    )
+
+
+def test_order_details_shows_the_note_caller_and_update_time_when_set() -> None:
+    order = sample_order(
+        status=pb.ORDER_STATUS_FAILED,
+        upstream_status="",
+        numbers=[],
+        status_message="settled as failed: not in console",
+        update_time=timestamp_pb2.Timestamp(seconds=1_777_637_100),
+    )
+    assert render.order_details(order).splitlines() == [
+        "status:      failed",
+        "group id:    737",
+        "quantity:    2",
+        "numbers:     -",
+        "note:        settled as failed: not in console",
+        "app id:      (account default)",
+        f"request id:  {ORDER_ID}",
+        "upstream id: api-1",
+        "caller:      alice",
+        "created:     2026-05-01T12:00:03.250Z",
+        "updated:     2026-05-01T12:05:00Z",
     ]

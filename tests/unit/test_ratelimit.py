@@ -22,6 +22,7 @@ T = TypeVar("T")
 TWO_PER_SECOND = RateSpec(requests=4, per_seconds=2.0)  # burst 4, then one every 0.5 s
 ONE_PER_SECOND = RateSpec(requests=1, per_seconds=1.0)  # burst 1, then one every 1.0 s
 PATIENT = 100.0  # a max_wait_seconds no test reaches
+MAX_WAKE_UPS = 10_000  # per advance(); more means sleeps too short to move the clock
 
 
 async def settle() -> None:
@@ -60,9 +61,13 @@ class VirtualTime:
         """Move time on, waking each sleeper at its own time and letting it run."""
         target = self.now + seconds
         await settle()
-        while self._timers and self._timers[0][0] <= target:
+        for _ in range(MAX_WAKE_UPS):
+            if not (self._timers and self._timers[0][0] <= target):
+                break
             self.jump(self._timers[0][0] - self.now)
             await settle()
+        else:
+            pytest.fail("sleepers keep waking without time moving on")
         self.now = target
         await settle()
 
@@ -226,15 +231,16 @@ async def test_refill_stops_at_the_capacity(vtime: VirtualTime) -> None:
 async def test_refusal_is_immediate_and_takes_no_token(vtime: VirtualTime) -> None:
     bucket = bucket_on(vtime)
     await drain(bucket)
+    await vtime.advance(0.25)  # half a token in the bucket
     with pytest.raises(UpstreamThrottledError, match="nothing was sent") as caught:
-        await bucket.acquire(max_wait_seconds=0.4)
-    assert caught.value.retry_after_seconds == 0.5
+        await bucket.acquire(max_wait_seconds=0.2)
+    assert caught.value.retry_after_seconds == 0.25
     assert vtime.sleeps == []
     assert (bucket.refusals, bucket.waits) == (1, 0)
-    # The refused caller took nothing: the next one's wait is unchanged, and a wait exactly
-    # equal to the limit is allowed.
-    assert bucket.would_wait_seconds() == 0.5
-    assert await vtime.run(bucket.acquire(max_wait_seconds=0.5)) == 0.5
+    # The refused caller took nothing, not even the half token: the next one's wait is
+    # unchanged, and a wait exactly equal to the limit is allowed.
+    assert bucket.would_wait_seconds() == 0.25
+    assert await vtime.run(bucket.acquire(max_wait_seconds=0.25)) == 0.25
 
 
 async def test_zero_max_wait_takes_only_a_free_token(vtime: VirtualTime) -> None:
@@ -286,9 +292,11 @@ async def test_a_newcomer_never_jumps_the_line(vtime: VirtualTime) -> None:
     await drain(bucket)
     line = Line(bucket)
     await line.join("a")
-    # The token "a" waits for is due, but "a" has not run yet: "late" must still queue.
-    vtime.jump(1.0)
+    # The token "a" sleeps for is due, but "a" has not been woken yet (a busy loop does that):
+    # "late" finds a whole token in the bucket, and must still queue behind "a".
+    vtime.now += 1.0
     await line.join("late")
+    assert line.served == []
     await vtime.advance(1.0)
     assert line.served == ["a", "late"]
     assert line.waited("late") == 1.0
@@ -303,6 +311,20 @@ async def test_many_waiters_keep_their_order(vtime: VirtualTime) -> None:
     await vtime.advance(10.0)
     assert line.served == names
     assert [line.waited(name) for name in names] == [0.25 * (i + 1) for i in range(40)]
+
+
+async def test_a_rate_inexact_in_binary_costs_one_sleep_per_token(vtime: VirtualTime) -> None:
+    # 7 per 0.3 s: the interval and the refill are never exact, so a head that slept exactly
+    # its wait may find 0.99999... tokens; that must count as one, not cost another sleep.
+    bucket = bucket_on(vtime, RateSpec(7, 0.3))
+    await drain(bucket)
+    line = Line(bucket)
+    names = [f"w{i:02}" for i in range(30)]
+    await line.join(*names)
+    await vtime.advance(2.0)
+    assert line.served == names
+    assert len(vtime.sleeps) == 30
+    assert line.waited("w29") == pytest.approx(30 * 0.3 / 7)
 
 
 # --- cancellation ------------------------------------------------------------------------------

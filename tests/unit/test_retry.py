@@ -17,6 +17,7 @@ from numbersvc.upstream.errors import (
     UpstreamDecodeError,
     UpstreamError,
     UpstreamStatusError,
+    UpstreamThrottledError,
     UpstreamTimeoutError,
     UpstreamTransportError,
 )
@@ -98,6 +99,7 @@ def status(code: int, retry_after: float | None = None) -> UpstreamStatusError:
 
 
 RESET = UpstreamTransportError("reset", request_sent=True)
+THROTTLED = UpstreamThrottledError("our budget is spent", retry_after_seconds=0.2)
 POLICY = RetryPolicy(
     max_attempts=5,
     initial_delay_seconds=0.1,
@@ -131,6 +133,7 @@ POLICY = RetryPolicy(
         (UpstreamTimeoutError("pool", request_sent=False), True),
         (RESET, True),
         (UpstreamDecodeError("html"), False),
+        (THROTTLED, False),
         (UpstreamError("generic"), False),
         (ValueError("bug"), False),
         (asyncio.CancelledError(), False),
@@ -205,6 +208,15 @@ async def test_one_attempt_policy_never_retries() -> None:
     harness = Harness()
     with pytest.raises(UpstreamTransportError):
         await harness.run(failing_then([RESET]), RetryPolicy(max_attempts=1), FullRandom())
+    assert harness.sleeps == []
+
+
+async def test_our_own_throttling_is_raised_at_once() -> None:
+    # Plenty of deadline and attempts left, and a short retry_after: still not retried.
+    harness = Harness()
+    with pytest.raises(UpstreamThrottledError) as caught:
+        await harness.run(failing_then([THROTTLED]), POLICY, FullRandom())
+    assert caught.value is THROTTLED
     assert harness.sleeps == []
 
 

@@ -15,6 +15,7 @@ from numbersvc.upstream.errors import (
     UpstreamDecodeError,
     UpstreamError,
     UpstreamStatusError,
+    UpstreamThrottledError,
     UpstreamTimeoutError,
     UpstreamTransportError,
     excerpt,
@@ -29,17 +30,21 @@ NOW = 1_445_412_480.0  # Wed, 21 Oct 2015 07:28:00 GMT
 def test_package_face_is_pinned() -> None:
     assert sorted(numbersvc.upstream.__all__) == [
         "PlivoClient",
+        "RateSpec",
         "RetryPolicy",
+        "TokenBucket",
         "UpstreamConnectError",
         "UpstreamDecodeError",
         "UpstreamError",
         "UpstreamResponse",
         "UpstreamStatusError",
+        "UpstreamThrottledError",
         "UpstreamTimeoutError",
         "UpstreamTransportError",
         "full_jitter_delays",
         "is_transient",
         "parse_error_body",
+        "parse_rate",
         "parse_retry_after",
         "retry_async",
     ]
@@ -54,6 +59,17 @@ def test_tree() -> None:
     assert issubclass(UpstreamStatusError, UpstreamError)
     assert issubclass(UpstreamDecodeError, UpstreamError)
     assert not issubclass(UpstreamStatusError, UpstreamTransportError)
+    assert issubclass(UpstreamThrottledError, UpstreamError)
+    # Not a transport error: nothing was attempted, and transport errors are retried.
+    assert not issubclass(UpstreamThrottledError, UpstreamTransportError)
+
+
+def test_throttled_error_attributes() -> None:
+    exc = UpstreamThrottledError(
+        "spent", retry_after_seconds=1.25, method="GET", url="/v1/Account/MA1/AvailableNumberGroup/"
+    )
+    assert (exc.message, str(exc), exc.retry_after_seconds) == ("spent", "spent", 1.25)
+    assert (exc.method, exc.url) == ("GET", "/v1/Account/MA1/AvailableNumberGroup/")
 
 
 def test_connect_error_never_sent() -> None:

@@ -21,9 +21,11 @@ from numbersvc.upstream.errors import (
     UpstreamDecodeError,
     UpstreamError,
     UpstreamStatusError,
+    UpstreamThrottledError,
     UpstreamTimeoutError,
     UpstreamTransportError,
 )
+from numbersvc.upstream.ratelimit import RateSpec, TokenBucket, parse_rate
 
 from .conftest import (
     AUTH_ID,
@@ -366,6 +368,160 @@ async def test_every_httpx_request_error_is_mapped(
         assert exc.request_sent is request_sent
     if error_class in KNOWN_REQUEST_SENT:
         assert (type(exc), getattr(exc, "request_sent", None)) == KNOWN_REQUEST_SENT[error_class]
+
+
+# --- rate limiting ----------------------------------------------------------------------------
+
+
+class InstantTime:
+    """A fake clock and a sleep that moves it on at once (one call at a time in these tests)."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.sleeps: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
+Call = Callable[..., Awaitable[object]]
+
+# One call per operation, taking `timeout_seconds` and `max_wait_seconds` keyword arguments.
+OPERATIONS: dict[str, Callable[[PlivoClient], Call]] = {
+    "search": lambda client: lambda **kw: client.search_number_groups({"country_iso": "US"}, **kw),
+    "get": lambda client: lambda **kw: client.get_number_group("1", **kw),
+    "rent": lambda client: lambda **kw: client.rent_numbers("1", {"quantity": 1}, **kw),
+}
+READS = ["search", "get"]
+TWO_PER_SECOND = RateSpec(2, 1.0)
+
+
+def phase_timeouts(request: httpx.Request) -> set[float]:
+    """The per-phase timeouts httpx was given for `request`."""
+    return set(request.extensions["timeout"].values())
+
+
+async def limited(make_client: MakeClient) -> tuple[PlivoClient, Recorder, InstantTime]:
+    """A client behind a bucket of 2 per second (one every 0.5 s), its burst spent."""
+    fake = InstantTime()
+    recorder = Recorder()
+    bucket = TokenBucket(TWO_PER_SECOND, clock=fake, sleep=fake.sleep)
+    client = make_client(recorder, rate_limiter=bucket)
+    for _ in range(TWO_PER_SECOND.requests):
+        await client.get_number_group("1", timeout_seconds=TIMEOUT)
+    assert fake.sleeps == []
+    return client, recorder, fake
+
+
+@pytest.mark.parametrize("operation", OPERATIONS)
+async def test_requests_beyond_the_burst_wait_for_a_token(
+    make_client: MakeClient, operation: str
+) -> None:
+    client, recorder, fake = await limited(make_client)
+    await OPERATIONS[operation](client)(timeout_seconds=TIMEOUT)
+    await OPERATIONS[operation](client)(timeout_seconds=TIMEOUT)
+    assert fake.sleeps == [0.5, 0.5]
+    assert len(recorder.requests) == 4
+
+
+@pytest.mark.parametrize("operation", READS)
+async def test_a_read_waits_inside_its_timeout(make_client: MakeClient, operation: str) -> None:
+    client, recorder, fake = await limited(make_client)
+    await OPERATIONS[operation](client)(timeout_seconds=2.0)
+    # 0.5 s went on waiting, so the request itself gets the 1.5 s left: 2.0 s in all.
+    assert fake.sleeps == [0.5]
+    assert phase_timeouts(recorder.last) == {1.5}
+
+
+async def test_a_rent_waits_outside_its_timeout(make_client: MakeClient) -> None:
+    client, recorder, fake = await limited(make_client)
+    await client.rent_numbers("1", {"quantity": 1}, timeout_seconds=2.0, max_wait_seconds=1.0)
+    assert fake.sleeps == [0.5]
+    assert phase_timeouts(recorder.last) == {2.0}
+
+
+@pytest.mark.parametrize("operation", OPERATIONS)
+async def test_a_wait_beyond_max_wait_sends_nothing(
+    make_client: MakeClient, operation: str
+) -> None:
+    client, recorder, fake = await limited(make_client)
+    with pytest.raises(UpstreamThrottledError) as caught:
+        await OPERATIONS[operation](client)(timeout_seconds=TIMEOUT, max_wait_seconds=0.25)
+    exc = caught.value
+    assert exc.retry_after_seconds == 0.5
+    assert exc.method == ("POST" if operation == "rent" else "GET")
+    assert exc.url == (GROUPS if operation == "search" else f"{GROUPS}1/")
+    assert str(exc).startswith(f"{exc.method} {exc.url}: upstream rate limit 2/1s")
+    assert len(recorder.requests) == 2  # the burst only
+    assert fake.sleeps == []
+
+
+@pytest.mark.parametrize("operation", OPERATIONS)
+async def test_max_wait_defaults_to_the_timeout(make_client: MakeClient, operation: str) -> None:
+    client, recorder, _ = await limited(make_client)
+    with pytest.raises(UpstreamThrottledError):
+        await OPERATIONS[operation](client)(timeout_seconds=0.4)
+    assert len(recorder.requests) == 2
+
+
+@pytest.mark.parametrize("operation", READS)
+async def test_a_read_never_waits_beyond_its_timeout(
+    make_client: MakeClient, operation: str
+) -> None:
+    client, recorder, _ = await limited(make_client)
+    with pytest.raises(UpstreamThrottledError):
+        await OPERATIONS[operation](client)(timeout_seconds=0.4, max_wait_seconds=10.0)
+    assert len(recorder.requests) == 2
+
+
+async def test_a_read_whose_wait_takes_all_its_time_is_not_sent(make_client: MakeClient) -> None:
+    client, recorder, fake = await limited(make_client)
+    with pytest.raises(UpstreamTimeoutError) as caught:
+        await client.get_number_group("1", timeout_seconds=0.5)
+    assert fake.sleeps == [0.5]
+    assert caught.value.request_sent is False
+    assert len(recorder.requests) == 2
+
+
+async def test_no_time_left_spends_no_token(make_client: MakeClient) -> None:
+    fake = InstantTime()
+    bucket = TokenBucket(RateSpec(1, 1.0), clock=fake, sleep=fake.sleep)
+    recorder = Recorder()
+    client = make_client(recorder, rate_limiter=bucket)
+    with pytest.raises(UpstreamTimeoutError):
+        await client.get_number_group("1", timeout_seconds=0.0)
+    await client.get_number_group("1", timeout_seconds=TIMEOUT, max_wait_seconds=0.0)
+    assert len(recorder.requests) == 1
+
+
+async def test_waits_and_refusals_are_logged_at_debug(
+    make_client: MakeClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="numbersvc.upstream")
+    client, _, _ = await limited(make_client)  # two requests that did not wait
+    await client.get_number_group("5", timeout_seconds=TIMEOUT)
+    with pytest.raises(UpstreamThrottledError):
+        await client.get_number_group("6", timeout_seconds=TIMEOUT, max_wait_seconds=0.0)
+    assert {record.levelno for record in caplog.records} == {logging.DEBUG}
+    *burst, waited, sent, refused = (record.getMessage() for record in caplog.records)
+    assert len(burst) == 2
+    assert all(" -> 200 in " in message for message in burst)
+    assert waited == f"upstream GET {GROUPS}5/ waited 0.500 s for a rate-limit token"
+    assert sent.startswith(f"upstream GET {GROUPS}5/ -> 200 in ")
+    assert refused == f"upstream GET {GROUPS}6/ -> UpstreamThrottledError in 0.000 s api_id=None"
+
+
+async def test_rate_off_sends_everything_at_once(make_client: MakeClient) -> None:
+    recorder = Recorder()
+    spec = parse_rate("off")
+    client = make_client(recorder, rate_limiter=None if spec is None else TokenBucket(spec))
+    for _ in range(50):
+        await client.get_number_group("1", timeout_seconds=TIMEOUT, max_wait_seconds=0.0)
+    assert len(recorder.requests) == 50
 
 
 # --- real sockets -----------------------------------------------------------------------------

@@ -1,180 +1,39 @@
-"""The order ledger: every rent attempt is written before it is sent, and its outcome after.
-
-`OrderLedger` is the protocol the rest of the service sees; `SqliteLedger` implements it on
-one SQLite file in WAL mode with `synchronous=FULL`, so a row committed before the POST
-survives a SIGKILL or a power cut. The ledger is the service's memory of money spent: it is
-what makes `RentNumbers` idempotent, what `GetRentalOrder`/`ListRentalOrders` read, and what
-`numbersvc orders settle` corrects. Every change is also appended to an `events` table, the
-audit trail.
-
-States of an order (column `state`):
-
-    sending ──> fulfilled | pending | unrecognized      Plivo answered 2xx
-        │  └──> failed                                  Plivo said no: nothing rented
-        │  └──> released                                never sent: the id may be used again
-        └─────> outcome_unknown ──(settle)──> fulfilled | failed
-
-A `sending` row whose owner (the process instance that sent it) is gone reads as
-`outcome_unknown`: `recover()` rewrites such rows at start-up. One database per service
-instance for now; a store shared by replicas would implement the same protocol.
-"""
+"""The order ledger on SQLite: one file, WAL mode, `synchronous=FULL`, one writer thread."""
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import enum
 import logging
-import os
 import sqlite3
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Final, Protocol, TypeVar
+from typing import Final, TypeVar
 
+from numbersvc.ledger import (
+    STATUS_OF,
+    Attempt,
+    Begin,
+    BeginResult,
+    LedgerEntry,
+    OrderState,
+    SettleError,
+)
 from numbersvc.v1 import number_groups_pb2 as pb
 from numbersvc.validation import OrderQuery
 
-__all__ = [
-    "Attempt",
-    "Begin",
-    "LedgerEntry",
-    "OrderLedger",
-    "OrderQuery",
-    "OrderState",
-    "SettleError",
-    "SqliteLedger",
-    "default_ledger_path",
-]
+__all__ = ["SqliteLedger"]
 
 _log = logging.getLogger("numbersvc.orders")
 _T = TypeVar("_T")
 _SCHEMA_VERSION: Final = 1
 _MAX_UPSTREAM_BODY_CHARS: Final = 2000
 _NANOS_PER_DAY: Final = 86_400 * 10**9
-
-
-class OrderState(enum.StrEnum):
-    """Where an order is in its life (see the module docstring)."""
-
-    SENDING = "sending"
-    FULFILLED = "fulfilled"
-    PENDING = "pending"
-    UNRECOGNIZED = "unrecognized"
-    FAILED = "failed"
-    RELEASED = "released"
-    OUTCOME_UNKNOWN = "outcome_unknown"
-
-    @property
-    def may_have_rented(self) -> bool:
-        """Whether numbers may have been rented: these count against the daily cap."""
-        return self not in (OrderState.FAILED, OrderState.RELEASED)
-
-
-_STATUS_OF: Final = {
-    OrderState.SENDING: pb.ORDER_STATUS_OUTCOME_UNKNOWN,
-    OrderState.FULFILLED: pb.ORDER_STATUS_FULFILLED,
-    OrderState.PENDING: pb.ORDER_STATUS_PENDING,
-    OrderState.UNRECOGNIZED: pb.ORDER_STATUS_UNSPECIFIED,
-    OrderState.FAILED: pb.ORDER_STATUS_FAILED,
-    OrderState.RELEASED: pb.ORDER_STATUS_FAILED,
-    OrderState.OUTCOME_UNKNOWN: pb.ORDER_STATUS_OUTCOME_UNKNOWN,
-}
-
-
-@dataclass(frozen=True, slots=True)
-class Attempt:
-    """A rent about to be sent: what the ledger records first."""
-
-    order: pb.RentalOrder
-    fingerprint: str
-    """The request as compared for idempotency (group, quantity after defaults, app)."""
-    peer: str
-
-
-@dataclass(frozen=True, slots=True)
-class LedgerEntry:
-    """One order as the ledger holds it."""
-
-    order: pb.RentalOrder
-    state: OrderState
-    fingerprint: str
-    owner: str
-    """The instance id of the process that sent it."""
-    error_outcome: str = ""
-    """For a failed order: the `errors.Outcome` name the caller was given."""
-
-
-class Begin(enum.Enum):
-    """What `OrderLedger.begin` decided."""
-
-    NEW = enum.auto()
-    """Recorded as `sending`: the caller may send it now."""
-    EXISTING = enum.auto()
-    """The id is taken by the same request: `entry` says how it went."""
-    CONFLICT = enum.auto()
-    """The id is taken by a different request."""
-    OVER_QUOTA = enum.auto()
-    """The caller's daily cap would be passed; nothing recorded."""
-
-
-@dataclass(frozen=True, slots=True)
-class BeginResult:
-    """`OrderLedger.begin`'s answer, with the existing entry or the quota figures."""
-
-    kind: Begin
-    entry: LedgerEntry | None = None
-    used_today: int = 0
-
-
-class OrderLedger(Protocol):
-    """Where orders are recorded. Every method is a coroutine and safe to call concurrently."""
-
-    async def begin(self, attempt: Attempt, *, daily_cap: int) -> BeginResult:
-        """Atomically claim the request id (or report who has it) and check the daily cap."""
-
-    async def finish(
-        self,
-        order: pb.RentalOrder,
-        state: OrderState,
-        *,
-        error_outcome: str = "",
-        upstream: str = "",
-    ) -> LedgerEntry:
-        """Record how an order ended; `upstream` keeps Plivo's raw answer for reconciliation."""
-
-    async def settle(
-        self, request_id: str, state: OrderState, *, numbers: Sequence[str], note: str
-    ) -> LedgerEntry:
-        """Record what the Plivo console shows for an order whose outcome is unknown."""
-
-    async def get(self, request_id: str) -> LedgerEntry | None:
-        """Return one order, or None."""
-
-    async def list(
-        self, query: OrderQuery, *, offset: int, limit: int
-    ) -> tuple[list[LedgerEntry], int]:
-        """Return a page of orders, oldest first, and how many match in all."""
-
-    async def recover(self) -> int:
-        """Mark orders left `sending` by earlier processes as `outcome_unknown`."""
-
-    async def close(self) -> None:
-        """Release the store."""
-
-
-class SettleError(ValueError):
-    """An order cannot be settled: unknown id, or its outcome is already known."""
-
-
-def default_ledger_path(environ: Mapping[str, str] | None = None) -> Path:
-    """`$XDG_STATE_HOME/numbersvc/ledger.sqlite3`, falling back to `~/.local/state/...`."""
-    env = os.environ if environ is None else environ
-    base = env.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    return Path(base) / "numbersvc" / "ledger.sqlite3"
-
+_E164_DIGITS: Final = range(6, 16)
+_UNSETTLED: Final = (OrderState.SENDING, OrderState.OUTCOME_UNKNOWN)
 
 _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS orders (
@@ -229,7 +88,11 @@ class SqliteLedger:
     async def open(cls, path: str | Path, **kwargs: Callable[[], int]) -> SqliteLedger:
         """Open (creating if needed) the ledger at `path`."""
         ledger = cls(path, **kwargs)
-        await ledger._run(ledger._connect)
+        try:
+            await ledger._run(ledger._connect)
+        except BaseException:
+            await ledger.close()
+            raise
         return ledger
 
     def _connect(self) -> None:
@@ -260,8 +123,9 @@ class SqliteLedger:
         return await self._run(lambda: self._begin(attempt, daily_cap))
 
     def _begin(self, attempt: Attempt, daily_cap: int) -> BeginResult:
-        db, order, now = self._conn(), attempt.order, self._clock_ns()
-        with _immediate(db):
+        db, order = self._conn(), attempt.order
+        with _transaction(db):
+            now = self._clock_ns()  # after the lock: the day is the one the row lands in
             entry = self._entry(db, order.request_id)
             if entry is not None:
                 if entry.fingerprint != attempt.fingerprint:
@@ -303,8 +167,27 @@ class SqliteLedger:
         error_outcome: str = "",
         upstream: str = "",
     ) -> LedgerEntry:
-        """Record how an order ended."""
-        return await self._run(lambda: self._update(order, state, error_outcome, upstream))
+        """Record how an order ended.
+
+        A settlement made meanwhile wins: a late answer never overwrites what a person
+        recorded from the Plivo console (it is logged instead).
+        """
+
+        def finish() -> LedgerEntry:
+            try:
+                return self._update(order, state, error_outcome, upstream, only_from=_UNSETTLED)
+            except SettleError:
+                _log.error(
+                    "order %s was settled while in flight; Plivo's answer was %s: %s",
+                    order.request_id,
+                    state.value,
+                    _describe(order),
+                )
+                entry = self._entry(self._conn(), order.request_id)
+                assert entry is not None  # _update found it
+                return entry
+
+        return await self._run(finish)
 
     def _update(
         self,
@@ -316,9 +199,9 @@ class SqliteLedger:
         only_from: tuple[OrderState, ...] = (),
     ) -> LedgerEntry:
         db, now = self._conn(), self._clock_ns()
-        order.status = _STATUS_OF[state]
+        order.status = STATUS_OF[state]
         order.update_time.FromNanoseconds(now)
-        with _immediate(db):
+        with _transaction(db):
             current = self._entry(db, order.request_id)
             if current is None:
                 raise SettleError(f"no order with request id {order.request_id}")
@@ -353,6 +236,14 @@ class SqliteLedger:
         """
         if state not in (OrderState.FULFILLED, OrderState.FAILED):
             raise SettleError("an order settles as fulfilled or failed")
+        if state is OrderState.FULFILLED and not numbers:
+            raise SettleError("a fulfilled order needs the numbers the Plivo console shows")
+        if state is OrderState.FAILED and numbers:
+            raise SettleError("a failed order rented no numbers")
+        for number in numbers:
+            digits = number.removeprefix("+")
+            if not (digits.isascii() and digits.isdigit() and len(digits) in _E164_DIGITS):
+                raise SettleError(f"not an E.164 number: {number!r}")
 
         def settle() -> LedgerEntry:
             entry = self._entry(self._conn(), request_id)
@@ -370,8 +261,10 @@ class SqliteLedger:
                 for n in numbers
             )
             order.status_message = f"settled as {state.value}: {note}"
-            unsettled = (OrderState.OUTCOME_UNKNOWN, OrderState.SENDING)
-            return self._update(order, state, "", "", only_from=unsettled)
+            # Not from `sending`: that order's POST may still be out, and a settlement as
+            # failed would free its id for a second POST. Start-up recovery turns the
+            # `sending` rows of a dead process into `outcome_unknown`.
+            return self._update(order, state, "", "", only_from=(OrderState.OUTCOME_UNKNOWN,))
 
         return await self._run(settle)
 
@@ -387,12 +280,13 @@ class SqliteLedger:
         def page() -> tuple[list[LedgerEntry], int]:
             where, args = _where(query)
             db = self._conn()
-            (total,) = db.execute(f"SELECT count(*) FROM orders{where}", args).fetchone()
-            rows = db.execute(
-                f"SELECT {_COLUMNS} FROM orders{where}"
-                " ORDER BY create_time_ns, request_id LIMIT ? OFFSET ?",
-                (*args, limit, offset),
-            ).fetchall()
+            with _transaction(db, "DEFERRED"):  # one snapshot: the total matches the page
+                (total,) = db.execute(f"SELECT count(*) FROM orders{where}", args).fetchone()
+                rows = db.execute(
+                    f"SELECT {_COLUMNS} FROM orders{where}"
+                    " ORDER BY create_time_ns, request_id LIMIT ? OFFSET ?",
+                    (*args, limit, offset),
+                ).fetchall()
             return [self._row(row) for row in rows], int(total)
 
         return await self._run(page)
@@ -409,7 +303,12 @@ class SqliteLedger:
             for row in stale:
                 order = self._row(row).order
                 order.status_message = "the service stopped while this order was being sent"
-                self._update(order, OrderState.OUTCOME_UNKNOWN, "", "")
+                try:  # its owner may have finished it since the select: then it is known
+                    self._update(
+                        order, OrderState.OUTCOME_UNKNOWN, "", "", only_from=(OrderState.SENDING,)
+                    )
+                except SettleError:
+                    continue
                 count += 1
             return count
 
@@ -421,9 +320,14 @@ class SqliteLedger:
     async def close(self) -> None:
         """Close the database and its worker thread."""
         if self._db is not None:
-            db, self._db = self._db, None
-            await self._run(db.close)
+            # On the worker, after the work already queued (a late `finish`), not before it.
+            await self._run(self._close_db)
         self._executor.shutdown(wait=True)
+
+    def _close_db(self) -> None:
+        if self._db is not None:
+            db, self._db = self._db, None
+            db.close()
 
     def _entry(self, db: sqlite3.Connection, request_id: str) -> LedgerEntry | None:
         row = db.execute(
@@ -442,17 +346,21 @@ class SqliteLedger:
         )
 
 
-class _immediate:
-    """`BEGIN IMMEDIATE ... COMMIT`: take the write lock first, so check-then-insert is atomic."""
+@contextmanager
+def _transaction(db: sqlite3.Connection, kind: str = "IMMEDIATE") -> Iterator[None]:
+    """`BEGIN IMMEDIATE ... COMMIT`: take the write lock first, so check-then-write is atomic.
 
-    def __init__(self, db: sqlite3.Connection) -> None:
-        self._db = db
-
-    def __enter__(self) -> None:
-        self._db.execute("BEGIN IMMEDIATE")
-
-    def __exit__(self, exc_type: object, *_: object) -> None:
-        self._db.execute("COMMIT" if exc_type is None else "ROLLBACK")
+    NOTE: some errors (a full disk) make SQLite roll back by itself; rolling back again would
+    replace the real error with "no transaction is active", so only an open one is rolled back.
+    """
+    db.execute(f"BEGIN {kind}")
+    try:
+        yield
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
 
 
 def _used_today(db: sqlite3.Connection, caller: str, now_ns: int) -> int:

@@ -1,0 +1,541 @@
+"""Soak: hundreds of concurrent streams and unary calls against a real server, for a fixed time.
+
+    python -m bench.soak --seconds 60 --streams 200 --unary-concurrency 50
+
+Starts the sandbox (`python -m numbersvc sandbox`, on a free port) and the server
+(`python -m numbersvc serve --listen 127.0.0.1:0`, pointed at the sandbox as if it were Plivo)
+as separate processes, seeds `--groups` synthetic US toll-free groups, then for `--seconds`
+runs `--streams` workers that each walk StreamNumberGroups over the whole toll-free filter, again
+and again, and `--unary-concurrency` workers that alternate ListNumberGroups and GetNumberGroup.
+It prints calls by RPC, errors by code, p50/p99 latency, and the server's RSS (VmRSS from
+/proc/PID/status, sampled every second), and exits 1 on any error code at all (nothing is
+faulted, so every call should succeed) or when the server logs an ERROR line or does not exit
+0 on SIGTERM; 2 when the set-up fails.
+
+The server runs with `NUMBERSVC_UPSTREAM_RATE=off` (the sandbox is not rate limited, and the
+Plivo request budget would throttle the load by design) and an in-memory ledger; pass
+`--server-env NAME=VALUE` to change any setting. Calls still running when time is up are
+cancelled and counted as unfinished, not as errors. `tests/e2e/test_soak.py` runs a short
+version of the same `soak()`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import math
+import os
+import random
+import re
+import signal
+import socket
+import sys
+import time
+from collections import Counter, deque
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Final
+
+import grpc
+import httpx
+
+from numbersvc.sandbox import DEFAULT_AUTH_ID, DEFAULT_AUTH_TOKEN, SandboxControl
+from numbersvc.v1 import number_groups_pb2 as pb
+from numbersvc.v1 import number_groups_pb2_grpc as pb_grpc
+
+__all__ = ["Report", "SoakOptions", "main", "soak"]
+
+STREAM: Final = "StreamNumberGroups"
+LIST: Final = "ListNumberGroups"
+GET: Final = "GetNumberGroup"
+#: Codes the soak tolerates: none. Nothing is faulted, so every call must succeed.
+EXPECTED_ERROR_CODES: Final[frozenset[grpc.StatusCode]] = frozenset()
+
+_START_TIMEOUT_SECONDS: Final = 30.0
+_STOP_TIMEOUT_SECONDS: Final = 20.0
+_UNARY_TIMEOUT_SECONDS: Final = 10.0
+_STREAM_SLACK_SECONDS: Final = 30.0  # a stream's deadline: the time left plus this
+_RSS_INTERVAL_SECONDS: Final = 1.0
+_CALLS_PER_CHANNEL: Final = 50  # concurrent calls sharing one HTTP/2 connection
+_SERVING: Final = re.compile(r"serving on 127\.0\.0\.1:(\d+)")
+_VMRSS: Final = re.compile(r"^VmRSS:\s+(\d+)\s+kB", re.MULTILINE)
+_STREAM_FILTER: Final = pb.SearchFilter(region_code="US", number_type=pb.NUMBER_TYPE_TOLLFREE)
+_LIST_FILTERS: Final = (
+    pb.SearchFilter(region_code="US"),
+    pb.SearchFilter(region_code="US", region="NY"),
+    pb.SearchFilter(region_code="US", number_type=pb.NUMBER_TYPE_TOLLFREE),
+    pb.SearchFilter(region_code="CA", services=[pb.NUMBER_SERVICE_SMS]),
+    pb.SearchFilter(region_code="GB", number_type=pb.NUMBER_TYPE_NATIONAL),
+    pb.SearchFilter(region_code="DE"),
+)
+
+
+@dataclass(frozen=True)
+class SoakOptions:
+    """How hard and how long to push."""
+
+    seconds: float = 60.0
+    streams: int = 200
+    unary_concurrency: int = 50
+    groups: int = 20_000  # synthetic toll-free groups seeded for the streams to walk
+    server_env: Mapping[str, str] = field(default_factory=dict)
+    seed: int = 7  # of the unary workers' choices
+
+
+@dataclass
+class LoadStats:
+    """What the load saw. Latencies in seconds; a stream's is its whole walk."""
+
+    calls: Counter[str] = field(default_factory=Counter)
+    errors: Counter[tuple[str, str]] = field(default_factory=Counter)  # (rpc, code name)
+    error_samples: list[str] = field(default_factory=list)
+    unfinished: Counter[str] = field(default_factory=Counter)
+    latencies: dict[str, list[float]] = field(default_factory=dict)
+    first_message: list[float] = field(default_factory=list)
+    message_gaps: list[float] = field(default_factory=list)  # between a stream's messages
+    stream_messages: int = 0
+    stream_groups: int = 0
+
+    def ok(self, rpc: str, seconds: float) -> None:
+        self.calls[rpc] += 1
+        self.latencies.setdefault(rpc, []).append(seconds)
+
+    def failed(self, rpc: str, error: grpc.aio.AioRpcError) -> None:
+        self.errors[(rpc, error.code().name)] += 1
+        if len(self.error_samples) < 5:
+            self.error_samples.append(f"{rpc}: {error.code().name}: {error.details()}")
+
+    @property
+    def unexpected(self) -> Counter[tuple[str, str]]:
+        allowed = {code.name for code in EXPECTED_ERROR_CODES}
+        return Counter({key: n for key, n in self.errors.items() if key[1] not in allowed})
+
+
+@dataclass
+class Report:
+    """Everything `soak` measured."""
+
+    options: SoakOptions
+    load: LoadStats
+    rss_kib: list[int]  # the server's VmRSS, one sample a second
+    walk_groups: int  # groups in the stream filter
+    server_error_lines: list[str]
+    server_exit_code: int | None
+
+    @property
+    def failures(self) -> list[str]:
+        """Why the soak failed; empty when it passed."""
+        found = [f"{n} x {rpc} {code}" for (rpc, code), n in self.load.unexpected.items()]
+        found += [f"server logged: {line}" for line in self.server_error_lines[:5]]
+        if self.server_exit_code != 0:
+            found.append(f"server exit code {self.server_exit_code} after SIGTERM")
+        return found
+
+
+# --- Processes ----------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    """Return a TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def _child_env(extra: Mapping[str, str]) -> dict[str, str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("PLIVO_", "NUMBERSVC_"))}
+    return {**clean, **extra}
+
+
+async def _stop(process: asyncio.subprocess.Process, sig: signal.Signals) -> int | None:
+    """Signal a child and wait for it; kill it if it does not exit in time."""
+    if process.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            process.send_signal(sig)
+        try:
+            await asyncio.wait_for(process.wait(), _STOP_TIMEOUT_SECONDS)
+        except TimeoutError:
+            process.kill()
+            await process.wait()
+            return None
+    return process.returncode
+
+
+@contextlib.asynccontextmanager
+async def _sandbox(port: int) -> AsyncIterator[str]:
+    """Run `numbersvc sandbox` on `port` until it answers; yield its URL; stop it (SIGINT)."""
+    url = f"http://127.0.0.1:{port}"
+    process = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "numbersvc", "sandbox", "--listen", f"127.0.0.1:{port}"),
+        env=_child_env({}),
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        async with SandboxControl(url, timeout_seconds=1.0) as control:
+            async with asyncio.timeout(_START_TIMEOUT_SECONDS):
+                while True:
+                    if process.returncode is not None:
+                        raise RuntimeError(f"the sandbox exited with {process.returncode}")
+                    try:
+                        await control.info()
+                        break
+                    except httpx.TransportError:
+                        await asyncio.sleep(0.1)
+        yield url
+    finally:
+        await _stop(process, signal.SIGINT)
+
+
+class _Server:
+    """A `numbersvc serve` process: its port, and its stderr drained and watched for ERRORs."""
+
+    def __init__(self, process: asyncio.subprocess.Process) -> None:
+        self.process = process
+        self.port = 0
+        self.error_lines: list[str] = []
+        self.tail: deque[str] = deque(maxlen=20)
+        self._serving = asyncio.Event()
+        self._reader = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        assert self.process.stderr is not None
+        # Every RPC logs an access line at INFO: the pipe must be drained or the server blocks.
+        while line := (await self.process.stderr.readline()).decode(errors="replace").rstrip():
+            self.tail.append(line)
+            if not self.port and (match := _SERVING.search(line)):
+                self.port = int(match.group(1))
+                self._serving.set()
+            fields = line.split(" ", 3)  # date, time, LEVEL, rest
+            if len(fields) > 2 and fields[2] in ("ERROR", "CRITICAL"):
+                self.error_lines.append(line)
+
+    async def wait_serving(self) -> None:
+        waiter = asyncio.create_task(self._serving.wait())
+        await asyncio.wait(
+            {waiter, self._reader}, timeout=_START_TIMEOUT_SECONDS, return_when="FIRST_COMPLETED"
+        )
+        waiter.cancel()
+        if not self._serving.is_set():
+            tail = "\n".join(self.tail)
+            raise RuntimeError(f"the server did not start serving:\n{tail}")
+
+    async def stop(self) -> int | None:
+        code = await _stop(self.process, signal.SIGTERM)
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait_for(self._reader, _STOP_TIMEOUT_SECONDS)
+        return code
+
+
+@contextlib.asynccontextmanager
+async def _server(sandbox_url: str, extra_env: Mapping[str, str]) -> AsyncIterator[_Server]:
+    env = _child_env(
+        {
+            "NUMBERSVC_UPSTREAM": "plivo",
+            "PLIVO_BASE_URL": sandbox_url,
+            "PLIVO_AUTH_ID": DEFAULT_AUTH_ID,
+            "PLIVO_AUTH_TOKEN": DEFAULT_AUTH_TOKEN,
+            "NUMBERSVC_UPSTREAM_RATE": "off",
+            "NUMBERSVC_LEDGER_PATH": ":memory:",
+            "NUMBERSVC_DRAIN_SECONDS": "0",
+            **extra_env,
+        }
+    )
+    process = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "numbersvc", "serve", "--listen", "127.0.0.1:0"),
+        env=env,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    server = _Server(process)
+    try:
+        await server.wait_serving()
+        yield server
+    finally:
+        if process.returncode is None:
+            await server.stop()
+
+
+def read_rss_kib(pid: int) -> int | None:
+    """Return the process's resident set size in KiB (VmRSS), or None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as status:
+            match = _VMRSS.search(status.read())
+    except OSError:
+        return None
+    return int(match.group(1)) if match else None
+
+
+async def _sample_rss(pid: int, samples: list[int]) -> None:
+    while True:
+        rss = read_rss_kib(pid)
+        if rss is not None:
+            samples.append(rss)
+        await asyncio.sleep(_RSS_INTERVAL_SECONDS)
+
+
+# --- Load ---------------------------------------------------------------------------------------
+
+
+async def _walk(stub: pb_grpc.NumberGroupServiceAsyncStub, stats: LoadStats, end: float) -> None:
+    """Walk the stream filter to its end, again and again, until `end`."""
+    request = pb.StreamNumberGroupsRequest(filter=_STREAM_FILTER)
+    while time.monotonic() < end:
+        started = time.monotonic()
+        timeout = end - started + _STREAM_SLACK_SECONDS
+        call = stub.StreamNumberGroups(request, timeout=timeout)
+        last: float | None = None
+        try:
+            async for message in call:
+                now = time.monotonic()
+                if last is None:
+                    stats.first_message.append(now - started)
+                else:
+                    stats.message_gaps.append(now - last)
+                last = now
+                stats.stream_messages += 1
+                stats.stream_groups += len(message.number_groups)
+        except grpc.aio.AioRpcError as error:
+            stats.failed(STREAM, error)
+            continue
+        except asyncio.CancelledError:
+            stats.unfinished[STREAM] += 1
+            call.cancel()
+            raise
+        stats.ok(STREAM, time.monotonic() - started)
+
+
+async def _unary(
+    stub: pb_grpc.NumberGroupServiceAsyncStub,
+    stats: LoadStats,
+    end: float,
+    rng: random.Random,
+    group_ids: Sequence[str],
+) -> None:
+    """Alternate (at random) one-page searches and gets of known groups until `end`."""
+    while time.monotonic() < end:
+        rpc = rng.choice((LIST, GET))
+        started = time.monotonic()
+        try:
+            if rpc == LIST:
+                filter_ = rng.choice(_LIST_FILTERS)
+                request = pb.ListNumberGroupsRequest(filter=filter_, page_size=rng.randint(0, 20))
+                await stub.ListNumberGroups(request, timeout=_UNARY_TIMEOUT_SECONDS)
+            else:
+                get = pb.GetNumberGroupRequest(group_id=rng.choice(group_ids))
+                await stub.GetNumberGroup(get, timeout=_UNARY_TIMEOUT_SECONDS)
+        except grpc.aio.AioRpcError as error:
+            stats.failed(rpc, error)
+            continue
+        except asyncio.CancelledError:
+            stats.unfinished[rpc] += 1
+            raise
+        stats.ok(rpc, time.monotonic() - started)
+
+
+async def run_load(
+    target: str, options: SoakOptions, group_ids: Sequence[str], rss_pid: int | None = None
+) -> tuple[LoadStats, list[int]]:
+    """Run the workers against `target` for `options.seconds`, then cancel what is still running.
+
+    Returns:
+        The load's statistics and the RSS samples of `rss_pid` (KiB), first and last included.
+    """
+    stats = LoadStats()
+    samples: list[int] = []
+    workers = options.streams + options.unary_concurrency
+    channels = [
+        grpc.aio.insecure_channel(target) for _ in range(max(1, workers // _CALLS_PER_CHANNEL))
+    ]
+    stubs = [pb_grpc.NumberGroupServiceStub(channel) for channel in channels]
+    sampler = None if rss_pid is None else asyncio.create_task(_sample_rss(rss_pid, samples))
+    end = time.monotonic() + options.seconds
+    tasks = [
+        asyncio.create_task(_walk(stubs[i % len(stubs)], stats, end))
+        for i in range(options.streams)
+    ]
+    tasks += [
+        asyncio.create_task(
+            _unary(stubs[i % len(stubs)], stats, end, random.Random(options.seed + i), group_ids)
+        )
+        for i in range(options.unary_concurrency)
+    ]
+    try:
+        await asyncio.wait(tasks, timeout=options.seconds)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if sampler is not None:
+            sampler.cancel()
+            await asyncio.gather(sampler, return_exceptions=True)
+        for channel in channels:
+            await channel.close()
+    if rss_pid is not None and (last := read_rss_kib(rss_pid)) is not None:
+        samples.append(last)
+    return stats, samples
+
+
+async def _seed(sandbox_url: str, groups: int) -> None:
+    """Add the synthetic toll-free groups the streams walk."""
+    if groups:
+        async with SandboxControl(sandbox_url, timeout_seconds=30.0) as control:
+            await control.seed("US", number_type="tollfree", count=groups)
+
+
+async def _prepare(target: str) -> tuple[list[str], int]:
+    """Return group ids for the unary gets and the stream filter's total, via the server."""
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = pb_grpc.NumberGroupServiceStub(channel)
+        ids: list[str] = []
+        total = 0
+        for filter_ in (_STREAM_FILTER, pb.SearchFilter(region_code="US")):
+            request = pb.ListNumberGroupsRequest(filter=filter_, page_size=20)
+            page = await stub.ListNumberGroups(request, timeout=_UNARY_TIMEOUT_SECONDS)
+            ids += [group.group_id for group in page.number_groups]
+            total = total or page.total_size
+    return ids, total
+
+
+async def soak(options: SoakOptions) -> Report:
+    """Start the sandbox and the server as processes, seed, load, measure, stop them."""
+    async with _sandbox(free_port()) as sandbox_url:
+        await _seed(sandbox_url, options.groups)
+        async with _server(sandbox_url, options.server_env) as server:
+            target = f"127.0.0.1:{server.port}"
+            group_ids, walk_groups = await _prepare(target)
+            load, rss = await run_load(target, options, group_ids, server.process.pid)
+            errors_during_load = list(server.error_lines)
+            exit_code = await server.stop()
+    return Report(options, load, rss, walk_groups, errors_during_load, exit_code)
+
+
+# --- Report -------------------------------------------------------------------------------------
+
+
+def percentile(values: Sequence[float], fraction: float) -> float:
+    """Nearest-rank percentile of `values` (0 when there are none)."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(fraction * len(ordered)) - 1)]
+
+
+def _p50_p99(seconds: Sequence[float]) -> str:
+    p50, p99 = (percentile(seconds, f) * 1000 for f in (0.5, 0.99))
+    return f"p50 {p50:.0f} ms, p99 {p99:.0f} ms"
+
+
+def _mib(kib: int) -> str:
+    return f"{kib / 1024:.1f} MiB"
+
+
+def render(report: Report) -> str:
+    """The soak's summary, as printed."""
+    o, load = report.options, report.load
+    lines = [
+        f"soak: {o.seconds:g} s, {o.streams} streams, {o.unary_concurrency} unary workers;"
+        f" each stream walks {report.walk_groups:,} groups ({o.groups:,} seeded)",
+        "",
+        f"{'RPC':<20}{'CALLS':>8}{'ERRORS':>8}{'UNFINISHED':>12}{'P50 MS':>10}{'P99 MS':>10}",
+    ]
+    for rpc in (STREAM, LIST, GET):
+        times = load.latencies.get(rpc, [])
+        errors = sum(n for (name, _), n in load.errors.items() if name == rpc)
+        lines.append(
+            f"{rpc:<20}{load.calls[rpc]:>8}{errors:>8}{load.unfinished[rpc]:>12}"
+            f"{percentile(times, 0.5) * 1000:>10.0f}{percentile(times, 0.99) * 1000:>10.0f}"
+        )
+    lines += [
+        "(a stream call is one full walk; unfinished: still running when time was up)",
+        f"stream messages {load.stream_messages:,} ({load.stream_groups:,} groups);"
+        f" first message {_p50_p99(load.first_message)}; between messages"
+        f" {_p50_p99(load.message_gaps)}",
+    ]
+    by_code: Counter[str] = Counter()
+    for (_, code), n in load.errors.items():
+        by_code[code] += n
+    codes = ", ".join(f"{code} {n}" for code, n in by_code.most_common()) or "none"
+    lines.append(f"errors by code: {codes}")
+    lines += [f"  {sample}" for sample in load.error_samples]
+    rss = report.rss_kib
+    if rss:
+        lines.append(
+            f"server RSS (VmRSS, {len(rss)} samples 1 s apart): start {_mib(rss[0])},"
+            f" max {_mib(max(rss))}, end {_mib(rss[-1])}, growth {_mib(rss[-1] - rss[0])}"
+        )
+    else:
+        lines.append("server RSS: no samples")
+    lines.append(f"server ERROR log lines: {len(report.server_error_lines)}")
+    lines.append(f"server exit code after SIGTERM: {report.server_exit_code}")
+    failures = report.failures
+    lines.append("result: " + ("FAIL: " + "; ".join(failures) if failures else "ok"))
+    return "\n".join(lines)
+
+
+def _env_pair(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    return name, value
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    return value
+
+
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse the flags, run the soak, print the report; 0 ok, 1 failed, 2 set-up error."""
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.soak", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--seconds", type=_seconds, default=60.0, help="load time")
+    parser.add_argument("--streams", type=_count, default=200, help="stream workers")
+    parser.add_argument("--unary-concurrency", type=_count, default=50, help="List/Get workers")
+    parser.add_argument("--groups", type=_count, default=20_000, help="toll-free groups to seed")
+    parser.add_argument(
+        "--server-env",
+        type=_env_pair,
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="an extra environment variable for the server (repeatable)",
+    )
+    args = parser.parse_args(argv)
+    options = SoakOptions(
+        seconds=args.seconds,
+        streams=args.streams,
+        unary_concurrency=args.unary_concurrency,
+        groups=args.groups,
+        server_env=dict(args.server_env),
+    )
+    print(
+        f"soaking for {options.seconds:g} s: sandbox and server processes on 127.0.0.1...",
+        file=sys.stderr,
+        flush=True,
+    )
+    try:
+        report = asyncio.run(soak(options))
+    except (RuntimeError, OSError, TimeoutError, httpx.HTTPError, grpc.aio.AioRpcError) as exc:
+        print(f"error: soak set-up failed: {exc}", file=sys.stderr)
+        return 2
+    print(render(report))
+    return 1 if report.failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,168 @@
+"""The order ledger: every rent attempt is written before it is sent, and its outcome after.
+
+`OrderLedger` is the protocol the rest of the service sees; `SqliteLedger` implements it on
+one SQLite file in WAL mode with `synchronous=FULL`, so a row committed before the POST
+survives a SIGKILL or a power cut. The ledger is the service's memory of money spent: it is
+what makes `RentNumbers` idempotent, what `GetRentalOrder`/`ListRentalOrders` read, and what
+`numbersvc orders settle` corrects. Every change is also appended to an `events` table, the
+audit trail. The store lives in `numbersvc.ledger.sqlite`.
+
+States of an order (column `state`):
+
+    sending ──> fulfilled | pending | unrecognized      Plivo answered 2xx
+        │  └──> failed                                  Plivo said no: nothing rented
+        │  └──> released                                never sent: the id may be used again
+        └─────> outcome_unknown ──(settle)──> fulfilled | failed
+
+A `sending` row whose owner (the process instance that sent it) is gone reads as
+`outcome_unknown`: `recover()` rewrites such rows at start-up. One database per service
+instance for now; a store shared by replicas would implement the same protocol.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final, Protocol
+
+from numbersvc.v1 import number_groups_pb2 as pb
+from numbersvc.validation import OrderQuery
+
+__all__ = [
+    "Attempt",
+    "Begin",
+    "LedgerEntry",
+    "OrderLedger",
+    "OrderQuery",
+    "OrderState",
+    "SettleError",
+    "SqliteLedger",
+    "default_ledger_path",
+]
+
+
+class OrderState(enum.StrEnum):
+    """Where an order is in its life (see the module docstring)."""
+
+    SENDING = "sending"
+    FULFILLED = "fulfilled"
+    PENDING = "pending"
+    UNRECOGNIZED = "unrecognized"
+    FAILED = "failed"
+    RELEASED = "released"
+    OUTCOME_UNKNOWN = "outcome_unknown"
+
+    @property
+    def may_have_rented(self) -> bool:
+        """Whether numbers may have been rented: these count against the daily cap."""
+        return self not in (OrderState.FAILED, OrderState.RELEASED)
+
+
+STATUS_OF: Final = {
+    OrderState.SENDING: pb.ORDER_STATUS_OUTCOME_UNKNOWN,
+    OrderState.FULFILLED: pb.ORDER_STATUS_FULFILLED,
+    OrderState.PENDING: pb.ORDER_STATUS_PENDING,
+    OrderState.UNRECOGNIZED: pb.ORDER_STATUS_UNSPECIFIED,
+    OrderState.FAILED: pb.ORDER_STATUS_FAILED,
+    OrderState.RELEASED: pb.ORDER_STATUS_FAILED,
+    OrderState.OUTCOME_UNKNOWN: pb.ORDER_STATUS_OUTCOME_UNKNOWN,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """A rent about to be sent: what the ledger records first."""
+
+    order: pb.RentalOrder
+    fingerprint: str
+    """The request as compared for idempotency (group, quantity after defaults, app)."""
+    peer: str
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerEntry:
+    """One order as the ledger holds it."""
+
+    order: pb.RentalOrder
+    state: OrderState
+    fingerprint: str
+    owner: str
+    """The instance id of the process that sent it."""
+    error_outcome: str = ""
+    """For a failed order: the `errors.Outcome` name the caller was given."""
+
+
+class Begin(enum.Enum):
+    """What `OrderLedger.begin` decided."""
+
+    NEW = enum.auto()
+    """Recorded as `sending`: the caller may send it now."""
+    EXISTING = enum.auto()
+    """The id is taken by the same request: `entry` says how it went."""
+    CONFLICT = enum.auto()
+    """The id is taken by a different request."""
+    OVER_QUOTA = enum.auto()
+    """The caller's daily cap would be passed; nothing recorded."""
+
+
+@dataclass(frozen=True, slots=True)
+class BeginResult:
+    """`OrderLedger.begin`'s answer, with the existing entry or the quota figures."""
+
+    kind: Begin
+    entry: LedgerEntry | None = None
+    used_today: int = 0
+
+
+class OrderLedger(Protocol):
+    """Where orders are recorded. Every method is a coroutine and safe to call concurrently."""
+
+    async def begin(self, attempt: Attempt, *, daily_cap: int) -> BeginResult:
+        """Atomically claim the request id (or report who has it) and check the daily cap."""
+
+    async def finish(
+        self,
+        order: pb.RentalOrder,
+        state: OrderState,
+        *,
+        error_outcome: str = "",
+        upstream: str = "",
+    ) -> LedgerEntry:
+        """Record how an order ended; `upstream` keeps Plivo's raw answer for reconciliation."""
+
+    async def settle(
+        self, request_id: str, state: OrderState, *, numbers: Sequence[str], note: str
+    ) -> LedgerEntry:
+        """Record what the Plivo console shows for an order whose outcome is unknown."""
+
+    async def get(self, request_id: str) -> LedgerEntry | None:
+        """Return one order, or None."""
+
+    async def list(
+        self, query: OrderQuery, *, offset: int, limit: int
+    ) -> tuple[list[LedgerEntry], int]:
+        """Return a page of orders, oldest first, and how many match in all."""
+
+    async def recover(self) -> int:
+        """Mark orders left `sending` by earlier processes as `outcome_unknown`."""
+
+    async def close(self) -> None:
+        """Release the store."""
+
+
+class SettleError(ValueError):
+    """An order cannot be settled: unknown id, or its outcome is already known."""
+
+
+def default_ledger_path(environ: Mapping[str, str] | None = None) -> Path:
+    """`$XDG_STATE_HOME/numbersvc/ledger.sqlite3`, falling back to `~/.local/state/...`."""
+    env = os.environ if environ is None else environ
+    base = env.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "numbersvc" / "ledger.sqlite3"
+
+
+# The store is imported last: it builds on the types above.
+from numbersvc.ledger.sqlite import SqliteLedger  # noqa: E402

@@ -1,0 +1,143 @@
+"""Prometheus metrics, served on their own HTTP port (`/metrics`).
+
+`Metrics` owns one `CollectorRegistry` (injected in tests, so nothing global leaks between
+servers) and is fed from three places: the interceptor (as a `CallObserver`: RPCs by method
+and code, latency, streams in flight), the upstream client's response hook (requests by
+operation and HTTP status, latency), and the services that retry, wait on the rate budget,
+coalesce and rent. Label values are fixed vocabularies (method names, status codes,
+operations): never a request field, so no caller input or secret becomes a label.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from numbersvc.interceptors import CallRecord
+
+__all__ = ["Metrics", "MetricsServer"]
+
+# gRPC latency: from sub-millisecond unary calls to multi-second stream walks.
+_RPC_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+_UPSTREAM_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+_WAIT_BUCKETS: Final = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+
+
+class Metrics:
+    """The service's metrics in one registry.
+
+    Args:
+        registry: where the metrics live; a new one by default.
+    """
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.rpcs = Counter(
+            "numbersvc_rpcs", "RPCs served, by method and status code", ["method", "code"], registry=r
+        )
+        self.rpc_seconds = Histogram(
+            "numbersvc_rpc_duration_seconds",
+            "RPC latency, by method",
+            ["method"],
+            buckets=_RPC_BUCKETS,
+            registry=r,
+        )
+        self.streams = Gauge(
+            "numbersvc_streams_in_flight", "Server streams open now, by method", ["method"], registry=r
+        )
+        self.upstream = Counter(
+            "numbersvc_upstream_requests",
+            "Upstream responses, by operation and HTTP status (or error kind)",
+            ["operation", "status"],
+            registry=r,
+        )
+        self.upstream_seconds = Histogram(
+            "numbersvc_upstream_duration_seconds",
+            "Upstream request latency, by operation",
+            ["operation"],
+            buckets=_UPSTREAM_BUCKETS,
+            registry=r,
+        )
+        self.retries = Counter(
+            "numbersvc_upstream_retries", "Read retries, by operation", ["operation"], registry=r
+        )
+        self.rate_waits = Histogram(
+            "numbersvc_rate_limiter_wait_seconds",
+            "Time upstream requests waited for the rate budget",
+            buckets=_WAIT_BUCKETS,
+            registry=r,
+        )
+        self.coalesced = Counter(
+            "numbersvc_coalesced_calls", "Reads answered by an identical read in flight", registry=r
+        )
+        self.rented = Counter(
+            "numbersvc_numbers_rented",
+            "Numbers in finished rent orders, by outcome",
+            ["outcome"],
+            registry=r,
+        )
+
+    def call_started(self, record: CallRecord) -> None:
+        """Count an open stream."""
+        if record.streaming:
+            self.streams.labels(record.method).inc()
+
+    def call_finished(self, record: CallRecord) -> None:
+        """Count the RPC by method and code, and its latency."""
+        self.rpcs.labels(record.method, record.code).inc()
+        self.rpc_seconds.labels(record.method).observe(record.duration_seconds)
+        if record.streaming:
+            self.streams.labels(record.method).dec()
+
+    def upstream_response(self, operation: str, status: str, seconds: float) -> None:
+        """Count one upstream response (or transport failure) and its latency."""
+        self.upstream.labels(operation, status).inc()
+        self.upstream_seconds.labels(operation).observe(seconds)
+
+    def render(self) -> bytes:
+        """The registry in Prometheus' text format."""
+        return generate_latest(self.registry)
+
+
+class MetricsServer:
+    """`/metrics` over HTTP on its own address, in the server's event loop.
+
+    Args:
+        metrics: what to serve.
+        host: the address to bind.
+        port: the port; 0 picks a free one (see `port` after `start`).
+    """
+
+    def __init__(self, metrics: Metrics, host: str, port: int) -> None:
+        self._metrics = metrics
+        self._host = host
+        self._requested_port = port
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+
+    async def start(self) -> None:
+        """Bind and serve."""
+        app = web.Application()
+        app.router.add_get("/metrics", self._serve)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self._host, self._requested_port)
+        await site.start()
+        server = site._server  # aiohttp exposes the bound port only here
+        assert server is not None
+        self.port = server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        """Stop serving."""
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def _serve(self, request: web.Request) -> web.Response:
+        del request
+        body = self._metrics.render()
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
