@@ -39,6 +39,7 @@ from typing import Final
 
 import grpc
 import httpx
+from google.rpc import error_details_pb2, status_pb2
 
 from numbersvc.sandbox import DEFAULT_AUTH_ID, DEFAULT_AUTH_TOKEN, SandboxControl
 from numbersvc.v1 import number_groups_pb2 as pb
@@ -89,7 +90,7 @@ class LoadStats:
 
     calls: Counter[str] = field(default_factory=Counter)
     errors: Counter[tuple[str, str]] = field(default_factory=Counter)  # (rpc, code name)
-    error_samples: list[str] = field(default_factory=list)
+    error_samples: dict[tuple[str, str], list[str]] = field(default_factory=dict)
     unfinished: Counter[str] = field(default_factory=Counter)
     latencies: dict[str, list[float]] = field(default_factory=dict)
     first_message: list[float] = field(default_factory=list)
@@ -102,9 +103,11 @@ class LoadStats:
         self.latencies.setdefault(rpc, []).append(seconds)
 
     def failed(self, rpc: str, error: grpc.aio.AioRpcError) -> None:
-        self.errors[(rpc, error.code().name)] += 1
-        if len(self.error_samples) < 5:
-            self.error_samples.append(f"{rpc}: {error.code().name}: {error.details()}")
+        key = (rpc, error.code().name)
+        self.errors[key] += 1
+        samples = self.error_samples.setdefault(key, [])
+        if len(samples) < 2:
+            samples.append(f"{_reason(error)}: {error.details()}")
 
     @property
     def unexpected(self) -> Counter[tuple[str, str]]:
@@ -131,6 +134,17 @@ class Report:
         if self.server_exit_code != 0:
             found.append(f"server exit code {self.server_exit_code} after SIGTERM")
         return found
+
+
+def _reason(error: grpc.aio.AioRpcError) -> str:
+    """The `ErrorInfo` reason of a failed call, or a note that it carried none."""
+    raw = dict(error.trailing_metadata() or ()).get("grpc-status-details-bin")
+    if isinstance(raw, bytes):
+        for packed in status_pb2.Status.FromString(raw).details:
+            info = error_details_pb2.ErrorInfo()
+            if packed.Unpack(info):
+                return str(info.reason)
+    return "no ErrorInfo (not numbersvc's own status)"
 
 
 # --- Processes ----------------------------------------------------------------------------------
@@ -461,13 +475,16 @@ def render(report: Report) -> str:
         by_code[code] += n
     codes = ", ".join(f"{code} {n}" for code, n in by_code.most_common()) or "none"
     lines.append(f"errors by code: {codes}")
-    lines += [f"  {sample}" for sample in load.error_samples]
+    for (rpc, code), samples in sorted(load.error_samples.items()):
+        lines += [f"  {rpc} {code} {sample}" for sample in samples]
     rss = report.rss_kib
     if rss:
         lines.append(
             f"server RSS (VmRSS, {len(rss)} samples 1 s apart): start {_mib(rss[0])},"
             f" max {_mib(max(rss))}, end {_mib(rss[-1])}, growth {_mib(rss[-1] - rss[0])}"
         )
+        trend = ", ".join(_mib(kib).removesuffix(" MiB") for kib in rss[::10])
+        lines.append(f"  every 10 s (MiB): {trend}")
     else:
         lines.append("server RSS: no samples")
     lines.append(f"server ERROR log lines: {len(report.server_error_lines)}")

@@ -156,6 +156,29 @@ class Config:
         10.0, "NUMBERSVC_SHUTDOWN_GRACE_SECONDS", "on SIGTERM: time in-flight calls get to finish"
     )
     log_level: str = _s("INFO", "NUMBERSVC_LOG_LEVEL", "DEBUG, INFO, WARNING or ERROR")
+    log_format: str = _s("text", "NUMBERSVC_LOG_FORMAT", "text, or json for one object per line")
+    metrics_listen: str = _s(
+        "127.0.0.1:9464", "NUMBERSVC_METRICS_LISTEN", "Prometheus /metrics address, or off"
+    )
+    keepalive_time_seconds: float = _s(
+        60.0, "NUMBERSVC_KEEPALIVE_TIME_SECONDS", "ping an idle client connection this often"
+    )
+    keepalive_timeout_seconds: float = _s(
+        20.0, "NUMBERSVC_KEEPALIVE_TIMEOUT_SECONDS", "drop a connection whose ping goes unanswered"
+    )
+    max_connection_age_seconds: float = _s(
+        300.0,
+        "NUMBERSVC_MAX_CONNECTION_AGE_SECONDS",
+        "GOAWAY a connection this old, so L4 balancers rebalance; 0: never",
+    )
+    max_connection_age_grace_seconds: float = _s(
+        600.0,
+        "NUMBERSVC_MAX_CONNECTION_AGE_GRACE_SECONDS",
+        "time calls on an aged-out connection get to finish (long streams)",
+    )
+    max_concurrent_rpcs: int = _s(
+        1000, "NUMBERSVC_MAX_CONCURRENT_RPCS", "RPCs served at once; more get RESOURCE_EXHAUSTED"
+    )
 
     def __post_init__(self) -> None:
         _check_listen(self.listen)
@@ -174,6 +197,12 @@ class Config:
             raise ConfigError(f"NUMBERSVC_UPSTREAM_RATE: {exc}") from None
         if self.upstream_max_connections < 1:
             raise ConfigError("NUMBERSVC_UPSTREAM_MAX_CONNECTIONS must be at least 1")
+        if self.log_format not in ("text", "json"):
+            raise ConfigError(f"NUMBERSVC_LOG_FORMAT: {self.log_format!r} is not text or json")
+        if self.metrics_listen != "off":
+            _check_listen(self.metrics_listen, "NUMBERSVC_METRICS_LISTEN")
+        if self.max_concurrent_rpcs < 0:
+            raise ConfigError("NUMBERSVC_MAX_CONCURRENT_RPCS must be 0 (no limit) or positive")
         if self.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
             raise ConfigError(f"NUMBERSVC_LOG_LEVEL: unknown level {self.log_level!r}")
 
@@ -301,7 +330,7 @@ def _redact(f: dataclasses.Field[Any], raw: str) -> str:
     return "********" if f.type == "Secret" else raw
 
 
-def _check_listen(listen: str) -> None:
+def _check_listen(listen: str, env: str = "NUMBERSVC_LISTEN") -> None:
     host, sep, port = listen.rpartition(":")
     if not sep or not host or not port.isdigit() or int(port) > 65535:
-        raise ConfigError(f"NUMBERSVC_LISTEN must be HOST:PORT, not {listen!r}")
+        raise ConfigError(f"{env} must be HOST:PORT, not {listen!r}")

@@ -66,7 +66,7 @@ _current: contextvars.ContextVar[CallRecord | None] = contextvars.ContextVar(
 
 
 def current_call() -> CallRecord | None:
-    """The record of the RPC this code runs for, or None outside any RPC."""
+    """Return the record of the RPC this code runs for, or None outside any RPC."""
     return _current.get()
 
 
@@ -80,10 +80,10 @@ class CallObserver(Protocol):
     """Told when each RPC starts and ends (with its final status code)."""
 
     def call_started(self, record: CallRecord) -> None:
-        """An RPC started."""
+        """Note that an RPC started."""
 
     def call_finished(self, record: CallRecord) -> None:
-        """An RPC ended; `record.code` and `record.duration_seconds` are set."""
+        """Note that an RPC ended; `record.code` and `record.duration_seconds` are set."""
 
 
 class AccessLog:
@@ -223,7 +223,9 @@ def _code(exc: BaseException | None, context: _Context) -> str:
     return code.name if isinstance(code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN.name
 
 
-def _header(metadata: Sequence[tuple[str, str | bytes]] | None, key: str, sane: re.Pattern[str]) -> str:
+def _header(
+    metadata: Sequence[tuple[str, str | bytes]] | None, key: str, sane: re.Pattern[str]
+) -> str:
     for name, value in metadata or ():
         if name == key and isinstance(value, str) and sane.fullmatch(value):
             return value

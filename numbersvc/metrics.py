@@ -10,20 +10,23 @@ operations): never a request field, so no caller input or secret becomes a label
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Final
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
 
 from numbersvc.interceptors import CallRecord
+from numbersvc.upstream.ratelimit import TokenBucket
 
 __all__ = ["Metrics", "MetricsServer"]
 
 # gRPC latency: from sub-millisecond unary calls to multi-second stream walks.
 _RPC_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 _UPSTREAM_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
-_WAIT_BUCKETS: Final = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 
 
 class Metrics:
@@ -37,7 +40,10 @@ class Metrics:
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self.rpcs = Counter(
-            "numbersvc_rpcs", "RPCs served, by method and status code", ["method", "code"], registry=r
+            "numbersvc_rpcs",
+            "RPCs served, by method and status code",
+            ["method", "code"],
+            registry=r,
         )
         self.rpc_seconds = Histogram(
             "numbersvc_rpc_duration_seconds",
@@ -47,7 +53,10 @@ class Metrics:
             registry=r,
         )
         self.streams = Gauge(
-            "numbersvc_streams_in_flight", "Server streams open now, by method", ["method"], registry=r
+            "numbersvc_streams_in_flight",
+            "Server streams open now, by method",
+            ["method"],
+            registry=r,
         )
         self.upstream = Counter(
             "numbersvc_upstream_requests",
@@ -65,12 +74,6 @@ class Metrics:
         self.retries = Counter(
             "numbersvc_upstream_retries", "Read retries, by operation", ["operation"], registry=r
         )
-        self.rate_waits = Histogram(
-            "numbersvc_rate_limiter_wait_seconds",
-            "Time upstream requests waited for the rate budget",
-            buckets=_WAIT_BUCKETS,
-            registry=r,
-        )
         self.coalesced = Counter(
             "numbersvc_coalesced_calls", "Reads answered by an identical read in flight", registry=r
         )
@@ -80,6 +83,10 @@ class Metrics:
             ["outcome"],
             registry=r,
         )
+
+    def watch_rate_limiter(self, bucket: TokenBucket) -> None:
+        """Export the rate limiter's own counters: waits, seconds waited, refusals."""
+        self.registry.register(_RateLimiterCollector(bucket))
 
     def call_started(self, record: CallRecord) -> None:
         """Count an open stream."""
@@ -99,7 +106,7 @@ class Metrics:
         self.upstream_seconds.labels(operation).observe(seconds)
 
     def render(self) -> bytes:
-        """The registry in Prometheus' text format."""
+        """Return the registry in Prometheus' text format."""
         return generate_latest(self.registry)
 
 
@@ -127,9 +134,7 @@ class MetricsServer:
         await self._runner.setup()
         site = web.TCPSite(self._runner, self._host, self._requested_port)
         await site.start()
-        server = site._server  # aiohttp exposes the bound port only here
-        assert server is not None
-        self.port = server.sockets[0].getsockname()[1]
+        self.port = int(self._runner.addresses[0][1])
 
     async def stop(self) -> None:
         """Stop serving."""
@@ -141,3 +146,28 @@ class MetricsServer:
         del request
         body = self._metrics.render()
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+class _RateLimiterCollector(Collector):
+    """Reads the bucket's counters at scrape time, so the hot path pays nothing."""
+
+    def __init__(self, bucket: TokenBucket) -> None:
+        self._bucket = bucket
+
+    def collect(self) -> Iterator[Metric]:
+        bucket = self._bucket
+        yield CounterMetricFamily(
+            "numbersvc_rate_limiter_waits",
+            "Upstream requests that waited for the budget",
+            bucket.waits,
+        )
+        yield CounterMetricFamily(
+            "numbersvc_rate_limiter_wait_seconds",
+            "Seconds upstream requests waited for the budget",
+            bucket.waited_seconds_total,
+        )
+        yield CounterMetricFamily(
+            "numbersvc_rate_limiter_refusals",
+            "Calls refused because the budget had no room within their deadline",
+            bucket.refusals,
+        )

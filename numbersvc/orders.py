@@ -26,6 +26,7 @@ from numbersvc import translation
 from numbersvc.deadline import Deadline
 from numbersvc.errors import DeadlineExceeded, Operation, Outcome, ServiceError, classify
 from numbersvc.ledger import Attempt, Begin, LedgerEntry, OrderLedger, OrderState
+from numbersvc.metrics import Metrics
 from numbersvc.upstream import PlivoClient
 from numbersvc.v1 import number_groups_pb2 as pb
 from numbersvc.validation import RentParams
@@ -80,6 +81,7 @@ class RentDesk:
         ledger: where attempts and outcomes are written.
         rent_timeout_seconds: how long one POST may take, whatever the caller's deadline.
         daily_cap: the most numbers one caller may rent per UTC day; 0 for no cap.
+        metrics: counts numbers by order outcome.
     """
 
     def __init__(
@@ -89,12 +91,14 @@ class RentDesk:
         ledger: OrderLedger,
         rent_timeout_seconds: float,
         daily_cap: int,
+        metrics: Metrics | None = None,
     ) -> None:
         self._upstream = upstream
         self._ledger = ledger
         self._timeout = rent_timeout_seconds
         self._daily_cap = daily_cap
         self._flights: dict[str, _Flight] = {}
+        self._metrics = metrics
 
     @property
     def in_flight(self) -> int:
@@ -193,14 +197,18 @@ class RentDesk:
         except Exception as exc:
             error = _rent_error(exc)
             order.status_message = error.message
-            await self._ledger.finish(order, _state_after(error), error_outcome=error.outcome.name)
+            state = _state_after(error)
+            await self._ledger.finish(order, state, error_outcome=error.outcome.name)
+            self._count(state, order.quantity)
             raise error from exc
-        await self._ledger.finish(
-            placed,
-            _STATE_BY_STATUS.get(placed.status, OrderState.UNRECOGNIZED),
-            upstream=str(response.body),
-        )
+        state = _STATE_BY_STATUS.get(placed.status, OrderState.UNRECOGNIZED)
+        await self._ledger.finish(placed, state, upstream=str(response.body))
+        self._count(state, len(placed.numbers) or placed.quantity)
         return placed
+
+    def _count(self, state: OrderState, numbers: int) -> None:
+        if self._metrics is not None:
+            self._metrics.rented.labels(state.value).inc(numbers)
 
     def _land(self, request_id: str, task: asyncio.Task[pb.RentalOrder]) -> None:
         self._flights.pop(request_id, None)

@@ -10,6 +10,7 @@ and the embedded sandbox last.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 from dataclasses import dataclass
@@ -21,8 +22,9 @@ from grpc_reflection.v1alpha import reflection
 
 from numbersvc import __version__
 from numbersvc.config import Config, UpstreamKind
-from numbersvc.interceptors import AccessLogInterceptor
+from numbersvc.interceptors import AccessLog, ObservingInterceptor, current_call, upstream_headers
 from numbersvc.ledger import OrderLedger, SqliteLedger
+from numbersvc.metrics import Metrics, MetricsServer
 from numbersvc.orders import RentDesk
 from numbersvc.sandbox import SandboxServer
 from numbersvc.service import NumberGroupServicer
@@ -37,6 +39,7 @@ SERVICE_NAME: Final = pb.DESCRIPTOR.services_by_name["NumberGroupService"].full_
 UPSTREAM_METADATA_KEY: Final = "numbersvc-upstream"
 _log = logging.getLogger("numbersvc.server")
 _MAX_MESSAGE_BYTES: Final = 4 * 1024 * 1024
+_HEALTH_SERVICE_NAME: Final = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 
 
 class _HealthServicer(health.aio.HealthServicer):  # type: ignore[misc]
@@ -68,6 +71,8 @@ class RunningServer:
     upstream: PlivoClient
     rent_desk: RentDesk
     ledger: OrderLedger
+    metrics: Metrics
+    metrics_server: MetricsServer | None
     sandbox: SandboxServer | None
 
     async def stop(self, *, drain_seconds: float = 0.0, grace_seconds: float = 0.0) -> None:
@@ -81,6 +86,8 @@ class RunningServer:
         await self.rent_desk.drain(grace_seconds)
         await self.upstream.aclose()
         await self.ledger.close()
+        if self.metrics_server is not None:
+            await self.metrics_server.stop()
         if self.sandbox is not None:
             await self.sandbox.stop()
         _log.info("stopped")
@@ -89,71 +96,49 @@ class RunningServer:
 async def create_server(config: Config) -> RunningServer:
     """Build and start the server on `config.listen` (port 0 picks a free port).
 
+    Whatever started before a failure (an address in use, an unreadable ledger) is stopped
+    again before the error propagates.
+
     Raises:
         ConfigError: the upstream settings contradict each other.
-        RuntimeError: the address cannot be bound.
+        OSError, RuntimeError: an address cannot be bound.
+        sqlite3.Error: the ledger cannot be opened.
     """
     kind = config.resolved_upstream()
-    sandbox: SandboxServer | None = None
-    if kind is UpstreamKind.SANDBOX:
-        sandbox = SandboxServer(host="127.0.0.1", port=0, seed=config.sandbox_seed)
-        await sandbox.start()
-        base_url, auth_id, token = sandbox.base_url, sandbox.auth_id, sandbox.auth_token
-        _log.warning(
-            "UPSTREAM IS THE EMBEDDED SANDBOX at %s: nothing real is searched or rented. "
-            "Set PLIVO_AUTH_ID and PLIVO_AUTH_TOKEN to use Plivo.",
-            base_url,
+    metrics = Metrics()
+    async with contextlib.AsyncExitStack() as undo:
+        metrics_server = await _metrics_server(config, metrics)
+        if metrics_server is not None:
+            undo.push_async_callback(metrics_server.stop)
+        sandbox, upstream = await _upstream(config, kind, metrics, undo)
+        ledger_path = config.resolved_ledger_path()
+        ledger = await SqliteLedger.open(ledger_path)
+        undo.push_async_callback(ledger.close)
+        await ledger.recover()
+        _log.info("order ledger at %s", ledger_path)
+        rent_desk = RentDesk(
+            upstream=upstream,
+            ledger=ledger,
+            rent_timeout_seconds=config.rent_timeout_seconds,
+            daily_cap=config.daily_rent_cap,
+            metrics=metrics,
         )
-    else:
-        base_url, auth_id = config.plivo_base_url, config.plivo_auth_id
-        token = config.plivo_auth_token.reveal()
-        _log.info("upstream is Plivo at %s (account %s)", base_url, auth_id)
-    rate = parse_rate(config.upstream_rate)
-    upstream = PlivoClient(
-        base_url=base_url,
-        auth_id=auth_id,
-        auth_token=token,
-        user_agent=f"numbersvc/{__version__}",
-        max_connections=config.upstream_max_connections,
-        max_keepalive_connections=config.upstream_max_connections,
-        rate_limiter=None if rate is None else TokenBucket(rate),
-    )
-    ledger_path = config.resolved_ledger_path()
-    ledger = await SqliteLedger.open(ledger_path)
-    await ledger.recover()
-    _log.info("order ledger at %s", ledger_path)
-    rent_desk = RentDesk(
-        upstream=upstream,
-        ledger=ledger,
-        rent_timeout_seconds=config.rent_timeout_seconds,
-        daily_cap=config.daily_rent_cap,
-    )
-    server = grpc.aio.server(
-        interceptors=[AccessLogInterceptor()],
-        options=[
-            ("grpc.so_reuseport", 0),
-            ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
-        ],
-    )
-    servicer = NumberGroupServicer(
-        config=config, upstream=upstream, rent_desk=rent_desk, ledger=ledger
-    )
-    pb_grpc.add_NumberGroupServiceServicer_to_server(servicer, server)
-    health_servicer = _HealthServicer(kind)
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (
-            SERVICE_NAME,
-            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-            reflection.SERVICE_NAME,
-        ),
-        server,
-    )
-    port = server.add_insecure_port(config.listen)
-    await server.start()
-    for name in ("", SERVICE_NAME):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        servicer = NumberGroupServicer(
+            config=config, upstream=upstream, rent_desk=rent_desk, ledger=ledger, metrics=metrics
+        )
+        health_servicer = _HealthServicer(kind)
+        server = _grpc_server(config, ObservingInterceptor([AccessLog(), metrics]))
+        pb_grpc.add_NumberGroupServiceServicer_to_server(servicer, server)
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, _HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+        port = server.add_insecure_port(config.listen)
+        await server.start()
+        undo.push_async_callback(server.stop, None)
+        for name in ("", SERVICE_NAME):
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        undo.pop_all()  # started: from here on RunningServer.stop owns the shutdown
     host = config.listen.rpartition(":")[0]
     _log.info("numbersvc %s serving on %s:%d (upstream: %s)", __version__, host, port, kind.value)
     return RunningServer(
@@ -165,8 +150,93 @@ async def create_server(config: Config) -> RunningServer:
         upstream=upstream,
         rent_desk=rent_desk,
         ledger=ledger,
+        metrics=metrics,
+        metrics_server=metrics_server,
         sandbox=sandbox,
     )
+
+
+async def _upstream(
+    config: Config, kind: UpstreamKind, metrics: Metrics, undo: contextlib.AsyncExitStack
+) -> tuple[SandboxServer | None, PlivoClient]:
+    """Start the embedded sandbox if it is the upstream, and the one shared Plivo client."""
+    sandbox: SandboxServer | None = None
+    if kind is UpstreamKind.SANDBOX:
+        sandbox = SandboxServer(host="127.0.0.1", port=0, seed=config.sandbox_seed)
+        await sandbox.start()
+        undo.push_async_callback(sandbox.stop)
+        base_url, auth_id, token = sandbox.base_url, sandbox.auth_id, sandbox.auth_token
+        _log.warning(
+            "UPSTREAM IS THE EMBEDDED SANDBOX at %s: nothing real is searched or rented. "
+            "Set PLIVO_AUTH_ID and PLIVO_AUTH_TOKEN to use Plivo.",
+            base_url,
+        )
+    else:
+        base_url, auth_id = config.plivo_base_url, config.plivo_auth_id
+        token = config.plivo_auth_token.reveal()
+        _log.info("upstream is Plivo at %s (account %s)", base_url, auth_id)
+    rate = parse_rate(config.upstream_rate)
+    limiter = None if rate is None else TokenBucket(rate)
+    if limiter is not None:
+        metrics.watch_rate_limiter(limiter)
+
+    def observe(operation: str, outcome: str, seconds: float, api_id: str | None) -> None:
+        metrics.upstream_response(operation, outcome, seconds)
+        call = current_call()
+        if call is not None:
+            call.upstream.append(f"{operation}:{outcome}:{api_id or '-'}")
+
+    client = PlivoClient(
+        base_url=base_url,
+        auth_id=auth_id,
+        auth_token=token,
+        user_agent=f"numbersvc/{__version__}",
+        max_connections=config.upstream_max_connections,
+        max_keepalive_connections=config.upstream_max_connections,
+        rate_limiter=limiter,
+        observer=observe,
+        headers=upstream_headers,
+    )
+    undo.push_async_callback(client.aclose)
+    return sandbox, client
+
+
+def _grpc_server(config: Config, interceptor: grpc.aio.ServerInterceptor) -> grpc.aio.Server:
+    """Build the grpc.aio server with keepalive and connection-age settings for meshes, L4s."""
+    seconds = 1000  # grpc takes milliseconds
+    options: list[tuple[str, int]] = [
+        ("grpc.so_reuseport", 0),
+        ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
+        ("grpc.keepalive_time_ms", int(config.keepalive_time_seconds * seconds)),
+        ("grpc.keepalive_timeout_ms", int(config.keepalive_timeout_seconds * seconds)),
+        # Clients may ping as often as every 10 s (grpc-go's minimum), even without calls.
+        ("grpc.http2.min_ping_interval_without_data_ms", 10 * seconds),
+        ("grpc.keepalive_permit_without_calls", 1),
+    ]
+    if config.max_connection_age_seconds:
+        options += [
+            ("grpc.max_connection_age_ms", int(config.max_connection_age_seconds * seconds)),
+            (
+                "grpc.max_connection_age_grace_ms",
+                int(config.max_connection_age_grace_seconds * seconds),
+            ),
+        ]
+    return grpc.aio.server(
+        interceptors=[interceptor],
+        options=options,
+        maximum_concurrent_rpcs=config.max_concurrent_rpcs or None,
+    )
+
+
+async def _metrics_server(config: Config, metrics: Metrics) -> MetricsServer | None:
+    if config.metrics_listen == "off":
+        return None
+    host, _, port = config.metrics_listen.rpartition(":")
+    server = MetricsServer(metrics, host, int(port))
+    await server.start()
+    _log.info("metrics on http://%s:%d/metrics", host, server.port)
+    return server
 
 
 async def serve(config: Config) -> int:

@@ -24,6 +24,7 @@ from numbersvc.config import Config
 from numbersvc.deadline import Deadline
 from numbersvc.errors import DeadlineExceeded, Operation, Outcome, ServiceError, classify, to_status
 from numbersvc.ledger import OrderLedger
+from numbersvc.metrics import Metrics
 from numbersvc.orders import RentDesk
 from numbersvc.paging import Page
 from numbersvc.upstream import (
@@ -81,16 +82,24 @@ class NumberGroupServicer(pb_grpc.NumberGroupServiceServicer):
         upstream: the shared Plivo client.
         rent_desk: places rent orders and records them in the ledger.
         ledger: the order ledger, for reading orders back.
+        metrics: counts read retries.
     """
 
     def __init__(
-        self, *, config: Config, upstream: PlivoClient, rent_desk: RentDesk, ledger: OrderLedger
+        self,
+        *,
+        config: Config,
+        upstream: PlivoClient,
+        rent_desk: RentDesk,
+        ledger: OrderLedger,
+        metrics: Metrics | None = None,
     ) -> None:
         self._config = config
         self._upstream = upstream
         self._rent_desk = rent_desk
         self._ledger = ledger
         self._stopping = asyncio.Event()
+        self._metrics = metrics
         self._retry = RetryPolicy(
             max_attempts=config.retry_max_attempts,
             initial_delay_seconds=config.retry_initial_delay_seconds,
@@ -170,6 +179,7 @@ class NumberGroupServicer(pb_grpc.NumberGroupServiceServicer):
         params = validation.validate_get(request)
         try:
             body = await self._read(
+                Operation.GET,
                 lambda timeout: self._upstream.get_number_group(
                     params.group_id, timeout_seconds=timeout
                 ),
@@ -238,6 +248,7 @@ class NumberGroupServicer(pb_grpc.NumberGroupServiceServicer):
     ) -> Page[pb.NumberGroup]:
         params = translation.search_params(query, limit=page_size, offset=offset)
         body = await self._read(
+            Operation.SEARCH,
             lambda timeout: self._upstream.search_number_groups(params, timeout_seconds=timeout),
             deadline,
         )
@@ -245,14 +256,24 @@ class NumberGroupServicer(pb_grpc.NumberGroupServiceServicer):
         # Page by the offset we asked for: upstream's echo of it is informative only.
         return dataclasses.replace(page, offset=offset)
 
+    def _count_retry(self, operation: Operation) -> None:
+        if self._metrics is not None:
+            self._metrics.retries.labels(operation.value).inc()
+
     async def _read(
-        self, call: Callable[[float], Awaitable[UpstreamResponse]], deadline: Deadline
+        self,
+        operation: Operation,
+        call: Callable[[float], Awaitable[UpstreamResponse]],
+        deadline: Deadline,
     ) -> object:
         """Make a read with retries; the deadline running out becomes DEADLINE_EXCEEDED."""
         cap = self._config.attempt_timeout_seconds
         try:
             response = await retry_async(
-                lambda: call(deadline.attempt_timeout(cap)), policy=self._retry, deadline=deadline
+                lambda: call(deadline.attempt_timeout(cap)),
+                policy=self._retry,
+                deadline=deadline,
+                on_retry=lambda _exc, _delay: self._count_retry(operation),
             )
         except UpstreamError as exc:
             if deadline.attempt_timeout() <= 0:  # no time left worth another attempt

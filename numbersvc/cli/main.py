@@ -308,7 +308,7 @@ def _serve(args: argparse.Namespace) -> int:
         return client.EXIT_USAGE
     from numbersvc.server import serve  # imported here: it loads grpc.aio, httpx, the sandbox
 
-    logs.configure_logging(config.log_level)
+    logs.configure_logging(config.log_level, config.log_format)
     return asyncio.run(serve(config))
 
 

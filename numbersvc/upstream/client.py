@@ -22,7 +22,7 @@ import json
 import logging
 import time
 import urllib.parse
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Final
@@ -155,6 +155,10 @@ def _group_suffix(group_id: str) -> str:
     return urllib.parse.quote(group_id, safe="").replace(".", "%2E") + "/"
 
 
+Observer = Callable[[str, str, float, str | None], None]
+"""Told of each attempt: operation, HTTP status or error class name, seconds, api_id."""
+
+
 class PlivoClient:
     """Async client for the three `AvailableNumberGroup` operations.
 
@@ -174,6 +178,8 @@ class PlivoClient:
         keepalive_expiry_seconds: float = DEFAULT_KEEPALIVE_EXPIRY_SECONDS,
         transport: httpx.AsyncBaseTransport | None = None,
         rate_limiter: TokenBucket | None = None,
+        observer: Observer | None = None,
+        headers: Callable[[], Mapping[str, str]] | None = None,
     ) -> None:
         """Create the client and its connection pool.
 
@@ -190,6 +196,11 @@ class PlivoClient:
                 `httpx.MockTransport`). The pool limits above apply only to the default one.
             rate_limiter: The bucket every request takes a token from before it is sent; share
                 one per Plivo account. `None` sends without limit.
+            observer: Told of every attempt's outcome: (operation `search|get|rent`, the HTTP
+                status or the error class name, seconds, Plivo's `api_id`). For metrics and
+                access logs; it must not raise.
+            headers: Extra headers for each request, asked for per request (the caller's
+                `traceparent`, say). Never credentials: those come from `auth_token`.
 
         Raises:
             ValueError: If `base_url` is not http(s) or a credential is empty.
@@ -203,6 +214,8 @@ class PlivoClient:
         self._auth_id = auth_id
         self._auth_token = auth_token
         self._rate_limiter = rate_limiter
+        self._observer = observer
+        self._headers = headers
         # Built once: every request is an absolute URL made by one string concatenation.
         account = urllib.parse.quote(auth_id, safe="")
         self._groups_url = f"{base_url.rstrip('/')}/v1/Account/{account}/{_GROUPS_PATH}"
@@ -406,6 +419,7 @@ class PlivoClient:
                         self._groups_url + suffix,
                         params=params,
                         json=body,
+                        headers=self._headers() if self._headers else None,
                         timeout=timeout_seconds,
                     )
         except UpstreamError as exc:
@@ -477,11 +491,15 @@ class PlivoClient:
     def _body_excerpt(self, content: bytes) -> str:
         return self._scrub(excerpt(content.decode("utf-8", errors="replace")))
 
-    @staticmethod
     def _log(
-        method: str, path: str, outcome: int | str, elapsed: float, api_id: str | None
+        self, method: str, path: str, outcome: int | str, elapsed: float, api_id: str | None
     ) -> None:
-        """Log one attempt at DEBUG; `outcome` is the status, or the exception's class name."""
+        """Report one attempt; `outcome` is the status, or the exception's class name."""
+        if self._observer is not None:
+            operation = (
+                "rent" if method == "POST" else "search" if path == self._groups_path else "get"
+            )
+            self._observer(operation, str(outcome), elapsed, api_id)
         if _LOG.isEnabledFor(logging.DEBUG):  # skip formatting on the hot path
             _LOG.debug(
                 "upstream %s %s -> %s in %.3f s api_id=%s", method, path, outcome, elapsed, api_id

@@ -71,8 +71,9 @@ def container() -> dict[str, Any]:
 
 
 def container_port() -> int:
-    ports: list[dict[str, Any]] = container()["ports"]
-    assert len(ports) == 1, "the container exposes exactly one port"
+    """The container's port named `grpc` (other ports, like metrics, may sit beside it)."""
+    ports = [p for p in container()["ports"] if p.get("name") == "grpc"]
+    assert len(ports) == 1, "the container has exactly one port named grpc"
     port: int = ports[0]["containerPort"]
     return port
 
@@ -183,12 +184,11 @@ def test_probes_ask_the_grpc_health_service_on_the_container_port() -> None:
 
 
 def test_container_port_service_target_port_and_listen_port_agree() -> None:
-    (service_port,) = of_kind("Service")["spec"]["ports"]
+    (service_port,) = (p for p in of_kind("Service")["spec"]["ports"] if p["name"] == "grpc")
     target = service_port["targetPort"]
     if isinstance(target, str):  # a named port: resolve it on the container
         target = next(p["containerPort"] for p in container()["ports"] if p.get("name") == target)
     assert container_port() == target == listen_port(env_literals()["NUMBERSVC_LISTEN"])
-    assert service_port["name"] == "grpc"
     assert service_port["appProtocol"] == "grpc"
     assert of_kind("Service")["spec"].get("type", "ClusterIP") == "ClusterIP"
 
@@ -329,6 +329,7 @@ async def test_dockerfile_healthcheck_command_follows_a_real_server(tmp_path: Pa
         listen="127.0.0.1:0",
         upstream=UpstreamKind.SANDBOX,
         ledger_path=str(tmp_path / "ledger.sqlite3"),
+        metrics_listen="127.0.0.1:0",
     )
     running = await create_server(config)
     try:

@@ -29,6 +29,7 @@ FAST: dict[str, Any] = {
     "drain_seconds": 0.0,
     "shutdown_grace_seconds": 1.0,
     "ledger_path": ":memory:",
+    "metrics_listen": "127.0.0.1:0",
 }
 
 

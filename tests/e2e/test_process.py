@@ -51,6 +51,7 @@ class Served:
 async def _serve(env: Mapping[str, str], *args: str) -> AsyncIterator[Served]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("PLIVO_", "NUMBERSVC_"))}
     clean["NUMBERSVC_LEDGER_PATH"] = ":memory:"
+    clean["NUMBERSVC_METRICS_LISTEN"] = "127.0.0.1:0"
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",

@@ -51,7 +51,9 @@ async def test_reflection_lists_and_describes_the_service(channel: grpc.aio.Chan
 
 
 async def test_embedded_sandbox_when_no_credentials() -> None:
-    config = Config(listen="127.0.0.1:0", drain_seconds=0, ledger_path=":memory:")
+    config = Config(
+        listen="127.0.0.1:0", drain_seconds=0, ledger_path=":memory:", metrics_listen="off"
+    )
     running = await create_server(config)
     try:
         assert running.upstream_kind is UpstreamKind.SANDBOX

@@ -30,7 +30,7 @@ RETRIED = {
 MAY_HAVE_RENTED = {None, "delay", "reset", "reset_after_headers", "status"}
 
 
-async def _client(stub: pb_grpc.NumberGroupServiceStub, request: pb.RentNumbersRequest) -> str:
+async def _client(stub: pb_grpc.NumberGroupServiceAsyncStub, request: pb.RentNumbersRequest) -> str:
     """A well-behaved caller: retries transient failures with the same request id."""
     for _ in range(ATTEMPTS):
         try:
@@ -66,9 +66,7 @@ async def test_torture(server: RunningServer, control: SandboxControl) -> None:
             FaultSpec(FaultKind.RESET_AFTER_HEADERS, count=3, operation="rent"),
         ):
             await control.inject_fault(fault)
-        outcomes = await asyncio.gather(
-            *(_client(stub, requests[i % IDS]) for i in range(CALLERS))
-        )
+        outcomes = await asyncio.gather(*(_client(stub, requests[i % IDS]) for i in range(CALLERS)))
     assert set(outcomes) <= {"OK", "FAILED_PRECONDITION"}, outcomes
     await server.rent_desk.drain(5.0)
 
@@ -77,9 +75,9 @@ async def test_torture(server: RunningServer, control: SandboxControl) -> None:
         if record["operation"] == "rent":
             body = record["body"]
             assert isinstance(body, dict)
-            fault = record["fault"]
-            refused = fault == "status" and record["status"] == 429
-            sent[str(body["app_id"])].append("429" if refused else fault)
+            kind = record["fault"]
+            refused = kind == "status" and record["status"] == 429
+            sent[str(body["app_id"])].append("429" if refused else kind)
 
     for request in requests:
         posts = sent[request.app_id]

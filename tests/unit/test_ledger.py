@@ -7,6 +7,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
+import re
 import signal
 import sqlite3
 import sys
@@ -665,10 +666,9 @@ class TestSettle:
     async def test_numbers_must_be_e164(self, ledger: SqliteLedger, path: Path, bad: str) -> None:
         await _seed(ledger, "r-1", OrderState.OUTCOME_UNKNOWN)
         before = _dump(path)
-        with pytest.raises(SettleError, match="not an E.164 number"):
-            await ledger.settle(
-                "r-1", OrderState.FULFILLED, numbers=["+14155550100", bad], note=""
-            )
+        # The message names the bad number, not the good one before it.
+        with pytest.raises(SettleError, match=re.escape(f"not an E.164 number: {bad!r}")):
+            await ledger.settle("r-1", OrderState.FULFILLED, numbers=["+14155550100", bad], note="")
         assert _dump(path) == before
 
     @pytest.mark.parametrize(
@@ -840,6 +840,38 @@ class TestList:
             seen += ids
         assert seen == ["b", "d", "e", "late"]
 
+    async def test_the_total_and_the_page_are_one_snapshot(
+        self, orders: SqliteLedger, path: Path
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        inserting: list[concurrent.futures.Future[BeginResult]] = []
+        async with _second(path, Clock(T0)) as other:
+
+            def insert_between(statement: str) -> None:
+                # Runs on the listing ledger's worker thread as the page query starts, after the
+                # count: another instance commits a new order right now.
+                if statement.startswith("SELECT order_proto") and not inserting:
+                    inserting.append(
+                        asyncio.run_coroutine_threadsafe(
+                            other.begin(_attempt("0-new"), daily_cap=0), loop
+                        )
+                    )
+                    inserting[0].result(timeout=30)
+
+            await orders._run(lambda: orders._conn().set_trace_callback(insert_between))
+            try:
+                page = await self._ids(orders, OrderQuery())
+            finally:
+                await orders._run(lambda: orders._conn().set_trace_callback(None))
+        assert inserting, "list() never ran its page query"
+        assert inserting[0].result().kind is Begin.NEW
+        assert page == (["a", "b", "c", "d", "e", "early", "late"], 7)
+        # The order did land: the next call sees it, in both the total and the page.
+        assert await self._ids(orders, OrderQuery()) == (
+            ["0-new", "a", "b", "c", "d", "e", "early", "late"],
+            8,
+        )
+
     async def test_empty_ledger(self, ledger: SqliteLedger) -> None:
         assert await ledger.list(OrderQuery(), offset=0, limit=10) == ([], 0)
 
@@ -925,40 +957,30 @@ class TestDurability:
         placed.status, placed.upstream_status = pb.ORDER_STATUS_FULFILLED, "fulfilled"
         placed.numbers.add(number="14155550100", e164="+14155550100", upstream_status="Success")
         finishing: list[concurrent.futures.Future[LedgerEntry]] = []
-        recovering: list[SqliteLedger] = []
 
-        def clock_that_lets_the_owner_finish() -> int:
-            # Runs on the second ledger's worker thread, after recover() has read the row as
-            # `sending`: the first instance (still alive) commits Plivo's answer right now.
-            if not finishing:
-                future = asyncio.run_coroutine_threadsafe(
-                    first.finish(placed, OrderState.FULFILLED, upstream="BODY"), loop
+        def let_the_owner_finish(statement: str) -> None:
+            # Runs on the second ledger's worker thread as its recover(), having read the row as
+            # `sending`, starts its write transaction (before the lock is taken): the first
+            # instance (still alive) commits Plivo's answer right now.
+            if statement.startswith("BEGIN") and not finishing:
+                finishing.append(
+                    asyncio.run_coroutine_threadsafe(
+                        first.finish(placed, OrderState.FULFILLED, upstream="BODY"), loop
+                    )
                 )
-                finishing.append(future)
-                # A fixed recover() may already hold the write lock here (checked on its private
-                # connection): the finish then queues behind it, so do not wait for it.
-                if not recovering[0]._conn().in_transaction:
-                    future.result(timeout=30)
-            return T0 + SECOND
+                finishing[0].result(timeout=30)
 
         try:
-            async with _second(path, clock_that_lets_the_owner_finish) as second:
-                recovering.append(second)
-                recovered = await second.recover()
-                await asyncio.wrap_future(finishing[0])
+            async with _second(path, Clock(T0 + SECOND)) as second:
+                await second._run(lambda: second._conn().set_trace_callback(let_the_owner_finish))
+                assert await second.recover() == 0  # skipped, so not counted
+                assert finishing, "recover() never began a write transaction"
+                assert finishing[0].result().state is OrderState.FULFILLED
                 entry = await _settled(second, "race")
                 assert entry.state is OrderState.FULFILLED
                 assert [n.e164 for n in entry.order.numbers] == ["+14155550100"]
                 assert _row(path, "race")["upstream"] == "BODY"
-                if not finishing[0].result().state is OrderState.FULFILLED:
-                    raise AssertionError(finishing[0].result())
-                # Skipped, so not counted: unless the finish queued behind a recovery holding
-                # the lock, in which case `outcome_unknown` came first and the answer after it.
-                states = [e[2] for e in _events(path, "race")]
-                assert (recovered, states) in (
-                    (0, ["sending", "fulfilled"]),
-                    (1, ["sending", "outcome_unknown", "fulfilled"]),
-                )
+                assert [e[2] for e in _events(path, "race")] == ["sending", "fulfilled"]
         finally:
             await first.close()
 
@@ -1023,6 +1045,42 @@ class TestDurability:
         with pytest.raises(RuntimeError):
             await ledger.get("r-1")
         await ledger.close()
+
+    async def test_close_lets_a_finish_queued_before_it_commit(
+        self, path: Path, clock: Clock
+    ) -> None:
+        ledger = await SqliteLedger.open(path, clock_ns=clock)
+        order = await _seed(ledger, "late")
+        blocker = sqlite3.connect(path, isolation_level=None)
+        try:
+            # Keep the worker busy (a begin waiting for the write lock), so the finish is still
+            # queued, not running, when close() is called.
+            blocker.execute("BEGIN IMMEDIATE")
+            busy = asyncio.create_task(ledger.begin(_attempt("busy"), daily_cap=0))
+            finishing = asyncio.create_task(
+                ledger.finish(order, OrderState.FULFILLED, upstream="late body")
+            )
+            await asyncio.sleep(0)  # the finish reaches the worker's queue
+            closing = asyncio.create_task(ledger.close())
+            await asyncio.sleep(0.2)
+            assert not busy.done()
+            assert not finishing.done()
+            assert not closing.done()
+            blocker.execute("COMMIT")
+            await asyncio.wait_for(closing, timeout=10)
+        finally:
+            blocker.close()
+        assert (await busy).kind is Begin.NEW
+        assert (await finishing).state is OrderState.FULFILLED
+        with pytest.raises(RuntimeError):
+            await ledger.get("late")
+        async with _second(path) as reopened:
+            entry = await _settled(reopened, "late")
+            assert (entry.state, entry.order.status) == (
+                OrderState.FULFILLED,
+                pb.ORDER_STATUS_FULFILLED,
+            )
+        assert _row(path, "late")["upstream"] == "late body"
 
     async def test_a_failed_write_leaves_nothing_and_the_ledger_usable(
         self, ledger: SqliteLedger, path: Path
@@ -1146,6 +1204,57 @@ class TestConcurrency:
             assert (await asyncio.wait_for(begin, timeout=5)).kind is Begin.NEW
         finally:
             blocker.close()
+
+    async def test_begin_reads_the_clock_once_it_holds_the_lock(
+        self, ledger: SqliteLedger, path: Path, clock: Clock
+    ) -> None:
+        # The day (and the cap) is the one the row lands in, not the one the call started in.
+        clock.now = MIDNIGHT - SECOND
+        await _seed(ledger, "yesterday", OrderState.FULFILLED, quantity=5)
+        blocker = sqlite3.connect(path, isolation_level=None)
+        try:
+            blocker.execute("BEGIN IMMEDIATE")
+            begin = asyncio.create_task(ledger.begin(_attempt("r-1", quantity=5), daily_cap=5))
+            await asyncio.sleep(0.3)
+            assert not begin.done()
+            clock.now = MIDNIGHT + SECOND
+            blocker.execute("COMMIT")
+            assert (await asyncio.wait_for(begin, timeout=5)).kind is Begin.NEW
+        finally:
+            blocker.close()
+        row = _row(path, "r-1")
+        assert (row["create_time_ns"], row["update_time_ns"]) == (MIDNIGHT + SECOND,) * 2
+        assert _events(path, "r-1")[0][1] == MIDNIGHT + SECOND
+
+    @pytest.mark.xfail(
+        strict=True,
+        reason="BUG: _update (finish, settle, recover) reads the clock before BEGIN IMMEDIATE, so"
+        " a write that waited for the lock is stamped with the time it started waiting: its"
+        " update_time and event time can precede the write it queued behind",
+    )
+    @pytest.mark.parametrize("how", ["finish", "settle"])
+    async def test_updates_read_the_clock_once_they_hold_the_lock(
+        self, ledger: SqliteLedger, path: Path, clock: Clock, how: str
+    ) -> None:
+        order = await _seed(ledger, "r-1", OrderState.OUTCOME_UNKNOWN)
+        blocker = sqlite3.connect(path, isolation_level=None)
+        try:
+            blocker.execute("BEGIN IMMEDIATE")
+            update = asyncio.create_task(
+                ledger.finish(order, OrderState.FULFILLED)
+                if how == "finish"
+                else ledger.settle("r-1", OrderState.FAILED, numbers=[], note="n")
+            )
+            await asyncio.sleep(0.3)
+            assert not update.done()
+            clock.advance(SECOND)
+            blocker.execute("COMMIT")
+            entry = await asyncio.wait_for(update, timeout=5)
+        finally:
+            blocker.close()
+        assert entry.order.update_time.ToNanoseconds() == T0 + SECOND
+        assert _row(path, "r-1")["update_time_ns"] == T0 + SECOND
+        assert _events(path, "r-1")[-1][1] == T0 + SECOND
 
     async def test_settle_from_another_instance_is_seen(
         self, ledger: SqliteLedger, path: Path
