@@ -35,7 +35,7 @@ run: $(VENV)/.runtime  ## Serve on the embedded sandbox at $(LISTEN).
 sandbox: $(VENV)/.runtime  ## Run the Plivo-compatible sandbox alone.
 	$(BIN)/numbersvc sandbox
 
-test: check-proto lint pytest  ## Everything CI runs: stubs, lint, buf lint, tests.
+test: check-proto lint buf-breaking pytest  ## Everything CI runs: stubs, lint, buf lint, buf breaking, tests.
 
 pytest: $(VENV)/.dev  ## The test suite.
 	$(BIN)/python -m pytest
@@ -80,6 +80,27 @@ check-proto: $(VENV)/.dev  ## Fail when the committed stubs differ from protos/.
 
 readme: $(VENV)/.dev  ## Regenerate the README's error and settings tables.
 	$(BIN)/python tools/readme_tables.py
+
+# Cross-language contract: buf breaking against the released image, Node stubs, and the
+# polyglot tests (tests/polyglot) that run a Node.js client against a real server.
+RELEASED_IMAGE := protos/released/v1.binpb
+.PHONY: release-proto buf-breaking gen-node
+
+# Refuses to overwrite the released image with a breaking change: break on purpose only in
+# a new package (numbersvc.v2) with its own image.
+release-proto: node_modules/.installed  ## Record protos/ as the released contract (after a release).
+	@if [ -f $(RELEASED_IMAGE) ]; then $(BUF) breaking --against $(RELEASED_IMAGE); fi
+	@mkdir -p $(dir $(RELEASED_IMAGE))
+	$(BUF) build --exclude-source-info -o $(RELEASED_IMAGE)
+
+buf-breaking: node_modules/.installed  ## buf breaking (FILE rules) of protos/ against the released image.
+	$(BUF) breaking --against $(RELEASED_IMAGE)
+
+gen-node: node_modules/.installed  ## Generate Node.js (protobuf-es) code into clients/node/gen/.
+	$(BUF) generate
+
+# The polyglot tests need node_modules, so `make pytest` installs it first.
+pytest: node_modules/.installed
 
 clean:  ## Remove the virtual environment and caches.
 	rm -rf $(VENV) node_modules .pytest_cache .mypy_cache .ruff_cache .hypothesis

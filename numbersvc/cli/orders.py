@@ -307,7 +307,7 @@ def _add_settle(subcommands: argparse._SubParsersAction[argparse.ArgumentParser]
         "--note",
         default="",
         metavar="TEXT",
-        help="how the outcome was learned, kept in the ledger (default: settled by <user>)",
+        help="how the outcome was learned, kept in the ledger (default: by <user>)",
     )
     settle.add_argument(
         "--ledger",
@@ -336,7 +336,7 @@ def _settle_command(args: argparse.Namespace, *, usage: Callable[[str], NoReturn
         args.request_id.lower(),  # as the ledger keeps it
         state,
         numbers=args.numbers,
-        note=args.note or f"settled by {_user()}",
+        note=args.note or f"by {_user()}",
         console=client.Console(sys.stdout, sys.stderr),
     )
 

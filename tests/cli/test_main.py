@@ -234,7 +234,7 @@ def fake_server(monkeypatch: pytest.MonkeyPatch) -> list[Config]:
     module = types.ModuleType("numbersvc.server")
     module.serve = serve  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "numbersvc.server", module)
-    monkeypatch.setattr(logs, "configure_logging", lambda level: None)
+    monkeypatch.setattr(logs, "configure_logging", lambda level, *_: None)
     return served
 
 
@@ -276,7 +276,7 @@ def test_serve_layers_flags_over_the_environment_and_returns_the_servers_code(
     fake_server: list[Config], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     levels: list[str] = []
-    monkeypatch.setattr(logs, "configure_logging", levels.append)
+    monkeypatch.setattr(logs, "configure_logging", lambda level, *_: levels.append(level))
     monkeypatch.setenv("NUMBERSVC_LISTEN", "0.0.0.0:7000")
     monkeypatch.setenv("NUMBERSVC_SANDBOX_SEED", "11")
     assert main.main(["serve", "--listen", "127.0.0.1:0", "--log-level", "DEBUG"]) == 3
@@ -297,7 +297,7 @@ def fake_sandbox(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int, int]]:
     module = types.ModuleType("numbersvc.sandbox")
     module.run_sandbox = run_sandbox  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "numbersvc.sandbox", module)
-    monkeypatch.setattr(logs, "configure_logging", lambda level: None)
+    monkeypatch.setattr(logs, "configure_logging", lambda level, *_: None)
     return runs
 
 

@@ -515,7 +515,7 @@ def test_settle_as_failed_notes_who_settled_it_by_default(ledger: Path, user: st
     assert settle(ledger, "--as", "failed") == 0
     entry = stored(ledger)
     assert entry.state is OrderState.FAILED
-    assert entry.order.status_message == f"settled as failed: settled by {user}"
+    assert entry.order.status_message == f"settled as failed: by {user}"
     assert list(entry.order.numbers) == []
 
 
@@ -527,7 +527,7 @@ def test_settle_without_a_login_name_names_the_uid(
 
     monkeypatch.setattr(getpass, "getuser", no_user)
     assert settle(ledger, "--as", "failed") == 0
-    assert stored(ledger).order.status_message.endswith(f"settled by uid {os.getuid()}")
+    assert stored(ledger).order.status_message.endswith(f": by uid {os.getuid()}")
 
 
 def test_settle_takes_the_request_id_in_any_case(ledger: Path, user: str) -> None:

@@ -658,6 +658,8 @@ class TestSettle:
             "0x14155550100",
             "+1415555010a",
             " +14155550100",
+            "14155550100 ",
+            "+14155550100\n",
             "\uff11\uff14\uff11\uff15\uff15\uff15\uff15\uff10\uff11\uff10\uff10",  # full-width
             "\u0661\u0664\u0661\u0665\u0665\u0665\u0665\u0660\u0661\u0660\u0660",  # Arabic-Indic
             "\u00b9\u00b2\u00b3\u00b9\u00b2\u00b3",  # superscripts: str.isdigit() says yes
