@@ -202,9 +202,10 @@ class RentDesk:
             self._count(state, order.quantity)
             raise error from exc
         state = _STATE_BY_STATUS.get(placed.status, OrderState.UNRECOGNIZED)
-        await self._ledger.finish(placed, state, upstream=str(response.body))
-        self._count(state, len(placed.numbers) or placed.quantity)
-        return placed
+        # The ledger's answer, not Plivo's: a settlement recorded meanwhile wins.
+        entry = await self._ledger.finish(placed, state, upstream=str(response.body))
+        self._count(entry.state, len(entry.order.numbers) or entry.order.quantity)
+        return entry.order
 
     def _count(self, state: OrderState, numbers: int) -> None:
         if self._metrics is not None:

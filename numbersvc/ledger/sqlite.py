@@ -177,14 +177,15 @@ class SqliteLedger:
             try:
                 return self._update(order, state, error_outcome, upstream, only_from=_UNSETTLED)
             except SettleError:
+                entry = self._entry(self._conn(), order.request_id)
+                if entry is None:
+                    raise
                 _log.error(
                     "order %s was settled while in flight; Plivo's answer was %s: %s",
                     order.request_id,
                     state.value,
                     _describe(order),
                 )
-                entry = self._entry(self._conn(), order.request_id)
-                assert entry is not None  # _update found it
                 return entry
 
         return await self._run(finish)
@@ -198,10 +199,11 @@ class SqliteLedger:
         *,
         only_from: tuple[OrderState, ...] = (),
     ) -> LedgerEntry:
-        db, now = self._conn(), self._clock_ns()
+        db = self._conn()
         order.status = STATUS_OF[state]
-        order.update_time.FromNanoseconds(now)
         with _transaction(db):
+            now = self._clock_ns()  # after the lock: the time the change really lands
+            order.update_time.FromNanoseconds(now)
             current = self._entry(db, order.request_id)
             if current is None:
                 raise SettleError(f"no order with request id {order.request_id}")

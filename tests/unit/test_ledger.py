@@ -483,14 +483,6 @@ class TestFinish:
         await ledger.finish(second, OrderState.FAILED, error_outcome="UPSTREAM_REJECTED")
         assert [e[3] for e in _events(path)[1::2]] == ["UPSTREAM_REJECTED", "Plivo refused"]
 
-    @pytest.mark.xfail(
-        strict=True,
-        raises=AssertionError,
-        reason="BUG: finish() catches every SettleError from _update as 'settled while in flight',"
-        " including 'no order with request id': it logs that false story at ERROR, then its"
-        " `assert entry is not None  # _update found it` fails (and under `python -O` it"
-        " returns None instead of an entry)",
-    )
     async def test_unknown_order_is_refused_and_nothing_written(
         self, ledger: SqliteLedger, path: Path
     ) -> None:
@@ -1228,12 +1220,6 @@ class TestConcurrency:
         assert (row["create_time_ns"], row["update_time_ns"]) == (MIDNIGHT + SECOND,) * 2
         assert _events(path, "r-1")[0][1] == MIDNIGHT + SECOND
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="BUG: _update (finish, settle, recover) reads the clock before BEGIN IMMEDIATE, so"
-        " a write that waited for the lock is stamped with the time it started waiting: its"
-        " update_time and event time can precede the write it queued behind",
-    )
     @pytest.mark.parametrize("how", ["finish", "settle"])
     async def test_updates_read_the_clock_once_they_hold_the_lock(
         self, ledger: SqliteLedger, path: Path, clock: Clock, how: str
