@@ -55,7 +55,7 @@ ruff: $(VENV)/.dev
 mypy: $(VENV)/.dev
 	$(BIN)/mypy
 
-buf-lint: node_modules/.installed  ## buf lint (STANDARD) on protos/.
+buf-lint: node_modules/.installed  ## buf lint (STANDARD, COMMENTS) on protos/.
 	$(BUF) lint
 
 fmt: $(VENV)/.dev  ## Format and fix what ruff can.

@@ -146,6 +146,9 @@ class Config:
     stream_read_ahead_pages: int = _s(
         4, "NUMBERSVC_STREAM_READ_AHEAD_PAGES", "pages a stream fetches ahead of its reader"
     )
+    coalesce_reads: bool = _s(
+        True, "NUMBERSVC_COALESCE_READS", "identical reads in flight share one upstream call"
+    )
     upstream_max_connections: int = _s(
         64, "NUMBERSVC_UPSTREAM_MAX_CONNECTIONS", "upstream HTTP connection pool size"
     )
@@ -312,18 +315,31 @@ def _parser_for(f: dataclasses.Field[Any]) -> Callable[[str], Any]:
     return parse
 
 
+_PARSERS: Final[dict[str, Callable[[str], Any]]] = {
+    "str": str,
+    "int": int,
+    "float": float,
+    "bool": lambda raw: _boolean(raw),
+    "Secret": Secret,
+    "UpstreamKind | None": UpstreamKind,
+}
+
+
 def _parse(f: dataclasses.Field[Any], raw: str) -> Any:
-    kind = {
-        "str": str,
-        "int": int,
-        "float": float,
-        "Secret": Secret,
-        "UpstreamKind | None": UpstreamKind,
-    }[str(f.type)]
+    kind = _PARSERS[str(f.type)]
     try:
         return kind(raw.strip() if kind is not Secret else raw)
     except ValueError:
         raise ConfigError(f"{_setting(f).env}: cannot read {_redact(f, raw)!r}") from None
+
+
+def _boolean(raw: str) -> bool:
+    value = raw.lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(raw)
 
 
 def _redact(f: dataclasses.Field[Any], raw: str) -> str:

@@ -20,6 +20,7 @@ from typing import Any, Final, TypeVar
 import grpc
 
 from numbersvc import paging, translation, validation
+from numbersvc.coalesce import SingleFlight
 from numbersvc.config import Config
 from numbersvc.deadline import Deadline
 from numbersvc.errors import DeadlineExceeded, Operation, Outcome, ServiceError, classify, to_status
@@ -100,6 +101,13 @@ class NumberGroupServicer(pb_grpc.NumberGroupServiceServicer):
         self._ledger = ledger
         self._stopping = asyncio.Event()
         self._metrics = metrics
+        self._flights: SingleFlight[object] | None = None
+        if config.coalesce_reads:
+            # A joiner whose leader ran out of deadline tries on its own budget.
+            self._flights = SingleFlight(
+                retry_own=lambda exc: isinstance(exc, DeadlineExceeded),
+                on_join=metrics.coalesced.inc if metrics else None,
+            )
         self._retry = RetryPolicy(
             max_attempts=config.retry_max_attempts,
             initial_delay_seconds=config.retry_initial_delay_seconds,
@@ -178,12 +186,16 @@ class NumberGroupServicer(pb_grpc.NumberGroupServiceServicer):
         """Return one group."""
         params = validation.validate_get(request)
         try:
-            body = await self._read(
-                Operation.GET,
-                lambda timeout: self._upstream.get_number_group(
-                    params.group_id, timeout_seconds=timeout
+            deadline = self._deadline(context)
+            body = await self._shared(
+                ("get", params.group_id),
+                lambda: self._read(
+                    Operation.GET,
+                    lambda timeout: self._upstream.get_number_group(
+                        params.group_id, timeout_seconds=timeout
+                    ),
+                    deadline,
                 ),
-                self._deadline(context),
             )
         except UpstreamError as exc:
             raise _about_group(classify(exc, Operation.GET), params.group_id) from exc
@@ -247,14 +259,27 @@ class NumberGroupServicer(pb_grpc.NumberGroupServiceServicer):
         self, query: SearchQuery, page_size: int, offset: int, deadline: Deadline
     ) -> Page[pb.NumberGroup]:
         params = translation.search_params(query, limit=page_size, offset=offset)
-        body = await self._read(
-            Operation.SEARCH,
-            lambda timeout: self._upstream.search_number_groups(params, timeout_seconds=timeout),
-            deadline,
+        body = await self._shared(
+            ("search", tuple(sorted(params.items()))),
+            lambda: self._read(
+                Operation.SEARCH,
+                lambda timeout: self._upstream.search_number_groups(
+                    params, timeout_seconds=timeout
+                ),
+                deadline,
+            ),
         )
         page = translation.parse_search_page(body, region_code=query.region_code)
         # Page by the offset we asked for: upstream's echo of it is informative only.
         return dataclasses.replace(page, offset=offset)
+
+    async def _shared(
+        self, key: tuple[object, ...], read: Callable[[], Awaitable[object]]
+    ) -> object:
+        """Run a read, sharing an identical one in flight when coalescing is on."""
+        if self._flights is None:
+            return await read()
+        return await self._flights.run(key, read)
 
     def _count_retry(self, operation: Operation) -> None:
         if self._metrics is not None:

@@ -219,6 +219,8 @@ def test_credentials_come_only_from_a_secret() -> None:
     assert set(CREDENTIALS) & docker_env().keys() == set()
     build_args = {args.partition("=")[0] for word, args in instructions() if word == "ARG"}
     assert set(CREDENTIALS) & build_args == set()
+    generators = {"secretGenerator", "configMapGenerator"} & load("kustomization.yaml").keys()
+    assert not generators, "a generator would put values in the repository"
 
 
 def test_termination_grace_outlasts_drain_and_both_grace_periods() -> None:

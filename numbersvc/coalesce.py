@@ -1,0 +1,95 @@
+"""Single flight: identical reads in flight at the same time share one upstream call.
+
+No result is cached: a key lives only while its call runs, so an answer is never older than
+the call that asked for it. Used for reads only (search pages, one group), never for rents,
+whose idempotency is the order ledger's job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Hashable
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+__all__ = ["SingleFlight"]
+
+V = TypeVar("V")
+
+
+@dataclass
+class _Call(Generic[V]):
+    task: asyncio.Task[V]
+    waiters: int = 0
+
+
+class SingleFlight(Generic[V]):
+    """Runs at most one call per key at a time; callers that arrive meanwhile share its result.
+
+    The call runs as its own task. A caller that gives up (cancelled, or out of deadline)
+    leaves it running for the others; when the last one gives up, the call is cancelled, so
+    nobody's abandoned read keeps an upstream connection busy. A caller that joined a call and
+    sees it fail for a reason of the first caller's own (its deadline: `retry_own` says which)
+    makes its own call instead.
+
+    Args:
+        retry_own: whether a joiner should make its own call after the shared one raised this.
+        on_join: called each time a caller joins a call in flight (for a metric).
+    """
+
+    def __init__(
+        self,
+        *,
+        retry_own: Callable[[BaseException], bool] = lambda exc: False,
+        on_join: Callable[[], None] | None = None,
+    ) -> None:
+        self._calls: dict[Hashable, _Call[V]] = {}
+        self._retry_own = retry_own
+        self._on_join = on_join
+
+    def __len__(self) -> int:
+        return len(self._calls)
+
+    async def run(self, key: Hashable, work: Callable[[], Awaitable[V]]) -> V:
+        """Return `work()`'s result, sharing a call already in flight under `key`.
+
+        Raises:
+            Whatever the call raised.
+        """
+        call = self._calls.get(key)
+        if call is None:
+            return await self._wait(self._start(key, work))
+        if self._on_join is not None:
+            self._on_join()
+        try:
+            return await self._wait(call)
+        except Exception as exc:
+            if not self._retry_own(exc):
+                raise
+        return await self._wait(self._start(key, work))
+
+    def _start(self, key: Hashable, work: Callable[[], Awaitable[V]]) -> _Call[V]:
+        async def run() -> V:
+            return await work()
+
+        call = _Call(asyncio.create_task(run()))
+        self._calls[key] = call
+        call.task.add_done_callback(lambda task: self._land(key, call))
+        return call
+
+    async def _wait(self, call: _Call[V]) -> V:
+        call.waiters += 1
+        try:
+            # NOTE: shield: one caller's cancellation must not cancel the others' call.
+            return await asyncio.shield(call.task)
+        finally:
+            call.waiters -= 1
+            if call.waiters == 0 and not call.task.done():
+                call.task.cancel()  # nobody wants the answer any more
+
+    def _land(self, key: Hashable, call: _Call[V]) -> None:
+        if self._calls.get(key) is call:
+            del self._calls[key]
+        # Every caller may be gone; the outcome was theirs to read, so only mark it retrieved.
+        if not call.task.cancelled():
+            call.task.exception()
