@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
@@ -146,3 +147,27 @@ async def test_metrics_port_in_use_fails_start_and_leaves_nothing_running(tmp_pa
         )
         with pytest.raises(OSError, match="address already in use"):
             await create_server(config)
+
+
+async def test_identical_concurrent_lists_share_upstream_calls(
+    server: RunningServer, stub: pb_grpc.NumberGroupServiceAsyncStub, control: SandboxControl
+) -> None:
+    await control.set_latency(0.2)  # every caller arrives while the first call is out
+    request = pb.ListNumberGroupsRequest(filter=US, page_size=5)
+    responses = await asyncio.gather(*(stub.ListNumberGroups(request) for _ in range(200)))
+    assert len({r.SerializeToString() for r in responses}) == 1
+    searches = [r for r in await control.requests() if r["operation"] == "search"]
+    assert len(searches) <= 2
+    assert _value(await _scrape(server), "numbersvc_coalesced_calls_total") >= 198
+
+
+async def test_coalescing_can_be_turned_off(
+    start_server: StartServer, control: SandboxControl
+) -> None:
+    running = await start_server(coalesce_reads=False)
+    await control.set_latency(0.1)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+        stub = pb_grpc.NumberGroupServiceStub(channel)
+        request = pb.ListNumberGroupsRequest(filter=US, page_size=5)
+        await asyncio.gather(*(stub.ListNumberGroups(request) for _ in range(10)))
+    assert len([r for r in await control.requests() if r["operation"] == "search"]) == 10
