@@ -13,10 +13,10 @@ faulted, so every call should succeed) or when the server logs an ERROR line or 
 0 on SIGTERM; 2 when the set-up fails.
 
 The server runs with `NUMBERSVC_UPSTREAM_RATE=off` (the sandbox is not rate limited, and the
-Plivo request budget would throttle the load by design) and an in-memory ledger; pass
-`--server-env NAME=VALUE` to change any setting. Calls still running when time is up are
-cancelled and counted as unfinished, not as errors. `tests/e2e/test_soak.py` runs a short
-version of the same `soak()`.
+Plivo request budget would throttle the load by design), an in-memory ledger, metrics on a
+port the OS picks, and text logs; pass `--server-env NAME=VALUE` to change any setting.
+Calls still running when time is up are cancelled and counted as unfinished, not as errors.
+`tests/e2e/test_soak.py` runs a short version of the same `soak()`.
 """
 
 from __future__ import annotations
@@ -255,6 +255,8 @@ async def _server(sandbox_url: str, extra_env: Mapping[str, str]) -> AsyncIterat
             "NUMBERSVC_UPSTREAM_RATE": "off",
             "NUMBERSVC_LEDGER_PATH": ":memory:",
             "NUMBERSVC_DRAIN_SECONDS": "0",
+            "NUMBERSVC_METRICS_LISTEN": "127.0.0.1:0",  # its default is a fixed port
+            "NUMBERSVC_LOG_FORMAT": "text",  # `_Server` reads levels from text lines
             **extra_env,
         }
     )
