@@ -49,6 +49,7 @@ _ORDER_STATUS_FROM_WIRE: Final = {
 _NUMBER_SUCCESS: Final = "success"
 _DECIMAL: Final = re.compile(r"(-?)([0-9]{1,18})(?:\.([0-9]{1,9}))?")
 _NANOS_PER_UNIT: Final = 10**9
+_INT64_MAX: Final = 2**63 - 1
 # [C] Upstream says "no SMS" with the number -1 in `sms_rate` (any spelling of -1 counts).
 _NO_RATE: Final = (True, 1, 0)
 
@@ -255,10 +256,11 @@ def _str(value: object, name: str) -> str:
 
 
 def _int(value: object, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        if isinstance(value, str) and value.isdigit():
-            return int(value)
-        raise UpstreamDecodeError(f"{name} is not an integer")
+    """Read a count (offset, total, stock): a non-negative int64, or its ASCII digits."""
+    if isinstance(value, str) and value.isascii() and value.isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= _INT64_MAX:
+        raise UpstreamDecodeError(f"{name} is not a count: {str(value)[:40]!r}")
     return value
 
 

@@ -117,7 +117,10 @@ async def _stream(
         if delay_seconds and not await pause(delay_seconds, closing):
             abort_connection(request)
             return response
-        await response.write(piece)
+        try:
+            await response.write(piece)
+        except ConnectionResetError:
+            return response  # the client left mid-body: nothing more to send
     return response
 
 

@@ -8,16 +8,11 @@ Two layers, one set of strategies (any JSON, and near-valid Plivo shapes with od
   or a `wrong_shape` body; the RPC answers OK, or INTERNAL with `UPSTREAM_BAD_RESPONSE` (reads)
   or `RENT_OUTCOME_UNKNOWN` (rent): never UNKNOWN, never `INTERNAL_ERROR`, and the server
   keeps serving.
-
-KNOWN BUGS (`known_bug`, pinned by the strict xfail tests at the end): two bodies make
-translation raise `ValueError` rather than `UpstreamDecodeError`, so a read answers
-`INTERNAL_ERROR` ("a bug in numbersvc") instead of `UPSTREAM_BAD_RESPONSE`. The properties
-accept exactly those answers for exactly those bodies; when the bugs are fixed the xfail tests
-pass, fail as strict, and `known_bug` should go.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Final
 
 import grpc
@@ -40,7 +35,6 @@ OPERATIONS: Final = {"list": "search", "stream": "search", "get": "get", "rent":
 _INT64_MAX: Final = 2**63 - 1
 _BAD_READ: Final = (C.INTERNAL, TABLE[Outcome.UPSTREAM_BAD_RESPONSE].reason)
 _BAD_RENT: Final = (C.INTERNAL, TABLE[Outcome.RENT_OUTCOME_UNKNOWN].reason)
-_BUG: Final = (C.INTERNAL, TABLE[Outcome.INTERNAL_ERROR].reason)
 
 # --- JSON ---------------------------------------------------------------------------------------
 
@@ -139,50 +133,12 @@ RENT_BODIES: Final = _or_any(
 BODIES: Final = {"search": SEARCH_BODIES, "get": GROUP_BODIES, "rent": RENT_BODIES}
 
 
-def known_bug(body: object) -> str | None:
-    """Say which known translation bug `body` would hit, if any (see the module docstring).
-
-    1. `_int` accepts any `str.isdigit()` text, but `int()` refuses superscripts and the like
-       (`"²"`): `ValueError` from `meta.offset`, `meta.total_count` or a group's `stock`.
-    2. A `stock` outside int64 (a JSON number or a digit string) is not refused: protobuf
-       raises `ValueError: Value out of range` building `NumberGroup`.
-    """
-    if not isinstance(body, dict):
-        return None
-    found: list[tuple[str, object]] = []
-    meta = body.get("meta")
-    if isinstance(meta, dict):
-        found += [(f"meta.{key}", meta.get(key)) for key in ("offset", "total_count")]
-    objects = body.get("objects")
-    groups = [*(objects if isinstance(objects, list) else []), body]  # a get body is a group
-    found += [("stock", group.get("stock")) for group in groups if isinstance(group, dict)]
-    for name, value in found:
-        if isinstance(value, str) and value.isdigit() and not value.isdecimal():
-            return f"{name} {value!r}: str.isdigit() accepts it, int() does not"
-        if name == "stock" and _beyond_int64(value):
-            return f"stock {value!r} overflows NumberGroup.stock (int64)"
-    return None
-
-
-def _beyond_int64(value: object) -> bool:
-    if isinstance(value, str) and value.isdecimal():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int):
-        return False
-    return not -(2**63) <= value <= _INT64_MAX
-
-
 # --- Pure functions -----------------------------------------------------------------------------
 
 
 def _returns_or_decode_error(parse: Any, body: object) -> None:
-    try:
+    with contextlib.suppress(UpstreamDecodeError):
         parse(body)
-    except UpstreamDecodeError:
-        pass
-    except ValueError:
-        if known_bug(body) is None:
-            raise
 
 
 @given(body=SEARCH_BODIES)
@@ -238,10 +194,8 @@ async def _example(
         info = details["ErrorInfo"]
         assert info.domain == "numbersvc"
         answer = (error.code(), info.reason)
-        allowed = {_BAD_RENT if rpc == "rent" else _BAD_READ}
-        if rpc != "rent" and known_bug(body) is not None:
-            allowed.add(_BUG)
-        assert answer in allowed, (answer, error.details(), body)
+        expected = _BAD_RENT if rpc == "rent" else _BAD_READ
+        assert answer == expected, (answer, error.details(), body)
     # The server keeps serving: the fault is used up, the next search is real.
     page = await live.stub.ListNumberGroups(pb.ListNumberGroupsRequest(filter=US, page_size=1))
     assert len(page.number_groups) == 1
@@ -260,25 +214,26 @@ def test_any_2xx_body_is_answered_ok_or_internal(rpc: str) -> None:
         check()
 
 
-# --- The known bugs, pinned ---------------------------------------------------------------------
+# --- Bodies that once escaped as ValueError, pinned ---------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason="known bug 1: see known_bug()")
-def test_known_bug_superscript_digits_are_a_decode_error() -> None:
-    body = {"meta": {"total_count": "²"}, "objects": []}
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"meta": {"total_count": "²"}, "objects": []},
+        {"meta": {"offset": "-1"}, "objects": []},
+        {"meta": {}, "objects": [{"group_id": "1", "stock": 2**63}]},
+        {"meta": {}, "objects": [{"group_id": "1", "stock": "9" * 30}]},
+        {"meta": {}, "objects": [{"group_id": "1", "stock": -5}]},
+    ],
+)
+def test_odd_counts_are_a_decode_error(body: dict[str, Any]) -> None:
     with pytest.raises(UpstreamDecodeError):
         translation.parse_search_page(body, region_code="US")
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason="known bug 2: see known_bug()")
-def test_known_bug_stock_beyond_int64_is_a_decode_error() -> None:
-    with pytest.raises(UpstreamDecodeError):
-        translation.number_group({"group_id": "1", "stock": _INT64_MAX + 1}, region_code="")
-
-
-@pytest.mark.xfail(strict=True, reason="known bug 2 end to end: INTERNAL_ERROR, not BAD_RESPONSE")
-def test_known_bug_stock_beyond_int64_answers_bad_response() -> None:
-    body = {"meta": {"total_count": 1}, "objects": [{"group_id": "1", "stock": _INT64_MAX + 1}]}
+def test_stock_beyond_int64_answers_bad_response() -> None:
+    body = {"meta": {"total_count": 1}, "objects": [{"group_id": "1", "stock": 2**63}]}
     with LiveStack() as live:
         live.run(live.control.inject_fault(FaultSpec(FaultKind.STATUS, status=200, body=body)))
         error = live.run(live.send("list", pb.ListNumberGroupsRequest(filter=US)))
