@@ -154,7 +154,7 @@ class NumberGroupServicer(pb_grpc.NumberGroupServiceServicer):
 
             first = await fetch(params.offset)
             cursor = paging.StreamCursor[pb.NumberGroup](
-                key=lambda group: group.group_id, max_results=params.max_results
+                key=_seen_key, max_results=params.max_results
             )
             read_ahead = self._config.stream_read_ahead_pages
             walk = paging.walk_pages(
@@ -322,6 +322,13 @@ class NumberGroupServicer(pb_grpc.NumberGroupServiceServicer):
         default = self._config.default_deadline_seconds
         budget = default if caller is None else min(caller.remaining(), default)
         return Deadline.after(budget, default_seconds=default)
+
+
+def _seen_key(group: pb.NumberGroup) -> object:
+    # A stream remembers every group it sent; an int takes a third of a str's memory, and
+    # group ids are digits (one with a leading zero stays a str, so no two ids collide).
+    gid = group.group_id
+    return int(gid) if gid.isascii() and gid.isdigit() and gid[0] != "0" else gid
 
 
 def _shutting_down(resume_token: str) -> ServiceError:
