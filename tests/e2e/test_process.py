@@ -47,25 +47,22 @@ class Served:
         return self.process.returncode
 
 
-@contextlib.asynccontextmanager
-async def _serve(env: Mapping[str, str], *args: str) -> AsyncIterator[Served]:
+async def _start(env: Mapping[str, str], *args: str) -> asyncio.subprocess.Process:
+    """`numbersvc serve` on port 0 with none of this machine's settings, only `env`'s."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("PLIVO_", "NUMBERSVC_"))}
     clean["NUMBERSVC_LEDGER_PATH"] = ":memory:"
     clean["NUMBERSVC_METRICS_LISTEN"] = "127.0.0.1:0"
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "numbersvc",
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--drain-seconds",
-        "0.2",
-        *args,
+    return await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "numbersvc", "serve", "--listen", "127.0.0.1:0", *args),
         env={**clean, **env},
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
     )
+
+
+@contextlib.asynccontextmanager
+async def _serve(env: Mapping[str, str], *args: str) -> AsyncIterator[Served]:
+    process = await _start(env, "--drain-seconds", "0.2", *args)
     served = Served(process)
     try:
         await served.wait_serving()
@@ -101,17 +98,7 @@ async def test_sigterm_drains_and_exits_zero() -> None:
     "env", [{"PLIVO_AUTH_ID": "MAXXXXXXXXXXXXXXXXXX"}, {"NUMBERSVC_UPSTREAM": "plivo"}]
 )
 async def test_contradictory_upstream_settings_fail_at_start(env: dict[str, str]) -> None:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("PLIVO_", "NUMBERSVC_"))}
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "numbersvc",
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        env={**clean, **env},
-        stderr=asyncio.subprocess.PIPE,
-    )
+    process = await _start(env)
     _, err = await asyncio.wait_for(process.communicate(), timeout=20)
     assert process.returncode == 2
     assert b"PLIVO_AUTH" in err
