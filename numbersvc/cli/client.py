@@ -6,6 +6,10 @@ raises `grpc.RpcError`: a failed call becomes one `error: CODE: message` line on
 the decoded rich status (`ErrorInfo` reason, `BadRequest` fields, `RetryInfo`,
 `ResourceInfo`), and exit code `10 + the gRPC status code`.
 
+On a terminal, order statuses and the `error:` prefix are coloured and `stream` keeps a
+progress bar on stderr; never with `--json`, and no colour when `NO_COLOR` is set (see
+`Console.for_streams`).
+
 Exit codes:
     0    success
     2    usage error (argparse) or bad server configuration
@@ -17,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Final, TextIO, TypeVar
 
 import grpc
@@ -33,6 +37,7 @@ __all__ = [
     "EXIT_INTERRUPTED",
     "EXIT_OK",
     "EXIT_USAGE",
+    "NO_COLOR_ENV",
     "REQUEST_ID_HEADER",
     "CallOptions",
     "Console",
@@ -44,6 +49,7 @@ __all__ = [
     "rent_numbers",
     "show_response",
     "stream_groups",
+    "wants_colour",
 ]
 
 EXIT_OK: Final = 0
@@ -52,6 +58,8 @@ EXIT_INTERRUPTED: Final = 130
 _EXIT_RPC_BASE: Final = 10
 REQUEST_ID_HEADER: Final = "x-request-id"
 """Metadata key the server's access log takes its request id from."""
+NO_COLOR_ENV: Final = "NO_COLOR"
+"""Set to anything but the empty string, it turns colour off (https://no-color.org)."""
 _RENT_OUTCOME_UNKNOWN: Final = "RENT_OUTCOME_UNKNOWN"
 # Codes a rent can end with, without any ErrorInfo, after the server may have sent the order.
 _RENT_MAYBE_PLACED_CODES: Final = frozenset(
@@ -78,6 +86,11 @@ class CallOptions:
     deadline_seconds: float
 
 
+def wants_colour(stream: TextIO, environ: Mapping[str, str]) -> bool:
+    """Whether what goes to `stream` may be coloured: a terminal, and `NO_COLOR` unset or empty."""
+    return not environ.get(NO_COLOR_ENV) and stream.isatty()
+
+
 @dataclasses.dataclass(slots=True)
 class Console:
     """Where a command prints: results on `out`, notes, progress and errors on `err`.
@@ -85,15 +98,47 @@ class Console:
     Args:
         out: the results (tables or JSON).
         err: everything else.
-        json: print results as JSON instead of tables.
-        progress: keep a live progress line on `err` (only sensible on a terminal).
+        json: print results as JSON instead of tables; never coloured.
+        progress: keep a live progress bar on `err` (only sensible on a terminal).
+        colour: colour what goes to `out` (order statuses, table headers).
+        err_colour: colour what goes to `err` (the `error:` prefix).
     """
 
     out: TextIO
     err: TextIO
     json: bool = False
     progress: bool = False
+    colour: bool = False
+    err_colour: bool = False
     _progress_shown: bool = dataclasses.field(default=False, repr=False)
+
+    @classmethod
+    def for_streams(
+        cls, out: TextIO, err: TextIO, *, environ: Mapping[str, str], json: bool = False
+    ) -> Console:
+        """Make a console that colours and shows progress only where a person reads it.
+
+        Each stream is coloured only on a terminal and without `NO_COLOR`; the progress bar
+        (rewritten in place) needs `err` to be a terminal. Neither with `json`.
+        """
+        return cls(
+            out,
+            err,
+            json=json,
+            progress=not json and err.isatty(),
+            colour=not json and wants_colour(out, environ),
+            err_colour=not json and wants_colour(err, environ),
+        )
+
+    @property
+    def style(self) -> render.Style:
+        """How results on `out` are marked: plain with `json`, whatever `colour` says."""
+        return render.Style(colour=self.colour and not self.json)
+
+    @property
+    def err_style(self) -> render.Style:
+        """How lines on `err` are marked: plain with `json`, whatever `err_colour` says."""
+        return render.Style(colour=self.err_colour and not self.json)
 
     def result(self, text: str) -> None:
         """Print a result on `out`, flushed so a pipe sees streamed rows as they come."""
@@ -104,6 +149,10 @@ class Console:
         """Print a line on `err`."""
         self.clear_progress()
         print(text, file=self.err, flush=True)
+
+    def error(self, message: str) -> None:
+        """Print `error: message` on `err`."""
+        self.note(render.error_line(message, self.err_style))
 
     def show_progress(self, text: str) -> None:
         """Replace the progress line on `err` (no-op unless `progress`)."""
@@ -125,15 +174,15 @@ _Response = TypeVar("_Response", bound=Message)
 
 def show_response(
     call: Callable[[float], _Response],
-    text: Callable[[_Response], str],
+    text: Callable[[_Response, render.Style], str],
     options: CallOptions,
     console: Console,
 ) -> int:
-    """Make one unary call and print its answer: `text(response)`, or the response as JSON.
+    """Make one unary call and print its answer: `text(response, style)`, or the JSON.
 
     Args:
         call: makes the call with a timeout in seconds (the deadline of `options`).
-        text: lays out the response for people.
+        text: lays out the response for people, in the console's style.
         options: the deadline, and the target to name when the server cannot be reached.
         console: where to print the answer, or the error.
 
@@ -144,7 +193,7 @@ def show_response(
         response = call(options.deadline_seconds)
     except grpc.RpcError as exc:
         return fail(exc, describe_error(exc, options), console)
-    console.result(render.json_text(response) if console.json else text(response))
+    console.result(render.json_text(response) if console.json else text(response, console.style))
     return EXIT_OK
 
 
@@ -164,22 +213,28 @@ def list_groups(
     )
 
 
-def _groups_page(response: pb.ListNumberGroupsResponse) -> str:
+def _groups_page(response: pb.ListNumberGroupsResponse, style: render.Style) -> str:
     groups = response.number_groups
     footer = render.list_footer(len(groups), response.total_size, response.next_page_token)
-    return f"{render.groups_table(groups)}\n{footer}" if groups else footer
+    return f"{render.groups_table(groups, style)}\n{footer}" if groups else footer
 
 
 @dataclasses.dataclass(slots=True)
 class _Walk:
     """What a stream has shown so far: enough to lay out rows and to resume it."""
 
+    max_results: int = 0
+    """The request's limit (0: none)."""
     received: int = 0
     total: int = 0
     resume_token: str = ""
     table: render.StreamedTable = dataclasses.field(
         default_factory=lambda: render.StreamedTable(render.GROUPS_TABLE)
     )
+
+    def expected(self) -> int:
+        """How many groups this stream should bring: the total, or fewer with a limit."""
+        return min(self.total, self.max_results) if self.max_results else self.total
 
     def resume_hints(self) -> list[str]:
         if not self.resume_token:
@@ -199,7 +254,7 @@ def stream_groups(
     `next_page_token` on stderr, so the walk can be resumed with `--page-token`.
     """
     stub = pb_grpc.NumberGroupServiceStub(channel)
-    walk = _Walk()
+    walk = _Walk(max_results=request.max_results)
     call = stub.StreamNumberGroups(request, timeout=options.deadline_seconds)
     try:
         for message in call:
@@ -234,8 +289,8 @@ def _show_stream_page(
             console.result(render.json_line(group))
         return
     if groups:
-        console.result(walk.table.add([render.group_row(g) for g in groups]))
-    console.show_progress(render.progress_text(walk.received, walk.total))
+        console.result(walk.table.add([render.group_row(g) for g in groups], style=console.style))
+    console.show_progress(render.progress_bar(walk.received, walk.expected()))
 
 
 def get_group(
@@ -248,7 +303,7 @@ def get_group(
     stub = pb_grpc.NumberGroupServiceStub(channel)
     return show_response(
         lambda timeout: stub.GetNumberGroup(request, timeout=timeout),
-        lambda response: render.group_details(response.number_group),
+        lambda response, _: render.group_details(response.number_group),
         options,
         console,
     )
@@ -294,7 +349,7 @@ def rent_numbers(
     if console.json:
         console.result(render.json_text(response))
     else:
-        console.result(render.order_details(response.order))
+        console.result(render.order_details(response.order, console.style))
     return EXIT_OK
 
 
@@ -390,6 +445,6 @@ def _transport_message(exc: grpc.RpcError, options: CallOptions) -> str:
 
 def fail(exc: grpc.RpcError, report: render.ErrorReport, console: Console) -> int:
     """Print a failed call's report on stderr and return its exit code (10 + the code)."""
-    for line in render.error_lines(report):
+    for line in render.error_lines(report, console.err_style):
         console.note(line)
     return exit_code(exc.code())

@@ -31,6 +31,7 @@ from numbersvc.cli.options import (
     comma_choices,
     exit_code_table,
     exit_codes_epilog,
+    output_epilog,
     positive_int,
 )
 from numbersvc.config import Config, ConfigError, add_arguments
@@ -73,13 +74,8 @@ def run(argv: Sequence[str] | None = None, *, open_channel: ChannelFactory = _op
     if command is None or build_request is None:
         local: Callable[[argparse.Namespace], int] = args.local_command
         return local(args)
-    console = client.Console(
-        sys.stdout,
-        sys.stderr,
-        json=args.json,
-        # The progress line rewrites itself with \r: only a terminal shows that sensibly.
-        progress=not args.json and sys.stderr.isatty(),
-    )
+    # Colour and the progress bar (rewritten in place with \r) only where a person reads.
+    console = client.Console.for_streams(sys.stdout, sys.stderr, environ=os.environ, json=args.json)
     options = client.CallOptions(target=args.target, deadline_seconds=args.deadline)
     with open_channel(args.target) as channel:
         try:
@@ -160,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
         "stream every matching number group",
         "Walk every page of a search, printing groups as they arrive. With --json, one JSON"
         " object per group per line. A stream that breaks prints a --page-token to resume.",
+        epilog=output_epilog(progress=True) + exit_codes_epilog(),
     )
     _search_options(stream)
     _group_page_options(stream, size_help="groups per streamed page, 1 to 20 (default: 20)")
@@ -304,7 +301,8 @@ def _serve(args: argparse.Namespace) -> int:
         # before the server module is even imported, so nothing is bound or started.
         config.resolved_upstream()
     except ConfigError as exc:
-        print(f"error: configuration: {exc}", file=sys.stderr)
+        console = client.Console.for_streams(sys.stdout, sys.stderr, environ=os.environ)
+        console.error(f"configuration: {exc}")
         return client.EXIT_USAGE
     from numbersvc.server import serve  # imported here: it loads grpc.aio, httpx, the sandbox
 

@@ -27,6 +27,7 @@ __all__ = [
     "comma_choices",
     "exit_code_table",
     "exit_codes_epilog",
+    "output_epilog",
     "positive_float",
     "positive_int",
 ]
@@ -78,6 +79,26 @@ def exit_codes_epilog(*extra: tuple[int, str]) -> str:
     )
 
 
+def output_epilog(*, progress: bool = False) -> str:
+    """Return an `output:` block saying where colour (and `stream`'s progress bar) appear."""
+    text = (
+        "Colour only on a terminal, never with --json, and none when NO_COLOR is set"
+        " (https://no-color.org): table headers bold, order and number statuses coloured"
+        " (fulfilled and rented green, pending yellow, outcome unknown and failed red), the"
+        " error: prefix red."
+    )
+    if progress:
+        text += (
+            " While groups stream in, a progress bar is kept on stderr when it is a terminal"
+            " (not with --json) and erased at the end."
+        )
+    return (
+        "output:\n"
+        + textwrap.fill(text, _HELP_WIDTH, initial_indent="  ", subsequent_indent="  ")
+        + "\n\n"
+    )
+
+
 def add_command(
     commands: argparse._SubParsersAction[argparse.ArgumentParser],
     name: str,
@@ -85,13 +106,16 @@ def add_command(
     description: str,
     epilog: str | None = None,
 ) -> argparse.ArgumentParser:
-    """Add a subcommand whose help ends with `epilog` (default: the client exit codes)."""
+    """Add a subcommand whose help ends with `epilog`.
+
+    The default suits a client command: the output note, then the client exit codes.
+    """
     return commands.add_parser(
         name,
         help=help,
         # Filled here because the raw formatter (kept for the epilog) would not wrap it.
         description=textwrap.fill(description, _HELP_WIDTH),
-        epilog=exit_codes_epilog() if epilog is None else epilog,
+        epilog=output_epilog() + exit_codes_epilog() if epilog is None else epilog,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
 

@@ -74,12 +74,12 @@ def list_orders(
     )
 
 
-def _orders_page(response: pb.ListRentalOrdersResponse) -> str:
+def _orders_page(response: pb.ListRentalOrdersResponse, style: render.Style) -> str:
     orders = response.orders
     footer = render.list_footer(
         len(orders), response.total_size, response.next_page_token, noun="order"
     )
-    return f"{render.orders_table(orders)}\n{footer}" if orders else footer
+    return f"{render.orders_table(orders, style)}\n{footer}" if orders else footer
 
 
 def list_all_orders(
@@ -117,7 +117,13 @@ def list_all_orders(
             for order in orders:
                 console.result(render.json_line(order))
         elif orders:
-            console.result(table.add([render.order_row(o) for o in orders]))
+            console.result(
+                table.add(
+                    [render.order_row(o) for o in orders],
+                    style=console.style,
+                    colours=[render.order_row_colours(o) for o in orders],
+                )
+            )
         # NOTE: bounded by the total as well as by the token: a server that hands out tokens
         # forever must not make this loop forever.
         if not token or not orders or received >= response.total_size:
@@ -140,7 +146,7 @@ def get_order(
     stub = pb_grpc.NumberGroupServiceStub(channel)
     return client.show_response(
         lambda timeout: stub.GetRentalOrder(request, timeout=timeout),
-        lambda response: render.order_details(response.order),
+        lambda response, style: render.order_details(response.order, style),
         options,
         console,
     )
@@ -171,20 +177,20 @@ def settle_order(
     # NOTE: opening a missing file would create an empty ledger: a mistyped path would then
     # answer "no order" and leave a stray database behind.
     if not Path(ledger_path).is_file():
-        console.note(
-            f"error: no order ledger at {ledger_path}: run this where the server keeps its"
+        console.error(
+            f"no order ledger at {ledger_path}: run this where the server keeps its"
             " ledger, or pass --ledger"
         )
         return EXIT_CANNOT_SETTLE
     try:
         entry = asyncio.run(_settle(ledger_path, request_id, state, numbers, note))
     except SettleError as exc:
-        console.note(f"error: {exc}")
+        console.error(str(exc))
         return EXIT_CANNOT_SETTLE
     except sqlite3.DatabaseError as exc:  # not a ledger, or locked past the busy timeout
-        console.note(f"error: ledger {ledger_path}: {exc}")
+        console.error(f"ledger {ledger_path}: {exc}")
         return EXIT_CANNOT_SETTLE
-    console.result(render.order_details(entry.order))
+    console.result(render.order_details(entry.order, console.style))
     return client.EXIT_OK
 
 
@@ -326,10 +332,11 @@ def _settle_command(args: argparse.Namespace, *, usage: Callable[[str], NoReturn
         usage("--as fulfilled needs the numbers rented: --numbers +14155550100,...")
     if state is OrderState.FAILED and args.numbers:
         usage("--as failed means nothing was rented: leave out --numbers")
+    console = client.Console.for_streams(sys.stdout, sys.stderr, environ=os.environ)
     try:
         path = args.ledger or Config.from_env(os.environ).resolved_ledger_path()
     except ConfigError as exc:
-        print(f"error: configuration: {exc}", file=sys.stderr)
+        console.error(f"configuration: {exc}")
         return client.EXIT_USAGE
     return settle_order(
         path,
@@ -337,7 +344,7 @@ def _settle_command(args: argparse.Namespace, *, usage: Callable[[str], NoReturn
         state,
         numbers=args.numbers,
         note=args.note or f"by {_user()}",
-        console=client.Console(sys.stdout, sys.stderr),
+        console=console,
     )
 
 

@@ -3,6 +3,10 @@
 Nothing here touches a channel, a stream or the clock: every function turns messages into
 text, so every layout is tested with plain messages. Money is printed from `units` and `nanos`
 with integer arithmetic only; a float would turn `0.0085` into `0.0084999...`.
+
+Colour is a `Style` passed in (plain by default): whether a stream gets colour is decided once
+by the caller, and a coloured table lines up exactly as the plain one (padding stays outside
+the colour codes).
 """
 
 from __future__ import annotations
@@ -24,10 +28,14 @@ __all__ = [
     "NUMBER_TYPES",
     "ORDERS_TABLE",
     "ORDER_STATUSES",
+    "PLAIN",
     "SERVICES",
+    "Colour",
     "ErrorReport",
     "StreamedTable",
+    "Style",
     "Table",
+    "error_line",
     "error_lines",
     "format_money",
     "group_details",
@@ -38,8 +46,9 @@ __all__ = [
     "list_footer",
     "order_details",
     "order_row",
+    "order_row_colours",
     "orders_table",
-    "progress_text",
+    "progress_bar",
     "resume_hint",
     "stream_footer",
 ]
@@ -51,6 +60,7 @@ _CURRENCY_SYMBOLS: Final = {"USD": "$"}
 _UNSET: Final = "-"
 _NOTE_MAX_CHARS: Final = 40
 _ELLIPSIS: Final = "..."
+_PROGRESS_BAR_WIDTH: Final = 30
 
 
 def _labels(items: Iterable[tuple[str, _V]], prefix: str) -> dict[str, _V]:
@@ -70,6 +80,41 @@ _NUMBER_STATUSES: Final = {
     pb.RENTED_NUMBER_STATUS_SUCCESS: "rented",
     pb.RENTED_NUMBER_STATUS_FAILED: "failed",
 }
+
+Colour = Literal["bold", "green", "yellow", "red"]
+"""What a piece of text is marked with on a terminal."""
+_SGR: Final[Mapping[Colour, str]] = {"bold": "1", "green": "32", "yellow": "33", "red": "31"}
+# By the enum value, never by the label: an unknown status shows upstream's text, uncoloured.
+_ORDER_STATUS_COLOURS: Final[Mapping[int, Colour]] = {
+    pb.ORDER_STATUS_FULFILLED: "green",
+    pb.ORDER_STATUS_PENDING: "yellow",
+    pb.ORDER_STATUS_OUTCOME_UNKNOWN: "red",
+    pb.ORDER_STATUS_FAILED: "red",
+}
+_NUMBER_STATUS_COLOURS: Final[Mapping[int, Colour]] = {
+    pb.RENTED_NUMBER_STATUS_SUCCESS: "green",
+    pb.RENTED_NUMBER_STATUS_FAILED: "red",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Style:
+    """How text is marked: ANSI SGR codes when `colour`, else left exactly as it is.
+
+    The caller decides `colour` once per stream (a terminal, `NO_COLOR` unset, not `--json`).
+    """
+
+    colour: bool = False
+
+    def paint(self, text: str, colour: Colour | None) -> str:
+        """Wrap `text` in the codes of `colour` (and a reset); unchanged when plain or empty."""
+        if not self.colour or colour is None or not text:
+            return text
+        return f"\x1b[{_SGR[colour]}m{text}\x1b[0m"
+
+
+PLAIN: Final = Style()
+"""No colour: what every function here prints unless told otherwise."""
 
 
 def _label(labels: Mapping[str, int], value: int, upstream: str = "") -> str:
@@ -118,9 +163,17 @@ def _number_type(group: pb.NumberGroup) -> str:
     return _label(NUMBER_TYPES, group.number_type, group.upstream_number_type)
 
 
+_Colours = Sequence[Colour | None]
+"""The colour of each cell of a row (None: plain)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Table:
-    """A plain-text table: left-aligned text, right-aligned numbers, two spaces between."""
+    """A plain-text table: left-aligned text, right-aligned numbers, two spaces between.
+
+    With a colour `Style` the header is bold and cells take the colours given for their row;
+    the padding is measured on the text and kept outside the codes, so columns still line up.
+    """
 
     headers: Sequence[str]
     right_aligned: frozenset[int] = frozenset()
@@ -132,18 +185,46 @@ class Table:
             widths = [max(w, len(cell)) for w, cell in zip(widths, row, strict=True)]
         return widths
 
-    def line(self, cells: Sequence[str], widths: Sequence[int]) -> str:
-        """One row laid out on `widths` (a longer cell pushes the rest right rather than cut)."""
-        padded = (
-            cell.rjust(width) if i in self.right_aligned else cell.ljust(width)
-            for i, (cell, width) in enumerate(zip(cells, widths, strict=True))
-        )
+    def line(
+        self,
+        cells: Sequence[str],
+        widths: Sequence[int],
+        *,
+        style: Style = PLAIN,
+        colours: _Colours = (),
+    ) -> str:
+        """One row laid out on `widths` (a longer cell pushes the rest right rather than cut).
+
+        `colours` holds the colour of each cell; empty, the row is plain.
+        """
+        colours = colours or [None] * len(cells)
+        padded = []
+        for i, (cell, width, colour) in enumerate(zip(cells, widths, colours, strict=True)):
+            pad, text = " " * (width - len(cell)), style.paint(cell, colour)
+            padded.append(pad + text if i in self.right_aligned else text + pad)
         return "  ".join(padded).rstrip()
 
-    def render(self, rows: Sequence[Sequence[str]], widths: Sequence[int] | None = None) -> str:
-        """Lay out the header and every row, newline-separated, without a trailing newline."""
+    def header(self, widths: Sequence[int], *, style: Style = PLAIN) -> str:
+        """Lay out the header row on `widths`, bold with a colour style."""
+        return self.line(self.headers, widths, style=style, colours=["bold"] * len(self.headers))
+
+    def render(
+        self,
+        rows: Sequence[Sequence[str]],
+        widths: Sequence[int] | None = None,
+        *,
+        style: Style = PLAIN,
+        colours: Sequence[_Colours] | None = None,
+    ) -> str:
+        """Lay out the header and every row, newline-separated, without a trailing newline.
+
+        `colours`, when given, holds the cell colours of each row in `rows`.
+        """
         widths = widths or self.widths(rows)
-        return "\n".join(self.line(cells, widths) for cells in [self.headers, *rows])
+        lines = [self.header(widths, style=style)]
+        for cells, row_colours in zip(rows, colours or [()] * len(rows), strict=True):
+            lines.append(self.line(cells, widths, style=style, colours=row_colours))
+        return "\n".join(lines)
 
 
 @dataclass(slots=True)
@@ -157,16 +238,25 @@ class StreamedTable:
     table: Table
     widths: list[int] | None = None
 
-    def add(self, rows: Sequence[Sequence[str]]) -> str:
-        """Lay out one batch (after the header, if it is the first) on the widths so far."""
-        lines = list(rows)
-        widths = self.table.widths(lines)
-        if self.widths is None:
-            lines.insert(0, self.table.headers)
-        else:
+    def add(
+        self,
+        rows: Sequence[Sequence[str]],
+        *,
+        style: Style = PLAIN,
+        colours: Sequence[_Colours] | None = None,
+    ) -> str:
+        """Lay out one batch (after the header, if it is the first) on the widths so far.
+
+        `style` and `colours` as for `Table.render`.
+        """
+        widths = self.table.widths(rows)
+        if self.widths is not None:
             widths = [max(old, new) for old, new in zip(self.widths, widths, strict=True)]
+        lines = [self.table.header(widths, style=style)] if self.widths is None else []
         self.widths = widths
-        return "\n".join(self.table.line(row, widths) for row in lines)
+        for cells, row_colours in zip(rows, colours or [()] * len(rows), strict=True):
+            lines.append(self.table.line(cells, widths, style=style, colours=row_colours))
+        return "\n".join(lines)
 
 
 GROUPS_TABLE: Final = Table(
@@ -202,9 +292,9 @@ def group_row(group: pb.NumberGroup) -> tuple[str, ...]:
     )
 
 
-def groups_table(groups: Iterable[pb.NumberGroup]) -> str:
+def groups_table(groups: Iterable[pb.NumberGroup], style: Style = PLAIN) -> str:
     """Lay out groups as a table, header first, columns as wide as their widest cell."""
-    return GROUPS_TABLE.render([group_row(g) for g in groups])
+    return GROUPS_TABLE.render([group_row(g) for g in groups], style=style)
 
 
 def _count(count: int, noun: str) -> str:
@@ -223,9 +313,20 @@ def stream_footer(received: int, total: int, next_page_token: str) -> str:
     return f"{line}; more: --page-token {next_page_token}" if next_page_token else line
 
 
-def progress_text(received: int, total: int) -> str:
-    """Return the live progress line of `stream` on a terminal."""
-    return f"streaming: {received} of {_count(total, 'group')}"
+def progress_bar(
+    received: int, total: int, *, noun: str = "group", width: int = _PROGRESS_BAR_WIDTH
+) -> str:
+    """Return the live progress line of `stream` on a terminal: `[###...] 140/260 groups  53%`.
+
+    The percentage rounds down, so 100% means all of `total` came; more than `total` (upstream
+    counted again) shows a full bar. Without a total (0) there is no bar, only the count.
+    """
+    if total <= 0:
+        return f"streaming: {_count(received, noun)} (total unknown)"
+    done = min(received, total)
+    filled = done * width // total
+    percent = done * 100 // total
+    return f"[{'#' * filled}{'.' * (width - filled)}] {received}/{_count(total, noun)}  {percent}%"
 
 
 def resume_hint(received: int, next_page_token: str, *, noun: str = "group") -> str:
@@ -269,14 +370,19 @@ def _e164(number: pb.RentedNumber) -> str:
     return number.e164 or "+" + number.number
 
 
-def _rented_number(number: pb.RentedNumber) -> str:
+def _rented_number(number: pb.RentedNumber, style: Style) -> str:
     status = _NUMBER_STATUSES.get(number.status, "unknown")
     upstream = f" (upstream: {number.upstream_status})" if status != "rented" else ""
-    return f"{_e164(number)}  {status}{upstream}"
+    painted = style.paint(status, _NUMBER_STATUS_COLOURS.get(number.status))
+    return f"{_e164(number)}  {painted}{upstream}"
 
 
 def _order_status(order: pb.RentalOrder) -> str:
     return _label(_ORDER_STATUS_NAMES, order.status, order.upstream_status)
+
+
+def _order_status_colour(order: pb.RentalOrder) -> Colour | None:
+    return _ORDER_STATUS_COLOURS.get(order.status)
 
 
 def _utc_seconds(stamp: timestamp_pb2.Timestamp) -> str:
@@ -321,24 +427,41 @@ def order_row(order: pb.RentalOrder) -> tuple[str, ...]:
     )
 
 
-def orders_table(orders: Iterable[pb.RentalOrder]) -> str:
+_ORDER_STATUS_COLUMN: Final = ORDERS_TABLE.headers.index("STATUS")
+
+
+def order_row_colours(order: pb.RentalOrder) -> tuple[Colour | None, ...]:
+    """Return the colours of the cells of `order_row(order)`: its status only."""
+    return tuple(
+        _order_status_colour(order) if i == _ORDER_STATUS_COLUMN else None
+        for i in range(len(ORDERS_TABLE.headers))
+    )
+
+
+def orders_table(orders: Iterable[pb.RentalOrder], style: Style = PLAIN) -> str:
     """Lay out orders as a table, header first, columns as wide as their widest cell."""
-    return ORDERS_TABLE.render([order_row(o) for o in orders])
+    orders = list(orders)
+    return ORDERS_TABLE.render(
+        [order_row(o) for o in orders],
+        style=style,
+        colours=[order_row_colours(o) for o in orders],
+    )
 
 
-def order_details(order: pb.RentalOrder) -> str:
+def order_details(order: pb.RentalOrder, style: Style = PLAIN) -> str:
     """Show an order as a key-value block: status, numbers in E.164, ids, pending details.
 
     The status message (`note`), caller and times appear only when the server sent them.
     """
-    status = _order_status(order)
-    if order.upstream_status and order.upstream_status != status:
+    label = _order_status(order)
+    status = style.paint(label, _order_status_colour(order))
+    if order.upstream_status and order.upstream_status != label:
         status = f"{status} (upstream: {order.upstream_status})"
     pairs: list[tuple[str, str | Sequence[str]]] = [
         ("status", status),
         ("group id", order.group_id),
         ("quantity", str(order.quantity)),
-        ("numbers", [_rented_number(n) for n in order.numbers]),
+        ("numbers", [_rented_number(n, style) for n in order.numbers]),
     ]
     if order.details:
         pairs.append(("details", order.details))
@@ -389,9 +512,14 @@ class ErrorReport:
     """Advice for the user, one line each, printed last."""
 
 
-def error_lines(report: ErrorReport) -> list[str]:
+def error_line(message: str, style: Style = PLAIN) -> str:
+    """Return `error: message`, the prefix red with a colour style."""
+    return f"{style.paint('error:', 'red')} {message}"
+
+
+def error_lines(report: ErrorReport, style: Style = PLAIN) -> list[str]:
     """Return the stderr lines for a failed call: `error: CODE: message`, then details."""
-    lines = [f"error: {report.code}: {report.message}"]
+    lines = [error_line(f"{report.code}: {report.message}", style)]
     if report.reason:
         lines.append(f"  reason: {report.reason}")
     lines.extend(f"  {field}: {description}" for field, description in report.violations)

@@ -10,6 +10,7 @@ built with `rich_error`. `DeadlineRecorder` sits between the stub and that chann
 from __future__ import annotations
 
 import io
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -37,6 +38,19 @@ CREATED: Final = timestamp_pb2.Timestamp(seconds=1_777_636_803, nanos=250_000_00
 """2026-05-01T12:00:03.250Z"""
 _TAKE_TIMEOUT_SECONDS: Final = 5.0
 _POLL_SECONDS: Final = 0.01
+_ANSI_SGR: Final = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def strip_ansi(text: str) -> str:
+    """`text` without its colour codes: what a reader sees."""
+    return _ANSI_SGR.sub("", text)
+
+
+class Terminal(io.StringIO):
+    """A captured stream that says it is a terminal."""
+
+    def isatty(self) -> bool:
+        return True
 
 
 def usd(units: int, nanos: int = 0) -> money_pb2.Money:
@@ -213,12 +227,18 @@ def start_command(
     *,
     json: bool = False,
     progress: bool = False,
+    colour: bool = False,
     **extra: object,
 ) -> Run:
-    """Start `command(channel, request, options, console, **extra)` in a harness."""
+    """Start `command(channel, request, options, console, **extra)` in a harness.
+
+    `colour` colours both stdout and stderr, as on a terminal.
+    """
     harness = CliHarness()
     out, err = io.StringIO(), io.StringIO()
-    console = client.Console(out, err, json=json, progress=progress)
+    console = client.Console(
+        out, err, json=json, progress=progress, colour=colour, err_colour=colour
+    )
     options = client.CallOptions(target=TARGET, deadline_seconds=DEADLINE_SECONDS)
     channel = harness.recorder.as_channel()
     future = harness.start(lambda: command(channel, request, options, console, **extra))

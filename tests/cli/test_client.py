@@ -11,9 +11,18 @@ import pytest
 from google.protobuf import duration_pb2, json_format
 from google.rpc import error_details_pb2
 
-from numbersvc.cli import client
+from numbersvc.cli import client, render
 from numbersvc.v1 import number_groups_pb2 as pb
-from tests.cli import DEADLINE_SECONDS, TARGET, Run, rich_error, sample_group, start_command
+from tests.cli import (
+    DEADLINE_SECONDS,
+    TARGET,
+    Run,
+    Terminal,
+    rich_error,
+    sample_group,
+    start_command,
+    strip_ansi,
+)
 
 REQUEST_ID = "3b241101-e2bb-4255-8caf-4136c566a962"
 OK = grpc.StatusCode.OK
@@ -236,9 +245,37 @@ def test_stream_prints_one_header_then_rows_as_pages_arrive(start: Callable[...,
     # The first page sets the widths: the rows under it line up with the header.
     assert lines[1].index("local") == lines[0].index("TYPE")
     progress = run.err.getvalue()
-    assert "\r\x1b[Kstreaming: 2 of 3 groups" in progress
-    assert "\r\x1b[Kstreaming: 3 of 3 groups" in progress
+    assert f"\r\x1b[K[{'#' * 20}{'.' * 10}] 2/3 groups  66%" in progress
+    assert f"\r\x1b[K[{'#' * 30}] 3/3 groups  100%" in progress
     assert progress.endswith("\r\x1b[K")  # erased before the footer
+    assert "\n" not in progress  # rewritten in place, never a line of its own
+
+
+def test_stream_progress_counts_towards_max_results(start: Callable[..., Run]) -> None:
+    request = pb.StreamNumberGroupsRequest(filter=STREAM_REQUEST.filter, max_results=4)
+    run = start(client.stream_groups, request, progress=True)
+    _, _, rpc = run.harness.take_stream("StreamNumberGroups", run.future)
+    rpc.send_response(page("1", "2", token="t2", total=500))
+    rpc.terminate((), OK, "")
+    assert run.exit_code() == 0
+    assert "] 2/4 groups  50%" in run.err.getvalue()
+
+
+def test_stream_with_colour_bolds_the_header_and_lines_up_as_without(
+    start: Callable[..., Run],
+) -> None:
+    printed = []
+    for colour in (False, True):
+        run = start(client.stream_groups, STREAM_REQUEST, colour=colour)
+        _, _, rpc = run.harness.take_stream("StreamNumberGroups", run.future)
+        rpc.send_response(page("1", token="t2", total=2))
+        rpc.send_response(page("2222222222222222", token="", total=2))
+        rpc.terminate((), OK, "")
+        assert run.exit_code() == 0
+        printed.append(run.out.getvalue())
+    plain, coloured = printed
+    assert coloured.startswith("\x1b[1mGROUP ID\x1b[0m")
+    assert strip_ansi(coloured) == plain
 
 
 def test_stream_without_progress_writes_nothing_to_stderr(start: Callable[..., Run]) -> None:
@@ -341,6 +378,44 @@ def test_rent_prints_a_new_request_id_before_sending_it(start: Callable[..., Run
         "numbers:     +12125550100  rented",
     ]
     assert "upstream id: api-1" in lines
+
+
+def test_rent_with_colour_colours_the_status_and_numbers(start: Callable[..., Run]) -> None:
+    run = start(client.rent_numbers, rent_request(), colour=True, new_request_id=IdMaker())
+    _, _, rpc = run.harness.take_unary("RentNumbers", run.future)
+    rpc.terminate(FULFILLED, (), OK, "")
+    assert run.exit_code() == 0
+    lines = run.out.getvalue().splitlines()
+    assert lines[0] == f"request id: {REQUEST_ID}"
+    assert lines[1] == "status:      \x1b[32mfulfilled\x1b[0m"
+    assert lines[4] == "numbers:     +12125550100  \x1b[32mrented\x1b[0m"
+
+
+def test_rent_json_is_never_coloured(start: Callable[..., Run]) -> None:
+    run = start(
+        client.rent_numbers, rent_request(), json=True, colour=True, new_request_id=IdMaker()
+    )
+    _, _, rpc = run.harness.take_unary("RentNumbers", run.future)
+    rpc.terminate(None, *invalid_request_error())
+    assert run.exit_code() == 13
+    assert "\x1b" not in run.out.getvalue() + run.err.getvalue()
+    assert (
+        run.err.getvalue().splitlines()[1]
+        == "error: INVALID_ARGUMENT: 2 request fields are invalid"
+    )
+
+
+def test_failure_with_colour_paints_the_error_prefix_red(start: Callable[..., Run]) -> None:
+    run = start(client.list_groups, LIST_REQUEST, colour=True)
+    _, _, rpc = run.harness.take_unary("ListNumberGroups", run.future)
+    rpc.terminate(None, *invalid_request_error())
+    assert run.exit_code() == 13
+    assert run.err.getvalue().splitlines() == [
+        "\x1b[31merror:\x1b[0m INVALID_ARGUMENT: 2 request fields are invalid",
+        "  reason: INVALID_REQUEST",
+        "  filter.region_code: must be an ISO 3166-1 alpha-2 code",
+        "  filter.prefix: must be 1 to 5 digits",
+    ]
 
 
 def test_rent_keeps_the_callers_request_id(start: Callable[..., Run]) -> None:
@@ -454,3 +529,56 @@ def test_interrupted_rent_says_the_order_may_have_been_placed() -> None:
         f" look up request id {REQUEST_ID} (server log numbersvc.orders, Plivo console)"
         " before renting again\n"
     )
+
+
+# --- where colour and progress go ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("environ", "colour"),
+    [
+        ({}, True),
+        ({"NO_COLOR": ""}, True),  # empty means unset (no-color.org)
+        ({"NO_COLOR": "1"}, False),
+        ({"NO_COLOR": "0"}, False),  # any value at all
+    ],
+)
+def test_colour_on_a_terminal_unless_no_color(environ: dict[str, str], colour: bool) -> None:
+    assert client.wants_colour(Terminal(), environ) is colour
+    assert client.wants_colour(io.StringIO(), environ) is False
+
+
+@pytest.mark.parametrize(
+    ("out", "err", "environ", "json", "expected"),
+    [
+        # (colour on stdout, colour on stderr, progress)
+        (Terminal, Terminal, {}, False, (True, True, True)),
+        (io.StringIO, Terminal, {}, False, (False, True, True)),  # stdout piped
+        (Terminal, io.StringIO, {}, False, (True, False, False)),  # stderr redirected
+        (io.StringIO, io.StringIO, {}, False, (False, False, False)),
+        (Terminal, Terminal, {"NO_COLOR": "1"}, False, (False, False, True)),
+        (Terminal, Terminal, {}, True, (False, False, False)),
+    ],
+)
+def test_console_for_streams_decides_colour_and_progress_per_stream(
+    out: Callable[[], io.StringIO],
+    err: Callable[[], io.StringIO],
+    environ: dict[str, str],
+    json: bool,
+    expected: tuple[bool, bool, bool],
+) -> None:
+    console = client.Console.for_streams(out(), err(), environ=environ, json=json)
+    assert (console.colour, console.err_colour, console.progress) == expected
+    assert (console.style.colour, console.err_style.colour) == expected[:2]
+
+
+def test_console_never_colours_json_whatever_it_is_told() -> None:
+    console = client.Console(io.StringIO(), io.StringIO(), json=True, colour=True, err_colour=True)
+    assert console.style == console.err_style == render.PLAIN
+
+
+def test_console_error_colours_only_the_prefix() -> None:
+    err = io.StringIO()
+    client.Console(io.StringIO(), err, err_colour=True).error("no ledger")
+    client.Console(io.StringIO(), err).error("no ledger")
+    assert err.getvalue() == "\x1b[31merror:\x1b[0m no ledger\nerror: no ledger\n"

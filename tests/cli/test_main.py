@@ -15,14 +15,27 @@ from numbersvc import logs
 from numbersvc.cli import client, main
 from numbersvc.config import Config, settings
 from numbersvc.v1 import number_groups_pb2 as pb
-from tests.cli import RESULT_TIMEOUT_SECONDS, CliHarness, run_main
+from tests.cli import (
+    ORDER_ID,
+    RESULT_TIMEOUT_SECONDS,
+    CliHarness,
+    Terminal,
+    run_main,
+    sample_order,
+)
 
 CLIENT_COMMANDS = ["list", "stream", "get", "rent"]
 
 
 @pytest.fixture(autouse=True)
 def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ["NUMBERSVC_TARGET", "PLIVO_AUTH_ID", "PLIVO_AUTH_TOKEN", "NUMBERSVC_UPSTREAM"]:
+    for name in [
+        "NUMBERSVC_TARGET",
+        "PLIVO_AUTH_ID",
+        "PLIVO_AUTH_TOKEN",
+        "NUMBERSVC_UPSTREAM",
+        "NO_COLOR",
+    ]:
         monkeypatch.delenv(name, raising=False)
 
 
@@ -178,11 +191,6 @@ def test_stream_and_rent_flags_map_onto_their_requests() -> None:
     assert running.result(timeout=RESULT_TIMEOUT_SECONDS) == 0
 
 
-class _Terminal(io.StringIO):
-    def isatty(self) -> bool:
-        return True
-
-
 @pytest.mark.parametrize(
     ("argv", "terminal", "progress"),
     [
@@ -201,9 +209,54 @@ def test_progress_only_on_a_terminal_and_never_with_json(
         return 0
 
     monkeypatch.setattr(client, "stream_groups", fake_stream)
-    monkeypatch.setattr(sys, "stderr", _Terminal() if terminal else io.StringIO())
+    monkeypatch.setattr(sys, "stderr", Terminal() if terminal else io.StringIO())
     assert main.run(argv, open_channel=lambda target: CliHarness().recorder.as_channel()) == 0
     assert [c.progress for c in seen] == [progress]
+
+
+@pytest.mark.parametrize(
+    ("terminal", "no_color", "json", "colour"),
+    [
+        (True, "", False, True),
+        (False, "", False, False),
+        (True, "1", False, False),
+        (True, "", True, False),
+    ],
+)
+def test_colour_only_on_a_terminal_without_no_color_and_never_with_json(
+    terminal: bool, no_color: str, json: bool, colour: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out, err = (Terminal(), Terminal()) if terminal else (io.StringIO(), io.StringIO())
+    monkeypatch.setattr(sys, "stdout", out)
+    monkeypatch.setattr(sys, "stderr", err)
+    monkeypatch.setenv("NO_COLOR", no_color)
+    harness, running, _ = run_main(["orders", "get", ORDER_ID, *(["--json"] if json else [])])
+    _, _, rpc = harness.take_unary("GetRentalOrder", running)
+    rpc.terminate(pb.GetRentalOrderResponse(order=sample_order()), (), grpc.StatusCode.OK, "")
+    assert running.result(timeout=RESULT_TIMEOUT_SECONDS) == 0
+    assert ("\x1b[32mfulfilled\x1b[0m" in out.getvalue()) is colour
+    assert ("\x1b" in out.getvalue()) is colour
+
+
+def test_error_prefix_is_red_on_a_terminal_stderr_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    err = Terminal()
+    monkeypatch.setattr(sys, "stdout", io.StringIO())  # piped: its colour is off, not stderr's
+    monkeypatch.setattr(sys, "stderr", err)
+    harness, running, _ = run_main(["get", "1"])
+    _, _, rpc = harness.take_unary("GetNumberGroup", running)
+    rpc.terminate(None, (), grpc.StatusCode.NOT_FOUND, "no group 1")
+    assert running.result(timeout=RESULT_TIMEOUT_SECONDS) == 15
+    assert err.getvalue() == "\x1b[31merror:\x1b[0m NOT_FOUND: no group 1\n"
+
+
+@pytest.mark.parametrize("command", [*CLIENT_COMMANDS, "orders list", "orders get"])
+def test_client_help_says_when_output_is_coloured(
+    command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert exit_status([*command.split(), "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())  # undo the wrapping
+    assert "Colour only on a terminal, never with --json, and none when NO_COLOR is set" in text
+    assert ("progress bar" in text) is (command == "stream")
 
 
 def closed_port() -> int:

@@ -27,6 +27,7 @@ from tests.cli import (
     run_main,
     sample_order,
     start_command,
+    strip_ansi,
 )
 
 OK = grpc.StatusCode.OK
@@ -233,6 +234,39 @@ def test_list_prints_a_table_with_a_footer() -> None:
     assert run.err.getvalue() == ""
 
 
+def test_list_with_colour_colours_statuses_and_lines_up_as_without() -> None:
+    printed = []
+    for colour in (False, True):
+        run = start_command(orders.list_orders, LIST_REQUEST, colour=colour)
+        _, _, rpc = run.harness.take_unary("ListRentalOrders", run.future)
+        rpc.terminate(page(sample_order(), UNKNOWN, token="", total=2), (), OK, "")
+        assert run.exit_code() == 0
+        printed.append(run.out.getvalue())
+    plain, coloured = printed
+    assert strip_ansi(coloured) == plain
+    lines = coloured.splitlines()
+    assert lines[0].startswith("\x1b[1mREQUEST ID\x1b[0m")
+    assert "  \x1b[32mfulfilled\x1b[0m        737" in lines[1]
+    assert "  \x1b[31moutcome unknown\x1b[0m  737" in lines[2]
+    assert lines[3] == "2 of 2 orders; last page"
+
+
+def test_all_with_colour_lines_up_across_pages_as_without() -> None:
+    printed = []
+    for colour in (False, True):
+        run = start_command(orders.list_all_orders, LIST_REQUEST, colour=colour)
+        _, _, rpc = run.harness.take_unary("ListRentalOrders", run.future)
+        rpc.terminate(page(order_number(1), token="t2", total=2), (), OK, "")
+        _, _, rpc = run.harness.take_unary("ListRentalOrders", run.future)
+        pending = sample_order(request_id="p", status=pb.ORDER_STATUS_PENDING, quantity=100)
+        rpc.terminate(page(pending, token="", total=2), (), OK, "")
+        assert run.exit_code() == 0
+        printed.append(run.out.getvalue())
+    plain, coloured = printed
+    assert strip_ansi(coloured) == plain
+    assert "\x1b[33mpending\x1b[0m" in coloured.splitlines()[2]
+
+
 def test_list_json_prints_the_whole_response() -> None:
     run = start_command(orders.list_orders, LIST_REQUEST, json=True)
     _, _, rpc = run.harness.take_unary("ListRentalOrders", run.future)
@@ -406,6 +440,27 @@ def test_get_prints_the_order_as_rent_does() -> None:
         "caller:      svc-billing",
         "created:     2026-05-01T12:00:03.250Z",
     ]
+
+
+def test_get_with_colour_colours_the_status() -> None:
+    run = start_command(
+        orders.get_order, pb.GetRentalOrderRequest(request_id=ORDER_ID), colour=True
+    )
+    _, _, rpc = run.harness.take_unary("GetRentalOrder", run.future)
+    rpc.terminate(pb.GetRentalOrderResponse(order=UNKNOWN), (), OK, "")
+    assert run.exit_code() == 0
+    assert run.out.getvalue().splitlines()[0] == "status:      \x1b[31moutcome unknown\x1b[0m"
+
+
+def test_get_json_is_never_coloured() -> None:
+    run = start_command(
+        orders.get_order, pb.GetRentalOrderRequest(request_id=ORDER_ID), json=True, colour=True
+    )
+    _, _, rpc = run.harness.take_unary("GetRentalOrder", run.future)
+    rpc.terminate(pb.GetRentalOrderResponse(order=UNKNOWN), (), OK, "")
+    assert run.exit_code() == 0
+    assert "\x1b" not in run.out.getvalue()
+    assert json.loads(run.out.getvalue())["order"]["status"] == "ORDER_STATUS_OUTCOME_UNKNOWN"
 
 
 def test_get_json_prints_the_response() -> None:

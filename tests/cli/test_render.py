@@ -8,9 +8,11 @@ from google.type import money_pb2
 
 from numbersvc.cli import render
 from numbersvc.v1 import number_groups_pb2 as pb
-from tests.cli import ORDER_ID, sample_group, sample_order, usd
+from tests.cli import ORDER_ID, sample_group, sample_order, strip_ansi, usd
 
 INT64_MAX = 2**63 - 1
+COLOUR = render.Style(colour=True)
+BOLD, GREEN, YELLOW, RED, RESET = "\x1b[1m", "\x1b[32m", "\x1b[33m", "\x1b[31m", "\x1b[0m"
 
 
 @pytest.mark.parametrize(
@@ -117,7 +119,7 @@ def test_list_footer(token: str, footer: str) -> None:
 
 def test_counts_of_one_are_singular() -> None:
     assert render.list_footer(1, 1, "") == "1 of 1 group; last page"
-    assert render.progress_text(1, 1) == "streaming: 1 of 1 group"
+    assert render.progress_bar(1, 1, width=4) == "[####] 1/1 group  100%"
     assert render.resume_hint(1, "t") == "1 group received; resume with --page-token t"
 
 
@@ -334,3 +336,169 @@ def test_order_details_shows_the_note_caller_and_update_time_when_set() -> None:
         "created:     2026-05-01T12:00:03.250Z",
         "updated:     2026-05-01T12:05:00Z",
     ]
+
+
+# --- progress bar -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("received", "total", "line"),
+    [
+        (0, 260, "[..........] 0/260 groups  0%"),
+        (140, 260, "[#####.....] 140/260 groups  53%"),  # rounds down
+        (259, 260, "[#########.] 259/260 groups  99%"),  # 100% only when all came
+        (260, 260, "[##########] 260/260 groups  100%"),
+        (300, 260, "[##########] 300/260 groups  100%"),  # upstream counted again: full
+        (140, 0, "streaming: 140 groups (total unknown)"),
+        (1, 0, "streaming: 1 group (total unknown)"),
+    ],
+)
+def test_progress_bar(received: int, total: int, line: str) -> None:
+    assert render.progress_bar(received, total, width=10) == line
+
+
+def test_progress_bar_is_thirty_wide_by_default() -> None:
+    line = render.progress_bar(13, 26)
+    assert line == "[" + "#" * 15 + "." * 15 + "] 13/26 groups  50%"
+    assert "\x1b" not in line  # never coloured
+
+
+# --- colour -----------------------------------------------------------------------------------
+
+
+def test_plain_style_leaves_text_alone_and_colour_wraps_it() -> None:
+    assert render.PLAIN.paint("failed", "red") == "failed"
+    assert COLOUR.paint("failed", "red") == f"{RED}failed{RESET}"
+    assert COLOUR.paint("x", None) == "x"
+    assert COLOUR.paint("", "red") == ""  # nothing to mark: no stray codes
+
+
+def test_coloured_groups_table_lines_up_as_the_plain_one() -> None:
+    groups = [sample_group(), sample_group(group_id="5", stock=7, region="", sms_rate=None)]
+    coloured = render.groups_table(groups, COLOUR)
+    assert coloured != render.groups_table(groups)
+    assert strip_ansi(coloured) == render.groups_table(groups)
+    header = coloured.splitlines()[0]
+    assert header.startswith(f"{BOLD}GROUP ID{RESET}        {BOLD}TYPE{RESET}")
+    assert header.endswith(f"{BOLD}SMS{RESET}")  # right-aligned: padding before the codes
+    assert "\x1b" not in "".join(coloured.splitlines()[1:])  # group rows have no colour
+
+
+def orders_of_every_status() -> list[pb.RentalOrder]:
+    return [
+        sample_order(),
+        sample_order(status=pb.ORDER_STATUS_PENDING, upstream_status="pending", quantity=12),
+        sample_order(status=pb.ORDER_STATUS_OUTCOME_UNKNOWN, upstream_status="", numbers=[]),
+        sample_order(status=pb.ORDER_STATUS_FAILED, upstream_status="failed", caller=""),
+        # A status this client does not know shows upstream's text, uncoloured even when that
+        # text reads like a known one.
+        sample_order(status=pb.ORDER_STATUS_UNSPECIFIED, upstream_status="fulfilled"),
+    ]
+
+
+def test_coloured_orders_table_colours_each_status_and_lines_up_as_the_plain_one() -> None:
+    orders = orders_of_every_status()
+    plain = render.orders_table(orders)
+    coloured = render.orders_table(orders, COLOUR)
+    assert strip_ansi(coloured) == plain
+    status_at = plain.splitlines()[0].index("STATUS")
+    cells = [line[status_at:].split("  ")[0] for line in coloured.splitlines()[1:]]
+    assert cells == [
+        f"{GREEN}fulfilled{RESET}",
+        f"{YELLOW}pending{RESET}",
+        f"{RED}outcome unknown{RESET}",
+        f"{RED}failed{RESET}",
+        "fulfilled",
+    ]
+
+
+def test_order_row_colours_colour_the_status_cell_only() -> None:
+    colours = render.order_row_colours(sample_order())
+    assert len(colours) == len(render.ORDERS_TABLE.headers)
+    assert [c for c in colours if c] == ["green"]
+    assert colours[render.ORDERS_TABLE.headers.index("STATUS")] == "green"
+
+
+def test_coloured_streamed_table_lines_up_as_the_plain_one() -> None:
+    table = render.Table(headers=("A", "STATUS", "N"), right_aligned=frozenset({2}))
+    batches = [[("xx", "ok", "1")], [("x", "failed", "10")], [("xxxx", "ok", "2")]]
+    colours: list[list[tuple[render.Colour | None, ...]]] = [
+        [(None, "green", None)],
+        [(None, "red", None)],
+        [(None, "green", None)],
+    ]
+    plain, coloured = render.StreamedTable(table), render.StreamedTable(table)
+    for rows, row_colours in zip(batches, colours, strict=True):
+        painted = coloured.add(rows, style=COLOUR, colours=row_colours)
+        assert strip_ansi(painted) == plain.add(rows)
+    assert coloured.widths == plain.widths
+    first = render.StreamedTable(table).add(batches[0], style=COLOUR, colours=colours[0])
+    assert first.splitlines() == [
+        f"{BOLD}A{RESET}   {BOLD}STATUS{RESET}  {BOLD}N{RESET}",
+        f"xx  {GREEN}ok{RESET}      1",
+    ]
+
+
+def test_a_coloured_last_cell_leaves_no_trailing_padding() -> None:
+    table = render.Table(headers=("A", "STATUS"))
+    rows = [("x", "ok"), ("y", "failed")]
+    coloured = table.render(rows, style=COLOUR, colours=[(None, "green"), (None, "red")])
+    assert coloured.splitlines()[1] == f"x  {GREEN}ok{RESET}"
+    assert strip_ansi(coloured) == table.render(rows)
+
+
+def test_coloured_order_details_colour_the_status_and_each_number() -> None:
+    order = sample_order(
+        numbers=[
+            pb.RentedNumber(e164="+12125550100", status=pb.RENTED_NUMBER_STATUS_SUCCESS),
+            pb.RentedNumber(
+                e164="+12125550101",
+                status=pb.RENTED_NUMBER_STATUS_FAILED,
+                upstream_status="Failed",
+            ),
+            pb.RentedNumber(e164="+12125550102", upstream_status="Queued"),
+        ],
+        upstream_status="Fulfilled",
+    )
+    coloured = render.order_details(order, COLOUR)
+    assert strip_ansi(coloured) == render.order_details(order)
+    assert coloured.splitlines()[:6] == [
+        f"status:      {GREEN}fulfilled{RESET} (upstream: Fulfilled)",
+        "group id:    737",
+        "quantity:    2",
+        f"numbers:     +12125550100  {GREEN}rented{RESET}",
+        f"             +12125550101  {RED}failed{RESET} (upstream: Failed)",
+        "             +12125550102  unknown (upstream: Queued)",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("status", "colour"),
+    [
+        (pb.ORDER_STATUS_PENDING, YELLOW),
+        (pb.ORDER_STATUS_OUTCOME_UNKNOWN, RED),
+        (pb.ORDER_STATUS_FAILED, RED),
+    ],
+)
+def test_coloured_order_details_status_colours(
+    status: pb.OrderStatus.ValueType, colour: str
+) -> None:
+    first = render.order_details(pb.RentalOrder(status=status), COLOUR).splitlines()[0]
+    assert first.startswith(f"status:      {colour}")
+    assert first.endswith(RESET)
+
+
+def test_unknown_order_status_is_never_coloured() -> None:
+    order = pb.RentalOrder(status=pb.ORDER_STATUS_UNSPECIFIED, upstream_status="backordered")
+    assert render.order_details(order, COLOUR).splitlines()[0] == "status:      backordered"
+
+
+def test_coloured_error_lines_colour_the_prefix_only() -> None:
+    report = render.ErrorReport("UNAVAILABLE", "down", reason="X", hints=["try again"])
+    assert render.error_lines(report, COLOUR) == [
+        f"{RED}error:{RESET} UNAVAILABLE: down",
+        "  reason: X",
+        "hint: try again",
+    ]
+    assert render.error_line("no ledger", COLOUR) == f"{RED}error:{RESET} no ledger"
+    assert render.error_line("no ledger") == "error: no ledger"
