@@ -13,6 +13,7 @@ import enum
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Final
 
 from numbersvc.ledger import default_ledger_path
@@ -107,6 +108,9 @@ class Config:
     plivo_auth_token: Secret = _s(
         Secret(""), "PLIVO_AUTH_TOKEN", "Plivo Auth Token; prefer the env: flags show in `ps`"
     )
+    plivo_auth_token_file: str = _s(
+        "", "PLIVO_AUTH_TOKEN_FILE", "file holding the Plivo Auth Token (a mounted Secret)"
+    )
     plivo_base_url: str = _s(PLIVO_DEFAULT_BASE_URL, "PLIVO_BASE_URL", "Plivo API base URL")
     sandbox_seed: int = _s(7, "NUMBERSVC_SANDBOX_SEED", "seed of the embedded sandbox's inventory")
     default_deadline_seconds: float = _s(
@@ -158,6 +162,15 @@ class Config:
     shutdown_grace_seconds: float = _s(
         10.0, "NUMBERSVC_SHUTDOWN_GRACE_SECONDS", "on SIGTERM: time in-flight calls get to finish"
     )
+    tls_cert: str = _s("", "NUMBERSVC_TLS_CERT", "server certificate chain (PEM); TLS when set")
+    tls_key: str = _s("", "NUMBERSVC_TLS_KEY", "server private key (PEM), with NUMBERSVC_TLS_CERT")
+    tls_client_ca: str = _s(
+        "", "NUMBERSVC_TLS_CLIENT_CA", "CA bundle (PEM) clients must be signed by: mutual TLS"
+    )
+    callers_file: str = _s(
+        "", "NUMBERSVC_CALLERS_FILE", "who may call (numbersvc callers add); unset: anyone"
+    )
+    reflection: bool = _s(True, "NUMBERSVC_REFLECTION", "serve gRPC reflection (numbers.read)")
     log_level: str = _s("INFO", "NUMBERSVC_LOG_LEVEL", "DEBUG, INFO, WARNING or ERROR")
     log_format: str = _s("text", "NUMBERSVC_LOG_FORMAT", "text, or json for one object per line")
     metrics_listen: str = _s(
@@ -200,6 +213,12 @@ class Config:
             raise ConfigError(f"NUMBERSVC_UPSTREAM_RATE: {exc}") from None
         if self.upstream_max_connections < 1:
             raise ConfigError("NUMBERSVC_UPSTREAM_MAX_CONNECTIONS must be at least 1")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ConfigError("set NUMBERSVC_TLS_CERT and NUMBERSVC_TLS_KEY together")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ConfigError("NUMBERSVC_TLS_CLIENT_CA (mutual TLS) needs NUMBERSVC_TLS_CERT")
+        if self.plivo_auth_token and self.plivo_auth_token_file:
+            raise ConfigError("set PLIVO_AUTH_TOKEN or PLIVO_AUTH_TOKEN_FILE, not both")
         if self.log_format not in ("text", "json"):
             raise ConfigError(f"NUMBERSVC_LOG_FORMAT: {self.log_format!r} is not text or json")
         if self.metrics_listen != "off":
@@ -221,13 +240,30 @@ class Config:
             name = "ledger-sandbox.sqlite3"
         return str(default_ledger_path().with_name(name))
 
+    def plivo_token(self) -> Secret:
+        """Return the Plivo Auth Token, from the environment or its file.
+
+        Raises:
+            ConfigError: the token file cannot be read or is empty.
+        """
+        if not self.plivo_auth_token_file:
+            return self.plivo_auth_token
+        try:
+            text = Path(self.plivo_auth_token_file).read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"PLIVO_AUTH_TOKEN_FILE: cannot read it ({exc.strerror})") from None
+        if not text:
+            raise ConfigError("PLIVO_AUTH_TOKEN_FILE is empty")
+        return Secret(text)
+
     def resolved_upstream(self) -> UpstreamKind:
         """Decide the upstream from `upstream` and the credentials.
 
         Raises:
             ConfigError: only one credential is set, or `plivo` is asked for without both.
         """
-        has_id, has_token = bool(self.plivo_auth_id), bool(self.plivo_auth_token)
+        has_id = bool(self.plivo_auth_id)
+        has_token = bool(self.plivo_auth_token) or bool(self.plivo_auth_token_file)
         if self.upstream is UpstreamKind.SANDBOX:
             return UpstreamKind.SANDBOX
         if has_id != has_token:

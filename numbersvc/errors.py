@@ -87,6 +87,9 @@ class Outcome(enum.Enum):
     UPSTREAM_BUDGET_EXHAUSTED = enum.auto()
     RENTAL_ORDER_NOT_FOUND = enum.auto()
     SERVER_SHUTTING_DOWN = enum.auto()
+    CALLER_UNAUTHENTICATED = enum.auto()
+    PERMISSION_DENIED = enum.auto()
+    MALFORMED_REQUEST = enum.auto()
     INTERNAL_ERROR = enum.auto()
 
 
@@ -290,6 +293,21 @@ TABLE: Final[Mapping[Outcome, Rule]] = {
         "SERVER_SHUTTING_DOWN",
         "a stream was ended by a graceful shutdown; metadata `resumePageToken` resumes it",
         (_retry_info,),
+    ),
+    Outcome.CALLER_UNAUTHENTICATED: Rule(
+        _S.UNAUTHENTICATED,
+        "CALLER_UNAUTHENTICATED",
+        "a callers file is set and the call has no known token or client certificate",
+    ),
+    Outcome.PERMISSION_DENIED: Rule(
+        _S.PERMISSION_DENIED,
+        "PERMISSION_DENIED",
+        "the caller lacks the method's permission (metadata `permission`)",
+    ),
+    Outcome.MALFORMED_REQUEST: Rule(
+        _S.INVALID_ARGUMENT,
+        "MALFORMED_REQUEST",
+        "the request bytes are not the method's protobuf message",
     ),
     Outcome.INTERNAL_ERROR: Rule(_S.INTERNAL, "INTERNAL_ERROR", "a bug in numbersvc (logged)"),
 }

@@ -13,7 +13,9 @@ import asyncio
 import contextlib
 import logging
 import signal
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Final
 
 import grpc
@@ -21,7 +23,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from numbersvc import __version__
+from numbersvc.callers import Callers
 from numbersvc.config import Config, UpstreamKind
+from numbersvc.gatekeeper import READ, RENT, Gatekeeper
 from numbersvc.interceptors import AccessLog, ObservingInterceptor, current_call, upstream_headers
 from numbersvc.ledger import OrderLedger, SqliteLedger
 from numbersvc.metrics import Metrics, MetricsServer
@@ -127,13 +131,20 @@ async def create_server(config: Config) -> RunningServer:
             config=config, upstream=upstream, rent_desk=rent_desk, ledger=ledger, metrics=metrics
         )
         health_servicer = _HealthServicer(kind)
-        server = _grpc_server(config, ObservingInterceptor([AccessLog(), metrics]))
+        callers = Callers.load(config.callers_file) if config.callers_file else None
+        interceptors = [
+            # Outermost first: the access log and metrics see the gatekeeper's refusals too.
+            ObservingInterceptor([AccessLog(), metrics]),
+            Gatekeeper(callers, method_permissions(with_reflection=config.reflection)),
+        ]
+        server = _grpc_server(config, interceptors)
         pb_grpc.add_NumberGroupServiceServicer_to_server(servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, _HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), server
-        )
-        port = server.add_insecure_port(config.listen)
+        if config.reflection:
+            reflection.enable_server_reflection(
+                (SERVICE_NAME, _HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), server
+            )
+        port = _bind(server, config, callers)
         await server.start()
         undo.push_async_callback(server.stop, None)
         for name in ("", SERVICE_NAME):
@@ -173,7 +184,7 @@ async def _upstream(
         )
     else:
         base_url, auth_id = config.plivo_base_url, config.plivo_auth_id
-        token = config.plivo_auth_token.reveal()
+        token = config.plivo_token().reveal()
         _log.info("upstream is Plivo at %s (account %s)", base_url, auth_id)
     rate = parse_rate(config.upstream_rate)
     limiter = None if rate is None else TokenBucket(rate)
@@ -201,7 +212,53 @@ async def _upstream(
     return sandbox, client
 
 
-def _grpc_server(config: Config, interceptor: grpc.aio.ServerInterceptor) -> grpc.aio.Server:
+def method_permissions(*, with_reflection: bool) -> dict[str, str | None]:
+    """Return the permission each full method name needs; None for open ones (health)."""
+    service = pb.DESCRIPTOR.services_by_name["NumberGroupService"]
+    needs = {
+        "ListNumberGroups": READ,
+        "StreamNumberGroups": READ,
+        "GetNumberGroup": READ,
+        "GetRentalOrder": READ,
+        "ListRentalOrders": READ,
+        "RentNumbers": RENT,
+    }
+    permissions: dict[str, str | None] = {
+        f"/{service.full_name}/{method.name}": needs[method.name] for method in service.methods
+    }
+    health = health_pb2.DESCRIPTOR.services_by_name["Health"]
+    permissions.update({f"/{health.full_name}/{m.name}": None for m in health.methods})
+    if with_reflection:
+        permissions[f"/{reflection.SERVICE_NAME}/ServerReflectionInfo"] = READ
+    return permissions
+
+
+def _bind(server: grpc.aio.Server, config: Config, callers: Callers | None) -> int:
+    """Listen with TLS (mutual when a client CA is set) or, with a warning, in plain text."""
+    if not config.tls_cert:
+        _log.warning(
+            "gRPC port %s is PLAIN TEXT (no NUMBERSVC_TLS_CERT): only behind a mesh sidecar or"
+            " on a trusted network",
+            config.listen,
+        )
+        if callers is not None:
+            _log.warning("bearer tokens will cross the network in plain text")
+        return server.add_insecure_port(config.listen)
+    client_ca = Path(config.tls_client_ca).read_bytes() if config.tls_client_ca else None
+    credentials = grpc.ssl_server_credentials(
+        [(Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes())],
+        root_certificates=client_ca,
+        require_client_auth=client_ca is not None,
+    )
+    _log.info(
+        "gRPC port %s uses TLS%s", config.listen, " with client certificates" if client_ca else ""
+    )
+    return server.add_secure_port(config.listen, credentials)
+
+
+def _grpc_server(
+    config: Config, interceptors: Sequence[grpc.aio.ServerInterceptor]
+) -> grpc.aio.Server:
     """Build the grpc.aio server with keepalive and connection-age settings for meshes, L4s."""
     seconds = 1000  # grpc takes milliseconds
     options: list[tuple[str, int]] = [
@@ -223,7 +280,7 @@ def _grpc_server(config: Config, interceptor: grpc.aio.ServerInterceptor) -> grp
             ),
         ]
     return grpc.aio.server(
-        interceptors=[interceptor],
+        interceptors=interceptors,
         options=options,
         maximum_concurrent_rpcs=config.max_concurrent_rpcs or None,
     )

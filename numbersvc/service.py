@@ -24,6 +24,7 @@ from numbersvc.coalesce import SingleFlight
 from numbersvc.config import Config
 from numbersvc.deadline import Deadline
 from numbersvc.errors import DeadlineExceeded, Operation, Outcome, ServiceError, classify, to_status
+from numbersvc.interceptors import current_call
 from numbersvc.ledger import OrderLedger
 from numbersvc.metrics import Metrics
 from numbersvc.orders import RentDesk
@@ -218,7 +219,7 @@ class NumberGroupServicer(pb_grpc.NumberGroupServiceServicer):
             )
         try:
             placed = await self._rent_desk.rent(
-                params, caller=_caller(context), peer=context.peer(), deadline=deadline
+                params, caller=_caller(), peer=context.peer(), deadline=deadline
             )
         except ServiceError as exc:
             raise _about_group(exc, params.group_id) from exc
@@ -340,10 +341,10 @@ def _shutting_down(resume_token: str) -> ServiceError:
     )
 
 
-def _caller(context: _Context) -> str:
-    # One identity for every caller until callers authenticate; the cap is global meanwhile.
-    del context
-    return ANONYMOUS_CALLER
+def _caller() -> str:
+    """Return the name the gatekeeper gave this call's caller (`anonymous` with no callers file)."""
+    call = current_call()
+    return call.caller if call is not None and call.caller != "-" else ANONYMOUS_CALLER
 
 
 def _about_group(error: ServiceError, group_id: str) -> ServiceError:

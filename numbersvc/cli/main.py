@@ -21,7 +21,7 @@ import grpc
 from google.protobuf.message import Message
 
 from numbersvc import __version__, logs
-from numbersvc.cli import client, orders, render
+from numbersvc.cli import callers, client, orders, render
 from numbersvc.cli.options import (
     DEFAULT_DEADLINE_SECONDS,
     TARGET_ENV,
@@ -95,7 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="numbersvc",
         description="gRPC service over Plivo's phone-number groups, and a client for it.",
-        epilog=exit_codes_epilog((orders.EXIT_CANNOT_SETTLE, orders.CANNOT_SETTLE)),
+        epilog=exit_codes_epilog(
+            (orders.EXIT_CANNOT_SETTLE, orders.CANNOT_SETTLE),
+            (callers.EXIT_BAD_CALLERS_FILE, callers.BAD_CALLERS_FILE),
+        ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -209,6 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     rent.set_defaults(client_command=client.rent_numbers, build_request=_rent_request)
 
     orders.add_orders_command(commands)
+    callers.add_callers_command(commands)
     return parser
 
 

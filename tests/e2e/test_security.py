@@ -1,0 +1,324 @@
+"""TLS, mutual TLS, caller identities and permissions, undecodable requests.
+
+Certificates are made by the tests (trustme, and `cryptography` for a SPIFFE URI SAN).
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import uuid
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import trustme
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from numbersvc.callers import add_caller
+from numbersvc.config import Secret
+from numbersvc.sandbox import SandboxControl, SandboxServer
+from numbersvc.server import RunningServer
+from numbersvc.v1 import number_groups_pb2 as pb
+from numbersvc.v1 import number_groups_pb2_grpc as pb_grpc
+from tests.e2e.conftest import StartServer, reason_of, rich_details
+
+US = pb.SearchFilter(region_code="US")
+SPIFFE_ID = "spiffe://example.org/ns/billing/sa/numbers-client"
+
+
+@pytest.fixture
+def callers_file(tmp_path: Path) -> Path:
+    return tmp_path / "callers.json"
+
+
+def _auth(token: str) -> tuple[tuple[str, str]]:
+    return (("authorization", f"Bearer {token}"),)
+
+
+async def _open(running: RunningServer) -> tuple[grpc.aio.Channel, Any]:
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{running.port}")
+    return channel, pb_grpc.NumberGroupServiceStub(channel)
+
+
+async def _error(call: Any) -> grpc.aio.AioRpcError:
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await call
+    return info.value
+
+
+class TestCallers:
+    async def test_identity_and_permissions(
+        self, start_server: StartServer, control: SandboxControl, callers_file: Path
+    ) -> None:
+        reader = add_caller(callers_file, "dashboard", ["numbers.read"])
+        renter = add_caller(callers_file, "billing", ["numbers.read", "numbers.rent"])
+        assert reader
+        assert renter
+        running = await start_server(callers_file=str(callers_file))
+        channel, stub = await _open(running)
+        async with channel:
+            anonymous = await _error(stub.ListNumberGroups(pb.ListNumberGroupsRequest(filter=US)))
+            assert anonymous.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert reason_of(anonymous) == "CALLER_UNAUTHENTICATED"
+            wrong = await _error(
+                stub.ListNumberGroups(pb.ListNumberGroupsRequest(filter=US), metadata=_auth("nope"))
+            )
+            assert wrong.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert await control.requests() == []
+
+            page = await stub.ListNumberGroups(
+                pb.ListNumberGroupsRequest(filter=US, page_size=1), metadata=_auth(reader)
+            )
+            group_id = page.number_groups[0].group_id
+            # Permission is checked before validation: even a bad request gets PERMISSION_DENIED.
+            for request in (
+                pb.RentNumbersRequest(group_id=group_id),
+                pb.RentNumbersRequest(group_id="not digits", quantity=-4),
+            ):
+                denied = await _error(stub.RentNumbers(request, metadata=_auth(reader)))
+                assert denied.code() == grpc.StatusCode.PERMISSION_DENIED
+                assert rich_details(denied)["ErrorInfo"].metadata["permission"] == "numbers.rent"
+            assert not [r for r in await control.requests() if r["operation"] == "rent"]
+
+            request_id = str(uuid.uuid4())
+            order = (
+                await stub.RentNumbers(
+                    pb.RentNumbersRequest(group_id=group_id, request_id=request_id),
+                    metadata=_auth(renter),
+                )
+            ).order
+            assert order.caller == "billing"
+            entry = await running.ledger.get(request_id)
+            assert entry is not None
+            assert entry.order.caller == "billing"
+
+            # The same request id from another caller is not their order.
+            other = await _error(
+                stub.RentNumbers(
+                    pb.RentNumbersRequest(group_id=group_id, request_id=request_id),
+                    metadata=_auth(add_caller(callers_file, "other", ["numbers.rent"]) or ""),
+                )
+            )
+            assert other.code() == grpc.StatusCode.UNAUTHENTICATED  # not loaded: file read at start
+
+    async def test_daily_cap_is_per_caller(
+        self, start_server: StartServer, callers_file: Path
+    ) -> None:
+        first = add_caller(callers_file, "first", ["numbers.read", "numbers.rent"]) or ""
+        second = add_caller(callers_file, "second", ["numbers.read", "numbers.rent"]) or ""
+        running = await start_server(callers_file=str(callers_file), daily_rent_cap=1)
+        channel, stub = await _open(running)
+        async with channel:
+            page = await stub.ListNumberGroups(
+                pb.ListNumberGroupsRequest(filter=US, page_size=1), metadata=_auth(first)
+            )
+            group_id = page.number_groups[0].group_id
+            for token in (first, second):
+                await stub.RentNumbers(
+                    pb.RentNumbersRequest(group_id=group_id, request_id=str(uuid.uuid4())),
+                    metadata=_auth(token),
+                )
+            over = await _error(
+                stub.RentNumbers(
+                    pb.RentNumbersRequest(group_id=group_id, request_id=str(uuid.uuid4())),
+                    metadata=_auth(first),
+                )
+            )
+        assert over.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert rich_details(over)["QuotaFailure"].violations[0].subject == "caller:first"
+
+    async def test_health_is_open_and_reflection_needs_read(
+        self, start_server: StartServer, callers_file: Path
+    ) -> None:
+        reader = add_caller(callers_file, "dashboard", ["numbers.read"]) or ""
+        running = await start_server(callers_file=str(callers_file))
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            status = await health.Check(health_pb2.HealthCheckRequest())
+            assert status.status == health_pb2.HealthCheckResponse.SERVING
+            reflect = reflection_pb2_grpc.ServerReflectionStub(channel)
+            ask = [reflection_pb2.ServerReflectionRequest(list_services="")]
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                [r async for r in reflect.ServerReflectionInfo(iter(ask))]
+            assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            answers = [
+                r async for r in reflect.ServerReflectionInfo(iter(ask), metadata=_auth(reader))
+            ]
+            assert answers[0].list_services_response.service
+
+    async def test_reflection_can_be_off(self, start_server: StartServer) -> None:
+        running = await start_server(reflection=False)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            reflect = reflection_pb2_grpc.ServerReflectionStub(channel)
+            ask = [reflection_pb2.ServerReflectionRequest(list_services="")]
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                [r async for r in reflect.ServerReflectionInfo(iter(ask))]
+        assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+    async def test_tokens_never_logged(
+        self, start_server: StartServer, callers_file: Path, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        caplog.set_level(logging.DEBUG)
+        token = add_caller(callers_file, "dashboard", ["numbers.read"]) or ""
+        running = await start_server(callers_file=str(callers_file))
+        channel, stub = await _open(running)
+        async with channel:
+            await stub.ListNumberGroups(
+                pb.ListNumberGroupsRequest(filter=US), metadata=_auth(token)
+            )
+            await _error(
+                stub.RentNumbers(pb.RentNumbersRequest(group_id="1"), metadata=_auth(token))
+            )
+            await _error(
+                stub.ListNumberGroups(
+                    pb.ListNumberGroupsRequest(filter=US), metadata=_auth(token + "x")
+                )
+            )
+        text = caplog.text + "".join(str(r.args) for r in caplog.records)
+        assert "caller=dashboard" in text
+        assert token not in text
+        assert token not in repr(running.servicer) + repr(running)
+
+
+async def test_undecodable_request_is_invalid_argument(server: RunningServer) -> None:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        raw: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(
+            "/numbersvc.v1.NumberGroupService/ListNumberGroups"
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await raw(b"\xff\xff\xff\xff garbage")
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert reason_of(info.value) == "MALFORMED_REQUEST"
+
+
+# --- TLS ----------------------------------------------------------------------------------------
+
+
+def _spiffe_client_cert(ca: trustme.CA, uri: str) -> tuple[bytes, bytes]:
+    """A client certificate signed by `ca` whose only identity is a SPIFFE URI SAN."""
+    issuer = x509.load_pem_x509_certificate(ca.cert_pem.bytes())
+    ca_key = serialization.load_pem_private_key(ca.private_key_pem.bytes(), password=None)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "numbersvc tests")]))
+        .issuer_name(issuer.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(uri)]), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    return cert.public_bytes(serialization.Encoding.PEM), key_pem
+
+
+@pytest.fixture
+def tls_files(tmp_path: Path) -> dict[str, Any]:
+    ca = trustme.CA()
+    server_cert = ca.issue_cert("localhost", "127.0.0.1")
+    files = {
+        "ca": tmp_path / "ca.pem",
+        "cert": tmp_path / "server.pem",
+        "key": tmp_path / "server.key",
+    }
+    ca.cert_pem.write_to_path(str(files["ca"]))
+    server_cert.private_key_pem.write_to_path(str(files["key"]))
+    server_cert.cert_chain_pems[0].write_to_path(str(files["cert"]))
+    with files["cert"].open("ab") as chain:
+        for pem in server_cert.cert_chain_pems[1:]:
+            chain.write(pem.bytes())
+    return {"ca_obj": ca, **files}
+
+
+def _secure_channel(
+    port: int, ca: Path, cert: tuple[bytes, bytes] | None = None
+) -> grpc.aio.Channel:
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=ca.read_bytes(),
+        certificate_chain=cert[0] if cert else None,
+        private_key=cert[1] if cert else None,
+    )
+    return grpc.aio.secure_channel(
+        f"127.0.0.1:{port}", credentials, options=[("grpc.ssl_target_name_override", "localhost")]
+    )
+
+
+async def test_tls(start_server: StartServer, tls_files: dict[str, Any]) -> None:
+    running = await start_server(tls_cert=str(tls_files["cert"]), tls_key=str(tls_files["key"]))
+    async with _secure_channel(running.port, tls_files["ca"]) as channel:
+        page = await pb_grpc.NumberGroupServiceStub(channel).ListNumberGroups(
+            pb.ListNumberGroupsRequest(filter=US, page_size=1)
+        )
+        assert page.number_groups
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as plain:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await pb_grpc.NumberGroupServiceStub(plain).ListNumberGroups(
+                pb.ListNumberGroupsRequest(filter=US), timeout=2
+            )
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_mutual_tls_with_a_spiffe_identity(
+    start_server: StartServer, tls_files: dict[str, Any], callers_file: Path
+) -> None:
+    add_caller(callers_file, "mesh-client", ["numbers.read"], spiffe_id=SPIFFE_ID)
+    running = await start_server(
+        tls_cert=str(tls_files["cert"]),
+        tls_key=str(tls_files["key"]),
+        tls_client_ca=str(tls_files["ca"]),
+        callers_file=str(callers_file),
+    )
+    ca: trustme.CA = tls_files["ca_obj"]
+    known = _spiffe_client_cert(ca, SPIFFE_ID)
+    stranger = _spiffe_client_cert(ca, "spiffe://example.org/ns/other/sa/x")
+    async with _secure_channel(running.port, tls_files["ca"], known) as channel:
+        stub = pb_grpc.NumberGroupServiceStub(channel)
+        page = await stub.ListNumberGroups(pb.ListNumberGroupsRequest(filter=US, page_size=1))
+        assert page.number_groups
+        denied = await _error(
+            stub.RentNumbers(pb.RentNumbersRequest(group_id=page.number_groups[0].group_id))
+        )
+        assert denied.code() == grpc.StatusCode.PERMISSION_DENIED
+    async with _secure_channel(running.port, tls_files["ca"], stranger) as channel:
+        refused = await _error(
+            pb_grpc.NumberGroupServiceStub(channel).ListNumberGroups(
+                pb.ListNumberGroupsRequest(filter=US)
+            )
+        )
+        assert refused.code() == grpc.StatusCode.UNAUTHENTICATED
+    async with _secure_channel(running.port, tls_files["ca"]) as no_cert:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await pb_grpc.NumberGroupServiceStub(no_cert).ListNumberGroups(
+                pb.ListNumberGroupsRequest(filter=US), timeout=2
+            )
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_plivo_token_from_a_file(
+    start_server: StartServer, sandbox: SandboxServer, tmp_path: Path
+) -> None:
+    token = sandbox.auth_token
+    token_file = tmp_path / "plivo-token"
+    token_file.write_text(token + "\n")  # as a mounted Secret: a trailing newline is fine
+    running = await start_server(plivo_auth_token=Secret(""), plivo_auth_token_file=str(token_file))
+    channel, stub = await _open(running)
+    async with channel:
+        page = await stub.ListNumberGroups(pb.ListNumberGroupsRequest(filter=US, page_size=1))
+    assert page.number_groups
+    assert token not in repr(running.upstream)
