@@ -21,7 +21,7 @@ import grpc
 from google.protobuf.message import Message
 
 from numbersvc import __version__, logs
-from numbersvc.cli import callers, client, orders, render
+from numbersvc.cli import callers, client, orders, render, transport
 from numbersvc.cli.options import (
     DEFAULT_DEADLINE_SECONDS,
     TARGET_ENV,
@@ -44,16 +44,16 @@ _DEFAULT_RENT_DEADLINE_SECONDS: Final = 30.0
 _DEFAULT_SANDBOX_LISTEN: Final = "127.0.0.1:8089"
 _USER_AGENT: Final = f"numbersvc-cli/{__version__}"
 
-ChannelFactory = Callable[[str], grpc.Channel]
+ChannelFactory = Callable[[argparse.Namespace], grpc.Channel]
 """Open a channel to a HOST:PORT target (injected so tests can pass a `grpc_testing` one)."""
 # A client command and the function that builds its request from the parsed arguments.
 _ClientCommand = Callable[[grpc.Channel, Any, client.CallOptions, client.Console], int]
 _BuildRequest = Callable[[argparse.Namespace], Message]
 
 
-def _open_channel(target: str) -> grpc.Channel:
-    # Plaintext: numbersvc serves without TLS; put a TLS-terminating proxy in front if needed.
-    return grpc.insecure_channel(target, options=[("grpc.primary_user_agent", _USER_AGENT)])
+def _open_channel(args: argparse.Namespace) -> grpc.Channel:
+    channel = transport.open_channel(args, [("grpc.primary_user_agent", _USER_AGENT)])
+    return transport.with_token(channel, args.token)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,7 +66,7 @@ def run(argv: Sequence[str] | None = None, *, open_channel: ChannelFactory = _op
 
     Args:
         argv: the arguments after the program name.
-        open_channel: how client commands reach `--target`.
+        open_channel: how client commands reach `--target` (TLS and token from the args).
     """
     args = build_parser().parse_args(argv)
     command: _ClientCommand | None = getattr(args, "client_command", None)
@@ -77,7 +77,7 @@ def run(argv: Sequence[str] | None = None, *, open_channel: ChannelFactory = _op
     # Colour and the progress bar (rewritten in place with \r) only where a person reads.
     console = client.Console.for_streams(sys.stdout, sys.stderr, environ=os.environ, json=args.json)
     options = client.CallOptions(target=args.target, deadline_seconds=args.deadline)
-    with open_channel(args.target) as channel:
+    with open_channel(args) as channel:
         try:
             return command(channel, build_request(args), options, console)
         except KeyboardInterrupt:

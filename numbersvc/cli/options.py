@@ -16,7 +16,7 @@ from typing import Final, TypeVar
 
 import grpc
 
-from numbersvc.cli import client
+from numbersvc.cli import client, transport
 
 __all__ = [
     "DEFAULT_DEADLINE_SECONDS",
@@ -148,6 +148,7 @@ def add_client_options(
         action="store_true",
         help="print the response as JSON (proto field names) instead of a table",
     )
+    transport.add_transport_options(parser)
 
 
 def positive_int(raw: str) -> int:

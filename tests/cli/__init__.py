@@ -9,6 +9,7 @@ built with `rich_error`. `DeadlineRecorder` sits between the stub and that chann
 
 from __future__ import annotations
 
+import argparse
 import io
 import re
 import threading
@@ -250,8 +251,8 @@ def run_main(argv: list[str]) -> tuple[CliHarness, Future[int], list[str]]:
     harness = CliHarness()
     targets: list[str] = []
 
-    def open_channel(target: str) -> grpc.Channel:
-        targets.append(target)
+    def open_channel(args: argparse.Namespace) -> grpc.Channel:
+        targets.append(args.target)
         return harness.recorder.as_channel()
 
     return harness, harness.start(lambda: main.run(argv, open_channel=open_channel)), targets

@@ -210,7 +210,7 @@ def test_progress_only_on_a_terminal_and_never_with_json(
 
     monkeypatch.setattr(client, "stream_groups", fake_stream)
     monkeypatch.setattr(sys, "stderr", Terminal() if terminal else io.StringIO())
-    assert main.run(argv, open_channel=lambda target: CliHarness().recorder.as_channel()) == 0
+    assert main.run(argv, open_channel=lambda args: CliHarness().recorder.as_channel()) == 0
     assert [c.progress for c in seen] == [progress]
 
 

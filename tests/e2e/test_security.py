@@ -5,7 +5,9 @@ Certificates are made by the tests (trustme, and `cryptography` for a SPIFFE URI
 
 from __future__ import annotations
 
+import asyncio
 import datetime
+import json
 import logging
 import uuid
 from pathlib import Path
@@ -22,6 +24,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from numbersvc.callers import add_caller
+from numbersvc.cli import main
 from numbersvc.config import Secret
 from numbersvc.sandbox import SandboxControl, SandboxServer
 from numbersvc.server import RunningServer
@@ -322,3 +325,26 @@ async def test_plivo_token_from_a_file(
         page = await stub.ListNumberGroups(pb.ListNumberGroupsRequest(filter=US, page_size=1))
     assert page.number_groups
     assert token not in repr(running.upstream)
+
+
+async def test_cli_reaches_a_secured_server(
+    start_server: StartServer,
+    tls_files: dict[str, Any],
+    callers_file: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    token = add_caller(callers_file, "ops", ["numbers.read"]) or ""
+    running = await start_server(
+        tls_cert=str(tls_files["cert"]),
+        tls_key=str(tls_files["key"]),
+        callers_file=str(callers_file),
+    )
+    base = ["list", "--country", "GB", "--json", "--target", f"localhost:{running.port}"]
+    tls = ["--tls-ca", str(tls_files["ca"])]
+    ok = await asyncio.to_thread(main.run, [*base, *tls, "--token", token])
+    no_token = await asyncio.to_thread(main.run, [*base, *tls])
+    out = capsys.readouterr()
+    assert ok == 0
+    assert json.loads(out.out)["number_groups"]
+    assert no_token == 10 + grpc.StatusCode.UNAUTHENTICATED.value[0]
+    assert token not in out.out + out.err
