@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextvars
 import logging
 import sqlite3
 import time
@@ -107,7 +108,9 @@ class SqliteLedger:
         self._db = db
 
     async def _run(self, work: Callable[[], _T]) -> _T:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, work)
+        # Carry the caller's context (the RPC's request id) into the worker's log lines.
+        context = contextvars.copy_context()
+        return await asyncio.get_running_loop().run_in_executor(self._executor, context.run, work)
 
     def _conn(self) -> sqlite3.Connection:
         if self._db is None:
