@@ -13,6 +13,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Final
 
+from google.protobuf import timestamp_pb2
 from iso3166 import countries_by_alpha2
 
 from numbersvc import paging
@@ -36,6 +37,8 @@ __all__ = [
     "validate_stream",
 ]
 
+MAX_VIOLATIONS: Final = 10
+"""The most field violations one error names; the rest are summed up in one more."""
 MAX_PAGE_SIZE: Final = 20
 """Upstream's largest page (`limit` 1..20); larger requests are coerced to it."""
 DEFAULT_PAGE_SIZE: Final = 20
@@ -52,6 +55,8 @@ _UUID: Final = re.compile(
 _NUMBER_TYPES: Final = frozenset(pb.NumberType.values()) - {pb.NUMBER_TYPE_UNSPECIFIED}
 _SERVICES: Final = frozenset(pb.NumberService.values()) - {pb.NUMBER_SERVICE_UNSPECIFIED}
 _ORDER_STATUSES: Final = frozenset(pb.OrderStatus.values())
+_MIN_SECONDS: Final = -62_135_596_800  # 0001-01-01T00:00:00Z
+_MAX_SECONDS: Final = 253_402_300_799  # 9999-12-31T23:59:59Z
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,13 +152,23 @@ class OrderListParams:
 
 
 class _Checker:
-    """Collects violations so one error names every bad field."""
+    """Collects violations so one error names every bad field (up to a limit).
+
+    NOTE: the limit keeps a tiny request with thousands of bad entries from growing an error
+    whose trailers pass clients' 8 KiB metadata limit (they would see RESOURCE_EXHAUSTED).
+    """
 
     def __init__(self) -> None:
         self.violations: list[FieldViolation] = []
+        self._dropped = 0
 
     def fail(self, field: str, description: str) -> None:
-        self.violations.append(FieldViolation(field, description))
+        if len(self.violations) < MAX_VIOLATIONS:
+            self.violations.append(FieldViolation(field, description))
+            return
+        self._dropped += 1
+        if self._dropped == 1:
+            self.violations.append(FieldViolation("", "more fields are invalid"))
 
     def done(self) -> None:
         if self.violations:
@@ -257,8 +272,8 @@ def validate_list_orders(request: pb.ListRentalOrdersRequest) -> OrderListParams
     for index, status in enumerate(f.statuses):
         if status not in _ORDER_STATUSES:
             check.fail(f"filter.statuses[{index}]", f"unknown OrderStatus value {status}")
-    start = f.start_time.ToNanoseconds() if f.HasField("start_time") else None
-    end = f.end_time.ToNanoseconds() if f.HasField("end_time") else None
+    start = _time_ns(check, "filter.start_time", f.start_time) if f.HasField("start_time") else None
+    end = _time_ns(check, "filter.end_time", f.end_time) if f.HasField("end_time") else None
     if start is not None and end is not None and end <= start:
         check.fail("filter.end_time", "must be after filter.start_time")
     if request.page_size < 0:
@@ -297,11 +312,15 @@ def _search_query(
     if f.prefix and not _PREFIX.fullmatch(f.prefix):
         check.fail("filter.prefix", "must be 1 to 5 digits")
     _region(check, f.region, number_type)
-    for index, service in enumerate(f.services):
+    seen: set[int] = set()
+    # More entries than services means a repeat or an unknown value among the first ones:
+    # looking further only costs time (a request may carry millions of entries).
+    for index, service in enumerate(f.services[: len(_SERVICES) + 1]):
         if service not in _SERVICES:
             check.fail(f"filter.services[{index}]", f"unknown NumberService value {service}")
-        elif service in f.services[:index]:
+        elif service in seen:
             check.fail(f"filter.services[{index}]", "is repeated; list each service once")
+        seen.add(service)
     return SearchQuery(
         region_code=region_code,
         number_type=number_type,
@@ -309,6 +328,15 @@ def _search_query(
         region=f.region,
         services=tuple(sorted(set(f.services))),
     )
+
+
+def _time_ns(check: _Checker, field: str, stamp: timestamp_pb2.Timestamp) -> int | None:
+    # AIP-142 range (years 1 to 9999), then clamped to what a signed 64-bit nanosecond count
+    # (the ledger's column) holds: years before 1678 or after 2261 mean "any time".
+    if not (_MIN_SECONDS <= stamp.seconds <= _MAX_SECONDS and 0 <= stamp.nanos < 10**9):
+        check.fail(field, "must be a valid timestamp (years 1 to 9999, nanos 0 to 999999999)")
+        return None
+    return min(max(stamp.seconds * 10**9 + stamp.nanos, -(2**63)), 2**63 - 1)
 
 
 def _region(check: _Checker, region: str, number_type: int) -> None:

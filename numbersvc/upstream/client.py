@@ -17,6 +17,7 @@ status, elapsed, api_id); upstream text copied into an exception is scrubbed of 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import logging
@@ -213,6 +214,9 @@ class PlivoClient:
         self._base_url = base_url
         self._auth_id = auth_id
         self._auth_token = auth_token
+        basic = base64.b64encode(f"{auth_id}:{auth_token}".encode()).decode("ascii")
+        # What must never leave this client: the token, and the Basic credential carrying it.
+        self._secrets = (auth_token, basic)
         self._rate_limiter = rate_limiter
         self._observer = observer
         self._headers = headers
@@ -358,8 +362,22 @@ class PlivoClient:
         )
 
     def _scrub(self, text: str) -> str:
-        """Remove the auth token from text that came from elsewhere (httpx, a response)."""
-        return text.replace(self._auth_token, _TOKEN_MASK) if self._auth_token in text else text
+        """Remove the credentials from text that came from elsewhere (httpx, a response)."""
+        for secret in self._secrets:
+            if secret in text:
+                text = text.replace(secret, _TOKEN_MASK)
+        return text
+
+    def _scrub_bytes(self, content: bytes) -> bytes:
+        """Remove the credentials from a raw body, before anything cuts it short.
+
+        NOTE: scrubbing after an excerpt would miss a token that straddles the cut.
+        """
+        for secret in self._secrets:
+            encoded = secret.encode()
+            if encoded in content:
+                content = content.replace(encoded, _TOKEN_MASK.encode())
+        return content
 
     @contextlib.contextmanager
     def _mapped_errors(self, method: str, path: str) -> Iterator[None]:
@@ -458,6 +476,7 @@ class PlivoClient:
         status = response.status_code
         content = response.content
         if not 200 <= status < 300:
+            content = self._scrub_bytes(content)  # a proxy may echo our request headers
             api_id, message = parse_error_body(content, response.headers.get("content-type"))
             self._log(method, path, status, elapsed, api_id)
             raise UpstreamStatusError(
@@ -474,6 +493,7 @@ class PlivoClient:
         except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError, including b""
             self._log(method, path, status, elapsed, None)
             what = "an empty body" if not content.strip() else "a body that is not JSON"
+            content = self._scrub_bytes(content)
             raise UpstreamDecodeError(
                 f"{method} {path}: HTTP {status} with {what}",
                 status_code=status,

@@ -748,15 +748,6 @@ async def _echo_example(
     await control.clear_faults()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: PlivoClient._scrub masks only the whole token, and only AFTER the text is cut"
-    " to 300 (message) or 500 (body excerpt) characters: a token straddling the cut reaches"
-    " the caller's error message and the logs in part (here its first 20 characters); and a"
-    " proxy page echoing `Authorization: Basic <base64(auth_id:token)>` passes unmasked."
-    " Fix: scrub the decoded body before parse_error_body/excerpt, and mask the Basic"
-    " credential too.",
-)
 async def test_upstream_text_echoing_the_credentials_is_scrubbed_whole() -> None:
     plivo_token = secrets.token_urlsafe(32)
     capture = Capture()

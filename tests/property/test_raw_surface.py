@@ -16,9 +16,9 @@ What a client that does not use the stubs can send, through a real server on the
   only, and the sandbox's request log shows nothing but well-formed Plivo requests, with a
   free-text `region` arriving exactly as sent.
 
-Three defects found here are pinned with strict xfails (each names its fix): unbounded
-BadRequest violations overflow the client's metadata limit, the repeated-service check is
-quadratic, and out-of-range order times in ListRentalOrders are INTERNAL_ERROR.
+Three defects found here were fixed and are pinned by the tests at the end: unbounded
+BadRequest violations overflowed the client's metadata limit, the repeated-service check was
+quadratic, and out-of-range order times in ListRentalOrders were INTERNAL_ERROR.
 
 See `tests/property/__init__.py` for why each test owns its event loop.
 """
@@ -360,17 +360,11 @@ def test_any_bytes_get_a_documented_answer(method: str) -> None:
         check()
 
 
-# Crafted cases that hit a pinned defect (see the xfails below), left out of the green run.
-_PINNED: Final = frozenset({("messages nested 200 deep", "ListRentalOrders")})
-
-
 def test_crafted_bytes_get_a_documented_answer() -> None:
     with raw_stack() as (live, channel):
         refused = 0
-        for name, data in CRAFTED.items():
+        for data in CRAFTED.values():
             for method in METHODS:
-                if (name, method) in _PINNED:
-                    continue
                 answer = live.run(_raw_example(live, channel, method, data))
                 if answer != "OK":
                     refused += 1
@@ -520,18 +514,11 @@ async def _huge_repeated(live: LiveStack, channel: grpc.aio.Channel) -> None:
     await _still_serving(live)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: validation lists one BadRequest violation per bad entry, unbounded, in both"
-    " grpc-message and grpc-status-details-bin; from ~50 entries (a 100-byte request) the"
-    " trailers pass the client's default 8 KiB metadata limit, so the caller gets"
-    " RESOURCE_EXHAUSTED with no ErrorInfo. Fix: cap the violations (validation._Checker).",
-)
 def test_many_bad_entries_get_a_bounded_invalid_argument() -> None:
     # Also a 600-byte crafted request: nested field-1 messages read by ListRentalOrders as a
     # packed `filter.statuses` of ~200 unknown values.
     cases = [(m, r.SerializeToString()) for m, r in _repeated_requests(100)]
-    cases += [(method, CRAFTED[name]) for name, method in sorted(_PINNED)]
+    cases.append(("ListRentalOrders", CRAFTED["messages nested 200 deep"]))
     with raw_stack() as (live, channel):
         for method, data in cases:
             error = live.run(send_raw(channel, method, data))
@@ -540,13 +527,6 @@ def test_many_bad_entries_get_a_bounded_invalid_argument() -> None:
             assert reason_of(error) == _INVALID_REQUEST, method
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: besides the unbounded violations, validation._search_query finds a repeated"
-    " service with `service in f.services[:index]`, O(n^2) on the event loop: 20,000 entries"
-    " take ~3 s, 500,000 would block the whole server for ~25 min. Fix: a `seen` set, and"
-    " refuse more entries than there are services.",
-)
 def test_huge_repeated_fields_are_refused_quickly_in_bounded_memory() -> None:
     with raw_stack() as (live, channel):
         before = rss_bytes()
@@ -664,13 +644,6 @@ def test_hostile_strings_and_unknown_enums_are_documented_and_go_upstream_clean(
         assert f"New York{piece}" in arrived, piece
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: validate_list_orders calls Timestamp.ToNanoseconds() unchecked: seconds or"
-    " nanos out of the Timestamp range raise ValueError, and valid times after 2262 overflow"
-    " SQLite's int64 (OverflowError) -> INTERNAL `INTERNAL_ERROR`, the bug row. Fix: check the"
-    " range (a BadRequest violation) and clamp nanoseconds to int64.",
-)
 def test_out_of_range_order_times_are_invalid_argument_or_served() -> None:
     times = [
         timestamp_pb2.Timestamp(seconds=2**62),

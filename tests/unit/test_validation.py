@@ -1,15 +1,18 @@
 from __future__ import annotations
 
 import pytest
+from google.protobuf import timestamp_pb2
 from hypothesis import given
 from hypothesis import strategies as st
 
 from numbersvc import paging
 from numbersvc.v1 import number_groups_pb2 as pb
 from numbersvc.validation import (
+    MAX_VIOLATIONS,
     InvalidRequest,
     validate_get,
     validate_list,
+    validate_list_orders,
     validate_rent,
     validate_stream,
 )
@@ -231,3 +234,37 @@ def test_any_search_input_is_accepted_clean_or_refused(
         assert 1 <= params.page_size <= 20
         return
     assert violations
+
+
+def test_violations_are_capped_so_errors_stay_small() -> None:
+    request = pb.ListRentalOrdersRequest(
+        filter=pb.RentalOrderFilter(statuses=[pb.OrderStatus.ValueType(99)] * 500)
+    )
+    with pytest.raises(InvalidRequest) as exc:
+        validate_list_orders(request)
+    assert len(exc.value.violations) == MAX_VIOLATIONS + 1
+    assert exc.value.violations[-1].description == "more fields are invalid"
+
+
+def test_millions_of_services_are_judged_by_the_first_few() -> None:
+    request = _list(services=[pb.NUMBER_SERVICE_SMS] * 1_000_000)
+    with pytest.raises(InvalidRequest) as exc:
+        validate_list(request)
+    assert _fields(exc) == ["filter.services[1]", "filter.services[2]"]
+
+
+@pytest.mark.parametrize(
+    ("seconds", "nanos"), [(-62_135_596_801, 0), (253_402_300_800, 0), (0, -1), (0, 10**9)]
+)
+def test_order_times_outside_the_timestamp_range(seconds: int, nanos: int) -> None:
+    stamp = timestamp_pb2.Timestamp(seconds=seconds, nanos=nanos)
+    request = pb.ListRentalOrdersRequest(filter=pb.RentalOrderFilter(start_time=stamp))
+    with pytest.raises(InvalidRequest) as exc:
+        validate_list_orders(request)
+    assert _fields(exc) == ["filter.start_time"]
+
+
+def test_far_future_times_are_clamped_to_the_ledger_range() -> None:
+    stamp = timestamp_pb2.Timestamp(seconds=253_402_300_799)  # 9999-12-31
+    request = pb.ListRentalOrdersRequest(filter=pb.RentalOrderFilter(end_time=stamp))
+    assert validate_list_orders(request).query.end_time_ns == 2**63 - 1
