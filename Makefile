@@ -46,6 +46,14 @@ faults: $(VENV)/.dev  ## Print the fault matrix: every upstream fault x every RP
 soak: $(VENV)/.dev  ## Soak a server process for 60 s: streams, List/Get, errors, latency, RSS.
 	$(BIN)/python -m bench.soak --seconds 60
 
+# `bench` is also a directory: without .PHONY, make would call the target up to date.
+.PHONY: bench bench-quick
+bench: $(VENV)/.dev  ## Benchmarks vs their baselines, one run, as ratios (docs/performance.md).
+	$(BIN)/python -m bench.bench
+
+bench-quick: $(VENV)/.dev  ## The benchmarks with fewer iterations (under 2 minutes).
+	$(BIN)/python -m bench.bench --quick
+
 lint: ruff mypy buf-lint  ## ruff, mypy and buf lint.
 
 ruff: $(VENV)/.dev

@@ -1,0 +1,1303 @@
+"""Benchmarks: numbersvc next to its baselines, measured side by side in one run, as ratios.
+
+    python -m bench.bench [--quick] [--json PATH] [--server-env NAME=VALUE ...]
+
+Starts, as separate processes on 127.0.0.1 (ports chosen by the OS): the sandbox
+(`python -m numbersvc sandbox`), a bare grpc.aio echo server (`python -m bench.echo`) and the
+server (`python -m numbersvc serve`, pointed at the sandbox as if it were Plivo, with its
+shipped defaults). Rows 1-4 run against a server with the upstream rate budget off
+(`NUMBERSVC_UPSTREAM_RATE=off`: the load would exceed Plivo's 60 requests/s by design); rows 5-6
+against a second server with every default, the budget included. Both use an in-memory ledger,
+metrics on a port the OS picks, `NUMBERSVC_DRAIN_SECONDS=0` (shutdown only) and the INFO access
+log, written to a file (the bench does not read it while it measures).
+
+The rows, each with its baseline in the same run (no figure is compared with another run's):
+
+1. Unary overhead, concurrency 1: ListNumberGroups through the service vs the same REST call
+   (the URL the service sent, captured from the sandbox's request log) made directly with
+   aiohttp, and a bare grpc.aio echo round trip; calls interleaved service/direct/echo in a
+   rotating order. p50/p99 of each, overhead = service - direct, and overhead - echo.
+2. Throughput at concurrency 32: the service vs direct aiohttp REST, in alternating phases of
+   equal length (calls per second; the rounds alternate which side goes first). Every worker
+   asks for its own pages, so no two identical reads are ever in flight together and
+   coalescing cannot flatter the service.
+3. Full walk of 1,000 groups (50 pages of 20, a filter seeded for it) with 25 ms injected
+   upstream latency: StreamNumberGroups vs walking the same pages one after another by offset
+   with aiohttp, as the official SDKs do. Medians of alternating walks.
+4. Memory: the server's VmRSS before and during (peak, sampled and VmHWM) and after a stream
+   walking 100,000 groups (20,000 with --quick).
+5. Coalescing: 200 concurrent identical ListNumberGroups calls with 0.5 s upstream latency;
+   upstream requests counted from the sandbox's request log.
+6. CPU per call at concurrency 32: the server process's utime+stime (/proc/PID/stat) per
+   ListNumberGroups call next to the echo server's per echo call, in alternating phases sized
+   to stay within the rate budget.
+
+Prints one table and writes the figures as JSON (`bench/results/latest.json` by default). Exit
+0 when every row was measured, met or not (the table says which); 2 when the set-up or a
+measurement failed (every call must succeed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import dataclasses
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import re
+import signal
+import statistics
+import sys
+import tempfile
+import time
+import urllib.parse
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import IO, Any, Final
+
+import aiohttp
+import grpc
+import httpx
+
+from bench.echo import ECHO_METHOD
+from numbersvc.sandbox import DEFAULT_AUTH_ID, DEFAULT_AUTH_TOKEN, SandboxControl
+from numbersvc.v1 import number_groups_pb2 as pb
+from numbersvc.v1 import number_groups_pb2_grpc as pb_grpc
+
+__all__ = [
+    "FULL",
+    "QUICK",
+    "Bench",
+    "Plan",
+    "main",
+    "run_bench",
+    "seed_unary",
+]
+
+ROOT: Final = Path(__file__).resolve().parent.parent
+DEFAULT_JSON: Final = ROOT / "bench" / "results" / "latest.json"
+
+PAGE_SIZE: Final = 20
+CALL_TIMEOUT_SECONDS: Final = 10.0
+STREAM_TIMEOUT_SECONDS: Final = 600.0
+CONCURRENCY: Final = 32
+#: Rows 1, 2 and 6 read the pages of US local groups, seeded up to this many (100 pages).
+UNARY_GROUPS: Final = 2_000
+UNARY_FILTER: Final = pb.SearchFilter(region_code="US", number_type=pb.NUMBER_TYPE_LOCAL)
+#: Row 3 walks a filter of its own: toll-free numbers under a prefix no fixture uses.
+WALK_GROUPS: Final = 1_000
+WALK_PREFIX: Final = "822"
+WALK_FILTER: Final = pb.SearchFilter(
+    region_code="US", number_type=pb.NUMBER_TYPE_TOLLFREE, prefix=WALK_PREFIX
+)
+WALK_LATENCY_SECONDS: Final = 0.025
+#: Row 4 walks a bucket without further filters, so the sandbox pages it by slicing.
+MEMORY_FILTER: Final = pb.SearchFilter(region_code="CA", number_type=pb.NUMBER_TYPE_TOLLFREE)
+MEMORY_TARGET_BYTES: Final = 30_000_000
+RSS_INTERVAL_SECONDS: Final = 0.05
+COALESCE_FILTER: Final = pb.SearchFilter(region_code="GB", number_type=pb.NUMBER_TYPE_LOCAL)
+COALESCE_CALLS: Final = 200
+COALESCE_LATENCY_SECONDS: Final = 0.5
+CALLS_PER_CHANNEL: Final = 50
+#: Row 6: the budget is 300 requests per 5 s (60/s); this refills a phase's calls and more.
+CPU_REFILL_SECONDS: Final = 4.0
+
+_START_TIMEOUT_SECONDS: Final = 60.0
+_STOP_TIMEOUT_SECONDS: Final = 30.0
+_SERVING: Final = re.compile(r"serving on 127\.0\.0\.1:(\d+)")
+_SANDBOX_URL: Final = re.compile(r"listening on (http://127\.0\.0\.1:\d+)")
+_METRICS_URL: Final = re.compile(r"metrics on (http://127\.0\.0\.1:\d+/metrics)")
+_VMRSS: Final = re.compile(r"^VmRSS:\s+(\d+)\s+kB", re.MULTILINE)
+_VMHWM: Final = re.compile(r"^VmHWM:\s+(\d+)\s+kB", re.MULTILINE)
+_CLOCK_TICKS: Final = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How many iterations each row gets."""
+
+    mode: str
+    warmup_calls: int = 300  # per side, before rows 1 and 2 (and 6)
+    unary_calls: int = 5_000  # row 1: calls per side, concurrency 1
+    throughput_rounds: int = 4  # row 2: rounds of one service and one direct phase
+    throughput_seconds: float = 6.0  # row 2: length of a phase
+    walk_reps: int = 7  # row 3: walks per side
+    memory_groups: int = 100_000  # row 4
+    coalesce_rounds: int = 3  # row 5
+    cpu_rounds: int = 5  # row 6: rounds of one service and one echo phase
+    cpu_calls: int = 200  # row 6: calls per phase, within the rate budget's burst
+    rows: frozenset[int] = frozenset(range(1, 7))  # which rows to run
+
+
+FULL: Final = Plan("full")
+QUICK: Final = Plan(
+    "quick",
+    warmup_calls=100,
+    unary_calls=1_000,
+    throughput_rounds=2,
+    throughput_seconds=4.0,
+    walk_reps=3,
+    memory_groups=20_000,
+    coalesce_rounds=2,
+    cpu_rounds=3,
+)
+
+
+# --- Processes ----------------------------------------------------------------------------------
+
+
+def cpu_seconds(pid: int) -> float:
+    """Return the process's CPU time (utime + stime, all threads) from /proc/PID/stat."""
+    with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+        fields = stat.read().rpartition(")")[2].split()
+    # After the command: state is field 3, utime 14 and stime 15 (1-based), in clock ticks.
+    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+
+
+def _status_kib(pid: int, pattern: re.Pattern[str]) -> int:
+    with open(f"/proc/{pid}/status", encoding="ascii") as status:
+        match = pattern.search(status.read())
+    if match is None:
+        raise RuntimeError(f"/proc/{pid}/status has no {pattern.pattern}")
+    return int(match.group(1))
+
+
+def rss_bytes(pid: int) -> int:
+    """Return the process's resident set size (VmRSS) in bytes."""
+    return 1024 * _status_kib(pid, _VMRSS)
+
+
+def _reset_peak_rss(pid: int) -> bool:
+    """Reset the process's VmHWM to its current RSS (Linux 4.0+); False if not allowed."""
+    try:
+        with open(f"/proc/{pid}/clear_refs", "w", encoding="ascii") as refs:
+            refs.write("5")
+    except OSError:
+        return False
+    return True
+
+
+def _child_env(extra: Mapping[str, str]) -> dict[str, str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("PLIVO_", "NUMBERSVC_"))}
+    return {**clean, **extra}
+
+
+def _open_log(path: Path) -> IO[bytes]:
+    return open(path, "wb")  # the child writes to it; the caller closes it once it started
+
+
+def _read_text(path: Path) -> str:
+    return path.read_text(encoding="utf-8", errors="replace")
+
+
+class Child:
+    """A child process whose stdout and stderr go to a log file, read back to find its address.
+
+    The log is a file rather than a pipe so that the bench never spends CPU draining the
+    server's access log while it measures.
+    """
+
+    def __init__(self, name: str, argv: Sequence[str], env: Mapping[str, str], log_dir: Path):
+        self.name = name
+        self.argv = tuple(argv)
+        self.env = dict(env)
+        self.log_path = log_dir / f"{name}.log"
+        self._process: asyncio.subprocess.Process | None = None
+
+    @property
+    def pid(self) -> int:
+        """The process id."""
+        return self.process.pid
+
+    @property
+    def process(self) -> asyncio.subprocess.Process:
+        """The running process."""
+        if self._process is None:
+            raise RuntimeError(f"{self.name} is not started")
+        return self._process
+
+    def log(self) -> str:
+        """Everything the process wrote so far."""
+        return _read_text(self.log_path) if self.log_path.exists() else ""
+
+    def tail(self, lines: int = 20) -> str:
+        """The last lines of its log."""
+        return "\n".join(self.log().splitlines()[-lines:])
+
+    async def start(self, ready: re.Pattern[str]) -> str:
+        """Start the process and wait for `ready` in its log; return the pattern's group 1."""
+        log = _open_log(self.log_path)
+        try:
+            self._process = await asyncio.create_subprocess_exec(
+                *self.argv,
+                env=self.env,
+                cwd=ROOT,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+            )
+        finally:
+            log.close()
+        end = time.monotonic() + _START_TIMEOUT_SECONDS
+        while time.monotonic() < end:
+            if (match := ready.search(self.log())) is not None:
+                return match.group(1)
+            if self.process.returncode is not None:
+                break
+            await asyncio.sleep(0.05)
+        await self.stop()
+        raise RuntimeError(f"{self.name} did not start:\n{self.tail()}")
+
+    async def stop(self, sig: signal.Signals = signal.SIGTERM) -> int | None:
+        """Signal the process and wait for it; kill it if it does not exit in time."""
+        process = self._process
+        if process is None:
+            return None
+        if process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(sig)
+            try:
+                await asyncio.wait_for(process.wait(), _STOP_TIMEOUT_SECONDS)
+            except TimeoutError:
+                process.kill()
+                await process.wait()
+                return None
+        return process.returncode
+
+    def error_lines(self) -> list[str]:
+        """Log lines at ERROR or CRITICAL (text format: date, time, LEVEL, ...)."""
+        found = []
+        for line in self.log().splitlines():
+            fields = line.split(" ", 3)
+            if len(fields) > 2 and fields[2] in ("ERROR", "CRITICAL"):
+                found.append(line)
+        return found
+
+
+def server_env(sandbox_url: str, *, rate_off: bool, extra: Mapping[str, str]) -> dict[str, str]:
+    """The server's environment: Plivo at the sandbox, shipped defaults otherwise."""
+    env = {
+        "NUMBERSVC_UPSTREAM": "plivo",
+        "PLIVO_BASE_URL": sandbox_url,
+        "PLIVO_AUTH_ID": DEFAULT_AUTH_ID,
+        "PLIVO_AUTH_TOKEN": DEFAULT_AUTH_TOKEN,
+        "NUMBERSVC_LEDGER_PATH": ":memory:",
+        "NUMBERSVC_METRICS_LISTEN": "127.0.0.1:0",  # its default is a fixed port
+        "NUMBERSVC_DRAIN_SECONDS": "0",  # shutdown only: nothing measured depends on it
+    }
+    if rate_off:
+        env["NUMBERSVC_UPSTREAM_RATE"] = "off"
+    return _child_env({**env, **extra})
+
+
+async def start_sandbox(log_dir: Path) -> tuple[Child, str]:
+    """Start `numbersvc sandbox` on a port the OS picks; return it and its base URL."""
+    argv = (sys.executable, "-m", "numbersvc", "sandbox", "--listen", "127.0.0.1:0")
+    child = Child("sandbox", argv, _child_env({}), log_dir)
+    url = await child.start(_SANDBOX_URL)
+    return child, url
+
+
+async def start_server(name: str, env: Mapping[str, str], log_dir: Path) -> tuple[Child, str]:
+    """Start `numbersvc serve` on a port the OS picks; return it and its gRPC target."""
+    argv = (sys.executable, "-m", "numbersvc", "serve", "--listen", "127.0.0.1:0")
+    child = Child(name, argv, env, log_dir)
+    port = await child.start(_SERVING)
+    return child, f"127.0.0.1:{port}"
+
+
+async def start_echo(log_dir: Path) -> tuple[Child, str]:
+    """Start the bare echo server on a port the OS picks; return it and its target."""
+    argv = (sys.executable, "-m", "bench.echo", "--listen", "127.0.0.1:0")
+    child = Child("echo", argv, _child_env({}), log_dir)
+    port = await child.start(_SERVING)
+    return child, f"127.0.0.1:{port}"
+
+
+# --- Clients ------------------------------------------------------------------------------------
+
+
+class Direct:
+    """A plain aiohttp client of the sandbox's REST API: what a caller without numbersvc does."""
+
+    def __init__(self, base_url: str) -> None:
+        self.base_url = base_url.rstrip("/")
+        basic = base64.b64encode(f"{DEFAULT_AUTH_ID}:{DEFAULT_AUTH_TOKEN}".encode()).decode()
+        self._session = aiohttp.ClientSession(
+            headers={"Accept": "application/json", "Authorization": f"Basic {basic}"}
+        )
+
+    async def get(self, url: str) -> dict[str, Any]:
+        """GET `url` and decode its JSON object; raise on anything but a 200."""
+        async with self._session.get(url) as response:
+            body = await response.read()
+            if response.status != 200:
+                raise RuntimeError(f"direct GET {url}: HTTP {response.status}: {body[:200]!r}")
+        data = json.loads(body)
+        if not isinstance(data, dict):
+            raise RuntimeError(f"direct GET {url}: not a JSON object")
+        return data
+
+    async def text(self, url: str) -> str:
+        """GET `url` without credentials checks and return its body as text."""
+        async with self._session.get(url) as response:
+            return await response.text()
+
+    async def aclose(self) -> None:
+        """Close the session and its connections."""
+        await self._session.close()
+
+
+def _url(base_url: str, path: str, query: Mapping[str, str]) -> str:
+    return f"{base_url}{path}?{urllib.parse.urlencode(query)}"
+
+
+async def logged_searches(
+    control: SandboxControl, base_url: str
+) -> list[tuple[dict[str, str], str]]:
+    """The search requests the sandbox logged since its log was cleared: (query, full URL)."""
+    return [
+        (dict(record["query"]), _url(base_url, record["path"], record["query"]))
+        for record in await control.requests()
+        if record["operation"] == "search"
+    ]
+
+
+@dataclass(frozen=True)
+class Pages:
+    """The pages of one filter, both ways: the service's page tokens and the REST URLs.
+
+    `tokens[i]` asks the service for the page at offset `i * PAGE_SIZE`; `urls[i]` is the REST
+    URL the service sent upstream for that same page.
+    """
+
+    tokens: list[str]
+    urls: list[str]
+    requests: list[bytes]  # the serialized ListNumberGroupsRequest of each page (echo payload)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+
+async def collect_pages(
+    stub: pb_grpc.NumberGroupServiceAsyncStub,
+    control: SandboxControl,
+    base_url: str,
+    search: pb.SearchFilter,
+) -> Pages:
+    """Walk `search` with ListNumberGroups, keeping each page's token and upstream URL."""
+    await control.clear_requests()
+    tokens: list[str] = []
+    token = ""
+    while True:
+        tokens.append(token)
+        request = pb.ListNumberGroupsRequest(filter=search, page_size=PAGE_SIZE, page_token=token)
+        page = await stub.ListNumberGroups(request, timeout=CALL_TIMEOUT_SECONDS)
+        if len(page.number_groups) != PAGE_SIZE:
+            raise RuntimeError(f"page {len(tokens)} has {len(page.number_groups)} groups")
+        token = page.next_page_token
+        if not token:
+            break
+    by_offset = {
+        int(query["offset"]): url for query, url in await logged_searches(control, base_url)
+    }
+    urls = [by_offset[i * PAGE_SIZE] for i in range(len(tokens))]
+    requests = [
+        pb.ListNumberGroupsRequest(
+            filter=search, page_size=PAGE_SIZE, page_token=t
+        ).SerializeToString()
+        for t in tokens
+    ]
+    return Pages(tokens, urls, requests)
+
+
+Call = Callable[[int], Awaitable[None]]
+"""One timed call: it takes a page index."""
+
+
+def list_call(
+    stub: pb_grpc.NumberGroupServiceAsyncStub, pages: Pages, search: pb.SearchFilter
+) -> Call:
+    """A ListNumberGroups call for a page, through the service."""
+    requests = [
+        pb.ListNumberGroupsRequest(filter=search, page_size=PAGE_SIZE, page_token=token)
+        for token in pages.tokens
+    ]
+
+    async def call(page: int) -> None:
+        response = await stub.ListNumberGroups(requests[page], timeout=CALL_TIMEOUT_SECONDS)
+        if len(response.number_groups) != PAGE_SIZE:
+            raise RuntimeError(f"service page {page}: {len(response.number_groups)} groups")
+
+    return call
+
+
+def direct_call(direct: Direct, pages: Pages) -> Call:
+    """The same page's REST call, made directly with aiohttp (body read and JSON-decoded)."""
+
+    async def call(page: int) -> None:
+        data = await direct.get(pages.urls[page])
+        if len(data["objects"]) != PAGE_SIZE:
+            raise RuntimeError(f"direct page {page}: {len(data['objects'])} groups")
+
+    return call
+
+
+def echo_call(echo: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes], pages: Pages) -> Call:
+    """A bare grpc.aio round trip carrying the page's ListNumberGroupsRequest bytes."""
+
+    async def call(page: int) -> None:
+        payload = pages.requests[page]
+        if await echo(payload, timeout=CALL_TIMEOUT_SECONDS) != payload:
+            raise RuntimeError("the echo server answered something else")
+
+    return call
+
+
+def echo_stub(channel: grpc.aio.Channel) -> grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]:
+    """The echo method, bytes in and out (no serializers)."""
+    return channel.unary_unary(ECHO_METHOD)
+
+
+# --- Statistics ---------------------------------------------------------------------------------
+
+
+def percentile(values: Sequence[float], fraction: float) -> float:
+    """Nearest-rank percentile of `values`."""
+    if not values:
+        raise ValueError("no values")
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(fraction * len(ordered)) - 1)]
+
+
+def summary_ms(seconds: Sequence[float]) -> dict[str, float]:
+    """p50, p90, p99, mean and max of latencies in seconds, as milliseconds."""
+    return {
+        "p50": 1000 * percentile(seconds, 0.50),
+        "p90": 1000 * percentile(seconds, 0.90),
+        "p99": 1000 * percentile(seconds, 0.99),
+        "mean": 1000 * statistics.fmean(seconds),
+        "max": 1000 * max(seconds),
+        "n": len(seconds),
+    }
+
+
+@dataclass
+class Phase:
+    """One load phase: calls made, wall time, latencies, CPU seconds per watched process."""
+
+    calls: int
+    seconds: float
+    latencies: list[float]
+    cpu: dict[str, float]
+
+    @property
+    def rate(self) -> float:
+        """Calls per second."""
+        return self.calls / self.seconds
+
+
+def _cpu(pids: Mapping[str, int]) -> dict[str, float]:
+    return {name: cpu_seconds(pid) for name, pid in pids.items()}
+
+
+async def run_phase(
+    call: Call,
+    assignments: Sequence[Sequence[int]],
+    total: int,
+    pids: Mapping[str, int],
+    *,
+    seconds: float | None = None,
+) -> Phase:
+    """Make calls with one worker per assignment, each cycling through its own pages.
+
+    Stops issuing after `total` calls or, when `seconds` is given, after that long (whichever
+    comes first); calls in flight then finish and count.
+    """
+    latencies: list[float] = []
+    issued = 0
+    end = math.inf if seconds is None else time.perf_counter() + seconds
+
+    async def worker(pages: Sequence[int]) -> None:
+        nonlocal issued
+        turn = 0
+        while issued < total and time.perf_counter() < end:
+            issued += 1
+            page = pages[turn % len(pages)]
+            turn += 1
+            started = time.perf_counter()
+            await call(page)
+            latencies.append(time.perf_counter() - started)
+
+    before = _cpu(pids)
+    started = time.perf_counter()
+    await asyncio.gather(*(worker(pages) for pages in assignments))
+    elapsed = time.perf_counter() - started
+    after = _cpu(pids)
+    return Phase(issued, elapsed, latencies, {k: after[k] - before[k] for k in pids})
+
+
+def disjoint_assignments(pages: int, workers: int) -> list[list[int]]:
+    """Give each worker its own pages, so no two workers ever ask for the same one."""
+    if pages < workers:
+        raise ValueError(f"{pages} pages cannot keep {workers} workers apart")
+    return [list(range(w, pages, workers)) for w in range(workers)]
+
+
+# --- Rows ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    """One line of the table."""
+
+    row: str
+    baseline: str
+    figure: str
+    ratio: str
+    target: str
+    met: bool | None  # None: reported, no target
+
+
+@dataclass
+class Bench:
+    """Everything one run measured."""
+
+    plan: Plan
+    server_env: dict[str, str]
+    machine: dict[str, Any] = field(default_factory=dict)
+    rows: list[Row] = field(default_factory=list)
+    figures: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    started: str = ""
+    seconds: float = 0.0
+
+
+def _ms(value: float) -> str:
+    return f"{value:.2f} ms"
+
+
+def _yes(met: bool | None) -> str:
+    return "-" if met is None else "yes" if met else "NO"
+
+
+async def row_unary(bench: Bench, service: Call, direct: Call, echo: Call, pages: int) -> None:
+    """Row 1: concurrency 1, calls interleaved in a rotating order."""
+    calls = (service, direct, echo)
+    times: tuple[list[float], list[float], list[float]] = ([], [], [])
+    for warm in range(bench.plan.warmup_calls):
+        for call in calls:
+            await call(warm % pages)
+    for i in range(bench.plan.unary_calls):
+        for k in range(3):
+            which = (i + k) % 3
+            started = time.perf_counter()
+            await calls[which](i % pages)
+            times[which].append(time.perf_counter() - started)
+    svc, dct, ech = (summary_ms(t) for t in times)
+    overhead = {q: svc[q] - dct[q] for q in ("p50", "p99")}
+    net = {q: overhead[q] - ech[q] for q in ("p50", "p99")}
+    bench.figures["1_unary"] = {
+        "concurrency": 1,
+        "calls_per_side": bench.plan.unary_calls,
+        "warmup_calls_per_side": bench.plan.warmup_calls,
+        "service_ms": svc,
+        "direct_ms": dct,
+        "echo_ms": ech,
+        "overhead_ms": overhead,
+        "overhead_minus_echo_ms": net,
+        "target_overhead_ms": {"p50": 1.0, "p99": 2.0},
+    }
+    for q, target in (("p50", 1.0), ("p99", 2.0)):
+        bench.rows.append(
+            Row(
+                f"1 unary {q}, c=1 (overhead)",
+                f"direct {_ms(dct[q])}",
+                f"service {_ms(svc[q])}: +{_ms(overhead[q])}",
+                f"{svc[q] / dct[q]:.2f}x",
+                f"overhead <= {target:.1f} ms",
+                overhead[q] <= target,
+            )
+        )
+    bench.rows.append(
+        Row(
+            "1 overhead vs grpc echo, c=1",
+            f"echo p50 {_ms(ech['p50'])}, p99 {_ms(ech['p99'])}",
+            f"overhead-echo p50 {_ms(net['p50'])}, p99 {_ms(net['p99'])}",
+            f"{overhead['p50'] / ech['p50']:.2f}x",
+            "(reported)",
+            None,
+        )
+    )
+
+
+async def row_throughput(
+    bench: Bench, service: Call, direct: Call, pages: int, pids: Mapping[str, int]
+) -> None:
+    """Row 2: concurrency 32, alternating phases of equal length, service and direct."""
+    plan = bench.plan
+    assignments = disjoint_assignments(pages, CONCURRENCY)
+    for call in (service, direct):  # warm the connection pools at this concurrency
+        await run_phase(call, assignments, plan.warmup_calls, pids)
+    svc_phases: list[Phase] = []
+    dct_phases: list[Phase] = []
+    for r in range(plan.throughput_rounds):
+        order = ((service, svc_phases), (direct, dct_phases))
+        for call, phases in order if r % 2 == 0 else reversed(order):
+            phases.append(
+                await run_phase(call, assignments, 10**9, pids, seconds=plan.throughput_seconds)
+            )
+    svc_rate = sum(p.calls for p in svc_phases) / sum(p.seconds for p in svc_phases)
+    dct_rate = sum(p.calls for p in dct_phases) / sum(p.seconds for p in dct_phases)
+    svc_lat = summary_ms([t for p in svc_phases for t in p.latencies])
+    dct_lat = summary_ms([t for p in dct_phases for t in p.latencies])
+
+    def cpu_ms_per_call(phases: list[Phase]) -> dict[str, float]:
+        calls = sum(p.calls for p in phases)
+        return {name: 1000 * sum(p.cpu[name] for p in phases) / calls for name in pids}
+
+    ratio = svc_rate / dct_rate
+    tail = svc_lat["p99"] / svc_lat["p50"]
+    bench.figures["2_throughput"] = {
+        "concurrency": CONCURRENCY,
+        "rounds": plan.throughput_rounds,
+        "seconds_per_phase": plan.throughput_seconds,
+        "service_calls": sum(p.calls for p in svc_phases),
+        "direct_calls": sum(p.calls for p in dct_phases),
+        "service_round_calls_per_second": [p.rate for p in svc_phases],
+        "direct_round_calls_per_second": [p.rate for p in dct_phases],
+        "service_calls_per_second": svc_rate,
+        "direct_calls_per_second": dct_rate,
+        "ratio": ratio,
+        "round_ratios": [s.rate / d.rate for s, d in zip(svc_phases, dct_phases, strict=True)],
+        "service_ms": svc_lat,
+        "direct_ms": dct_lat,
+        "service_p99_over_p50": tail,
+        "cpu_ms_per_call": {
+            "service_phases": cpu_ms_per_call(svc_phases),
+            "direct_phases": cpu_ms_per_call(dct_phases),
+        },
+    }
+    bench.rows.append(
+        Row(
+            "2 throughput, c=32",
+            f"direct {dct_rate:,.0f} calls/s",
+            f"service {svc_rate:,.0f} calls/s",
+            f"{ratio:.2f}x",
+            ">= 0.45x direct",
+            ratio >= 0.45,
+        )
+    )
+    bench.rows.append(
+        Row(
+            "2 service tail, c=32",
+            f"p50 {_ms(svc_lat['p50'])}",
+            f"p99 {_ms(svc_lat['p99'])}",
+            f"{tail:.2f}x",
+            "p99 < 3x p50",
+            tail < 3.0,
+        )
+    )
+
+
+async def _walk_stream(
+    stub: pb_grpc.NumberGroupServiceAsyncStub, request: pb.StreamNumberGroupsRequest
+) -> tuple[float, int]:
+    started = time.perf_counter()
+    groups = 0
+    async for message in stub.StreamNumberGroups(request, timeout=STREAM_TIMEOUT_SECONDS):
+        groups += len(message.number_groups)
+    return time.perf_counter() - started, groups
+
+
+async def _walk_sequential(direct: Direct, first_url: str) -> tuple[float, int]:
+    """Walk page after page by offset, as the official SDKs do: offset += limit until the end."""
+    base, _, query_text = first_url.partition("?")
+    query = dict(urllib.parse.parse_qsl(query_text))
+    started = time.perf_counter()
+    groups = offset = 0
+    while True:
+        query["offset"] = str(offset)
+        data = await direct.get(f"{base}?{urllib.parse.urlencode(query)}")
+        groups += len(data["objects"])
+        if not data["meta"]["next"]:
+            return time.perf_counter() - started, groups
+        offset += int(data["meta"]["limit"])
+
+
+async def row_walk(
+    bench: Bench,
+    stub: pb_grpc.NumberGroupServiceAsyncStub,
+    direct: Direct,
+    control: SandboxControl,
+) -> None:
+    """Row 3: 1,000 groups with 25 ms upstream latency, stream vs sequential offsets."""
+    request = pb.StreamNumberGroupsRequest(filter=WALK_FILTER, page_size=PAGE_SIZE)
+    await control.clear_requests()
+    await control.set_latency(WALK_LATENCY_SECONDS)
+    try:
+        await _walk_stream(stub, request)  # warm-up, and the URL it sends for the first page
+        first = next(
+            url
+            for query, url in await logged_searches(control, direct.base_url)
+            if query["offset"] == "0"
+        )
+        await _walk_sequential(direct, first)
+        stream: list[float] = []
+        sequential: list[float] = []
+        counts: set[int] = set()
+        walks: list[tuple[list[float], Callable[[], Awaitable[tuple[float, int]]]]] = [
+            (stream, lambda: _walk_stream(stub, request)),
+            (sequential, lambda: _walk_sequential(direct, first)),
+        ]
+        for r in range(bench.plan.walk_reps):
+            for times, walk in walks if r % 2 == 0 else reversed(walks):
+                seconds, groups = await walk()
+                times.append(seconds)
+                counts.add(groups)
+    finally:
+        await control.set_latency(0.0)
+    if counts != {WALK_GROUPS}:
+        raise RuntimeError(f"row 3 walks saw {sorted(counts)} groups, expected {WALK_GROUPS}")
+    svc, seq = statistics.median(stream), statistics.median(sequential)
+    ratio = svc / seq
+    bench.figures["3_walk"] = {
+        "groups": WALK_GROUPS,
+        "pages": WALK_GROUPS // PAGE_SIZE,
+        "upstream_latency_ms": 1000 * WALK_LATENCY_SECONDS,
+        "reps_per_side": bench.plan.walk_reps,
+        "stream_seconds": stream,
+        "sequential_seconds": sequential,
+        "stream_median_seconds": svc,
+        "sequential_median_seconds": seq,
+        "ratio": ratio,
+    }
+    bench.rows.append(
+        Row(
+            "3 walk 1,000 groups, 25 ms",
+            f"sequential {1000 * seq:,.0f} ms",
+            f"stream {1000 * svc:,.0f} ms",
+            f"{ratio:.3f}x",
+            "<= 0.15x sequential",
+            ratio <= 0.15,
+        )
+    )
+
+
+async def _sample_rss(pid: int, samples: list[int]) -> None:
+    while True:
+        samples.append(rss_bytes(pid))
+        await asyncio.sleep(RSS_INTERVAL_SECONDS)
+
+
+async def row_memory(bench: Bench, stub: pb_grpc.NumberGroupServiceAsyncStub, pid: int) -> None:
+    """Row 4: the server's RSS while one stream walks `memory_groups` groups."""
+    groups = bench.plan.memory_groups
+    request = pb.StreamNumberGroupsRequest(
+        filter=MEMORY_FILTER, page_size=PAGE_SIZE, max_results=groups
+    )
+    await asyncio.sleep(1.0)  # let the earlier rows' garbage settle
+    before = rss_bytes(pid)
+    hwm_reset = _reset_peak_rss(pid)
+    samples: list[int] = [before]
+    sampler = asyncio.create_task(_sample_rss(pid, samples))
+    try:
+        seconds, walked = await _walk_stream(stub, request)
+    finally:
+        sampler.cancel()
+        await asyncio.gather(sampler, return_exceptions=True)
+    end = rss_bytes(pid)
+    peak = max(*samples, end)
+    if hwm_reset:
+        peak = max(peak, 1024 * _status_kib(pid, _VMHWM))
+    if walked != groups:
+        raise RuntimeError(f"row 4 walked {walked} groups, expected {groups}")
+    growth = peak - before
+    bench.figures["4_memory"] = {
+        "groups": walked,
+        "seconds": seconds,
+        "groups_per_second": walked / seconds,
+        "rss_before_bytes": before,
+        "rss_peak_bytes": peak,
+        "rss_end_bytes": end,
+        "growth_bytes": growth,
+        "samples": len(samples),
+        "peak_includes_vmhwm": hwm_reset,
+        "target_growth_bytes": MEMORY_TARGET_BYTES,
+    }
+    bench.rows.append(
+        Row(
+            f"4 RSS, stream of {walked:,} groups",
+            f"before {before / 1e6:.1f} MB",
+            f"+{growth / 1e6:.1f} MB (peak {peak / 1e6:.1f})",
+            f"{peak / before:.2f}x",
+            "growth <= 30 MB",
+            growth <= MEMORY_TARGET_BYTES,
+        )
+    )
+
+
+async def _metric(direct: Direct, url: str, name: str) -> float:
+    text = await direct.text(url)
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name) and line[len(name)] in " {":
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+async def _list_bytes(
+    stub: pb_grpc.NumberGroupServiceAsyncStub,
+    request: pb.ListNumberGroupsRequest,
+    issued: list[float],
+) -> bytes:
+    issued.append(time.perf_counter())
+    reply = await stub.ListNumberGroups(request, timeout=CALL_TIMEOUT_SECONDS)
+    return reply.SerializeToString()
+
+
+async def row_coalesce(
+    bench: Bench,
+    stubs: Sequence[pb_grpc.NumberGroupServiceAsyncStub],
+    control: SandboxControl,
+    direct: Direct,
+    metrics_url: str,
+) -> None:
+    """Row 5: 200 identical concurrent ListNumberGroups calls; upstream requests they cost."""
+    request = pb.ListNumberGroupsRequest(filter=COALESCE_FILTER, page_size=PAGE_SIZE)
+    counts: list[int] = []
+    spreads: list[float] = []
+    walls: list[float] = []
+    identical = True
+    coalesced_before = await _metric(direct, metrics_url, "numbersvc_coalesced_calls_total")
+    await control.set_latency(COALESCE_LATENCY_SECONDS)
+    try:
+        for _ in range(bench.plan.coalesce_rounds):
+            await control.clear_requests()
+            issued: list[float] = []
+            started = time.perf_counter()
+            replies = await asyncio.gather(
+                *(
+                    _list_bytes(stubs[i % len(stubs)], request, issued)
+                    for i in range(COALESCE_CALLS)
+                )
+            )
+            walls.append(time.perf_counter() - started)
+            spreads.append(max(issued) - min(issued))
+            identical = identical and len(set(replies)) == 1
+            counts.append(len(await logged_searches(control, direct.base_url)))
+    finally:
+        await control.set_latency(0.0)
+    coalesced = await _metric(direct, metrics_url, "numbersvc_coalesced_calls_total")
+    worst = max(counts)
+    bench.figures["5_coalesce"] = {
+        "calls_per_round": COALESCE_CALLS,
+        "rounds": bench.plan.coalesce_rounds,
+        "upstream_latency_seconds": COALESCE_LATENCY_SECONDS,
+        "upstream_requests_per_round": counts,
+        "max_upstream_requests": worst,
+        "coalesced_calls_metric_delta": coalesced - coalesced_before,
+        "replies_identical": identical,
+        "issue_spread_ms": [1000 * s for s in spreads],
+        "round_seconds": walls,
+        "channels": len(stubs),
+    }
+    bench.rows.append(
+        Row(
+            "5 coalescing, 200 identical calls",
+            f"{COALESCE_CALLS} upstream (uncoalesced)",
+            f"{worst} upstream (max of {len(counts)})",
+            f"{worst / COALESCE_CALLS:.3f}x",
+            "<= 2 upstream requests",
+            worst <= 2 and identical,
+        )
+    )
+
+
+async def row_cpu(
+    bench: Bench, service: Call, echo: Call, pages: int, server_pid: int, echo_pid: int
+) -> None:
+    """Row 6: CPU seconds per call, service vs echo, concurrency 32, within the rate budget."""
+    plan = bench.plan
+    assignments = disjoint_assignments(pages, CONCURRENCY)
+    svc_phases: list[Phase] = []
+    echo_phases: list[Phase] = []
+    await run_phase(echo, assignments, plan.warmup_calls, {})
+    for r in range(plan.cpu_rounds):
+        refill = asyncio.create_task(asyncio.sleep(CPU_REFILL_SECONDS if r else 0.0))
+        echo_phases.append(await run_phase(echo, assignments, plan.cpu_calls, {"echo": echo_pid}))
+        await refill  # the budget's burst refills before each service phase
+        svc_phases.append(
+            await run_phase(service, assignments, plan.cpu_calls, {"server": server_pid})
+        )
+    svc = 1000 * sum(p.cpu["server"] for p in svc_phases) / sum(p.calls for p in svc_phases)
+    ech = 1000 * sum(p.cpu["echo"] for p in echo_phases) / sum(p.calls for p in echo_phases)
+    bench.figures["6_cpu"] = {
+        "concurrency": CONCURRENCY,
+        "rounds": plan.cpu_rounds,
+        "calls_per_phase": plan.cpu_calls,
+        "clock_ticks_per_second": _CLOCK_TICKS,
+        "service_cpu_ms_per_call": svc,
+        "echo_cpu_ms_per_call": ech,
+        "ratio": svc / ech,
+        "service_round_cpu_ms_per_call": [1000 * p.cpu["server"] / p.calls for p in svc_phases],
+        "echo_round_cpu_ms_per_call": [1000 * p.cpu["echo"] / p.calls for p in echo_phases],
+        "service_ms": summary_ms([t for p in svc_phases for t in p.latencies]),
+        "echo_ms": summary_ms([t for p in echo_phases for t in p.latencies]),
+    }
+    bench.rows.append(
+        Row(
+            "6 CPU per call, c=32",
+            f"echo {ech:.3f} ms",
+            f"service {svc:.3f} ms",
+            f"{svc / ech:.2f}x",
+            "(reported)",
+            None,
+        )
+    )
+
+
+# --- The run ------------------------------------------------------------------------------------
+
+
+def machine() -> dict[str, Any]:
+    """What the figures were measured on."""
+    model = "unknown"
+    with contextlib.suppress(OSError):
+        cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+        if (match := re.search(r"^model name\s*:\s*(.+)$", cpuinfo, re.MULTILINE)) is not None:
+            model = match.group(1).strip()
+    versions = {}
+    for package in ("grpcio", "protobuf", "httpx", "httpcore", "h11", "aiohttp"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    return {
+        "nproc": len(os.sched_getaffinity(0)),
+        "cpu_model": model,
+        "python": platform.python_version(),
+        "implementation": platform.python_implementation(),
+        "kernel": platform.release(),
+        "packages": versions,
+    }
+
+
+async def _seed_to(
+    control: SandboxControl, direct: Direct, url: str, total: int, **spec: Any
+) -> int:
+    """Seed groups until the search at `url` counts `total`; return the count."""
+    have = int((await direct.get(url))["meta"]["total_count"])
+    if have < total:
+        await control.seed(count=total - have, **spec)
+    return int((await direct.get(url))["meta"]["total_count"])
+
+
+_GROUPS_PATH: Final = f"/v1/Account/{DEFAULT_AUTH_ID}/AvailableNumberGroup/"
+
+
+def _count_url(direct: Direct, **query: str) -> str:
+    return _url(direct.base_url, _GROUPS_PATH, {**query, "limit": "1", "offset": "0"})
+
+
+async def seed_unary(control: SandboxControl, direct: Direct) -> None:
+    """Seed US local groups up to `UNARY_GROUPS` (100 pages), for rows 1, 2 and 6."""
+    url = _count_url(direct, country_iso="US", number_type="local")
+    got = await _seed_to(control, direct, url, UNARY_GROUPS, country_iso="US")
+    if got != UNARY_GROUPS:
+        raise RuntimeError(f"US local has {got} groups, expected {UNARY_GROUPS}")
+
+
+async def _seed(control: SandboxControl, direct: Direct, plan: Plan) -> None:
+    """Seed the groups rows 1-4 read: US local to 2,000, a 1,000-group filter, the walk bucket."""
+    await seed_unary(control, direct)
+    walk = _count_url(direct, country_iso="US", number_type="tollfree", prefix=WALK_PREFIX)
+    got = await _seed_to(
+        control,
+        direct,
+        walk,
+        WALK_GROUPS,
+        country_iso="US",
+        number_type="tollfree",
+        prefix=WALK_PREFIX,
+    )
+    if got != WALK_GROUPS:
+        raise RuntimeError(f"the walk filter has {got} groups, expected {WALK_GROUPS}")
+    if 4 not in plan.rows:
+        return
+    memory = _count_url(direct, country_iso="CA", number_type="tollfree")
+    # A page more than the walk takes, so that `max_results` ends it, not the inventory.
+    target = plan.memory_groups + PAGE_SIZE
+    await _seed_to(control, direct, memory, target, country_iso="CA", number_type="tollfree")
+
+
+@contextlib.asynccontextmanager
+async def _channels(target: str, count: int = 1) -> AsyncIterator[list[grpc.aio.Channel]]:
+    channels = [grpc.aio.insecure_channel(target) for _ in range(count)]
+    try:
+        for channel in channels:
+            await asyncio.wait_for(channel.channel_ready(), _START_TIMEOUT_SECONDS)
+        yield channels
+    finally:
+        for channel in channels:
+            await channel.close()
+
+
+async def _stop_server(child: Child, bench: Bench) -> None:
+    code = await child.stop()
+    errors = child.error_lines()
+    if code != 0:
+        bench.notes.append(f"{child.name} exited with {code} after SIGTERM")
+    if errors:
+        bench.notes.append(f"{child.name} logged {len(errors)} ERROR lines: {errors[0]}")
+
+
+async def run_bench(plan: Plan, extra_env: Mapping[str, str], log_dir: Path) -> Bench:
+    """Start the processes, run the six rows, stop everything; return what was measured."""
+    bench = Bench(plan=plan, server_env=dict(extra_env), machine=machine())
+    bench.started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    began = time.perf_counter()
+    children: list[Child] = []
+    try:
+        sandbox, sandbox_url = await start_sandbox(log_dir)
+        children.append(sandbox)
+        echo, echo_target = await start_echo(log_dir)
+        children.append(echo)
+        async with SandboxControl(sandbox_url, timeout_seconds=120.0) as control:
+            direct = Direct(sandbox_url)
+            try:
+                _progress("seeding the sandbox")
+                await _seed(control, direct, plan)
+                procs = _Procs(log_dir, children, sandbox, echo, echo_target)
+                if plan.rows & {1, 2, 3, 4}:
+                    await _rows_1_to_4(bench, procs, control, direct)
+                if plan.rows & {5, 6}:
+                    await _rows_5_and_6(bench, procs, control, direct)
+            finally:
+                await direct.aclose()
+    finally:
+        for child in reversed(children):
+            if child.name.startswith("server"):
+                await _stop_server(child, bench)
+            else:
+                await child.stop(signal.SIGINT if child.name == "sandbox" else signal.SIGTERM)
+    bench.seconds = time.perf_counter() - began
+    return bench
+
+
+@dataclass
+class _Procs:
+    log_dir: Path
+    children: list[Child]  # stopped in reverse order at the end
+    sandbox: Child
+    echo: Child
+    echo_target: str
+
+
+async def _rows_1_to_4(
+    bench: Bench, procs: _Procs, control: SandboxControl, direct: Direct
+) -> None:
+    env = server_env(direct.base_url, rate_off=True, extra=bench.server_env)
+    server, target = await start_server("server-rate-off", env, procs.log_dir)
+    procs.children.append(server)
+    pids = {"server": server.pid, "sandbox": procs.sandbox.pid, "bench": os.getpid()}
+    echo_target = procs.echo_target
+    async with _channels(target) as (channel,), _channels(echo_target) as (echo_channel,):
+        stub = pb_grpc.NumberGroupServiceStub(channel)
+        pages = await collect_pages(stub, control, direct.base_url, UNARY_FILTER)
+        service = list_call(stub, pages, UNARY_FILTER)
+        rest = direct_call(direct, pages)
+        echo = echo_call(echo_stub(echo_channel), pages)
+        rows = bench.plan.rows
+        if 1 in rows:
+            _progress(f"row 1: {bench.plan.unary_calls:,} calls per side, concurrency 1")
+            await row_unary(bench, service, rest, echo, len(pages))
+        if 2 in rows:
+            _progress(
+                f"row 2: {bench.plan.throughput_rounds} x {bench.plan.throughput_seconds:g} s"
+                f" per side, concurrency {CONCURRENCY}"
+            )
+            await row_throughput(bench, service, rest, len(pages), pids)
+        if 3 in rows:
+            _progress(f"row 3: {bench.plan.walk_reps} walks per side")
+            await row_walk(bench, stub, direct, control)
+        if 4 in rows:
+            _progress(f"row 4: one stream of {bench.plan.memory_groups:,} groups")
+            await row_memory(bench, stub, server.pid)
+    await _stop_server(server, bench)
+    procs.children.remove(server)
+
+
+async def _rows_5_and_6(
+    bench: Bench, procs: _Procs, control: SandboxControl, direct: Direct
+) -> None:
+    env = server_env(direct.base_url, rate_off=False, extra=bench.server_env)
+    server, target = await start_server("server-defaults", env, procs.log_dir)
+    procs.children.append(server)
+    echo_target = procs.echo_target
+    match = _METRICS_URL.search(server.log())
+    if match is None:
+        raise RuntimeError(f"no metrics address in the server's log:\n{server.tail()}")
+    channel_count = COALESCE_CALLS // CALLS_PER_CHANNEL
+    async with _channels(target, channel_count) as channels, _channels(echo_target) as (echo_ch,):
+        stubs = [pb_grpc.NumberGroupServiceStub(channel) for channel in channels]
+        if 5 in bench.plan.rows:
+            _progress(f"row 5: {bench.plan.coalesce_rounds} rounds of {COALESCE_CALLS} calls")
+            await row_coalesce(bench, stubs, control, direct, match.group(1))
+        if 6 not in bench.plan.rows:
+            await _stop_server(server, bench)
+            procs.children.remove(server)
+            return
+        # 100 pages and a warm-up of 2 calls per worker (opening the upstream connections) take
+        # 164 tokens of the budget's 300; the refill before the first row-6 phase fills it.
+        pages = await collect_pages(stubs[0], control, direct.base_url, UNARY_FILTER)
+        service = list_call(stubs[0], pages, UNARY_FILTER)
+        echo = echo_call(echo_stub(echo_ch), pages)
+        await run_phase(service, disjoint_assignments(len(pages), CONCURRENCY), 64, {})
+        _progress(
+            f"row 6: {bench.plan.cpu_rounds} x {bench.plan.cpu_calls} calls per side,"
+            f" concurrency {CONCURRENCY}"
+        )
+        await asyncio.sleep(CPU_REFILL_SECONDS)
+        await row_cpu(bench, service, echo, len(pages), server.pid, procs.echo.pid)
+        waits = await _metric(direct, match.group(1), "numbersvc_rate_limiter_waits_total")
+        bench.figures["6_cpu"]["rate_limiter_waits"] = waits
+        if waits:
+            bench.notes.append(f"row 6: {waits:.0f} calls waited for the rate budget")
+    await _stop_server(server, bench)
+    procs.children.remove(server)
+
+
+def _progress(text: str) -> None:
+    print(f"bench: {text}", file=sys.stderr, flush=True)
+
+
+# --- Output -------------------------------------------------------------------------------------
+
+
+def render(bench: Bench) -> str:
+    """The table, with a header saying what ran where."""
+    m = bench.machine
+    packages = ", ".join(f"{k} {v}" for k, v in m["packages"].items())
+    env = " ".join(f"{k}={v}" for k, v in bench.server_env.items()) or "none"
+    plan = bench.plan
+    lines = [
+        f"numbersvc bench ({plan.mode}), {bench.started}, {bench.seconds:.0f} s;"
+        f" {m['nproc']} CPUs ({m['cpu_model']}), Python {m['python']}; {packages}",
+        "server: shipped defaults; rows 1-4 with NUMBERSVC_UPSTREAM_RATE=off, rows 5-6 with the"
+        f" default budget; extra server env: {env}",
+        f"iterations: row 1 {plan.unary_calls:,} calls per side (+{plan.warmup_calls} warm-up);"
+        f" row 2 {plan.throughput_rounds} x {plan.throughput_seconds:g} s per side;"
+        f" row 3 {plan.walk_reps} walks per side (+1 warm-up); row 5 {plan.coalesce_rounds}"
+        f" rounds; row 6 {plan.cpu_rounds} x {plan.cpu_calls} per side",
+    ]
+    if plan.rows != FULL.rows:
+        lines.append(f"rows run: {', '.join(map(str, sorted(plan.rows)))}")
+    lines.append("")
+    header = ("row", "baseline", "figure", "ratio", "target", "met?")
+    cells = [header] + [
+        (r.row, r.baseline, r.figure, r.ratio, r.target, _yes(r.met)) for r in bench.rows
+    ]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    for row in cells:
+        lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+        if row is header:
+            lines.append("  ".join("-" * w for w in widths))
+    lines += [f"note: {note}" for note in bench.notes]
+    missed = [r.row for r in bench.rows if r.met is False]
+    lines.append("targets missed: " + ("; ".join(missed) if missed else "none"))
+    return "\n".join(lines)
+
+
+def to_json(bench: Bench) -> dict[str, Any]:
+    """The run as JSON: machine, plan, the table's rows and every figure behind them."""
+    return {
+        "started": bench.started,
+        "seconds": bench.seconds,
+        "command": " ".join(["python -m bench.bench", *sys.argv[1:]]),
+        "machine": bench.machine,
+        "plan": {**asdict(bench.plan), "rows": sorted(bench.plan.rows)},
+        "server_env": bench.server_env,
+        "rows": [asdict(row) for row in bench.rows],
+        "figures": bench.figures,
+        "notes": bench.notes,
+    }
+
+
+def _rows(text: str) -> frozenset[int]:
+    try:
+        rows = frozenset(int(part) for part in text.split(","))
+    except ValueError:
+        rows = frozenset({0})
+    if not rows or not rows <= set(range(1, 7)):
+        raise argparse.ArgumentTypeError(f"expected row numbers 1 to 6, like 1,2; got {text!r}")
+    return rows
+
+
+def _env_pair(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    return name, value
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the bench, print the table, write the JSON; 0 measured, 2 failed."""
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.bench", description=(__doc__ or "").split("\n")[0]
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="fewer iterations, 20,000 groups for row 4"
+    )
+    parser.add_argument(
+        "--json", type=Path, default=DEFAULT_JSON, metavar="PATH", help="where to write figures"
+    )
+    parser.add_argument(
+        "--server-env",
+        type=_env_pair,
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="an extra environment variable for both servers (repeatable)",
+    )
+    parser.add_argument(
+        "--rows",
+        type=_rows,
+        default=frozenset(range(1, 7)),
+        metavar="N,N",
+        help="run only these rows (default: all six)",
+    )
+    parser.add_argument(
+        "--keep-logs", type=Path, metavar="DIR", help="keep the processes' logs in DIR"
+    )
+    args = parser.parse_args(argv)
+    plan = dataclasses.replace(QUICK if args.quick else FULL, rows=args.rows)
+    with contextlib.ExitStack() as stack:
+        if args.keep_logs is not None:
+            log_dir: Path = args.keep_logs
+            log_dir.mkdir(parents=True, exist_ok=True)
+        else:
+            log_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-")))
+        try:
+            bench = asyncio.run(run_bench(plan, dict(args.server_env), log_dir))
+        except (RuntimeError, OSError, TimeoutError, httpx.HTTPError, aiohttp.ClientError) as exc:
+            print(f"error: bench failed: {exc}", file=sys.stderr)
+            return 2
+        except grpc.aio.AioRpcError as exc:
+            print(f"error: bench failed: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 2
+    print(render(bench))
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(to_json(bench), indent=2) + "\n", encoding="utf-8")
+    print(f"figures written to {args.json}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
