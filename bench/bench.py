@@ -974,7 +974,17 @@ def machine() -> dict[str, Any]:
         if (match := re.search(r"^model name\s*:\s*(.+)$", cpuinfo, re.MULTILINE)) is not None:
             model = match.group(1).strip()
     versions = {}
-    for package in ("grpcio", "protobuf", "httpx", "httpcore", "h11", "aiohttp"):
+    # sniffio: httpcore imports it on every request and pays for a failed import without it.
+    for package in (
+        "grpcio",
+        "protobuf",
+        "httpx",
+        "httpcore",
+        "h11",
+        "anyio",
+        "sniffio",
+        "aiohttp",
+    ):
         try:
             versions[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:
