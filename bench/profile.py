@@ -117,7 +117,7 @@ _THREAD_NATIVE: Final = "native thread without Python frames (grpc poller)"
 HOT_SPOTS: Final[Sequence[tuple[str, tuple[str, ...]]]] = (
     ("upstream request: httpx AsyncClient.request, whole", ("AsyncClient.request (httpx/",)),
     (
-        "  httpcore current_async_library: `import sniffio` fails, every lock/event",
+        "  httpcore current_async_library (without sniffio its import fails each time)",
         ("current_async_library (httpcore/",),
     ),
     (
