@@ -21,9 +21,7 @@ import argparse
 import asyncio
 import dataclasses
 import json
-import signal
 import sys
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -36,17 +34,14 @@ from bench.bench import (
     CONCURRENCY,
     UNARY_FILTER,
     Child,
-    Direct,
     Phase,
     collect_pages,
     disjoint_assignments,
+    env_pair,
     list_call,
     run_phase,
-    seed_unary,
-    server_env,
-    start_sandbox,
-    start_server,
     summary_ms,
+    unary_rig,
 )
 from numbersvc.sandbox import SandboxControl
 from numbersvc.v1 import number_groups_pb2_grpc as pb_grpc
@@ -69,31 +64,13 @@ class Options:
 
 async def run_ab(options: Options) -> dict[str, Any]:
     """Start the sandbox and both servers, measure them side by side, stop everything."""
-    with tempfile.TemporaryDirectory(prefix="bench-ab-") as tmp:
-        log_dir = Path(tmp)
-        children: list[Child] = []
-        try:
-            sandbox, url = await start_sandbox(log_dir)
-            children.append(sandbox)
-            async with SandboxControl(url, timeout_seconds=60.0) as control:
-                direct = Direct(url)
-                try:
-                    await seed_unary(control, direct)
-                    order = [("a", options.a_env), ("b", options.b_env)]
-                    started: dict[str, tuple[Child, str]] = {}
-                    for name, extra in reversed(order) if options.b_first else order:
-                        env = server_env(url, rate_off=True, extra=extra)
-                        server, target = await start_server(f"server-{name}", env, log_dir)
-                        children.append(server)
-                        started[name] = (server, target)
-                    targets = [started["a"], started["b"]]
-                    return await _measure(options, control, url, targets)
-                finally:
-                    await direct.aclose()
-        finally:
-            for child in reversed(children):
-                sig = signal.SIGINT if child.name == "sandbox" else signal.SIGTERM
-                await child.stop(sig)
+    async with unary_rig("bench-ab-") as rig:
+        order = [("a", options.a_env), ("b", options.b_env)]
+        started: dict[str, tuple[Child, str]] = {}
+        for name, extra in reversed(order) if options.b_first else order:
+            started[name] = await rig.server(f"server-{name}", extra)
+        targets = [started["a"], started["b"]]
+        return await _measure(options, rig.control, rig.url, targets)
 
 
 async def _measure(
@@ -170,20 +147,13 @@ def render(result: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _pair(text: str) -> tuple[str, str]:
-    name, sep, value = text.partition("=")
-    if not sep or not name:
-        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
-    return name, value
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse the flags, run the A/B, print it; 2 when it fails."""
     parser = argparse.ArgumentParser(
         prog="python -m bench.ab", description=(__doc__ or "").split("\n")[0]
     )
-    parser.add_argument("--a", type=_pair, action="append", default=[], metavar="NAME=VALUE")
-    parser.add_argument("--b", type=_pair, action="append", default=[], metavar="NAME=VALUE")
+    parser.add_argument("--a", type=env_pair, action="append", default=[], metavar="NAME=VALUE")
+    parser.add_argument("--b", type=env_pair, action="append", default=[], metavar="NAME=VALUE")
     parser.add_argument("--quick", action="store_true", help="fewer calls")
     parser.add_argument("--b-first", action="store_true", help="start server B before A")
     parser.add_argument("--json", type=Path, help="also write the figures here")

@@ -1016,6 +1016,44 @@ def _count_url(direct: Direct, **query: str) -> str:
     return _url(direct.base_url, _GROUPS_PATH, {**query, "limit": "1", "offset": "0"})
 
 
+@dataclass
+class Rig:
+    """A sandbox seeded for the unary rows, a direct client to it, and the servers started."""
+
+    log_dir: Path
+    url: str
+    control: SandboxControl
+    direct: Direct
+    children: list[Child]
+
+    async def server(self, name: str, extra_env: Mapping[str, str]) -> tuple[Child, str]:
+        """Start a numbersvc server on the sandbox (rate budget off); stopped with the rig."""
+        env = server_env(self.url, rate_off=True, extra=extra_env)
+        server, target = await start_server(name, env, self.log_dir)
+        self.children.append(server)
+        return server, target
+
+
+@contextlib.asynccontextmanager
+async def unary_rig(prefix: str) -> AsyncIterator[Rig]:
+    """Start and seed a sandbox for the unary load; stop every process started on it after."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        children: list[Child] = []
+        try:
+            sandbox, url = await start_sandbox(Path(tmp))
+            children.append(sandbox)
+            async with SandboxControl(url, timeout_seconds=60.0) as control:
+                direct = Direct(url)
+                try:
+                    await seed_unary(control, direct)
+                    yield Rig(Path(tmp), url, control, direct, children)
+                finally:
+                    await direct.aclose()
+        finally:
+            for child in reversed(children):
+                await child.stop(signal.SIGINT if child.name == "sandbox" else signal.SIGTERM)
+
+
 async def seed_unary(control: SandboxControl, direct: Direct) -> None:
     """Seed US local groups up to `UNARY_GROUPS` (100 pages), for rows 1, 2 and 6."""
     url = _count_url(direct, country_iso="US", number_type="local")
@@ -1250,7 +1288,8 @@ def _rows(text: str) -> frozenset[int]:
     return rows
 
 
-def _env_pair(text: str) -> tuple[str, str]:
+def env_pair(text: str) -> tuple[str, str]:
+    """Parse `NAME=VALUE` (an argparse `type` for the server-env flags)."""
     name, sep, value = text.partition("=")
     if not sep or not name:
         raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
@@ -1270,7 +1309,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument(
         "--server-env",
-        type=_env_pair,
+        type=env_pair,
         action="append",
         default=[],
         metavar="NAME=VALUE",

@@ -22,9 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import shutil
-import signal
 import sys
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -39,19 +37,13 @@ from bench.bench import (
     DEFAULT_JSON,
     UNARY_FILTER,
     Call,
-    Child,
-    Direct,
     collect_pages,
     cpu_seconds,
     disjoint_assignments,
     list_call,
     run_phase,
-    seed_unary,
-    server_env,
-    start_sandbox,
-    start_server,
+    unary_rig,
 )
-from numbersvc.sandbox import SandboxControl
 from numbersvc.v1 import number_groups_pb2_grpc as pb_grpc
 
 __all__ = ["HOT_SPOTS", "Profile", "attribute", "main", "summarize"]
@@ -276,47 +268,30 @@ async def profile_server(
     Returns:
         The summary's header: what was recorded, the load and the server's CPU per call.
     """
-    with tempfile.TemporaryDirectory(prefix="bench-profile-") as tmp:
-        log_dir = Path(tmp)
-        children: list[Child] = []
-        try:
-            sandbox, url = await start_sandbox(log_dir)
-            children.append(sandbox)
-            async with SandboxControl(url, timeout_seconds=60.0) as control:
-                direct = Direct(url)
-                try:
-                    await seed_unary(control, direct)
-                    env = server_env(url, rate_off=True, extra=extra_env)
-                    server, target = await start_server("server-rate-off", env, log_dir)
-                    children.append(server)
-                    async with grpc.aio.insecure_channel(target) as channel:
-                        stub = pb_grpc.NumberGroupServiceStub(channel)
-                        pages = await collect_pages(stub, control, url, UNARY_FILTER)
-                        call = list_call(stub, pages, UNARY_FILTER)
-                        assignments = disjoint_assignments(len(pages), CONCURRENCY)
-                        await run_phase(call, assignments, 1_000, {})  # warm-up
-                        argv = [spy, "record", "--pid", str(server.pid), "--rate", str(rate)]
-                        argv += ["--duration", f"{seconds:g}", "--format", "raw", "-o", str(raw)]
-                        argv += ["--nolineno", "--nonblocking"]
-                        cpu_before = cpu_seconds(server.pid)
-                        started = time.perf_counter()
-                        process = await asyncio.create_subprocess_exec(
-                            *argv,
-                            stdin=asyncio.subprocess.DEVNULL,
-                            stdout=asyncio.subprocess.DEVNULL,
-                            stderr=asyncio.subprocess.DEVNULL,
-                        )
-                        calls = await _load_until(process, call, len(pages))
-                        wall = time.perf_counter() - started
-                        cpu = cpu_seconds(server.pid) - cpu_before
-                        if await process.wait() != 0:
-                            raise RuntimeError(f"py-spy exited with {process.returncode}")
-                finally:
-                    await direct.aclose()
-        finally:
-            for child in reversed(children):
-                sig = signal.SIGINT if child.name == "sandbox" else signal.SIGTERM
-                await child.stop(sig)
+    async with unary_rig("bench-profile-") as rig:
+        server, target = await rig.server("server-rate-off", extra_env)
+        async with grpc.aio.insecure_channel(target) as channel:
+            stub = pb_grpc.NumberGroupServiceStub(channel)
+            pages = await collect_pages(stub, rig.control, rig.url, UNARY_FILTER)
+            call = list_call(stub, pages, UNARY_FILTER)
+            assignments = disjoint_assignments(len(pages), CONCURRENCY)
+            await run_phase(call, assignments, 1_000, {})  # warm-up
+            argv = [spy, "record", "--pid", str(server.pid), "--rate", str(rate)]
+            argv += ["--duration", f"{seconds:g}", "--format", "raw", "-o", str(raw)]
+            argv += ["--nolineno", "--nonblocking"]
+            cpu_before = cpu_seconds(server.pid)
+            started = time.perf_counter()
+            process = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.DEVNULL,
+            )
+            calls = await _load_until(process, call, len(pages))
+            wall = time.perf_counter() - started
+            cpu = cpu_seconds(server.pid) - cpu_before
+            if await process.wait() != 0:
+                raise RuntimeError(f"py-spy exited with {process.returncode}")
     return [
         f"py-spy record of the server under the row-2 load ({CONCURRENCY} concurrent"
         f" ListNumberGroups, rate budget off): {seconds:g} s at {rate} Hz,"
