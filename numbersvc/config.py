@@ -18,6 +18,7 @@ from typing import Any, Final
 
 from numbersvc.ledger import default_ledger_path
 from numbersvc.upstream.ratelimit import parse_rate
+from numbersvc.upstream.transport import HttpStack
 
 __all__ = [
     "Config",
@@ -155,6 +156,12 @@ class Config:
     )
     upstream_max_connections: int = _s(
         64, "NUMBERSVC_UPSTREAM_MAX_CONNECTIONS", "upstream HTTP connection pool size"
+    )
+    upstream_http_stack: HttpStack = _s(
+        HttpStack.AIOHTTP,
+        "NUMBERSVC_UPSTREAM_HTTP_STACK",
+        "HTTP implementation under httpx: aiohttp (faster here) or httpcore",
+        "aiohttp|httpcore",
     )
     drain_seconds: float = _s(
         5.0, "NUMBERSVC_DRAIN_SECONDS", "on SIGTERM: NOT_SERVING this long before stopping"
@@ -358,6 +365,7 @@ _PARSERS: Final[dict[str, Callable[[str], Any]]] = {
     "bool": lambda raw: _boolean(raw),
     "Secret": Secret,
     "UpstreamKind | None": UpstreamKind,
+    "HttpStack": HttpStack,
 }
 
 

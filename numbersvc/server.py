@@ -204,6 +204,7 @@ async def _upstream(
         user_agent=f"numbersvc/{__version__}",
         max_connections=config.upstream_max_connections,
         max_keepalive_connections=config.upstream_max_connections,
+        http_stack=config.upstream_http_stack,
         rate_limiter=limiter,
         observer=observe,
         headers=upstream_headers,

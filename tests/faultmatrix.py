@@ -267,9 +267,9 @@ def _channel(running: RunningServer) -> grpc.aio.Channel:
     return grpc.aio.insecure_channel(f"127.0.0.1:{running.port}")
 
 
-async def start_rig(control: SandboxControl, start: StartServer) -> Rig:
-    """Start the matrix's server on the sandbox and learn a group id from it."""
-    running = await start(**SERVER_OVERRIDES)
+async def start_rig(control: SandboxControl, start: StartServer, **overrides: Any) -> Rig:
+    """Start the matrix's server (config `overrides` on top) and learn a group id from it."""
+    running = await start(**{**SERVER_OVERRIDES, **overrides})
     main = _Endpoint(running, _channel(running))
     page = await main.stub.ListNumberGroups(pb.ListNumberGroupsRequest(filter=US, page_size=1))
     return Rig(control=control, main=main, group_id=page.number_groups[0].group_id, start=start)

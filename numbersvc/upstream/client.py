@@ -44,6 +44,7 @@ from numbersvc.upstream.errors import (
     parse_retry_after,
 )
 from numbersvc.upstream.ratelimit import TokenBucket
+from numbersvc.upstream.transport import HttpStack, build_transport
 
 __all__ = [
     "DEFAULT_BASE_URL",
@@ -177,6 +178,7 @@ class PlivoClient:
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         max_keepalive_connections: int = DEFAULT_MAX_KEEPALIVE_CONNECTIONS,
         keepalive_expiry_seconds: float = DEFAULT_KEEPALIVE_EXPIRY_SECONDS,
+        http_stack: HttpStack = HttpStack.AIOHTTP,
         transport: httpx.AsyncBaseTransport | None = None,
         rate_limiter: TokenBucket | None = None,
         observer: Observer | None = None,
@@ -193,8 +195,10 @@ class PlivoClient:
             max_connections: The most connections open at once.
             max_keepalive_connections: The most idle connections kept for reuse.
             keepalive_expiry_seconds: How long an idle connection is kept, in seconds.
-            transport: An httpx transport to use instead of the default pooled one (tests pass
-                `httpx.MockTransport`). The pool limits above apply only to the default one.
+            http_stack: The HTTP implementation under httpx (`transport.py`): aiohttp, measured
+                faster here, or httpcore, httpx's own.
+            transport: An httpx transport to use instead of the pooled `http_stack` one (tests
+                pass `httpx.MockTransport`). The pool limits above apply only to the pooled one.
             rate_limiter: The bucket every request takes a token from before it is sent; share
                 one per Plivo account. `None` sends without limit.
             observer: Told of every attempt's outcome: (operation `search|get|rent`, the HTTP
@@ -228,12 +232,13 @@ class PlivoClient:
         self._client = httpx.AsyncClient(
             auth=httpx.BasicAuth(auth_id, auth_token),
             headers={"Accept": "application/json", "User-Agent": user_agent},
-            limits=httpx.Limits(
+            transport=transport
+            or build_transport(
+                http_stack,
                 max_connections=max_connections,
                 max_keepalive_connections=max_keepalive_connections,
-                keepalive_expiry=keepalive_expiry_seconds,
+                keepalive_expiry_seconds=keepalive_expiry_seconds,
             ),
-            transport=transport,
             # NOTE: never follow redirects; a redirected POST could rent twice or elsewhere.
             follow_redirects=False,
             # Ignore HTTP(S)_PROXY and .netrc from the environment: the process's behaviour

@@ -3,7 +3,8 @@
 Every cell of `tests.faultmatrix` (fault x RPC): the exact gRPC code and `ErrorInfo` reason,
 the detail types, within the deadline (plus 0.5 s), the number of upstream requests it cost
 (reads retry, rents never do), and a server that keeps serving afterwards. Each cell gets a
-fresh sandbox and server; `make faults` runs the same cells on one of each and prints them.
+fresh sandbox and server, once per HTTP stack (aiohttp, httpcore); `make faults` runs the same
+cells on one of each, with the shipped stack, and prints them.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import pytest
 
 from numbersvc.sandbox import SandboxControl
 from numbersvc.sandbox.faults import FaultKind, FaultSpec
+from numbersvc.upstream.transport import HttpStack
 from numbersvc.v1 import number_groups_pb2 as pb
 from tests import faultmatrix
 from tests.e2e.conftest import StartServer
@@ -22,9 +24,13 @@ from tests.faultmatrix import DEADLINE_SECONDS, DEADLINE_SLACK_SECONDS, OPERATIO
 US = pb.SearchFilter(region_code="US")
 
 
-@pytest.fixture
-async def rig(start_server: StartServer, control: SandboxControl) -> AsyncIterator[faultmatrix.Rig]:
-    rig = await faultmatrix.start_rig(control, start_server)
+# Every cell on both HTTP stacks: they must agree on what may have reached Plivo.
+@pytest.fixture(params=list(HttpStack), ids=str)
+async def rig(
+    start_server: StartServer, control: SandboxControl, request: pytest.FixtureRequest
+) -> AsyncIterator[faultmatrix.Rig]:
+    stack = HttpStack(request.param)
+    rig = await faultmatrix.start_rig(control, start_server, upstream_http_stack=stack)
     yield rig
     await rig.aclose()
 

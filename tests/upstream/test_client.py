@@ -1,4 +1,7 @@
-"""Tests for numbersvc.upstream.client: requests, error mapping, secrecy and real socket faults."""
+"""Tests for numbersvc.upstream.client: requests, error mapping, secrecy, the rate budget.
+
+Real sockets and their faults are in test_transport.py, for every HTTP stack.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +9,6 @@ import asyncio
 import base64
 import json
 import logging
-import socket
-import struct
 import time
 from collections.abc import Awaitable, Callable, Iterator
 
@@ -32,16 +33,11 @@ from .conftest import (
     AUTH_TOKEN,
     BASE_URL,
     MakeClient,
-    RawHandler,
-    RawServer,
-    read_request,
 )
 
 GROUPS = f"/v1/Account/{AUTH_ID}/AvailableNumberGroup/"
 TIMEOUT = 5.0
 GROUP = {"api_id": "g-1", "group_id": "55350421590053", "stock": 3}
-
-StartServer = Callable[[RawHandler], Awaitable[RawServer]]
 
 
 class Recorder:
@@ -522,101 +518,3 @@ async def test_rate_off_sends_everything_at_once(make_client: MakeClient) -> Non
     for _ in range(50):
         await client.get_number_group("1", timeout_seconds=TIMEOUT, max_wait_seconds=0.0)
     assert len(recorder.requests) == 50
-
-
-# --- real sockets -----------------------------------------------------------------------------
-
-OK_RESPONSE = (
-    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 16\r\n\r\n"
-    b'{"api_id": "k1"}'
-)
-
-
-async def test_keep_alive_reuses_one_connection(
-    make_client: MakeClient, raw_server: StartServer
-) -> None:
-    async def serve_many(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while True:
-            await read_request(reader)
-            writer.write(OK_RESPONSE)
-            await writer.drain()
-
-    server = await raw_server(serve_many)
-    client = make_client(base_url=server.base_url)
-    for _ in range(3):
-        response = await client.get_number_group("1", timeout_seconds=TIMEOUT)
-        assert response.api_id == "k1"
-    assert server.connections == 1
-
-
-async def test_reset_before_response(make_client: MakeClient, raw_server: StartServer) -> None:
-    async def reset(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_request(reader)
-        sock = writer.get_extra_info("socket")
-        # SO_LINGER with a zero timeout makes close() send RST instead of FIN.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        writer.transport.abort()
-
-    server = await raw_server(reset)
-    with pytest.raises(UpstreamTransportError) as caught:
-        await make_client(base_url=server.base_url).rent_numbers("1", {}, timeout_seconds=TIMEOUT)
-    assert type(caught.value) is UpstreamTransportError
-    assert caught.value.request_sent is True
-
-
-async def test_close_before_response(make_client: MakeClient, raw_server: StartServer) -> None:
-    async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_request(reader)
-        writer.close()
-
-    server = await raw_server(hang_up)
-    with pytest.raises(UpstreamTransportError) as caught:
-        await make_client(base_url=server.base_url).get_number_group("1", timeout_seconds=TIMEOUT)
-    assert isinstance(caught.value.__cause__, httpx.RemoteProtocolError)
-    assert caught.value.request_sent is True
-
-
-async def test_connection_refused(make_client: MakeClient) -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    # The port is now closed: nothing listens there.
-    client = make_client(base_url=f"http://127.0.0.1:{port}")
-    with pytest.raises(UpstreamConnectError) as caught:
-        await client.rent_numbers("1", {}, timeout_seconds=TIMEOUT)
-    assert caught.value.request_sent is False
-
-
-async def test_hang_times_out_on_time(make_client: MakeClient, raw_server: StartServer) -> None:
-    async def hang(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_request(reader)
-        await asyncio.Event().wait()
-
-    server = await raw_server(hang)
-    started = time.monotonic()
-    with pytest.raises(UpstreamTimeoutError) as caught:
-        await make_client(base_url=server.base_url).get_number_group("1", timeout_seconds=0.3)
-    assert time.monotonic() - started < 0.3 + 0.2
-    assert caught.value.request_sent is True
-
-
-async def test_slow_drip_body_is_bounded_by_the_total_timeout(
-    make_client: MakeClient, raw_server: StartServer
-) -> None:
-    drip_interval = 0.05  # far below the 0.3 s read timeout: httpx alone would never fire
-
-    async def drip(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n")
-        for _ in range(1000):
-            writer.write(b" ")
-            await writer.drain()
-            await asyncio.sleep(drip_interval)
-
-    server = await raw_server(drip)
-    started = time.monotonic()
-    with pytest.raises(UpstreamTimeoutError) as caught:
-        await make_client(base_url=server.base_url).get_number_group("1", timeout_seconds=0.3)
-    assert time.monotonic() - started < 0.3 + 0.2
-    assert caught.value.request_sent is True
-    assert isinstance(caught.value.__cause__, TimeoutError)

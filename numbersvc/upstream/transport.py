@@ -1,0 +1,240 @@
+"""The HTTP stack under `PlivoClient`'s httpx API: aiohttp's pool and parser, or httpcore's.
+
+httpx stays the client API (auth, URLs, headers, timeouts per phase, the exception types the
+rest of `numbersvc.upstream` maps); only the transport under it changes. `AiohttpTransport`
+runs each request on an `aiohttp.ClientSession` (C-accelerated HTTP parser, a connection pool
+without a per-request scan of every connection); `make bench` measured it against httpx's own
+httpcore transport (docs/performance.md). `build_transport` picks one by name.
+
+What must stay exact is the answer to "may the request have reached Plivo?", because a rent
+whose request never left may be released and retried, and one that may have arrived may not.
+aiohttp's exceptions are turned into httpx's in ONE table, `_AIOHTTP_ERRORS`, where only
+failures while getting a connection (pool wait, DNS, TCP, TLS) become httpx's "never sent"
+classes; everything after a connection was in hand is "maybe sent", as httpcore reports it.
+aiohttp also retries an idempotent request once on a kept-alive connection that breaks;
+`_no_silent_retry` stops that, so every attempt is one our retry policy decided on and counted.
+"""
+
+from __future__ import annotations
+
+import enum
+import ssl
+from collections.abc import AsyncIterator, Mapping
+from typing import Final
+
+import aiohttp
+import httpx
+import yarl
+
+__all__ = [
+    "AiohttpTransport",
+    "HttpStack",
+    "build_transport",
+    "httpx_error_class",
+]
+
+
+class HttpStack(enum.StrEnum):
+    """Which HTTP implementation carries httpx's requests to Plivo."""
+
+    AIOHTTP = "aiohttp"
+    HTTPCORE = "httpcore"
+
+
+# aiohttp exception -> the httpx exception it becomes; looked up along the class's MRO, so
+# every aiohttp exception lands on its nearest row. httpx's never-sent classes (ConnectError,
+# ConnectTimeout, UnsupportedProtocol) appear only for failures before a connection existed.
+_AIOHTTP_ERRORS: Final[Mapping[type[BaseException], type[httpx.TransportError]]] = {
+    # Raised by the connector only: DNS, TCP connect, TLS handshake (certificate errors are
+    # subclasses), so the request was never written.
+    aiohttp.ClientConnectorError: httpx.ConnectError,
+    # The `connect` timeout covers the wait for a pool slot and the connect itself.
+    aiohttp.ConnectionTimeoutError: httpx.ConnectTimeout,
+    # Refused before any connection: not http(s), or no host.
+    aiohttp.InvalidURL: httpx.UnsupportedProtocol,
+    aiohttp.NonHttpUrlClientError: httpx.UnsupportedProtocol,
+    # Everything below happens with a connection in hand: the request may have left.
+    aiohttp.SocketTimeoutError: httpx.ReadTimeout,
+    aiohttp.ServerTimeoutError: httpx.ReadTimeout,
+    aiohttp.ServerDisconnectedError: httpx.RemoteProtocolError,
+    aiohttp.ClientPayloadError: httpx.RemoteProtocolError,
+    aiohttp.ClientResponseError: httpx.RemoteProtocolError,
+    aiohttp.ClientOSError: httpx.ReadError,
+    aiohttp.ClientConnectionError: httpx.ReadError,
+    aiohttp.ClientError: httpx.ReadError,
+    # aiohttp wraps socket errors, but a bare one would also be "maybe sent".
+    OSError: httpx.ReadError,
+}
+
+
+def httpx_error_class(error: type[BaseException]) -> type[httpx.TransportError]:
+    """Return the httpx exception class an aiohttp (or socket) error class becomes."""
+    return next(_AIOHTTP_ERRORS[k] for k in error.__mro__ if k in _AIOHTTP_ERRORS)
+
+
+def _to_httpx(exc: BaseException, request: httpx.Request) -> httpx.TransportError:
+    return httpx_error_class(type(exc))(str(exc) or type(exc).__name__, request=request)
+
+
+class _AfterConnect(Exception):
+    """Carries an aiohttp error past aiohttp's own retry of idempotent requests."""
+
+    def __init__(self, error: aiohttp.ClientError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+async def _no_silent_retry(
+    request: aiohttp.ClientRequest, handler: aiohttp.ClientHandlerType
+) -> aiohttp.ClientResponse:
+    """Client middleware: a broken kept-alive connection ends the attempt; it is not re-sent.
+
+    NOTE: aiohttp re-sends a GET whose reused connection fails (RFC 9112 allows it). Here that
+    would double requests behind the retry policy's back and spend the rate budget twice, so
+    the errors it retries on are wrapped into one it does not know.
+    """
+    try:
+        return await handler(request)
+    except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError):
+        raise
+    except (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError) as exc:
+        raise _AfterConnect(exc) from exc
+
+
+class _ResponseBody(httpx.AsyncByteStream):
+    """An aiohttp response body as an httpx stream; its errors become httpx's."""
+
+    def __init__(self, response: aiohttp.ClientResponse, request: httpx.Request) -> None:
+        self._response = response
+        self._request = request
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self._response.content.iter_any():
+                yield chunk
+        except (aiohttp.ClientError, OSError) as exc:
+            raise _to_httpx(exc, self._request) from exc
+
+    async def aclose(self) -> None:
+        # A body read to its end has already handed the connection back to the pool, so this
+        # only marks the response done; one cut short (an error, a cancelled call) is dropped.
+        self._response.close()
+
+
+class AiohttpTransport(httpx.AsyncBaseTransport):
+    """An httpx transport that sends each request with aiohttp.
+
+    HTTP/1.1 only. Never follows redirects, keeps no cookies, reads no proxy or netrc settings
+    from the environment, and leaves `Content-Encoding` to httpx (so decoding errors stay
+    httpx's `DecodingError`). The session is made on first use, on the running loop.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_connections: int,
+        keepalive_expiry_seconds: float,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        """Configure the pool; no socket is opened until the first request.
+
+        Args:
+            max_connections: The most connections open at once (idle ones included: aiohttp
+                has no separate limit for idle connections).
+            keepalive_expiry_seconds: How long an idle connection is kept, in seconds.
+            ssl_context: Trust for https URLs; httpx's default (certifi's CAs) when None.
+        """
+        self._max_connections = max_connections
+        self._keepalive_expiry_seconds = keepalive_expiry_seconds
+        self._ssl_context = ssl_context or httpx.create_ssl_context()
+        self._session: aiohttp.ClientSession | None = None
+        self._closed = False
+
+    def _open_session(self) -> aiohttp.ClientSession:
+        if self._closed:
+            raise RuntimeError("the transport is closed")
+        connector = aiohttp.TCPConnector(
+            limit=self._max_connections,
+            limit_per_host=0,
+            keepalive_timeout=self._keepalive_expiry_seconds,
+            ssl=self._ssl_context,
+        )
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            cookie_jar=aiohttp.DummyCookieJar(),
+            auto_decompress=False,
+            trust_env=False,
+            raise_for_status=False,
+            middlewares=(_no_silent_retry,),
+        )
+        return self._session
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        """Send `request` and return the response with its body still to be read."""
+        session = self._session or self._open_session()
+        timeouts = request.extensions.get("timeout", {})
+        connect, pool = timeouts.get("connect"), timeouts.get("pool")
+        timeout = aiohttp.ClientTimeout(
+            total=None,
+            connect=None if connect is None or pool is None else connect + pool,
+            sock_connect=connect,
+            sock_read=timeouts.get("read"),
+        )
+        try:
+            response = await session.request(
+                request.method,
+                # Already percent-encoded by httpx (and by us: "%2E" must stay as it is).
+                yarl.URL(str(request.url), encoded=True),
+                headers=[
+                    (k.decode("latin-1"), v.decode("latin-1")) for k, v in request.headers.raw
+                ],
+                data=await request.aread() or None,
+                allow_redirects=False,
+                timeout=timeout,
+            )
+        except _AfterConnect as exc:
+            raise _to_httpx(exc.error, request) from exc.error
+        except (aiohttp.ClientError, OSError) as exc:
+            raise _to_httpx(exc, request) from exc
+        return httpx.Response(
+            status_code=response.status,
+            headers=response.raw_headers,
+            stream=_ResponseBody(response, request),
+            extensions={
+                "http_version": b"HTTP/1.1",
+                "reason_phrase": (response.reason or "").encode("latin-1", "replace"),
+            },
+        )
+
+    async def aclose(self) -> None:
+        """Close the pool and every connection in it."""
+        self._closed = True
+        if self._session is not None:
+            await self._session.close()
+
+
+def build_transport(
+    stack: HttpStack,
+    *,
+    max_connections: int,
+    max_keepalive_connections: int,
+    keepalive_expiry_seconds: float,
+) -> httpx.AsyncBaseTransport:
+    """Return the pooled transport for `stack` with these limits.
+
+    `max_keepalive_connections` applies to httpcore only (aiohttp keeps every idle connection
+    within `max_connections` until it expires).
+    """
+    if stack is HttpStack.AIOHTTP:
+        return AiohttpTransport(
+            max_connections=max_connections, keepalive_expiry_seconds=keepalive_expiry_seconds
+        )
+    return httpx.AsyncHTTPTransport(
+        limits=httpx.Limits(
+            max_connections=max_connections,
+            max_keepalive_connections=max_keepalive_connections,
+            keepalive_expiry=keepalive_expiry_seconds,
+        ),
+        # The process's behaviour comes from its config alone, not SSL_CERT_FILE & co.
+        trust_env=False,
+    )

@@ -1,0 +1,312 @@
+"""Real sockets under `PlivoClient`, for every HTTP stack (numbersvc.upstream.transport).
+
+Each test runs on aiohttp and on httpcore: the two must agree on what reaches the server, on
+keep-alive, and above all on `request_sent` for every way a connection can fail, because a
+rent is released for retry only when its request certainly never left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+import struct
+import time
+from collections.abc import Awaitable, Callable
+
+import httpx
+import pytest
+import trustme
+
+from numbersvc.upstream.client import _HTTPX_ERRORS, PlivoClient
+from numbersvc.upstream.errors import (
+    UpstreamConnectError,
+    UpstreamTimeoutError,
+    UpstreamTransportError,
+)
+from numbersvc.upstream.transport import AiohttpTransport, HttpStack, httpx_error_class
+
+from .conftest import AUTH_ID, MakeClient, RawHandler, RawServer, read_request
+
+StartServer = Callable[[RawHandler], Awaitable[RawServer]]
+Reader = asyncio.StreamReader
+Writer = asyncio.StreamWriter
+
+TIMEOUT = 5.0
+OK_RESPONSE = (
+    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 16\r\n\r\n"
+    b'{"api_id": "k1"}'
+)
+
+
+@pytest.fixture(params=list(HttpStack), ids=str)
+def stack(request: pytest.FixtureRequest) -> HttpStack:
+    return HttpStack(request.param)
+
+
+@pytest.fixture
+def client_for(make_client: MakeClient, stack: HttpStack) -> Callable[..., PlivoClient]:
+    """Build a client on `stack` against a base URL."""
+
+    def build(base_url: str, **kwargs: object) -> PlivoClient:
+        return make_client(base_url=base_url, http_stack=stack, **kwargs)
+
+    return build
+
+
+def reset(writer: Writer) -> None:
+    """Close the connection with a TCP RST instead of a FIN."""
+    sock = writer.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()
+
+
+async def test_keep_alive_reuses_one_connection(
+    client_for: Callable[..., PlivoClient], raw_server: StartServer
+) -> None:
+    async def serve_many(reader: Reader, writer: Writer) -> None:
+        while True:
+            await read_request(reader)
+            writer.write(OK_RESPONSE)
+            await writer.drain()
+
+    server = await raw_server(serve_many)
+    client = client_for(server.base_url)
+    for _ in range(3):
+        response = await client.get_number_group("1", timeout_seconds=TIMEOUT)
+        assert response.api_id == "k1"
+    assert server.connections == 1
+
+
+async def test_both_stacks_send_the_same_request(
+    make_client: MakeClient, raw_server: StartServer
+) -> None:
+    heads: list[bytes] = []
+
+    async def record(reader: Reader, writer: Writer) -> None:
+        heads.append(await read_request(reader))
+        writer.write(OK_RESPONSE)
+        await writer.drain()
+
+    server = await raw_server(record)
+    for stack in HttpStack:
+        client = make_client(base_url=server.base_url, http_stack=stack)
+        await client.rent_numbers("4.2/..", {"quantity": 2}, timeout_seconds=TIMEOUT)
+
+    def significant(head: bytes) -> tuple[bytes, dict[bytes, bytes], bytes]:
+        top, _, body = head.partition(b"\r\n\r\n")
+        line, *fields = top.split(b"\r\n")
+        headers = {k.lower(): v.strip() for k, _, v in (f.partition(b":") for f in fields)}
+        # Framing and connection management may differ; what Plivo reads may not.
+        for name in (b"connection", b"accept-encoding", b"host"):
+            headers.pop(name, None)
+        return line, headers, body
+
+    aiohttp_head, httpcore_head = (significant(head) for head in heads)
+    assert aiohttp_head == httpcore_head
+    line, headers, body = aiohttp_head
+    # Percent-encoding made by the client (the dot of a group id included) goes out verbatim.
+    path = f"/v1/Account/{AUTH_ID}/AvailableNumberGroup/4%2E2%2F%2E%2E/"
+    assert line == f"POST {path} HTTP/1.1".encode()
+    assert headers[b"content-type"] == b"application/json"
+    assert headers[b"authorization"].startswith(b"Basic ")
+    assert body == b'{"quantity":2}'
+
+
+async def test_reset_before_response(
+    client_for: Callable[..., PlivoClient], raw_server: StartServer
+) -> None:
+    async def reset_after_request(reader: Reader, writer: Writer) -> None:
+        await read_request(reader)
+        reset(writer)
+
+    server = await raw_server(reset_after_request)
+    with pytest.raises(UpstreamTransportError) as caught:
+        await client_for(server.base_url).rent_numbers("1", {}, timeout_seconds=TIMEOUT)
+    assert type(caught.value) is UpstreamTransportError
+    assert caught.value.request_sent is True
+
+
+async def test_close_before_response(
+    client_for: Callable[..., PlivoClient], raw_server: StartServer
+) -> None:
+    async def hang_up(reader: Reader, writer: Writer) -> None:
+        await read_request(reader)
+        writer.close()
+
+    server = await raw_server(hang_up)
+    with pytest.raises(UpstreamTransportError) as caught:
+        await client_for(server.base_url).get_number_group("1", timeout_seconds=TIMEOUT)
+    assert isinstance(caught.value.__cause__, httpx.RemoteProtocolError)
+    assert caught.value.request_sent is True
+
+
+@pytest.mark.parametrize("operation", ["get", "rent"])
+async def test_a_kept_alive_connection_that_breaks_is_not_silently_retried(
+    client_for: Callable[..., PlivoClient], raw_server: StartServer, operation: str
+) -> None:
+    # aiohttp on its own re-sends a GET whose reused connection fails: two requests would
+    # reach Plivo for one attempt, behind the retry policy's and the rate budget's back.
+    requests = 0
+
+    async def once_then_reset(reader: Reader, writer: Writer) -> None:
+        nonlocal requests
+        await read_request(reader)
+        requests += 1
+        if requests == 1:
+            writer.write(OK_RESPONSE)
+            await writer.drain()
+            await read_request(reader)
+            requests += 1
+        reset(writer)
+
+    server = await raw_server(once_then_reset)
+    client = client_for(server.base_url)
+    await client.get_number_group("1", timeout_seconds=TIMEOUT)
+    second = (
+        client.get_number_group("1", timeout_seconds=TIMEOUT)
+        if operation == "get"
+        else client.rent_numbers("1", {}, timeout_seconds=TIMEOUT)
+    )
+    with pytest.raises(UpstreamTransportError) as caught:
+        await second
+    assert caught.value.request_sent is True
+    await asyncio.sleep(0.05)  # a retry, if any, would have connected by now
+    assert (requests, server.connections) == (2, 1)
+
+
+async def test_truncated_body(
+    client_for: Callable[..., PlivoClient], raw_server: StartServer
+) -> None:
+    async def short(reader: Reader, writer: Writer) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n" + b'{"api_id"')
+        await writer.drain()
+        writer.close()
+
+    server = await raw_server(short)
+    with pytest.raises(UpstreamTransportError) as caught:
+        await client_for(server.base_url).rent_numbers("1", {}, timeout_seconds=TIMEOUT)
+    assert type(caught.value) is UpstreamTransportError
+    assert caught.value.request_sent is True
+
+
+async def test_garbage_instead_of_http(
+    client_for: Callable[..., PlivoClient], raw_server: StartServer
+) -> None:
+    async def garbage(reader: Reader, writer: Writer) -> None:
+        await read_request(reader)
+        writer.write(b"SSH-2.0-OpenSSH_9.6\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await raw_server(garbage)
+    with pytest.raises(UpstreamTransportError) as caught:
+        await client_for(server.base_url).rent_numbers("1", {}, timeout_seconds=TIMEOUT)
+    assert isinstance(caught.value.__cause__, httpx.RemoteProtocolError)
+    assert caught.value.request_sent is True
+
+
+async def test_connection_refused(client_for: Callable[..., PlivoClient]) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    # The port is now closed: nothing listens there.
+    client = client_for(f"http://127.0.0.1:{port}")
+    with pytest.raises(UpstreamConnectError) as caught:
+        await client.rent_numbers("1", {}, timeout_seconds=TIMEOUT)
+    assert caught.value.request_sent is False
+
+
+async def test_untrusted_certificate_is_a_connect_error(
+    client_for: Callable[..., PlivoClient],
+) -> None:
+    authority = trustme.CA()
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    authority.issue_cert("127.0.0.1").configure_cert(context)
+    seen: list[bytes] = []
+
+    async def handle(reader: Reader, writer: Writer) -> None:
+        seen.append(await reader.read(1))
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=context)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        with pytest.raises(UpstreamConnectError) as caught:
+            await client_for(f"https://127.0.0.1:{port}").rent_numbers(
+                "1", {}, timeout_seconds=TIMEOUT
+            )
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert caught.value.request_sent is False
+    assert seen in ([], [b""])  # the handshake failed: no byte of the request arrived
+
+
+async def test_hang_times_out_on_time(
+    client_for: Callable[..., PlivoClient], raw_server: StartServer
+) -> None:
+    async def hang(reader: Reader, writer: Writer) -> None:
+        await read_request(reader)
+        await asyncio.Event().wait()
+
+    server = await raw_server(hang)
+    started = time.monotonic()
+    with pytest.raises(UpstreamTimeoutError) as caught:
+        await client_for(server.base_url).get_number_group("1", timeout_seconds=0.3)
+    assert time.monotonic() - started < 0.3 + 0.2
+    assert caught.value.request_sent is True
+
+
+async def test_slow_drip_body_is_bounded_by_the_total_timeout(
+    client_for: Callable[..., PlivoClient], raw_server: StartServer
+) -> None:
+    drip_interval = 0.05  # far below the 0.3 s read timeout: the socket timeouts never fire
+
+    async def drip_then_serve(reader: Reader, writer: Writer) -> None:
+        await read_request(reader)
+        if raw.connections == 1:
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n")
+            for _ in range(1000):
+                writer.write(b" ")
+                await writer.drain()
+                await asyncio.sleep(drip_interval)
+        writer.write(OK_RESPONSE)
+        await writer.drain()
+
+    raw = await raw_server(drip_then_serve)
+    client = client_for(raw.base_url)
+    started = time.monotonic()
+    with pytest.raises(UpstreamTimeoutError) as caught:
+        await client.get_number_group("1", timeout_seconds=0.3)
+    assert time.monotonic() - started < 0.3 + 0.2
+    assert caught.value.request_sent is True
+    assert isinstance(caught.value.__cause__, TimeoutError)
+    # The half-read connection is never reused: the next call gets a fresh one.
+    assert (await client.get_number_group("1", timeout_seconds=TIMEOUT)).api_id == "k1"
+    assert raw.connections == 2
+
+
+def test_only_errors_before_a_connection_are_never_sent() -> None:
+    import aiohttp
+
+    classes = [getattr(aiohttp, name) for name in dir(aiohttp)]
+    errors = [c for c in classes if isinstance(c, type) and issubclass(c, aiohttp.ClientError)]
+    assert len(errors) > 20
+    before_a_connection = (
+        aiohttp.ClientConnectorError
+        | aiohttp.ConnectionTimeoutError
+        | aiohttp.InvalidURL
+        | aiohttp.NonHttpUrlClientError
+    )
+    for error in errors:
+        _, request_sent = _HTTPX_ERRORS[httpx_error_class(error)]
+        assert request_sent or issubclass(error, before_a_connection), error
+
+
+async def test_a_closed_transport_refuses_requests() -> None:
+    transport = AiohttpTransport(max_connections=1, keepalive_expiry_seconds=1.0)
+    await transport.aclose()
+    with pytest.raises(RuntimeError):
+        await transport.handle_async_request(httpx.Request("GET", "http://127.0.0.1:9/"))
