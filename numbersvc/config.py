@@ -149,7 +149,7 @@ class Config:
         "300/5s", "NUMBERSVC_UPSTREAM_RATE", "budget of Plivo requests, N/<time>, or off"
     )
     stream_read_ahead_pages: int = _s(
-        4, "NUMBERSVC_STREAM_READ_AHEAD_PAGES", "pages a stream fetches ahead of its reader"
+        16, "NUMBERSVC_STREAM_READ_AHEAD_PAGES", "pages a stream fetches ahead of its reader"
     )
     coalesce_reads: bool = _s(
         True, "NUMBERSVC_COALESCE_READS", "identical reads in flight share one upstream call"

@@ -21,7 +21,7 @@ import asyncio
 import random
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Final, TypeVar
 
 from numbersvc.deadline import Deadline
 from numbersvc.upstream.errors import (
@@ -152,6 +152,10 @@ def _server_delay(exc: BaseException) -> float | None:
     return exc.retry_after_seconds if isinstance(exc, UpstreamStatusError) else None
 
 
+# Shared: seeding a new generator per call read os.urandom on every upstream read (profiled).
+_JITTER: Final = random.Random()
+
+
 async def retry_async(
     target: Callable[[], Awaitable[T]],
     *,
@@ -175,7 +179,7 @@ async def retry_async(
             `policy.min_attempt_seconds` fits in `deadline.remaining()`.
         predicate: Says whether an exception is worth retrying; `is_transient` by default.
         sleep: Sleeps a number of seconds; injectable so tests never wait.
-        rng: The source of jitter; a fresh unseeded `random.Random` by default.
+        rng: The source of jitter; one process-wide unseeded `random.Random` by default.
         on_retry: Called with the error and the delay in seconds just before each sleep (for
             logs and metrics).
 
@@ -187,7 +191,7 @@ async def retry_async(
             `policy.max_attempts` is reached, or when another attempt would not fit before the
             deadline. `asyncio.CancelledError` and other `BaseException`s pass straight through.
     """
-    delays = full_jitter_delays(policy, rng if rng is not None else random.Random())
+    delays = full_jitter_delays(policy, rng if rng is not None else _JITTER)
     attempt = 1
     while True:
         try:

@@ -171,7 +171,7 @@ FIXED_WINDOW = [("grpc.http2.bdp_probe", 0)]
 WINDOW_BYTES = 64 * 1024
 
 
-@pytest.mark.parametrize("read_ahead", [1, 4])
+@pytest.mark.parametrize("read_ahead", [1, 16])
 async def test_paused_reader_stops_the_walk(
     start_server: StartServer, control: SandboxControl, read_ahead: int
 ) -> None:

@@ -25,7 +25,7 @@ def test_defaults_are_what_make_run_uses() -> None:
     assert config.resolved_upstream() is UpstreamKind.SANDBOX
     assert config.default_deadline_seconds == 10.0
     assert config.max_rent_quantity == 10
-    assert config.stream_read_ahead_pages == 4
+    assert config.stream_read_ahead_pages == 16
 
 
 def test_from_env_reads_every_kind_of_setting() -> None:
