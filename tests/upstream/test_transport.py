@@ -244,6 +244,39 @@ async def test_untrusted_certificate_is_a_connect_error(
     assert seen in ([], [b""])  # the handshake failed: no byte of the request arrived
 
 
+async def test_aiohttp_verifies_the_host_name_over_tls(make_client: MakeClient) -> None:
+    authority = trustme.CA()
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    authority.issue_cert("127.0.0.1").configure_cert(context)
+
+    async def handle(reader: Reader, writer: Writer) -> None:
+        await read_request(reader)
+        writer.write(OK_RESPONSE)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=context)
+    port = server.sockets[0].getsockname()[1]
+    trusting = ssl.create_default_context()
+    authority.configure_trust(trusting)
+    try:
+        for host, works in (("127.0.0.1", True), ("localhost", False)):
+            transport = AiohttpTransport(
+                max_connections=1, keepalive_expiry_seconds=1.0, ssl_context=trusting
+            )
+            client = make_client(base_url=f"https://{host}:{port}", transport=transport)
+            if works:
+                response = await client.get_number_group("1", timeout_seconds=TIMEOUT)
+                assert response.api_id == "k1"
+            else:  # the certificate names 127.0.0.1 only
+                with pytest.raises(UpstreamConnectError) as caught:
+                    await client.get_number_group("1", timeout_seconds=TIMEOUT)
+                assert caught.value.request_sent is False
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
 async def test_hang_times_out_on_time(
     client_for: Callable[..., PlivoClient], raw_server: StartServer
 ) -> None:
