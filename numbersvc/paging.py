@@ -120,6 +120,7 @@ async def walk_pages(
     *,
     page_size: int,
     read_ahead: int,
+    enough_at: int | None = None,
 ) -> AsyncGenerator[Page[T], None]:
     """Yield `first` and every page after it, in order, fetching ahead of the consumer.
 
@@ -137,6 +138,9 @@ async def walk_pages(
         first: the page the walk starts with, already fetched by the caller.
         page_size: the upstream page size used for every fetch.
         read_ahead: the most pages fetched but not yet taken back by the consumer.
+        enough_at: the offset by which the consumer expects to have all it wants (a
+            stream's start plus its `max_results`); no page starting there or later is
+            fetched before the consumer asks for it. None: the consumer wants every page.
     """
     pending: deque[tuple[int, asyncio.Future[Page[T]]]] = deque()
     page = first
@@ -147,7 +151,7 @@ async def walk_pages(
                 return
             if pending and pending[0][0] != page.end:
                 _cancel_all(pending)
-            _top_up(pending, fetch, page, page_size, read_ahead)
+            _top_up(pending, fetch, page, page_size, read_ahead, enough_at)
             _, future = pending.popleft()
             page = await future
     finally:
@@ -164,11 +168,15 @@ def _top_up(
     page: Page[T],
     page_size: int,
     read_ahead: int,
+    enough_at: int | None,
 ) -> None:
     next_offset = pending[-1][0] + page_size if pending else page.end
-    # Always fetch the page right after this one (it says more follow); predict further ones
-    # only while the upstream's count says they exist.
-    while len(pending) < read_ahead and (not pending or next_offset < page.total_count):
+    # Always fetch the page right after this one (the consumer asked for it); predict further
+    # ones only while the upstream's count says they exist and the consumer may want them.
+    # NOTE: a shifting inventory can repeat items, which the consumer skips; it then asks for
+    # pages past `enough_at`, and each is fetched when asked for.
+    limit = page.total_count if enough_at is None else min(page.total_count, enough_at)
+    while len(pending) < read_ahead and (not pending or next_offset < limit):
         if next_offset > MAX_OFFSET:
             break
         pending.append((next_offset, asyncio.ensure_future(fetch(next_offset))))

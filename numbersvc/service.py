@@ -15,7 +15,7 @@ import functools
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, Final, TypeVar
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import grpc
 
@@ -39,6 +39,9 @@ from numbersvc.upstream import (
 from numbersvc.v1 import number_groups_pb2 as pb
 from numbersvc.v1 import number_groups_pb2_grpc as pb_grpc
 from numbersvc.validation import SearchQuery
+
+if TYPE_CHECKING:  # a stubs-only name: upb's repeated field is another (C) type
+    from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
 
 __all__ = ["NumberGroupServicer"]
 
@@ -130,12 +133,14 @@ class NumberGroupServicer(pb_grpc.NumberGroupServiceServicer):
         """Return one page of groups."""
         params = validation.validate_list(request)
         deadline = self._deadline(context)
-        page = await self._search(params.query, params.page_size, params.offset, deadline)
-        return pb.ListNumberGroupsResponse(
-            number_groups=page.items,
-            next_page_token=_token(page.end, params.query) if page.has_next else "",
-            total_size=_int32(page.total_count),
+        # The groups are built in the response: passing them in would copy every one.
+        response = pb.ListNumberGroupsResponse()
+        page = await self._search(
+            params.query, params.page_size, params.offset, deadline, into=response.number_groups
         )
+        response.next_page_token = _token(page.end, params.query) if page.has_next else ""
+        response.total_size = _int32(page.total_count)
+        return response
 
     async def StreamNumberGroups(
         self, request: pb.StreamNumberGroupsRequest, context: _Context
@@ -158,8 +163,14 @@ class NumberGroupServicer(pb_grpc.NumberGroupServiceServicer):
                 key=_seen_key, max_results=params.max_results
             )
             read_ahead = self._config.stream_read_ahead_pages
+            # Pages past what `max_results` needs would spend Plivo's rate budget for nothing.
+            enough_at = params.offset + params.max_results if params.max_results else None
             walk = paging.walk_pages(
-                fetch, first, page_size=params.page_size, read_ahead=read_ahead
+                fetch,
+                first,
+                page_size=params.page_size,
+                read_ahead=read_ahead,
+                enough_at=enough_at,
             )
             resume_token = request.page_token
             async with contextlib.aclosing(walk) as pages:
@@ -257,7 +268,13 @@ class NumberGroupServicer(pb_grpc.NumberGroupServiceServicer):
         )
 
     async def _search(
-        self, query: SearchQuery, page_size: int, offset: int, deadline: Deadline
+        self,
+        query: SearchQuery,
+        page_size: int,
+        offset: int,
+        deadline: Deadline,
+        *,
+        into: RepeatedCompositeFieldContainer[pb.NumberGroup] | None = None,
     ) -> Page[pb.NumberGroup]:
         params = translation.search_params(query, limit=page_size, offset=offset)
         body = await self._shared(
@@ -270,7 +287,7 @@ class NumberGroupServicer(pb_grpc.NumberGroupServiceServicer):
                 deadline,
             ),
         )
-        page = translation.parse_search_page(body, region_code=query.region_code)
+        page = translation.parse_search_page(body, region_code=query.region_code, into=into)
         # Page by the offset we asked for: upstream's echo of it is informative only.
         return dataclasses.replace(page, offset=offset)
 

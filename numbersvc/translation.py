@@ -9,10 +9,10 @@ one named place, marked `[I]`.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from decimal import Decimal
 from functools import lru_cache
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from google.type import money_pb2
 
@@ -20,6 +20,9 @@ from numbersvc.paging import Page
 from numbersvc.upstream.errors import UpstreamDecodeError
 from numbersvc.v1 import number_groups_pb2 as pb
 from numbersvc.validation import RentParams, SearchQuery
+
+if TYPE_CHECKING:  # a stubs-only name: upb's repeated field is another (C) type
+    from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
 
 __all__ = [
     "money",
@@ -52,6 +55,10 @@ _NANOS_PER_UNIT: Final = 10**9
 _INT64_MAX: Final = 2**63 - 1
 # [C] Upstream says "no SMS" with the number -1 in `sms_rate` (any spelling of -1 counts).
 _NO_RATE: Final = (True, 1, 0)
+# Rate types whose equal values have equal text, so translated rates can be cached by value.
+# Equal floats or Decimals can differ in text and validity (-0.0 == 0.0, Decimal("1E+1") ==
+# 10), so those are translated afresh.
+_CACHEABLE_RATE: Final = (str, int, type(None))
 
 
 def search_params(query: SearchQuery, *, limit: int, offset: int) -> dict[str, str]:
@@ -87,10 +94,22 @@ def rent_body(params: RentParams) -> dict[str, object]:
     return body
 
 
-def parse_search_page(body: object, *, region_code: str) -> Page[pb.NumberGroup]:
+def parse_search_page(
+    body: object,
+    *,
+    region_code: str,
+    into: RepeatedCompositeFieldContainer[pb.NumberGroup] | None = None,
+) -> Page[pb.NumberGroup]:
     """Translate a search response into a page of groups.
 
     [C] A 200 can carry an `error` string beside an empty result: it reads as no results.
+
+    Args:
+        body: the parsed JSON body.
+        region_code: the country searched for.
+        into: a repeated field to build the groups in (a response's `number_groups`), as
+            a message put into another is copied and one built in place is not; on error it
+            is left partly filled. None: the groups are new messages.
 
     Raises:
         UpstreamDecodeError: the body is not a search response.
@@ -105,7 +124,8 @@ def parse_search_page(body: object, *, region_code: str) -> Page[pb.NumberGroup]
         raise UpstreamDecodeError("search response 'objects' is not a list")
     offset = _int(meta.get("offset", 0), "meta.offset")
     total = _int(meta.get("total_count", 0), "meta.total_count")
-    items = [number_group(_mapping(o, "group"), region_code=region_code) for o in objects]
+    new_group = pb.NumberGroup if into is None else into.add
+    items = [_fill(new_group(), _mapping(o, "group"), region_code) for o in objects]
     return Page(offset=offset, items=items, total_count=total, has_next=_has_next(meta, items))
 
 
@@ -134,31 +154,105 @@ def number_group(obj: Mapping[str, Any], *, region_code: str) -> pb.NumberGroup:
     Raises:
         UpstreamDecodeError: a field has the wrong type, or a rate is not a decimal.
     """
-    raw_type = _str(obj.get("number_type", ""), "number_type")
-    voice = _bool(obj.get("voice_enabled", False), "voice_enabled")
-    sms = _bool(obj.get("sms_enabled", False), "sms_enabled")
+    return _fill(pb.NumberGroup(), obj, region_code)
+
+
+def _fill(group: pb.NumberGroup, obj: Mapping[str, Any], region_code: str) -> pb.NumberGroup:
+    """Do `number_group` in a given message (a new one, or one just added to a response)."""
+    # This runs for every group of every page. Each field is tested for the exact type Plivo
+    # sends, and only another type goes through the general check, which names the field.
+    # The checks keep one order, so a group with several wrong fields always names the same.
+    raw_type = obj.get("number_type", "")
+    if type(raw_type) is not str:
+        raw_type = _str(raw_type, "number_type")
+    voice = obj.get("voice_enabled", False)
+    if type(voice) is not bool:
+        voice = _bool(voice, "voice_enabled")
+    sms = obj.get("sms_enabled", False)
+    if type(sms) is not bool:
+        sms = _bool(sms, "sms_enabled")
+    group_id = obj.get("group_id")
+    if type(group_id) is not str or not group_id:
+        group_id = _group_id(group_id)
+    prefix = obj.get("prefix", "")
+    if type(prefix) is not str:
+        prefix = _str(prefix, "prefix")
+    region = obj.get("region", "")
+    if type(region) is not str:
+        region = _str(region, "region")
+    stock = obj.get("stock", 0)
+    if type(stock) is not int or not 0 <= stock <= _INT64_MAX:
+        stock = _int(stock, "stock")
+    rental = obj.get("rental_rate")
+    setup = obj.get("setup_rate")
+    voice_rate = obj.get("voice_rate")
+    sms_rate = obj.get("sms_rate")
+    shared_fields: Callable[..., pb.NumberGroup] = _shared_fields
+    if (
+        type(rental) in _CACHEABLE_RATE
+        and type(setup) in _CACHEABLE_RATE
+        and type(voice_rate) in _CACHEABLE_RATE
+        and type(sms_rate) in _CACHEABLE_RATE
+    ):
+        shared_fields = _cached_shared_fields
+    number_type = _NUMBER_TYPE_FROM_WIRE.get(raw_type, pb.NUMBER_TYPE_UNSPECIFIED)
+    shared = shared_fields(
+        number_type, region_code, voice, sms, rental, setup, voice_rate, sms_rate
+    )
+    # The fields a page's groups mostly share come in one copy of a cached message, not as
+    # four `Money` and ten fields set one by one. The strings follow in field order, so one
+    # protobuf cannot encode (a lone surrogate) fails on the first such field, as the
+    # constructor would.
+    group.CopyFrom(shared)
+    group.group_id = group_id
+    group.upstream_number_type = raw_type
+    group.prefix = prefix
+    group.region = region
+    group.stock = stock
+    return group
+
+
+def _group_id(value: object) -> str:
+    if not isinstance(value, str | int) or isinstance(value, bool) or value == "":
+        raise UpstreamDecodeError("group has no group_id")
+    return str(value)
+
+
+def _shared_fields(
+    number_type: pb.NumberType.ValueType,
+    region_code: str,
+    voice: bool,
+    sms: bool,
+    rental_rate: object,
+    setup_rate: object,
+    voice_rate: object,
+    sms_rate: object,
+) -> pb.NumberGroup:
+    """Return a group holding only the fields groups of one type, country and price share.
+
+    Raises:
+        UpstreamDecodeError: a rate is not a decimal.
+    """
     services = [pb.NUMBER_SERVICE_VOICE] if voice else []
     if sms:
         services.append(pb.NUMBER_SERVICE_SMS)
-    group_id = obj.get("group_id")
-    if not isinstance(group_id, str | int) or isinstance(group_id, bool) or group_id == "":
-        raise UpstreamDecodeError("group has no group_id")
     return pb.NumberGroup(
-        group_id=str(group_id),
-        number_type=_NUMBER_TYPE_FROM_WIRE.get(raw_type, pb.NUMBER_TYPE_UNSPECIFIED),
-        upstream_number_type=raw_type,
-        prefix=_str(obj.get("prefix", ""), "prefix"),
-        region=_str(obj.get("region", ""), "region"),
+        number_type=number_type,
         region_code=region_code,
-        stock=_int(obj.get("stock", 0), "stock"),
         voice_enabled=voice,
         sms_enabled=sms,
         services=services,
-        rental_rate=money(obj.get("rental_rate"), "rental_rate"),
-        setup_rate=money(obj.get("setup_rate"), "setup_rate"),
-        voice_rate=money(obj.get("voice_rate"), "voice_rate"),
-        sms_rate=money(obj.get("sms_rate"), "sms_rate"),
+        rental_rate=money(rental_rate, "rental_rate"),
+        setup_rate=money(setup_rate, "setup_rate"),
+        voice_rate=money(voice_rate, "voice_rate"),
+        sms_rate=money(sms_rate, "sms_rate"),
     )
+
+
+# The messages are only copied from, never handed out, so sharing them is safe. A country has
+# a few types, service sets and prices; the bound only caps what an odd upstream could fill.
+# Rejected rates raise, so they are not cached.
+_cached_shared_fields: Final = lru_cache(maxsize=1024)(_shared_fields)
 
 
 def new_order(params: RentParams, *, caller: str) -> pb.RentalOrder:
@@ -244,6 +338,8 @@ def _parse_decimal(text: str) -> tuple[bool, int, int] | None:
 
 
 def _mapping(value: object, what: str) -> Mapping[str, Any]:
+    if type(value) is dict:  # what JSON gives, checked without the slower ABC test
+        return value
     if not isinstance(value, Mapping):
         raise UpstreamDecodeError(f"{what} is not a JSON object")
     return value

@@ -195,6 +195,21 @@ async def test_paused_reader_stops_the_walk(
         call.cancel()
 
 
+@pytest.mark.parametrize(("max_results", "searches"), [(20, 1), (30, 2), (60, 3), (61, 4)])
+async def test_max_results_fetches_no_page_it_does_not_need(
+    start_server: StartServer, control: SandboxControl, max_results: int, searches: int
+) -> None:
+    big = await _seed_many(control, 5000)  # 250 pages of 20: read-ahead could fetch 16
+    running = await start_server()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+        stub = pb_grpc.NumberGroupServiceStub(channel)
+        await control.clear_requests()
+        request = pb.StreamNumberGroupsRequest(filter=big, max_results=max_results)
+        messages = [m async for m in stub.StreamNumberGroups(request)]
+    assert sum(len(m.number_groups) for m in messages) == max_results
+    assert await _searches(control) == searches
+
+
 async def test_cancel_stops_upstream_requests(
     start_server: StartServer, control: SandboxControl
 ) -> None:

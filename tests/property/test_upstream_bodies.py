@@ -3,7 +3,8 @@
 Two layers, one set of strategies (any JSON, and near-valid Plivo shapes with odd fields):
 
 - pure: `translation.parse_search_page`, `number_group` and `parse_rent` return or raise
-  `UpstreamDecodeError`, nothing else;
+  `UpstreamDecodeError`, nothing else; groups built into a response are those built alone,
+  and a group's rates are what `money` makes of each, whatever the caches hold;
 - end to end: the sandbox answers a search, get or rent with `FaultSpec(status 200/201, body)`
   or a `wrong_shape` body; the RPC answers OK, or INTERNAL with `UPSTREAM_BAD_RESPONSE` (reads)
   or `RENT_OUTCOME_UNKNOWN` (rent): never UNKNOWN, never `INTERNAL_ERROR`, and the server
@@ -13,6 +14,8 @@ Two layers, one set of strategies (any JSON, and near-valid Plivo shapes with od
 from __future__ import annotations
 
 import contextlib
+import re
+from decimal import Decimal
 from typing import Any, Final
 
 import grpc
@@ -149,6 +152,49 @@ def test_parse_search_page_returns_or_raises_decode_error(body: object) -> None:
 @given(body=st.one_of(_GROUPS, st.dictionaries(st.text(max_size=10), JSON, max_size=6)))
 def test_number_group_returns_or_raises_decode_error(body: dict[str, Any]) -> None:
     _returns_or_decode_error(lambda b: translation.number_group(b, region_code=""), body)
+
+
+def _outcome(parse: Any, body: object) -> object:
+    try:
+        return list(parse(body).items)
+    except UpstreamDecodeError as exc:
+        return str(exc)
+
+
+@given(body=SEARCH_BODIES)
+def test_groups_built_into_a_response_are_the_same(body: object) -> None:
+    response = pb.ListNumberGroupsResponse()
+    into = _outcome(
+        lambda b: translation.parse_search_page(b, region_code="US", into=response.number_groups),
+        body,
+    )
+    assert into == _outcome(lambda b: translation.parse_search_page(b, region_code="US"), body)
+    if isinstance(into, list):
+        assert list(response.number_groups) == into
+
+
+_RATE_NAMES: Final = ("rental_rate", "setup_rate", "voice_rate", "sms_rate")
+# Equal values of other text among them (-0.0 and 0.0, 1E+1 and 10, True and 1), for caches.
+_ANY_RATE: Final = st.one_of(
+    _RATES,
+    st.floats(-2, 2),
+    st.decimals(-2, 10**6, allow_nan=False, allow_infinity=False),
+    st.sampled_from([-0.0, 0.0, Decimal("1E+1"), Decimal(10), 10, True, 1, "1", "-0"]),
+)
+
+
+@given(rates=st.tuples(_ANY_RATE, _ANY_RATE, _ANY_RATE, _ANY_RATE))
+def test_group_rates_are_each_rate_as_money(rates: tuple[object, ...]) -> None:
+    body = {"group_id": "1", **dict(zip(_RATE_NAMES, rates, strict=True))}
+    try:
+        expected = [translation.money(v, n) for n, v in zip(_RATE_NAMES, rates, strict=True)]
+    except UpstreamDecodeError as exc:
+        with pytest.raises(UpstreamDecodeError, match=re.escape(str(exc))):
+            translation.number_group(body, region_code="US")
+        return
+    group = translation.number_group(body, region_code="US")
+    present = {field.name: value for field, value in group.ListFields()}
+    assert [present.get(name) for name in _RATE_NAMES] == expected
 
 
 _SENT: Final = translation.new_order(

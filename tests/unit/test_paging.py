@@ -110,6 +110,37 @@ class TestWalkPages:
         assert len(upstream.fetched) == 1 + 3
         await walk.aclose()
 
+    @pytest.mark.parametrize(
+        ("start", "enough_at", "fetched"),
+        [
+            (0, 30, [0, 10, 20]),  # only the pages up to what the consumer wants
+            (0, 31, [0, 10, 20, 30]),
+            (5, 25, [5, 15]),  # from a resumed offset
+            (0, 5, [0, 10]),  # the page asked for is fetched, nothing beyond
+            (0, 10_000, [0, 10, 20, 30, 40, 50]),  # the read-ahead bound still applies
+        ],
+    )
+    async def test_nothing_past_enough_at_is_fetched_ahead(
+        self, start: int, enough_at: int, fetched: list[int]
+    ) -> None:
+        upstream = FakeUpstream(total=10_000, page_size=10)
+        first = await upstream.fetch(start)
+        walk = walk_pages(upstream.fetch, first, page_size=10, read_ahead=5, enough_at=enough_at)
+        await anext(walk)
+        await anext(walk)  # asking for the second page starts the fetches ahead
+        await asyncio.sleep(0.01)  # time for every fetch the walk would start
+        assert upstream.fetched == fetched
+        await walk.aclose()
+
+    async def test_pages_past_enough_at_are_fetched_when_asked_for(self) -> None:
+        # A consumer that skipped repeated items needs more pages than it predicted.
+        upstream = FakeUpstream(total=100, page_size=10)
+        first = await upstream.fetch(0)
+        walk = walk_pages(upstream.fetch, first, page_size=10, read_ahead=4, enough_at=20)
+        offsets = [page.offset async for page in walk]
+        assert offsets == list(range(0, 100, 10))
+        assert upstream.max_in_flight == 1  # one at a time once past enough_at
+
     async def test_closing_cancels_in_flight_and_starts_nothing_new(self) -> None:
         upstream = FakeUpstream(total=10_000, page_size=10, delay=10)
         first = Page(0, list(range(10)), 10_000, has_next=True)

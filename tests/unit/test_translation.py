@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 from decimal import Decimal
 from typing import Any
 
@@ -139,6 +140,50 @@ class TestNumberGroup:
         with pytest.raises(UpstreamDecodeError):
             translation.number_group({**GROUP, **broken}, region_code="US")
 
+    @pytest.mark.parametrize(
+        ("broken", "message"),
+        [
+            ({"number_type": 1, "voice_enabled": "yes"}, "number_type is not a string"),
+            ({"voice_enabled": 1, "sms_enabled": 1}, "voice_enabled is not a boolean"),
+            ({"sms_enabled": None, "group_id": None}, "sms_enabled is not a boolean"),
+            ({"group_id": True, "prefix": 1}, "group has no group_id"),
+            ({"prefix": 1, "region": 1}, "prefix is not a string"),
+            ({"region": None, "stock": -1}, "region is not a string"),
+            ({"stock": -5, "rental_rate": "x"}, "stock is not a count: '-5'"),
+            (
+                {"setup_rate": "x", "sms_rate": True},
+                "setup_rate is not a non-negative decimal: 'x'",
+            ),
+            ({"voice_rate": 0.5, "sms_rate": "-2"}, "sms_rate is not a non-negative decimal: '-2'"),
+            ({"rental_rate": -0.0, "voice_rate": [1]}, "rental_rate is not a non-negative decimal"),
+        ],
+    )
+    def test_the_first_wrong_field_is_named(self, broken: dict[str, object], message: str) -> None:
+        with pytest.raises(UpstreamDecodeError, match=re.escape(message)):
+            translation.number_group({**GROUP, **broken}, region_code="US")
+
+    @pytest.mark.parametrize(
+        ("good", "bad"), [(0.0, -0.0), (Decimal(10), Decimal("1E+1")), (1, True), ("1", "1e0")]
+    )
+    def test_equal_rates_of_other_text_are_not_confused(self, good: object, bad: object) -> None:
+        for _ in range(2):  # the second time round, any cache is warm
+            group = translation.number_group({**GROUP, "rental_rate": good}, region_code="US")
+            assert group.rental_rate == translation.money(good, "rental_rate")
+            with pytest.raises(UpstreamDecodeError):
+                translation.number_group({**GROUP, "rental_rate": bad}, region_code="US")
+
+    def test_groups_share_no_messages(self) -> None:
+        first = translation.number_group(GROUP, region_code="US")
+        first.rental_rate.units = 99
+        first.services.append(pb.NUMBER_SERVICE_VOICE)
+        second = translation.number_group(GROUP, region_code="US")
+        assert (second.rental_rate.units, second.rental_rate.nanos) == (0, 800_000_000)
+        assert list(second.services) == [pb.NUMBER_SERVICE_VOICE, pb.NUMBER_SERVICE_SMS]
+
+    def test_region_code_is_the_one_searched(self) -> None:
+        assert translation.number_group(GROUP, region_code="CA").region_code == "CA"
+        assert translation.number_group(GROUP, region_code="US").region_code == "US"
+
 
 class TestMoney:
     @pytest.mark.parametrize(
@@ -186,6 +231,16 @@ class TestSearchPage:
         page = translation.parse_search_page(self._body([GROUP] * 20), region_code="US")
         assert (page.offset, page.total_count, page.has_next, page.end) == (20, 45, True, 40)
         assert page.items[0].region_code == "US"
+
+    def test_into_builds_the_groups_in_the_given_field(self) -> None:
+        body = self._body([GROUP, {**GROUP, "group_id": 7, "sms_rate": -1}])
+        response = pb.ListNumberGroupsResponse()
+        page = translation.parse_search_page(body, region_code="US", into=response.number_groups)
+        assert list(response.number_groups) == list(page.items)
+        assert [g.group_id for g in response.number_groups] == ["55350421590053", "7"]
+        assert list(page.items) == list(translation.parse_search_page(body, region_code="US").items)
+        page.items[1].stock = 1  # the page's groups are the response's, not copies
+        assert response.number_groups[1].stock == 1
 
     @pytest.mark.parametrize("end", [None, ""])
     def test_next_null_or_empty_ends(self, end: object) -> None:
