@@ -85,6 +85,19 @@ async def test_search_request_and_response(make_client: MakeClient) -> None:
     assert 0.0 <= response.elapsed_seconds < TIMEOUT
 
 
+@pytest.mark.parametrize(
+    "value", ["New York", "a/b?c#d&e=f", "41+5", "%2E%", "Québec", "voice,sms", "", " \t"]
+)
+async def test_query_is_encoded_as_httpx_params_would_be(
+    make_client: MakeClient, value: str
+) -> None:
+    recorder = Recorder(httpx.Response(200, json={"api_id": "s-1", "meta": {}, "objects": []}))
+    params = {"country_iso": "US", "region": value, "limit": "20"}
+    await make_client(recorder).search_number_groups(params, timeout_seconds=TIMEOUT)
+    assert recorder.last.url == httpx.Request("GET", f"{BASE_URL}{GROUPS}", params=params).url
+    assert dict(recorder.last.url.params) == params
+
+
 async def test_get_group_request(make_client: MakeClient) -> None:
     recorder = Recorder()
     response = await make_client(recorder).get_number_group("55350421590053", timeout_seconds=1.5)
