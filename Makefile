@@ -47,12 +47,15 @@ soak: $(VENV)/.dev  ## Soak a server process for 60 s: streams, List/Get, errors
 	$(BIN)/python -m bench.soak --seconds 60
 
 # `bench` is also a directory: without .PHONY, make would call the target up to date.
-.PHONY: bench bench-quick
+.PHONY: bench bench-quick bench-transports
 bench: $(VENV)/.dev  ## Benchmarks vs their baselines, one run, as ratios (docs/performance.md).
 	$(BIN)/python -m bench.bench
 
 bench-quick: $(VENV)/.dev  ## The benchmarks with fewer iterations (under 2 minutes).
 	$(BIN)/python -m bench.bench --quick
+
+bench-transports: $(VENV)/.dev  ## The upstream HTTP stacks as clients, side by side (about 1 minute).
+	$(BIN)/python -m bench.transports
 
 lint: ruff mypy buf-lint  ## ruff, mypy and buf lint.
 

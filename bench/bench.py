@@ -1016,6 +1016,15 @@ def _count_url(direct: Direct, **query: str) -> str:
     return _url(direct.base_url, _GROUPS_PATH, {**query, "limit": "1", "offset": "0"})
 
 
+def unary_page_urls(base_url: str) -> list[str]:
+    """The REST URLs of the pages `seed_unary` seeds (US local, `PAGE_SIZE` groups each)."""
+    query = {"country_iso": "US", "number_type": "local", "limit": str(PAGE_SIZE)}
+    return [
+        _url(base_url, _GROUPS_PATH, {**query, "offset": str(offset)})
+        for offset in range(0, UNARY_GROUPS, PAGE_SIZE)
+    ]
+
+
 @dataclass
 class Rig:
     """A sandbox seeded for the unary rows, a direct client to it, and the servers started."""

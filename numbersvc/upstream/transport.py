@@ -158,6 +158,9 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             limit_per_host=0,
             keepalive_timeout=self._keepalive_expiry_seconds,
             ssl=self._ssl_context,
+            # Before Python 3.12.7 asyncio can leak a TLS connection whose peer never finishes
+            # the TLS shutdown; this aborts such sockets (aiohttp ignores it where fixed).
+            enable_cleanup_closed=True,
         )
         self._session = aiohttp.ClientSession(
             connector=connector,

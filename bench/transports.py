@@ -1,0 +1,215 @@
+"""The upstream HTTP stacks compared as clients, side by side: `make bench-transports`.
+
+    python -m bench.transports [--quick] [--json PATH]
+
+Why numbersvc runs httpx over aiohttp: the same REST call (a sandbox search page, body read,
+JSON decoded) made at concurrency 32 from this process by each candidate, in alternating
+phases against one sandbox, with the client process's CPU per call beside calls per second and
+latency. aiohttp on its own is the baseline (the fastest Python client, and the one row 1 and 2
+of `bench.bench` compare the service with); every other stack is a ratio to it. The service's
+own A/B of the two stacks is `python -m bench.ab --b NUMBERSVC_UPSTREAM_HTTP_STACK=httpcore`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import os
+import sys
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import httpx
+
+from bench.bench import (
+    CALL_TIMEOUT_SECONDS,
+    CONCURRENCY,
+    PAGE_SIZE,
+    Direct,
+    Phase,
+    disjoint_assignments,
+    run_phase,
+    summary_ms,
+    unary_page_urls,
+    unary_rig,
+)
+from numbersvc.sandbox import DEFAULT_AUTH_ID, DEFAULT_AUTH_TOKEN
+from numbersvc.upstream.client import (
+    DEFAULT_KEEPALIVE_EXPIRY_SECONDS,
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_KEEPALIVE_CONNECTIONS,
+)
+from numbersvc.upstream.transport import HttpStack, build_transport
+
+__all__ = ["Options", "main", "run_transports"]
+
+_CLIENT: Final = "client"
+Get = Callable[[str], Awaitable[dict[str, Any]]]
+
+
+@dataclass(frozen=True)
+class Options:
+    """How long to measure."""
+
+    rounds: int = 8  # of one phase per stack
+    seconds: float = 2.0  # per phase
+    warmup_calls: int = 300  # per stack
+
+
+def _httpx_get(client: httpx.AsyncClient) -> Get:
+    async def get(url: str) -> dict[str, Any]:
+        response = await client.get(url, timeout=CALL_TIMEOUT_SECONDS)
+        if response.status_code != 200:
+            raise RuntimeError(f"GET {url}: HTTP {response.status_code}")
+        data: dict[str, Any] = json.loads(response.content)
+        return data
+
+    return get
+
+
+def _httpx_client(transport: httpx.AsyncBaseTransport | None = None) -> httpx.AsyncClient:
+    """An httpx client as PlivoClient makes it (Basic auth, no redirects, no environment)."""
+    return httpx.AsyncClient(
+        auth=httpx.BasicAuth(DEFAULT_AUTH_ID, DEFAULT_AUTH_TOKEN),
+        headers={"Accept": "application/json"},
+        transport=transport,
+        follow_redirects=False,
+        trust_env=False,
+    )
+
+
+def _stacks() -> dict[str, Callable[[], httpx.AsyncClient]]:
+    """The httpx candidates: numbersvc's two stacks with its pool limits, and httpx's defaults."""
+
+    def shipped(stack: HttpStack) -> Callable[[], httpx.AsyncClient]:
+        return lambda: _httpx_client(
+            build_transport(
+                stack,
+                max_connections=DEFAULT_MAX_CONNECTIONS,
+                max_keepalive_connections=DEFAULT_MAX_KEEPALIVE_CONNECTIONS,
+                keepalive_expiry_seconds=DEFAULT_KEEPALIVE_EXPIRY_SECONDS,
+            )
+        )
+
+    def tuned_httpcore() -> httpx.AsyncClient:
+        # Every connection kept alive: no reconnects when 32 workers share a pool.
+        return _httpx_client(
+            build_transport(
+                HttpStack.HTTPCORE,
+                max_connections=64,
+                max_keepalive_connections=64,
+                keepalive_expiry_seconds=DEFAULT_KEEPALIVE_EXPIRY_SECONDS,
+            )
+        )
+
+    return {
+        "httpx + aiohttp (numbersvc's AiohttpTransport)": shipped(HttpStack.AIOHTTP),
+        "httpx + httpcore, numbersvc's default limits": shipped(HttpStack.HTTPCORE),
+        "httpx + httpcore, pool of 64 all kept alive": tuned_httpcore,
+        "httpx + httpcore, httpx's default limits": _httpx_client,
+    }
+
+
+async def run_transports(options: Options) -> dict[str, Any]:
+    """Start and seed a sandbox, measure every stack against it, stop it."""
+    async with unary_rig("bench-transports-") as rig:
+        urls = unary_page_urls(rig.url)
+        clients = {name: make() for name, make in _stacks().items()}
+        direct = Direct(rig.url)
+        try:
+            gets: dict[str, Get] = {"aiohttp alone (baseline)": direct.get}
+            gets.update({name: _httpx_get(client) for name, client in clients.items()})
+            return await _measure(options, gets, urls)
+        finally:
+            await direct.aclose()
+            for client in clients.values():
+                await client.aclose()
+
+
+async def _measure(
+    options: Options, gets: Mapping[str, Get], urls: Sequence[str]
+) -> dict[str, Any]:
+    def call_for(get: Get) -> Callable[[int], Awaitable[None]]:
+        async def call(page: int) -> None:
+            data = await get(urls[page])
+            if len(data["objects"]) != PAGE_SIZE:
+                raise RuntimeError(f"page {page}: {len(data['objects'])} groups")
+
+        return call
+
+    calls = {name: call_for(get) for name, get in gets.items()}
+    assignments = disjoint_assignments(len(urls), CONCURRENCY)
+    pids = {_CLIENT: os.getpid()}
+    for call in calls.values():
+        await run_phase(call, assignments, options.warmup_calls, {})
+    phases: dict[str, list[Phase]] = {name: [] for name in calls}
+    names = list(calls)
+    for r in range(options.rounds):
+        # Rotate the order each round so that no stack always follows the same one.
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            phase = await run_phase(calls[name], assignments, 10**9, pids, seconds=options.seconds)
+            phases[name].append(phase)
+    result: dict[str, Any] = {
+        "rounds": options.rounds,
+        "seconds_per_phase": options.seconds,
+        "concurrency": CONCURRENCY,
+        "stacks": {},
+    }
+    for name, done in phases.items():
+        calls_done = sum(p.calls for p in done)
+        result["stacks"][name] = {
+            "calls_per_second": calls_done / sum(p.seconds for p in done),
+            "ms": summary_ms([t for p in done for t in p.latencies]),
+            "client_cpu_ms_per_call": 1000 * sum(p.cpu[_CLIENT] for p in done) / calls_done,
+        }
+    return result
+
+
+def render(result: Mapping[str, Any]) -> str:
+    """One line per stack, with its ratio to the aiohttp baseline."""
+    stacks = result["stacks"]
+    base = next(iter(stacks.values()))
+    lines = [
+        f"c={result['concurrency']}, {result['rounds']} rotating phases of"
+        f" {result['seconds_per_phase']:g} s per stack; one sandbox; CPU is this client process's",
+        f"{'stack':<50}{'calls/s':>9}{'ratio':>7}{'p50 ms':>8}{'p99 ms':>8}"
+        f"{'CPU ms/call':>12}{'ratio':>7}",
+    ]
+    for name, s in stacks.items():
+        rate, cpu = s["calls_per_second"], s["client_cpu_ms_per_call"]
+        lines.append(
+            f"{name:<50}{rate:>9,.0f}{rate / base['calls_per_second']:>7.2f}"
+            f"{s['ms']['p50']:>8.2f}{s['ms']['p99']:>8.2f}"
+            f"{cpu:>12.3f}{cpu / base['client_cpu_ms_per_call']:>7.2f}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse the flags, measure, print; 2 when it fails."""
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.transports", description=(__doc__ or "").split("\n")[0]
+    )
+    parser.add_argument("--quick", action="store_true", help="fewer and shorter phases")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    args = parser.parse_args(argv)
+    options = Options()
+    if args.quick:
+        options = dataclasses.replace(options, rounds=3, seconds=1.0, warmup_calls=100)
+    try:
+        result = asyncio.run(run_transports(options))
+    except (RuntimeError, OSError, httpx.HTTPError) as exc:
+        print(f"error: the transport comparison failed: {exc}", file=sys.stderr)
+        return 2
+    print(render(result))
+    if args.json is not None:
+        args.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
