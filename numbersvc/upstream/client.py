@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import http.cookiejar
 import json
 import logging
 import time
@@ -149,6 +150,20 @@ def _check_time_left(timeout_seconds: float, method: str, path: str) -> None:
         )
 
 
+class _NoCookies(http.cookiejar.CookieJar):
+    """A cookie jar that keeps nothing.
+
+    Plivo's API is stateless: a cookie a server or a proxy sets is never stored or sent back
+    (and httpx's parsing of it for the jar, on every response, is skipped).
+    """
+
+    def extract_cookies(self, response: object, request: object) -> None:
+        """Keep nothing from the response."""
+
+    def add_cookie_header(self, request: object) -> None:
+        """Send no cookie."""
+
+
 def _group_suffix(group_id: str) -> str:
     """Return `{group_id}/`, percent-encoded, to append to the groups URL."""
     if not group_id:
@@ -239,6 +254,7 @@ class PlivoClient:
                 max_keepalive_connections=max_keepalive_connections,
                 keepalive_expiry_seconds=keepalive_expiry_seconds,
             ),
+            cookies=_NoCookies(),
             # NOTE: never follow redirects; a redirected POST could rent twice or elsewhere.
             follow_redirects=False,
             # Ignore HTTP(S)_PROXY and .netrc from the environment: the process's behaviour

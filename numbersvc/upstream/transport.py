@@ -13,18 +13,25 @@ failures while getting a connection (pool wait, DNS, TCP, TLS) become httpx's "n
 classes; everything after a connection was in hand is "maybe sent", as httpcore reports it.
 aiohttp also retries an idempotent request once on a kept-alive connection that breaks;
 `_no_silent_retry` stops that, so every attempt is one our retry policy decided on and counted.
+And its pool would hand out an idle connection on which the server already wrote something (a
+"408" on idle, a late answer): the next request would read those bytes as its response, and
+every answer after it would belong to the request before. `_CleanPool` drops such connections.
 """
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import ssl
+import sys
 from collections.abc import AsyncIterator, Mapping
 from typing import Final
 
 import aiohttp
 import httpx
 import yarl
+from aiohttp.connector import Connection
+from aiohttp.tracing import Trace
 
 __all__ = [
     "AiohttpTransport",
@@ -32,6 +39,16 @@ __all__ = [
     "build_transport",
     "httpx_error_class",
 ]
+
+
+# asyncio before 3.12.8 (and 3.13.0) can leak a TLS connection whose peer never finishes the
+# TLS shutdown (python/cpython#118960); aiohttp then aborts such sockets on request, and warns
+# when asked where the bug is fixed.
+_TLS_CLOSE_LEAKS: Final = sys.version_info < (3, 12, 8) or (3, 13, 0) <= sys.version_info < (
+    3,
+    13,
+    1,
+)
 
 
 class HttpStack(enum.StrEnum):
@@ -101,6 +118,30 @@ async def _no_silent_retry(
         raise _AfterConnect(exc) from exc
 
 
+class _CleanPool(aiohttp.TCPConnector):
+    """A connection pool that never hands out a connection with bytes already waiting on it.
+
+    NOTE: aiohttp checks only that a pooled connection is still open. httpcore also checks that
+    nothing is waiting to be read, and so must we: a response that arrived on an idle
+    connection would be taken as the answer to the next request sent on it (a rent's 404 read
+    as a search's, a stale 201 as a rent's while the POST never left).
+    """
+
+    async def connect(
+        self,
+        req: aiohttp.ClientRequest,
+        traces: list[Trace],
+        timeout: aiohttp.ClientTimeout,  # noqa: ASYNC109 (aiohttp's signature)
+    ) -> Connection:
+        """Return a connection from the pool, or a new one, with nothing unread on it."""
+        while True:
+            connection = await super().connect(req, traces, timeout)
+            protocol = connection.protocol
+            if protocol is not None and not protocol.should_close:
+                return connection
+            connection.close()  # closed, not pooled: the loop ends at a new connection
+
+
 class _ResponseBody(httpx.AsyncByteStream):
     """An aiohttp response body as an httpx stream; its errors become httpx's."""
 
@@ -142,25 +183,24 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             max_connections: The most connections open at once (idle ones included: aiohttp
                 has no separate limit for idle connections).
             keepalive_expiry_seconds: How long an idle connection is kept, in seconds.
-            ssl_context: Trust for https URLs; httpx's default (certifi's CAs) when None.
+            ssl_context: Trust for https URLs; certifi's CAs (as httpx) when None.
         """
         self._max_connections = max_connections
         self._keepalive_expiry_seconds = keepalive_expiry_seconds
-        self._ssl_context = ssl_context or httpx.create_ssl_context()
+        # The trust store comes from here alone, not from SSL_CERT_FILE & co. in the environment.
+        self._ssl_context = ssl_context or httpx.create_ssl_context(trust_env=False)
         self._session: aiohttp.ClientSession | None = None
         self._closed = False
 
     def _open_session(self) -> aiohttp.ClientSession:
         if self._closed:
             raise RuntimeError("the transport is closed")
-        connector = aiohttp.TCPConnector(
+        connector = _CleanPool(
             limit=self._max_connections,
             limit_per_host=0,
             keepalive_timeout=self._keepalive_expiry_seconds,
             ssl=self._ssl_context,
-            # Before Python 3.12.7 asyncio can leak a TLS connection whose peer never finishes
-            # the TLS shutdown; this aborts such sockets (aiohttp ignores it where fixed).
-            enable_cleanup_closed=True,
+            enable_cleanup_closed=_TLS_CLOSE_LEAKS,
         )
         self._session = aiohttp.ClientSession(
             connector=connector,
@@ -199,6 +239,15 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             raise _to_httpx(exc.error, request) from exc.error
         except (aiohttp.ClientError, OSError) as exc:
             raise _to_httpx(exc, request) from exc
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
+            # Closing the pool cancels the requests waiting for a connection. The call itself
+            # was not cancelled, so it must not look cancelled; "maybe sent" is the safe answer.
+            raise httpx.ReadError(
+                "the upstream connection pool was closed", request=request
+            ) from None
         return httpx.Response(
             status_code=response.status,
             headers=response.raw_headers,

@@ -8,11 +8,13 @@ rent is released for retry only when its request certainly never left.
 from __future__ import annotations
 
 import asyncio
+import pathlib
 import socket
 import ssl
 import struct
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import httpx
 import pytest
@@ -78,8 +80,17 @@ async def test_keep_alive_reuses_one_connection(
     assert server.connections == 1
 
 
-async def test_both_stacks_send_the_same_request(
-    make_client: MakeClient, raw_server: StartServer
+@pytest.mark.parametrize(
+    "operation",
+    [
+        ("rent", "4.2/..", {"quantity": 2}),
+        ("search", {"country_iso": "US", "region": "New York/ä&x=1", "prefix": "41+5"}),
+        ("get", "55350421590053"),
+    ],
+    ids=lambda o: o[0],
+)
+async def test_both_stacks_send_the_same_bytes(
+    make_client: MakeClient, raw_server: StartServer, operation: tuple[Any, ...]
 ) -> None:
     heads: list[bytes] = []
 
@@ -89,28 +100,23 @@ async def test_both_stacks_send_the_same_request(
         await writer.drain()
 
     server = await raw_server(record)
+    name, *args = operation
     for stack in HttpStack:
         client = make_client(base_url=server.base_url, http_stack=stack)
-        await client.rent_numbers("4.2/..", {"quantity": 2}, timeout_seconds=TIMEOUT)
+        methods: dict[str, Callable[..., Awaitable[object]]] = {
+            "rent": client.rent_numbers,
+            "search": client.search_number_groups,
+            "get": client.get_number_group,
+        }
+        await methods[name](*args, timeout_seconds=TIMEOUT)
 
-    def significant(head: bytes) -> tuple[bytes, dict[bytes, bytes], bytes]:
-        top, _, body = head.partition(b"\r\n\r\n")
-        line, *fields = top.split(b"\r\n")
-        headers = {k.lower(): v.strip() for k, _, v in (f.partition(b":") for f in fields)}
-        # Framing and connection management may differ; what Plivo reads may not.
-        for name in (b"connection", b"accept-encoding", b"host"):
-            headers.pop(name, None)
-        return line, headers, body
-
-    aiohttp_head, httpcore_head = (significant(head) for head in heads)
-    assert aiohttp_head == httpcore_head
-    line, headers, body = aiohttp_head
-    # Percent-encoding made by the client (the dot of a group id included) goes out verbatim.
-    path = f"/v1/Account/{AUTH_ID}/AvailableNumberGroup/4%2E2%2F%2E%2E/"
-    assert line == f"POST {path} HTTP/1.1".encode()
-    assert headers[b"content-type"] == b"application/json"
-    assert headers[b"authorization"].startswith(b"Basic ")
-    assert body == b'{"quantity":2}'
+    # Request line, every header in order (none doubled, none added) and the body.
+    assert heads[0] == heads[1]
+    if name == "rent":
+        # Percent-encoding made by the client (the dot of a group id included) goes verbatim.
+        path = f"/v1/Account/{AUTH_ID}/AvailableNumberGroup/4%2E2%2F%2E%2E/"
+        assert heads[0].startswith(f"POST {path} HTTP/1.1\r\n".encode())
+        assert heads[0].endswith(b"\r\n\r\n" + b'{"quantity":2}')
 
 
 async def test_reset_before_response(
@@ -275,6 +281,110 @@ async def test_aiohttp_verifies_the_host_name_over_tls(make_client: MakeClient) 
     finally:
         server.close()
         await server.wait_closed()
+
+
+@pytest.mark.parametrize(
+    "stray",
+    [
+        b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 201 Created\r\nContent-Length: 20\r\n\r\n" + b'{"api_id": "STALE!"}',
+    ],
+    ids=["408-on-idle", "stale-201"],
+)
+async def test_bytes_waiting_on_an_idle_connection_are_never_read_as_an_answer(
+    client_for: Callable[..., PlivoClient], raw_server: StartServer, stray: bytes
+) -> None:
+    # A response that arrives on an idle kept-alive connection (a 408 on idle, a late answer)
+    # must not become the answer to the next request: that request must really be sent.
+    seen: list[bytes] = []
+
+    async def answer_then_stray(reader: Reader, writer: Writer) -> None:
+        while True:
+            seen.append((await read_request(reader)).split(b" ")[0])
+            writer.write(OK_RESPONSE)
+            await writer.drain()
+            if len(seen) == 1:
+                await asyncio.sleep(0.05)
+                writer.write(stray)  # and the connection stays open
+                await writer.drain()
+
+    server = await raw_server(answer_then_stray)
+    client = client_for(server.base_url)
+    await client.get_number_group("1", timeout_seconds=TIMEOUT)
+    await asyncio.sleep(0.2)  # the stray bytes are on the idle connection now
+    response = await client.rent_numbers("1", {"quantity": 1}, timeout_seconds=TIMEOUT)
+    assert response.api_id == "k1"
+    assert seen == [b"GET", b"POST"]
+    assert server.connections == 2
+
+
+async def test_trust_comes_from_the_code_not_the_environment(
+    client_for: Callable[..., PlivoClient],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: pathlib.Path,
+) -> None:
+    authority = trustme.CA()
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    authority.issue_cert("127.0.0.1").configure_cert(context)
+    bundle = tmp_path / "ca.pem"
+    authority.cert_pem.write_to_path(str(bundle))
+    monkeypatch.setenv("SSL_CERT_FILE", str(bundle))
+    monkeypatch.setenv("SSL_CERT_DIR", str(tmp_path))
+
+    async def handle(reader: Reader, writer: Writer) -> None:
+        await read_request(reader)
+        writer.write(OK_RESPONSE)
+        await writer.drain()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=context)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        with pytest.raises(UpstreamConnectError):
+            await client_for(f"https://127.0.0.1:{port}").get_number_group(
+                "1", timeout_seconds=TIMEOUT
+            )
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_closing_the_client_does_not_cancel_a_waiting_call(
+    client_for: Callable[..., PlivoClient], raw_server: StartServer
+) -> None:
+    async def hang(reader: Reader, writer: Writer) -> None:
+        await read_request(reader)
+        await asyncio.Event().wait()
+
+    server = await raw_server(hang)
+    client = client_for(server.base_url, max_connections=1, max_keepalive_connections=1)
+    in_flight = asyncio.ensure_future(client.get_number_group("1", timeout_seconds=1.0))
+    await asyncio.sleep(0.1)
+    waiting = asyncio.ensure_future(client.rent_numbers("1", {}, timeout_seconds=1.0))
+    await asyncio.sleep(0.1)  # the rent waits for the one connection
+    await client.aclose()
+    for call in (in_flight, waiting):
+        with pytest.raises(UpstreamTransportError) as caught:
+            await call
+        assert not call.cancelled()
+        assert caught.value.request_sent is True  # unknown here, so the safe answer
+
+
+async def test_cookies_are_never_kept_or_sent(
+    client_for: Callable[..., PlivoClient], raw_server: StartServer
+) -> None:
+    heads: list[bytes] = []
+
+    async def set_cookie(reader: Reader, writer: Writer) -> None:
+        while True:
+            heads.append(await read_request(reader))
+            writer.write(OK_RESPONSE.replace(b"\r\n\r\n", b"\r\nSet-Cookie: s=1; Path=/\r\n\r\n"))
+            await writer.drain()
+
+    server = await raw_server(set_cookie)
+    client = client_for(server.base_url)
+    for _ in range(2):
+        await client.get_number_group("1", timeout_seconds=TIMEOUT)
+    assert b"cookie" not in heads[1].lower()
 
 
 async def test_hang_times_out_on_time(
