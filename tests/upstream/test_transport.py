@@ -318,6 +318,27 @@ async def test_bytes_waiting_on_an_idle_connection_are_never_read_as_an_answer(
     assert server.connections == 2
 
 
+async def test_bytes_after_a_response_are_never_read_as_the_next_answer(
+    make_client: MakeClient, raw_server: StartServer
+) -> None:
+    # aiohttp only: httpcore (the fallback stack) keeps such bytes and hands them to the next
+    # request on the connection, one of the reasons it is not the default (README).
+    answers = iter([OK_RESPONSE + OK_RESPONSE.replace(b"k1", b"XX"), OK_RESPONSE])
+
+    async def answer_twice(reader: Reader, writer: Writer) -> None:
+        while True:
+            await read_request(reader)
+            writer.write(next(answers))
+            await writer.drain()
+
+    server = await raw_server(answer_twice)
+    client = make_client(base_url=server.base_url, http_stack=HttpStack.AIOHTTP)
+    assert (await client.get_number_group("1", timeout_seconds=TIMEOUT)).api_id == "k1"
+    response = await client.rent_numbers("1", {}, timeout_seconds=TIMEOUT)
+    assert response.api_id == "k1"  # the second connection's own answer, not "XX"
+    assert server.connections == 2
+
+
 async def test_trust_comes_from_the_code_not_the_environment(
     client_for: Callable[..., PlivoClient],
     monkeypatch: pytest.MonkeyPatch,
