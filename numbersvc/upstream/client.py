@@ -50,6 +50,7 @@ from numbersvc.upstream.transport import HttpStack, build_transport
 __all__ = [
     "DEFAULT_BASE_URL",
     "DEFAULT_KEEPALIVE_EXPIRY_SECONDS",
+    "DEFAULT_MAX_BODY_BYTES",
     "DEFAULT_MAX_CONNECTIONS",
     "DEFAULT_MAX_KEEPALIVE_CONNECTIONS",
     "DEFAULT_USER_AGENT",
@@ -71,6 +72,9 @@ DEFAULT_MAX_KEEPALIVE_CONNECTIONS = 10
 # staying well under the 60 s idle timeout common to load balancers, so we seldom reuse a socket
 # the far end is closing (which would surface as a "maybe sent" transport error).
 DEFAULT_KEEPALIVE_EXPIRY_SECONDS = 15.0
+# [U] Plivo's answers are a few KB (a page of 20 groups is about 6 KB). A body past this (a
+# proxy's page, a wrong base URL, a compression bomb) is not read further: memory stays bounded.
+DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
 
 _GROUPS_PATH = "AvailableNumberGroup/"
 _TOKEN_MASK = "***"
@@ -193,6 +197,7 @@ class PlivoClient:
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         max_keepalive_connections: int = DEFAULT_MAX_KEEPALIVE_CONNECTIONS,
         keepalive_expiry_seconds: float = DEFAULT_KEEPALIVE_EXPIRY_SECONDS,
+        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
         http_stack: HttpStack = HttpStack.AIOHTTP,
         transport: httpx.AsyncBaseTransport | None = None,
         rate_limiter: TokenBucket | None = None,
@@ -210,6 +215,8 @@ class PlivoClient:
             max_connections: The most connections open at once.
             max_keepalive_connections: The most idle connections kept for reuse.
             keepalive_expiry_seconds: How long an idle connection is kept, in seconds.
+            max_body_bytes: The most bytes of a response body read (after decompression); a
+                2xx with more is an `UpstreamDecodeError`, an error status keeps its start.
             http_stack: The HTTP implementation under httpx (`transport.py`): aiohttp, measured
                 faster here, or httpcore, httpx's own.
             transport: An httpx transport to use instead of the pooled `http_stack` one (tests
@@ -236,6 +243,7 @@ class PlivoClient:
         basic = base64.b64encode(f"{auth_id}:{auth_token}".encode()).decode("ascii")
         # What must never leave this client: the token, and the Basic credential carrying it.
         self._secrets = (auth_token, basic)
+        self._max_body_bytes = max_body_bytes
         self._rate_limiter = rate_limiter
         self._observer = observer
         self._headers = headers
@@ -458,18 +466,34 @@ class PlivoClient:
                 # httpx's timeouts bound each phase (connect, each read, ...), so a body dripped
                 # a byte at a time would evade them; asyncio.timeout bounds the whole attempt.
                 async with asyncio.timeout(timeout_seconds):
-                    response = await self._client.request(
+                    request = self._client.build_request(
                         method,
                         url,
                         json=body,
                         headers=self._headers() if self._headers else None,
                         timeout=timeout_seconds,
                     )
+                    response = await self._client.send(request, stream=True)
+                    try:
+                        content, whole = await self._read_body(response)
+                    finally:
+                        await response.aclose()  # drops the connection if the body was cut
         except UpstreamError as exc:
             self._log(method, path, type(exc).__name__, time.perf_counter() - started, None)
             raise
         elapsed = time.perf_counter() - started
-        return self._decode(response, method, path, elapsed)
+        return self._decode(response, content, whole, method, path, elapsed)
+
+    async def _read_body(self, response: httpx.Response) -> tuple[bytes, bool]:
+        """Return the decoded body, at most `max_body_bytes` of it, and whether that is all."""
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in response.aiter_bytes():
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > self._max_body_bytes:
+                return b"".join(chunks)[: self._max_body_bytes], False
+        return b"".join(chunks), True
 
     async def _take_token(self, method: str, path: str, max_wait_seconds: float) -> float:
         """Take a token from the rate limiter, if there is one; return the seconds waited.
@@ -495,11 +519,20 @@ class PlivoClient:
         return waited
 
     def _decode(
-        self, response: httpx.Response, method: str, path: str, elapsed: float
+        self,
+        response: httpx.Response,
+        content: bytes,
+        whole: bool,
+        method: str,
+        path: str,
+        elapsed: float,
     ) -> UpstreamResponse:
-        """Turn a complete response into an `UpstreamResponse` or raise for it."""
+        """Turn a response and its body (`whole`, or cut short) into an `UpstreamResponse`.
+
+        An error status keeps the start of a long body for its message; a 2xx body that was
+        too long cannot be decoded.
+        """
         status = response.status_code
-        content = response.content
         if not 200 <= status < 300:
             content = self._scrub_bytes(content)  # a proxy may echo our request headers
             api_id, message = parse_error_body(content, response.headers.get("content-type"))
@@ -512,6 +545,15 @@ class PlivoClient:
                 api_id=api_id,
                 retry_after_seconds=parse_retry_after(response.headers.get("retry-after")),
                 body_excerpt=self._body_excerpt(content),
+            )
+        if not whole:
+            self._log(method, path, status, elapsed, None)
+            raise UpstreamDecodeError(
+                f"{method} {path}: HTTP {status} with a body over {self._max_body_bytes} bytes",
+                status_code=status,
+                method=method,
+                url=path,
+                body_excerpt=self._body_excerpt(self._scrub_bytes(content)),
             )
         try:
             body: object = json.loads(content)

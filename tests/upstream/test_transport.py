@@ -8,6 +8,7 @@ rent is released for retry only when its request certainly never left.
 from __future__ import annotations
 
 import asyncio
+import gzip
 import pathlib
 import socket
 import ssl
@@ -23,6 +24,8 @@ import trustme
 from numbersvc.upstream.client import _HTTPX_ERRORS, PlivoClient
 from numbersvc.upstream.errors import (
     UpstreamConnectError,
+    UpstreamDecodeError,
+    UpstreamStatusError,
     UpstreamTimeoutError,
     UpstreamTransportError,
 )
@@ -406,6 +409,36 @@ async def test_cookies_are_never_kept_or_sent(
     for _ in range(2):
         await client.get_number_group("1", timeout_seconds=TIMEOUT)
     assert b"cookie" not in heads[1].lower()
+
+
+@pytest.mark.parametrize("encoding", ["identity", "gzip"])
+async def test_a_body_past_the_limit_is_not_read_into_memory(
+    client_for: Callable[..., PlivoClient], raw_server: StartServer, encoding: str
+) -> None:
+    body = b'{"api_id": "big", "pad": "' + b" " * 100_000 + b'"}'
+    if encoding == "gzip":  # 100 KB from a few hundred bytes on the wire: a small bomb
+        body = gzip.compress(body)
+    sent: list[int] = []
+
+    async def big(reader: Reader, writer: Writer) -> None:
+        while True:
+            status = b"200 OK" if not sent else b"502 Bad Gateway"
+            sent.append(len(await read_request(reader)))
+            head = f"Content-Length: {len(body)}\r\nContent-Encoding: {encoding}\r\n\r\n"
+            writer.write(b"HTTP/1.1 " + status + b"\r\n" + head.encode() + body)
+            await writer.drain()
+
+    server = await raw_server(big)
+    client = client_for(server.base_url, max_body_bytes=10_000)
+    # A 2xx too long to read cannot be decoded (for a rent: its outcome is unknown).
+    with pytest.raises(UpstreamDecodeError, match="body over 10000 bytes") as caught:
+        await client.rent_numbers("1", {}, timeout_seconds=TIMEOUT)
+    assert caught.value.status_code == 200
+    # An error status keeps its status, with the start of its body.
+    with pytest.raises(UpstreamStatusError) as status_error:
+        await client.get_number_group("1", timeout_seconds=TIMEOUT)
+    # The second request got its own answer: nothing of the first body was taken for it.
+    assert status_error.value.status_code == 502
 
 
 async def test_hang_times_out_on_time(
