@@ -477,7 +477,7 @@ class PlivoClient:
                     try:
                         content, whole = await self._read_body(response)
                     finally:
-                        await response.aclose()  # drops the connection if the body was cut
+                        await response.aclose()  # a connection with bytes left unread is dropped
         except UpstreamError as exc:
             self._log(method, path, type(exc).__name__, time.perf_counter() - started, None)
             raise

@@ -3,8 +3,8 @@
 httpx stays the client API (auth, URLs, headers, timeouts per phase, the exception types the
 rest of `numbersvc.upstream` maps); only the transport under it changes. `AiohttpTransport`
 runs each request on an `aiohttp.ClientSession` (C-accelerated HTTP parser, a connection pool
-without a per-request scan of every connection); `make bench` measured it against httpx's own
-httpcore transport (docs/performance.md). `build_transport` picks one by name.
+without a per-request scan of every connection); `make bench-transports` and `bench.ab` measured
+it against httpx's own httpcore transport (docs/performance.md). `build_transport` picks one.
 
 What must stay exact is the answer to "may the request have reached Plivo?", because a rent
 whose request never left may be released and retried, and one that may have arrived may not.
@@ -44,11 +44,7 @@ __all__ = [
 # asyncio before 3.12.8 (and 3.13.0) can leak a TLS connection whose peer never finishes the
 # TLS shutdown (python/cpython#118960); aiohttp then aborts such sockets on request, and warns
 # when asked where the bug is fixed.
-_TLS_CLOSE_LEAKS: Final = sys.version_info < (3, 12, 8) or (3, 13, 0) <= sys.version_info < (
-    3,
-    13,
-    1,
-)
+_TLS_CLOSE_LEAKS: Final = sys.version_info < (3, 12, 8) or (3, 13) <= sys.version_info < (3, 13, 1)
 
 
 class HttpStack(enum.StrEnum):
