@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any
 
@@ -22,6 +23,8 @@ Handler = (
 )
 MakeClient = Callable[..., PlivoClient]
 RawHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+StartServer = Callable[..., Awaitable["RawServer"]]
+"""`raw_server`'s factory: `await start(handler)`, or `await start(handler, tls=context)`."""
 
 
 @pytest.fixture
@@ -59,10 +62,14 @@ async def read_request(reader: asyncio.StreamReader) -> bytes:
 
 
 class RawServer:
-    """A bare asyncio TCP server on 127.0.0.1 that runs one handler per connection."""
+    """A bare asyncio TCP server on 127.0.0.1 that runs one handler per connection.
 
-    def __init__(self, handler: RawHandler) -> None:
+    With `tls` (a server context) it speaks TLS first and its base URL is https.
+    """
+
+    def __init__(self, handler: RawHandler, *, tls: ssl.SSLContext | None = None) -> None:
         self._handler = handler
+        self._tls = tls
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._writers: list[asyncio.StreamWriter] = []
@@ -70,9 +77,9 @@ class RawServer:
         self.base_url = ""
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=self._tls)
         port = self._server.sockets[0].getsockname()[1]
-        self.base_url = f"http://127.0.0.1:{port}"
+        self.base_url = f"{'https' if self._tls else 'http'}://127.0.0.1:{port}"
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -95,12 +102,12 @@ class RawServer:
 
 
 @pytest.fixture
-async def raw_server() -> AsyncIterator[Callable[[RawHandler], Awaitable[RawServer]]]:
-    """Start `RawServer`s on demand; all are stopped at teardown."""
+async def raw_server() -> AsyncIterator[StartServer]:
+    """Start `RawServer`s on demand (TLS with `tls=`); all are stopped at teardown."""
     servers: list[RawServer] = []
 
-    async def start(handler: RawHandler) -> RawServer:
-        server = RawServer(handler)
+    async def start(handler: RawHandler, *, tls: ssl.SSLContext | None = None) -> RawServer:
+        server = RawServer(handler, tls=tls)
         await server.start()
         servers.append(server)
         return server

@@ -31,9 +31,8 @@ from numbersvc.upstream.errors import (
 )
 from numbersvc.upstream.transport import AiohttpTransport, HttpStack, httpx_error_class
 
-from .conftest import AUTH_ID, MakeClient, RawHandler, RawServer, read_request
+from .conftest import AUTH_ID, MakeClient, StartServer, read_request
 
-StartServer = Callable[[RawHandler], Awaitable[RawServer]]
 Reader = asyncio.StreamReader
 Writer = asyncio.StreamWriter
 
@@ -59,6 +58,20 @@ def client_for(make_client: MakeClient, stack: HttpStack) -> Callable[..., Plivo
     return build
 
 
+@pytest.fixture
+def authority() -> trustme.CA:
+    """A certificate authority of the test's own, trusted by nothing unless told."""
+    return trustme.CA()
+
+
+@pytest.fixture
+def server_tls(authority: trustme.CA) -> ssl.SSLContext:
+    """A server context with a certificate for 127.0.0.1 (only) from `authority`."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    authority.issue_cert("127.0.0.1").configure_cert(context)
+    return context
+
+
 def reset(writer: Writer) -> None:
     """Close the connection with a TCP RST instead of a FIN."""
     sock = writer.get_extra_info("socket")
@@ -66,16 +79,18 @@ def reset(writer: Writer) -> None:
     writer.transport.abort()
 
 
+async def serve_ok(reader: Reader, writer: Writer) -> None:
+    """Answer every request on the connection with `OK_RESPONSE`."""
+    while True:
+        await read_request(reader)
+        writer.write(OK_RESPONSE)
+        await writer.drain()
+
+
 async def test_keep_alive_reuses_one_connection(
     client_for: Callable[..., PlivoClient], raw_server: StartServer
 ) -> None:
-    async def serve_many(reader: Reader, writer: Writer) -> None:
-        while True:
-            await read_request(reader)
-            writer.write(OK_RESPONSE)
-            await writer.drain()
-
-    server = await raw_server(serve_many)
+    server = await raw_server(serve_ok)
     client = client_for(server.base_url)
     for _ in range(3):
         response = await client.get_number_group("1", timeout_seconds=TIMEOUT)
@@ -122,31 +137,61 @@ async def test_both_stacks_send_the_same_bytes(
         assert heads[0].endswith(b"\r\n\r\n" + b'{"quantity":2}')
 
 
-async def test_reset_before_response(
-    client_for: Callable[..., PlivoClient], raw_server: StartServer
+async def _after_request_reset(reader: Reader, writer: Writer) -> None:
+    reset(writer)
+
+
+async def _after_request_close(reader: Reader, writer: Writer) -> None:
+    writer.close()
+
+
+async def _after_request_truncated_body(reader: Reader, writer: Writer) -> None:
+    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n" + b'{"api_id"')
+    await writer.drain()
+    writer.close()
+
+
+async def _after_request_garbage(reader: Reader, writer: Writer) -> None:
+    writer.write(b"SSH-2.0-OpenSSH_9.6\r\n\r\n")
+    await writer.drain()
+    writer.close()
+
+
+@pytest.mark.parametrize(
+    ("answer", "operation", "cause"),
+    [
+        # (what the server does once it has read the request, the call, the httpx cause the
+        # error must carry; None: the exact class UpstreamTransportError is what matters)
+        (_after_request_reset, "rent", None),
+        (_after_request_close, "get", httpx.RemoteProtocolError),
+        (_after_request_truncated_body, "rent", None),
+        (_after_request_garbage, "rent", httpx.RemoteProtocolError),
+    ],
+    ids=["reset", "close", "truncated-body", "garbage-instead-of-http"],
+)
+async def test_a_failure_after_the_request_may_have_been_sent(
+    client_for: Callable[..., PlivoClient],
+    raw_server: StartServer,
+    answer: Callable[[Reader, Writer], Awaitable[None]],
+    operation: str,
+    cause: type[Exception] | None,
 ) -> None:
-    async def reset_after_request(reader: Reader, writer: Writer) -> None:
+    async def handle(reader: Reader, writer: Writer) -> None:
         await read_request(reader)
-        reset(writer)
+        await answer(reader, writer)
 
-    server = await raw_server(reset_after_request)
+    client = client_for((await raw_server(handle)).base_url)
+    call = (
+        client.rent_numbers("1", {}, timeout_seconds=TIMEOUT)
+        if operation == "rent"
+        else client.get_number_group("1", timeout_seconds=TIMEOUT)
+    )
     with pytest.raises(UpstreamTransportError) as caught:
-        await client_for(server.base_url).rent_numbers("1", {}, timeout_seconds=TIMEOUT)
-    assert type(caught.value) is UpstreamTransportError
-    assert caught.value.request_sent is True
-
-
-async def test_close_before_response(
-    client_for: Callable[..., PlivoClient], raw_server: StartServer
-) -> None:
-    async def hang_up(reader: Reader, writer: Writer) -> None:
-        await read_request(reader)
-        writer.close()
-
-    server = await raw_server(hang_up)
-    with pytest.raises(UpstreamTransportError) as caught:
-        await client_for(server.base_url).get_number_group("1", timeout_seconds=TIMEOUT)
-    assert isinstance(caught.value.__cause__, httpx.RemoteProtocolError)
+        await call
+    if cause is None:
+        assert type(caught.value) is UpstreamTransportError
+    else:
+        assert isinstance(caught.value.__cause__, cause)
     assert caught.value.request_sent is True
 
 
@@ -184,38 +229,6 @@ async def test_a_kept_alive_connection_that_breaks_is_not_silently_retried(
     assert (requests, server.connections) == (2, 1)
 
 
-async def test_truncated_body(
-    client_for: Callable[..., PlivoClient], raw_server: StartServer
-) -> None:
-    async def short(reader: Reader, writer: Writer) -> None:
-        await read_request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n" + b'{"api_id"')
-        await writer.drain()
-        writer.close()
-
-    server = await raw_server(short)
-    with pytest.raises(UpstreamTransportError) as caught:
-        await client_for(server.base_url).rent_numbers("1", {}, timeout_seconds=TIMEOUT)
-    assert type(caught.value) is UpstreamTransportError
-    assert caught.value.request_sent is True
-
-
-async def test_garbage_instead_of_http(
-    client_for: Callable[..., PlivoClient], raw_server: StartServer
-) -> None:
-    async def garbage(reader: Reader, writer: Writer) -> None:
-        await read_request(reader)
-        writer.write(b"SSH-2.0-OpenSSH_9.6\r\n\r\n")
-        await writer.drain()
-        writer.close()
-
-    server = await raw_server(garbage)
-    with pytest.raises(UpstreamTransportError) as caught:
-        await client_for(server.base_url).rent_numbers("1", {}, timeout_seconds=TIMEOUT)
-    assert isinstance(caught.value.__cause__, httpx.RemoteProtocolError)
-    assert caught.value.request_sent is True
-
-
 async def test_connection_refused(client_for: Callable[..., PlivoClient]) -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -228,62 +241,42 @@ async def test_connection_refused(client_for: Callable[..., PlivoClient]) -> Non
 
 
 async def test_untrusted_certificate_is_a_connect_error(
-    client_for: Callable[..., PlivoClient],
+    client_for: Callable[..., PlivoClient], raw_server: StartServer, server_tls: ssl.SSLContext
 ) -> None:
-    authority = trustme.CA()
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    authority.issue_cert("127.0.0.1").configure_cert(context)
     seen: list[bytes] = []
 
     async def handle(reader: Reader, writer: Writer) -> None:
         seen.append(await reader.read(1))
-        writer.close()
 
-    server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=context)
-    port = server.sockets[0].getsockname()[1]
-    try:
-        with pytest.raises(UpstreamConnectError) as caught:
-            await client_for(f"https://127.0.0.1:{port}").rent_numbers(
-                "1", {}, timeout_seconds=TIMEOUT
-            )
-    finally:
-        server.close()
-        await server.wait_closed()
+    server = await raw_server(handle, tls=server_tls)
+    with pytest.raises(UpstreamConnectError) as caught:
+        await client_for(server.base_url).rent_numbers("1", {}, timeout_seconds=TIMEOUT)
     assert caught.value.request_sent is False
     assert seen in ([], [b""])  # the handshake failed: no byte of the request arrived
 
 
-async def test_aiohttp_verifies_the_host_name_over_tls(make_client: MakeClient) -> None:
-    authority = trustme.CA()
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    authority.issue_cert("127.0.0.1").configure_cert(context)
-
-    async def handle(reader: Reader, writer: Writer) -> None:
-        await read_request(reader)
-        writer.write(OK_RESPONSE)
-        await writer.drain()
-        writer.close()
-
-    server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=context)
-    port = server.sockets[0].getsockname()[1]
+async def test_aiohttp_verifies_the_host_name_over_tls(
+    make_client: MakeClient,
+    raw_server: StartServer,
+    authority: trustme.CA,
+    server_tls: ssl.SSLContext,
+) -> None:
+    server = await raw_server(serve_ok, tls=server_tls)
     trusting = ssl.create_default_context()
     authority.configure_trust(trusting)
-    try:
-        for host, works in (("127.0.0.1", True), ("localhost", False)):
-            transport = AiohttpTransport(
-                max_connections=1, keepalive_expiry_seconds=1.0, ssl_context=trusting
-            )
-            client = make_client(base_url=f"https://{host}:{port}", transport=transport)
-            if works:
-                response = await client.get_number_group("1", timeout_seconds=TIMEOUT)
-                assert response.api_id == "k1"
-            else:  # the certificate names 127.0.0.1 only
-                with pytest.raises(UpstreamConnectError) as caught:
-                    await client.get_number_group("1", timeout_seconds=TIMEOUT)
-                assert caught.value.request_sent is False
-    finally:
-        server.close()
-        await server.wait_closed()
+
+    def client(host: str) -> PlivoClient:
+        transport = AiohttpTransport(
+            max_connections=1, keepalive_expiry_seconds=1.0, ssl_context=trusting
+        )
+        base_url = server.base_url.replace("127.0.0.1", host)
+        return make_client(base_url=base_url, transport=transport)
+
+    response = await client("127.0.0.1").get_number_group("1", timeout_seconds=TIMEOUT)
+    assert response.api_id == "k1"
+    with pytest.raises(UpstreamConnectError) as caught:  # the certificate names 127.0.0.1 only
+        await client("localhost").get_number_group("1", timeout_seconds=TIMEOUT)
+    assert caught.value.request_sent is False
 
 
 @pytest.mark.parametrize(
@@ -344,32 +337,19 @@ async def test_bytes_after_a_response_are_never_read_as_the_next_answer(
 
 async def test_trust_comes_from_the_code_not_the_environment(
     client_for: Callable[..., PlivoClient],
+    raw_server: StartServer,
+    authority: trustme.CA,
+    server_tls: ssl.SSLContext,
     monkeypatch: pytest.MonkeyPatch,
     tmp_path: pathlib.Path,
 ) -> None:
-    authority = trustme.CA()
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    authority.issue_cert("127.0.0.1").configure_cert(context)
     bundle = tmp_path / "ca.pem"
     authority.cert_pem.write_to_path(str(bundle))
     monkeypatch.setenv("SSL_CERT_FILE", str(bundle))
     monkeypatch.setenv("SSL_CERT_DIR", str(tmp_path))
-
-    async def handle(reader: Reader, writer: Writer) -> None:
-        await read_request(reader)
-        writer.write(OK_RESPONSE)
-        await writer.drain()
-
-    server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=context)
-    port = server.sockets[0].getsockname()[1]
-    try:
-        with pytest.raises(UpstreamConnectError):
-            await client_for(f"https://127.0.0.1:{port}").get_number_group(
-                "1", timeout_seconds=TIMEOUT
-            )
-    finally:
-        server.close()
-        await server.wait_closed()
+    server = await raw_server(serve_ok, tls=server_tls)
+    with pytest.raises(UpstreamConnectError):
+        await client_for(server.base_url).get_number_group("1", timeout_seconds=TIMEOUT)
 
 
 async def test_closing_the_client_does_not_cancel_a_waiting_call(
