@@ -32,6 +32,7 @@ import grpc
 
 from bench.bench import (
     CONCURRENCY,
+    FAILURES,
     UNARY_FILTER,
     Child,
     Phase,
@@ -163,7 +164,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         options = dataclasses.replace(options, unary_calls=300, rounds=4, warmup_calls=100)
     try:
         result = asyncio.run(run_ab(options))
-    except (RuntimeError, OSError, grpc.aio.AioRpcError) as exc:
+    except FAILURES as exc:
         print(f"error: A/B failed: {exc}", file=sys.stderr)
         return 2
     print(render(result))

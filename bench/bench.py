@@ -1297,6 +1297,17 @@ def _rows(text: str) -> frozenset[int]:
     return rows
 
 
+#: What a failed run raises: a child process, the network, the sandbox's control API, a call.
+FAILURES: Final = (
+    RuntimeError,
+    OSError,
+    TimeoutError,
+    httpx.HTTPError,
+    aiohttp.ClientError,
+    grpc.aio.AioRpcError,
+)
+
+
 def env_pair(text: str) -> tuple[str, str]:
     """Parse `NAME=VALUE` (an argparse `type` for the server-env flags)."""
     name, sep, value = text.partition("=")
@@ -1344,11 +1355,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             log_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-")))
         try:
             bench = asyncio.run(run_bench(plan, dict(args.server_env), log_dir))
-        except (RuntimeError, OSError, TimeoutError, httpx.HTTPError, aiohttp.ClientError) as exc:
-            print(f"error: bench failed: {exc}", file=sys.stderr)
-            return 2
         except grpc.aio.AioRpcError as exc:
             print(f"error: bench failed: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 2
+        except FAILURES as exc:
+            print(f"error: bench failed: {exc}", file=sys.stderr)
             return 2
     print(render(bench))
     args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -35,11 +35,13 @@ import grpc
 from bench.bench import (
     CONCURRENCY,
     DEFAULT_JSON,
+    FAILURES,
     UNARY_FILTER,
     Call,
     collect_pages,
     cpu_seconds,
     disjoint_assignments,
+    env_pair,
     list_call,
     run_phase,
     unary_rig,
@@ -326,13 +328,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where to write")
     parser.add_argument(
         "--server-env",
+        type=env_pair,
         action="append",
         default=[],
         metavar="NAME=VALUE",
         help="an extra environment variable for the server (repeatable)",
     )
     args = parser.parse_args(argv)
-    extra = dict(pair.split("=", 1) for pair in args.server_env)
+    extra = dict(args.server_env)
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     if not Path(spy).exists():
         print("error: py-spy is not installed: pip install py-spy", file=sys.stderr)
@@ -341,7 +344,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     raw = args.out / "profile-row2.raw.txt"
     try:
         header = asyncio.run(profile_server(spy, args.seconds, args.rate, raw, extra))
-    except (RuntimeError, OSError) as exc:
+    except FAILURES as exc:
         print(f"error: profile failed: {exc}", file=sys.stderr)
         return 2
     with raw.open(encoding="utf-8") as lines:

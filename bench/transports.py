@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -28,6 +29,7 @@ import httpx
 from bench.bench import (
     CALL_TIMEOUT_SECONDS,
     CONCURRENCY,
+    FAILURES,
     PAGE_SIZE,
     Direct,
     Phase,
@@ -37,11 +39,12 @@ from bench.bench import (
     unary_page_urls,
     unary_rig,
 )
+from numbersvc.config import Config
 from numbersvc.sandbox import DEFAULT_AUTH_ID, DEFAULT_AUTH_TOKEN
 from numbersvc.upstream.client import (
     DEFAULT_KEEPALIVE_EXPIRY_SECONDS,
-    DEFAULT_MAX_CONNECTIONS,
-    DEFAULT_MAX_KEEPALIVE_CONNECTIONS,
+    DEFAULT_USER_AGENT,
+    http_client,
 )
 from numbersvc.upstream.transport import HttpStack, build_transport
 
@@ -71,46 +74,37 @@ def _httpx_get(client: httpx.AsyncClient) -> Get:
     return get
 
 
-def _httpx_client(transport: httpx.AsyncBaseTransport | None = None) -> httpx.AsyncClient:
-    """An httpx client as PlivoClient makes it (Basic auth, no redirects, no environment)."""
-    return httpx.AsyncClient(
-        auth=httpx.BasicAuth(DEFAULT_AUTH_ID, DEFAULT_AUTH_TOKEN),
-        headers={"Accept": "application/json"},
+def _client(transport: httpx.AsyncBaseTransport) -> httpx.AsyncClient:
+    return http_client(
+        auth_id=DEFAULT_AUTH_ID,
+        auth_token=DEFAULT_AUTH_TOKEN,
+        user_agent=DEFAULT_USER_AGENT,
         transport=transport,
-        follow_redirects=False,
-        trust_env=False,
     )
 
 
 def _stacks() -> dict[str, Callable[[], httpx.AsyncClient]]:
-    """The httpx candidates: numbersvc's two stacks with its pool limits, and httpx's defaults."""
+    """The httpx candidates: `PlivoClient`'s client on each stack as `numbersvc serve` sets
+    it up (the pool size from the shipped config, every connection kept alive), and on httpx's
+    own transport with httpx's default limits."""
+    pool = Config().upstream_max_connections
 
     def shipped(stack: HttpStack) -> Callable[[], httpx.AsyncClient]:
-        return lambda: _httpx_client(
-            build_transport(
-                stack,
-                max_connections=DEFAULT_MAX_CONNECTIONS,
-                max_keepalive_connections=DEFAULT_MAX_KEEPALIVE_CONNECTIONS,
-                keepalive_expiry_seconds=DEFAULT_KEEPALIVE_EXPIRY_SECONDS,
-            )
+        transport = functools.partial(
+            build_transport,
+            stack,
+            max_connections=pool,
+            max_keepalive_connections=pool,
+            keepalive_expiry_seconds=DEFAULT_KEEPALIVE_EXPIRY_SECONDS,
         )
-
-    def tuned_httpcore() -> httpx.AsyncClient:
-        # Every connection kept alive: no reconnects when 32 workers share a pool.
-        return _httpx_client(
-            build_transport(
-                HttpStack.HTTPCORE,
-                max_connections=64,
-                max_keepalive_connections=64,
-                keepalive_expiry_seconds=DEFAULT_KEEPALIVE_EXPIRY_SECONDS,
-            )
-        )
+        return lambda: _client(transport())
 
     return {
-        "httpx + aiohttp (numbersvc's AiohttpTransport)": shipped(HttpStack.AIOHTTP),
-        "httpx + httpcore, numbersvc's default limits": shipped(HttpStack.HTTPCORE),
-        "httpx + httpcore, pool of 64 all kept alive": tuned_httpcore,
-        "httpx + httpcore, httpx's default limits": _httpx_client,
+        f"httpx + aiohttp, as shipped (pool of {pool})": shipped(HttpStack.AIOHTTP),
+        f"httpx + httpcore, as shipped (pool of {pool})": shipped(HttpStack.HTTPCORE),
+        "httpx + httpcore, httpx's default limits": lambda: _client(
+            httpx.AsyncHTTPTransport(trust_env=False)
+        ),
     }
 
 
@@ -202,7 +196,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         options = dataclasses.replace(options, rounds=3, seconds=1.0, warmup_calls=100)
     try:
         result = asyncio.run(run_transports(options))
-    except (RuntimeError, OSError, httpx.HTTPError) as exc:
+    except FAILURES as exc:
         print(f"error: the transport comparison failed: {exc}", file=sys.stderr)
         return 2
     print(render(result))
