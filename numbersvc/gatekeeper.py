@@ -26,7 +26,7 @@ from google.protobuf.message import DecodeError
 
 from numbersvc.callers import Caller, Callers
 from numbersvc.errors import Outcome, ServiceError, to_status
-from numbersvc.interceptors import current_call
+from numbersvc.interceptors import current_call, wrap_handler
 
 __all__ = ["ANONYMOUS", "READ", "RENT", "Gatekeeper", "Identity"]
 
@@ -86,21 +86,10 @@ class Gatekeeper(grpc.aio.ServerInterceptor):
         metadata = handler_call_details.invocation_metadata
         check = _Check(self, method, _bearer(metadata))
         changes: dict[str, Any] = {}
-        if handler.unary_unary is not None:
-            changes["unary_unary"] = check.wrap(handler.unary_unary)
-        elif handler.unary_stream is not None:
-            changes["unary_stream"] = check.wrap_stream(handler.unary_stream)
-        else:  # streaming requests (reflection): the same checks, requests decoded by gRPC
-            name = "stream_unary" if handler.stream_unary else "stream_stream"
-            behaviour = getattr(handler, name)
-            changes[name] = (
-                check.wrap_stream(behaviour) if name.endswith("stream") else check.wrap(behaviour)
-            )
+        # Streaming requests (reflection) get the same checks, their requests decoded by gRPC.
         if handler.request_deserializer is not None and not handler.request_streaming:
             changes["request_deserializer"] = _lenient(handler.request_deserializer)
-        # RpcMethodHandler is a namedtuple at run time; the stubs do not say so.
-        replaced: _Handler = handler._replace(**changes)  # type: ignore[attr-defined]
-        return replaced
+        return wrap_handler(handler, check.wrap, check.wrap_stream, **changes)
 
     def admit(self, method: str, identity: Identity) -> Caller:
         """Return the caller, or raise the `ServiceError` that refuses the call."""

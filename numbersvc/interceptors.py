@@ -29,6 +29,7 @@ __all__ = [
     "ObservingInterceptor",
     "current_call",
     "upstream_headers",
+    "wrap_handler",
 ]
 
 _REQUEST_ID_KEY: Final = "x-request-id"
@@ -41,6 +42,31 @@ _BEHAVIOURS: Final = ("unary_unary", "unary_stream", "stream_unary", "stream_str
 _Context = grpc.aio.ServicerContext[Any, Any]
 if TYPE_CHECKING:  # the stubs make it generic; at run time it is a plain class
     _Handler = grpc.RpcMethodHandler[Any, Any]
+
+
+Behaviour = Callable[[Any, _Context], Any]
+"""A method handler's behaviour: (request, context) -> response, or an async iterator of them."""
+
+
+def wrap_handler(
+    handler: _Handler,
+    wrap: Callable[[Behaviour], Behaviour],
+    wrap_stream: Callable[[Behaviour], Behaviour],
+    **changes: Any,
+) -> _Handler:
+    """Return `handler` with its behaviour wrapped, and any other field in `changes` replaced.
+
+    `wrap_stream` gets a behaviour that yields its responses; `wrap` gets every other one: a
+    unary response, or a response stream written with `context.write` (the health service's
+    `Watch`), which is a coroutine and cannot be iterated.
+    """
+    name = next(n for n in _BEHAVIOURS if getattr(handler, n) is not None)
+    behaviour = getattr(handler, name)
+    yields = name.endswith("stream") and inspect.isasyncgenfunction(behaviour)
+    changes[name] = wrap_stream(behaviour) if yields else wrap(behaviour)
+    # RpcMethodHandler is a namedtuple at run time; the stubs do not say so.
+    replaced: _Handler = handler._replace(**changes)  # type: ignore[attr-defined]
+    return replaced
 
 
 @dataclass
@@ -138,13 +164,9 @@ class ObservingInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
-        name = next(n for n in _BEHAVIOURS if getattr(handler, n) is not None)
-        call = _Call(self, handler_call_details, streaming=name.endswith("stream"))
-        behaviour = getattr(handler, name)
-        wrapped = call.wrap_stream(behaviour) if call.streaming else call.wrap(behaviour)
-        # RpcMethodHandler is a namedtuple at run time; the stubs do not say so.
-        replaced: _Handler = handler._replace(**{name: wrapped})  # type: ignore[attr-defined]
-        return replaced
+        streaming = handler.response_streaming
+        call = _Call(self, handler_call_details, streaming=streaming)
+        return wrap_handler(handler, call.wrap, call.wrap_stream)
 
 
 class _Call:
@@ -195,9 +217,6 @@ class _Call:
         return run
 
     def wrap_stream(self, behaviour: Callable[[Any, _Context], Any]) -> Any:
-        if not inspect.isasyncgenfunction(behaviour):
-            return self.wrap(behaviour)  # a handler that writes with context.write
-
         async def run(request: Any, context: _Context) -> AsyncIterator[Any]:
             self._start(context)
             failure = None

@@ -38,6 +38,16 @@ async def test_health_unknown_service(channel: grpc.aio.Channel) -> None:
     assert info.value.code() == grpc.StatusCode.NOT_FOUND
 
 
+async def test_health_watch_streams_the_status(channel: grpc.aio.Channel) -> None:
+    # Watch writes with context.write instead of yielding: the interceptors must pass it on.
+    health = health_pb2_grpc.HealthStub(channel)
+    call = health.Watch(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=5)
+    first = await call.read()
+    assert isinstance(first, health_pb2.HealthCheckResponse)
+    assert first.status == health_pb2.HealthCheckResponse.SERVING
+    call.cancel()
+
+
 async def test_reflection_lists_and_describes_the_service(channel: grpc.aio.Channel) -> None:
     stub = reflection_pb2_grpc.ServerReflectionStub(channel)
     requests = [
