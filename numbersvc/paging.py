@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import contextlib
 import hashlib
 import struct
 import zlib
@@ -155,11 +154,15 @@ async def walk_pages(
             _, future = pending.popleft()
             page = await future
     finally:
+        futures = [future for _, future in pending]
         _cancel_all(pending)
-        # Let cancelled fetches unwind (and close their connections) before we return.
-        for _, future in pending:
-            with contextlib.suppress(BaseException):
-                await future
+        if futures:
+            # Let cancelled fetches unwind (and close their connections) before we return;
+            # `wait` never raises their errors, and a cancel of this task still goes through.
+            await asyncio.wait(futures)
+            for future in futures:
+                if not future.cancelled():
+                    future.exception()  # retrieved: a fetch that failed is not logged as lost
 
 
 def _top_up(

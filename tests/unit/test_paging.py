@@ -158,6 +158,22 @@ class TestWalkPages:
         assert sorted(upstream.cancelled) == sorted(upstream.fetched)
         assert len(upstream.fetched) == fetched
 
+    async def test_aclose_returns_after_the_fetches_in_flight_have_unwound(self) -> None:
+        upstream = FakeUpstream(total=10_000, page_size=10, delay=10)
+        quick = FakeUpstream(total=10_000, page_size=10)
+
+        async def fetch(offset: int) -> Page[int]:
+            # The page after the first comes at once; the ones fetched ahead of it hang.
+            return await (quick if offset == 10 else upstream).fetch(offset)
+
+        walk = walk_pages(fetch, await quick.fetch(0), page_size=10, read_ahead=4)
+        assert [(await anext(walk)).offset, (await anext(walk)).offset] == [0, 10]
+        assert upstream.in_flight == 3
+        await walk.aclose()
+        # Their connections are closed by the time the walk is: nothing runs on behind it.
+        assert upstream.in_flight == 0
+        assert sorted(upstream.cancelled) == [20, 30, 40]
+
     async def test_short_page_refetches_from_where_it_really_ended(self) -> None:
         async def fetch(offset: int) -> Page[int]:
             # Upstream hands out 7 items where 10 were asked for: nothing may be skipped.
