@@ -245,12 +245,16 @@ class Child:
         finally:
             log.close()
         end = time.monotonic() + _START_TIMEOUT_SECONDS
-        while time.monotonic() < end:
-            if (match := ready.search(self.log())) is not None:
-                return match.group(1)
-            if self.process.returncode is not None:
-                break
-            await asyncio.sleep(0.05)
+        try:
+            while time.monotonic() < end:
+                if (match := ready.search(self.log())) is not None:
+                    return match.group(1)
+                if self.process.returncode is not None:
+                    break
+                await asyncio.sleep(0.05)
+        except BaseException:  # Ctrl-C while waiting: the caller never gets it to stop it
+            await self.stop()
+            raise
         await self.stop()
         raise RuntimeError(f"{self.name} did not start:\n{self.tail()}")
 

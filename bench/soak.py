@@ -2,11 +2,12 @@
 
     python -m bench.soak --seconds 60 --streams 200 --unary-concurrency 50
 
-Starts the sandbox (`python -m numbersvc sandbox`, on a free port) and the server
-(`python -m numbersvc serve --listen 127.0.0.1:0`, pointed at the sandbox as if it were Plivo)
-as separate processes, seeds `--groups` synthetic US toll-free groups, then for `--seconds`
-runs `--streams` workers that each walk StreamNumberGroups over the whole toll-free filter, again
-and again, and `--unary-concurrency` workers that alternate ListNumberGroups and GetNumberGroup.
+Starts the sandbox (`python -m numbersvc sandbox`) and the server (`python -m numbersvc serve`,
+pointed at the sandbox as if it were Plivo) as separate processes on ports the OS picks, with
+`bench.bench`'s `start_sandbox` and `start_server` (their logs go to files in a temporary
+directory), seeds `--groups` synthetic US toll-free groups, then for `--seconds` runs
+`--streams` workers that each walk StreamNumberGroups over the whole toll-free filter, again and
+again, and `--unary-concurrency` workers that alternate ListNumberGroups and GetNumberGroup.
 It prints calls by RPC, errors by code, p50/p99 latency, and the server's RSS (VmRSS from
 /proc/PID/status, sampled every second), and exits 1 on any error code at all (nothing is
 faulted, so every call should succeed) or when the server logs an ERROR line or does not exit
@@ -14,7 +15,8 @@ faulted, so every call should succeed) or when the server logs an ERROR line or 
 
 The server runs with `NUMBERSVC_UPSTREAM_RATE=off` (the sandbox is not rate limited, and the
 Plivo request budget would throttle the load by design), an in-memory ledger, metrics on a
-port the OS picks, and text logs; pass `--server-env NAME=VALUE` to change any setting.
+port the OS picks, and text logs (always: the ERROR check reads text lines); pass
+`--server-env NAME=VALUE` to change any other setting.
 Calls still running when time is up are cancelled and counted as unfinished, not as errors.
 `tests/e2e/test_soak.py` runs a short version of the same `soak()`.
 """
@@ -25,23 +27,31 @@ import argparse
 import asyncio
 import contextlib
 import math
-import os
 import random
-import re
 import signal
-import socket
 import sys
+import tempfile
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Final
 
 import grpc
 import httpx
 from google.rpc import error_details_pb2, status_pb2
 
-from numbersvc.sandbox import DEFAULT_AUTH_ID, DEFAULT_AUTH_TOKEN, SandboxControl
+from bench.bench import (
+    Child,
+    env_pair,
+    percentile,
+    rss_bytes,
+    server_env,
+    start_sandbox,
+    start_server,
+)
+from numbersvc.sandbox import SandboxControl
 from numbersvc.v1 import number_groups_pb2 as pb
 from numbersvc.v1 import number_groups_pb2_grpc as pb_grpc
 
@@ -53,14 +63,10 @@ GET: Final = "GetNumberGroup"
 #: Codes the soak tolerates: none. Nothing is faulted, so every call must succeed.
 EXPECTED_ERROR_CODES: Final[frozenset[grpc.StatusCode]] = frozenset()
 
-_START_TIMEOUT_SECONDS: Final = 30.0
-_STOP_TIMEOUT_SECONDS: Final = 20.0
 _UNARY_TIMEOUT_SECONDS: Final = 10.0
 _STREAM_SLACK_SECONDS: Final = 30.0  # a stream's deadline: the time left plus this
 _RSS_INTERVAL_SECONDS: Final = 1.0
 _CALLS_PER_CHANNEL: Final = 50  # concurrent calls sharing one HTTP/2 connection
-_SERVING: Final = re.compile(r"serving on 127\.0\.0\.1:(\d+)")
-_VMRSS: Final = re.compile(r"^VmRSS:\s+(\d+)\s+kB", re.MULTILINE)
 _STREAM_FILTER: Final = pb.SearchFilter(region_code="US", number_type=pb.NUMBER_TYPE_TOLLFREE)
 _LIST_FILTERS: Final = (
     pb.SearchFilter(region_code="US"),
@@ -150,145 +156,43 @@ def _reason(error: grpc.aio.AioRpcError) -> str:
 # --- Processes ----------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    """Return a TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
-def _child_env(extra: Mapping[str, str]) -> dict[str, str]:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("PLIVO_", "NUMBERSVC_"))}
-    return {**clean, **extra}
-
-
-async def _stop(process: asyncio.subprocess.Process, sig: signal.Signals) -> int | None:
-    """Signal a child and wait for it; kill it if it does not exit in time."""
-    if process.returncode is None:
-        with contextlib.suppress(ProcessLookupError):
-            process.send_signal(sig)
-        try:
-            await asyncio.wait_for(process.wait(), _STOP_TIMEOUT_SECONDS)
-        except TimeoutError:
-            process.kill()
-            await process.wait()
-            return None
-    return process.returncode
-
-
 @contextlib.asynccontextmanager
-async def _sandbox(port: int) -> AsyncIterator[str]:
-    """Run `numbersvc sandbox` on `port` until it answers; yield its URL; stop it (SIGINT)."""
-    url = f"http://127.0.0.1:{port}"
-    process = await asyncio.create_subprocess_exec(
-        *(sys.executable, "-m", "numbersvc", "sandbox", "--listen", f"127.0.0.1:{port}"),
-        env=_child_env({}),
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
+async def _sandbox(log_dir: Path) -> AsyncIterator[str]:
+    """Run `numbersvc sandbox` on a port the OS picks; yield its URL; stop it (SIGINT)."""
+    child, url = await start_sandbox(log_dir)  # stops the process itself if it fails to start
     try:
-        async with SandboxControl(url, timeout_seconds=1.0) as control:
-            async with asyncio.timeout(_START_TIMEOUT_SECONDS):
-                while True:
-                    if process.returncode is not None:
-                        raise RuntimeError(f"the sandbox exited with {process.returncode}")
-                    try:
-                        await control.info()
-                        break
-                    except httpx.TransportError:
-                        await asyncio.sleep(0.1)
         yield url
     finally:
-        await _stop(process, signal.SIGINT)
-
-
-class _Server:
-    """A `numbersvc serve` process: its port, and its stderr drained and watched for ERRORs."""
-
-    def __init__(self, process: asyncio.subprocess.Process) -> None:
-        self.process = process
-        self.port = 0
-        self.error_lines: list[str] = []
-        self.tail: deque[str] = deque(maxlen=20)
-        self._serving = asyncio.Event()
-        self._reader = asyncio.create_task(self._read())
-
-    async def _read(self) -> None:
-        assert self.process.stderr is not None
-        # Every RPC logs an access line at INFO: the pipe must be drained or the server blocks.
-        while line := (await self.process.stderr.readline()).decode(errors="replace").rstrip():
-            self.tail.append(line)
-            if not self.port and (match := _SERVING.search(line)):
-                self.port = int(match.group(1))
-                self._serving.set()
-            fields = line.split(" ", 3)  # date, time, LEVEL, rest
-            if len(fields) > 2 and fields[2] in ("ERROR", "CRITICAL"):
-                self.error_lines.append(line)
-
-    async def wait_serving(self) -> None:
-        waiter = asyncio.create_task(self._serving.wait())
-        await asyncio.wait(
-            {waiter, self._reader}, timeout=_START_TIMEOUT_SECONDS, return_when="FIRST_COMPLETED"
-        )
-        waiter.cancel()
-        if not self._serving.is_set():
-            tail = "\n".join(self.tail)
-            raise RuntimeError(f"the server did not start serving:\n{tail}")
-
-    async def stop(self) -> int | None:
-        code = await _stop(self.process, signal.SIGTERM)
-        with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.wait_for(self._reader, _STOP_TIMEOUT_SECONDS)
-        return code
+        await child.stop(signal.SIGINT)
 
 
 @contextlib.asynccontextmanager
-async def _server(sandbox_url: str, extra_env: Mapping[str, str]) -> AsyncIterator[_Server]:
-    env = _child_env(
-        {
-            "NUMBERSVC_UPSTREAM": "plivo",
-            "PLIVO_BASE_URL": sandbox_url,
-            "PLIVO_AUTH_ID": DEFAULT_AUTH_ID,
-            "PLIVO_AUTH_TOKEN": DEFAULT_AUTH_TOKEN,
-            "NUMBERSVC_UPSTREAM_RATE": "off",
-            "NUMBERSVC_LEDGER_PATH": ":memory:",
-            "NUMBERSVC_DRAIN_SECONDS": "0",
-            "NUMBERSVC_METRICS_LISTEN": "127.0.0.1:0",  # its default is a fixed port
-            "NUMBERSVC_LOG_FORMAT": "text",  # `_Server` reads levels from text lines
-            **extra_env,
-        }
+async def _server(
+    sandbox_url: str, extra_env: Mapping[str, str], log_dir: Path
+) -> AsyncIterator[tuple[Child, str]]:
+    """Run `numbersvc serve` on the sandbox, rate budget off; yield it and its target; stop it."""
+    # Text logs after the caller's settings: `Child.error_lines` reads levels from text lines.
+    env = server_env(
+        sandbox_url, rate_off=True, extra={**extra_env, "NUMBERSVC_LOG_FORMAT": "text"}
     )
-    process = await asyncio.create_subprocess_exec(
-        *(sys.executable, "-m", "numbersvc", "serve", "--listen", "127.0.0.1:0"),
-        env=env,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    server = _Server(process)
+    child, target = await start_server("server", env, log_dir)
     try:
-        await server.wait_serving()
-        yield server
+        yield child, target
     finally:
-        if process.returncode is None:
-            await server.stop()
+        await child.stop()  # a no-op once the soak stopped it
 
 
-def read_rss_kib(pid: int) -> int | None:
+def _rss_kib(pid: int) -> int | None:
     """Return the process's resident set size in KiB (VmRSS), or None if it is gone."""
     try:
-        with open(f"/proc/{pid}/status", encoding="ascii") as status:
-            match = _VMRSS.search(status.read())
-    except OSError:
+        return rss_bytes(pid) // 1024
+    except (OSError, RuntimeError):  # no /proc/PID, or no VmRSS (a zombie)
         return None
-    return int(match.group(1)) if match else None
 
 
 async def _sample_rss(pid: int, samples: list[int]) -> None:
     while True:
-        rss = read_rss_kib(pid)
+        rss = _rss_kib(pid)
         if rss is not None:
             samples.append(rss)
         await asyncio.sleep(_RSS_INTERVAL_SECONDS)
@@ -391,7 +295,7 @@ async def run_load(
             await asyncio.gather(sampler, return_exceptions=True)
         for channel in channels:
             await channel.close()
-    if rss_pid is not None and (last := read_rss_kib(rss_pid)) is not None:
+    if rss_pid is not None and (last := _rss_kib(rss_pid)) is not None:
         samples.append(last)
     return stats, samples
 
@@ -419,30 +323,28 @@ async def _prepare(target: str) -> tuple[list[str], int]:
 
 async def soak(options: SoakOptions) -> Report:
     """Start the sandbox and the server as processes, seed, load, measure, stop them."""
-    async with _sandbox(free_port()) as sandbox_url:
-        await _seed(sandbox_url, options.groups)
-        async with _server(sandbox_url, options.server_env) as server:
-            target = f"127.0.0.1:{server.port}"
-            group_ids, walk_groups = await _prepare(target)
-            load, rss = await run_load(target, options, group_ids, server.process.pid)
-            errors_during_load = list(server.error_lines)
-            exit_code = await server.stop()
+    with tempfile.TemporaryDirectory(prefix="soak-") as tmp:
+        log_dir = Path(tmp)  # the processes' logs: the server's is read for ERROR lines
+        async with _sandbox(log_dir) as sandbox_url:
+            await _seed(sandbox_url, options.groups)
+            async with _server(sandbox_url, options.server_env, log_dir) as (server, target):
+                group_ids, walk_groups = await _prepare(target)
+                load, rss = await run_load(target, options, group_ids, server.pid)
+                errors_during_load = server.error_lines()
+                exit_code = await server.stop()
     return Report(options, load, rss, walk_groups, errors_during_load, exit_code)
 
 
 # --- Report -------------------------------------------------------------------------------------
 
 
-def percentile(values: Sequence[float], fraction: float) -> float:
-    """Nearest-rank percentile of `values` (0 when there are none)."""
-    if not values:
-        return 0.0
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(fraction * len(ordered)) - 1)]
+def _ms(seconds: Sequence[float], fraction: float) -> float:
+    """Nearest-rank percentile of latencies in seconds, as milliseconds (0 when there are none)."""
+    return percentile(seconds, fraction) * 1000 if seconds else 0.0
 
 
 def _p50_p99(seconds: Sequence[float]) -> str:
-    p50, p99 = (percentile(seconds, f) * 1000 for f in (0.5, 0.99))
+    p50, p99 = (_ms(seconds, f) for f in (0.5, 0.99))
     return f"p50 {p50:.0f} ms, p99 {p99:.0f} ms"
 
 
@@ -464,7 +366,7 @@ def render(report: Report) -> str:
         errors = sum(n for (name, _), n in load.errors.items() if name == rpc)
         lines.append(
             f"{rpc:<20}{load.calls[rpc]:>8}{errors:>8}{load.unfinished[rpc]:>12}"
-            f"{percentile(times, 0.5) * 1000:>10.0f}{percentile(times, 0.99) * 1000:>10.0f}"
+            f"{_ms(times, 0.5):>10.0f}{_ms(times, 0.99):>10.0f}"
         )
     lines += [
         "(a stream call is one full walk; unfinished: still running when time was up)",
@@ -496,13 +398,6 @@ def render(report: Report) -> str:
     return "\n".join(lines)
 
 
-def _env_pair(text: str) -> tuple[str, str]:
-    name, sep, value = text.partition("=")
-    if not sep or not name:
-        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
-    return name, value
-
-
 def _seconds(text: str) -> float:
     value = float(text)
     if not 0 < value < math.inf:
@@ -528,7 +423,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--groups", type=_count, default=20_000, help="toll-free groups to seed")
     parser.add_argument(
         "--server-env",
-        type=_env_pair,
+        type=env_pair,
         action="append",
         default=[],
         metavar="NAME=VALUE",
