@@ -43,9 +43,12 @@ from pathlib import Path
 from typing import Final, NoReturn
 
 __all__ = [
+    "ANONYMOUS",
     "CALLERS_FILE_ENV",
     "FILE_VERSION",
     "PERMISSIONS",
+    "READ",
+    "RENT",
     "Caller",
     "CallerEntry",
     "Callers",
@@ -56,7 +59,9 @@ __all__ = [
 ]
 
 CALLERS_FILE_ENV: Final = "NUMBERSVC_CALLERS_FILE"
-PERMISSIONS: Final = ("numbers.read", "numbers.rent")
+READ: Final = "numbers.read"
+RENT: Final = "numbers.rent"
+PERMISSIONS: Final = (READ, RENT)
 FILE_VERSION: Final = 1
 """The version of the callers file this module reads and writes."""
 
@@ -100,6 +105,10 @@ class Caller:
     def allows(self, permission: str) -> bool:
         """Whether this caller holds `permission` (one of `PERMISSIONS`)."""
         return permission in self.permissions
+
+
+ANONYMOUS: Final = Caller(name="anonymous", permissions=frozenset(PERMISSIONS))
+"""Who calls when the server has no callers file: anyone, with every permission."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,7 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+from numbersvc.callers import CALLERS_FILE_ENV
 from numbersvc.ledger import default_ledger_path
+from numbersvc.logs import LOG_FORMATS
+from numbersvc.upstream.client import DEFAULT_BASE_URL
 from numbersvc.upstream.ratelimit import parse_rate
 from numbersvc.upstream.transport import HttpStack
 
@@ -30,8 +33,6 @@ __all__ = [
     "markdown_table",
     "settings",
 ]
-
-PLIVO_DEFAULT_BASE_URL: Final = "https://api.plivo.com"
 
 
 class ConfigError(ValueError):
@@ -112,7 +113,7 @@ class Config:
     plivo_auth_token_file: str = _s(
         "", "PLIVO_AUTH_TOKEN_FILE", "file holding the Plivo Auth Token (a mounted Secret)"
     )
-    plivo_base_url: str = _s(PLIVO_DEFAULT_BASE_URL, "PLIVO_BASE_URL", "Plivo API base URL")
+    plivo_base_url: str = _s(DEFAULT_BASE_URL, "PLIVO_BASE_URL", "Plivo API base URL")
     sandbox_seed: int = _s(7, "NUMBERSVC_SANDBOX_SEED", "seed of the embedded sandbox's inventory")
     default_deadline_seconds: float = _s(
         10.0, "NUMBERSVC_DEFAULT_DEADLINE_SECONDS", "budget for a call that carries no deadline"
@@ -175,7 +176,7 @@ class Config:
         "", "NUMBERSVC_TLS_CLIENT_CA", "CA bundle (PEM) clients must be signed by: mutual TLS"
     )
     callers_file: str = _s(
-        "", "NUMBERSVC_CALLERS_FILE", "who may call (numbersvc callers add); unset: anyone"
+        "", CALLERS_FILE_ENV, "who may call (numbersvc callers add); unset: anyone"
     )
     reflection: bool = _s(True, "NUMBERSVC_REFLECTION", "serve gRPC reflection (numbers.read)")
     log_level: str = _s("INFO", "NUMBERSVC_LOG_LEVEL", "DEBUG, INFO, WARNING or ERROR")
@@ -226,7 +227,7 @@ class Config:
             raise ConfigError("NUMBERSVC_TLS_CLIENT_CA (mutual TLS) needs NUMBERSVC_TLS_CERT")
         if self.plivo_auth_token and self.plivo_auth_token_file:
             raise ConfigError("set PLIVO_AUTH_TOKEN or PLIVO_AUTH_TOKEN_FILE, not both")
-        if self.log_format not in ("text", "json"):
+        if self.log_format not in LOG_FORMATS:
             raise ConfigError(f"NUMBERSVC_LOG_FORMAT: {self.log_format!r} is not text or json")
         if self.metrics_listen != "off":
             _check_listen(self.metrics_listen, "NUMBERSVC_METRICS_LISTEN")

@@ -24,15 +24,12 @@ from typing import TYPE_CHECKING, Any, Final
 import grpc
 from google.protobuf.message import DecodeError
 
-from numbersvc.callers import Caller, Callers
+from numbersvc.callers import ANONYMOUS, READ, RENT, Caller, Callers
 from numbersvc.errors import Outcome, ServiceError, to_status
 from numbersvc.interceptors import current_call, wrap_handler
 
 __all__ = ["ANONYMOUS", "READ", "RENT", "Gatekeeper", "Identity"]
 
-READ: Final = "numbers.read"
-RENT: Final = "numbers.rent"
-ANONYMOUS: Final = Caller(name="anonymous", permissions=frozenset({READ, RENT}))
 _BEARER: Final = "bearer "
 _log = logging.getLogger("numbersvc.security")
 

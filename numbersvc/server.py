@@ -201,7 +201,6 @@ async def _upstream(
         base_url=base_url,
         auth_id=auth_id,
         auth_token=token,
-        user_agent=f"numbersvc/{__version__}",
         max_connections=config.upstream_max_connections,
         max_keepalive_connections=config.upstream_max_connections,
         http_stack=config.upstream_http_stack,

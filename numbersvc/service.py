@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Final, TypeVar
 import grpc
 
 from numbersvc import paging, translation, validation
+from numbersvc.callers import ANONYMOUS
 from numbersvc.coalesce import SingleFlight
 from numbersvc.config import Config
 from numbersvc.deadline import Deadline
@@ -52,7 +53,6 @@ _Context = grpc.aio.ServicerContext[Any, Any]
 _Handler = Callable[[Any, _Req, _Context], Awaitable[_Resp]]
 # gRPC Python reports "no deadline" as None or as a huge number, depending on the version.
 _NO_DEADLINE_SECONDS: Final = 10**8
-ANONYMOUS_CALLER: Final = "anonymous"
 
 
 async def _abort(context: _Context, exc: Exception, operation: Operation) -> None:
@@ -361,7 +361,7 @@ def _shutting_down(resume_token: str) -> ServiceError:
 def _caller() -> str:
     """Return the name the gatekeeper gave this call's caller (`anonymous` with no callers file)."""
     call = current_call()
-    return call.caller if call is not None and call.caller != "-" else ANONYMOUS_CALLER
+    return call.caller if call is not None and call.caller != "-" else ANONYMOUS.name
 
 
 def _about_group(error: ServiceError, group_id: str) -> ServiceError:

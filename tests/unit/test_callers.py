@@ -62,6 +62,7 @@ def path(tmp_path: Path) -> Path:
 
 def test_permissions_are_read_and_rent() -> None:
     assert PERMISSIONS == (READ, RENT)
+    assert PERMISSIONS == ("numbers.read", "numbers.rent")  # the callers file's words
 
 
 def test_caller_allows_only_its_permissions() -> None:
@@ -732,9 +733,12 @@ def test_remove_from_a_missing_file_is_an_error(tmp_path: Path) -> None:
 def test_the_public_names() -> None:
     assert sorted(callers.__all__) == sorted(
         [
+            "ANONYMOUS",
             "CALLERS_FILE_ENV",
             "FILE_VERSION",
             "PERMISSIONS",
+            "READ",
+            "RENT",
             "Caller",
             "CallerEntry",
             "Callers",
