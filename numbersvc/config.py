@@ -31,6 +31,7 @@ __all__ = [
     "UpstreamKind",
     "add_arguments",
     "markdown_table",
+    "parse_host_port",
     "settings",
 ]
 
@@ -391,7 +392,20 @@ def _redact(f: dataclasses.Field[Any], raw: str) -> str:
     return "********" if f.type == "Secret" else raw
 
 
+def parse_host_port(text: str) -> tuple[str, int]:
+    """Split `HOST:PORT` (an IPv6 host in brackets: `[::1]:0`) into the host and the port.
+
+    Raises:
+        ValueError: not HOST:PORT with a port in 0..65535.
+    """
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isascii() or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"not HOST:PORT: {text!r}")
+    return host.removeprefix("[").removesuffix("]"), int(port)
+
+
 def _check_listen(listen: str, env: str = "NUMBERSVC_LISTEN") -> None:
-    host, sep, port = listen.rpartition(":")
-    if not sep or not host or not port.isdigit() or int(port) > 65535:
-        raise ConfigError(f"{env} must be HOST:PORT, not {listen!r}")
+    try:
+        parse_host_port(listen)
+    except ValueError:
+        raise ConfigError(f"{env} must be HOST:PORT, not {listen!r}") from None

@@ -24,7 +24,7 @@ from grpc_reflection.v1alpha import reflection
 
 from numbersvc import __version__
 from numbersvc.callers import Callers
-from numbersvc.config import Config, UpstreamKind
+from numbersvc.config import Config, UpstreamKind, parse_host_port
 from numbersvc.gatekeeper import READ, RENT, Gatekeeper
 from numbersvc.interceptors import AccessLog, ObservingInterceptor, current_call, upstream_headers
 from numbersvc.ledger import OrderLedger, SqliteLedger
@@ -150,7 +150,7 @@ async def create_server(config: Config) -> RunningServer:
         for name in ("", SERVICE_NAME):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
         undo.pop_all()  # started: from here on RunningServer.stop owns the shutdown
-    host = config.listen.rpartition(":")[0]
+    host = parse_host_port(config.listen)[0]
     _log.info("numbersvc %s serving on %s:%d (upstream: %s)", __version__, host, port, kind.value)
     return RunningServer(
         server=server,
@@ -289,8 +289,8 @@ def _grpc_server(
 async def _metrics_server(config: Config, metrics: Metrics) -> MetricsServer | None:
     if config.metrics_listen == "off":
         return None
-    host, _, port = config.metrics_listen.rpartition(":")
-    server = MetricsServer(metrics, host, int(port))
+    host, port = parse_host_port(config.metrics_listen)
+    server = MetricsServer(metrics, host, port)
     await server.start()
     _log.info("metrics on http://%s:%d/metrics", host, server.port)
     return server

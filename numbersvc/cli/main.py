@@ -34,7 +34,7 @@ from numbersvc.cli.options import (
     output_epilog,
     positive_int,
 )
-from numbersvc.config import Config, ConfigError, add_arguments
+from numbersvc.config import Config, ConfigError, add_arguments, parse_host_port
 from numbersvc.v1 import number_groups_pb2 as pb
 
 __all__ = ["TARGET_ENV", "main", "run"]
@@ -254,10 +254,10 @@ def _group_page_options(parser: argparse.ArgumentParser, *, size_help: str) -> N
 
 
 def _host_port(raw: str) -> tuple[str, int]:
-    host, sep, port = raw.rpartition(":")
-    if not sep or not host or not port.isdigit() or int(port) > 65535:
-        raise argparse.ArgumentTypeError(f"not HOST:PORT: {raw!r}")
-    return host.strip("[]"), int(port)
+    try:
+        return parse_host_port(raw)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _search_filter(args: argparse.Namespace) -> pb.SearchFilter:

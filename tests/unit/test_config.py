@@ -13,6 +13,7 @@ from numbersvc.config import (
     UpstreamKind,
     add_arguments,
     markdown_table,
+    parse_host_port,
     settings,
 )
 
@@ -136,3 +137,22 @@ def test_token_never_in_repr() -> None:
 
 def test_readme_settings_table_is_generated() -> None:
     assert markdown_table() in README.read_text()
+
+
+@pytest.mark.parametrize(
+    ("text", "parsed"),
+    [
+        ("127.0.0.1:9464", ("127.0.0.1", 9464)),
+        ("0.0.0.0:0", ("0.0.0.0", 0)),
+        ("[::1]:50051", ("::1", 50051)),  # the brackets are the address syntax, not the host
+        ("localhost:65535", ("localhost", 65535)),
+    ],
+)
+def test_parse_host_port(text: str, parsed: tuple[str, int]) -> None:
+    assert parse_host_port(text) == parsed
+
+
+@pytest.mark.parametrize("text", ["localhost", "host:", ":80", "host:65536", "host:٣", "host:-1"])
+def test_parse_host_port_refuses(text: str) -> None:
+    with pytest.raises(ValueError, match="HOST:PORT"):
+        parse_host_port(text)
