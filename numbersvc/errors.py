@@ -179,11 +179,6 @@ class Rule:
     when: str
     details: tuple[_Builder, ...] = ()
 
-    @property
-    def retryable(self) -> bool:
-        """Whether a caller may retry the same call as it is (RetryInfo is attached)."""
-        return _retry_info in self.details
-
 
 _S = grpc.StatusCode
 TABLE: Final[Mapping[Outcome, Rule]] = {
