@@ -88,14 +88,18 @@ class Gatekeeper(grpc.aio.ServerInterceptor):
             changes["request_deserializer"] = _lenient(handler.request_deserializer)
         return wrap_handler(handler, check.wrap, check.wrap_stream, **changes)
 
-    def admit(self, method: str, identity: Identity) -> Caller:
-        """Return the caller, or raise the `ServiceError` that refuses the call."""
+    def admit(self, method: str, identity: Callable[[], Identity]) -> Caller:
+        """Return the caller, or raise the `ServiceError` that refuses the call.
+
+        `identity` is asked for only when there are callers to tell apart: reading the
+        client certificate's names costs a little on every call.
+        """
         if method not in self._permissions:
             raise ServiceError(Outcome.PERMISSION_DENIED, f"{method} is not open to callers")
         needed = self._permissions[method]
         if self._callers is None:
             return ANONYMOUS
-        caller = _identify(self._callers, identity)
+        caller = _identify(self._callers, identity())
         if needed is None:
             return caller or ANONYMOUS
         if caller is None:
@@ -122,7 +126,9 @@ class _Check:
         self._token = token
 
     async def _enter(self, request: Any, context: _Context) -> None:
-        identity = Identity(self._token, *_certificate_names(context.auth_context()))
+        def identity() -> Identity:
+            return Identity(self._token, *_certificate_names(context.auth_context()))
+
         try:
             caller = self._gate.admit(self._method, identity)
             if request is _UNDECODABLE:
