@@ -211,17 +211,23 @@ class Config:
             value = getattr(self, f.name)
             if f.name.endswith("_seconds") and not (value >= 0 and math.isfinite(value)):
                 raise ConfigError(f"{_setting(f).env} must be a finite number >= 0, not {value}")
-        for name in ("retry_max_attempts", "max_rent_quantity", "stream_read_ahead_pages"):
+        at_least_one = (
+            "retry_max_attempts",
+            "max_rent_quantity",
+            "stream_read_ahead_pages",
+            "upstream_max_connections",
+        )
+        for name in at_least_one:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{_setting_named(name).env} must be at least 1")
-        if self.daily_rent_cap < 0:
-            raise ConfigError("NUMBERSVC_DAILY_RENT_CAP must be 0 (no cap) or positive")
+        for name, what in (("daily_rent_cap", "no cap"), ("max_concurrent_rpcs", "no limit")):
+            if getattr(self, name) < 0:
+                env = _setting_named(name).env
+                raise ConfigError(f"{env} must be 0 ({what}) or positive")
         try:
             parse_rate(self.upstream_rate)
         except ValueError as exc:
             raise ConfigError(f"NUMBERSVC_UPSTREAM_RATE: {exc}") from None
-        if self.upstream_max_connections < 1:
-            raise ConfigError("NUMBERSVC_UPSTREAM_MAX_CONNECTIONS must be at least 1")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ConfigError("set NUMBERSVC_TLS_CERT and NUMBERSVC_TLS_KEY together")
         if self.tls_client_ca and not self.tls_cert:
@@ -232,8 +238,6 @@ class Config:
             raise ConfigError(f"NUMBERSVC_LOG_FORMAT: {self.log_format!r} is not text or json")
         if self.metrics_listen != "off":
             _check_listen(self.metrics_listen, "NUMBERSVC_METRICS_LISTEN")
-        if self.max_concurrent_rpcs < 0:
-            raise ConfigError("NUMBERSVC_MAX_CONCURRENT_RPCS must be 0 (no limit) or positive")
         if self.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
             raise ConfigError(f"NUMBERSVC_LOG_LEVEL: unknown level {self.log_level!r}")
 
