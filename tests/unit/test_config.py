@@ -63,6 +63,14 @@ def test_empty_env_values_keep_defaults() -> None:
         ({"NUMBERSVC_LISTEN": "localhost:99999"}, "HOST:PORT"),
         ({"NUMBERSVC_UPSTREAM": "twilio"}, "cannot read"),
         ({"NUMBERSVC_LOG_LEVEL": "chatty"}, "unknown level"),
+        (
+            {"NUMBERSVC_UPSTREAM_MAX_CONNECTIONS": "0"},
+            "UPSTREAM_MAX_CONNECTIONS must be at least 1",
+        ),
+        ({"NUMBERSVC_DAILY_RENT_CAP": "-1"}, "DAILY_RENT_CAP must be 0 \\(no cap\\) or positive"),
+        ({"NUMBERSVC_MAX_CONCURRENT_RPCS": "-1"}, "RPCS must be 0 \\(no limit\\) or positive"),
+        ({"NUMBERSVC_UPSTREAM_HTTP_STACK": "curl"}, "cannot read"),
+        ({"NUMBERSVC_LOG_FORMAT": "xml"}, "is not text or json"),
     ],
 )
 def test_bad_values(env: dict[str, str], message: str) -> None:
