@@ -54,7 +54,7 @@ bench: $(VENV)/.dev  ## Benchmarks vs their baselines, one run, as ratios (docs/
 bench-quick: $(VENV)/.dev  ## The benchmarks with fewer iterations (under 2 minutes).
 	$(BIN)/python -m bench.bench --quick
 
-bench-transports: $(VENV)/.dev  ## The upstream HTTP stacks as clients, side by side (about 1 minute).
+bench-transports: $(VENV)/.dev  ## The upstream HTTP stacks as clients, side by side (about 90 s).
 	$(BIN)/python -m bench.transports
 
 lint: ruff mypy buf-lint  ## ruff, mypy and buf lint.
