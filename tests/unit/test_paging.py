@@ -33,13 +33,17 @@ class TestPageTokens:
             paging.decode_page_token(token, "US|1|||")
         assert not info.value.wrong_filter
 
-    def test_flipped_bit_is_malformed_not_wrong_filter(self) -> None:
+    # Every byte: version, offset, the filter's fingerprint and the checksum itself.
+    @pytest.mark.parametrize("index", range(21))
+    def test_flipped_bit_is_malformed_not_wrong_filter(self, index: int) -> None:
         token = paging.encode_page_token(40, "US|1|||")
         raw = bytearray(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
-        raw[5] ^= 1
+        assert len(raw) == 21
+        raw[index] ^= 1
         mangled = base64.urlsafe_b64encode(bytes(raw)).rstrip(b"=").decode()
-        with pytest.raises(PageTokenError, match="malformed"):
+        with pytest.raises(PageTokenError, match="malformed") as info:
             paging.decode_page_token(mangled, "US|1|||")
+        assert not info.value.wrong_filter
 
     def test_offset_out_of_range_cannot_be_encoded(self) -> None:
         with pytest.raises(ValueError, match="out of range"):
