@@ -9,8 +9,11 @@ cells on one of each, with the shipped stack, and prints them.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator
+from typing import Any
 
+import grpc
 import pytest
 
 from numbersvc.sandbox import SandboxControl
@@ -47,7 +50,46 @@ async def test_fault(rig: faultmatrix.Rig, row: faultmatrix.Row, rpc: str) -> No
     assert observed.elapsed_seconds < DEADLINE_SECONDS + DEADLINE_SLACK_SECONDS
     assert observed.upstream_requests == expected.requests
     assert observed.kept_serving
-    assert faultmatrix.problems(expected, observed) == []
+    assert faultmatrix.problems(expected, observed) == []  # the same verdict `make faults` gives
+
+
+_RIGHT = faultmatrix.Observed(
+    code=grpc.StatusCode.UNAVAILABLE,
+    reason="UPSTREAM_UNREACHABLE",
+    domain="numbersvc",
+    details=frozenset({"RetryInfo"}),
+    message="m",
+    elapsed_seconds=0.1,
+    upstream_requests=3,
+    kept_serving=True,
+)
+
+
+@pytest.mark.parametrize(
+    ("wrong", "problem"),
+    [
+        ({"code": grpc.StatusCode.INTERNAL}, "answered INTERNAL"),
+        ({"reason": "OTHER"}, "answered UNAVAILABLE OTHER"),
+        ({"domain": "elsewhere"}, "domain 'elsewhere'"),
+        ({"details": frozenset()}, "details [], want ['RetryInfo']"),
+        ({"elapsed_seconds": DEADLINE_SECONDS + DEADLINE_SLACK_SECONDS}, "took"),
+        ({"upstream_requests": 4}, "4 upstream requests, want 3"),
+        ({"kept_serving": False}, "stopped serving"),
+    ],
+)
+def test_problems_names_each_way_a_cell_can_be_wrong(wrong: dict[str, Any], problem: str) -> None:
+    # What `make faults` relies on to fail: each wrong field is named, and marks the row FAIL.
+    expected = faultmatrix.Expected(
+        grpc.StatusCode.UNAVAILABLE, "UPSTREAM_UNREACHABLE", 3, frozenset({"RetryInfo"})
+    )
+    assert faultmatrix.problems(expected, _RIGHT) == []
+    observed = dataclasses.replace(_RIGHT, **wrong)
+    found = faultmatrix.problems(expected, observed)
+    assert len(found) == 1
+    assert problem in found[0]
+    row = faultmatrix.Row("refused", None, {"list": expected})
+    rendered = faultmatrix.render([(row, "list", observed)])
+    assert f"FAIL refused / list: {found[0]}" in rendered
 
 
 def test_every_rpc_has_an_answer_in_every_row() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import random
+import time
 from collections.abc import Awaitable, Callable
 
 import pytest
@@ -12,6 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from numbersvc.deadline import Deadline
+from numbersvc.upstream import retry
 from numbersvc.upstream.errors import (
     UpstreamConnectError,
     UpstreamDecodeError,
@@ -287,10 +289,23 @@ async def test_cancellation_is_not_retried() -> None:
     assert harness.sleeps == []
 
 
-async def test_defaults_use_real_sleep_and_rng() -> None:
-    policy = RetryPolicy(initial_delay_seconds=0.001, max_delay_seconds=0.001)
+async def test_defaults_use_real_sleep_and_rng(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The shared jitter source, made to draw its maximum, and asyncio's own sleep: the retry
+    # waits the whole drawn delay (a lower bound on time, not a speed claim).
+    monkeypatch.setattr(retry, "_JITTER", FullRandom())
+    policy = RetryPolicy(initial_delay_seconds=0.05, max_delay_seconds=0.05)
     deadline = Deadline.after(5.0, default_seconds=5.0)
-    assert await retry_async(failing_then([RESET]), policy=policy, deadline=deadline) == "ok"
+    delays: list[float] = []
+    started = time.monotonic()
+    result = await retry_async(
+        failing_then([RESET]),
+        policy=policy,
+        deadline=deadline,
+        on_retry=lambda _error, delay: delays.append(delay),
+    )
+    assert result == "ok"
+    assert delays == [0.05]
+    assert time.monotonic() - started >= 0.05
 
 
 @pytest.mark.parametrize(
