@@ -14,6 +14,7 @@ Two layers, one set of strategies (any JSON, and near-valid Plivo shapes with od
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 from decimal import Decimal
 from typing import Any, Final
@@ -242,6 +243,16 @@ async def _example(
         answer = (error.code(), info.reason)
         expected = _BAD_RENT if rpc == "rent" else _BAD_READ
         assert answer == expected, (answer, error.details(), body)
+    if rpc == "get":
+        # The body really reached the server: its verdict is the translation's on that body,
+        # as it crossed the wire (a group is whole or refused).
+        try:
+            translation.parse_group(json.loads(json.dumps(body)))
+        except Exception:
+            parses = False
+        else:
+            parses = True
+        assert (error is None) == parses, (error and error.details(), body)
     # The server keeps serving: the fault is used up, the next search is real.
     page = await live.stub.ListNumberGroups(pb.ListNumberGroupsRequest(filter=US, page_size=1))
     assert len(page.number_groups) == 1

@@ -163,12 +163,17 @@ class TestNumberGroup:
             translation.number_group({**GROUP, **broken}, region_code="US")
 
     @pytest.mark.parametrize(
-        ("good", "bad"), [(0.0, -0.0), (Decimal(10), Decimal("1E+1")), (1, True), ("1", "1e0")]
+        ("good", "bad", "units"),
+        [(0.0, -0.0, 0), (Decimal(10), Decimal("1E+1"), 10), (1, True, 1), ("1", "1e0", 1)],
     )
-    def test_equal_rates_of_other_text_are_not_confused(self, good: object, bad: object) -> None:
+    def test_equal_rates_of_other_text_are_not_confused(
+        self, good: object, bad: object, units: int
+    ) -> None:
         for _ in range(2):  # the second time round, any cache is warm
             group = translation.number_group({**GROUP, "rental_rate": good}, region_code="US")
             assert group.rental_rate == translation.money(good, "rental_rate")
+            assert (group.rental_rate.currency_code, group.rental_rate.units) == ("USD", units)
+            assert group.rental_rate.nanos == 0
             with pytest.raises(UpstreamDecodeError):
                 translation.number_group({**GROUP, "rental_rate": bad}, region_code="US")
 
