@@ -37,9 +37,12 @@ from bench.bench import (
     Child,
     Phase,
     collect_pages,
+    cpu_ms_per_call,
     disjoint_assignments,
     env_pair,
+    latency_ms,
     list_call,
+    rate,
     run_phase,
     summary_ms,
     unary_rig,
@@ -109,12 +112,11 @@ async def _measure(
         "unary_calls": options.unary_calls,
     }
     for k, name in enumerate("ab"):
-        done = sum(p.calls for p in phases[k])
         result[name] = {
             "c1_ms": summary_ms(unary[k]),
-            "c32_calls_per_second": done / sum(p.seconds for p in phases[k]),
-            "c32_ms": summary_ms([t for p in phases[k] for t in p.latencies]),
-            "c32_server_cpu_ms_per_call": 1000 * sum(p.cpu["server"] for p in phases[k]) / done,
+            "c32_calls_per_second": rate(phases[k]),
+            "c32_ms": latency_ms(phases[k]),
+            "c32_server_cpu_ms_per_call": cpu_ms_per_call(phases[k], "server"),
             "c32_round_calls_per_second": [p.rate for p in phases[k]],
         }
     return result

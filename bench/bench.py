@@ -442,11 +442,11 @@ def list_call(
     return call
 
 
-def direct_call(direct: Direct, pages: Pages) -> Call:
-    """The same page's REST call, made directly with aiohttp (body read and JSON-decoded)."""
+def direct_call(get: Callable[[str], Awaitable[dict[str, Any]]], urls: Sequence[str]) -> Call:
+    """A page's REST call made with `get` (such as `Direct.get`: aiohttp, JSON decoded)."""
 
     async def call(page: int) -> None:
-        data = await direct.get(pages.urls[page])
+        data = await get(urls[page])
         if len(data["objects"]) != PAGE_SIZE:
             raise RuntimeError(f"direct page {page}: {len(data['objects'])} groups")
 
@@ -505,6 +505,21 @@ class Phase:
     def rate(self) -> float:
         """Calls per second."""
         return self.calls / self.seconds
+
+
+def rate(phases: Sequence[Phase]) -> float:
+    """Calls per second over all of `phases`."""
+    return sum(p.calls for p in phases) / sum(p.seconds for p in phases)
+
+
+def cpu_ms_per_call(phases: Sequence[Phase], name: str) -> float:
+    """Milliseconds of process `name`'s CPU per call, over all of `phases`."""
+    return 1000 * sum(p.cpu[name] for p in phases) / sum(p.calls for p in phases)
+
+
+def latency_ms(phases: Sequence[Phase]) -> dict[str, float]:
+    """`summary_ms` of every call in `phases`."""
+    return summary_ms([t for p in phases for t in p.latencies])
 
 
 def _cpu(pids: Mapping[str, int]) -> dict[str, float]:
@@ -657,14 +672,8 @@ async def row_throughput(
             phases.append(
                 await run_phase(call, assignments, 10**9, pids, seconds=plan.throughput_seconds)
             )
-    svc_rate = sum(p.calls for p in svc_phases) / sum(p.seconds for p in svc_phases)
-    dct_rate = sum(p.calls for p in dct_phases) / sum(p.seconds for p in dct_phases)
-    svc_lat = summary_ms([t for p in svc_phases for t in p.latencies])
-    dct_lat = summary_ms([t for p in dct_phases for t in p.latencies])
-
-    def cpu_ms_per_call(phases: list[Phase]) -> dict[str, float]:
-        calls = sum(p.calls for p in phases)
-        return {name: 1000 * sum(p.cpu[name] for p in phases) / calls for name in pids}
+    svc_rate, dct_rate = rate(svc_phases), rate(dct_phases)
+    svc_lat, dct_lat = latency_ms(svc_phases), latency_ms(dct_phases)
 
     ratio = svc_rate / dct_rate
     tail = svc_lat["p99"] / svc_lat["p50"]
@@ -684,8 +693,8 @@ async def row_throughput(
         "direct_ms": dct_lat,
         "service_p99_over_p50": tail,
         "cpu_ms_per_call": {
-            "service_phases": cpu_ms_per_call(svc_phases),
-            "direct_phases": cpu_ms_per_call(dct_phases),
+            "service_phases": {name: cpu_ms_per_call(svc_phases, name) for name in pids},
+            "direct_phases": {name: cpu_ms_per_call(dct_phases, name) for name in pids},
         },
     }
     bench.rows.append(
@@ -940,8 +949,8 @@ async def row_cpu(
         svc_phases.append(
             await run_phase(service, assignments, plan.cpu_calls, {"server": server_pid})
         )
-    svc = 1000 * sum(p.cpu["server"] for p in svc_phases) / sum(p.calls for p in svc_phases)
-    ech = 1000 * sum(p.cpu["echo"] for p in echo_phases) / sum(p.calls for p in echo_phases)
+    svc = cpu_ms_per_call(svc_phases, "server")
+    ech = cpu_ms_per_call(echo_phases, "echo")
     bench.figures["6_cpu"] = {
         "concurrency": CONCURRENCY,
         "rounds": plan.cpu_rounds,
@@ -952,8 +961,8 @@ async def row_cpu(
         "ratio": svc / ech,
         "service_round_cpu_ms_per_call": [1000 * p.cpu["server"] / p.calls for p in svc_phases],
         "echo_round_cpu_ms_per_call": [1000 * p.cpu["echo"] / p.calls for p in echo_phases],
-        "service_ms": summary_ms([t for p in svc_phases for t in p.latencies]),
-        "echo_ms": summary_ms([t for p in echo_phases for t in p.latencies]),
+        "service_ms": latency_ms(svc_phases),
+        "echo_ms": latency_ms(echo_phases),
     }
     bench.rows.append(
         Row(
@@ -1173,7 +1182,7 @@ async def _rows_1_to_4(
         stub = pb_grpc.NumberGroupServiceStub(channel)
         pages = await collect_pages(stub, control, direct.base_url, UNARY_FILTER)
         service = list_call(stub, pages, UNARY_FILTER)
-        rest = direct_call(direct, pages)
+        rest = direct_call(direct.get, pages.urls)
         echo = echo_call(echo_stub(echo_channel), pages)
         rows = bench.plan.rows
         if 1 in rows:

@@ -30,12 +30,14 @@ from bench.bench import (
     CALL_TIMEOUT_SECONDS,
     CONCURRENCY,
     FAILURES,
-    PAGE_SIZE,
     Direct,
     Phase,
+    cpu_ms_per_call,
+    direct_call,
     disjoint_assignments,
+    latency_ms,
+    rate,
     run_phase,
-    summary_ms,
     unary_page_urls,
     unary_rig,
 )
@@ -127,15 +129,7 @@ async def run_transports(options: Options) -> dict[str, Any]:
 async def _measure(
     options: Options, gets: Mapping[str, Get], urls: Sequence[str]
 ) -> dict[str, Any]:
-    def call_for(get: Get) -> Callable[[int], Awaitable[None]]:
-        async def call(page: int) -> None:
-            data = await get(urls[page])
-            if len(data["objects"]) != PAGE_SIZE:
-                raise RuntimeError(f"page {page}: {len(data['objects'])} groups")
-
-        return call
-
-    calls = {name: call_for(get) for name, get in gets.items()}
+    calls = {name: direct_call(get, urls) for name, get in gets.items()}
     assignments = disjoint_assignments(len(urls), CONCURRENCY)
     pids = {_CLIENT: os.getpid()}
     for call in calls.values():
@@ -154,11 +148,10 @@ async def _measure(
         "stacks": {},
     }
     for name, done in phases.items():
-        calls_done = sum(p.calls for p in done)
         result["stacks"][name] = {
-            "calls_per_second": calls_done / sum(p.seconds for p in done),
-            "ms": summary_ms([t for p in done for t in p.latencies]),
-            "client_cpu_ms_per_call": 1000 * sum(p.cpu[_CLIENT] for p in done) / calls_done,
+            "calls_per_second": rate(done),
+            "ms": latency_ms(done),
+            "client_cpu_ms_per_call": cpu_ms_per_call(done, _CLIENT),
         }
     return result
 
