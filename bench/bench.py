@@ -1119,6 +1119,22 @@ async def _channels(target: str, count: int = 1) -> AsyncIterator[list[grpc.aio.
             await channel.close()
 
 
+@contextlib.asynccontextmanager
+async def _server(
+    bench: Bench, procs: _Procs, name: str, *, rate_off: bool
+) -> AsyncIterator[tuple[Child, str]]:
+    """A server on the sandbox for some rows; stopped after them, its exit and errors noted.
+
+    If the rows fail, `run_bench` stops it with every other child.
+    """
+    env = server_env(procs.sandbox_url, rate_off=rate_off, extra=bench.server_env)
+    server, target = await start_server(name, env, procs.log_dir)
+    procs.children.append(server)
+    yield server, target
+    procs.children.remove(server)
+    await _stop_server(server, bench)
+
+
 async def _stop_server(child: Child, bench: Bench) -> None:
     code = await child.stop()
     errors = child.error_lines()
@@ -1144,7 +1160,7 @@ async def run_bench(plan: Plan, extra_env: Mapping[str, str], log_dir: Path) -> 
             try:
                 _progress("seeding the sandbox")
                 await _seed(control, direct, plan)
-                procs = _Procs(log_dir, children, sandbox, echo, echo_target)
+                procs = _Procs(log_dir, children, sandbox, sandbox_url, echo, echo_target)
                 if plan.rows & {1, 2, 3, 4}:
                     await _rows_1_to_4(bench, procs, control, direct)
                 if plan.rows & {5, 6}:
@@ -1166,6 +1182,7 @@ class _Procs:
     log_dir: Path
     children: list[Child]  # stopped in reverse order at the end
     sandbox: Child
+    sandbox_url: str
     echo: Child
     echo_target: str
 
@@ -1173,12 +1190,12 @@ class _Procs:
 async def _rows_1_to_4(
     bench: Bench, procs: _Procs, control: SandboxControl, direct: Direct
 ) -> None:
-    env = server_env(direct.base_url, rate_off=True, extra=bench.server_env)
-    server, target = await start_server("server-rate-off", env, procs.log_dir)
-    procs.children.append(server)
-    pids = {"server": server.pid, "sandbox": procs.sandbox.pid, "bench": os.getpid()}
-    echo_target = procs.echo_target
-    async with _channels(target) as (channel,), _channels(echo_target) as (echo_channel,):
+    async with (
+        _server(bench, procs, "server-rate-off", rate_off=True) as (server, target),
+        _channels(target) as (channel,),
+        _channels(procs.echo_target) as (echo_channel,),
+    ):
+        pids = {"server": server.pid, "sandbox": procs.sandbox.pid, "bench": os.getpid()}
         stub = pb_grpc.NumberGroupServiceStub(channel)
         pages = await collect_pages(stub, control, direct.base_url, UNARY_FILTER)
         service = list_call(stub, pages, UNARY_FILTER)
@@ -1200,48 +1217,41 @@ async def _rows_1_to_4(
         if 4 in rows:
             _progress(f"row 4: one stream of {bench.plan.memory_groups:,} groups")
             await row_memory(bench, stub, server.pid)
-    await _stop_server(server, bench)
-    procs.children.remove(server)
 
 
 async def _rows_5_and_6(
     bench: Bench, procs: _Procs, control: SandboxControl, direct: Direct
 ) -> None:
-    env = server_env(direct.base_url, rate_off=False, extra=bench.server_env)
-    server, target = await start_server("server-defaults", env, procs.log_dir)
-    procs.children.append(server)
-    echo_target = procs.echo_target
-    match = _METRICS_URL.search(server.log())
-    if match is None:
-        raise RuntimeError(f"no metrics address in the server's log:\n{server.tail()}")
     channel_count = COALESCE_CALLS // CALLS_PER_CHANNEL
-    async with _channels(target, channel_count) as channels, _channels(echo_target) as (echo_ch,):
+    async with (
+        _server(bench, procs, "server-defaults", rate_off=False) as (server, target),
+        _channels(target, channel_count) as channels,
+        _channels(procs.echo_target) as (echo_ch,),
+    ):
+        match = _METRICS_URL.search(server.log())
+        if match is None:
+            raise RuntimeError(f"no metrics address in the server's log:\n{server.tail()}")
         stubs = [pb_grpc.NumberGroupServiceStub(channel) for channel in channels]
         if 5 in bench.plan.rows:
             _progress(f"row 5: {bench.plan.coalesce_rounds} rounds of {COALESCE_CALLS} calls")
             await row_coalesce(bench, stubs, control, direct, match.group(1))
-        if 6 not in bench.plan.rows:
-            await _stop_server(server, bench)
-            procs.children.remove(server)
-            return
-        # 100 pages and a warm-up of 2 calls per worker (opening the upstream connections) take
-        # 164 tokens of the budget's 300; the refill before the first row-6 phase fills it.
-        pages = await collect_pages(stubs[0], control, direct.base_url, UNARY_FILTER)
-        service = list_call(stubs[0], pages, UNARY_FILTER)
-        echo = echo_call(echo_stub(echo_ch), pages)
-        await run_phase(service, disjoint_assignments(len(pages), CONCURRENCY), 64, {})
-        _progress(
-            f"row 6: {bench.plan.cpu_rounds} x {bench.plan.cpu_calls} calls per side,"
-            f" concurrency {CONCURRENCY}"
-        )
-        await asyncio.sleep(CPU_REFILL_SECONDS)
-        await row_cpu(bench, service, echo, len(pages), server.pid, procs.echo.pid)
-        waits = await _metric(direct, match.group(1), "numbersvc_rate_limiter_waits_total")
-        bench.figures["6_cpu"]["rate_limiter_waits"] = waits
-        if waits:
-            bench.notes.append(f"row 6: {waits:.0f} calls waited for the rate budget")
-    await _stop_server(server, bench)
-    procs.children.remove(server)
+        if 6 in bench.plan.rows:
+            # 100 pages and a warm-up of 2 calls per worker (opening the upstream connections) take
+            # 164 tokens of the budget's 300; the refill before the first row-6 phase fills it.
+            pages = await collect_pages(stubs[0], control, direct.base_url, UNARY_FILTER)
+            service = list_call(stubs[0], pages, UNARY_FILTER)
+            echo = echo_call(echo_stub(echo_ch), pages)
+            await run_phase(service, disjoint_assignments(len(pages), CONCURRENCY), 64, {})
+            _progress(
+                f"row 6: {bench.plan.cpu_rounds} x {bench.plan.cpu_calls} calls per side,"
+                f" concurrency {CONCURRENCY}"
+            )
+            await asyncio.sleep(CPU_REFILL_SECONDS)
+            await row_cpu(bench, service, echo, len(pages), server.pid, procs.echo.pid)
+            waits = await _metric(direct, match.group(1), "numbersvc_rate_limiter_waits_total")
+            bench.figures["6_cpu"]["rate_limiter_waits"] = waits
+            if waits:
+                bench.notes.append(f"row 6: {waits:.0f} calls waited for the rate budget")
 
 
 def _progress(text: str) -> None:
