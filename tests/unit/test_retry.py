@@ -222,22 +222,20 @@ async def test_our_own_throttling_is_raised_at_once() -> None:
     assert harness.sleeps == []
 
 
-async def test_retry_after_is_honoured_when_longer_than_backoff() -> None:
+@pytest.mark.parametrize(
+    ("retry_after", "slept"),
+    [
+        (2.0, 2.0),  # honoured when longer than the backoff
+        (0.0, 0.1),  # the backoff wins when the server asks for less
+        (60.0, 5.0),  # capped at the ceiling
+    ],
+    ids=["honoured", "backoff-wins", "capped"],
+)
+async def test_retry_after_against_the_backoff(retry_after: float, slept: float) -> None:
     harness = Harness()
-    assert await harness.run(failing_then([status(429, retry_after=2.0)]), POLICY, FullRandom())
-    assert harness.sleeps == [2.0]
-
-
-async def test_backoff_wins_when_retry_after_is_shorter() -> None:
-    harness = Harness()
-    assert await harness.run(failing_then([status(429, retry_after=0.0)]), POLICY, FullRandom())
-    assert harness.sleeps == pytest.approx([0.1])
-
-
-async def test_retry_after_is_capped_at_the_ceiling() -> None:
-    harness = Harness()
-    assert await harness.run(failing_then([status(429, retry_after=60.0)]), POLICY, FullRandom())
-    assert harness.sleeps == [5.0]
+    failing = failing_then([status(429, retry_after=retry_after)])
+    assert await harness.run(failing, POLICY, FullRandom())
+    assert harness.sleeps == pytest.approx([slept])
 
 
 async def test_deadline_is_checked_before_sleeping() -> None:
