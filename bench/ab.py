@@ -18,9 +18,7 @@ upstream ignores), and `--b-first` to start B before A: a B/A inside the A/A spr
 from __future__ import annotations
 
 import argparse
-import asyncio
 import dataclasses
-import json
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -32,7 +30,6 @@ import grpc
 
 from bench.bench import (
     CONCURRENCY,
-    FAILURES,
     UNARY_FILTER,
     Child,
     Phase,
@@ -40,6 +37,7 @@ from bench.bench import (
     cpu_ms_per_call,
     disjoint_assignments,
     env_pair,
+    finish,
     latency_ms,
     list_call,
     rate,
@@ -164,15 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     options = Options(a_env=dict(args.a), b_env=dict(args.b), b_first=args.b_first)
     if args.quick:
         options = dataclasses.replace(options, unary_calls=300, rounds=4, warmup_calls=100)
-    try:
-        result = asyncio.run(run_ab(options))
-    except FAILURES as exc:
-        print(f"error: A/B failed: {exc}", file=sys.stderr)
-        return 2
-    print(render(result))
-    if args.json is not None:
-        args.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    return 0
+    return finish(lambda: run_ab(options), render, args.json, "A/B")
 
 
 if __name__ == "__main__":

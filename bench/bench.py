@@ -56,7 +56,7 @@ import sys
 import tempfile
 import time
 import urllib.parse
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any, Final
@@ -1329,6 +1329,25 @@ FAILURES: Final = (
     aiohttp.ClientError,
     grpc.aio.AioRpcError,
 )
+
+
+def finish(
+    measure: Callable[[], Coroutine[Any, Any, dict[str, Any]]],
+    render: Callable[[dict[str, Any]], str],
+    json_path: Path | None,
+    what: str,
+) -> int:
+    """Run a measurement, print it and write its figures to `json_path`; 2 when it fails."""
+    try:
+        result = asyncio.run(measure())
+    except FAILURES as exc:
+        print(f"error: {what} failed: {exc}", file=sys.stderr)
+        return 2
+    print(render(result))
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    return 0
 
 
 def env_pair(text: str) -> tuple[str, str]:

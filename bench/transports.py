@@ -13,7 +13,6 @@ own A/B of the two stacks is `python -m bench.ab --b NUMBERSVC_UPSTREAM_HTTP_STA
 from __future__ import annotations
 
 import argparse
-import asyncio
 import dataclasses
 import functools
 import json
@@ -29,12 +28,12 @@ import httpx
 from bench.bench import (
     CALL_TIMEOUT_SECONDS,
     CONCURRENCY,
-    FAILURES,
     Direct,
     Phase,
     cpu_ms_per_call,
     direct_call,
     disjoint_assignments,
+    finish,
     latency_ms,
     rate,
     run_phase,
@@ -187,15 +186,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     options = Options()
     if args.quick:
         options = dataclasses.replace(options, rounds=3, seconds=1.0, warmup_calls=100)
-    try:
-        result = asyncio.run(run_transports(options))
-    except FAILURES as exc:
-        print(f"error: the transport comparison failed: {exc}", file=sys.stderr)
-        return 2
-    print(render(result))
-    if args.json is not None:
-        args.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    return 0
+    return finish(lambda: run_transports(options), render, args.json, "the transport comparison")
 
 
 if __name__ == "__main__":

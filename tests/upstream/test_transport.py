@@ -87,6 +87,12 @@ async def serve_ok(reader: Reader, writer: Writer) -> None:
         await writer.drain()
 
 
+async def hang(reader: Reader, writer: Writer) -> None:
+    """Read the request and never answer."""
+    await read_request(reader)
+    await asyncio.Event().wait()
+
+
 async def test_keep_alive_reuses_one_connection(
     client_for: Callable[..., PlivoClient], raw_server: StartServer
 ) -> None:
@@ -353,10 +359,6 @@ async def test_trust_comes_from_the_code_not_the_environment(
 async def test_closing_the_client_does_not_cancel_a_waiting_call(
     client_for: Callable[..., PlivoClient], raw_server: StartServer
 ) -> None:
-    async def hang(reader: Reader, writer: Writer) -> None:
-        await read_request(reader)
-        await asyncio.Event().wait()
-
     server = await raw_server(hang)
     client = client_for(server.base_url, max_connections=1, max_keepalive_connections=1)
     in_flight = asyncio.ensure_future(client.get_number_group("1", timeout_seconds=1.0))
@@ -430,10 +432,6 @@ async def test_a_body_past_the_limit_is_not_read_into_memory(
 async def test_hang_times_out_on_time(
     client_for: Callable[..., PlivoClient], raw_server: StartServer
 ) -> None:
-    async def hang(reader: Reader, writer: Writer) -> None:
-        await read_request(reader)
-        await asyncio.Event().wait()
-
     server = await raw_server(hang)
     started = time.monotonic()
     with pytest.raises(UpstreamTimeoutError) as caught:
