@@ -35,6 +35,7 @@ __all__ = [
     "Attempt",
     "Begin",
     "LedgerEntry",
+    "OrderKey",
     "OrderLedger",
     "OrderQuery",
     "OrderState",
@@ -93,6 +94,14 @@ class LedgerEntry:
     """The instance id of the process that sent it."""
     error_outcome: str = ""
     """For a failed order: the `errors.Outcome` name the caller was given."""
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class OrderKey:
+    """Where an order sorts in a listing (oldest first): a keyset page starts after one."""
+
+    create_time_ns: int
+    request_id: str
 
 
 class Begin(enum.Enum):

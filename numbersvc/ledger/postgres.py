@@ -1,0 +1,566 @@
+"""The order ledger on PostgreSQL: one database shared by every replica.
+
+Every claim is arbitrated by the database: `begin` is ONE `INSERT ... ON CONFLICT` (never a
+SELECT then an INSERT), so two replicas handed the same request id at the same instant get
+one `NEW` and one `EXISTING`, and only one of them sends. The daily cap is checked in the same
+transaction under a per-caller advisory transaction lock, so two claims of one caller on two
+replicas cannot both pass the cap: the second waits for the first to commit, then counts it.
+
+NOTE: why a lock and not SERIALIZABLE: the cap is a sum over a caller's rows, a predicate
+SSI tracks with coarse (page) locks, so unrelated callers' claims would abort each other and
+every claim would need a retry loop. The lock is exact (one caller), costs one round trip, is
+released by COMMIT or by a dropped connection, and claims without a cap skip it.
+
+Times come from the database's clock (`clock_timestamp()`), so replicas never disagree about
+a lease, a send deadline or the UTC day. Leases live in `instances`; `heartbeat()` renews this
+process's lease and turns the `sending` orders of owners whose lease lapsed (and whose send
+deadline passed) into `outcome_unknown`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import socket
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Final
+
+import psycopg
+import psycopg.conninfo
+from psycopg_pool import AsyncConnectionPool
+
+from numbersvc.ledger import (
+    STATUS_OF,
+    Attempt,
+    Begin,
+    BeginResult,
+    LedgerEntry,
+    OrderKey,
+    OrderState,
+    SettleError,
+    pgschema,
+    rules,
+)
+from numbersvc.v1 import number_groups_pb2 as pb
+from numbersvc.validation import OrderQuery
+
+__all__ = ["PostgresLedger", "redacted", "scrub"]
+
+_log = logging.getLogger("numbersvc.orders")
+_NANOS: Final = 10**9
+# A POST never outlives the rent timeout; the slack covers the write of its outcome.
+_SEND_DEADLINE_SLACK_SECONDS: Final = 5.0
+# Leases that lapsed this long ago are deleted: a missing lease reads as a lapsed one.
+_FORGET_LEASE_NS: Final = 3600 * _NANOS
+_CLOSE_TIMEOUT_SECONDS: Final = 5.0
+# The two-int4 advisory key space is apart from migrations' one-bigint key ("numb").
+_CAP_LOCK_CLASS: Final = 0x6E756D62
+_COUNTED: Final = [s.value for s in OrderState if s.may_have_rented]
+_REUSABLE: Final = (OrderState.RELEASED.value, OrderState.FAILED.value)
+# NULL (production) reads the database's clock; tests pass their own instant.
+_NOW: Final = (
+    "coalesce(%(now)s::bigint, (extract(epoch FROM clock_timestamp()) * 1000000)::bigint * 1000)"
+)
+_ENTRY_COLUMNS: Final = (
+    "order_proto, state, fingerprint, owner, error_outcome, create_time_ns, update_time_ns"
+)
+
+# The claim: count today's quantities of the caller, then insert the row, or take over a
+# released or failed row of the same request, only if the cap allows; log the event.
+_CLAIM: Final = f"""
+WITH t AS (SELECT {_NOW} AS now_ns),
+used AS (
+    SELECT coalesce(sum(o.quantity), 0)::bigint AS n FROM orders o, t
+    WHERE %(cap)s > 0 AND o.caller = %(caller)s AND o.state = ANY(%(counted)s)
+      AND o.attempt_time_ns >= t.now_ns - t.now_ns %% {rules.NANOS_PER_DAY}
+),
+claimed AS (
+    INSERT INTO orders AS o (request_id, fingerprint, caller, peer, owner, state, status,
+        quantity, create_time_ns, update_time_ns, attempt_time_ns, send_deadline_ns,
+        order_proto)
+    SELECT %(request_id)s, %(fingerprint)s, %(caller)s, %(peer)s, %(owner)s, 'sending',
+        %(status)s, %(quantity)s, t.now_ns, t.now_ns, t.now_ns, t.now_ns + %(send_ns)s,
+        %(proto)s
+    FROM t, used WHERE %(cap)s = 0 OR used.n + %(quantity)s <= %(cap)s
+    ON CONFLICT (request_id) DO UPDATE SET
+        peer = EXCLUDED.peer, owner = EXCLUDED.owner, state = EXCLUDED.state,
+        status = EXCLUDED.status, update_time_ns = EXCLUDED.update_time_ns,
+        attempt_time_ns = EXCLUDED.attempt_time_ns,
+        send_deadline_ns = EXCLUDED.send_deadline_ns, order_proto = EXCLUDED.order_proto,
+        error_outcome = '', upstream = ''
+    WHERE o.fingerprint = EXCLUDED.fingerprint AND o.state = ANY(%(reusable)s)
+    RETURNING o.request_id, o.create_time_ns, o.attempt_time_ns
+),
+logged AS (
+    INSERT INTO events (request_id, time_ns, state, detail)
+    SELECT request_id, attempt_time_ns, 'sending', %(detail)s FROM claimed
+)
+SELECT used.n, claimed.create_time_ns, claimed.attempt_time_ns FROM used
+LEFT JOIN claimed ON true
+"""
+
+# A change of state, only from the states allowed, with its audit event.
+_UPDATE: Final = f"""
+WITH t AS (SELECT {_NOW} AS now_ns),
+changed AS (
+    UPDATE orders o SET state = %(state)s, status = %(status)s, update_time_ns = t.now_ns,
+        order_proto = %(proto)s, error_outcome = %(error_outcome)s, upstream = %(upstream)s
+    FROM t WHERE o.request_id = %(request_id)s AND o.state = ANY(%(only_from)s)
+    RETURNING o.request_id, o.update_time_ns, o.fingerprint, o.owner
+),
+logged AS (
+    INSERT INTO events (request_id, time_ns, state, detail, actor)
+    SELECT request_id, update_time_ns, %(state)s, %(detail)s, %(actor)s FROM changed
+)
+SELECT update_time_ns, fingerprint, owner FROM changed
+"""
+
+_RENEW: Final = f"""
+WITH t AS (SELECT {_NOW} AS now_ns)
+INSERT INTO instances (instance, expires_ns, started_ns, host, pid)
+SELECT %(instance)s, t.now_ns + %(lease_ns)s, t.now_ns, %(host)s, %(pid)s FROM t
+ON CONFLICT (instance) DO UPDATE SET expires_ns = EXCLUDED.expires_ns
+RETURNING expires_ns - %(lease_ns)s
+"""
+
+# Rows another replica is recovering, or whose owner is writing them, are skipped: the next
+# heartbeat sees them again if they are still `sending`.
+_ORPHANS: Final = f"""
+SELECT {_ENTRY_COLUMNS} FROM orders o
+WHERE o.state = 'sending' AND o.send_deadline_ns <= %(now)s
+  AND NOT EXISTS (
+      SELECT 1 FROM instances i WHERE i.instance = o.owner AND i.expires_ns > %(now)s)
+ORDER BY o.create_time_ns
+FOR UPDATE OF o SKIP LOCKED
+"""
+
+_Row = tuple[bytes, str, str, str, str, int, int]
+
+
+class PostgresLedger:
+    """The ledger in a PostgreSQL database (13 or newer), through a small connection pool.
+
+    Open it with `PostgresLedger.open`. Every method is a coroutine, safe to call
+    concurrently; each takes a pooled connection for one short transaction and never holds
+    one across an upstream call.
+
+    Args:
+        pool: an opened pool of autocommit connections.
+        lease_seconds: how long this process's lease lasts without a heartbeat.
+        send_timeout_seconds: the rent timeout: how long a POST may run.
+        clock_ns: for tests, a clock in Unix nanoseconds used instead of the database's.
+    """
+
+    def __init__(
+        self,
+        pool: AsyncConnectionPool[Any],
+        *,
+        lease_seconds: float,
+        send_timeout_seconds: float,
+        clock_ns: Callable[[], int] | None = None,
+    ) -> None:
+        self.instance = uuid.uuid4().hex
+        self._pool = pool
+        self._lease_ns = int(lease_seconds * _NANOS)
+        self._send_ns = int((send_timeout_seconds + _SEND_DEADLINE_SLACK_SECONDS) * _NANOS)
+        self._clock_ns = clock_ns
+
+    @classmethod
+    async def open(
+        cls,
+        conninfo: str,
+        *,
+        pool_max: int = 4,
+        lease_seconds: float = 15.0,
+        send_timeout_seconds: float = 30.0,
+        connect_timeout_seconds: float = 10.0,
+        migrate: bool = True,
+        clock_ns: Callable[[], int] | None = None,
+    ) -> PostgresLedger:
+        """Connect, bring the schema up to date (or check it is) and register the lease.
+
+        Args:
+            conninfo: a libpq URL or key=value string; a password may also come from
+                `PGPASSWORD` or `~/.pgpass`, as libpq reads them.
+            pool_max: connections this process may hold at most.
+            lease_seconds: how long the lease lasts without a heartbeat.
+            send_timeout_seconds: the rent timeout, for the send deadline of each claim.
+            connect_timeout_seconds: how long to wait for the first connection.
+            migrate: apply pending migrations (under the migration lock) rather than only
+                checking that none are pending.
+            clock_ns: for tests: a clock used instead of the database's.
+
+        Raises:
+            pgschema.SchemaTooNewError: the database's schema is newer than this code's.
+            LedgerSchemaError: `migrate` is false and migrations are pending.
+            psycopg.Error, psycopg_pool.PoolTimeout: the database cannot be reached.
+        """
+        pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
+            conninfo,
+            min_size=1,
+            max_size=pool_max,
+            kwargs={"autocommit": True, "application_name": "numbersvc"},
+            open=False,
+            name="numbersvc-ledger",
+            # A connection broken by a database restart is found out before a claim uses it.
+            check=AsyncConnectionPool.check_connection,
+        )
+        try:
+            await pool.open(wait=True, timeout=connect_timeout_seconds)
+            async with pool.connection() as conn:
+                if migrate:
+                    applied = await pgschema.migrate(conn)
+                    for migration in applied:
+                        _log.info("applied migration %04d_%s", migration.version, migration.name)
+                else:
+                    now = await pgschema.status(conn)
+                    pgschema.check_not_too_new(now)
+                    if now.pending:
+                        raise LedgerSchemaError(
+                            f"{len(now.pending)} migration(s) pending: run `numbersvc db migrate`"
+                        )
+            ledger = cls(
+                pool,
+                lease_seconds=lease_seconds,
+                send_timeout_seconds=send_timeout_seconds,
+                clock_ns=clock_ns,
+            )
+            await ledger._renew_lease()
+        except BaseException:
+            await pool.close()
+            raise
+        return ledger
+
+    def _params(self, **params: object) -> dict[str, object]:
+        return {"now": None if self._clock_ns is None else self._clock_ns(), **params}
+
+    async def begin(self, attempt: Attempt, *, daily_cap: int) -> BeginResult:
+        """Claim the request id for `attempt`, unless it is taken or the cap would be passed.
+
+        A `released` or `failed` row of the same request is taken over (nothing was rented,
+        so sending it again cannot rent twice); it keeps its first `create_time`.
+        """
+        order = attempt.order
+        params = self._params(
+            cap=daily_cap,
+            caller=order.caller,
+            counted=_COUNTED,
+            reusable=list(_REUSABLE),
+            request_id=order.request_id,
+            fingerprint=attempt.fingerprint,
+            peer=attempt.peer,
+            owner=self.instance,
+            status=pb.ORDER_STATUS_OUTCOME_UNKNOWN,
+            quantity=order.quantity,
+            send_ns=self._send_ns,
+            proto=order.SerializeToString(),
+            detail=f"peer={attempt.peer}",
+        )
+        async with self._pool.connection() as conn, conn.transaction():
+            if daily_cap:
+                await conn.execute(
+                    "SELECT pg_advisory_xact_lock(%s, hashtext(%s))",
+                    (_CAP_LOCK_CLASS, order.caller),
+                )
+            # A statement of its own after the lock: its snapshot includes every claim
+            # committed by whoever held the lock before.
+            cursor = await conn.execute(_CLAIM, params)
+            row = await cursor.fetchone()
+            assert row is not None
+            used, create_ns, attempt_ns = row
+            if create_ns is None:
+                # Not claimed: the id is taken (by this request or another), or the cap.
+                entry = await _entry(conn, order.request_id)
+                if entry is not None and entry.fingerprint != attempt.fingerprint:
+                    return BeginResult(Begin.CONFLICT, entry)
+                if entry is not None and entry.state.value not in _REUSABLE:
+                    return BeginResult(Begin.EXISTING, entry)
+                return BeginResult(Begin.OVER_QUOTA, used_today=int(used))
+        order.create_time.FromNanoseconds(create_ns)
+        order.update_time.FromNanoseconds(attempt_ns)
+        _log.info("order %s sending: %s", order.request_id, rules.describe(order))
+        return BeginResult(Begin.NEW)
+
+    async def finish(
+        self,
+        order: pb.RentalOrder,
+        state: OrderState,
+        *,
+        error_outcome: str = "",
+        upstream: str = "",
+    ) -> LedgerEntry:
+        """Record how an order ended.
+
+        A settlement made meanwhile wins: a late answer never overwrites what a person
+        recorded from the Plivo console (it is logged instead).
+        """
+        async with self._pool.connection() as conn:
+            try:
+                return await self._update(
+                    conn,
+                    order,
+                    state,
+                    only_from=rules.UNSETTLED,
+                    error_outcome=error_outcome,
+                    upstream=upstream,
+                )
+            except SettleError:
+                entry = await _entry(conn, order.request_id)
+                if entry is None:
+                    raise
+                _log.error(
+                    "order %s was settled while in flight; Plivo's answer was %s: %s",
+                    order.request_id,
+                    state.value,
+                    rules.describe(order),
+                )
+                return entry
+
+    async def settle(
+        self,
+        request_id: str,
+        state: OrderState,
+        *,
+        numbers: Sequence[str],
+        note: str,
+        actor: str,
+    ) -> LedgerEntry:
+        """Record a reconciled outcome for an order whose outcome is unknown.
+
+        Args:
+            request_id: the order's id.
+            state: fulfilled or failed, as the Plivo console shows.
+            numbers: the E.164 numbers rented (fulfilled only).
+            note: why, or where it was seen; kept in the order's status message.
+            actor: who settles (a caller's name, or `cli:<user>`), kept in the audit event.
+
+        Raises:
+            SettleError: no such order, its outcome is already known, or the settlement is
+                malformed.
+        """
+        rules.check_settlement(state, numbers)
+        async with self._pool.connection() as conn:
+            entry = await _entry(conn, request_id)
+            if entry is None:
+                raise SettleError(f"no order with request id {request_id}")
+            order = rules.settled_order(entry.order, state, numbers=numbers, note=note)
+            # Not from `sending`: that order's POST may still be out, and a settlement as
+            # failed would free its id for a second POST.
+            return await self._update(
+                conn, order, state, only_from=(OrderState.OUTCOME_UNKNOWN,), actor=actor
+            )
+
+    async def _update(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        order: pb.RentalOrder,
+        state: OrderState,
+        *,
+        only_from: tuple[OrderState, ...],
+        error_outcome: str = "",
+        upstream: str = "",
+        actor: str = "",
+        detail: str = "",
+    ) -> LedgerEntry:
+        order.status = STATUS_OF[state]
+        params = self._params(
+            state=state.value,
+            status=order.status,
+            proto=order.SerializeToString(),
+            error_outcome=error_outcome,
+            upstream=upstream[: rules.MAX_UPSTREAM_BODY_CHARS],
+            request_id=order.request_id,
+            only_from=[s.value for s in only_from],
+            detail=detail or order.status_message or error_outcome,
+            actor=actor,
+        )
+        cursor = await conn.execute(_UPDATE, params)
+        row = await cursor.fetchone()
+        if row is None:
+            current = await _entry(conn, order.request_id)
+            if current is None:
+                raise SettleError(f"no order with request id {order.request_id}")
+            raise SettleError(
+                f"order {order.request_id} is {current.state.value}: nothing to settle"
+            )
+        update_ns, fingerprint, owner = row
+        order.update_time.FromNanoseconds(update_ns)
+        _log.info("order %s %s: %s", order.request_id, state.value, rules.describe(order))
+        return LedgerEntry(order, state, fingerprint, owner, error_outcome)
+
+    async def get(self, request_id: str) -> LedgerEntry | None:
+        """Return one order, or None."""
+        async with self._pool.connection() as conn:
+            return await _entry(conn, request_id)
+
+    async def list(
+        self, query: OrderQuery, *, after: OrderKey | None, limit: int
+    ) -> tuple[list[LedgerEntry], int]:
+        """Return the page of orders after `after` (oldest first) and how many match in all."""
+        where, args = _where(query)
+        page_where, page_args = where, dict(args)
+        if after is not None:
+            page_where += " AND (create_time_ns, request_id) > (%(after_ns)s, %(after_id)s)"
+            page_args.update(after_ns=after.create_time_ns, after_id=after.request_id)
+        async with self._pool.connection() as conn, conn.transaction():
+            # One snapshot: the total matches the page.
+            await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            cursor = await conn.execute(f"SELECT count(*) FROM orders WHERE {where}", args)
+            total_row = await cursor.fetchone()
+            cursor = await conn.execute(
+                f"SELECT {_ENTRY_COLUMNS} FROM orders WHERE {page_where}"
+                " ORDER BY create_time_ns, request_id LIMIT %(limit)s",
+                {**page_args, "limit": limit},
+            )
+            rows = await cursor.fetchall()
+        assert total_row is not None
+        return [_from_row(row) for row in rows], int(total_row[0])
+
+    async def heartbeat(self) -> int:
+        """Renew this process's lease and recover the orders of owners whose lease lapsed.
+
+        In one transaction: the lease is extended by `lease_seconds`, and every `sending`
+        order whose owner holds no live lease and whose send deadline has passed (so no POST
+        of it can still be running) becomes `outcome_unknown`.
+
+        Returns:
+            How many orders were recovered.
+        """
+        recovered: list[str] = []
+        async with self._pool.connection() as conn, conn.transaction():
+            now_ns = await self._renew(conn)
+            cursor = await conn.execute(_ORPHANS, {"now": now_ns})
+            for row in await cursor.fetchall():
+                entry = _from_row(row)
+                entry.order.status_message = rules.RECOVERED_NOTE
+                await self._update(
+                    conn,
+                    entry.order,
+                    OrderState.OUTCOME_UNKNOWN,
+                    only_from=(OrderState.SENDING,),
+                    detail=f"owner {entry.owner} lease expired",
+                )
+                recovered.append(entry.order.request_id)
+            await conn.execute(
+                "DELETE FROM instances WHERE expires_ns < %s", (now_ns - _FORGET_LEASE_NS,)
+            )
+        if recovered:
+            _log.warning(
+                "%d order(s) whose sender stopped: outcome unknown: %s",
+                len(recovered),
+                " ".join(recovered),
+            )
+        return len(recovered)
+
+    async def _renew_lease(self) -> None:
+        async with self._pool.connection() as conn:
+            await self._renew(conn)
+
+    async def _renew(self, conn: psycopg.AsyncConnection[Any]) -> int:
+        """Extend this process's lease; return the database's now, in Unix nanoseconds."""
+        cursor = await conn.execute(
+            _RENEW,
+            self._params(
+                instance=self.instance,
+                lease_ns=self._lease_ns,
+                host=socket.gethostname(),
+                pid=os.getpid(),
+            ),
+        )
+        row = await cursor.fetchone()
+        assert row is not None
+        return int(row[0])
+
+    async def close(self) -> None:
+        """Give up this process's lease (a clean exit), then close the pool.
+
+        A database that cannot be reached is not waited for long: the lease then lapses on
+        its own.
+        """
+        try:
+            async with asyncio.timeout(_CLOSE_TIMEOUT_SECONDS):
+                async with self._pool.connection() as conn:
+                    await conn.execute(
+                        "DELETE FROM instances WHERE instance = %s", (self.instance,)
+                    )
+        except (psycopg.Error, TimeoutError) as exc:
+            _log.warning("could not give up the ledger lease: %s", type(exc).__name__)
+        finally:
+            await self._pool.close()
+
+
+class LedgerSchemaError(RuntimeError):
+    """The database's schema is not the one this code needs."""
+
+
+async def _entry(conn: psycopg.AsyncConnection[Any], request_id: str) -> LedgerEntry | None:
+    cursor = await conn.execute(
+        f"SELECT {_ENTRY_COLUMNS} FROM orders WHERE request_id = %s", (request_id,)
+    )
+    row = await cursor.fetchone()
+    return None if row is None else _from_row(row)
+
+
+def _from_row(row: _Row) -> LedgerEntry:
+    """Build an entry from its columns; the columns' times are the order's times.
+
+    NOTE: the stored message's own times are not read: a claim writes it before the database
+    picks the time, and a taken-over row keeps its first creation time.
+    """
+    blob, state, fingerprint, owner, error_outcome, create_ns, update_ns = row
+    order = pb.RentalOrder.FromString(blob)
+    order.create_time.FromNanoseconds(create_ns)
+    order.update_time.FromNanoseconds(update_ns)
+    return LedgerEntry(order, OrderState(state), fingerprint, owner, error_outcome)
+
+
+def _where(query: OrderQuery) -> tuple[str, dict[str, object]]:
+    clauses = ["true"]
+    args: dict[str, object] = {}
+    if query.statuses:
+        clauses.append("status = ANY(%(statuses)s)")
+        args["statuses"] = list(query.statuses)
+    if query.start_time_ns is not None:
+        clauses.append("create_time_ns >= %(start_ns)s")
+        args["start_ns"] = query.start_time_ns
+    if query.end_time_ns is not None:
+        clauses.append("create_time_ns < %(end_ns)s")
+        args["end_ns"] = query.end_time_ns
+    return " AND ".join(clauses), args
+
+
+def redacted(conninfo: str) -> str:
+    """Return the database as a log line may show it: `postgresql://user@host:port/dbname`.
+
+    Never the password; a string libpq cannot parse shows as `<unparseable database URL>`.
+    """
+    try:
+        parts: Mapping[str, Any] = psycopg.conninfo.conninfo_to_dict(conninfo)
+    except psycopg.Error:
+        return "<unparseable database URL>"
+    user = parts.get("user") or os.environ.get("PGUSER", "")
+    host = parts.get("host") or parts.get("hostaddr") or "localhost"
+    port = parts.get("port") or "5432"
+    dbname = parts.get("dbname") or user
+    return f"postgresql://{user}{'@' if user else ''}{host}:{port}/{dbname}"
+
+
+_URL_PASSWORD: Final = re.compile(r"(?<=://)([^:/@?#]*):([^@/?#]*)@")
+
+
+def scrub(text: str, conninfo: str) -> str:
+    """`text` (an error message) without the password of `conninfo`, wherever it appears."""
+    secrets: set[str] = set()
+    try:
+        password = psycopg.conninfo.conninfo_to_dict(conninfo).get("password")
+        if password:
+            secrets.add(str(password))
+    except psycopg.Error:
+        pass
+    secrets.update(m.group(2) for m in _URL_PASSWORD.finditer(conninfo) if m.group(2))
+    for secret in sorted(secrets, key=len, reverse=True):
+        text = text.replace(secret, "********")
+    return text
