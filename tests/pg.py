@@ -112,6 +112,19 @@ class Cluster:
             asyncio.run(_migrate(url))
         return url
 
+    def with_password_role(self, url: str, *, password: str | None) -> str:
+        """`url` as `PASSWORD_ROLE`, with `password` in it or none (libpq then reads PGPASSWORD)."""
+        return url.replace(
+            "://postgres@", f"://{PASSWORD_ROLE}{':' + password if password else ''}@"
+        )
+
+    def set_password(self) -> str:
+        """Give `PASSWORD_ROLE` a new random password and return it."""
+        password = f"pw-{uuid.uuid4().hex}"
+        with self.connect() as conn:
+            conn.execute(f"ALTER ROLE {PASSWORD_ROLE} PASSWORD '{password}'")
+        return password
+
     def drop_schema(self, url: str) -> None:
         """Drop the schema behind a `create_schema` URL, with everything in it."""
         name = url.rpartition("%3D")[2]

@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import re
 import socket
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -548,19 +547,20 @@ def redacted(conninfo: str) -> str:
     return f"postgresql://{user}{'@' if user else ''}{host}:{port}/{dbname}"
 
 
-_URL_PASSWORD: Final = re.compile(r"(?<=://)([^:/@?#]*):([^@/?#]*)@")
+_UNPARSEABLE: Final = (
+    "the database URL does not parse: give a libpq URL (postgresql://user@host:port/dbname)"
+    " or key=value pairs"
+)
 
 
 def scrub(text: str, conninfo: str) -> str:
-    """`text` (an error message) without the password of `conninfo`, wherever it appears."""
-    secrets: set[str] = set()
+    """`text` (an error message) without the password of `conninfo`.
+
+    NOTE: libpq's message about a string it cannot parse quotes the string, password and
+    all, so for such a string nothing of the message is kept.
+    """
     try:
         password = psycopg.conninfo.conninfo_to_dict(conninfo).get("password")
-        if password:
-            secrets.add(str(password))
     except psycopg.Error:
-        pass
-    secrets.update(m.group(2) for m in _URL_PASSWORD.finditer(conninfo) if m.group(2))
-    for secret in sorted(secrets, key=len, reverse=True):
-        text = text.replace(secret, "********")
-    return text
+        return _UNPARSEABLE
+    return text.replace(str(password), "********") if password else text
