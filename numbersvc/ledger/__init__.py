@@ -29,12 +29,13 @@ from pathlib import Path
 from typing import Final, Protocol
 
 from numbersvc.v1 import number_groups_pb2 as pb
-from numbersvc.validation import OrderQuery
+from numbersvc.validation import OrderKey, OrderQuery
 
 __all__ = [
     "Attempt",
     "Begin",
     "LedgerEntry",
+    "LedgerSchemaError",
     "OrderKey",
     "OrderLedger",
     "OrderQuery",
@@ -96,14 +97,6 @@ class LedgerEntry:
     """For a failed order: the `errors.Outcome` name the caller was given."""
 
 
-@dataclass(frozen=True, slots=True, order=True)
-class OrderKey:
-    """Where an order sorts in a listing (oldest first): a keyset page starts after one."""
-
-    create_time_ns: int
-    request_id: str
-
-
 class Begin(enum.Enum):
     """What `OrderLedger.begin` decided."""
 
@@ -160,6 +153,10 @@ class OrderLedger(Protocol):
 
     async def close(self) -> None:
         """Release the store."""
+
+
+class LedgerSchemaError(RuntimeError):
+    """The store was written by a newer numbersvc: its schema version is unknown here."""
 
 
 class SettleError(ValueError):

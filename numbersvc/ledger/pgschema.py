@@ -20,6 +20,8 @@ from typing import Final
 
 import psycopg
 
+from numbersvc.ledger import LedgerSchemaError
+
 __all__ = [
     "Applied",
     "Migration",
@@ -44,7 +46,7 @@ CREATE TABLE IF NOT EXISTS schema_migrations (
 """
 
 
-class SchemaTooNewError(RuntimeError):
+class SchemaTooNewError(LedgerSchemaError):
     """The database holds migrations this version of numbersvc does not ship."""
 
 

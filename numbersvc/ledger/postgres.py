@@ -176,10 +176,9 @@ class PostgresLedger:
         lease_seconds: float = 15.0,
         send_timeout_seconds: float = 30.0,
         connect_timeout_seconds: float = 10.0,
-        migrate: bool = True,
         clock_ns: Callable[[], int] | None = None,
     ) -> PostgresLedger:
-        """Connect, bring the schema up to date (or check it is) and register the lease.
+        """Connect, apply pending migrations (under their lock) and register the lease.
 
         Args:
             conninfo: a libpq URL or key=value string; a password may also come from
@@ -188,13 +187,11 @@ class PostgresLedger:
             lease_seconds: how long the lease lasts without a heartbeat.
             send_timeout_seconds: the rent timeout, for the send deadline of each claim.
             connect_timeout_seconds: how long to wait for the first connection.
-            migrate: apply pending migrations (under the migration lock) rather than only
-                checking that none are pending.
             clock_ns: for tests: a clock used instead of the database's.
 
         Raises:
-            pgschema.SchemaTooNewError: the database's schema is newer than this code's.
-            LedgerSchemaError: `migrate` is false and migrations are pending.
+            pgschema.SchemaTooNewError: the database's schema is newer than this code's (a
+                `LedgerSchemaError`).
             psycopg.Error, psycopg_pool.PoolTimeout: the database cannot be reached.
         """
         pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
@@ -210,17 +207,8 @@ class PostgresLedger:
         try:
             await pool.open(wait=True, timeout=connect_timeout_seconds)
             async with pool.connection() as conn:
-                if migrate:
-                    applied = await pgschema.migrate(conn)
-                    for migration in applied:
-                        _log.info("applied migration %04d_%s", migration.version, migration.name)
-                else:
-                    now = await pgschema.status(conn)
-                    pgschema.check_not_too_new(now)
-                    if now.pending:
-                        raise LedgerSchemaError(
-                            f"{len(now.pending)} migration(s) pending: run `numbersvc db migrate`"
-                        )
+                for migration in await pgschema.migrate(conn):
+                    _log.info("applied migration %04d_%s", migration.version, migration.name)
             ledger = cls(
                 pool,
                 lease_seconds=lease_seconds,
@@ -325,7 +313,7 @@ class PostgresLedger:
         *,
         numbers: Sequence[str],
         note: str,
-        actor: str,
+        actor: str = "",
     ) -> LedgerEntry:
         """Record a reconciled outcome for an order whose outcome is unknown.
 
@@ -489,10 +477,6 @@ class PostgresLedger:
             _log.warning("could not give up the ledger lease: %s", type(exc).__name__)
         finally:
             await self._pool.close()
-
-
-class LedgerSchemaError(RuntimeError):
-    """The database's schema is not the one this code needs."""
 
 
 async def _entry(conn: psycopg.AsyncConnection[Any], request_id: str) -> LedgerEntry | None:
