@@ -50,10 +50,6 @@ __all__ = ["PostgresLedger", "redacted", "scrub"]
 
 _log = logging.getLogger("numbersvc.orders")
 _NANOS: Final = 10**9
-# A POST never outlives the rent timeout; the slack covers the write of its outcome.
-_SEND_DEADLINE_SLACK_SECONDS: Final = 5.0
-# Leases that lapsed this long ago are deleted: a missing lease reads as a lapsed one.
-_FORGET_LEASE_NS: Final = 3600 * _NANOS
 _CLOSE_TIMEOUT_SECONDS: Final = 5.0
 # The two-int4 advisory key space is apart from migrations' one-bigint key ("numb").
 _CAP_LOCK_CLASS: Final = 0x6E756D62
@@ -149,7 +145,8 @@ class PostgresLedger:
     Args:
         pool: an opened pool of autocommit connections.
         lease_seconds: how long this process's lease lasts without a heartbeat.
-        send_timeout_seconds: the rent timeout: how long a POST may run.
+        send_timeout_seconds: the longest a rent may take from its claim to its POST's end:
+            a claim's send deadline is its time plus this.
         clock_ns: for tests, a clock in Unix nanoseconds used instead of the database's.
     """
 
@@ -164,7 +161,7 @@ class PostgresLedger:
         self.instance = uuid.uuid4().hex
         self._pool = pool
         self._lease_ns = int(lease_seconds * _NANOS)
-        self._send_ns = int((send_timeout_seconds + _SEND_DEADLINE_SLACK_SECONDS) * _NANOS)
+        self._send_ns = int(send_timeout_seconds * _NANOS)
         self._clock_ns = clock_ns
 
     @classmethod
@@ -174,7 +171,7 @@ class PostgresLedger:
         *,
         pool_max: int = 4,
         lease_seconds: float = 15.0,
-        send_timeout_seconds: float = 30.0,
+        send_timeout_seconds: float = 60.0,
         connect_timeout_seconds: float = 10.0,
         clock_ns: Callable[[], int] | None = None,
     ) -> PostgresLedger:
@@ -185,7 +182,8 @@ class PostgresLedger:
                 `PGPASSWORD` or `~/.pgpass`, as libpq reads them.
             pool_max: connections this process may hold at most.
             lease_seconds: how long the lease lasts without a heartbeat.
-            send_timeout_seconds: the rent timeout, for the send deadline of each claim.
+            send_timeout_seconds: the longest a rent may take from its claim to its POST's
+                end (the send deadline of each claim).
             connect_timeout_seconds: how long to wait for the first connection.
             clock_ns: for tests: a clock used instead of the database's.
 
@@ -350,7 +348,6 @@ class PostgresLedger:
         error_outcome: str = "",
         upstream: str = "",
         actor: str = "",
-        detail: str = "",
     ) -> LedgerEntry:
         order.status = STATUS_OF[state]
         params = self._params(
@@ -361,7 +358,7 @@ class PostgresLedger:
             upstream=upstream[: rules.MAX_UPSTREAM_BODY_CHARS],
             request_id=order.request_id,
             only_from=[s.value for s in only_from],
-            detail=detail or order.status_message or error_outcome,
+            detail=order.status_message or error_outcome,
             actor=actor,
         )
         cursor = await conn.execute(_UPDATE, params)
@@ -422,21 +419,18 @@ class PostgresLedger:
             cursor = await conn.execute(_ORPHANS, {"now": now_ns})
             for row in await cursor.fetchall():
                 entry = _from_row(row)
-                entry.order.status_message = rules.RECOVERED_NOTE
+                entry.order.status_message = (
+                    f"{rules.RECOVERED_NOTE} (owner {entry.owner}: lease expired)"
+                )
                 await self._update(
-                    conn,
-                    entry.order,
-                    OrderState.OUTCOME_UNKNOWN,
-                    only_from=(OrderState.SENDING,),
-                    detail=f"owner {entry.owner} lease expired",
+                    conn, entry.order, OrderState.OUTCOME_UNKNOWN, only_from=(OrderState.SENDING,)
                 )
                 recovered.append(entry.order.request_id)
-            await conn.execute(
-                "DELETE FROM instances WHERE expires_ns < %s", (now_ns - _FORGET_LEASE_NS,)
-            )
+            # A missing lease reads as a lapsed one; its owner, if alive, renews it.
+            await conn.execute("DELETE FROM instances WHERE expires_ns <= %s", (now_ns,))
         if recovered:
             _log.warning(
-                "%d order(s) whose sender stopped: outcome unknown: %s",
+                "%d order(s) left in flight by a process that is gone: outcome unknown: %s",
                 len(recovered),
                 " ".join(recovered),
             )
