@@ -51,6 +51,10 @@ __all__ = ["PostgresLedger", "redacted", "scrub"]
 _log = logging.getLogger("numbersvc.orders")
 _NANOS: Final = 10**9
 _CLOSE_TIMEOUT_SECONDS: Final = 5.0
+_UNPARSEABLE: Final = (
+    "the database URL does not parse: give a libpq URL (postgresql://user@host:port/dbname)"
+    " or key=value pairs"
+)
 # The two-int4 advisory key space is apart from migrations' one-bigint key ("numb").
 _CAP_LOCK_CLASS: Final = 0x6E756D62
 _COUNTED: Final = [s.value for s in OrderState if s.may_have_rented]
@@ -188,10 +192,17 @@ class PostgresLedger:
             clock_ns: for tests: a clock used instead of the database's.
 
         Raises:
+            ValueError: `conninfo` does not parse (the message does not quote it).
             pgschema.SchemaTooNewError: the database's schema is newer than this code's (a
                 `LedgerSchemaError`).
             psycopg.Error, psycopg_pool.PoolTimeout: the database cannot be reached.
         """
+        # NOTE: the pool logs its connection errors, and libpq's error for a string it cannot
+        # parse quotes the string whole, password included: such a string never reaches it.
+        try:
+            psycopg.conninfo.conninfo_to_dict(conninfo)
+        except psycopg.Error:
+            raise ValueError(_UNPARSEABLE) from None
         pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
             conninfo,
             min_size=1,
@@ -523,12 +534,6 @@ def redacted(conninfo: str) -> str:
     port = parts.get("port") or "5432"
     dbname = parts.get("dbname") or user
     return f"postgresql://{user}{'@' if user else ''}{host}:{port}/{dbname}"
-
-
-_UNPARSEABLE: Final = (
-    "the database URL does not parse: give a libpq URL (postgresql://user@host:port/dbname)"
-    " or key=value pairs"
-)
 
 
 def scrub(text: str, conninfo: str) -> str:

@@ -26,7 +26,7 @@ from numbersvc.ledger import (
     OrderState,
     SettleError,
 )
-from numbersvc.ledger.postgres import PostgresLedger
+from numbersvc.ledger.postgres import PostgresLedger, redacted, scrub
 from numbersvc.orders import fingerprint
 from numbersvc.v1 import number_groups_pb2 as pb
 from numbersvc.validation import RentParams
@@ -389,3 +389,30 @@ class TestLeases:
             assert await ledger.heartbeat() == 0
         entry = await replica.finish(order, OrderState.FULFILLED)
         assert entry.state is OrderState.FULFILLED
+
+
+class TestSecrets:
+    PASSWORD: Final = "pw-secret-93c1"
+
+    async def test_an_unparseable_url_is_refused_without_quoting_it(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        url = f"postgresql:/alice:{self.PASSWORD}@127.0.0.1:1/db"
+        with caplog.at_level(logging.DEBUG), pytest.raises(ValueError, match="does not parse") as e:
+            await PostgresLedger.open(url, connect_timeout_seconds=1)
+        assert self.PASSWORD not in str(e.value)
+        assert self.PASSWORD not in caplog.text
+
+    @pytest.mark.parametrize(
+        ("conninfo", "shown"),
+        [
+            (f"postgresql://alice:{PASSWORD}@db.internal:6432/ledger", "alice@db.internal:6432"),
+            (f"host=db port=5432 user=bob password={PASSWORD} dbname=x", "bob@db:5432/x"),
+            (f"postgres:/alice:{PASSWORD}@h/db", "<unparseable database URL>"),
+        ],
+    )
+    def test_redacted_and_scrubbed(self, conninfo: str, shown: str) -> None:
+        assert shown in redacted(conninfo)
+        assert self.PASSWORD not in redacted(conninfo)
+        message = f"could not connect with {conninfo}"
+        assert self.PASSWORD not in scrub(message, conninfo)
