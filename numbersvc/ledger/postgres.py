@@ -63,27 +63,31 @@ _REUSABLE: Final = (OrderState.RELEASED.value, OrderState.FAILED.value)
 _NOW: Final = (
     "coalesce(%(now)s::bigint, (extract(epoch FROM clock_timestamp()) * 1000000)::bigint * 1000)"
 )
-_ENTRY_COLUMNS: Final = (
-    "order_proto, state, fingerprint, owner, error_outcome, create_time_ns, update_time_ns"
+# The instant of a change: its own statement, as the stored message carries it. With a
+# caller to lock, the lock (a subquery, so it is taken first) waits for that caller's other
+# claims until they commit.
+_READ_CLOCK: Final = f"SELECT {_NOW}"
+_LOCK_THEN_READ_CLOCK: Final = (
+    f"SELECT {_NOW} FROM (SELECT pg_advisory_xact_lock(%(lock_class)s, hashtext(%(caller)s)))"
+    " AS locked"
 )
+_ENTRY_COLUMNS: Final = "order_proto, state, fingerprint, owner, error_outcome"
 
 # The claim: count today's quantities of the caller, then insert the row, or take over a
 # released or failed row of the same request, only if the cap allows; log the event.
 _CLAIM: Final = f"""
-WITH t AS (SELECT {_NOW} AS now_ns),
-used AS (
-    SELECT coalesce(sum(o.quantity), 0)::bigint AS n FROM orders o, t
+WITH used AS (
+    SELECT coalesce(sum(o.quantity), 0)::bigint AS n FROM orders o
     WHERE %(cap)s > 0 AND o.caller = %(caller)s AND o.state = ANY(%(counted)s)
-      AND o.attempt_time_ns >= t.now_ns - t.now_ns %% {rules.NANOS_PER_DAY}
+      AND o.attempt_time_ns >= %(now)s - %(now)s %% {rules.NANOS_PER_DAY}
 ),
 claimed AS (
     INSERT INTO orders AS o (request_id, fingerprint, caller, peer, owner, state, status,
         quantity, create_time_ns, update_time_ns, attempt_time_ns, send_deadline_ns,
         order_proto)
     SELECT %(request_id)s, %(fingerprint)s, %(caller)s, %(peer)s, %(owner)s, 'sending',
-        %(status)s, %(quantity)s, t.now_ns, t.now_ns, t.now_ns, t.now_ns + %(send_ns)s,
-        %(proto)s
-    FROM t, used WHERE %(cap)s = 0 OR used.n + %(quantity)s <= %(cap)s
+        %(status)s, %(quantity)s, %(now)s, %(now)s, %(now)s, %(now)s + %(send_ns)s, %(proto)s
+    FROM used WHERE %(cap)s = 0 OR used.n + %(quantity)s <= %(cap)s
     ON CONFLICT (request_id) DO UPDATE SET
         peer = EXCLUDED.peer, owner = EXCLUDED.owner, state = EXCLUDED.state,
         status = EXCLUDED.status, update_time_ns = EXCLUDED.update_time_ns,
@@ -91,30 +95,28 @@ claimed AS (
         send_deadline_ns = EXCLUDED.send_deadline_ns, order_proto = EXCLUDED.order_proto,
         error_outcome = '', upstream = ''
     WHERE o.fingerprint = EXCLUDED.fingerprint AND o.state = ANY(%(reusable)s)
-    RETURNING o.request_id, o.create_time_ns, o.attempt_time_ns
+    RETURNING o.request_id, o.create_time_ns
 ),
 logged AS (
     INSERT INTO events (request_id, time_ns, state, detail)
-    SELECT request_id, attempt_time_ns, 'sending', %(detail)s FROM claimed
+    SELECT request_id, %(now)s, 'sending', %(detail)s FROM claimed
 )
-SELECT used.n, claimed.create_time_ns, claimed.attempt_time_ns FROM used
-LEFT JOIN claimed ON true
+SELECT used.n, claimed.create_time_ns FROM used LEFT JOIN claimed ON true
 """
 
 # A change of state, only from the states allowed, with its audit event.
-_UPDATE: Final = f"""
-WITH t AS (SELECT {_NOW} AS now_ns),
-changed AS (
-    UPDATE orders o SET state = %(state)s, status = %(status)s, update_time_ns = t.now_ns,
+_UPDATE: Final = """
+WITH changed AS (
+    UPDATE orders o SET state = %(state)s, status = %(status)s, update_time_ns = %(now)s,
         order_proto = %(proto)s, error_outcome = %(error_outcome)s, upstream = %(upstream)s
-    FROM t WHERE o.request_id = %(request_id)s AND o.state = ANY(%(only_from)s)
-    RETURNING o.request_id, o.update_time_ns, o.fingerprint, o.owner
+    WHERE o.request_id = %(request_id)s AND o.state = ANY(%(only_from)s)
+    RETURNING o.request_id, o.fingerprint, o.owner
 ),
 logged AS (
     INSERT INTO events (request_id, time_ns, state, detail, actor)
-    SELECT request_id, update_time_ns, %(state)s, %(detail)s, %(actor)s FROM changed
+    SELECT request_id, %(now)s, %(state)s, %(detail)s, %(actor)s FROM changed
 )
-SELECT update_time_ns, fingerprint, owner FROM changed
+SELECT fingerprint, owner FROM changed
 """
 
 _RENEW: Final = f"""
@@ -136,7 +138,7 @@ ORDER BY o.create_time_ns
 FOR UPDATE OF o SKIP LOCKED
 """
 
-_Row = tuple[bytes, str, str, str, str, int, int]
+_Row = tuple[bytes, str, str, str, str]
 
 
 class PostgresLedger:
@@ -230,9 +232,6 @@ class PostgresLedger:
             raise
         return ledger
 
-    def _params(self, **params: object) -> dict[str, object]:
-        return {"now": None if self._clock_ns is None else self._clock_ns(), **params}
-
     async def begin(self, attempt: Attempt, *, daily_cap: int) -> BeginResult:
         """Claim the request id for `attempt`, unless it is taken or the cap would be passed.
 
@@ -240,34 +239,37 @@ class PostgresLedger:
         so sending it again cannot rent twice); it keeps its first `create_time`.
         """
         order = attempt.order
-        params = self._params(
-            cap=daily_cap,
-            caller=order.caller,
-            counted=_COUNTED,
-            reusable=list(_REUSABLE),
-            request_id=order.request_id,
-            fingerprint=attempt.fingerprint,
-            peer=attempt.peer,
-            owner=self.instance,
-            status=pb.ORDER_STATUS_OUTCOME_UNKNOWN,
-            quantity=order.quantity,
-            send_ns=self._send_ns,
-            proto=order.SerializeToString(),
-            detail=f"peer={attempt.peer}",
-        )
+        claimed = pb.RentalOrder()
+        claimed.CopyFrom(order)
         async with self._pool.connection() as conn, conn.transaction():
-            if daily_cap:
-                await conn.execute(
-                    "SELECT pg_advisory_xact_lock(%s, hashtext(%s))",
-                    (_CAP_LOCK_CLASS, order.caller),
-                )
+            now = await self._read_clock(conn, lock_caller=order.caller if daily_cap else None)
+            claimed.create_time.FromNanoseconds(now)
+            claimed.update_time.FromNanoseconds(now)
             # A statement of its own after the lock: its snapshot includes every claim
             # committed by whoever held the lock before.
-            cursor = await conn.execute(_CLAIM, params)
+            cursor = await conn.execute(
+                _CLAIM,
+                {
+                    "now": now,
+                    "cap": daily_cap,
+                    "caller": order.caller,
+                    "counted": _COUNTED,
+                    "reusable": list(_REUSABLE),
+                    "request_id": order.request_id,
+                    "fingerprint": attempt.fingerprint,
+                    "peer": attempt.peer,
+                    "owner": self.instance,
+                    "status": pb.ORDER_STATUS_OUTCOME_UNKNOWN,
+                    "quantity": order.quantity,
+                    "send_ns": self._send_ns,
+                    "proto": claimed.SerializeToString(),
+                    "detail": f"peer={attempt.peer}",
+                },
+            )
             row = await cursor.fetchone()
             assert row is not None
-            used, create_ns, attempt_ns = row
-            if create_ns is None:
+            used, created = row
+            if created is None:
                 # Not claimed: the id is taken (by this request or another), or the cap.
                 entry = await _entry(conn, order.request_id)
                 if entry is not None and entry.fingerprint != attempt.fingerprint:
@@ -275,10 +277,32 @@ class PostgresLedger:
                 if entry is not None and entry.state.value not in _REUSABLE:
                     return BeginResult(Begin.EXISTING, entry)
                 return BeginResult(Begin.OVER_QUOTA, used_today=int(used))
-        order.create_time.FromNanoseconds(create_ns)
-        order.update_time.FromNanoseconds(attempt_ns)
+            if created != now:  # a taken-over row keeps its place in listings
+                claimed.create_time.FromNanoseconds(created)
+                await conn.execute(
+                    "UPDATE orders SET order_proto = %s WHERE request_id = %s",
+                    (claimed.SerializeToString(), order.request_id),
+                )
+        order.CopyFrom(claimed)
         _log.info("order %s sending: %s", order.request_id, rules.describe(order))
         return BeginResult(Begin.NEW)
+
+    async def _read_clock(
+        self, conn: psycopg.AsyncConnection[Any], *, lock_caller: str | None = None
+    ) -> int:
+        """Return the time of a change, after taking `lock_caller`'s claim lock if given."""
+        sql = _READ_CLOCK if lock_caller is None else _LOCK_THEN_READ_CLOCK
+        cursor = await conn.execute(
+            sql,
+            {
+                "now": None if self._clock_ns is None else self._clock_ns(),
+                "lock_class": _CAP_LOCK_CLASS,
+                "caller": lock_caller,
+            },
+        )
+        row = await cursor.fetchone()
+        assert row is not None
+        return int(row[0])
 
     async def finish(
         self,
@@ -360,19 +384,24 @@ class PostgresLedger:
         upstream: str = "",
         actor: str = "",
     ) -> LedgerEntry:
+        now = await self._read_clock(conn)
         order.status = STATUS_OF[state]
-        params = self._params(
-            state=state.value,
-            status=order.status,
-            proto=order.SerializeToString(),
-            error_outcome=error_outcome,
-            upstream=upstream[: rules.MAX_UPSTREAM_BODY_CHARS],
-            request_id=order.request_id,
-            only_from=[s.value for s in only_from],
-            detail=order.status_message or error_outcome,
-            actor=actor,
+        order.update_time.FromNanoseconds(now)
+        cursor = await conn.execute(
+            _UPDATE,
+            {
+                "now": now,
+                "state": state.value,
+                "status": order.status,
+                "proto": order.SerializeToString(),
+                "error_outcome": error_outcome,
+                "upstream": upstream[: rules.MAX_UPSTREAM_BODY_CHARS],
+                "request_id": order.request_id,
+                "only_from": [s.value for s in only_from],
+                "detail": order.status_message or error_outcome,
+                "actor": actor,
+            },
         )
-        cursor = await conn.execute(_UPDATE, params)
         row = await cursor.fetchone()
         if row is None:
             current = await _entry(conn, order.request_id)
@@ -381,8 +410,7 @@ class PostgresLedger:
             raise SettleError(
                 f"order {order.request_id} is {current.state.value}: nothing to settle"
             )
-        update_ns, fingerprint, owner = row
-        order.update_time.FromNanoseconds(update_ns)
+        fingerprint, owner = row
         _log.info("order %s %s: %s", order.request_id, state.value, rules.describe(order))
         return LedgerEntry(order, state, fingerprint, owner, error_outcome)
 
@@ -455,12 +483,13 @@ class PostgresLedger:
         """Extend this process's lease; return the database's now, in Unix nanoseconds."""
         cursor = await conn.execute(
             _RENEW,
-            self._params(
-                instance=self.instance,
-                lease_ns=self._lease_ns,
-                host=socket.gethostname(),
-                pid=os.getpid(),
-            ),
+            {
+                "now": None if self._clock_ns is None else self._clock_ns(),
+                "instance": self.instance,
+                "lease_ns": self._lease_ns,
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+            },
         )
         row = await cursor.fetchone()
         assert row is not None
@@ -493,16 +522,10 @@ async def _entry(conn: psycopg.AsyncConnection[Any], request_id: str) -> LedgerE
 
 
 def _from_row(row: _Row) -> LedgerEntry:
-    """Build an entry from its columns; the columns' times are the order's times.
-
-    NOTE: the stored message's own times are not read: a claim writes it before the database
-    picks the time, and a taken-over row keeps its first creation time.
-    """
-    blob, state, fingerprint, owner, error_outcome, create_ns, update_ns = row
-    order = pb.RentalOrder.FromString(blob)
-    order.create_time.FromNanoseconds(create_ns)
-    order.update_time.FromNanoseconds(update_ns)
-    return LedgerEntry(order, OrderState(state), fingerprint, owner, error_outcome)
+    blob, state, fingerprint, owner, error_outcome = row
+    return LedgerEntry(
+        pb.RentalOrder.FromString(blob), OrderState(state), fingerprint, owner, error_outcome
+    )
 
 
 def _where(query: OrderQuery) -> tuple[str, dict[str, object]]:
