@@ -50,6 +50,8 @@ MAX_ORDER_PAGE_SIZE: Final = 1000
 _MAX_REGION_CHARS: Final = 64
 MAX_SETTLE_NOTE_CHARS: Final = 1000
 """The longest note a settlement may carry: a reference, not a document."""
+MAX_SETTLE_NUMBERS: Final = 1000
+"""The most numbers a settlement may list: far above any order's quantity."""
 E164_FORM: Final = "+ then 6 to 15 digits, the first not 0, such as +14155550100"
 """The E.164 rule of `is_e164`, in words, for messages."""
 
@@ -299,7 +301,10 @@ def validate_settle(request: pb.SettleRentalOrderRequest) -> SettleParams:
     elif not fulfilled and request.numbers:
         check.fail("numbers", "must be empty with ORDER_STATUS_FAILED: nothing was rented")
     seen: set[str] = set()
-    for index, number in enumerate(request.numbers):
+    # NOTE: a request may carry a million numbers; judging more than the limit costs time only.
+    if len(request.numbers) > MAX_SETTLE_NUMBERS:
+        check.fail("numbers", f"must hold at most {MAX_SETTLE_NUMBERS} numbers")
+    for index, number in enumerate(request.numbers[:MAX_SETTLE_NUMBERS]):
         if not is_e164(number):
             check.fail(f"numbers[{index}]", f"must be an E.164 number: {E164_FORM}")
         elif number in seen:

@@ -878,8 +878,8 @@ class SettleRentalOrderRequest(_message.Message):
     @_builtins.property
     def numbers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The numbers rented, in E.164: `+`, then 6 to 15 digits, the first not 0,
-        such as `+14155550100`. Each at most once. Required with
-        `ORDER_STATUS_FULFILLED`; must be empty with `ORDER_STATUS_FAILED`.
+        such as `+14155550100`. Each at most once, at most 1000 in all. Required
+        with `ORDER_STATUS_FULFILLED`; must be empty with `ORDER_STATUS_FAILED`.
         """
 
     def __init__(

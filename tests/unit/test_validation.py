@@ -327,6 +327,11 @@ class TestSettle:
             pytest.param(
                 {"numbers": ["+14155550100", "+14155550100"]}, ["numbers[1]"], id="repeated"
             ),
+            pytest.param(
+                {"numbers": [f"+1415555{n:04}" for n in range(1001)]},
+                ["numbers"],
+                id="more than 1000 numbers",
+            ),
             pytest.param({"note": ""}, ["note"], id="no note"),
             pytest.param({"note": " \t\n"}, ["note"], id="blank note"),
             pytest.param({"note": "x" * 1001}, ["note"], id="note too long"),
@@ -341,6 +346,16 @@ class TestSettle:
         with pytest.raises(InvalidRequest) as exc:
             validate_settle(_settle(**fields))
         assert _fields(exc) == violations
+
+    def test_1000_numbers_are_accepted(self) -> None:
+        numbers = [f"+1415555{n:04}" for n in range(1000)]
+        assert len(validate_settle(_settle(numbers=numbers)).numbers) == 1000
+
+    def test_a_million_numbers_are_judged_by_the_first_thousand(self) -> None:
+        with pytest.raises(InvalidRequest) as exc:
+            validate_settle(_settle(numbers=["x"] * 1_000_000))
+        assert _fields(exc)[:2] == ["numbers", "numbers[0]"]
+        assert len(exc.value.violations) == MAX_VIOLATIONS + 1
 
     def test_a_note_of_the_longest_length_is_kept(self) -> None:
         assert validate_settle(_settle(note="x" * 1000)).note == "x" * 1000
