@@ -349,7 +349,7 @@ def _add_settle(subcommands: argparse._SubParsersAction[argparse.ArgumentParser]
         action="store_const",
         const=None,
         help="call no server: open the ledger file and settle the order there, as"
-        " cli:<user> (the client options are then ignored)",
+        " cli:<user> (--target, --deadline, --token and the TLS options are then ignored)",
     )
     settle.add_argument(
         "--ledger",
