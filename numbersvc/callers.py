@@ -6,7 +6,8 @@ token, or a client certificate's SPIFFE ID (URI SAN) or common name. Each caller
 (for logs, metrics and the order ledger) and permissions:
 
 - `numbers.read`: list, stream and get number groups, and read rental orders;
-- `numbers.rent`: rent numbers, which spends money.
+- `numbers.rent`: rent numbers, which spends money;
+- `numbers.settle`: record the outcome of an order whose outcome is unknown (operators).
 
 The file, version 1 (`numbersvc callers add` writes it; a person may edit it too)::
 
@@ -49,6 +50,7 @@ __all__ = [
     "PERMISSIONS",
     "READ",
     "RENT",
+    "SETTLE",
     "Caller",
     "CallerEntry",
     "Callers",
@@ -61,7 +63,8 @@ __all__ = [
 CALLERS_FILE_ENV: Final = "NUMBERSVC_CALLERS_FILE"
 READ: Final = "numbers.read"
 RENT: Final = "numbers.rent"
-PERMISSIONS: Final = (READ, RENT)
+SETTLE: Final = "numbers.settle"
+PERMISSIONS: Final = (READ, RENT, SETTLE)
 FILE_VERSION: Final = 1
 """The version of the callers file this module reads and writes."""
 

@@ -6,8 +6,8 @@ goes upstream (AIP-193's order):
 1. Identity, when a callers file is configured: a bearer token in `authorization` metadata,
    else the mTLS client certificate's SPIFFE URI SAN, else its common name. None of these
    -> UNAUTHENTICATED. Without a callers file every caller is `anonymous` with every permission.
-2. Permission: each method needs one (`numbers.read` or `numbers.rent`; health needs none).
-   Missing -> PERMISSION_DENIED, naming the permission.
+2. Permission: each method needs one (`numbers.read`, `numbers.rent` or `numbers.settle`;
+   health needs none). Missing -> PERMISSION_DENIED, naming the permission.
 3. Decoding: request bytes that are not the method's message -> INVALID_ARGUMENT
    (`MALFORMED_REQUEST`), instead of gRPC's own INTERNAL.
 

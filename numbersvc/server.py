@@ -23,7 +23,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from numbersvc import __version__
-from numbersvc.callers import Callers
+from numbersvc.callers import SETTLE, Callers
 from numbersvc.config import Config, UpstreamKind, parse_host_port
 from numbersvc.gatekeeper import READ, RENT, Gatekeeper
 from numbersvc.interceptors import AccessLog, ObservingInterceptor, current_call, upstream_headers
@@ -222,6 +222,7 @@ def method_permissions(*, with_reflection: bool) -> dict[str, str | None]:
         "GetRentalOrder": READ,
         "ListRentalOrders": READ,
         "RentNumbers": RENT,
+        "SettleRentalOrder": SETTLE,
     }
     permissions: dict[str, str | None] = {
         f"/{service.full_name}/{method.name}": needs[method.name] for method in service.methods

@@ -29,6 +29,7 @@ from numbersvc.callers import (
 
 READ: Final = "numbers.read"
 RENT: Final = "numbers.rent"
+SETTLE: Final = "numbers.settle"
 SPIFFE_ID: Final = "spiffe://example.org/ns/billing/sa/api"
 # A token as `add_caller` makes them (token_urlsafe(32)), and its hash.
 TOKEN: Final = "jeTNfoHPoX5wUxQahkyJuW3Wrotd7N-ogpw-SeFCOCU"
@@ -60,9 +61,9 @@ def path(tmp_path: Path) -> Path:
 # --- the model --------------------------------------------------------------------------------
 
 
-def test_permissions_are_read_and_rent() -> None:
-    assert PERMISSIONS == (READ, RENT)
-    assert PERMISSIONS == ("numbers.read", "numbers.rent")  # the callers file's words
+def test_permissions_are_read_rent_and_settle() -> None:
+    assert PERMISSIONS == (READ, RENT, SETTLE)
+    assert PERMISSIONS == ("numbers.read", "numbers.rent", "numbers.settle")  # the file's words
 
 
 def test_caller_allows_only_its_permissions() -> None:
@@ -243,7 +244,7 @@ LOAD_ERRORS: Final = [
     ),
     pytest.param(
         doc({**entry(), "permissions": [READ, "numbers.write"]}),
-        "permissions[1] is not one of numbers.read, numbers.rent",
+        "permissions[1] is not one of numbers.read, numbers.rent, numbers.settle",
         id="unknown permission",
     ),
     pytest.param(
@@ -739,6 +740,7 @@ def test_the_public_names() -> None:
             "PERMISSIONS",
             "READ",
             "RENT",
+            "SETTLE",
             "Caller",
             "CallerEntry",
             "Callers",
