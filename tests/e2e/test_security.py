@@ -166,6 +166,30 @@ class TestCallers:
             await absent.done_writing()
             assert await absent.code() == grpc.StatusCode.UNIMPLEMENTED
 
+    async def test_a_refusal_is_logged_with_the_caller_it_knows(
+        self, start_server: StartServer, callers_file: Path, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        caplog.set_level(logging.INFO)
+        reader = add_caller(callers_file, "dashboard", ["numbers.read"]) or ""
+        running = await start_server(callers_file=str(callers_file))
+        channel, stub = await _open(running)
+        async with channel:
+            denied = await _error(
+                stub.RentNumbers(pb.RentNumbersRequest(group_id="1"), metadata=_auth(reader))
+            )
+            unknown = await _error(
+                stub.RentNumbers(pb.RentNumbersRequest(group_id="1"), metadata=_auth("nope"))
+            )
+        assert denied.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert unknown.code() == grpc.StatusCode.UNAUTHENTICATED
+        access = [r.getMessage() for r in caplog.records if r.name == "numbersvc.access"]
+        rents = [line for line in access if "RentNumbers" in line]
+        assert len(rents) == 2, access
+        assert "code=PERMISSION_DENIED" in rents[0]
+        assert "caller=dashboard" in rents[0]
+        assert "code=UNAUTHENTICATED" in rents[1]
+        assert "caller=-" in rents[1]
+
     async def test_tokens_never_logged(
         self, start_server: StartServer, callers_file: Path, caplog: pytest.LogCaptureFixture
     ) -> None:
@@ -205,31 +229,40 @@ async def test_undecodable_request_is_invalid_argument(server: RunningServer) ->
 # --- TLS ----------------------------------------------------------------------------------------
 
 
-def _spiffe_client_cert(ca: trustme.CA, uri: str) -> tuple[bytes, bytes]:
-    """A client certificate signed by `ca` whose only identity is a SPIFFE URI SAN."""
+def _client_cert(
+    ca: trustme.CA, *names: x509.GeneralName, common_name: str | None = None
+) -> tuple[bytes, bytes]:
+    """A client certificate signed by `ca` with these SANs (of any type) and common name."""
     issuer = x509.load_pem_x509_certificate(ca.cert_pem.bytes())
     ca_key = serialization.load_pem_private_key(ca.private_key_pem.bytes(), password=None)
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.UTC)
-    cert = (
+    subject = [x509.NameAttribute(NameOID.ORGANIZATION_NAME, "numbersvc tests")]
+    if common_name is not None:
+        subject.append(x509.NameAttribute(NameOID.COMMON_NAME, common_name))
+    builder = (
         x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "numbersvc tests")]))
+        .subject_name(x509.Name(subject))
         .issuer_name(issuer.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(hours=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(uri)]), critical=False
-        )
-        .sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
     )
+    if names:
+        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+    cert = builder.sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
     key_pem = key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
     return cert.public_bytes(serialization.Encoding.PEM), key_pem
+
+
+def _spiffe_client_cert(ca: trustme.CA, uri: str) -> tuple[bytes, bytes]:
+    """A client certificate signed by `ca` whose only identity is a SPIFFE URI SAN."""
+    return _client_cert(ca, x509.UniformResourceIdentifier(uri))
 
 
 @pytest.fixture
@@ -349,3 +382,80 @@ async def test_cli_reaches_a_secured_server(
     assert json.loads(out.out)["number_groups"]
     assert no_token == 10 + grpc.StatusCode.UNAUTHENTICATED.value[0]
     assert token not in out.out + out.err
+
+
+async def _mutual_tls_server(
+    start_server: StartServer, tls_files: dict[str, Any], callers_file: Path
+) -> RunningServer:
+    return await start_server(
+        tls_cert=str(tls_files["cert"]),
+        tls_key=str(tls_files["key"]),
+        tls_client_ca=str(tls_files["ca"]),
+        callers_file=str(callers_file),
+    )
+
+
+async def _list_with(running: RunningServer, ca: Path, cert: tuple[bytes, bytes]) -> Any:
+    """ListNumberGroups over mutual TLS with `cert`: the page, or the error."""
+    async with _secure_channel(running.port, ca, cert) as channel:
+        call = pb_grpc.NumberGroupServiceStub(channel).ListNumberGroups(
+            pb.ListNumberGroupsRequest(filter=US, page_size=1), timeout=5
+        )
+        try:
+            return await call
+        except grpc.aio.AioRpcError as error:
+            return error
+
+
+async def test_a_spiffe_id_comes_only_from_the_one_uri_san(
+    start_server: StartServer, tls_files: dict[str, Any], callers_file: Path
+) -> None:
+    """SPIFFE X.509-SVID: the ID is the URI SAN, and a certificate with two identifies no one."""
+    add_caller(callers_file, "mesh-client", ["numbers.read", "numbers.rent"], spiffe_id=SPIFFE_ID)
+    add_caller(callers_file, "legacy", ["numbers.read"], common_name="legacy.internal")
+    running = await _mutual_tls_server(start_server, tls_files, callers_file)
+    ca: trustme.CA = tls_files["ca_obj"]
+    uri = x509.UniformResourceIdentifier
+    impostors = {
+        "a DNS SAN reading the SPIFFE ID": _client_cert(ca, x509.DNSName(SPIFFE_ID)),
+        "an e-mail SAN reading the SPIFFE ID": _client_cert(ca, x509.RFC822Name(SPIFFE_ID)),
+        "two URI SANs, one the SPIFFE ID": _client_cert(
+            ca, uri(SPIFFE_ID), uri("spiffe://example.org/ns/other/sa/x")
+        ),
+        "two URI SANs and a known common name": _client_cert(
+            ca, uri(SPIFFE_ID), uri(SPIFFE_ID + "-2"), common_name="legacy.internal"
+        ),
+    }
+    for what, cert in impostors.items():
+        answer = await _list_with(running, tls_files["ca"], cert)
+        assert isinstance(answer, grpc.aio.AioRpcError), what
+        assert answer.code() == grpc.StatusCode.UNAUTHENTICATED, what
+    # The same names where they belong are accepted.
+    genuine = {
+        "the one URI SAN": _spiffe_client_cert(ca, SPIFFE_ID),
+        "the common name, beside a DNS SAN": _client_cert(
+            ca, x509.DNSName("legacy.internal"), common_name="legacy.internal"
+        ),
+    }
+    for what, cert in genuine.items():
+        page = await _list_with(running, tls_files["ca"], cert)
+        assert isinstance(page, pb.ListNumberGroupsResponse), (what, page)
+        assert page.number_groups, what
+
+
+async def test_an_authorization_that_is_not_bearer_never_falls_back_to_the_certificate(
+    start_server: StartServer, tls_files: dict[str, Any], callers_file: Path
+) -> None:
+    add_caller(callers_file, "mesh-client", ["numbers.read"], spiffe_id=SPIFFE_ID)
+    running = await _mutual_tls_server(start_server, tls_files, callers_file)
+    cert = _spiffe_client_cert(tls_files["ca_obj"], SPIFFE_ID)
+    async with _secure_channel(running.port, tls_files["ca"], cert) as channel:
+        stub = pb_grpc.NumberGroupServiceStub(channel)
+        request = pb.ListNumberGroupsRequest(filter=US, page_size=1)
+        assert (await stub.ListNumberGroups(request)).number_groups  # the certificate alone
+        for value in ("Basic bWVzaDpzZWNyZXQ=", "Token abc", "Bearer", "bearer  ", ""):
+            refused = await _error(
+                stub.ListNumberGroups(request, metadata=(("authorization", value),))
+            )
+            assert refused.code() == grpc.StatusCode.UNAUTHENTICATED, value
+            assert reason_of(refused) == "CALLER_UNAUTHENTICATED", value
