@@ -23,7 +23,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from numbersvc import __version__
-from numbersvc.callers import Callers
+from numbersvc.callers import CALLERS_FILE_ENV, Callers
 from numbersvc.config import Config, UpstreamKind, parse_host_port
 from numbersvc.gatekeeper import READ, RENT, Gatekeeper
 from numbersvc.interceptors import AccessLog, ObservingInterceptor, current_call, upstream_headers
@@ -234,7 +234,18 @@ def method_permissions(*, with_reflection: bool) -> dict[str, str | None]:
 
 
 def _bind(server: grpc.aio.Server, config: Config, callers: Callers | None) -> int:
-    """Listen with TLS (mutual when a client CA is set) or, with a warning, in plain text."""
+    """Listen with TLS (mutual when a client CA is set) or, with a warning, in plain text.
+
+    Without callers, anyone who reaches the port may rent: said as loudly as plain text.
+    """
+    if callers is None:
+        _log.warning(
+            "ACCESS CONTROL IS OFF (no %s): every caller may search and RENT numbers,"
+            " as `anonymous`",
+            CALLERS_FILE_ENV,
+        )
+    else:
+        _log.info("callers file %s: %d callers", config.callers_file, len(callers))
     if not config.tls_cert:
         _log.warning(
             "gRPC port %s is PLAIN TEXT (no NUMBERSVC_TLS_CERT): only behind a mesh sidecar or"

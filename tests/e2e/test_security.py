@@ -31,6 +31,7 @@ from numbersvc.server import RunningServer
 from numbersvc.v1 import number_groups_pb2 as pb
 from numbersvc.v1 import number_groups_pb2_grpc as pb_grpc
 from tests.e2e.conftest import StartServer, reason_of, rich_details
+from tests.e2e.test_process import _start
 
 US = pb.SearchFilter(region_code="US")
 SPIFFE_ID = "spiffe://example.org/ns/billing/sa/numbers-client"
@@ -459,3 +460,30 @@ async def test_an_authorization_that_is_not_bearer_never_falls_back_to_the_certi
             )
             assert refused.code() == grpc.StatusCode.UNAUTHENTICATED, value
             assert reason_of(refused) == "CALLER_UNAUTHENTICATED", value
+
+
+# --- Access control off, and the callers file at start-up ----------------------------------------
+
+
+@pytest.mark.parametrize("blank", ["", " "])
+async def test_a_blank_callers_file_setting_refuses_to_start(blank: str) -> None:
+    """Set but blank is a mistake, not "no access control": the server must not start open."""
+    process = await _start({"NUMBERSVC_CALLERS_FILE": blank})
+    _, err = await asyncio.wait_for(process.communicate(), timeout=20)
+    assert process.returncode == 2, err.decode()
+    assert b"NUMBERSVC_CALLERS_FILE is set but blank" in err
+    assert b"serving on" not in err
+
+
+async def test_access_control_off_is_said_loudly_at_start_up(
+    start_server: StartServer, callers_file: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    await start_server()
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("ACCESS CONTROL IS OFF" in r.getMessage() for r in warnings), caplog.text
+    caplog.clear()
+    add_caller(callers_file, "dashboard", ["numbers.read"])
+    await start_server(callers_file=str(callers_file))
+    assert "ACCESS CONTROL IS OFF" not in caplog.text
+    assert "callers file" in caplog.text

@@ -164,3 +164,18 @@ def test_parse_host_port(text: str, parsed: tuple[str, int]) -> None:
 def test_parse_host_port_refuses(text: str) -> None:
     with pytest.raises(ValueError, match="HOST:PORT"):
         parse_host_port(text)
+
+
+@pytest.mark.parametrize("blank", ["", " ", "\t\n"])
+def test_a_blank_callers_file_is_an_error_not_access_control_off(
+    blank: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(ConfigError, match="NUMBERSVC_CALLERS_FILE is set but blank"):
+        Config.from_env({"NUMBERSVC_CALLERS_FILE": blank})
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    with pytest.raises(SystemExit) as exit_:
+        parser.parse_args(["--callers-file", blank])
+    assert exit_.value.code == 2
+    assert "NUMBERSVC_CALLERS_FILE is set but blank" in capsys.readouterr().err
+    assert Config.from_env({}).callers_file == ""  # unset: no callers file, as before
