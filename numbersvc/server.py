@@ -131,7 +131,9 @@ async def create_server(config: Config) -> RunningServer:
             config=config, upstream=upstream, rent_desk=rent_desk, ledger=ledger, metrics=metrics
         )
         health_servicer = _HealthServicer(kind)
-        callers = Callers.load(config.callers_file) if config.callers_file else None
+        callers = (
+            Callers.load(config.callers_file, strict_mode=True) if config.callers_file else None
+        )
         interceptors = [
             # Outermost first: the access log and metrics see the gatekeeper's refusals too.
             ObservingInterceptor([AccessLog(), metrics]),

@@ -9,6 +9,7 @@ import asyncio
 import datetime
 import json
 import logging
+import os
 import uuid
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from numbersvc.callers import add_caller
+from numbersvc.callers import CallersFileError, add_caller
 from numbersvc.cli import main
 from numbersvc.config import Secret
 from numbersvc.sandbox import SandboxControl, SandboxServer
@@ -487,3 +488,14 @@ async def test_access_control_off_is_said_loudly_at_start_up(
     await start_server(callers_file=str(callers_file))
     assert "ACCESS CONTROL IS OFF" not in caplog.text
     assert "callers file" in caplog.text
+
+
+async def test_a_callers_file_others_can_write_is_refused_at_start_up(
+    start_server: StartServer, callers_file: Path
+) -> None:
+    add_caller(callers_file, "dashboard", ["numbers.read"])
+    os.chmod(callers_file, 0o664)
+    with pytest.raises(CallersFileError, match=f"callers file {callers_file} .*chmod 600"):
+        await start_server(callers_file=str(callers_file))
+    os.chmod(callers_file, 0o600)
+    assert (await start_server(callers_file=str(callers_file))).port
