@@ -891,7 +891,7 @@ async def test_credentials_hidden_from_a_raw_scrub_never_reach_anyone() -> None:
                     assert await _unary(capture, "rent", stub.RentNumbers(rent)) is None
                     order = pb.GetRentalOrderRequest(request_id=request_id)
                     await _unary(capture, "order", stub.GetRentalOrder(order))
-                    faulty = {
+                    faulty: dict[tuple[int, str], Callable[[], Any]] = {
                         (400, "search"): lambda: stub.ListNumberGroups(
                             pb.ListNumberGroupsRequest(filter=US)
                         ),
