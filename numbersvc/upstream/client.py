@@ -47,7 +47,7 @@ from numbersvc.upstream.errors import (
     parse_retry_after,
 )
 from numbersvc.upstream.ratelimit import TokenBucket
-from numbersvc.upstream.transport import HttpStack, build_transport
+from numbersvc.upstream.transport import HttpStack, build_transport, failure_reason
 
 __all__ = [
     "DEFAULT_BASE_URL",
@@ -418,7 +418,9 @@ class PlivoClient:
         try:
             yield
         except httpx.RequestError as exc:
-            raise _from_httpx(exc, method, path, self._scrub(str(exc))) from exc
+            # httpcore's errors may have no text of their own: the system's words then.
+            message = str(exc) or failure_reason(exc) or "no detail"
+            raise _from_httpx(exc, method, path, self._scrub(message)) from exc
         except TimeoutError as exc:
             # Only `asyncio.timeout` raises the builtin here (httpx wraps socket timeouts). By
             # then the request may be on the wire, so it may have been sent.
