@@ -204,6 +204,12 @@ class Config:
     max_concurrent_rpcs: int = _s(
         1000, "NUMBERSVC_MAX_CONCURRENT_RPCS", "RPCs served at once; more get RESOURCE_EXHAUSTED"
     )
+    max_health_watches: int = _s(
+        16,
+        "NUMBERSVC_MAX_HEALTH_WATCHES",
+        "open health Watch streams (unauthenticated), on top of the RPC cap; more get"
+        " RESOURCE_EXHAUSTED",
+    )
 
     def __post_init__(self) -> None:
         _check_listen(self.listen)
@@ -216,6 +222,7 @@ class Config:
             "max_rent_quantity",
             "stream_read_ahead_pages",
             "upstream_max_connections",
+            "max_health_watches",
         )
         for name in at_least_one:
             if getattr(self, name) < 1:

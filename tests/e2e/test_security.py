@@ -27,7 +27,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from numbersvc.callers import CallersFileError, add_caller
 from numbersvc.cli import main
 from numbersvc.config import Secret
-from numbersvc.sandbox import SandboxControl, SandboxServer
+from numbersvc.sandbox import FaultKind, FaultSpec, SandboxControl, SandboxServer
 from numbersvc.server import RunningServer
 from numbersvc.v1 import number_groups_pb2 as pb
 from numbersvc.v1 import number_groups_pb2_grpc as pb_grpc
@@ -499,3 +499,51 @@ async def test_a_callers_file_others_can_write_is_refused_at_start_up(
         await start_server(callers_file=str(callers_file))
     os.chmod(callers_file, 0o600)
     assert (await start_server(callers_file=str(callers_file))).port
+
+
+# --- Health stays open, and cannot starve the API ------------------------------------------------
+
+
+async def test_open_health_watches_cannot_starve_authenticated_calls(
+    start_server: StartServer, control: SandboxControl, callers_file: Path
+) -> None:
+    """More Watch streams than the RPC cap: the API still serves its whole cap at once."""
+    cap, watches = 3, 2
+    reader = add_caller(callers_file, "dashboard", ["numbers.read"]) or ""
+    running = await start_server(
+        callers_file=str(callers_file), max_concurrent_rpcs=cap, max_health_watches=watches
+    )
+    target = f"127.0.0.1:{running.port}"
+    async with (
+        grpc.aio.insecure_channel(target) as probes,
+        grpc.aio.insecure_channel(target) as api,
+    ):
+        health = health_pb2_grpc.HealthStub(probes)
+        streams = [health.Watch(health_pb2.HealthCheckRequest()) for _ in range(cap + 1)]
+        answers = []
+        for stream in streams:  # one at a time: which ones get in is then certain
+            try:
+                answers.append((await stream.read()).status)
+            except grpc.aio.AioRpcError as error:
+                answers.append(error.code())
+        serving = health_pb2.HealthCheckResponse.SERVING
+        assert answers == [serving] * watches + [grpc.StatusCode.RESOURCE_EXHAUSTED] * (
+            cap + 1 - watches
+        )
+        # The API's whole cap at once, each call held upstream so that they overlap.
+        await control.inject_fault(FaultSpec(FaultKind.DELAY, seconds=0.3, count=cap))
+        stub = pb_grpc.NumberGroupServiceStub(api)
+        pages = await asyncio.gather(
+            *(
+                stub.ListNumberGroups(
+                    pb.ListNumberGroupsRequest(filter=US, page_size=1), metadata=_auth(reader)
+                )
+                for _ in range(cap)
+            )
+        )
+        assert all(page.number_groups for page in pages)
+        # A probe's Check is never refused for the watches, and the open ones still serve.
+        status = await health.Check(health_pb2.HealthCheckRequest())
+        assert status.status == serving
+        for stream in streams[:watches]:
+            stream.cancel()
