@@ -754,15 +754,24 @@ async def _echo_example(
     await control.clear_faults()
 
 
-async def test_upstream_text_echoing_the_credentials_is_scrubbed_whole() -> None:
+@contextlib.asynccontextmanager
+async def _sandbox_with_a_fresh_token() -> AsyncIterator[
+    tuple[SandboxServer, SandboxControl, str, str]
+]:
+    """A sandbox whose Plivo token is new; yields it, its control, the token, the Basic value."""
     plivo_token = secrets.token_urlsafe(32)
+    async with (
+        SandboxServer(host="127.0.0.1", port=0, auth_token=plivo_token) as sandbox,
+        SandboxControl(sandbox.base_url) as control,
+    ):
+        basic = base64.b64encode(f"{sandbox.auth_id}:{plivo_token}".encode()).decode()
+        yield sandbox, control, plivo_token, basic
+
+
+async def test_upstream_text_echoing_the_credentials_is_scrubbed_whole() -> None:
     capture = Capture()
     with captured_logs() as (text_log, json_log):
-        async with (
-            SandboxServer(host="127.0.0.1", port=0, auth_token=plivo_token) as sandbox,
-            SandboxControl(sandbox.base_url) as control,
-        ):
-            basic = base64.b64encode(f"{sandbox.auth_id}:{plivo_token}".encode()).decode()
+        async with _sandbox_with_a_fresh_token() as (sandbox, control, plivo_token, basic):
             # The message keeps 299 characters and an ellipsis: the token starts at 279.
             at_the_cut = "x" * 279 + plivo_token
             echoes = [
@@ -862,14 +871,9 @@ class HostileProxy:
 
 
 async def test_credentials_hidden_from_a_raw_scrub_never_reach_anyone() -> None:
-    plivo_token = secrets.token_urlsafe(32)
     capture = Capture()
     with captured_logs() as (text_log, json_log):
-        async with (
-            SandboxServer(host="127.0.0.1", port=0, auth_token=plivo_token) as sandbox,
-            SandboxControl(sandbox.base_url) as control,
-        ):
-            basic = base64.b64encode(f"{sandbox.auth_id}:{plivo_token}".encode()).decode()
+        async with _sandbox_with_a_fresh_token() as (sandbox, control, plivo_token, basic):
             proxy = HostileProxy(sandbox, plivo_token, basic)
             raw = RawServer(proxy.handle)
             await raw.start()

@@ -168,31 +168,7 @@ class TestCallers:
             await absent.done_writing()
             assert await absent.code() == grpc.StatusCode.UNIMPLEMENTED
 
-    async def test_a_refusal_is_logged_with_the_caller_it_knows(
-        self, start_server: StartServer, callers_file: Path, caplog: pytest.LogCaptureFixture
-    ) -> None:
-        caplog.set_level(logging.INFO)
-        reader = add_caller(callers_file, "dashboard", ["numbers.read"]) or ""
-        running = await start_server(callers_file=str(callers_file))
-        channel, stub = await _open(running)
-        async with channel:
-            denied = await _error(
-                stub.RentNumbers(pb.RentNumbersRequest(group_id="1"), metadata=_auth(reader))
-            )
-            unknown = await _error(
-                stub.RentNumbers(pb.RentNumbersRequest(group_id="1"), metadata=_auth("nope"))
-            )
-        assert denied.code() == grpc.StatusCode.PERMISSION_DENIED
-        assert unknown.code() == grpc.StatusCode.UNAUTHENTICATED
-        access = [r.getMessage() for r in caplog.records if r.name == "numbersvc.access"]
-        rents = [line for line in access if "RentNumbers" in line]
-        assert len(rents) == 2, access
-        assert "code=PERMISSION_DENIED" in rents[0]
-        assert "caller=dashboard" in rents[0]
-        assert "code=UNAUTHENTICATED" in rents[1]
-        assert "caller=-" in rents[1]
-
-    async def test_tokens_never_logged(
+    async def test_tokens_never_logged_and_refusals_name_the_known_caller(
         self, start_server: StartServer, callers_file: Path, caplog: pytest.LogCaptureFixture
     ) -> None:
         caplog.set_level(logging.DEBUG)
@@ -203,10 +179,10 @@ class TestCallers:
             await stub.ListNumberGroups(
                 pb.ListNumberGroupsRequest(filter=US), metadata=_auth(token)
             )
-            await _error(
+            denied = await _error(
                 stub.RentNumbers(pb.RentNumbersRequest(group_id="1"), metadata=_auth(token))
             )
-            await _error(
+            unknown = await _error(
                 stub.ListNumberGroups(
                     pb.ListNumberGroupsRequest(filter=US), metadata=_auth(token + "x")
                 )
@@ -215,6 +191,21 @@ class TestCallers:
         assert "caller=dashboard" in text
         assert token not in text
         assert token not in repr(running.servicer) + repr(running)
+        # A refusal names the caller when it is known: PERMISSION_DENIED, not UNAUTHENTICATED.
+        assert (denied.code(), unknown.code()) == (
+            grpc.StatusCode.PERMISSION_DENIED,
+            grpc.StatusCode.UNAUTHENTICATED,
+        )
+        access = [r.getMessage() for r in caplog.records if r.name == "numbersvc.access"]
+        codes_and_callers = [
+            (line.split(" code=")[1].split()[0], line.split(" caller=")[1].split()[0])
+            for line in access
+        ]
+        assert codes_and_callers == [
+            ("OK", "dashboard"),
+            ("PERMISSION_DENIED", "dashboard"),
+            ("UNAUTHENTICATED", "-"),
+        ]
 
 
 async def test_undecodable_request_is_invalid_argument(server: RunningServer) -> None:
@@ -519,9 +510,10 @@ async def test_open_health_watches_cannot_starve_authenticated_calls(
         grpc.aio.insecure_channel(target) as api,
     ):
         health = health_pb2_grpc.HealthStub(probes)
-        streams = [health.Watch(health_pb2.HealthCheckRequest()) for _ in range(cap + 1)]
-        answers = []
-        for stream in streams:  # one at a time: which ones get in is then certain
+        streams, answers = [], []
+        for _ in range(cap + 1):  # one at a time: which ones get in is then certain
+            stream = health.Watch(health_pb2.HealthCheckRequest())
+            streams.append(stream)
             try:
                 answers.append((await stream.read()).status)
             except grpc.aio.AioRpcError as error:
