@@ -355,6 +355,28 @@ def test_every_alert_says_what_to_do(rule: dict[str, Any]) -> None:
         assert len(rule["annotations"].get(key, "").split()) >= 5, f"{key}: say more"
 
 
+def test_runbooks_point_at_sections_that_exist() -> None:
+    """A runbook's `path.md, "Heading"` names a file and a heading in it."""
+    pointers = [
+        (rule["alert"], path, heading)
+        for rule in alert_rules()
+        for path, heading in re.findall(
+            r'([\w/.-]+\.md), "([^"]+)"', rule["annotations"]["runbook"]
+        )
+    ]
+    assert pointers, "expected at least one runbook to point at the docs"
+    for alert, path, heading in pointers:
+        headings = re.findall(r"^#+ (.+)$", (ROOT / path).read_text(), re.MULTILINE)
+        assert heading in headings, f"{alert}: no section {heading!r} in {path}"
+
+
+def test_deploy_readme_lists_every_alert_with_its_severity() -> None:
+    rows = re.findall(
+        r"^\| `(Numbersvc\w+)` \| (\w+) \|", (ROOT / "deploy" / "README.md").read_text(), re.M
+    )
+    assert rows == [(rule["alert"], rule["labels"]["severity"]) for rule in alert_rules()]
+
+
 def test_alert_names_are_unique() -> None:
     names = [rule["alert"] for rule in alert_rules()]
     assert len(names) == len(set(names))
