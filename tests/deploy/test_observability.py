@@ -4,7 +4,8 @@
 rules, runs their unit tests (series in, alerts out) and parses every dashboard query. A real
 server, after a few real calls, is scraped: every metric and label that a rule or a dashboard
 query names must be one it exports, every label value in a matcher one the code can produce,
-and every family it exports must be on the dashboard.
+and every family it exports must be on the dashboard. Its scrapes before and after a rent
+refused with 401 and one whose outcome is unknown, fed to promtool, fire the matching alerts.
 
 PromQL is read by a small tokenizer, enough for selectors (`name{label op "value"}`), range
 and offset durations, function calls and `by`/`without`/`on`/`ignoring`/`group_*` clauses;
@@ -13,6 +14,7 @@ promtool has already checked the syntax, so the tokenizer only has to find the n
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -20,7 +22,7 @@ import shutil
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -47,6 +49,7 @@ DASHBOARD: Final = OBS_DIR / "dashboard.json"
 PROMETHEUS_CONFIG: Final = OBS_DIR / "prometheus.yaml"
 SEVERITIES: Final = frozenset({"critical", "warning"})
 MIN_FOR_SECONDS: Final = 60
+US: Final = pb.SearchFilter(region_code="US")
 
 # Series Prometheus makes itself, with the labels they carry beyond the target labels.
 BUILTIN_SERIES: Final = {
@@ -455,9 +458,37 @@ def test_alternatives_spell_out_each_choice() -> None:
 # --- against a real server -------------------------------------------------------------------
 
 
-async def _scrape_after_calls() -> str:
-    """A real server on the sandbox after a list, a stream, a retried get and a failed rent."""
-    us = pb.SearchFilter(region_code="US")
+@dataclass(frozen=True)
+class Serving:
+    """A real server on the sandbox: a stub, the sandbox's fault control and a scraper."""
+
+    stub: pb_grpc.NumberGroupServiceAsyncStub
+    control: SandboxControl
+    metrics_url: str
+
+    async def scrape(self) -> str:
+        async with httpx.AsyncClient() as client:
+            response = await client.get(self.metrics_url)
+        response.raise_for_status()
+        return response.text
+
+    async def group_id(self) -> str:
+        page = await self.stub.ListNumberGroups(pb.ListNumberGroupsRequest(filter=US))
+        return page.number_groups[0].group_id
+
+    async def failed_rent(self, status: int) -> None:
+        """A rent that Plivo answers with `status`."""
+        group_id = await self.group_id()
+        await self.control.inject_fault(
+            FaultSpec(FaultKind.STATUS, status=status, operation="rent")
+        )
+        rent = pb.RentNumbersRequest(group_id=group_id, request_id=str(uuid.uuid4()))
+        with pytest.raises(grpc.aio.AioRpcError):
+            await self.stub.RentNumbers(rent)
+
+
+@contextlib.asynccontextmanager
+async def serving() -> AsyncIterator[Serving]:
     async with SandboxServer(host="127.0.0.1", port=0) as sandbox:
         running = await create_server(config_for(sandbox))
         try:
@@ -465,27 +496,23 @@ async def _scrape_after_calls() -> str:
                 SandboxControl(sandbox.base_url) as control,
                 grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel,
             ):
-                stub = pb_grpc.NumberGroupServiceStub(channel)
-                page = await stub.ListNumberGroups(pb.ListNumberGroupsRequest(filter=us))
-                request = pb.StreamNumberGroupsRequest(filter=us, max_results=3)
-                [_ async for _ in stub.StreamNumberGroups(request)]
-                group_id = page.number_groups[0].group_id
-                await control.inject_fault(FaultSpec(FaultKind.STATUS, status=503, operation="get"))
-                await stub.GetNumberGroup(pb.GetNumberGroupRequest(group_id=group_id))
-                await control.inject_fault(
-                    FaultSpec(FaultKind.STATUS, status=401, operation="rent")
-                )
-                rent = pb.RentNumbersRequest(group_id=group_id, request_id=str(uuid.uuid4()))
-                with pytest.raises(grpc.aio.AioRpcError):
-                    await stub.RentNumbers(rent)
-            assert running.metrics_server is not None
-            url = f"http://127.0.0.1:{running.metrics_server.port}/metrics"
-            async with httpx.AsyncClient() as client:
-                response = await client.get(url)
-            response.raise_for_status()
-            return response.text
+                assert running.metrics_server is not None
+                url = f"http://127.0.0.1:{running.metrics_server.port}/metrics"
+                yield Serving(pb_grpc.NumberGroupServiceStub(channel), control, url)
         finally:
             await running.stop(grace_seconds=0.5)
+
+
+async def _scrape_after_calls() -> str:
+    """A real server's /metrics after a list, a stream, a retried get and a failed rent."""
+    async with serving() as server:
+        request = pb.StreamNumberGroupsRequest(filter=US, max_results=3)
+        [_ async for _ in server.stub.StreamNumberGroups(request)]
+        group_id = await server.group_id()
+        await server.control.inject_fault(FaultSpec(FaultKind.STATUS, status=503, operation="get"))
+        await server.stub.GetNumberGroup(pb.GetNumberGroupRequest(group_id=group_id))
+        await server.failed_rent(401)
+        return await server.scrape()
 
 
 def exported_series(text: str) -> tuple[dict[str, frozenset[str]], dict[str, list[str]]]:
@@ -546,3 +573,82 @@ async def test_rules_and_dashboard_name_only_what_a_real_server_exports() -> Non
     ]
     missing = [name for name in shown if not on_dashboard & set(families[name])]
     assert not missing, f"exported but on no dashboard panel: {missing}"
+
+
+def as_input_series(scrapes: list[str], minutes_each: int) -> list[dict[str, str]]:
+    """promtool input series holding each scrape's values for `minutes_each` minutes in turn.
+
+    A series missing from a scrape is missing (`_`) for that stretch, as Prometheus saw it.
+    """
+    values: dict[str, list[float | None]] = {}
+    for n, text in enumerate(scrapes):
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                labels = {
+                    **sample.labels,
+                    "job": prometheus_job()["job_name"],
+                    "instance": "a:9464",
+                }
+                matchers = ", ".join(f"{k}={json.dumps(v)}" for k, v in sorted(labels.items()))
+                values.setdefault(f"{sample.name}{{{matchers}}}", [None] * len(scrapes))[n] = (
+                    sample.value
+                )
+    return [
+        {
+            "series": series,
+            "values": " ".join(
+                "_" if v is None else f"{v!r}" for v in per_scrape for _ in range(minutes_each)
+            ),
+        }
+        for series, per_scrape in values.items()
+    ]
+
+
+async def test_alerts_fire_on_what_a_real_server_exports(tmp_path: Path) -> None:
+    """Scrapes before and after a rent refused with 401 and one answered 503, as promtool input.
+
+    The annotations are left out here (alerts.test.yaml checks them): what counts is that the
+    label values the server writes (`status="401"`, `outcome="outcome_unknown"`) fire the alerts.
+    """
+    async with serving() as server:
+        await server.group_id()
+        before = await server.scrape()
+        await server.failed_rent(401)
+        await server.failed_rent(503)  # a rent's 5xx: its outcome is unknown
+        after = await server.scrape()
+    groups = yaml.safe_load(ALERTS.read_text())["groups"]
+    for rule in (rule for group in groups for rule in group["rules"]):
+        del rule["annotations"]
+    (tmp_path / "alerts.yaml").write_text(yaml.safe_dump({"groups": groups}))
+    minutes_each = 10
+    job = prometheus_job()["job_name"]
+    expected = {
+        "NumbersvcPlivoAuthFailing": {
+            "job": job,
+            "operation": "rent",
+            "status": "401",
+            "severity": "critical",
+        },
+        "NumbersvcRentOutcomeUnknown": {"job": job, "severity": "warning"},
+    }
+    tests = {
+        "rule_files": ["alerts.yaml"],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": as_input_series([before, after], minutes_each),
+                "alert_rule_test": [
+                    {
+                        "eval_time": f"{minutes}m",
+                        "alertname": name,
+                        "exp_alerts": [{"exp_labels": alert} for alert in firing],
+                    }
+                    for name, labels in expected.items()
+                    for minutes, firing in ((minutes_each - 1, []), (minutes_each + 5, [labels]))
+                ],
+            }
+        ],
+    }
+    (tmp_path / "real.test.yaml").write_text(yaml.safe_dump(tests))
+    run_promtool("test", "rules", str(tmp_path / "real.test.yaml"))
