@@ -372,15 +372,9 @@ class PostgresLedger:
         note: str,
         actor: str,
     ) -> LedgerEntry:
-        """Record a reconciled outcome for an order whose outcome is unknown, and who did.
+        """Record what the Plivo console shows for an order whose outcome is unknown.
 
-        Args:
-            request_id: the order's id.
-            state: fulfilled or failed, as the Plivo console shows.
-            numbers: the E.164 numbers rented (fulfilled only).
-            note: why, or where it was seen; kept in the order's status message.
-            actor: who settles (a caller's name, or `cli:<user>`), named in the status
-                message and so in the audit event.
+        As `OrderLedger.settle`: `actor` is named in the status message and its event.
 
         Raises:
             OrderNotFound: no such order.
