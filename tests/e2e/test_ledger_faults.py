@@ -1,0 +1,211 @@
+"""A ledger that refuses a write after Plivo answered: the outcome is never lost.
+
+Real faults, no mocks: another process holds the ledger's write lock (`BEGIN IMMEDIATE`) past
+the busy timeout, or the ledger's disk is full (a 1 MiB tmpfs, mounted as root). The caller is
+told `RENT_OUTCOME_UNKNOWN` with the order's request id (never INTERNAL_ERROR), Plivo's whole
+answer is in the ERROR log, and the order is recorded as soon as the store takes writes again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+import grpc
+import pytest
+
+from numbersvc.sandbox import SandboxControl, SandboxServer
+from numbersvc.sandbox.faults import FaultKind, FaultSpec
+from numbersvc.server import RunningServer
+from numbersvc.v1 import number_groups_pb2 as pb
+from numbersvc.v1 import number_groups_pb2_grpc as pb_grpc
+from tests.e2e.conftest import StartServer, eventually, reason_of, rich_details
+
+US = pb.SearchFilter(region_code="US")
+# SQLite waits this long for a lock (the ledger's `sqlite3.connect(timeout=...)`).
+_BUSY_TIMEOUT_SECONDS = 10.0
+_POST_DELAY_SECONDS = 1.5
+_HOLD_LOCK = """
+import sqlite3, sys, time
+db = sqlite3.connect(sys.argv[1], isolation_level=None)
+db.execute("BEGIN IMMEDIATE")
+print("locked", flush=True)
+sys.stdin.readline()
+db.execute("ROLLBACK")
+"""
+
+
+@contextlib.asynccontextmanager
+async def _write_lock(path: Path) -> AsyncIterator[None]:
+    """Another process holds the ledger's write lock until the block ends."""
+    holder = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-c", _HOLD_LOCK, str(path)),
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    assert holder.stdin is not None
+    assert holder.stdout is not None
+    try:
+        assert await asyncio.wait_for(holder.stdout.readline(), 20) == b"locked\n"
+        yield
+    finally:
+        holder.stdin.write(b"release\n")
+        await holder.stdin.drain()
+        assert await asyncio.wait_for(holder.wait(), 20) == 0
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 1 MiB tmpfs: a disk that really fills up. Needs root, as CI has."""
+    if os.geteuid() != 0 and os.environ.get("CI") != "true":
+        pytest.skip("mounting a tmpfs needs root")
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def _fill(folder: Path) -> Path:
+    """Write a file until the disk is full; return it."""
+    filler = folder / "filler"
+    with filler.open("wb", buffering=0) as out:
+        for size in (64 * 1024, 512):  # big pieces, then the last few hundred bytes
+            with pytest.raises(OSError, match="No space left on device"):
+                _write_forever(out, b"\0" * size)
+    return filler
+
+
+def _write_forever(out: BinaryIO, chunk: bytes) -> None:
+    while True:
+        out.write(chunk)
+
+
+@pytest.fixture
+async def stub_of(
+    start_server: StartServer,
+) -> AsyncIterator[Callable[[RunningServer], pb_grpc.NumberGroupServiceAsyncStub]]:
+    channels: list[grpc.aio.Channel] = []
+
+    def stub(running: RunningServer) -> pb_grpc.NumberGroupServiceAsyncStub:
+        channels.append(grpc.aio.insecure_channel(f"127.0.0.1:{running.port}"))
+        return pb_grpc.NumberGroupServiceStub(channels[-1])
+
+    yield stub
+    for channel in channels:
+        await channel.close()
+
+
+async def _rent_while_posting(
+    stub: pb_grpc.NumberGroupServiceAsyncStub,
+    control: SandboxControl,
+    request_id: str,
+    deadline_seconds: float,
+) -> asyncio.Future[pb.RentNumbersResponse]:
+    """Start a rent that the sandbox holds for a while; return once the POST has arrived."""
+    page = await stub.ListNumberGroups(pb.ListNumberGroupsRequest(filter=US, page_size=1))
+    await control.inject_fault(
+        FaultSpec(FaultKind.DELAY, seconds=_POST_DELAY_SECONDS, operation="rent")
+    )
+    rent = asyncio.ensure_future(
+        stub.RentNumbers(
+            pb.RentNumbersRequest(group_id=page.number_groups[0].group_id, request_id=request_id),
+            timeout=deadline_seconds,
+        )
+    )
+
+    async def posted() -> bool:
+        return any(r["operation"] == "rent" for r in await control.requests())
+
+    await eventually(posted)
+    return rent
+
+
+async def _unknown(
+    rent: asyncio.Future[pb.RentNumbersResponse], request_id: str
+) -> grpc.aio.AioRpcError:
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await rent
+    error = info.value
+    assert reason_of(error) == "RENT_OUTCOME_UNKNOWN", error.details()
+    assert rich_details(error)["ErrorInfo"].metadata["requestId"] == request_id
+    assert f"numbersvc orders get {request_id}" in (error.details() or "")
+    return error
+
+
+async def _fulfilled(stub: pb_grpc.NumberGroupServiceAsyncStub, request_id: str) -> pb.RentalOrder:
+    """The order as soon as the ledger has recorded Plivo's answer."""
+    request = pb.GetRentalOrderRequest(request_id=request_id)
+
+    async def recorded() -> bool:
+        order = (await stub.GetRentalOrder(request)).order
+        return order.status == pb.ORDER_STATUS_FULFILLED
+
+    await eventually(recorded, timeout_seconds=_BUSY_TIMEOUT_SECONDS + 10)
+    return (await stub.GetRentalOrder(request)).order
+
+
+def _answer_logged(
+    caplog: pytest.LogCaptureFixture, order: pb.RentalOrder, sandbox: SandboxServer
+) -> None:
+    errors = [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno == logging.ERROR and order.request_id in r.getMessage()
+    ]
+    assert errors, "Plivo's answer is logged at ERROR"
+    assert order.numbers
+    for number in order.numbers:
+        assert number.number in errors[0]
+    assert order.upstream_request_id in errors[0]
+    assert sandbox.auth_token not in caplog.text
+
+
+async def test_write_lock_held_past_the_busy_timeout(
+    start_server: StartServer,
+    stub_of: Callable[[RunningServer], pb_grpc.NumberGroupServiceAsyncStub],
+    control: SandboxControl,
+    sandbox: SandboxServer,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="numbersvc")
+    path, request_id = tmp_path / "ledger.sqlite3", str(uuid.uuid4())
+    stub = stub_of(await start_server(ledger_path=str(path)))
+    # The caller waits longer than one write attempt (the busy timeout), not than the lock.
+    rent = await _rent_while_posting(stub, control, request_id, _BUSY_TIMEOUT_SECONDS + 4)
+    async with _write_lock(path):
+        await _unknown(rent, request_id)
+    order = await _fulfilled(stub, request_id)
+    _answer_logged(caplog, order, sandbox)
+    assert sum(r["operation"] == "rent" for r in await control.requests()) == 1
+
+
+async def test_full_disk(
+    small_disk: Path,
+    start_server: StartServer,
+    stub_of: Callable[[RunningServer], pb_grpc.NumberGroupServiceAsyncStub],
+    control: SandboxControl,
+    sandbox: SandboxServer,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="numbersvc")
+    request_id = str(uuid.uuid4())
+    stub = stub_of(await start_server(ledger_path=str(small_disk / "ledger.sqlite3")))
+    rent = await _rent_while_posting(stub, control, request_id, 5)
+    filler = _fill(small_disk)
+    await _unknown(rent, request_id)
+    filler.unlink()
+    order = await _fulfilled(stub, request_id)
+    _answer_logged(caplog, order, sandbox)
+    assert sum(r["operation"] == "rent" for r in await control.requests()) == 1
