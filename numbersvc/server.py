@@ -120,8 +120,10 @@ class RunningServer:
             await asyncio.sleep(drain_seconds)
         self.servicer.begin_shutdown()
         stopping = asyncio.ensure_future(self.server.stop(grace_seconds))
-        await self.rent_desk.stop(grace_seconds - min(_RENT_ANSWER_SECONDS, grace_seconds / 2))
-        await stopping
+        try:
+            await self.rent_desk.stop(grace_seconds - min(_RENT_ANSWER_SECONDS, grace_seconds / 2))
+        finally:
+            await stopping
         await self.upstream.aclose()
         await self.ledger.close()
         if self.metrics_server is not None:
