@@ -22,7 +22,8 @@ from numbersvc.server import SERVICE_NAME
 from numbersvc.v1 import number_groups_pb2 as pb
 from numbersvc.v1 import number_groups_pb2_grpc as pb_grpc
 from tests.e2e.conftest import StartServer, eventually, reason_of, rich_details
-from tests.e2e.test_process import _serve
+from tests.e2e.test_idempotency import _group
+from tests.e2e.test_process import _serve, plivo_env
 
 _DRAIN_SECONDS = 0.2  # what `_serve` passes as --drain-seconds
 
@@ -144,28 +145,21 @@ async def test_sigterm_gives_up_on_a_hung_rent_before_the_grace_ends(
 ) -> None:
     """A real `numbersvc serve`: its rent caller is answered, its ledger row is settleable."""
     path, grace = tmp_path / "ledger.sqlite3", 3.0
-    env = {
-        "NUMBERSVC_UPSTREAM": "plivo",
-        "PLIVO_BASE_URL": sandbox.base_url,
-        "PLIVO_AUTH_ID": sandbox.auth_id,
-        "PLIVO_AUTH_TOKEN": sandbox.auth_token,
-        "NUMBERSVC_LEDGER_PATH": str(path),
-        "NUMBERSVC_UPSTREAM_HTTP_STACK": stack,
-        "NUMBERSVC_SHUTDOWN_GRACE_SECONDS": str(grace),
-    }
+    env = plivo_env(
+        sandbox.base_url,
+        path,
+        NUMBERSVC_UPSTREAM_HTTP_STACK=stack,
+        NUMBERSVC_SHUTDOWN_GRACE_SECONDS=str(grace),
+    )
     async with (
         _serve(env) as served,
         grpc.aio.insecure_channel(f"127.0.0.1:{served.port}") as channel,
     ):
         stub = pb_grpc.NumberGroupServiceStub(channel)
-        page = await stub.ListNumberGroups(
-            pb.ListNumberGroupsRequest(filter=pb.SearchFilter(region_code="US"), page_size=1)
-        )
+        group_id = await _group(stub)
         await control.inject_fault(FaultSpec(FaultKind.HANG, operation="rent"))
         rent = asyncio.ensure_future(
-            stub.RentNumbers(
-                pb.RentNumbersRequest(group_id=page.number_groups[0].group_id), timeout=60
-            )
+            stub.RentNumbers(pb.RentNumbersRequest(group_id=group_id), timeout=60)
         )
 
         async def posted() -> bool:
