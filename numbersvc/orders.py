@@ -205,7 +205,8 @@ class RentDesk:
             raise ServiceError(
                 Outcome.RENT_OUTCOME_UNKNOWN_DEADLINE,
                 f"the deadline ran out while order {request_id} was being placed; retry with the"
-                " same request id to get its outcome",
+                f" same request id, or look it up (numbersvc orders get {request_id}), to get its"
+                " outcome",
             ) from None
 
     async def _place(

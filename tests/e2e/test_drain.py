@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import signal
 import sqlite3
-import time
 import uuid
 from pathlib import Path
 
@@ -24,8 +23,6 @@ from numbersvc.v1 import number_groups_pb2_grpc as pb_grpc
 from tests.e2e.conftest import StartServer, eventually, reason_of, rich_details
 from tests.e2e.test_idempotency import _group
 from tests.e2e.test_process import _serve, plivo_env
-
-_DRAIN_SECONDS = 0.2  # what `_serve` passes as --drain-seconds
 
 BIG = pb.SearchFilter(region_code="DE", number_type=pb.NUMBER_TYPE_TOLLFREE)
 
@@ -166,15 +163,14 @@ async def test_sigterm_gives_up_on_a_hung_rent_before_the_grace_ends(
             return any(r["operation"] == "rent" for r in await control.requests())
 
         await eventually(posted)
-        signalled = time.monotonic()
         served.process.send_signal(signal.SIGTERM)
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await rent
-        answered = time.monotonic() - signalled
         assert await served.finish() == 0
     error = info.value
+    # Answered by the service, so before the grace ended: then the server cancels what is
+    # left, and the caller gets a bare UNAVAILABLE with no ErrorInfo.
     assert (error.code(), reason_of(error)) == (grpc.StatusCode.INTERNAL, "RENT_OUTCOME_UNKNOWN")
-    assert answered < _DRAIN_SECONDS + grace, "answered before the grace period ended"
     request_id = rich_details(error)["ErrorInfo"].metadata["requestId"]
     assert rich_details(error)["ResourceInfo"].resource_name == request_id
     with contextlib.closing(sqlite3.connect(path)) as db:

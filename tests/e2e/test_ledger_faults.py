@@ -9,7 +9,6 @@ answer is in the ERROR log, and the order is recorded as soon as the store takes
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import subprocess
@@ -32,10 +31,11 @@ from tests.e2e.conftest import StartServer, eventually, reason_of, rich_details
 US = pb.SearchFilter(region_code="US")
 # SQLite waits this long for a lock (the ledger's `sqlite3.connect(timeout=...)`).
 _BUSY_TIMEOUT_SECONDS = 10.0
-_POST_DELAY_SECONDS = 1.5
+_POST_DELAY_SECONDS = 3.0  # the fault is set up meanwhile
 _HOLD_LOCK = """
-import sqlite3, sys, time
+import sqlite3, sys
 db = sqlite3.connect(sys.argv[1], isolation_level=None)
+sys.stdin.readline()
 db.execute("BEGIN IMMEDIATE")
 print("locked", flush=True)
 sys.stdin.readline()
@@ -43,23 +43,39 @@ db.execute("ROLLBACK")
 """
 
 
-@contextlib.asynccontextmanager
-async def _write_lock(path: Path) -> AsyncIterator[None]:
-    """Another process holds the ledger's write lock until the block ends."""
-    holder = await asyncio.create_subprocess_exec(
-        *(sys.executable, "-c", _HOLD_LOCK, str(path)),
+class _LockHolder:
+    """Another process, started ahead (its start-up is slow under load), that takes the
+    ledger's write lock on demand and holds it until released."""
+
+    def __init__(self, process: asyncio.subprocess.Process) -> None:
+        assert process.stdin is not None
+        assert process.stdout is not None
+        self._process, self._stdin, self._stdout = process, process.stdin, process.stdout
+
+    async def lock(self) -> None:
+        self._stdin.write(b"lock\n")
+        await self._stdin.drain()
+        assert await asyncio.wait_for(self._stdout.readline(), 20) == b"locked\n"
+
+    async def release(self) -> None:
+        self._stdin.write(b"release\n")
+        await self._stdin.drain()
+        assert await asyncio.wait_for(self._process.wait(), 20) == 0
+
+
+@pytest.fixture
+async def lock_holder(tmp_path: Path) -> AsyncIterator[_LockHolder]:
+    process = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-c", _HOLD_LOCK, str(tmp_path / "ledger.sqlite3")),
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
     )
-    assert holder.stdin is not None
-    assert holder.stdout is not None
     try:
-        assert await asyncio.wait_for(holder.stdout.readline(), 20) == b"locked\n"
-        yield
+        yield _LockHolder(process)
     finally:
-        holder.stdin.write(b"release\n")
-        await holder.stdin.drain()
-        assert await asyncio.wait_for(holder.wait(), 20) == 0
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
 
 
 @pytest.fixture
@@ -155,14 +171,18 @@ async def _fulfilled(stub: pb_grpc.NumberGroupServiceAsyncStub, request_id: str)
     return (await stub.GetRentalOrder(request)).order
 
 
+def _errors_about(caplog: pytest.LogCaptureFixture, request_id: str) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno == logging.ERROR and request_id in r.getMessage()
+    ]
+
+
 def _answer_logged(
     caplog: pytest.LogCaptureFixture, order: pb.RentalOrder, sandbox: SandboxServer
 ) -> None:
-    errors = [
-        r.getMessage()
-        for r in caplog.records
-        if r.levelno == logging.ERROR and order.request_id in r.getMessage()
-    ]
+    errors = _errors_about(caplog, order.request_id)
     assert errors, "Plivo's answer is logged at ERROR"
     assert order.numbers
     for number in order.numbers:
@@ -174,18 +194,25 @@ def _answer_logged(
 async def test_write_lock_held_past_the_busy_timeout(
     start_server: StartServer,
     stub_of: Callable[[RunningServer], pb_grpc.NumberGroupServiceAsyncStub],
+    lock_holder: _LockHolder,
     control: SandboxControl,
     sandbox: SandboxServer,
     tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.INFO, logger="numbersvc")
-    path, request_id = tmp_path / "ledger.sqlite3", str(uuid.uuid4())
-    stub = stub_of(await start_server(ledger_path=str(path)))
+    request_id = str(uuid.uuid4())
+    stub = stub_of(await start_server(ledger_path=str(tmp_path / "ledger.sqlite3")))
     # The caller waits longer than one write attempt (the busy timeout), not than the lock.
     rent = await _rent_while_posting(stub, control, request_id, _BUSY_TIMEOUT_SECONDS + 4)
-    async with _write_lock(path):
-        await _unknown(rent, request_id)
+    await lock_holder.lock()
+    await _unknown(rent, request_id)
+
+    async def refused() -> bool:  # a write attempt has run into the busy timeout
+        return bool(_errors_about(caplog, request_id))
+
+    await eventually(refused, timeout_seconds=_BUSY_TIMEOUT_SECONDS + 10)
+    await lock_holder.release()
     order = await _fulfilled(stub, request_id)
     _answer_logged(caplog, order, sandbox)
     assert sum(r["operation"] == "rent" for r in await control.requests()) == 1
@@ -202,7 +229,7 @@ async def test_full_disk(
     caplog.set_level(logging.INFO, logger="numbersvc")
     request_id = str(uuid.uuid4())
     stub = stub_of(await start_server(ledger_path=str(small_disk / "ledger.sqlite3")))
-    rent = await _rent_while_posting(stub, control, request_id, 5)
+    rent = await _rent_while_posting(stub, control, request_id, _POST_DELAY_SECONDS + 4)
     filler = _fill(small_disk)
     await _unknown(rent, request_id)
     filler.unlink()
