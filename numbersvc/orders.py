@@ -241,6 +241,8 @@ class RentDesk:
         except Exception as exc:
             error = _rent_error(exc)
             order.status_message = error.message
+            # Plivo's id for its answer, for reconciliation (a refusal has one too).
+            order.upstream_request_id = error.metadata.get("upstreamRequestId", "")
             answer = f"{error.outcome.name}: {error.message} {dict(error.metadata)}"
             await self._record(
                 order, _state_after(error), deadline, answer, error_outcome=error.outcome.name

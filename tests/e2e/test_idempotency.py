@@ -161,6 +161,9 @@ async def test_an_error_before_sending_names_the_order_too(
     request_id = rich_details(error)["ErrorInfo"].metadata["requestId"]
     order = (await stub.GetRentalOrder(pb.GetRentalOrderRequest(request_id=request_id))).order
     assert order.status == pb.ORDER_STATUS_FAILED
+    assert (
+        order.upstream_request_id == rich_details(error)["ErrorInfo"].metadata["upstreamRequestId"]
+    )
 
 
 async def test_an_id_reused_by_another_caller_says_so(

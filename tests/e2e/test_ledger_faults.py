@@ -21,6 +21,7 @@ from typing import BinaryIO
 import grpc
 import pytest
 
+from numbersvc.ledger import OrderLedger, OrderState
 from numbersvc.sandbox import SandboxControl, SandboxServer
 from numbersvc.sandbox.faults import FaultKind, FaultSpec
 from numbersvc.server import RunningServer
@@ -32,6 +33,7 @@ US = pb.SearchFilter(region_code="US")
 # SQLite waits this long for a lock (the ledger's `sqlite3.connect(timeout=...)`).
 _BUSY_TIMEOUT_SECONDS = 10.0
 _POST_DELAY_SECONDS = 3.0  # the fault is set up meanwhile
+_SLOW_BUT_RENTED = FaultSpec(FaultKind.DELAY, seconds=_POST_DELAY_SECONDS, operation="rent")
 _HOLD_LOCK = """
 import sqlite3, sys
 db = sqlite3.connect(sys.argv[1], isolation_level=None)
@@ -127,12 +129,11 @@ async def _rent_while_posting(
     control: SandboxControl,
     request_id: str,
     deadline_seconds: float,
+    fault: FaultSpec = _SLOW_BUT_RENTED,
 ) -> asyncio.Future[pb.RentNumbersResponse]:
     """Start a rent that the sandbox holds for a while; return once the POST has arrived."""
     page = await stub.ListNumberGroups(pb.ListNumberGroupsRequest(filter=US, page_size=1))
-    await control.inject_fault(
-        FaultSpec(FaultKind.DELAY, seconds=_POST_DELAY_SECONDS, operation="rent")
-    )
+    await control.inject_fault(fault)
     rent = asyncio.ensure_future(
         stub.RentNumbers(
             pb.RentNumbersRequest(group_id=page.number_groups[0].group_id, request_id=request_id),
@@ -159,16 +160,19 @@ async def _unknown(
     return error
 
 
-async def _fulfilled(stub: pb_grpc.NumberGroupServiceAsyncStub, request_id: str) -> pb.RentalOrder:
-    """The order as soon as the ledger has recorded Plivo's answer."""
-    request = pb.GetRentalOrderRequest(request_id=request_id)
+async def _recorded(
+    ledger: OrderLedger, request_id: str, state: OrderState = OrderState.FULFILLED
+) -> pb.RentalOrder:
+    """The order as soon as the ledger has recorded how it ended (no longer `sending`)."""
 
     async def recorded() -> bool:
-        order = (await stub.GetRentalOrder(request)).order
-        return order.status == pb.ORDER_STATUS_FULFILLED
+        entry = await ledger.get(request_id)
+        return entry is not None and entry.state is state
 
     await eventually(recorded, timeout_seconds=_BUSY_TIMEOUT_SECONDS + 10)
-    return (await stub.GetRentalOrder(request)).order
+    entry = await ledger.get(request_id)
+    assert entry is not None
+    return entry.order
 
 
 def _errors_about(caplog: pytest.LogCaptureFixture, request_id: str) -> list[str]:
@@ -202,7 +206,8 @@ async def test_write_lock_held_past_the_busy_timeout(
 ) -> None:
     caplog.set_level(logging.INFO, logger="numbersvc")
     request_id = str(uuid.uuid4())
-    stub = stub_of(await start_server(ledger_path=str(tmp_path / "ledger.sqlite3")))
+    running = await start_server(ledger_path=str(tmp_path / "ledger.sqlite3"))
+    stub = stub_of(running)
     # The caller waits longer than one write attempt (the busy timeout), not than the lock.
     rent = await _rent_while_posting(stub, control, request_id, _BUSY_TIMEOUT_SECONDS + 4)
     await lock_holder.lock()
@@ -213,7 +218,7 @@ async def test_write_lock_held_past_the_busy_timeout(
 
     await eventually(refused, timeout_seconds=_BUSY_TIMEOUT_SECONDS + 10)
     await lock_holder.release()
-    order = await _fulfilled(stub, request_id)
+    order = await _recorded(running.ledger, request_id)
     _answer_logged(caplog, order, sandbox)
     assert sum(r["operation"] == "rent" for r in await control.requests()) == 1
 
@@ -228,11 +233,41 @@ async def test_full_disk(
 ) -> None:
     caplog.set_level(logging.INFO, logger="numbersvc")
     request_id = str(uuid.uuid4())
-    stub = stub_of(await start_server(ledger_path=str(small_disk / "ledger.sqlite3")))
+    running = await start_server(ledger_path=str(small_disk / "ledger.sqlite3"))
+    stub = stub_of(running)
     rent = await _rent_while_posting(stub, control, request_id, _POST_DELAY_SECONDS + 4)
     filler = _fill(small_disk)
     await _unknown(rent, request_id)
     filler.unlink()
-    order = await _fulfilled(stub, request_id)
+    order = await _recorded(running.ledger, request_id)
     _answer_logged(caplog, order, sandbox)
     assert sum(r["operation"] == "rent" for r in await control.requests()) == 1
+
+
+async def test_full_disk_after_a_lost_answer(
+    small_disk: Path,
+    start_server: StartServer,
+    stub_of: Callable[[RunningServer], pb_grpc.NumberGroupServiceAsyncStub],
+    control: SandboxControl,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The failure path: a POST that times out is recorded outcome_unknown, settleable."""
+    caplog.set_level(logging.INFO, logger="numbersvc")
+    request_id = str(uuid.uuid4())
+    running = await start_server(
+        ledger_path=str(small_disk / "ledger.sqlite3"), rent_timeout_seconds=_POST_DELAY_SECONDS
+    )
+    stub = stub_of(running)
+    hang = FaultSpec(FaultKind.HANG, operation="rent")
+    rent = await _rent_while_posting(stub, control, request_id, _POST_DELAY_SECONDS + 4, hang)
+    filler = _fill(small_disk)
+    await _unknown(rent, request_id)
+    [logged] = _errors_about(caplog, request_id)
+    assert "RENT_OUTCOME_UNKNOWN" in logged
+    filler.unlink()
+    order = await _recorded(running.ledger, request_id, OrderState.OUTCOME_UNKNOWN)
+    assert "answer was lost" in order.status_message
+    settled = await running.ledger.settle(
+        request_id, OrderState.FAILED, numbers=[], note="not in the console"
+    )
+    assert settled.order.status == pb.ORDER_STATUS_FAILED
