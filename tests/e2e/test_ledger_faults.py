@@ -267,7 +267,9 @@ async def test_full_disk_after_a_lost_answer(
     filler.unlink()
     order = await _recorded(running.ledger, request_id, OrderState.OUTCOME_UNKNOWN)
     assert "answer was lost" in order.status_message
-    settled = await running.ledger.settle(
-        request_id, OrderState.FAILED, numbers=[], note="not in the console"
+    settled = await stub.SettleRentalOrder(
+        pb.SettleRentalOrderRequest(
+            request_id=request_id, status=pb.ORDER_STATUS_FAILED, note="not in the console"
+        )
     )
     assert settled.order.status == pb.ORDER_STATUS_FAILED
