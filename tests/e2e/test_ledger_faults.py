@@ -14,15 +14,15 @@ import os
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, TypeAlias
 
 import grpc
 import pytest
 
 from numbersvc.ledger import OrderLedger, OrderState
-from numbersvc.sandbox import SandboxControl, SandboxServer
+from numbersvc.sandbox import DEFAULT_AUTH_TOKEN, SandboxControl
 from numbersvc.sandbox.faults import FaultKind, FaultSpec
 from numbersvc.server import RunningServer
 from numbersvc.v1 import number_groups_pb2 as pb
@@ -109,17 +109,25 @@ def _write_forever(out: BinaryIO, chunk: bytes) -> None:
         out.write(chunk)
 
 
+@pytest.fixture(autouse=True)
+def _info_logs(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="numbersvc")
+
+
+Started: TypeAlias = tuple[RunningServer, "pb_grpc.NumberGroupServiceAsyncStub"]  # a .pyi-only name
+
+
 @pytest.fixture
-async def stub_of(
-    start_server: StartServer,
-) -> AsyncIterator[Callable[[RunningServer], pb_grpc.NumberGroupServiceAsyncStub]]:
+async def start_on(start_server: StartServer) -> AsyncIterator[Callable[..., Awaitable[Started]]]:
+    """Start a server whose ledger is at `path`, and a stub to it (closed after the test)."""
     channels: list[grpc.aio.Channel] = []
 
-    def stub(running: RunningServer) -> pb_grpc.NumberGroupServiceAsyncStub:
+    async def start(path: Path, **settings: object) -> Started:
+        running = await start_server(ledger_path=str(path), **settings)
         channels.append(grpc.aio.insecure_channel(f"127.0.0.1:{running.port}"))
-        return pb_grpc.NumberGroupServiceStub(channels[-1])
+        return running, pb_grpc.NumberGroupServiceStub(channels[-1])
 
-    yield stub
+    yield start
     for channel in channels:
         await channel.close()
 
@@ -183,31 +191,34 @@ def _errors_about(caplog: pytest.LogCaptureFixture, request_id: str) -> list[str
     ]
 
 
-def _answer_logged(
-    caplog: pytest.LogCaptureFixture, order: pb.RentalOrder, sandbox: SandboxServer
-) -> None:
-    errors = _errors_about(caplog, order.request_id)
+async def _answer_kept(
+    running: RunningServer,
+    control: SandboxControl,
+    caplog: pytest.LogCaptureFixture,
+    request_id: str,
+    state: OrderState = OrderState.FULFILLED,
+) -> pb.RentalOrder:
+    """The order once recorded as `state`, Plivo's answer in the ERROR log, one POST in all."""
+    order = await _recorded(running.ledger, request_id, state)
+    errors = _errors_about(caplog, request_id)
     assert errors, "Plivo's answer is logged at ERROR"
-    assert order.numbers
     for number in order.numbers:
         assert number.number in errors[0]
     assert order.upstream_request_id in errors[0]
-    assert sandbox.auth_token not in caplog.text
+    assert DEFAULT_AUTH_TOKEN not in caplog.text
+    assert sum(r["operation"] == "rent" for r in await control.requests()) == 1
+    return order
 
 
 async def test_write_lock_held_past_the_busy_timeout(
-    start_server: StartServer,
-    stub_of: Callable[[RunningServer], pb_grpc.NumberGroupServiceAsyncStub],
+    start_on: Callable[..., Awaitable[Started]],
     lock_holder: _LockHolder,
     control: SandboxControl,
-    sandbox: SandboxServer,
     tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.INFO, logger="numbersvc")
     request_id = str(uuid.uuid4())
-    running = await start_server(ledger_path=str(tmp_path / "ledger.sqlite3"))
-    stub = stub_of(running)
+    running, stub = await start_on(tmp_path / "ledger.sqlite3")
     # The caller waits longer than one write attempt (the busy timeout), not than the lock.
     rent = await _rent_while_posting(stub, control, request_id, _BUSY_TIMEOUT_SECONDS + 4)
     await lock_holder.lock()
@@ -218,58 +229,40 @@ async def test_write_lock_held_past_the_busy_timeout(
 
     await eventually(refused, timeout_seconds=_BUSY_TIMEOUT_SECONDS + 10)
     await lock_holder.release()
-    order = await _recorded(running.ledger, request_id)
-    _answer_logged(caplog, order, sandbox)
-    assert sum(r["operation"] == "rent" for r in await control.requests()) == 1
+    order = await _answer_kept(running, control, caplog, request_id)
+    assert order.numbers
 
 
+@pytest.mark.parametrize(
+    ("fault", "settings", "state", "note"),
+    [
+        (_SLOW_BUT_RENTED, {}, OrderState.FULFILLED, ""),
+        # The failure path: the POST times out; outcome_unknown is what can be settled.
+        (
+            FaultSpec(FaultKind.HANG, operation="rent"),
+            {"rent_timeout_seconds": _POST_DELAY_SECONDS},
+            OrderState.OUTCOME_UNKNOWN,
+            "answer was lost",
+        ),
+    ],
+    ids=["answered", "answer-lost"],
+)
 async def test_full_disk(
     small_disk: Path,
-    start_server: StartServer,
-    stub_of: Callable[[RunningServer], pb_grpc.NumberGroupServiceAsyncStub],
+    start_on: Callable[..., Awaitable[Started]],
     control: SandboxControl,
-    sandbox: SandboxServer,
     caplog: pytest.LogCaptureFixture,
+    fault: FaultSpec,
+    settings: dict[str, float],
+    state: OrderState,
+    note: str,
 ) -> None:
-    caplog.set_level(logging.INFO, logger="numbersvc")
     request_id = str(uuid.uuid4())
-    running = await start_server(ledger_path=str(small_disk / "ledger.sqlite3"))
-    stub = stub_of(running)
-    rent = await _rent_while_posting(stub, control, request_id, _POST_DELAY_SECONDS + 4)
+    running, stub = await start_on(small_disk / "ledger.sqlite3", **settings)
+    rent = await _rent_while_posting(stub, control, request_id, _POST_DELAY_SECONDS + 4, fault)
     filler = _fill(small_disk)
     await _unknown(rent, request_id)
     filler.unlink()
-    order = await _recorded(running.ledger, request_id)
-    _answer_logged(caplog, order, sandbox)
-    assert sum(r["operation"] == "rent" for r in await control.requests()) == 1
-
-
-async def test_full_disk_after_a_lost_answer(
-    small_disk: Path,
-    start_server: StartServer,
-    stub_of: Callable[[RunningServer], pb_grpc.NumberGroupServiceAsyncStub],
-    control: SandboxControl,
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    """The failure path: a POST that times out is recorded outcome_unknown, settleable."""
-    caplog.set_level(logging.INFO, logger="numbersvc")
-    request_id = str(uuid.uuid4())
-    running = await start_server(
-        ledger_path=str(small_disk / "ledger.sqlite3"), rent_timeout_seconds=_POST_DELAY_SECONDS
-    )
-    stub = stub_of(running)
-    hang = FaultSpec(FaultKind.HANG, operation="rent")
-    rent = await _rent_while_posting(stub, control, request_id, _POST_DELAY_SECONDS + 4, hang)
-    filler = _fill(small_disk)
-    await _unknown(rent, request_id)
-    [logged] = _errors_about(caplog, request_id)
-    assert "RENT_OUTCOME_UNKNOWN" in logged
-    filler.unlink()
-    order = await _recorded(running.ledger, request_id, OrderState.OUTCOME_UNKNOWN)
-    assert "answer was lost" in order.status_message
-    settled = await stub.SettleRentalOrder(
-        pb.SettleRentalOrderRequest(
-            request_id=request_id, status=pb.ORDER_STATUS_FAILED, note="not in the console"
-        )
-    )
-    assert settled.order.status == pb.ORDER_STATUS_FAILED
+    order = await _answer_kept(running, control, caplog, request_id, state)
+    assert note in order.status_message
+    assert bool(order.numbers) == (state is OrderState.FULFILLED)
