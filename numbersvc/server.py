@@ -3,8 +3,9 @@
 `create_server(config)` builds and starts everything and returns a `RunningServer` with the
 bound port (so tests listen on port 0). `serve(config)` runs until SIGTERM or SIGINT, then
 shuts down in order: health NOT_SERVING, a drain delay for load balancers to notice, the
-gRPC server's grace period for calls in flight, rent orders in flight, the upstream client,
-and the embedded sandbox last.
+gRPC server's grace period for calls in flight (rent orders in flight get most of it, then are
+recorded as outcome unknown and their callers told so before it ends), the upstream client,
+the ledger, and the embedded sandbox last.
 """
 
 from __future__ import annotations
@@ -44,6 +45,9 @@ UPSTREAM_METADATA_KEY: Final = "numbersvc-upstream"
 _log = logging.getLogger("numbersvc.server")
 _MAX_MESSAGE_BYTES: Final = 4 * 1024 * 1024
 _HEALTH_SERVICE_NAME: Final = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+# Kept back from the shutdown grace period (at most half of it) for the callers of rent
+# orders given up on to get RENT_OUTCOME_UNKNOWN before the server cancels their calls.
+_RENT_ANSWER_SECONDS: Final = 1.0
 
 
 class _HealthServicer(health.aio.HealthServicer):  # type: ignore[misc]
@@ -105,14 +109,21 @@ class RunningServer:
     sandbox: SandboxServer | None
 
     async def stop(self, *, drain_seconds: float = 0.0, grace_seconds: float = 0.0) -> None:
-        """Stop serving: NOT_SERVING, drain, stop with grace, then close what it owns."""
+        """Stop serving: NOT_SERVING, drain, stop with grace, then close what it owns.
+
+        Rent orders still out near the end of the grace period are given up on: recorded as
+        outcome unknown, their callers answered, before the grace ends and the ledger closes.
+        """
         await self.health.enter_graceful_shutdown()
         if drain_seconds:
             _log.info("health NOT_SERVING; draining for %.1f s", drain_seconds)
             await asyncio.sleep(drain_seconds)
         self.servicer.begin_shutdown()
-        await self.server.stop(grace_seconds)
-        await self.rent_desk.drain(grace_seconds)
+        stopping = asyncio.ensure_future(self.server.stop(grace_seconds))
+        try:
+            await self.rent_desk.stop(grace_seconds - min(_RENT_ANSWER_SECONDS, grace_seconds / 2))
+        finally:
+            await stopping
         await self.upstream.aclose()
         await self.ledger.close()
         if self.metrics_server is not None:

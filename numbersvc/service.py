@@ -13,7 +13,6 @@ import contextlib
 import dataclasses
 import functools
 import logging
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
@@ -219,8 +218,6 @@ class NumberGroupServicer(pb_grpc.NumberGroupServiceServicer):
     ) -> pb.RentNumbersResponse:
         """Rent numbers: never retried, and once sent, shielded from the caller going away."""
         params = validation.validate_rent(request, max_quantity=self._config.max_rent_quantity)
-        if not params.request_id:
-            params = dataclasses.replace(params, request_id=str(uuid.uuid4()))
         deadline = self._deadline(context)
         minimum = self._config.rent_min_deadline_seconds
         if deadline.remaining() < minimum:
@@ -247,7 +244,7 @@ class NumberGroupServicer(pb_grpc.NumberGroupServiceServicer):
             raise ServiceError(
                 Outcome.RENTAL_ORDER_NOT_FOUND,
                 f"no order with request id {request_id}",
-                resource_name=request_id,
+                request_id=request_id,
             )
         return pb.GetRentalOrderResponse(order=entry.order)
 
@@ -285,7 +282,7 @@ class NumberGroupServicer(pb_grpc.NumberGroupServiceServicer):
         except SettleError as exc:
             missing = isinstance(exc, OrderNotFound)
             outcome = Outcome.RENTAL_ORDER_NOT_FOUND if missing else Outcome.ORDER_NOT_SETTLEABLE
-            raise ServiceError(outcome, str(exc), resource_name=params.request_id) from exc
+            raise ServiceError(outcome, str(exc), request_id=params.request_id) from exc
         return pb.SettleRentalOrderResponse(order=entry.order)
 
     async def _search(

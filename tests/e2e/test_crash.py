@@ -21,12 +21,12 @@ import httpx
 import pytest
 
 from numbersvc.ledger import OrderState, SqliteLedger
-from numbersvc.sandbox import DEFAULT_AUTH_ID, DEFAULT_AUTH_TOKEN, SandboxControl
+from numbersvc.sandbox import SandboxControl
 from numbersvc.sandbox.faults import FaultKind, FaultSpec
 from numbersvc.v1 import number_groups_pb2 as pb
 from numbersvc.v1 import number_groups_pb2_grpc as pb_grpc
 from tests.e2e.conftest import eventually, reason_of
-from tests.e2e.test_process import _serve
+from tests.e2e.test_process import _serve, plivo_env
 
 _START_TIMEOUT_SECONDS = 20
 
@@ -66,13 +66,7 @@ async def test_sigkill_mid_post_then_retry(tmp_path: Path) -> None:
     ledger_path = tmp_path / "ledger.sqlite3"
     request_id = str(uuid.uuid4())
     async with _sandbox_process() as url, SandboxControl(url) as control:
-        env = {
-            "NUMBERSVC_UPSTREAM": "plivo",
-            "PLIVO_BASE_URL": url,
-            "PLIVO_AUTH_ID": DEFAULT_AUTH_ID,
-            "PLIVO_AUTH_TOKEN": DEFAULT_AUTH_TOKEN,
-            "NUMBERSVC_LEDGER_PATH": str(ledger_path),
-        }
+        env = plivo_env(url, ledger_path)
         async with (
             _serve(env) as served,
             grpc.aio.insecure_channel(f"127.0.0.1:{served.port}") as channel,

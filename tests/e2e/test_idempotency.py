@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import grpc
 import pytest
 from google.protobuf import timestamp_pb2
 
+from numbersvc.callers import add_caller
 from numbersvc.ledger import OrderState
 from numbersvc.sandbox import SandboxControl
 from numbersvc.sandbox.faults import FaultKind, FaultSpec
@@ -111,6 +113,80 @@ async def test_unknown_outcome_blocks_the_id_until_settled(
     assert settled.order.status == pb.ORDER_STATUS_FULFILLED
     assert [n.e164 for n in settled.order.numbers] == ["+14155550100"]
     assert "seen in console" in settled.order.status_message
+    assert await _posts(control) == 1
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [
+        FaultSpec(FaultKind.STATUS, status=500, operation="rent"),
+        FaultSpec(FaultKind.STATUS, status=408, operation="rent"),
+        FaultSpec(FaultKind.RESET, operation="rent"),
+    ],
+    ids=["500", "408", "reset"],
+)
+async def test_an_unknown_outcome_names_the_order_the_service_made_up(
+    stub: Stub, control: SandboxControl, fault: FaultSpec
+) -> None:
+    """A rent without a request id that ends unknown: the caller learns the id to settle."""
+    group_id = await _group(stub)
+    await control.inject_fault(fault)
+    error = await _error(stub.RentNumbers(pb.RentNumbersRequest(group_id=group_id)))
+    assert (error.code(), reason_of(error)) == (grpc.StatusCode.INTERNAL, "RENT_OUTCOME_UNKNOWN")
+    details = rich_details(error)
+    request_id = details["ErrorInfo"].metadata["requestId"]
+    assert details["ResourceInfo"].resource_type == "numbersvc.v1.RentalOrder"
+    assert details["ResourceInfo"].resource_name == request_id
+    assert f"numbersvc orders get {request_id}" in (error.details() or "")
+
+    order = (await stub.GetRentalOrder(pb.GetRentalOrderRequest(request_id=request_id))).order
+    assert order.status == pb.ORDER_STATUS_OUTCOME_UNKNOWN
+    # The ledger and the answer agree: a retry under the id is refused until settled.
+    repeat = await _error(stub.RentNumbers(_rent(group_id, request_id)))
+    assert (repeat.code(), reason_of(repeat)) == (
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "RENT_OUTCOME_UNKNOWN",
+    )
+    assert f"numbersvc orders get {request_id}" in (repeat.details() or "")
+    assert await _posts(control) == 1
+
+
+async def test_an_error_before_sending_names_the_order_too(
+    stub: Stub, control: SandboxControl
+) -> None:
+    group_id = await _group(stub)
+    await control.inject_fault(FaultSpec(FaultKind.STATUS, status=403, operation="rent"))
+    error = await _error(stub.RentNumbers(pb.RentNumbersRequest(group_id=group_id)))
+    assert reason_of(error) == "UPSTREAM_PERMISSION_DENIED"
+    request_id = rich_details(error)["ErrorInfo"].metadata["requestId"]
+    order = (await stub.GetRentalOrder(pb.GetRentalOrderRequest(request_id=request_id))).order
+    assert order.status == pb.ORDER_STATUS_FAILED
+    assert (
+        order.upstream_request_id == rich_details(error)["ErrorInfo"].metadata["upstreamRequestId"]
+    )
+
+
+async def test_an_id_reused_by_another_caller_says_so(
+    start_server: StartServer, control: SandboxControl, tmp_path: Path
+) -> None:
+    callers = tmp_path / "callers.json"
+    tokens = [
+        add_caller(callers, name, ["numbers.read", "numbers.rent"]) or ""
+        for name in ("first", "second")
+    ]
+    running = await start_server(callers_file=str(callers))
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+        stub = pb_grpc.NumberGroupServiceStub(channel)
+        first, second = ((("authorization", f"Bearer {token}"),) for token in tokens)
+        page = await stub.ListNumberGroups(
+            pb.ListNumberGroupsRequest(filter=US, page_size=1), metadata=first
+        )
+        request = _rent(page.number_groups[0].group_id, str(uuid.uuid4()))
+        await stub.RentNumbers(request, metadata=first)
+        error = await _error(stub.RentNumbers(request, metadata=second))
+    assert (error.code(), reason_of(error)) == (grpc.StatusCode.ALREADY_EXISTS, "REQUEST_ID_REUSED")
+    assert "another caller" in (error.details() or "")
+    assert "group, quantity or app" not in (error.details() or "")
     assert await _posts(control) == 1
 
 
