@@ -36,7 +36,13 @@ from numbersvc.cli.options import (
     exit_codes_epilog,
 )
 from numbersvc.config import Config, ConfigError
-from numbersvc.ledger import LedgerEntry, OrderState, SettleError, SqliteLedger
+from numbersvc.ledger import (
+    LedgerEntry,
+    LedgerSchemaError,
+    OrderState,
+    SettleError,
+    SqliteLedger,
+)
 from numbersvc.v1 import number_groups_pb2 as pb
 from numbersvc.v1 import number_groups_pb2_grpc as pb_grpc
 
@@ -190,6 +196,9 @@ def settle_order(
     except sqlite3.DatabaseError as exc:  # not a ledger, or locked past the busy timeout
         console.error(f"ledger {ledger_path}: {exc}")
         return EXIT_CANNOT_SETTLE
+    except LedgerSchemaError as exc:  # written by a newer numbersvc: use that one
+        console.error(str(exc))
+        return client.EXIT_USAGE
     console.result(render.order_details(entry.order, console.style))
     return client.EXIT_OK
 
@@ -288,7 +297,10 @@ def _add_settle(subcommands: argparse._SubParsersAction[argparse.ArgumentParser]
                     "the order cannot be settled: no ledger at the path, no order with that"
                     " id, or its outcome is already known",
                 ),
-                (client.EXIT_USAGE, "usage error, or a bad configuration"),
+                (
+                    client.EXIT_USAGE,
+                    "usage error, a bad configuration, or a ledger from a newer numbersvc",
+                ),
             ]
         ),
     )
