@@ -43,6 +43,8 @@ SERVICE_NAME: Final = pb.DESCRIPTOR.services_by_name["NumberGroupService"].full_
 UPSTREAM_METADATA_KEY: Final = "numbersvc-upstream"
 _log = logging.getLogger("numbersvc.server")
 _MAX_MESSAGE_BYTES: Final = 4 * 1024 * 1024
+# Past the longest a rent may run: the event loop's lag between the claim and the POST.
+_SEND_SLACK_SECONDS: Final = 2.0
 _HEALTH_SERVICE_NAME: Final = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 
 
@@ -123,7 +125,7 @@ async def create_server(config: Config) -> RunningServer:
             lease_seconds=config.instance_lease_seconds,
             # A rent waits at most its timeout for a rate-limit token, then POSTs for at most
             # as long: after that, no POST of an order claimed by this process is still out.
-            send_timeout_seconds=2 * config.rent_timeout_seconds,
+            send_timeout_seconds=2 * config.rent_timeout_seconds + _SEND_SLACK_SECONDS,
         )
         undo.push_async_callback(ledger.close)
         _log.info("order ledger at %s (instance %s)", ledger_path, ledger.instance)

@@ -46,8 +46,6 @@ _E164_DIGITS: Final = range(6, 16)
 _UNSETTLED: Final = (OrderState.SENDING, OrderState.OUTCOME_UNKNOWN)
 DEFAULT_LEASE_SECONDS: Final = 15.0
 DEFAULT_SEND_TIMEOUT_SECONDS: Final = 60.0
-# Past the longest a POST may run: the event loop's lag, the clocks of two processes.
-_SEND_SLACK_SECONDS: Final = 5.0
 RECOVERED_NOTE: Final = "the service stopped while this order was being sent"
 
 # Each version's statements, applied in order from the file's `user_version`. Version 1 is the
@@ -116,7 +114,8 @@ class SqliteLedger:
         clock_ns: wall clock in Unix nanoseconds.
         lease_seconds: how long this instance counts as alive after each heartbeat.
         send_timeout_seconds: the longest a rent may take from its claim to its POST's end
-            (the wait for a rate-limit token and the POST): with a slack, the send deadline.
+            (the wait for a rate-limit token, the POST, a slack): a claim's send deadline is
+            its time plus this.
     """
 
     def __init__(
@@ -132,7 +131,7 @@ class SqliteLedger:
         self._path = str(path)
         self._clock_ns = clock_ns
         self._lease_ns = int(lease_seconds * _NANOS_PER_SECOND)
-        self._send_ns = int((send_timeout_seconds + _SEND_SLACK_SECONDS) * _NANOS_PER_SECOND)
+        self._send_ns = int(send_timeout_seconds * _NANOS_PER_SECOND)
         self.instance = uuid.uuid4().hex
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ledger")
         self._db: sqlite3.Connection | None = None

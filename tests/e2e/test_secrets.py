@@ -664,7 +664,7 @@ async def test_no_secret_appears_in_any_output(
                 )
                 config_errors(capture, plivo_token, tmp_path)
                 metrics = await _scrape(running)
-                entries, _ = await running.ledger.list(OrderQuery(), offset=0, limit=1000)
+                entries, _ = await running.ledger.list(OrderQuery(), after=None, limit=1000)
                 capture.add("ledger", *entries)
                 sent = await control.requests()
             finally:
