@@ -111,8 +111,8 @@ def encode_order_token(create_time_ns: int, request_id: str, filter_key: str) ->
         An opaque, URL-safe token.
     """
     raw_id = request_id.encode()
-    if len(raw_id) > _MAX_ORDER_TOKEN_ID_BYTES:
-        raise ValueError(f"request id too long for a page token: {len(raw_id)} bytes")
+    if not 0 < len(raw_id) <= _MAX_ORDER_TOKEN_ID_BYTES:
+        raise ValueError(f"request id of {len(raw_id)} bytes cannot be in a page token")
     head = _ORDER_TOKEN_LAYOUT.pack(_ORDER_TOKEN_VERSION, create_time_ns, fingerprint(filter_key))
     return _seal(head + raw_id)
 

@@ -219,6 +219,38 @@ class TestOrderLookups:
         )
         assert (list(none.orders), none.total_size) == ([], 0)
 
+    async def test_an_id_reused_mid_walk_is_neither_skipped_nor_repeated(
+        self, stub: Stub, control: SandboxControl
+    ) -> None:
+        # Issue 12 item 5: a retry of a failed id between two pages moved it to the end.
+        group_id = await _group(stub)
+        ids = [str(uuid.uuid4()) for _ in range(5)]
+        for index, request_id in enumerate(ids):
+            if index == 1:
+                await control.inject_fault(
+                    FaultSpec(FaultKind.STATUS, status=403, operation="rent")
+                )
+                await _error(stub.RentNumbers(_rent(group_id, request_id)))
+            else:
+                await stub.RentNumbers(_rent(group_id, request_id))
+        request = pb.ListRentalOrdersRequest(page_size=2)
+        first = await stub.ListRentalOrders(request)
+        assert [o.request_id for o in first.orders] == ids[:2]
+        assert first.orders[1].status == pb.ORDER_STATUS_FAILED
+        retried = (await stub.RentNumbers(_rent(group_id, ids[1]))).order
+        assert retried.status == pb.ORDER_STATUS_FULFILLED
+        assert retried.create_time == first.orders[1].create_time
+        seen = [o.request_id for o in first.orders]
+        request.page_token = first.next_page_token
+        for _ in range(5):
+            page = await stub.ListRentalOrders(request)
+            assert page.total_size == 5
+            seen += [o.request_id for o in page.orders]
+            if not page.next_page_token:
+                break
+            request.page_token = page.next_page_token
+        assert seen == ids
+
     async def test_list_token_is_bound_to_its_filter(self, stub: Stub) -> None:
         group_id = await _group(stub)
         for _ in range(3):
