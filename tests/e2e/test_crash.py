@@ -72,6 +72,10 @@ async def test_sigkill_mid_post_then_retry(tmp_path: Path) -> None:
             "PLIVO_AUTH_ID": DEFAULT_AUTH_ID,
             "PLIVO_AUTH_TOKEN": DEFAULT_AUTH_TOKEN,
             "NUMBERSVC_LEDGER_PATH": str(ledger_path),
+            # The dead server's order is recovered once its lease (1 s) has lapsed and its
+            # send deadline (claim + 2 x 2 + 2 s) has passed.
+            "NUMBERSVC_INSTANCE_LEASE_SECONDS": "1",
+            "NUMBERSVC_RENT_TIMEOUT_SECONDS": "2",
         }
         async with (
             _serve(env) as served,
@@ -110,11 +114,15 @@ async def test_sigkill_mid_post_then_retry(tmp_path: Path) -> None:
                 await stub.RentNumbers(retry, timeout=10)
             assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
             assert reason_of(refused.value) == "RENT_OUTCOME_UNKNOWN"
-            order = (
-                await stub.GetRentalOrder(pb.GetRentalOrderRequest(request_id=request_id))
-            ).order
-            assert order.status == pb.ORDER_STATUS_OUTCOME_UNKNOWN
-            assert "stopped" in order.status_message
+
+            async def recovered() -> bool:
+                order = (
+                    await stub.GetRentalOrder(pb.GetRentalOrderRequest(request_id=request_id))
+                ).order
+                assert order.status == pb.ORDER_STATUS_OUTCOME_UNKNOWN
+                return "stopped" in order.status_message
+
+            await eventually(recovered, timeout_seconds=20)
             served.process.send_signal(signal.SIGTERM)
             assert await served.finish() == 0
 
