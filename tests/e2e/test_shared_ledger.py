@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import socket
 import sqlite3
 import sys
 import uuid
@@ -24,13 +25,16 @@ import grpc
 import httpx
 import pytest
 
-from numbersvc.sandbox import DEFAULT_AUTH_ID, DEFAULT_AUTH_TOKEN, SandboxControl
+from numbersvc.ledger import Begin, SqliteLedger
+from numbersvc.sandbox import DEFAULT_AUTH_ID, DEFAULT_AUTH_TOKEN, SandboxControl, SandboxServer
 from numbersvc.sandbox.faults import FaultKind, FaultSpec
+from numbersvc.server import create_server
 from numbersvc.v1 import number_groups_pb2 as pb
 from numbersvc.v1 import number_groups_pb2_grpc as pb_grpc
-from tests.e2e.conftest import eventually
+from tests.e2e.conftest import StartServer, config_for, eventually
 from tests.e2e.test_crash import _sandbox_process
-from tests.e2e.test_process import Served, _serve
+from tests.e2e.test_process import Served, _serve, _start
+from tests.ledger.support import new_attempt
 
 _LEASE_SECONDS: Final = 1.0
 # Long enough for a second server to start while the first one's POST is held; the send
@@ -142,3 +146,42 @@ async def test_a_second_server_never_recovers_a_live_servers_rent(tmp_path: Path
                     assert again.order.status == pb.ORDER_STATUS_FULFILLED
         posts = [r for r in await control.requests() if r["method"] == "POST"]
         assert len(posts) == 1, "one request id, one POST"
+
+
+async def _order_of_a_gone_process(path: Path) -> str:
+    """A `sending` order whose owner exited: any heartbeat may recover it at once."""
+    gone = await SqliteLedger.open(path, send_timeout_seconds=0)
+    try:
+        claim = new_attempt(str(uuid.uuid4()))
+        assert (await gone.begin(claim, daily_cap=0)).kind is Begin.NEW
+    finally:
+        await gone.close()
+    return claim.order.request_id
+
+
+async def test_a_server_that_cannot_bind_recovers_nothing(
+    sandbox: SandboxServer, start_server: StartServer, tmp_path: Path
+) -> None:
+    path = tmp_path / "ledger.sqlite3"
+    request_id = await _order_of_a_gone_process(path)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        listen = f"127.0.0.1:{taken.getsockname()[1]}"
+        with pytest.raises((RuntimeError, OSError)):
+            await create_server(config_for(sandbox, listen=listen, ledger_path=str(path)))
+    assert _order_row(path, request_id)["state"] == "sending"
+    # A server that binds recovers it before it serves.
+    await start_server(ledger_path=str(path))
+    assert _order_row(path, request_id)["state"] == "outcome_unknown"
+
+
+async def test_a_ledger_from_a_newer_numbersvc_is_refused_at_start(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.sqlite3"
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.execute("PRAGMA user_version=99")
+    process = await _start({"NUMBERSVC_LEDGER_PATH": str(path)})
+    _, err = await asyncio.wait_for(process.communicate(), timeout=30)
+    assert process.returncode == 2, err.decode()
+    assert b"has schema version 99, newer than this numbersvc knows" in err
+    assert b"Traceback" not in err
