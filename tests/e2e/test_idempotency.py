@@ -36,6 +36,19 @@ def _rent(group_id: str, request_id: str, **fields: object) -> pb.RentNumbersReq
     return pb.RentNumbersRequest(group_id=group_id, request_id=request_id, **fields)  # type: ignore[arg-type]
 
 
+async def _walk(stub: Stub, request: pb.ListRentalOrdersRequest, *, total: int) -> list[str]:
+    """The request ids of every page from `request` on, each page saying `total` in all."""
+    seen: list[str] = []
+    for _ in range(total + 1):
+        page = await stub.ListRentalOrders(request)
+        assert page.total_size == total
+        seen += [o.request_id for o in page.orders]
+        if not page.next_page_token:
+            return seen
+        request.page_token = page.next_page_token
+    raise AssertionError(f"more pages than the {total} orders")
+
+
 async def _error(call: object) -> grpc.aio.AioRpcError:
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await call  # type: ignore[misc]
@@ -193,16 +206,7 @@ class TestOrderLookups:
         await control.inject_fault(FaultSpec(FaultKind.STATUS, status=403, operation="rent"))
         await _error(stub.RentNumbers(_rent(group_id, ids[4])))
 
-        request = pb.ListRentalOrdersRequest(page_size=2)
-        seen: list[str] = []
-        while True:
-            page = await stub.ListRentalOrders(request)
-            assert page.total_size == 5
-            seen += [o.request_id for o in page.orders]
-            if not page.next_page_token:
-                break
-            request.page_token = page.next_page_token
-        assert seen == ids
+        assert await _walk(stub, pb.ListRentalOrdersRequest(page_size=2), total=5) == ids
 
         failed = await stub.ListRentalOrders(
             pb.ListRentalOrdersRequest(
@@ -239,16 +243,9 @@ class TestOrderLookups:
         assert first.orders[1].status == pb.ORDER_STATUS_FAILED
         retried = (await stub.RentNumbers(_rent(group_id, ids[1]))).order
         assert retried.status == pb.ORDER_STATUS_FULFILLED
-        seen = [o.request_id for o in first.orders]
         request.page_token = first.next_page_token
-        for _ in range(5):
-            page = await stub.ListRentalOrders(request)
-            assert page.total_size == 5
-            seen += [o.request_id for o in page.orders]
-            if not page.next_page_token:
-                break
-            request.page_token = page.next_page_token
-        assert seen == ids
+        rest = await _walk(stub, request, total=5)
+        assert [o.request_id for o in first.orders] + rest == ids
         assert retried.create_time == first.orders[1].create_time
 
     async def test_list_token_is_bound_to_its_filter(self, stub: Stub) -> None:

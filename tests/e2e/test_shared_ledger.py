@@ -26,13 +26,12 @@ import httpx
 import pytest
 
 from numbersvc.ledger import Begin, SqliteLedger
-from numbersvc.sandbox import DEFAULT_AUTH_ID, DEFAULT_AUTH_TOKEN, SandboxControl, SandboxServer
-from numbersvc.sandbox.faults import FaultKind, FaultSpec
+from numbersvc.sandbox import SandboxControl, SandboxServer
 from numbersvc.server import create_server
 from numbersvc.v1 import number_groups_pb2 as pb
 from numbersvc.v1 import number_groups_pb2_grpc as pb_grpc
 from tests.e2e.conftest import StartServer, config_for, eventually
-from tests.e2e.test_crash import _sandbox_process
+from tests.e2e.test_crash import _sandbox_process, held_rent, plivo_env
 from tests.e2e.test_process import Served, _serve, _start
 from tests.ledger.support import new_attempt
 
@@ -78,37 +77,22 @@ async def test_a_second_server_never_recovers_a_live_servers_rent(tmp_path: Path
     ledger_path = tmp_path / "ledger.sqlite3"
     request_id = str(uuid.uuid4())
     async with _sandbox_process() as url, SandboxControl(url) as control:
-        env = {
-            "NUMBERSVC_UPSTREAM": "plivo",
-            "PLIVO_BASE_URL": url,
-            "PLIVO_AUTH_ID": DEFAULT_AUTH_ID,
-            "PLIVO_AUTH_TOKEN": DEFAULT_AUTH_TOKEN,
-            "NUMBERSVC_LEDGER_PATH": str(ledger_path),
-            "NUMBERSVC_INSTANCE_LEASE_SECONDS": str(_LEASE_SECONDS),
-            "NUMBERSVC_RENT_TIMEOUT_SECONDS": str(_RENT_TIMEOUT_SECONDS),
-        }
+        env = plivo_env(
+            url,
+            ledger_path,
+            NUMBERSVC_INSTANCE_LEASE_SECONDS=str(_LEASE_SECONDS),
+            NUMBERSVC_RENT_TIMEOUT_SECONDS=str(_RENT_TIMEOUT_SECONDS),
+        )
         async with (
             _serve(env) as first,
             grpc.aio.insecure_channel(f"127.0.0.1:{first.port}") as channel,
             httpx.AsyncClient() as http,
         ):
             stub = pb_grpc.NumberGroupServiceStub(channel)
-            page = await stub.ListNumberGroups(
-                pb.ListNumberGroupsRequest(filter=pb.SearchFilter(region_code="US"), page_size=1)
-            )
-            group_id = page.number_groups[0].group_id
             # The sandbox sits on the POST past the rent timeout: it is out while we look.
-            await control.inject_fault(FaultSpec(FaultKind.DELAY, seconds=60, operation="rent"))
-            rent = asyncio.ensure_future(
-                stub.RentNumbers(
-                    pb.RentNumbersRequest(group_id=group_id, request_id=request_id), timeout=30
-                )
+            group_id, rent = await held_rent(
+                stub, control, request_id, hold_seconds=60, timeout_seconds=30
             )
-
-            async def post_arrived() -> bool:
-                return any(r["method"] == "POST" for r in await control.requests())
-
-            await eventually(post_arrived)
             async with _serve(env) as second:
                 # The second server is up and has beaten for more than a lease: still sending.
                 assert _order_row(ledger_path, request_id)["state"] == "sending"
