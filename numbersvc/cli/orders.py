@@ -1,10 +1,11 @@
-"""The `numbersvc orders` commands: list and get rental orders, and settle one in the ledger.
+"""The `numbersvc orders` commands: list, get and settle rental orders.
 
-`orders list` and `orders get` call the server like the other client commands (exit 10 + the
-gRPC status code when the call fails). `orders settle` is an operator's command: it calls no
-server but opens the order ledger (a SQLite file) itself, so it runs where the ledger lives,
-such as in the server's pod through `kubectl exec`. It records what the Plivo console shows
-for an order whose outcome is unknown; the ledger refuses any other order.
+All three call the server like the other client commands (exit 10 + the gRPC status code when
+the call fails). `orders settle` records what the Plivo console shows for an order whose
+outcome is unknown (`SettleRentalOrder`, permission `numbers.settle`). `orders settle
+--offline` is the fallback for when no server answers: it opens the order ledger (a SQLite
+file) itself, so it runs where the ledger lives, such as in the server's pod through `kubectl
+exec`, applies the server's validation, and exits 1 when the ledger refuses the order.
 """
 
 from __future__ import annotations
@@ -14,10 +15,9 @@ import asyncio
 import functools
 import getpass
 import os
-import re
 import sqlite3
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final, NoReturn
@@ -25,6 +25,7 @@ from typing import Final, NoReturn
 import grpc
 from google.protobuf import timestamp_pb2
 
+from numbersvc import validation
 from numbersvc.cli import client, render
 from numbersvc.cli.options import (
     DEFAULT_DEADLINE_SECONDS,
@@ -32,19 +33,20 @@ from numbersvc.cli.options import (
     add_command,
     add_page_options,
     comma_choices,
-    exit_code_table,
     exit_codes_epilog,
+    output_epilog,
 )
 from numbersvc.config import Config, ConfigError
 from numbersvc.ledger import (
+    SETTLED_AS,
     LedgerEntry,
     LedgerSchemaError,
-    OrderState,
     SettleError,
     SqliteLedger,
 )
 from numbersvc.v1 import number_groups_pb2 as pb
 from numbersvc.v1 import number_groups_pb2_grpc as pb_grpc
+from numbersvc.validation import SettleParams
 
 __all__ = [
     "CANNOT_SETTLE",
@@ -53,15 +55,14 @@ __all__ = [
     "get_order",
     "list_all_orders",
     "list_orders",
+    "settle_offline",
     "settle_order",
 ]
 
 EXIT_CANNOT_SETTLE: Final = 1
-CANNOT_SETTLE: Final = "the order cannot be settled (orders settle)"
+CANNOT_SETTLE: Final = "the order cannot be settled (orders settle --offline)"
 """What exit code `EXIT_CANNOT_SETTLE` means, as the exit-code tables say it."""
-_SETTLE_AS: Final = {"fulfilled": OrderState.FULFILLED, "failed": OrderState.FAILED}
-# E.164: a `+`, then up to 15 ASCII digits, the first (a country code's) never 0.
-_E164: Final = re.compile(r"\+[1-9][0-9]{1,14}")
+_SETTLE_AS: Final = {"fulfilled": pb.ORDER_STATUS_FULFILLED, "failed": pb.ORDER_STATUS_FAILED}
 
 
 def list_orders(
@@ -152,29 +153,46 @@ def get_order(
     stub = pb_grpc.NumberGroupServiceStub(channel)
     return client.show_response(
         lambda timeout: stub.GetRentalOrder(request, timeout=timeout),
-        lambda response, style: render.order_details(response.order, style),
+        _order_text,
         options,
         console,
     )
 
 
 def settle_order(
-    ledger_path: str,
-    request_id: str,
-    state: OrderState,
-    *,
-    numbers: Sequence[str],
-    note: str,
+    channel: grpc.Channel,
+    request: pb.SettleRentalOrderRequest,
+    options: client.CallOptions,
     console: client.Console,
 ) -> int:
-    """Settle an order whose outcome is unknown in the ledger file, and print it.
+    """Settle an order whose outcome is unknown through the server, and print it as `get` does.
+
+    The server records the settlement in the caller's name (the token's or certificate's).
+    """
+    stub = pb_grpc.NumberGroupServiceStub(channel)
+    return client.show_response(
+        lambda timeout: stub.SettleRentalOrder(request, timeout=timeout),
+        _order_text,
+        options,
+        console,
+    )
+
+
+def _order_text(
+    response: pb.GetRentalOrderResponse | pb.SettleRentalOrderResponse, style: render.Style
+) -> str:
+    return render.order_details(response.order, style)
+
+
+def settle_offline(
+    ledger_path: str, params: SettleParams, *, actor: str, console: client.Console
+) -> int:
+    """Settle an order whose outcome is unknown in the ledger file itself, and print it.
 
     Args:
         ledger_path: the server's ledger file; it must exist (it is never created here).
-        request_id: the order's request id, lower-case as the ledger keeps it.
-        state: `OrderState.FULFILLED` or `OrderState.FAILED`, as the Plivo console shows.
-        numbers: the numbers rented, in E.164 (none for a failed order).
-        note: how the outcome was learned; the ledger keeps it as the status message.
+        params: the validated settlement (request id lower-case, as the ledger keeps it).
+        actor: who settles, for the audit trail (`cli:<user>`).
         console: where to print the order, or the reason it cannot be settled.
 
     Returns:
@@ -189,7 +207,7 @@ def settle_order(
         )
         return EXIT_CANNOT_SETTLE
     try:
-        entry = asyncio.run(_settle(ledger_path, request_id, state, numbers, note))
+        entry = asyncio.run(_settle(ledger_path, params, actor))
     except SettleError as exc:
         console.error(str(exc))
         return EXIT_CANNOT_SETTLE
@@ -199,16 +217,23 @@ def settle_order(
     except LedgerSchemaError as exc:  # written by a newer numbersvc: use that one
         console.error(str(exc))
         return client.EXIT_USAGE
-    console.result(render.order_details(entry.order, console.style))
+    response = pb.SettleRentalOrderResponse(order=entry.order)
+    console.result(
+        render.json_text(response) if console.json else _order_text(response, console.style)
+    )
     return client.EXIT_OK
 
 
-async def _settle(
-    path: str, request_id: str, state: OrderState, numbers: Sequence[str], note: str
-) -> LedgerEntry:
+async def _settle(path: str, params: SettleParams, actor: str) -> LedgerEntry:
     ledger = await SqliteLedger.open(path)
     try:
-        return await ledger.settle(request_id, state, numbers=numbers, note=note)
+        return await ledger.settle(
+            params.request_id,
+            SETTLED_AS[params.status],
+            numbers=params.numbers,
+            note=params.note,
+            actor=actor,
+        )
     finally:
         await ledger.close()
 
@@ -219,8 +244,8 @@ def add_orders_command(commands: argparse._SubParsersAction[argparse.ArgumentPar
         commands,
         "orders",
         "list, show and settle rental orders",
-        "Rental orders from the server's order ledger: list and get ask the server; settle"
-        " writes to the ledger file itself, where the server runs.",
+        "Rental orders from the server's order ledger: list, get and settle ask the server;"
+        " settle --offline writes to the ledger file itself, where the server runs.",
         epilog=exit_codes_epilog((EXIT_CANNOT_SETTLE, CANNOT_SETTLE)),
     )
     subcommands = group.add_subparsers(title="commands", metavar="COMMAND", required=True)
@@ -283,25 +308,21 @@ def _add_settle(subcommands: argparse._SubParsersAction[argparse.ArgumentParser]
         subcommands,
         "settle",
         "record the outcome of an order whose outcome is unknown (operator)",
-        "Record what the Plivo console shows for an order whose outcome is unknown. This is"
-        " an operator's command: it calls no server but opens the order ledger file itself,"
-        " so run it where the server keeps its ledger, for example in the server's pod with"
-        " kubectl exec. Settled as failed, the request id may be used to rent again; settled"
-        " as fulfilled, a rent repeated with it returns the order. Only an order whose outcome"
-        " is unknown can be settled, once.",
-        epilog=exit_code_table(
-            [
-                (client.EXIT_OK, "the order is settled (and printed)"),
-                (
-                    EXIT_CANNOT_SETTLE,
-                    "the order cannot be settled: no ledger at the path, no order with that"
-                    " id, or its outcome is already known",
-                ),
-                (
-                    client.EXIT_USAGE,
-                    "usage error, a bad configuration, or a ledger from a newer numbersvc",
-                ),
-            ]
+        "Record what the Plivo console shows for an order whose outcome is unknown, through"
+        " the server (SettleRentalOrder): the caller needs the numbers.settle permission, and"
+        " the server records the settlement in its name. Settled as failed, the request id"
+        " may be used to rent again; settled as fulfilled, a rent repeated with it returns"
+        " the order. Only an order whose outcome is unknown can be settled, once. With"
+        " --offline it calls no server but opens the order ledger file itself, as cli:<user>:"
+        " run it where the server keeps its ledger (for example in the server's pod with"
+        " kubectl exec), when the server cannot be reached.",
+        epilog=output_epilog()
+        + exit_codes_epilog(
+            (
+                EXIT_CANNOT_SETTLE,
+                "with --offline, the order cannot be settled: no ledger at the path, no order"
+                " with that id, or its outcome is not unknown",
+            )
         ),
     )
     settle.add_argument("request_id", metavar="REQUEST_ID", help="the order's request id (a UUID)")
@@ -318,46 +339,71 @@ def _add_settle(subcommands: argparse._SubParsersAction[argparse.ArgumentParser]
         type=_e164_numbers,
         default=[],
         metavar="+14155550100,...",
-        help="comma-separated numbers rented, in E.164; required with --as fulfilled,"
-        " refused with --as failed",
+        help=f"comma-separated numbers rented, in E.164 ({validation.E164_FORM}); required"
+        " with --as fulfilled, refused with --as failed",
     )
     settle.add_argument(
         "--note",
-        default="",
+        required=True,
         metavar="TEXT",
-        help="how the outcome was learned, kept in the ledger (default: by <user>)",
+        help="how the outcome was learned, such as a console reference or a ticket; kept with"
+        " the order and in its audit trail (required)",
+    )
+    add_client_options(settle, DEFAULT_DEADLINE_SECONDS)
+    # NOTE: --offline swaps the client command for the local one (the command line runs the
+    # local command of a parser whose client command is unset).
+    settle.add_argument(
+        "--offline",
+        dest="client_command",
+        action="store_const",
+        const=None,
+        help="call no server: open the ledger file and settle the order there, as"
+        " cli:<user> (--target, --deadline, --token and the TLS options are then ignored)",
     )
     settle.add_argument(
         "--ledger",
         default="",
         metavar="PATH",
-        help="the ledger file (default: the server's, from the same environment: env"
-        " NUMBERSVC_LEDGER_PATH, else $XDG_STATE_HOME/numbersvc/ledger[-sandbox].sqlite3,"
-        " -sandbox when the server would use its sandbox)",
+        help="with --offline, the ledger file (default: the server's, from the same"
+        " environment: env NUMBERSVC_LEDGER_PATH, else"
+        " $XDG_STATE_HOME/numbersvc/ledger[-sandbox].sqlite3, -sandbox when the server would"
+        " use its sandbox)",
     )
-    settle.set_defaults(local_command=functools.partial(_settle_command, usage=settle.error))
+    settle.set_defaults(
+        client_command=settle_order,
+        build_request=functools.partial(_settle_request, usage=settle.error),
+        local_command=functools.partial(_settle_offline_command, usage=settle.error),
+    )
 
 
-def _settle_command(args: argparse.Namespace, *, usage: Callable[[str], NoReturn]) -> int:
-    state = _SETTLE_AS[args.outcome]
-    if state is OrderState.FULFILLED and not args.numbers:
+def _settle_request(
+    args: argparse.Namespace, *, usage: Callable[[str], NoReturn]
+) -> pb.SettleRentalOrderRequest:
+    """Build the request from the flags; contradictory flags are a usage error (exit 2)."""
+    status = _SETTLE_AS[args.outcome]
+    if status == pb.ORDER_STATUS_FULFILLED and not args.numbers:
         usage("--as fulfilled needs the numbers rented: --numbers +14155550100,...")
-    if state is OrderState.FAILED and args.numbers:
+    if status == pb.ORDER_STATUS_FAILED and args.numbers:
         usage("--as failed means nothing was rented: leave out --numbers")
-    console = client.Console.for_streams(sys.stdout, sys.stderr, environ=os.environ)
+    if args.ledger and args.client_command is not None:
+        usage("--ledger is for --offline: without it the server settles in its own ledger")
+    return pb.SettleRentalOrderRequest(
+        request_id=args.request_id, status=status, numbers=args.numbers, note=args.note
+    )
+
+
+def _settle_offline_command(args: argparse.Namespace, *, usage: Callable[[str], NoReturn]) -> int:
+    try:  # the server's rules, as no server checks this settlement
+        params = validation.validate_settle(_settle_request(args, usage=usage))
+    except validation.InvalidRequest as exc:
+        usage(str(exc))
+    console = client.Console.for_streams(sys.stdout, sys.stderr, environ=os.environ, json=args.json)
     try:
         path = args.ledger or Config.from_env(os.environ).resolved_ledger_path()
     except ConfigError as exc:
         console.error(f"configuration: {exc}")
         return client.EXIT_USAGE
-    return settle_order(
-        path,
-        args.request_id.lower(),  # as the ledger keeps it
-        state,
-        numbers=args.numbers,
-        note=args.note or f"by {_user()}",
-        console=console,
-    )
+    return settle_offline(path, params, actor=f"cli:{_user()}", console=console)
 
 
 def _user() -> str:
@@ -381,12 +427,10 @@ def _timestamp(raw: str) -> timestamp_pb2.Timestamp:
 
 def _e164_numbers(raw: str) -> list[str]:
     numbers = [n.strip() for n in raw.split(",") if n.strip()]
-    bad = [n for n in numbers if not _E164.fullmatch(n)]
+    bad = [n for n in numbers if not validation.is_e164(n)]
     if bad or not numbers:
         named = ", ".join(map(repr, bad)) or "none"
-        raise argparse.ArgumentTypeError(
-            f"not an E.164 number: {named} (+ then the country code and number, digits only)"
-        )
+        raise argparse.ArgumentTypeError(f"not an E.164 number: {named} ({validation.E164_FORM})")
     return list(dict.fromkeys(numbers))
 
 

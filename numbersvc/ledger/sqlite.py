@@ -29,11 +29,12 @@ from numbersvc.ledger import (
     BeginResult,
     LedgerEntry,
     LedgerSchemaError,
+    OrderNotFound,
     OrderState,
     SettleError,
 )
 from numbersvc.v1 import number_groups_pb2 as pb
-from numbersvc.validation import OrderKey, OrderQuery
+from numbersvc.validation import OrderKey, OrderQuery, is_e164
 
 __all__ = ["SqliteLedger"]
 
@@ -42,7 +43,6 @@ _T = TypeVar("_T")
 _MAX_UPSTREAM_BODY_CHARS: Final = 2000
 _NANOS_PER_SECOND: Final = 10**9
 _NANOS_PER_DAY: Final = 86_400 * _NANOS_PER_SECOND
-_E164_DIGITS: Final = range(6, 16)
 _UNSETTLED: Final = (OrderState.SENDING, OrderState.OUTCOME_UNKNOWN)
 DEFAULT_LEASE_SECONDS: Final = 15.0
 DEFAULT_SEND_TIMEOUT_SECONDS: Final = 60.0
@@ -350,12 +350,19 @@ class SqliteLedger:
         return LedgerEntry(order, state, current.fingerprint, current.owner, error_outcome)
 
     async def settle(
-        self, request_id: str, state: OrderState, *, numbers: Sequence[str], note: str
+        self,
+        request_id: str,
+        state: OrderState,
+        *,
+        numbers: Sequence[str],
+        note: str,
+        actor: str,
     ) -> LedgerEntry:
-        """Record a reconciled outcome for an order whose outcome is unknown.
+        """Record a reconciled outcome for an order whose outcome is unknown, and who did.
 
         Raises:
-            SettleError: no such order, or its outcome is already known.
+            OrderNotFound: no such order.
+            SettleError: its outcome is not unknown, or the outcome or numbers are invalid.
         """
         if state not in (OrderState.FULFILLED, OrderState.FAILED):
             raise SettleError("an order settles as fulfilled or failed")
@@ -364,26 +371,26 @@ class SqliteLedger:
         if state is OrderState.FAILED and numbers:
             raise SettleError("a failed order rented no numbers")
         for number in numbers:
-            digits = number.removeprefix("+")
-            if not (digits.isascii() and digits.isdigit() and len(digits) in _E164_DIGITS):
+            if not is_e164(number):
                 raise SettleError(f"not an E.164 number: {number!r}")
 
         def settle() -> LedgerEntry:
             entry = self._entry(self._conn(), request_id)
             if entry is None:
-                raise SettleError(f"no order with request id {request_id}")
+                raise OrderNotFound(f"no order with request id {request_id}")
             order = entry.order
             del order.numbers[:]
             order.numbers.extend(
                 pb.RentedNumber(
                     number=n.removeprefix("+"),
-                    e164="+" + n.removeprefix("+"),
+                    e164=n,
                     status=pb.RENTED_NUMBER_STATUS_SUCCESS,
                     upstream_status="settled",
                 )
                 for n in numbers
             )
-            order.status_message = f"settled as {state.value}: {note}"
+            # The status message is also the audit event's detail: it names who settled.
+            order.status_message = f"settled as {state.value} by {actor}: {note}"
             # Not from `sending`: that order's POST may still be out, and a settlement as
             # failed would free its id for a second POST. A heartbeat turns the `sending` rows
             # of an owner proven gone (lease and send deadline passed) into `outcome_unknown`.

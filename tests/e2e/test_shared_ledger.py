@@ -55,7 +55,7 @@ async def _settle(path: Path, request_id: str, *how: str) -> tuple[int, str]:
     """`numbersvc orders settle` as an operator runs it on the server's host."""
     process = await asyncio.create_subprocess_exec(
         *(sys.executable, "-m", "numbersvc", "orders", "settle", request_id, *how),
-        *("--ledger", str(path), "--note", "console"),
+        *("--offline", "--ledger", str(path), "--note", "console"),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )

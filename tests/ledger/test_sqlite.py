@@ -81,7 +81,7 @@ class TestSchema:
             try:
                 assert await ledger.get("r-1") is None
                 await seed(ledger, "r-1", OrderState.OUTCOME_UNKNOWN, quantity=2)
-                await ledger.settle("r-1", OrderState.FAILED, numbers=[], note="n")
+                await ledger.settle("r-1", OrderState.FAILED, numbers=[], note="n", actor="ops")
                 assert await ledger.list(OrderQuery(), after=None, limit=5) == (
                     [await entry_of(ledger, "r-1")],
                     1,
@@ -425,7 +425,7 @@ class TestTransactions:
             update = asyncio.create_task(
                 ledger.finish(order, OrderState.FULFILLED)
                 if how == "finish"
-                else ledger.settle("r-1", OrderState.FAILED, numbers=[], note="n")
+                else ledger.settle("r-1", OrderState.FAILED, numbers=[], note="n", actor="ops")
             )
             await asyncio.sleep(0.3)
             assert not update.done()
@@ -450,7 +450,7 @@ class TestTransactions:
             "    ledger = await SqliteLedger.open(sys.argv[1])\n"
             "    try:\n"
             "        entry = await ledger.settle(sys.argv[2], OrderState.FULFILLED,\n"
-            "                                    numbers=sys.argv[3:], note='by cli')\n"
+            "                                    numbers=sys.argv[3:], note='n', actor='cli:ops')\n"
             "        print(entry.state.value)\n"
             "    except SettleError as exc:\n"
             "        print('refused:', exc)\n"
@@ -458,11 +458,11 @@ class TestTransactions:
             "        await ledger.close()\n"
             "asyncio.run(main())\n"
         )
-        out = await _run_python(script, str(sqlite.path), "r-1", "+14155550100", "14155550101")
+        out = await _run_python(script, str(sqlite.path), "r-1", "+14155550100", "+14155550101")
         assert out.strip() == "fulfilled"
         entry = await entry_of(ledger, "r-1")
         assert entry.state is OrderState.FULFILLED
-        assert entry.order.status_message == "settled as fulfilled: by cli"
+        assert entry.order.status_message == "settled as fulfilled by cli:ops: n"
         assert [n.e164 for n in entry.order.numbers] == ["+14155550100", "+14155550101"]
         out = await _run_python(script, str(sqlite.path), "r-2", "+14155550102")
         assert out.strip() == "refused: order r-2 is fulfilled: nothing to settle"
