@@ -20,7 +20,7 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Final, TypeVar
+from typing import Final, TypedDict, TypeVar, Unpack
 
 from numbersvc.ledger import (
     STATUS_OF,
@@ -36,7 +36,7 @@ from numbersvc.ledger import (
 from numbersvc.v1 import number_groups_pb2 as pb
 from numbersvc.validation import OrderKey, OrderQuery, is_e164
 
-__all__ = ["SqliteLedger"]
+__all__ = ["LedgerOptions", "SqliteLedger"]
 
 _log = logging.getLogger("numbersvc.orders")
 _T = TypeVar("_T")
@@ -100,6 +100,14 @@ _KEPT_ON_RETRY: Final = frozenset({"request_id", "create_time_ns"})
 _COLUMNS: Final = "order_proto, state, fingerprint, owner, error_outcome"
 
 
+class LedgerOptions(TypedDict, total=False):
+    """The keyword arguments of `SqliteLedger` (and of `SqliteLedger.open`)."""
+
+    clock_ns: Callable[[], int]
+    lease_seconds: float
+    send_timeout_seconds: float
+
+
 class SqliteLedger:
     """The ledger on one SQLite file (or `:memory:`), in WAL mode with `synchronous=FULL`.
 
@@ -138,26 +146,18 @@ class SqliteLedger:
         self._leased = False
 
     @classmethod
-    async def open(
-        cls,
-        path: str | Path,
-        *,
-        clock_ns: Callable[[], int] = time.time_ns,
-        lease_seconds: float = DEFAULT_LEASE_SECONDS,
-        send_timeout_seconds: float = DEFAULT_SEND_TIMEOUT_SECONDS,
-    ) -> SqliteLedger:
+    async def open(cls, path: str | Path, **options: Unpack[LedgerOptions]) -> SqliteLedger:
         """Open (creating or upgrading if needed) the ledger at `path` and register a lease.
+
+        Args:
+            path: as for the constructor.
+            options: the constructor's keyword arguments.
 
         Raises:
             LedgerSchemaError: the file was written by a newer numbersvc.
             sqlite3.Error: the file cannot be opened or written.
         """
-        ledger = cls(
-            path,
-            clock_ns=clock_ns,
-            lease_seconds=lease_seconds,
-            send_timeout_seconds=send_timeout_seconds,
-        )
+        ledger = cls(path, **options)
         try:
             await ledger._run(ledger._connect)
         except BaseException:
