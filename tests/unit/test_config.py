@@ -72,6 +72,8 @@ def test_empty_env_values_keep_defaults() -> None:
         ({"NUMBERSVC_MAX_HEALTH_WATCHES": "0"}, "MAX_HEALTH_WATCHES must be at least 1"),
         ({"NUMBERSVC_UPSTREAM_HTTP_STACK": "curl"}, "cannot read"),
         ({"NUMBERSVC_LOG_FORMAT": "xml"}, "is not text or json"),
+        ({"NUMBERSVC_INSTANCE_LEASE_SECONDS": "0"}, "LEASE_SECONDS must be positive"),
+        ({"NUMBERSVC_INSTANCE_LEASE_SECONDS": "-2"}, "LEASE_SECONDS must be a finite"),
     ],
 )
 def test_bad_values(env: dict[str, str], message: str) -> None:
