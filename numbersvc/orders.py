@@ -265,7 +265,8 @@ class RentDesk:
                 params.group_id,
                 translation.rent_body(params),
                 timeout_seconds=self._timeout,
-                max_wait_seconds=budget,
+                # Bounded, so the ledger's send deadline bounds the POST (see server.py).
+                max_wait_seconds=min(budget, self._timeout),
             )
         )
         stopping = asyncio.ensure_future(self._stopping.wait())

@@ -254,13 +254,20 @@ class NumberGroupServicer(pb_grpc.NumberGroupServiceServicer):
     ) -> pb.ListRentalOrdersResponse:
         """Return one page of orders from the ledger, oldest first."""
         params = validation.validate_list_orders(request)
+        # One more than the page: whether it comes back says whether a next page exists.
         entries, total = await self._ledger.list(
-            params.query, offset=params.offset, limit=params.page_size
+            params.query, after=params.after, limit=params.page_size + 1
         )
-        end = params.offset + len(entries)
+        page = entries[: params.page_size]
+        token = ""
+        if len(entries) > params.page_size:
+            last = page[-1].order
+            token = paging.encode_order_token(
+                last.create_time.ToNanoseconds(), last.request_id, params.query.key
+            )
         return pb.ListRentalOrdersResponse(
-            orders=[entry.order for entry in entries],
-            next_page_token=paging.encode_page_token(end, params.query.key) if end < total else "",
+            orders=[entry.order for entry in page],
+            next_page_token=token,
             total_size=_int32(total),
         )
 

@@ -38,6 +38,19 @@ def _rent(group_id: str, request_id: str, **fields: object) -> pb.RentNumbersReq
     return pb.RentNumbersRequest(group_id=group_id, request_id=request_id, **fields)  # type: ignore[arg-type]
 
 
+async def _walk(stub: Stub, request: pb.ListRentalOrdersRequest, *, total: int) -> list[str]:
+    """The request ids of every page from `request` on, each page saying `total` in all."""
+    seen: list[str] = []
+    for _ in range(total + 1):
+        page = await stub.ListRentalOrders(request)
+        assert page.total_size == total
+        seen += [o.request_id for o in page.orders]
+        if not page.next_page_token:
+            return seen
+        request.page_token = page.next_page_token
+    raise AssertionError(f"more pages than the {total} orders")
+
+
 async def _error(call: object) -> grpc.aio.AioRpcError:
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await call  # type: ignore[misc]
@@ -273,16 +286,7 @@ class TestOrderLookups:
         await control.inject_fault(FaultSpec(FaultKind.STATUS, status=403, operation="rent"))
         await _error(stub.RentNumbers(_rent(group_id, ids[4])))
 
-        request = pb.ListRentalOrdersRequest(page_size=2)
-        seen: list[str] = []
-        while True:
-            page = await stub.ListRentalOrders(request)
-            assert page.total_size == 5
-            seen += [o.request_id for o in page.orders]
-            if not page.next_page_token:
-                break
-            request.page_token = page.next_page_token
-        assert seen == ids
+        assert await _walk(stub, pb.ListRentalOrdersRequest(page_size=2), total=5) == ids
 
         failed = await stub.ListRentalOrders(
             pb.ListRentalOrdersRequest(
@@ -298,6 +302,31 @@ class TestOrderLookups:
             pb.ListRentalOrdersRequest(filter=pb.RentalOrderFilter(start_time=later))
         )
         assert (list(none.orders), none.total_size) == ([], 0)
+
+    async def test_an_id_reused_mid_walk_is_neither_skipped_nor_repeated(
+        self, stub: Stub, control: SandboxControl
+    ) -> None:
+        # Issue 12 item 5: a retry of a failed id between two pages moved it to the end.
+        group_id = await _group(stub)
+        ids = [str(uuid.uuid4()) for _ in range(5)]
+        for index, request_id in enumerate(ids):
+            if index == 1:
+                await control.inject_fault(
+                    FaultSpec(FaultKind.STATUS, status=403, operation="rent")
+                )
+                await _error(stub.RentNumbers(_rent(group_id, request_id)))
+            else:
+                await stub.RentNumbers(_rent(group_id, request_id))
+        request = pb.ListRentalOrdersRequest(page_size=2)
+        first = await stub.ListRentalOrders(request)
+        assert [o.request_id for o in first.orders] == ids[:2]
+        assert first.orders[1].status == pb.ORDER_STATUS_FAILED
+        retried = (await stub.RentNumbers(_rent(group_id, ids[1]))).order
+        assert retried.status == pb.ORDER_STATUS_FULFILLED
+        request.page_token = first.next_page_token
+        rest = await _walk(stub, request, total=5)
+        assert [o.request_id for o in first.orders] + rest == ids
+        assert retried.create_time == first.orders[1].create_time
 
     async def test_list_token_is_bound_to_its_filter(self, stub: Stub) -> None:
         group_id = await _group(stub)
