@@ -360,12 +360,7 @@ class PostgresLedger:
                 entry = await _entry(conn, order.request_id)
                 if entry is None:
                     raise
-                _log.error(
-                    "order %s was settled while in flight; Plivo's answer was %s: %s",
-                    order.request_id,
-                    state.value,
-                    rules.describe(order),
-                )
+                rules.late_answer(order, state)
                 return entry
 
     async def settle(
