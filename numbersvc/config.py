@@ -16,14 +16,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+# NOTE: every CLI command imports this module, so it imports nothing that loads httpx,
+# aiohttp, grpc, protobuf or asyncio (a test checks): see `numbersvc.upstream.defaults`.
 from numbersvc.callers import CALLERS_FILE_ENV
-from numbersvc.ledger import default_ledger_path
-from numbersvc.logs import LOG_FORMATS
-from numbersvc.upstream.client import DEFAULT_BASE_URL
-from numbersvc.upstream.ratelimit import parse_rate
-from numbersvc.upstream.transport import HttpStack
+from numbersvc.upstream.defaults import DEFAULT_BASE_URL, HttpStack
 
 __all__ = [
+    "DEFAULT_SANDBOX_SEED",
+    "LOG_FORMATS",
     "Config",
     "ConfigError",
     "Secret",
@@ -34,6 +34,12 @@ __all__ = [
     "parse_host_port",
     "settings",
 ]
+
+
+DEFAULT_SANDBOX_SEED: Final = 7
+"""The seed of the embedded sandbox's inventory, and of `numbersvc sandbox`'s."""
+LOG_FORMATS: Final = ("text", "json")
+"""The values of NUMBERSVC_LOG_FORMAT (`numbersvc.logs` renders them)."""
 
 
 class ConfigError(ValueError):
@@ -115,7 +121,9 @@ class Config:
         "", "PLIVO_AUTH_TOKEN_FILE", "file holding the Plivo Auth Token (a mounted Secret)"
     )
     plivo_base_url: str = _s(DEFAULT_BASE_URL, "PLIVO_BASE_URL", "Plivo API base URL")
-    sandbox_seed: int = _s(7, "NUMBERSVC_SANDBOX_SEED", "seed of the embedded sandbox's inventory")
+    sandbox_seed: int = _s(
+        DEFAULT_SANDBOX_SEED, "NUMBERSVC_SANDBOX_SEED", "seed of the embedded sandbox's inventory"
+    )
     default_deadline_seconds: float = _s(
         10.0, "NUMBERSVC_DEFAULT_DEADLINE_SECONDS", "budget for a call that carries no deadline"
     )
@@ -224,6 +232,8 @@ class Config:
             if getattr(self, name) < 0:
                 env = _setting_named(name).env
                 raise ConfigError(f"{env} must be 0 ({what}) or positive")
+        from numbersvc.upstream.ratelimit import parse_rate  # here: it loads asyncio
+
         try:
             parse_rate(self.upstream_rate)
         except ValueError as exc:
@@ -248,6 +258,8 @@ class Config:
         """
         if self.ledger_path:
             return self.ledger_path
+        from numbersvc.ledger import default_ledger_path  # here: the ledger loads protobuf
+
         name = "ledger.sqlite3"
         if self.resolved_upstream() is UpstreamKind.SANDBOX:
             name = "ledger-sandbox.sqlite3"

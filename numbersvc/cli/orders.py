@@ -11,30 +11,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import functools
 import getpass
 import os
-import re
 import sqlite3
 import sys
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final, NoReturn
 
 import grpc
-from google.protobuf import timestamp_pb2
 
 from numbersvc.cli import client, render
-from numbersvc.cli.options import (
-    DEFAULT_DEADLINE_SECONDS,
-    add_client_options,
-    add_command,
-    add_page_options,
-    comma_choices,
-    exit_code_table,
-    exit_codes_epilog,
-)
+from numbersvc.cli.orders_parser import CANNOT_SETTLE, EXIT_CANNOT_SETTLE
 from numbersvc.config import Config, ConfigError
 from numbersvc.ledger import LedgerEntry, OrderState, SettleError, SqliteLedger
 from numbersvc.v1 import number_groups_pb2 as pb
@@ -43,19 +31,14 @@ from numbersvc.v1 import number_groups_pb2_grpc as pb_grpc
 __all__ = [
     "CANNOT_SETTLE",
     "EXIT_CANNOT_SETTLE",
-    "add_orders_command",
     "get_order",
     "list_all_orders",
     "list_orders",
+    "settle_command",
     "settle_order",
 ]
 
-EXIT_CANNOT_SETTLE: Final = 1
-CANNOT_SETTLE: Final = "the order cannot be settled (orders settle)"
-"""What exit code `EXIT_CANNOT_SETTLE` means, as the exit-code tables say it."""
 _SETTLE_AS: Final = {"fulfilled": OrderState.FULFILLED, "failed": OrderState.FAILED}
-# E.164: a `+`, then up to 15 ASCII digits, the first (a country code's) never 0.
-_E164: Final = re.compile(r"\+[1-9][0-9]{1,14}")
 
 
 def list_orders(
@@ -204,129 +187,8 @@ async def _settle(
         await ledger.close()
 
 
-def add_orders_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add `orders` with its subcommands `list`, `get` and `settle` to the top-level parser."""
-    group = add_command(
-        commands,
-        "orders",
-        "list, show and settle rental orders",
-        "Rental orders from the server's order ledger: list and get ask the server; settle"
-        " writes to the ledger file itself, where the server runs.",
-        epilog=exit_codes_epilog((EXIT_CANNOT_SETTLE, CANNOT_SETTLE)),
-    )
-    subcommands = group.add_subparsers(title="commands", metavar="COMMAND", required=True)
-
-    list_ = add_command(
-        subcommands,
-        "list",
-        "print rental orders, oldest first",
-        "List rental orders from the server's ledger, oldest first: one page, or every page"
-        " with --all. With --json, the response; with --all --json, one order per line.",
-    )
-    list_.add_argument(
-        "--status",
-        dest="statuses",
-        type=comma_choices(render.ORDER_STATUSES, "status"),
-        default=[],
-        metavar="STATUS,...",
-        help=f"comma-separated statuses to list: {', '.join(render.ORDER_STATUSES)}"
-        " (a status the server does not know) (default: every status)",
-    )
-    list_.add_argument(
-        "--since",
-        type=_timestamp,
-        metavar="ISO8601",
-        help="orders created at or after this date or time, such as 2026-05-01 or"
-        " 2026-05-01T09:30:00+02:00; UTC when no offset is given (default: the first)",
-    )
-    list_.add_argument(
-        "--until",
-        type=_timestamp,
-        metavar="ISO8601",
-        help="orders created before this date or time, as --since (default: the latest)",
-    )
-    add_page_options(
-        list_,
-        size_help="orders per page, 1 to 1000 (default: the server's, 100)",
-        token_help="a next-page token from an earlier orders list (default: the first page)",
-    )
-    # NOTE: --all swaps the command that runs; the request is the same.
-    list_.add_argument(
-        "--all",
-        dest="client_command",
-        action="store_const",
-        const=list_all_orders,
-        help="follow next-page tokens to the last page (at most the total the server counts)",
-    )
-    add_client_options(list_, DEFAULT_DEADLINE_SECONDS, deadline_note="; with --all, each page")
-    list_.set_defaults(client_command=list_orders, build_request=_list_request)
-
-    get = add_command(subcommands, "get", "print one rental order", "Get one rental order.")
-    get.add_argument("request_id", metavar="REQUEST_ID", help="the order's request id (a UUID)")
-    add_client_options(get, DEFAULT_DEADLINE_SECONDS)
-    get.set_defaults(client_command=get_order, build_request=_get_request)
-
-    _add_settle(subcommands)
-
-
-def _add_settle(subcommands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    settle = add_command(
-        subcommands,
-        "settle",
-        "record the outcome of an order whose outcome is unknown (operator)",
-        "Record what the Plivo console shows for an order whose outcome is unknown. This is"
-        " an operator's command: it calls no server but opens the order ledger file itself,"
-        " so run it where the server keeps its ledger, for example in the server's pod with"
-        " kubectl exec. Settled as failed, the request id may be used to rent again; settled"
-        " as fulfilled, a rent repeated with it returns the order. Only an order whose outcome"
-        " is unknown can be settled, once.",
-        epilog=exit_code_table(
-            [
-                (client.EXIT_OK, "the order is settled (and printed)"),
-                (
-                    EXIT_CANNOT_SETTLE,
-                    "the order cannot be settled: no ledger at the path, no order with that"
-                    " id, or its outcome is already known",
-                ),
-                (client.EXIT_USAGE, "usage error, or a bad configuration"),
-            ]
-        ),
-    )
-    settle.add_argument("request_id", metavar="REQUEST_ID", help="the order's request id (a UUID)")
-    settle.add_argument(
-        "--as",
-        dest="outcome",
-        required=True,
-        choices=list(_SETTLE_AS),
-        help="the outcome the Plivo console shows: fulfilled (numbers were rented) or failed"
-        " (nothing was rented) (required)",
-    )
-    settle.add_argument(
-        "--numbers",
-        type=_e164_numbers,
-        default=[],
-        metavar="+14155550100,...",
-        help="comma-separated numbers rented, in E.164; required with --as fulfilled,"
-        " refused with --as failed",
-    )
-    settle.add_argument(
-        "--note",
-        default="",
-        metavar="TEXT",
-        help="how the outcome was learned, kept in the ledger (default: by <user>)",
-    )
-    settle.add_argument(
-        "--ledger",
-        default="",
-        metavar="PATH",
-        help="the ledger file (default: the server's, from the same environment: env"
-        " NUMBERSVC_LEDGER_PATH, else $XDG_STATE_HOME/numbersvc/ledger[-sandbox].sqlite3,"
-        " -sandbox when the server would use its sandbox)",
-    )
-    settle.set_defaults(local_command=functools.partial(_settle_command, usage=settle.error))
-
-
-def _settle_command(args: argparse.Namespace, *, usage: Callable[[str], NoReturn]) -> int:
+def settle_command(args: argparse.Namespace, *, usage: Callable[[str], NoReturn]) -> int:
+    """Run `numbersvc orders settle`: check the flags, find the ledger, settle the order."""
     state = _SETTLE_AS[args.outcome]
     if state is OrderState.FULFILLED and not args.numbers:
         usage("--as fulfilled needs the numbers rented: --numbers +14155550100,...")
@@ -353,40 +215,3 @@ def _user() -> str:
         return getpass.getuser()
     except (KeyError, OSError):  # no login name, and a uid without a passwd entry
         return f"uid {os.getuid()}"
-
-
-def _timestamp(raw: str) -> timestamp_pb2.Timestamp:
-    try:
-        moment = datetime.fromisoformat(raw.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an ISO 8601 date or time: {raw!r}") from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    stamp = timestamp_pb2.Timestamp()
-    stamp.FromDatetime(moment)
-    return stamp
-
-
-def _e164_numbers(raw: str) -> list[str]:
-    numbers = [n.strip() for n in raw.split(",") if n.strip()]
-    bad = [n for n in numbers if not _E164.fullmatch(n)]
-    if bad or not numbers:
-        named = ", ".join(map(repr, bad)) or "none"
-        raise argparse.ArgumentTypeError(
-            f"not an E.164 number: {named} (+ then the country code and number, digits only)"
-        )
-    return list(dict.fromkeys(numbers))
-
-
-def _list_request(args: argparse.Namespace) -> pb.ListRentalOrdersRequest:
-    return pb.ListRentalOrdersRequest(
-        filter=pb.RentalOrderFilter(
-            statuses=args.statuses, start_time=args.since, end_time=args.until
-        ),
-        page_size=args.page_size,
-        page_token=args.page_token,
-    )
-
-
-def _get_request(args: argparse.Namespace) -> pb.GetRentalOrderRequest:
-    return pb.GetRentalOrderRequest(request_id=args.request_id)

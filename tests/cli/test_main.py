@@ -382,7 +382,7 @@ def test_client_commands_dispatch_to_their_client_function(
     argv: list[str], command: Callable[..., int]
 ) -> None:
     args = main.build_parser().parse_args(argv)
-    assert args.client_command is command
+    assert args.client_command.resolve() is command
 
 
 def test_python_dash_m_numbersvc_runs_the_cli() -> None:
@@ -395,3 +395,29 @@ def test_python_dash_m_numbersvc_runs_the_cli() -> None:
     )
     assert done.returncode == 0
     assert done.stdout.startswith("numbersvc ")
+
+
+# What `--version` and `--help` must not load: each costs a tenth of a second or more.
+HEAVY_MODULES = ("grpc", "httpx", "aiohttp", "google.protobuf", "asyncio")
+
+
+@pytest.mark.parametrize(
+    "argv", [["--version"], ["--help"], ["list", "--help"], ["serve", "--help"]]
+)
+def test_version_and_help_import_nothing_heavy(argv: list[str]) -> None:
+    # A fresh interpreter: this one has imported everything already.
+    script = (
+        "import sys\n"
+        "from numbersvc.cli import main\n"
+        "try:\n"
+        f"    main.main({argv!r})\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        f"heavy = {HEAVY_MODULES!r}\n"
+        "print(sorted(m for m in sys.modules if m.startswith(heavy)), file=sys.stderr)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.strip() == "[]"
