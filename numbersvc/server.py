@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from grpc_reflection.v1alpha import reflection
 
 from numbersvc import __version__
 from numbersvc.callers import Callers
-from numbersvc.config import Config, UpstreamKind, parse_host_port
+from numbersvc.config import Config, ConfigError, UpstreamKind, parse_host_port
 from numbersvc.gatekeeper import READ, RENT, Gatekeeper
 from numbersvc.interceptors import AccessLog, ObservingInterceptor, current_call, upstream_headers
 from numbersvc.ledger import OrderLedger, SqliteLedger
@@ -104,8 +105,9 @@ async def create_server(config: Config) -> RunningServer:
     again before the error propagates.
 
     Raises:
-        ConfigError: the upstream settings contradict each other.
-        OSError, RuntimeError: an address cannot be bound.
+        ConfigError: the upstream settings contradict each other, or the gRPC or metrics
+            address cannot be bound.
+        OSError: a file named by a setting (TLS) cannot be read.
         sqlite3.Error: the ledger cannot be opened.
     """
     kind = config.resolved_upstream()
@@ -144,7 +146,7 @@ async def create_server(config: Config) -> RunningServer:
             reflection.enable_server_reflection(
                 (SERVICE_NAME, _HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), server
             )
-        port = _bind(server, config, callers)
+        port = _listen(server, config, callers)
         await server.start()
         undo.push_async_callback(server.stop, None)
         for name in ("", SERVICE_NAME):
@@ -256,6 +258,18 @@ def _bind(server: grpc.aio.Server, config: Config, callers: Callers | None) -> i
     return server.add_secure_port(config.listen, credentials)
 
 
+def _listen(server: grpc.aio.Server, config: Config, callers: Callers | None) -> int:
+    """`_bind`, with a port that cannot be had reported as the setting that named it."""
+    try:
+        return _bind(server, config, callers)
+    except RuntimeError as exc:  # grpc says only "Failed to bind" (the cause goes to its log)
+        raise ConfigError(
+            f"NUMBERSVC_LISTEN: cannot listen on {config.listen}: the address is in use by"
+            " another process (another numbersvc?) or is not this host's; pick another with"
+            " --listen HOST:PORT (port 0: any free one)"
+        ) from exc
+
+
 def _grpc_server(
     config: Config, interceptors: Sequence[grpc.aio.ServerInterceptor]
 ) -> grpc.aio.Server:
@@ -291,7 +305,16 @@ async def _metrics_server(config: Config, metrics: Metrics) -> MetricsServer | N
         return None
     host, port = parse_host_port(config.metrics_listen)
     server = MetricsServer(metrics, host, port)
-    await server.start()
+    try:
+        await server.start()
+    except OSError as exc:
+        await server.stop()
+        raise ConfigError(
+            f"NUMBERSVC_METRICS_LISTEN: cannot listen on {config.metrics_listen}:"
+            f" {os.strerror(exc.errno) if exc.errno else exc} (another numbersvc?); pick another"
+            " with --metrics-listen HOST:PORT (port 0: any free one), or turn metrics off with"
+            " --metrics-listen off"
+        ) from exc
     _log.info("metrics on http://%s:%d/metrics", host, server.port)
     return server
 

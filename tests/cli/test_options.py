@@ -75,9 +75,10 @@ def test_positive_numbers_refuse_the_rest(parse: object, raw: str) -> None:
 
 
 def test_rpc_code_names_are_grpcs_status_codes() -> None:
-    assert tuple(
-        code.name for code in sorted(grpc.StatusCode, key=lambda code: code.value[0])
-    ) == options.RPC_CODE_NAMES
+    assert (
+        tuple(code.name for code in sorted(grpc.StatusCode, key=lambda code: code.value[0]))
+        == options.RPC_CODE_NAMES
+    )
     assert [code.value[0] for code in grpc.StatusCode] == list(range(len(grpc.StatusCode)))
 
 
