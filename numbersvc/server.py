@@ -265,8 +265,8 @@ def _listen(server: grpc.aio.Server, config: Config, callers: Callers | None) ->
     except RuntimeError as exc:  # grpc says only "Failed to bind" (the cause goes to its log)
         raise ConfigError(
             f"NUMBERSVC_LISTEN: cannot listen on {config.listen}: the address is in use by"
-            " another process (another numbersvc?) or is not this host's; pick another with"
-            " --listen HOST:PORT (port 0: any free one)"
+            " another process (another numbersvc?) or is not this host's; set another HOST:PORT"
+            " (port 0: any free one) with NUMBERSVC_LISTEN or --listen"
         ) from exc
 
 
@@ -311,9 +311,9 @@ async def _metrics_server(config: Config, metrics: Metrics) -> MetricsServer | N
         await server.stop()
         raise ConfigError(
             f"NUMBERSVC_METRICS_LISTEN: cannot listen on {config.metrics_listen}:"
-            f" {os.strerror(exc.errno) if exc.errno else exc} (another numbersvc?); pick another"
-            " with --metrics-listen HOST:PORT (port 0: any free one), or turn metrics off with"
-            " --metrics-listen off"
+            f" {os.strerror(exc.errno) if exc.errno else exc} (another numbersvc?); set another"
+            " HOST:PORT (port 0: any free one), or off, with NUMBERSVC_METRICS_LISTEN or"
+            " --metrics-listen"
         ) from exc
     _log.info("metrics on http://%s:%d/metrics", host, server.port)
     return server

@@ -67,7 +67,7 @@ async def test_a_taken_grpc_port_names_numbersvc_listen() -> None:
     async with _first_server() as (port, _):
         line = await _fails({}, "--listen", f"127.0.0.1:{port}", "--metrics-listen", "off")
     assert f"NUMBERSVC_LISTEN: cannot listen on 127.0.0.1:{port}" in line
-    assert "--listen" in line
+    assert "NUMBERSVC_LISTEN or --listen" in line
 
 
 async def test_a_taken_metrics_port_names_numbersvc_metrics_listen() -> None:
