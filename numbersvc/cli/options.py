@@ -21,6 +21,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Final
 
+from numbersvc.config import parse_host_port
+
 __all__ = [
     "DEFAULT_DEADLINE_SECONDS",
     "DEFAULT_TARGET",
@@ -47,6 +49,7 @@ __all__ = [
     "positive_float",
     "positive_int",
     "rpc_exit_code",
+    "target",
 ]
 
 EXIT_OK: Final = 0
@@ -208,6 +211,7 @@ def add_client_options(
     """Add `--target` (default from the environment, read now), `--deadline` and `--json`."""
     parser.add_argument(
         "--target",
+        type=target,
         default=os.environ.get(TARGET_ENV) or DEFAULT_TARGET,
         metavar="HOST:PORT",
         help=f"the numbersvc server (env {TARGET_ENV}; default: {DEFAULT_TARGET})",
@@ -225,6 +229,31 @@ def add_client_options(
         help="print the response as JSON (proto field names) instead of a table",
     )
     _add_transport_options(parser)
+
+
+def target(raw: str) -> str:
+    """Check a `--target` (an argparse `type`): HOST:PORT, or a gRPC URI such as `unix:PATH`.
+
+    NOTE: gRPC reads a target without a port as port 443, so `localhost` would quietly miss
+    a server on 50051: a port is required.
+    """
+    text = raw.strip()
+    if ":/" in text or text.startswith("unix:"):  # dns:///h:p, ipv4:h:p, unix:path: as given
+        return text
+    try:
+        parse_host_port(text)
+    except ValueError:
+        host, colon, port = text.rpartition(":")
+        if colon and port:  # a port, but not a number from 0 to 65535
+            problem = f"{raw!r} is not HOST:PORT"
+        else:
+            host = host or port
+            problem = f"no port in {raw!r} (gRPC would use 443)"
+        raise argparse.ArgumentTypeError(
+            f"{problem}: give HOST:PORT, such as {host or '127.0.0.1'}:50051 (--target or"
+            f" {TARGET_ENV})"
+        ) from None
+    return text
 
 
 def positive_int(raw: str) -> int:

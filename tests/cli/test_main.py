@@ -117,6 +117,29 @@ def test_target_comes_from_the_environment_and_the_flag_wins(
     assert parser().parse_args(["get", "1", "--target", "h:1"]).target == "h:1"
 
 
+@pytest.mark.parametrize(
+    ("target", "message"),
+    [
+        (
+            "localhost",
+            "no port in 'localhost' (gRPC would use 443): give HOST:PORT, such as localhost:50051",
+        ),
+        ("localhost:", "no port in 'localhost:'"),
+        ("h:99999", "'h:99999' is not HOST:PORT"),
+    ],
+)
+def test_a_target_without_a_port_is_a_usage_error(
+    target: str, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert exit_status(["get", "1", "--target", target]) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("target", ["[::1]:50051", "dns:///localhost:50051", "unix:/run/s.sock"])
+def test_targets_with_a_port_or_a_scheme_are_taken_as_given(target: str) -> None:
+    assert main.build_parser().parse_args(["get", "1", "--target", target]).target == target
+
+
 def test_deadline_defaults_are_10_s_and_30_s_for_rent() -> None:
     parser = main.build_parser()
     assert parser.parse_args(["get", "1"]).deadline == 10.0
