@@ -1,11 +1,11 @@
 """The Node.js client (`clients/node/check.mjs`) against a real `numbersvc serve` process.
 
-The process serves its embedded sandbox on a port the OS chose. The Node client lists, streams,
-gets, rents and sends one invalid request, and prints what it saw as JSON; the test compares
-that with what the Python client sees on the same server: the same groups in the same order,
-the same exact money, the same order, the same rich error. A second test generates the Node
-stubs from `buf.gen.yaml` into a temporary directory and loads them in Node, so `make gen-node`
-cannot rot unseen.
+The process serves its embedded sandbox on a port the OS chose. The Node client lists,
+streams, gets, rents (only with `--rent`) and sends one invalid request, and prints what it
+saw as JSON; the test compares that with what the Python client sees on the same server: the
+same groups in the same order, the same exact money, the same order, the same rich error. A
+second test generates the Node stubs from `buf.gen.yaml` into a temporary directory and loads
+them in Node, so `make gen-node` cannot rot unseen.
 """
 
 from __future__ import annotations
@@ -121,7 +121,9 @@ async def _walk(stub: pb_grpc.NumberGroupServiceAsyncStub) -> tuple[list[str], i
 
 async def test_node_client_sees_what_python_sees(node: str, port: int) -> None:
     request_id = str(uuid.uuid4())
-    out = await _run(node, _CHECK, "--target", f"127.0.0.1:{port}", "--request-id", request_id)
+    out = await _run(
+        node, _CHECK, "--target", f"127.0.0.1:{port}", "--rent", "--request-id", request_id
+    )
     seen = json.loads(out)
 
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
@@ -186,6 +188,16 @@ async def test_node_client_sees_what_python_sees(node: str, port: int) -> None:
     assert [(v["field"], v["description"]) for v in violations] == [
         (v.field, v.description) for v in details["BadRequest"].field_violations
     ]
+
+
+async def test_node_client_rents_only_when_asked(node: str, port: int) -> None:
+    seen = json.loads(await _run(node, _CHECK, "--target", f"127.0.0.1:{port}"))
+    assert seen["rent"] is None
+    assert seen["get"]["group_id"]  # the reads ran
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = pb_grpc.NumberGroupServiceStub(channel)
+        orders = await stub.ListRentalOrders(pb.ListRentalOrdersRequest())
+    assert orders.total_size == 0
 
 
 # Loads the generated module, lists the service's methods and encodes one request.
