@@ -13,10 +13,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import os
-import re
 import shutil
-import sys
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -29,13 +26,12 @@ from google.type import money_pb2
 from numbersvc.v1 import number_groups_pb2 as pb
 from numbersvc.v1 import number_groups_pb2_grpc as pb_grpc
 from tests import richstatus
+from tests.polyglot import serving
 
 _ROOT = Path(__file__).resolve().parents[2]
 _CHECK = _ROOT / "clients" / "node" / "check.mjs"
 _BUF = _ROOT / "node_modules" / ".bin" / "buf"
 _NODE_PACKAGES = ("@grpc/grpc-js", "@grpc/proto-loader", "protobufjs", "@bufbuild/protoc-gen-es")
-_SERVING = re.compile(rb"serving on 127\.0\.0\.1:(\d+)")
-_START_TIMEOUT_SECONDS = 20
 _CHILD_TIMEOUT_SECONDS = 30
 # The search check.mjs runs (its FILTER and PAGE_SIZE).
 _FILTER = pb.SearchFilter(region_code="US", region="NY")
@@ -56,33 +52,8 @@ def node() -> str:
 @pytest.fixture
 async def port() -> AsyncIterator[int]:
     """The port of a `numbersvc serve` process on its embedded sandbox, killed afterwards."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PLIVO_", "NUMBERSVC_"))}
-    env["NUMBERSVC_LEDGER_PATH"] = ":memory:"
-    env["NUMBERSVC_METRICS_LISTEN"] = "off"  # no fixed port to fight over with other servers
-    process = await asyncio.create_subprocess_exec(
-        *(sys.executable, "-m", "numbersvc", "serve", "--listen", "127.0.0.1:0"),
-        env=env,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    assert process.stderr is not None
-    stderr = b""
-    drain: asyncio.Task[bytes] | None = None
-    try:
-        async with asyncio.timeout(_START_TIMEOUT_SECONDS):
-            while not (match := _SERVING.search(stderr)):
-                line = await process.stderr.readline()
-                assert line, f"server exited early:\n{stderr.decode()}"
-                stderr += line
-        # Keep reading the access log, so a full pipe never blocks the server.
-        drain = asyncio.create_task(process.stderr.read())
-        yield int(match.group(1))
-    finally:
-        if process.returncode is None:
-            process.kill()
-        await process.wait()
-        if drain is not None:
-            await drain
+    async with serving({}) as bound:
+        yield bound
 
 
 async def _run(*command: str | Path) -> bytes:
