@@ -11,6 +11,8 @@ import argparse
 import dataclasses
 import enum
 import math
+import re
+import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -153,7 +155,8 @@ class Config:
     ledger_path: str = _s(
         "",
         "NUMBERSVC_LEDGER_PATH",
-        "order ledger (SQLite); unset: $XDG_STATE_HOME/numbersvc/ledger[-sandbox].sqlite3",
+        "order ledger (SQLite); unset: $XDG_STATE_HOME/numbersvc/ledger.sqlite3 for Plivo,"
+        " ledger-sandbox.sqlite3 for the sandbox, ledger-HOST-PORT.sqlite3 for another base URL",
     )
     upstream_rate: str = _s(
         "300/5s", "NUMBERSVC_UPSTREAM_RATE", "budget of Plivo requests, N/<time>, or off"
@@ -252,9 +255,12 @@ class Config:
             raise ConfigError(f"NUMBERSVC_LOG_LEVEL: unknown level {self.log_level!r}")
 
     def resolved_ledger_path(self) -> str:
-        """Return the ledger file: the setting, else a per-upstream file under XDG state.
+        """Return the ledger file: the setting, else one under XDG state per kind of upstream.
 
-        The sandbox gets its own file so that play orders never mix with real ones.
+        Unset, real orders (Plivo's production API) go to `ledger.sqlite3`; the embedded
+        sandbox's to `ledger-sandbox.sqlite3`; and any other base URL's (a standalone sandbox,
+        a recording proxy) to `ledger-HOST-PORT.sqlite3`, so that play orders never mix with
+        real ones, nor one sandbox's with another's.
         """
         if self.ledger_path:
             return self.ledger_path
@@ -263,6 +269,8 @@ class Config:
         name = "ledger.sqlite3"
         if self.resolved_upstream() is UpstreamKind.SANDBOX:
             name = "ledger-sandbox.sqlite3"
+        elif (other := _other_than_plivo(self.plivo_base_url)) is not None:
+            name = f"ledger-{other}.sqlite3"
         return str(default_ledger_path().with_name(name))
 
     def plivo_token(self) -> Secret:
@@ -418,6 +426,23 @@ def parse_host_port(text: str) -> tuple[str, int]:
     if not sep or not host or not port.isascii() or not port.isdigit() or int(port) > 65535:
         raise ValueError(f"not HOST:PORT: {text!r}")
     return host.removeprefix("[").removesuffix("]"), int(port)
+
+
+def _other_than_plivo(base_url: str) -> str | None:
+    """None for Plivo's production API; else `HOST-PORT` of `base_url`, safe in a file name."""
+    url = urllib.parse.urlsplit(base_url.strip())
+    production = urllib.parse.urlsplit(DEFAULT_BASE_URL)
+    try:
+        port = url.port or {"http": 80, "https": 443}.get(url.scheme.lower(), 0)
+    except ValueError:
+        raise ConfigError(f"PLIVO_BASE_URL: not a URL with a port: {base_url!r}") from None
+    if (url.scheme.lower(), (url.hostname or "").rstrip("."), port) == (
+        production.scheme,
+        production.hostname,
+        443,
+    ):
+        return None
+    return re.sub(r"[^A-Za-z0-9.-]", "_", f"{url.hostname or 'unknown'}-{port}")
 
 
 def _check_listen(listen: str, env: str = "NUMBERSVC_LISTEN") -> None:

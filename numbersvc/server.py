@@ -184,6 +184,10 @@ async def _upstream(
             "Set PLIVO_AUTH_ID and PLIVO_AUTH_TOKEN to use Plivo.",
             base_url,
         )
+        _log.info(
+            "sandbox controls (no auth; README \"The sandbox\" lists them): curl -s %s/info",
+            sandbox.control_url,
+        )
     else:
         base_url, auth_id = config.plivo_base_url, config.plivo_auth_id
         token = config.plivo_token().reveal()

@@ -157,8 +157,9 @@ def _add_settle(subcommands: argparse._SubParsersAction[argparse.ArgumentParser]
         default="",
         metavar="PATH",
         help="the ledger file (default: the server's, from the same environment: env"
-        " NUMBERSVC_LEDGER_PATH, else $XDG_STATE_HOME/numbersvc/ledger[-sandbox].sqlite3,"
-        " -sandbox when the server would use its sandbox)",
+        " NUMBERSVC_LEDGER_PATH, else the server's file under $XDG_STATE_HOME/numbersvc:"
+        " ledger.sqlite3, ledger-sandbox.sqlite3 or ledger-HOST-PORT.sqlite3, as the"
+        " upstream settings say)",
     )
     settle.set_defaults(
         local_command=functools.partial(Lazy(_ORDERS, "settle_command"), usage=settle.error)

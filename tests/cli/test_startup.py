@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import re
 import sys
+import urllib.request
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -44,8 +47,8 @@ async def _fails(env: Mapping[str, str], *args: str) -> str:
 
 
 @contextlib.asynccontextmanager
-async def _first_server() -> AsyncIterator[tuple[int, int]]:
-    """A server on free ports; yields its gRPC and metrics ports."""
+async def _first_server() -> AsyncIterator[tuple[int, int, str]]:
+    """A server on free ports; yields its gRPC and metrics ports and its start-up lines."""
     process = await _start({}, "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0")
     assert process.stderr is not None
     seen = b""
@@ -57,21 +60,21 @@ async def _first_server() -> AsyncIterator[tuple[int, int]]:
                 seen += line
         metrics = _METRICS.search(seen)
         assert metrics is not None, seen.decode()
-        yield int(serving.group(1)), int(metrics.group(1))
+        yield int(serving.group(1)), int(metrics.group(1)), seen.decode()
     finally:
         process.kill()
         await process.wait()
 
 
 async def test_a_taken_grpc_port_names_numbersvc_listen() -> None:
-    async with _first_server() as (port, _):
+    async with _first_server() as (port, _, _):
         line = await _fails({}, "--listen", f"127.0.0.1:{port}", "--metrics-listen", "off")
     assert f"NUMBERSVC_LISTEN: cannot listen on 127.0.0.1:{port}" in line
     assert "NUMBERSVC_LISTEN or --listen" in line
 
 
 async def test_a_taken_metrics_port_names_numbersvc_metrics_listen() -> None:
-    async with _first_server() as (_, metrics_port):
+    async with _first_server() as (_, metrics_port, _):
         line = await _fails(
             {"NUMBERSVC_METRICS_LISTEN": f"127.0.0.1:{metrics_port}"}, "--listen", "127.0.0.1:0"
         )
@@ -97,3 +100,21 @@ async def test_a_file_that_cannot_be_used_names_its_setting(
         env["NUMBERSVC_TLS_KEY"] = str(key)
     line = await _fails(env, "--listen", "127.0.0.1:0")
     assert expected in line
+
+
+def _get_json(url: str) -> dict[str, Any]:
+    with urllib.request.urlopen(url, timeout=_TIMEOUT_SECONDS) as response:
+        data: dict[str, Any] = json.load(response)
+    return data
+
+
+async def test_start_up_prints_the_embedded_sandboxs_control_command() -> None:
+    async with _first_server() as (_, _, lines):
+        found = re.search(
+            r"sandbox controls .*: curl -s (http://127\.0\.0\.1:\d+/__sandbox/info)$", lines, re.M
+        )
+        assert found is not None, lines
+        # The command works as printed: the sandbox answers with its state.
+        info = await asyncio.to_thread(_get_json, found.group(1))
+    assert info["seed"] == 7
+    assert info["groups"] > 0
