@@ -1,11 +1,13 @@
 from __future__ import annotations
 
 import io
+import re
 import socket
 import subprocess
 import sys
 import types
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -444,3 +446,16 @@ def test_version_and_help_import_nothing_heavy(argv: list[str]) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stderr.strip() == "[]"
+
+
+def test_readme_names_every_exit_code_of_the_help(capsys: pytest.CaptureFixture[str]) -> None:
+    assert exit_status(["--help"]) == 0
+    help_codes = set(re.findall(r"^  (\d+) ", capsys.readouterr().out, re.M))
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme[readme.index("## The command line") : readme.index("## Configuration")]
+    sentence = " ".join(section[section.index("Exit codes:") :].split())
+    sentence = sentence[: sentence.index("A failed call")]
+    assert help_codes == {"0", "1", "2", "130"}
+    for code in help_codes:
+        assert re.search(rf"[:,] {code} ", sentence), code
+    assert "10 + the gRPC status code" in sentence
