@@ -162,7 +162,9 @@ def _add_settle(subcommands: argparse._SubParsersAction[argparse.ArgumentParser]
         " upstream settings say)",
     )
     settle.set_defaults(
-        local_command=functools.partial(Lazy(_ORDERS, "settle_command"), usage=settle.error)
+        local_command=functools.partial(
+            Lazy("numbersvc.cli.settle", "settle_command"), usage=settle.error
+        )
     )
 
 

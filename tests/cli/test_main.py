@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import io
+import json
 import re
 import socket
 import subprocess
@@ -424,28 +425,50 @@ def test_python_dash_m_numbersvc_runs_the_cli() -> None:
 
 # What `--version` and `--help` must not load: each costs a tenth of a second or more.
 HEAVY_MODULES = ("grpc", "httpx", "aiohttp", "google.protobuf", "asyncio")
+# What a client command must not load: the server's HTTP stack and the ledger.
+SERVER_MODULES = ("httpx", "aiohttp", "sqlite3", "numbersvc.ledger", "numbersvc.upstream.client")
+
+
+def _modules_after(argv: list[str], prefixes: tuple[str, ...]) -> list[str]:
+    """Run the CLI in a fresh interpreter (this one imported everything); modules it loaded."""
+    script = (
+        "import json, sys\n"
+        "from numbersvc.cli import main\n"
+        "try:\n"
+        f"    main.main({argv!r})\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        f"loaded = sorted(m for m in sys.modules if m.startswith({prefixes!r}))\n"
+        "print(json.dumps(loaded), file=sys.stderr)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    loaded: list[str] = json.loads(done.stderr.strip().splitlines()[-1])
+    return loaded
 
 
 @pytest.mark.parametrize(
     "argv", [["--version"], ["--help"], ["list", "--help"], ["serve", "--help"]]
 )
 def test_version_and_help_import_nothing_heavy(argv: list[str]) -> None:
-    # A fresh interpreter: this one has imported everything already.
-    script = (
-        "import sys\n"
-        "from numbersvc.cli import main\n"
-        "try:\n"
-        f"    main.main({argv!r})\n"
-        "except SystemExit:\n"
-        "    pass\n"
-        f"heavy = {HEAVY_MODULES!r}\n"
-        "print(sorted(m for m in sys.modules if m.startswith(heavy)), file=sys.stderr)\n"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
-    )
-    assert done.returncode == 0, done.stderr
-    assert done.stderr.strip() == "[]"
+    assert _modules_after(argv, HEAVY_MODULES) == []
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["get", "1"],
+        ["list", "--country", "US"],
+        ["orders", "list"],
+        ["orders", "get", "6f9619ff-8b86-d011-b42d-00c04fc964ff"],
+    ],
+)
+def test_client_commands_import_no_server_module(argv: list[str]) -> None:
+    # Nothing listens on port 1: the call fails fast, after everything it needs was loaded.
+    argv = [*argv, "--target", "127.0.0.1:1", "--deadline", "0.5"]
+    assert _modules_after(argv, SERVER_MODULES) == []
 
 
 def test_readme_names_every_exit_code_of_the_help(capsys: pytest.CaptureFixture[str]) -> None:
