@@ -86,6 +86,7 @@ class Outcome(enum.Enum):
     DAILY_RENT_CAP_EXCEEDED = enum.auto()
     UPSTREAM_BUDGET_EXHAUSTED = enum.auto()
     RENTAL_ORDER_NOT_FOUND = enum.auto()
+    ORDER_NOT_SETTLEABLE = enum.auto()
     SERVER_SHUTTING_DOWN = enum.auto()
     CALLER_UNAUTHENTICATED = enum.auto()
     PERMISSION_DENIED = enum.auto()
@@ -282,6 +283,12 @@ TABLE: Final[Mapping[Outcome, Rule]] = {
     ),
     Outcome.RENTAL_ORDER_NOT_FOUND: Rule(
         _S.NOT_FOUND, "RENTAL_ORDER_NOT_FOUND", "no order with that request id", (_order_info,)
+    ),
+    Outcome.ORDER_NOT_SETTLEABLE: Rule(
+        _S.FAILED_PRECONDITION,
+        "ORDER_NOT_SETTLEABLE",
+        "a settlement names an order whose outcome is not unknown (known, or still sending)",
+        (_order_info,),
     ),
     Outcome.SERVER_SHUTTING_DOWN: Rule(
         _S.UNAVAILABLE,

@@ -224,7 +224,8 @@ def _replay(entry: LedgerEntry) -> pb.RentalOrder:
         raise ServiceError(
             Outcome.RENT_OUTCOME_UNKNOWN_REPEAT,
             f"order {entry.order.request_id} was sent but its outcome is unknown; check the"
-            " Plivo console and settle it (numbersvc orders settle) before ordering again",
+            " Plivo console and settle it (SettleRentalOrder, numbersvc orders settle) before"
+            " ordering again",
             resource_name=entry.order.request_id,
         )
     return entry.order

@@ -26,7 +26,7 @@ from numbersvc.config import Config
 from numbersvc.deadline import Deadline
 from numbersvc.errors import DeadlineExceeded, Operation, Outcome, ServiceError, classify, to_status
 from numbersvc.interceptors import current_call
-from numbersvc.ledger import OrderLedger
+from numbersvc.ledger import SETTLED_AS, OrderLedger, OrderNotFound, SettleError
 from numbersvc.metrics import Metrics
 from numbersvc.orders import RentDesk
 from numbersvc.paging import Page
@@ -266,6 +266,27 @@ class NumberGroupServicer(pb_grpc.NumberGroupServiceServicer):
             next_page_token=paging.encode_page_token(end, params.query.key) if end < total else "",
             total_size=_int32(total),
         )
+
+    # NOTE: nothing goes upstream; `Operation` only names what an upstream failure was.
+    @_unary(Operation.GET)
+    async def SettleRentalOrder(
+        self, request: pb.SettleRentalOrderRequest, context: _Context
+    ) -> pb.SettleRentalOrderResponse:
+        """Record the outcome of an order whose outcome is unknown, in the caller's name."""
+        params = validation.validate_settle(request)
+        try:
+            entry = await self._ledger.settle(
+                params.request_id,
+                SETTLED_AS[params.status],
+                numbers=params.numbers,
+                note=params.note,
+                actor=_caller(),
+            )
+        except SettleError as exc:
+            missing = isinstance(exc, OrderNotFound)
+            outcome = Outcome.RENTAL_ORDER_NOT_FOUND if missing else Outcome.ORDER_NOT_SETTLEABLE
+            raise ServiceError(outcome, str(exc), resource_name=params.request_id) from exc
+        return pb.SettleRentalOrderResponse(order=entry.order)
 
     async def _search(
         self,

@@ -28,12 +28,15 @@ __all__ = [
     "OrderQuery",
     "RentParams",
     "SearchQuery",
+    "SettleParams",
     "StreamParams",
+    "is_e164",
     "validate_get",
     "validate_get_order",
     "validate_list",
     "validate_list_orders",
     "validate_rent",
+    "validate_settle",
     "validate_stream",
 ]
 
@@ -45,10 +48,19 @@ DEFAULT_PAGE_SIZE: Final = 20
 DEFAULT_ORDER_PAGE_SIZE: Final = 100
 MAX_ORDER_PAGE_SIZE: Final = 1000
 _MAX_REGION_CHARS: Final = 64
+MAX_SETTLE_NOTE_CHARS: Final = 1000
+"""The longest note a settlement may carry: a reference, not a document."""
+MAX_SETTLE_NUMBERS: Final = 1000
+"""The most numbers a settlement may list: far above any order's quantity."""
+E164_FORM: Final = "+ then 6 to 15 digits, the first not 0, such as +14155550100"
+"""The E.164 rule of `is_e164`, in words, for messages."""
 
 # ASCII only: `\d` would also accept other scripts' digits, which must not reach a URL.
 _PREFIX: Final = re.compile(r"[0-9]{1,5}")
 _DIGIT_ID: Final = re.compile(r"[0-9]{1,32}")
+# E.164 caps a number at 15 digits with its country code, whose first digit is never 0. The
+# shortest numbers in service (Niue's, Tokelau's) have 7 digits; 6 leaves a digit of slack.
+_E164: Final = re.compile(r"\+[1-9][0-9]{5,14}")
 _UUID: Final = re.compile(
     r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
 )
@@ -126,6 +138,17 @@ class RentParams:
     quantity: int
     app_id: str
     request_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class SettleParams:
+    """A validated `SettleRentalOrderRequest`: `request_id` lower-cased, numbers in E.164."""
+
+    request_id: str
+    status: pb.OrderStatus.ValueType
+    """`ORDER_STATUS_FULFILLED` or `ORDER_STATUS_FAILED`."""
+    numbers: tuple[str, ...]
+    note: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -259,6 +282,54 @@ def validate_get_order(request: pb.GetRentalOrderRequest) -> str:
         check.fail("request_id", "must be a UUID in canonical 8-4-4-4-12 form")
     check.done()
     return request.request_id.lower()
+
+
+def validate_settle(request: pb.SettleRentalOrderRequest) -> SettleParams:
+    """Validate a settlement: the outcome, the numbers it rented (if any) and a note.
+
+    Raises:
+        InvalidRequest: naming every bad field.
+    """
+    check = _Checker()
+    if not _is_canonical_uuid(request.request_id):
+        check.fail("request_id", "must be a UUID in canonical 8-4-4-4-12 form")
+    fulfilled = request.status == pb.ORDER_STATUS_FULFILLED
+    if not fulfilled and request.status != pb.ORDER_STATUS_FAILED:
+        check.fail("status", "must be ORDER_STATUS_FULFILLED or ORDER_STATUS_FAILED")
+    elif fulfilled and not request.numbers:
+        check.fail("numbers", "is required with ORDER_STATUS_FULFILLED: the numbers rented")
+    elif not fulfilled and request.numbers:
+        check.fail("numbers", "must be empty with ORDER_STATUS_FAILED: nothing was rented")
+    seen: set[str] = set()
+    # NOTE: a request may carry a million numbers; judging more than the limit costs time only.
+    if len(request.numbers) > MAX_SETTLE_NUMBERS:
+        check.fail("numbers", f"must hold at most {MAX_SETTLE_NUMBERS} numbers")
+    for index, number in enumerate(request.numbers[:MAX_SETTLE_NUMBERS]):
+        if not is_e164(number):
+            check.fail(f"numbers[{index}]", f"must be an E.164 number: {E164_FORM}")
+        elif number in seen:
+            check.fail(f"numbers[{index}]", "is repeated; list each number once")
+        seen.add(number)
+    if not request.note.strip():
+        check.fail("note", "is required: how the outcome was learned")
+    elif len(request.note) > MAX_SETTLE_NOTE_CHARS:
+        check.fail("note", f"must be at most {MAX_SETTLE_NOTE_CHARS} characters")
+    check.done()
+    return SettleParams(
+        request_id=request.request_id.lower(),
+        status=request.status,
+        numbers=tuple(request.numbers),
+        note=request.note,
+    )
+
+
+def is_e164(number: str) -> bool:
+    """Whether `number` is in E.164 form: `+`, then 6 to 15 ASCII digits, the first not 0.
+
+    The one definition of a phone number the service takes from people: the RPC, the ledger
+    and the command line all ask this.
+    """
+    return _E164.fullmatch(number) is not None
 
 
 def validate_list_orders(request: pb.ListRentalOrdersRequest) -> OrderListParams:

@@ -38,8 +38,9 @@ def add_callers_command(commands: argparse._SubParsersAction[argparse.ArgumentPa
         f" bearer token or a client certificate. Once {callers.CALLERS_FILE_ENV} names the"
         " file, every call but health needs an identity it knows. These commands call no"
         " server; the server reads the file when it starts, so restart it after a change."
-        " Permissions: numbers.read (list, stream and get groups, read orders) and"
-        " numbers.rent (rent numbers: spends money).",
+        " Permissions: numbers.read (list, stream and get groups, read orders),"
+        " numbers.rent (rent numbers: spends money) and numbers.settle (settle orders whose"
+        " outcome is unknown: operators).",
         epilog=_exit_codes(
             "the file was changed, or listed", missing=", or (remove) has no such caller"
         ),

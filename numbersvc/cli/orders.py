@@ -1,7 +1,9 @@
-"""The `numbersvc orders list` and `orders get` commands: rental orders from the server.
+"""The `numbersvc orders` client commands: list, get and settle rental orders through the server.
 
-They call the server like the other client commands (exit 10 + the gRPC status code when
-the call fails). `orders settle`, which opens the ledger file itself, is `settle.py`.
+They call the server like the other client commands (exit 10 + the gRPC status code when the
+call fails). `orders settle` records what the Plivo console shows for an order whose outcome
+is unknown (`SettleRentalOrder`, permission `numbers.settle`); `orders settle --offline`, which
+opens the ledger file itself, is `settle.py`. The parser is `orders_parser.py`.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ __all__ = [
     "get_order",
     "list_all_orders",
     "list_orders",
+    "order_text",
+    "settle_order",
 ]
 
 
@@ -110,7 +114,33 @@ def get_order(
     stub = pb_grpc.NumberGroupServiceStub(channel)
     return client.show_response(
         lambda timeout: stub.GetRentalOrder(request, timeout=timeout),
-        lambda response, style: render.order_details(response.order, style),
+        order_text,
         options,
         console,
     )
+
+
+def settle_order(
+    channel: grpc.Channel,
+    request: pb.SettleRentalOrderRequest,
+    options: client.CallOptions,
+    console: client.Console,
+) -> int:
+    """Settle an order whose outcome is unknown through the server, and print it as `get` does.
+
+    The server records the settlement in the caller's name (the token's or certificate's).
+    """
+    stub = pb_grpc.NumberGroupServiceStub(channel)
+    return client.show_response(
+        lambda timeout: stub.SettleRentalOrder(request, timeout=timeout),
+        order_text,
+        options,
+        console,
+    )
+
+
+def order_text(
+    response: pb.GetRentalOrderResponse | pb.SettleRentalOrderResponse, style: render.Style
+) -> str:
+    """Lay out an order as `get` and `settle` print it."""
+    return render.order_details(response.order, style)

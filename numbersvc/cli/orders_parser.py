@@ -8,33 +8,28 @@ from __future__ import annotations
 
 import argparse
 import functools
-import re
 from datetime import UTC, datetime
 from typing import Final
 
 from numbersvc.cli.options import (
     DEFAULT_DEADLINE_SECONDS,
-    EXIT_OK,
-    EXIT_USAGE,
     ORDER_STATUS_NAMES,
     Lazy,
     add_client_options,
     add_command,
     add_page_options,
     comma_choices,
-    exit_code_table,
     exit_codes_epilog,
+    output_epilog,
 )
 
 __all__ = ["CANNOT_SETTLE", "EXIT_CANNOT_SETTLE", "add_orders_command"]
 
 EXIT_CANNOT_SETTLE: Final = 1
-CANNOT_SETTLE: Final = "the order cannot be settled (orders settle)"
+CANNOT_SETTLE: Final = "the order cannot be settled (orders settle --offline)"
 """What exit code `EXIT_CANNOT_SETTLE` means, as the exit-code tables say it."""
 _ORDERS: Final = "numbersvc.cli.orders"
 _REQUESTS: Final = "numbersvc.cli.requests"
-# E.164: a `+`, then up to 15 ASCII digits, the first (a country code's) never 0.
-_E164: Final = re.compile(r"\+[1-9][0-9]{1,14}")
 
 
 def add_orders_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -43,8 +38,8 @@ def add_orders_command(commands: argparse._SubParsersAction[argparse.ArgumentPar
         commands,
         "orders",
         "list, show and settle rental orders",
-        "Rental orders from the server's order ledger: list and get ask the server; settle"
-        " writes to the ledger file itself, where the server runs.",
+        "Rental orders from the server's order ledger: list, get and settle ask the server;"
+        " settle --offline writes to the ledger file itself, where the server runs.",
         epilog=exit_codes_epilog((EXIT_CANNOT_SETTLE, CANNOT_SETTLE)),
     )
     subcommands = group.add_subparsers(title="commands", metavar="COMMAND", required=True)
@@ -111,22 +106,21 @@ def _add_settle(subcommands: argparse._SubParsersAction[argparse.ArgumentParser]
         subcommands,
         "settle",
         "record the outcome of an order whose outcome is unknown (operator)",
-        "Record what the Plivo console shows for an order whose outcome is unknown. This is"
-        " an operator's command: it calls no server but opens the order ledger file itself,"
-        " so run it where the server keeps its ledger, for example in the server's pod with"
-        " kubectl exec. Settled as failed, the request id may be used to rent again; settled"
-        " as fulfilled, a rent repeated with it returns the order. Only an order whose outcome"
-        " is unknown can be settled, once.",
-        epilog=exit_code_table(
-            [
-                (EXIT_OK, "the order is settled (and printed)"),
-                (
-                    EXIT_CANNOT_SETTLE,
-                    "the order cannot be settled: no ledger at the path, no order with that"
-                    " id, or its outcome is already known",
-                ),
-                (EXIT_USAGE, "usage error, or a bad configuration"),
-            ]
+        "Record what the Plivo console shows for an order whose outcome is unknown, through"
+        " the server (SettleRentalOrder): the caller needs the numbers.settle permission, and"
+        " the server records the settlement in its name. Settled as failed, the request id"
+        " may be used to rent again; settled as fulfilled, a rent repeated with it returns"
+        " the order. Only an order whose outcome is unknown can be settled, once. With"
+        " --offline it calls no server but opens the order ledger file itself, as cli:<user>:"
+        " run it where the server keeps its ledger (for example in the server's pod with"
+        " kubectl exec), when the server cannot be reached.",
+        epilog=output_epilog()
+        + exit_codes_epilog(
+            (
+                EXIT_CANNOT_SETTLE,
+                "with --offline, the order cannot be settled: no ledger at the path, no order"
+                " with that id, or its outcome is not unknown",
+            )
         ),
     )
     settle.add_argument("request_id", metavar="REQUEST_ID", help="the order's request id (a UUID)")
@@ -143,28 +137,42 @@ def _add_settle(subcommands: argparse._SubParsersAction[argparse.ArgumentParser]
         type=_e164_numbers,
         default=[],
         metavar="+14155550100,...",
-        help="comma-separated numbers rented, in E.164; required with --as fulfilled,"
-        " refused with --as failed",
+        help="comma-separated numbers rented, in E.164 (such as +14155550100); required with"
+        " --as fulfilled, refused with --as failed",
     )
     settle.add_argument(
         "--note",
-        default="",
+        required=True,
         metavar="TEXT",
-        help="how the outcome was learned, kept in the ledger (default: by <user>)",
+        help="how the outcome was learned, such as a console reference or a ticket; kept with"
+        " the order and in its audit trail (required)",
+    )
+    add_client_options(settle, DEFAULT_DEADLINE_SECONDS)
+    # NOTE: --offline swaps the client command for the local one (the command line runs the
+    # local command of a parser whose client command is unset).
+    settle.add_argument(
+        "--offline",
+        dest="client_command",
+        action="store_const",
+        const=None,
+        help="call no server: open the ledger file and settle the order there, as"
+        " cli:<user> (--target, --deadline, --token and the TLS options are then ignored)",
     )
     settle.add_argument(
         "--ledger",
         default="",
         metavar="PATH",
-        help="the ledger file (default: the server's, from the same environment: env"
-        " NUMBERSVC_LEDGER_PATH, else the server's file under $XDG_STATE_HOME/numbersvc:"
-        " ledger.sqlite3, ledger-sandbox.sqlite3 or ledger-HOST-PORT.sqlite3, as the"
-        " upstream settings say)",
+        help="with --offline, the ledger file (default: the server's, from the same"
+        " environment: env NUMBERSVC_LEDGER_PATH, else the server's file under"
+        " $XDG_STATE_HOME/numbersvc: ledger.sqlite3, ledger-sandbox.sqlite3 or"
+        " ledger-HOST-PORT.sqlite3, as the upstream settings say)",
     )
     settle.set_defaults(
+        client_command=Lazy(_ORDERS, "settle_order"),
+        build_request=functools.partial(Lazy(_REQUESTS, "settle_order"), usage=settle.error),
         local_command=functools.partial(
-            Lazy("numbersvc.cli.settle", "settle_command"), usage=settle.error
-        )
+            Lazy("numbersvc.cli.settle", "settle_offline_command"), usage=settle.error
+        ),
     )
 
 
@@ -179,11 +187,11 @@ def _timestamp(raw: str) -> datetime:
 
 
 def _e164_numbers(raw: str) -> list[str]:
+    from numbersvc import validation  # here, when given: it loads protobuf
+
     numbers = [n.strip() for n in raw.split(",") if n.strip()]
-    bad = [n for n in numbers if not _E164.fullmatch(n)]
+    bad = [n for n in numbers if not validation.is_e164(n)]
     if bad or not numbers:
         named = ", ".join(map(repr, bad)) or "none"
-        raise argparse.ArgumentTypeError(
-            f"not an E.164 number: {named} (+ then the country code and number, digits only)"
-        )
+        raise argparse.ArgumentTypeError(f"not an E.164 number: {named} ({validation.E164_FORM})")
     return list(dict.fromkeys(numbers))

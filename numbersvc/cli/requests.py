@@ -7,7 +7,9 @@ protobuf; the messages are built here, once a command runs.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from datetime import datetime
+from typing import Final, NoReturn
 
 from google.protobuf import timestamp_pb2
 
@@ -20,8 +22,11 @@ __all__ = [
     "list_groups",
     "list_orders",
     "rent_numbers",
+    "settle_order",
     "stream_groups",
 ]
+
+_SETTLE_AS: Final = {"fulfilled": pb.ORDER_STATUS_FULFILLED, "failed": pb.ORDER_STATUS_FAILED}
 
 
 def _search_filter(args: argparse.Namespace) -> pb.SearchFilter:
@@ -90,3 +95,19 @@ def list_orders(args: argparse.Namespace) -> pb.ListRentalOrdersRequest:
 def get_order(args: argparse.Namespace) -> pb.GetRentalOrderRequest:
     """`numbersvc orders get`."""
     return pb.GetRentalOrderRequest(request_id=args.request_id)
+
+
+def settle_order(
+    args: argparse.Namespace, *, usage: Callable[[str], NoReturn]
+) -> pb.SettleRentalOrderRequest:
+    """`numbersvc orders settle`; contradictory flags are a usage error (exit 2)."""
+    status = _SETTLE_AS[args.outcome]
+    if status == pb.ORDER_STATUS_FULFILLED and not args.numbers:
+        usage("--as fulfilled needs the numbers rented: --numbers +14155550100,...")
+    if status == pb.ORDER_STATUS_FAILED and args.numbers:
+        usage("--as failed means nothing was rented: leave out --numbers")
+    if args.ledger and args.client_command is not None:
+        usage("--ledger is for --offline: without it the server settles in its own ledger")
+    return pb.SettleRentalOrderRequest(
+        request_id=args.request_id, status=status, numbers=args.numbers, note=args.note
+    )

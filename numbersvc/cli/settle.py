@@ -1,10 +1,9 @@
-"""`numbersvc orders settle`: record an unknown order's real outcome in the ledger file.
+"""`numbersvc orders settle --offline`: settle an order in the ledger file, with no server.
 
-An operator's command: it calls no server but opens the order ledger (a SQLite file)
-itself, so it runs where the ledger lives, such as in the server's pod through `kubectl
-exec`. It records what the Plivo console shows for an order whose outcome is unknown; the
-ledger refuses any other order. Apart from `orders.py`, so that `orders list` and `orders
-get` do not load the ledger.
+The fallback for when no server answers: it opens the order ledger (a SQLite file) itself,
+so it runs where the ledger lives, such as in the server's pod through `kubectl exec`,
+applies the server's validation, and exits 1 when the ledger refuses the order. Apart from
+`orders.py`, so that the client commands do not load the ledger.
 """
 
 from __future__ import annotations
@@ -15,37 +14,31 @@ import getpass
 import os
 import sqlite3
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
-from typing import Final, NoReturn
+from typing import NoReturn
 
-from numbersvc.cli import client, render
+from numbersvc import validation
+from numbersvc.cli import client, render, requests
+from numbersvc.cli.orders import order_text
 from numbersvc.cli.orders_parser import EXIT_CANNOT_SETTLE
 from numbersvc.config import Config, ConfigError
-from numbersvc.ledger import LedgerEntry, OrderState, SettleError, SqliteLedger
+from numbersvc.ledger import SETTLED_AS, LedgerEntry, SettleError, SqliteLedger
+from numbersvc.v1 import number_groups_pb2 as pb
+from numbersvc.validation import SettleParams
 
-__all__ = ["settle_command", "settle_order"]
-
-_SETTLE_AS: Final = {"fulfilled": OrderState.FULFILLED, "failed": OrderState.FAILED}
+__all__ = ["settle_offline", "settle_offline_command"]
 
 
-def settle_order(
-    ledger_path: str,
-    request_id: str,
-    state: OrderState,
-    *,
-    numbers: Sequence[str],
-    note: str,
-    console: client.Console,
+def settle_offline(
+    ledger_path: str, params: SettleParams, *, actor: str, console: client.Console
 ) -> int:
-    """Settle an order whose outcome is unknown in the ledger file, and print it.
+    """Settle an order whose outcome is unknown in the ledger file itself, and print it.
 
     Args:
         ledger_path: the server's ledger file; it must exist (it is never created here).
-        request_id: the order's request id, lower-case as the ledger keeps it.
-        state: `OrderState.FULFILLED` or `OrderState.FAILED`, as the Plivo console shows.
-        numbers: the numbers rented, in E.164 (none for a failed order).
-        note: how the outcome was learned; the ledger keeps it as the status message.
+        params: the validated settlement (request id lower-case, as the ledger keeps it).
+        actor: who settles, for the audit trail (`cli:<user>`).
         console: where to print the order, or the reason it cannot be settled.
 
     Returns:
@@ -60,48 +53,47 @@ def settle_order(
         )
         return EXIT_CANNOT_SETTLE
     try:
-        entry = asyncio.run(_settle(ledger_path, request_id, state, numbers, note))
+        entry = asyncio.run(_settle(ledger_path, params, actor))
     except SettleError as exc:
         console.error(str(exc))
         return EXIT_CANNOT_SETTLE
     except sqlite3.DatabaseError as exc:  # not a ledger, or locked past the busy timeout
         console.error(f"ledger {ledger_path}: {exc}")
         return EXIT_CANNOT_SETTLE
-    console.result(render.order_details(entry.order, console.style))
+    response = pb.SettleRentalOrderResponse(order=entry.order)
+    console.result(
+        render.json_text(response) if console.json else order_text(response, console.style)
+    )
     return client.EXIT_OK
 
 
-async def _settle(
-    path: str, request_id: str, state: OrderState, numbers: Sequence[str], note: str
-) -> LedgerEntry:
+async def _settle(path: str, params: SettleParams, actor: str) -> LedgerEntry:
     ledger = await SqliteLedger.open(path)
     try:
-        return await ledger.settle(request_id, state, numbers=numbers, note=note)
+        return await ledger.settle(
+            params.request_id,
+            SETTLED_AS[params.status],
+            numbers=params.numbers,
+            note=params.note,
+            actor=actor,
+        )
     finally:
         await ledger.close()
 
 
-def settle_command(args: argparse.Namespace, *, usage: Callable[[str], NoReturn]) -> int:
-    """Run `numbersvc orders settle`: check the flags, find the ledger, settle the order."""
-    state = _SETTLE_AS[args.outcome]
-    if state is OrderState.FULFILLED and not args.numbers:
-        usage("--as fulfilled needs the numbers rented: --numbers +14155550100,...")
-    if state is OrderState.FAILED and args.numbers:
-        usage("--as failed means nothing was rented: leave out --numbers")
-    console = client.Console.for_streams(sys.stdout, sys.stderr, environ=os.environ)
+def settle_offline_command(args: argparse.Namespace, *, usage: Callable[[str], NoReturn]) -> int:
+    """Run `numbersvc orders settle --offline`: validate, find the ledger, settle there."""
+    try:  # the server's rules, as no server checks this settlement
+        params = validation.validate_settle(requests.settle_order(args, usage=usage))
+    except validation.InvalidRequest as exc:
+        usage(str(exc))
+    console = client.Console.for_streams(sys.stdout, sys.stderr, environ=os.environ, json=args.json)
     try:
         path = args.ledger or Config.from_env(os.environ).resolved_ledger_path()
     except ConfigError as exc:
         console.error(f"configuration: {exc}")
         return client.EXIT_USAGE
-    return settle_order(
-        path,
-        args.request_id.lower(),  # as the ledger keeps it
-        state,
-        numbers=args.numbers,
-        note=args.note or f"by {_user()}",
-        console=console,
-    )
+    return settle_offline(path, params, actor=f"cli:{_user()}", console=console)
 
 
 def _user() -> str:

@@ -4,8 +4,8 @@
 one SQLite file in WAL mode with `synchronous=FULL`, so a row committed before the POST
 survives a SIGKILL or a power cut. The ledger is the service's memory of money spent: it is
 what makes `RentNumbers` idempotent, what `GetRentalOrder`/`ListRentalOrders` read, and what
-`numbersvc orders settle` corrects. Every change is also appended to an `events` table, the
-audit trail. The store lives in `numbersvc.ledger.sqlite`.
+`SettleRentalOrder` (or `numbersvc orders settle --offline`) corrects. Every change is also
+appended to an `events` table, the audit trail. The store lives in `numbersvc.ledger.sqlite`.
 
 States of an order (column `state`):
 
@@ -32,10 +32,12 @@ from numbersvc.v1 import number_groups_pb2 as pb
 from numbersvc.validation import OrderQuery
 
 __all__ = [
+    "SETTLED_AS",
     "Attempt",
     "Begin",
     "LedgerEntry",
     "OrderLedger",
+    "OrderNotFound",
     "OrderQuery",
     "OrderState",
     "SettleError",
@@ -70,6 +72,11 @@ STATUS_OF: Final = {
     OrderState.RELEASED: pb.ORDER_STATUS_FAILED,
     OrderState.OUTCOME_UNKNOWN: pb.ORDER_STATUS_OUTCOME_UNKNOWN,
 }
+SETTLED_AS: Final = {
+    pb.ORDER_STATUS_FULFILLED: OrderState.FULFILLED,
+    pb.ORDER_STATUS_FAILED: OrderState.FAILED,
+}
+"""The statuses a settlement may give (`SettleRentalOrderRequest.status`), and their states."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,9 +141,20 @@ class OrderLedger(Protocol):
         """Record how an order ended; `upstream` keeps Plivo's raw answer for reconciliation."""
 
     async def settle(
-        self, request_id: str, state: OrderState, *, numbers: Sequence[str], note: str
+        self,
+        request_id: str,
+        state: OrderState,
+        *,
+        numbers: Sequence[str],
+        note: str,
+        actor: str,
     ) -> LedgerEntry:
-        """Record what the Plivo console shows for an order whose outcome is unknown."""
+        """Record what the Plivo console shows for an order whose outcome is unknown.
+
+        `actor` (the caller's name, or `cli:<user>` for the offline command) is recorded with
+        the note in the order's status message and its audit event. Raises `OrderNotFound` for
+        an unknown id and `SettleError` for any order not `outcome_unknown`.
+        """
 
     async def get(self, request_id: str) -> LedgerEntry | None:
         """Return one order, or None."""
@@ -154,7 +172,11 @@ class OrderLedger(Protocol):
 
 
 class SettleError(ValueError):
-    """An order cannot be settled: unknown id, or its outcome is already known."""
+    """An order cannot be settled: unknown id, or its outcome is not unknown."""
+
+
+class OrderNotFound(SettleError):
+    """No order has the request id a settlement names."""
 
 
 def default_ledger_path(environ: Mapping[str, str] | None = None) -> Path:

@@ -20,11 +20,12 @@ from numbersvc.ledger import (
     Begin,
     BeginResult,
     LedgerEntry,
+    OrderNotFound,
     OrderState,
     SettleError,
 )
 from numbersvc.v1 import number_groups_pb2 as pb
-from numbersvc.validation import OrderQuery
+from numbersvc.validation import OrderQuery, is_e164
 
 __all__ = ["SqliteLedger"]
 
@@ -33,7 +34,6 @@ _T = TypeVar("_T")
 _SCHEMA_VERSION: Final = 1
 _MAX_UPSTREAM_BODY_CHARS: Final = 2000
 _NANOS_PER_DAY: Final = 86_400 * 10**9
-_E164_DIGITS: Final = range(6, 16)
 _UNSETTLED: Final = (OrderState.SENDING, OrderState.OUTCOME_UNKNOWN)
 
 _SCHEMA: Final = """
@@ -232,12 +232,19 @@ class SqliteLedger:
         return LedgerEntry(order, state, current.fingerprint, current.owner, error_outcome)
 
     async def settle(
-        self, request_id: str, state: OrderState, *, numbers: Sequence[str], note: str
+        self,
+        request_id: str,
+        state: OrderState,
+        *,
+        numbers: Sequence[str],
+        note: str,
+        actor: str,
     ) -> LedgerEntry:
-        """Record a reconciled outcome for an order whose outcome is unknown.
+        """Record a reconciled outcome for an order whose outcome is unknown, and who did.
 
         Raises:
-            SettleError: no such order, or its outcome is already known.
+            OrderNotFound: no such order.
+            SettleError: its outcome is not unknown, or the outcome or numbers are invalid.
         """
         if state not in (OrderState.FULFILLED, OrderState.FAILED):
             raise SettleError("an order settles as fulfilled or failed")
@@ -246,26 +253,26 @@ class SqliteLedger:
         if state is OrderState.FAILED and numbers:
             raise SettleError("a failed order rented no numbers")
         for number in numbers:
-            digits = number.removeprefix("+")
-            if not (digits.isascii() and digits.isdigit() and len(digits) in _E164_DIGITS):
+            if not is_e164(number):
                 raise SettleError(f"not an E.164 number: {number!r}")
 
         def settle() -> LedgerEntry:
             entry = self._entry(self._conn(), request_id)
             if entry is None:
-                raise SettleError(f"no order with request id {request_id}")
+                raise OrderNotFound(f"no order with request id {request_id}")
             order = entry.order
             del order.numbers[:]
             order.numbers.extend(
                 pb.RentedNumber(
                     number=n.removeprefix("+"),
-                    e164="+" + n.removeprefix("+"),
+                    e164=n,
                     status=pb.RENTED_NUMBER_STATUS_SUCCESS,
                     upstream_status="settled",
                 )
                 for n in numbers
             )
-            order.status_message = f"settled as {state.value}: {note}"
+            # The status message is also the audit event's detail: it names who settled.
+            order.status_message = f"settled as {state.value} by {actor}: {note}"
             # Not from `sending`: that order's POST may still be out, and a settlement as
             # failed would free its id for a second POST. Start-up recovery turns the
             # `sending` rows of a dead process into `outcome_unknown`.

@@ -119,7 +119,8 @@ class _OrderStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_OrderStat
     ORDER_STATUS_OUTCOME_UNKNOWN: _OrderStatus.ValueType  # 3
     """The service sent the order but cannot tell whether Plivo placed it (the
     connection failed or the deadline ran out after sending). Check the Plivo
-    console before ordering again.
+    console before ordering again, and record what it shows with
+    `SettleRentalOrder`.
     """
     ORDER_STATUS_FAILED: _OrderStatus.ValueType  # 4
     """Nothing was rented: Plivo refused the order, or it was settled as failed.
@@ -146,7 +147,8 @@ support team completes it; no numbers are listed yet.
 ORDER_STATUS_OUTCOME_UNKNOWN: OrderStatus.ValueType  # 3
 """The service sent the order but cannot tell whether Plivo placed it (the
 connection failed or the deadline ran out after sending). Check the Plivo
-console before ordering again.
+console before ordering again, and record what it shows with
+`SettleRentalOrder`.
 """
 ORDER_STATUS_FAILED: OrderStatus.ValueType  # 4
 """Nothing was rented: Plivo refused the order, or it was settled as failed.
@@ -657,8 +659,8 @@ class RentalOrder(_message.Message):
     caller: _builtins.str
     """Who placed the order, as the service identified the caller."""
     status_message: _builtins.str
-    """Why an order failed, why its outcome is unknown, or how it was settled.
-    Empty for orders that went through.
+    """Why an order failed, why its outcome is unknown, or how it was settled
+    and by whom. Empty for orders that went through.
     """
     @_builtins.property
     def numbers(self) -> _containers.RepeatedCompositeFieldContainer[Global___RentedNumber]:
@@ -848,6 +850,81 @@ class ListRentalOrdersResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListRentalOrdersResponse: _TypeAlias = ListRentalOrdersResponse  # noqa: Y015
+
+@_typing.final
+class SettleRentalOrderRequest(_message.Message):
+    """Request for `SettleRentalOrder`."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    NUMBERS_FIELD_NUMBER: _builtins.int
+    NOTE_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """The order's request id (a UUID, in canonical 8-4-4-4-12 form, either
+    case).
+    """
+    status: Global___OrderStatus.ValueType
+    """The outcome the Plivo console shows: `ORDER_STATUS_FULFILLED` (numbers
+    were rented) or `ORDER_STATUS_FAILED` (nothing was rented). Any other
+    value is invalid.
+    """
+    note: _builtins.str
+    """How the outcome was learned, such as a Plivo console reference or a
+    ticket: 1 to 1000 characters, not only spaces. The order keeps it in
+    `status_message`, with the caller's name.
+    """
+    @_builtins.property
+    def numbers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The numbers rented, in E.164: `+`, then 6 to 15 digits, the first not 0,
+        such as `+14155550100`. Each at most once, at most 1000 in all. Required
+        with `ORDER_STATUS_FULFILLED`; must be empty with `ORDER_STATUS_FAILED`.
+        """
+
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        status: Global___OrderStatus.ValueType = ...,
+        numbers: _abc.Iterable[_builtins.str] | None = ...,
+        note: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["note", b"note", "numbers", b"numbers", "request_id", b"request_id", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SettleRentalOrderRequest: _TypeAlias = SettleRentalOrderRequest  # noqa: Y015
+
+@_typing.final
+class SettleRentalOrderResponse(_message.Message):
+    """Response for `SettleRentalOrder`.
+
+    A wrapper rather than the bare `RentalOrder` that AIP-136 allows: `buf
+    lint` STANDARD (RPC_RESPONSE_STANDARD_NAME) wins here.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ORDER_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def order(self) -> Global___RentalOrder:
+        """The order as settled."""
+
+    def __init__(
+        self,
+        *,
+        order: Global___RentalOrder | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["order", b"order"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["order", b"order"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SettleRentalOrderResponse: _TypeAlias = SettleRentalOrderResponse  # noqa: Y015
 
 @_typing.final
 class RentedNumber(_message.Message):

@@ -65,6 +65,11 @@ class NumberGroupServiceStub:
                 request_serializer=numbersvc_dot_v1_dot_number__groups__pb2.ListRentalOrdersRequest.SerializeToString,
                 response_deserializer=numbersvc_dot_v1_dot_number__groups__pb2.ListRentalOrdersResponse.FromString,
                 _registered_method=True)
+        self.SettleRentalOrder = channel.unary_unary(
+                '/numbersvc.v1.NumberGroupService/SettleRentalOrder',
+                request_serializer=numbersvc_dot_v1_dot_number__groups__pb2.SettleRentalOrderRequest.SerializeToString,
+                response_deserializer=numbersvc_dot_v1_dot_number__groups__pb2.SettleRentalOrderResponse.FromString,
+                _registered_method=True)
 
 
 class NumberGroupServiceServicer:
@@ -111,7 +116,7 @@ class NumberGroupServiceServicer:
         `REQUEST_ID_REUSED`). Never retried by the service. Retry it yourself only
         with the same `request_id`: an error with reason `RENT_OUTCOME_UNKNOWN`
         means the order may have been placed, and a retry under its id answers
-        `FAILED_PRECONDITION` until the order is settled.
+        `FAILED_PRECONDITION` until the order is settled (`SettleRentalOrder`).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -127,6 +132,24 @@ class NumberGroupServiceServicer:
     def ListRentalOrders(self, request, context):
         """Lists rental orders from the order ledger, oldest first (AIP-132,
         AIP-158), for callers and finance to reconcile.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SettleRentalOrder(self, request, context):
+        """Records the real outcome of a rental order whose outcome is unknown, as
+        the Plivo console shows it (an AIP-136 custom method). Needs the
+        `numbers.settle` permission.
+
+        Only an order in `ORDER_STATUS_OUTCOME_UNKNOWN` can be settled, and only
+        once: any other order fails with `FAILED_PRECONDITION` (reason
+        `ORDER_NOT_SETTLEABLE`), an unknown request id with `NOT_FOUND` (reason
+        `RENTAL_ORDER_NOT_FOUND`). Settled as fulfilled, a rent repeated with the
+        id returns the order; settled as failed, the id may rent again. The
+        service's audit trail keeps the settlement with the caller's name. A
+        retry after a lost answer fails with `FAILED_PRECONDITION` if the first
+        call went through: read the order with `GetRentalOrder`.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -164,6 +187,11 @@ def add_NumberGroupServiceServicer_to_server(servicer, server):
                     servicer.ListRentalOrders,
                     request_deserializer=numbersvc_dot_v1_dot_number__groups__pb2.ListRentalOrdersRequest.FromString,
                     response_serializer=numbersvc_dot_v1_dot_number__groups__pb2.ListRentalOrdersResponse.SerializeToString,
+            ),
+            'SettleRentalOrder': grpc.unary_unary_rpc_method_handler(
+                    servicer.SettleRentalOrder,
+                    request_deserializer=numbersvc_dot_v1_dot_number__groups__pb2.SettleRentalOrderRequest.FromString,
+                    response_serializer=numbersvc_dot_v1_dot_number__groups__pb2.SettleRentalOrderResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -329,6 +357,33 @@ class NumberGroupService:
             '/numbersvc.v1.NumberGroupService/ListRentalOrders',
             numbersvc_dot_v1_dot_number__groups__pb2.ListRentalOrdersRequest.SerializeToString,
             numbersvc_dot_v1_dot_number__groups__pb2.ListRentalOrdersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SettleRentalOrder(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/numbersvc.v1.NumberGroupService/SettleRentalOrder',
+            numbersvc_dot_v1_dot_number__groups__pb2.SettleRentalOrderRequest.SerializeToString,
+            numbersvc_dot_v1_dot_number__groups__pb2.SettleRentalOrderResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -75,13 +75,27 @@ class NumberGroupServiceStub:
     `REQUEST_ID_REUSED`). Never retried by the service. Retry it yourself only
     with the same `request_id`: an error with reason `RENT_OUTCOME_UNKNOWN`
     means the order may have been placed, and a retry under its id answers
-    `FAILED_PRECONDITION` until the order is settled.
+    `FAILED_PRECONDITION` until the order is settled (`SettleRentalOrder`).
     """
     GetRentalOrder: _grpc.UnaryUnaryMultiCallable[_number_groups_pb2.GetRentalOrderRequest, _number_groups_pb2.GetRentalOrderResponse]
     """Returns one rental order from the service's order ledger (AIP-131)."""
     ListRentalOrders: _grpc.UnaryUnaryMultiCallable[_number_groups_pb2.ListRentalOrdersRequest, _number_groups_pb2.ListRentalOrdersResponse]
     """Lists rental orders from the order ledger, oldest first (AIP-132,
     AIP-158), for callers and finance to reconcile.
+    """
+    SettleRentalOrder: _grpc.UnaryUnaryMultiCallable[_number_groups_pb2.SettleRentalOrderRequest, _number_groups_pb2.SettleRentalOrderResponse]
+    """Records the real outcome of a rental order whose outcome is unknown, as
+    the Plivo console shows it (an AIP-136 custom method). Needs the
+    `numbers.settle` permission.
+
+    Only an order in `ORDER_STATUS_OUTCOME_UNKNOWN` can be settled, and only
+    once: any other order fails with `FAILED_PRECONDITION` (reason
+    `ORDER_NOT_SETTLEABLE`), an unknown request id with `NOT_FOUND` (reason
+    `RENTAL_ORDER_NOT_FOUND`). Settled as fulfilled, a rent repeated with the
+    id returns the order; settled as failed, the id may rent again. The
+    service's audit trail keeps the settlement with the caller's name. A
+    retry after a lost answer fails with `FAILED_PRECONDITION` if the first
+    call went through: read the order with `GetRentalOrder`.
     """
 
 @_typing.type_check_only
@@ -117,13 +131,27 @@ class NumberGroupServiceAsyncStub(NumberGroupServiceStub):
     `REQUEST_ID_REUSED`). Never retried by the service. Retry it yourself only
     with the same `request_id`: an error with reason `RENT_OUTCOME_UNKNOWN`
     means the order may have been placed, and a retry under its id answers
-    `FAILED_PRECONDITION` until the order is settled.
+    `FAILED_PRECONDITION` until the order is settled (`SettleRentalOrder`).
     """
     GetRentalOrder: _aio.UnaryUnaryMultiCallable[_number_groups_pb2.GetRentalOrderRequest, _number_groups_pb2.GetRentalOrderResponse]  # type: ignore[assignment]
     """Returns one rental order from the service's order ledger (AIP-131)."""
     ListRentalOrders: _aio.UnaryUnaryMultiCallable[_number_groups_pb2.ListRentalOrdersRequest, _number_groups_pb2.ListRentalOrdersResponse]  # type: ignore[assignment]
     """Lists rental orders from the order ledger, oldest first (AIP-132,
     AIP-158), for callers and finance to reconcile.
+    """
+    SettleRentalOrder: _aio.UnaryUnaryMultiCallable[_number_groups_pb2.SettleRentalOrderRequest, _number_groups_pb2.SettleRentalOrderResponse]  # type: ignore[assignment]
+    """Records the real outcome of a rental order whose outcome is unknown, as
+    the Plivo console shows it (an AIP-136 custom method). Needs the
+    `numbers.settle` permission.
+
+    Only an order in `ORDER_STATUS_OUTCOME_UNKNOWN` can be settled, and only
+    once: any other order fails with `FAILED_PRECONDITION` (reason
+    `ORDER_NOT_SETTLEABLE`), an unknown request id with `NOT_FOUND` (reason
+    `RENTAL_ORDER_NOT_FOUND`). Settled as fulfilled, a rent repeated with the
+    id returns the order; settled as failed, the id may rent again. The
+    service's audit trail keeps the settlement with the caller's name. A
+    retry after a lost answer fails with `FAILED_PRECONDITION` if the first
+    call went through: read the order with `GetRentalOrder`.
     """
 
 class NumberGroupServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -180,7 +208,7 @@ class NumberGroupServiceServicer(metaclass=_abc_1.ABCMeta):
         `REQUEST_ID_REUSED`). Never retried by the service. Retry it yourself only
         with the same `request_id`: an error with reason `RENT_OUTCOME_UNKNOWN`
         means the order may have been placed, and a retry under its id answers
-        `FAILED_PRECONDITION` until the order is settled.
+        `FAILED_PRECONDITION` until the order is settled (`SettleRentalOrder`).
         """
 
     @_abc_1.abstractmethod
@@ -199,6 +227,26 @@ class NumberGroupServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_number_groups_pb2.ListRentalOrdersResponse, _abc.Awaitable[_number_groups_pb2.ListRentalOrdersResponse]]:
         """Lists rental orders from the order ledger, oldest first (AIP-132,
         AIP-158), for callers and finance to reconcile.
+        """
+
+    @_abc_1.abstractmethod
+    def SettleRentalOrder(
+        self,
+        request: _number_groups_pb2.SettleRentalOrderRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_number_groups_pb2.SettleRentalOrderResponse, _abc.Awaitable[_number_groups_pb2.SettleRentalOrderResponse]]:
+        """Records the real outcome of a rental order whose outcome is unknown, as
+        the Plivo console shows it (an AIP-136 custom method). Needs the
+        `numbers.settle` permission.
+
+        Only an order in `ORDER_STATUS_OUTCOME_UNKNOWN` can be settled, and only
+        once: any other order fails with `FAILED_PRECONDITION` (reason
+        `ORDER_NOT_SETTLEABLE`), an unknown request id with `NOT_FOUND` (reason
+        `RENTAL_ORDER_NOT_FOUND`). Settled as fulfilled, a rent repeated with the
+        id returns the order; settled as failed, the id may rent again. The
+        service's audit trail keeps the settlement with the caller's name. A
+        retry after a lost answer fails with `FAILED_PRECONDITION` if the first
+        call went through: read the order with `GetRentalOrder`.
         """
 
 def add_NumberGroupServiceServicer_to_server(servicer: NumberGroupServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -61,7 +61,7 @@ def test_add_help_says_the_token_is_shown_once_and_names_the_permissions(
 ) -> None:
     assert exit_status(["callers", "add", "--help"]) == 0
     text = " ".join(capsys.readouterr().out.split())  # undo argparse's line wrapping
-    assert "--permissions numbers.read,numbers.rent" in text
+    assert "--permissions numbers.read,numbers.rent,numbers.settle" in text
     assert "[--spiffe-id URI | --common-name CN]" in text
     assert "printed alone on stdout, once" in text
     assert "keeps only its SHA-256" in text
@@ -148,6 +148,14 @@ def test_add_prints_only_the_token_on_stdout(
     assert "shown this once" in captured.err
     assert token not in file.read_text()
     assert stat.S_IMODE(file.stat().st_mode) == 0o600
+
+
+def test_add_grants_the_settle_permission_alone(
+    file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run("add", "oncall", "--permissions", "numbers.settle", file=file) == 0
+    token = capsys.readouterr().out.strip()
+    assert Callers.load(file).by_token(token) == Caller("oncall", frozenset({"numbers.settle"}))
 
 
 def test_add_again_replaces_the_token(file: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -463,6 +463,15 @@ def test_version_and_help_import_nothing_heavy(argv: list[str]) -> None:
         ["list", "--country", "US"],
         ["orders", "list"],
         ["orders", "get", "6f9619ff-8b86-d011-b42d-00c04fc964ff"],
+        [
+            "orders",
+            "settle",
+            "6f9619ff-8b86-d011-b42d-00c04fc964ff",
+            "--as",
+            "failed",
+            "--note",
+            "n",
+        ],
     ],
 )
 def test_client_commands_import_no_server_module(argv: list[str]) -> None:

@@ -84,23 +84,25 @@ def test_help_of_every_orders_command_exits_0(
         assert "24 UNAVAILABLE" in text
 
 
-def test_settle_help_says_where_to_run_it_and_what_exit_1_means(
+def test_settle_help_names_the_permission_the_offline_path_and_what_exit_1_means(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     assert exit_status(["orders", "settle", "--help"]) == 0
     text = " ".join(capsys.readouterr().out.split())  # undo argparse's line wrapping
-    assert "operator's command" in text
+    assert "numbers.settle permission" in text
+    assert "--offline it calls no server" in text
     assert "kubectl exec" in text
     assert "env NUMBERSVC_LEDGER_PATH" in text
-    assert "1 the order cannot be settled: no ledger at the path" in text
-    assert "10+N" not in text  # it makes no call
+    assert "env NUMBERSVC_TARGET" in text
+    assert "1 with --offline, the order cannot be settled: no ledger at the path" in text
+    assert "19 FAILED_PRECONDITION" in text  # it calls the server
 
 
 def test_top_level_exit_codes_say_what_1_means(capsys: pytest.CaptureFixture[str]) -> None:
     assert exit_status(["--help"]) == 0
     text = capsys.readouterr().out
     assert "    orders " in text
-    assert "  1    the order cannot be settled (orders settle)\n" in text
+    assert "  1    the order cannot be settled (orders settle --offline)\n" in text
 
 
 @pytest.mark.parametrize(
@@ -114,9 +116,10 @@ def test_top_level_exit_codes_say_what_1_means(capsys: pytest.CaptureFixture[str
         ["orders", "list", "--page-size", "0"],
         ["orders", "get"],
         ["orders", "get", ORDER_ID, "--deadline", "0"],
-        ["orders", "settle", ORDER_ID],  # --as is required
-        ["orders", "settle", ORDER_ID, "--as", "pending"],
-        ["orders", "settle", "--as", "failed"],
+        ["orders", "settle", ORDER_ID, "--note", "n"],  # --as is required
+        ["orders", "settle", ORDER_ID, "--as", "failed"],  # --note is required
+        ["orders", "settle", ORDER_ID, "--as", "pending", "--note", "n"],
+        ["orders", "settle", "--as", "failed", "--note", "n"],
     ],
 )
 def test_usage_errors_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
@@ -191,12 +194,15 @@ def test_list_without_flags_sends_an_empty_filter_and_the_default_deadline() -> 
         (["orders", "list"], orders.list_orders),
         (["orders", "list", "--all"], orders.list_all_orders),
         (["orders", "get", ORDER_ID], orders.get_order),
+        (["orders", "settle", ORDER_ID, "--as", "failed", "--note", "n"], orders.settle_order),
+        (["orders", "settle", ORDER_ID, "--as", "failed", "--note", "n", "--offline"], None),
     ],
 )
 def test_orders_commands_dispatch_to_their_client_function(
     argv: list[str], command: object
 ) -> None:
-    assert main.build_parser().parse_args(argv).client_command.resolve() is command
+    chosen = main.build_parser().parse_args(argv).client_command
+    assert (chosen and chosen.resolve()) is command
 
 
 def test_get_maps_the_request_id(capsys: pytest.CaptureFixture[str]) -> None:
@@ -493,7 +499,88 @@ def test_get_of_a_missing_order_names_it_and_exits_15() -> None:
     ]
 
 
-# --- settle against a real ledger file --------------------------------------------------------
+# --- settle through the server (grpc_testing) -----------------------------------------------
+
+
+def test_settle_maps_the_flags_onto_the_request_and_prints_the_order(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    harness, running, targets = run_main(
+        [
+            "orders",
+            "settle",
+            ORDER_ID.upper(),
+            "--as",
+            "fulfilled",
+            "--numbers",
+            "+14155550100, +14155550101,+14155550100",  # spaces and a repeat are forgiven
+            "--note",
+            "console ref 42",
+            "--target",
+            "ops.internal:50051",
+            "--deadline",
+            "4",
+        ]
+    )
+    _, request, rpc = harness.take_unary("SettleRentalOrder", running)
+    assert request == pb.SettleRentalOrderRequest(
+        request_id=ORDER_ID.upper(),  # the server folds
+        status=pb.ORDER_STATUS_FULFILLED,
+        numbers=["+14155550100", "+14155550101"],
+        note="console ref 42",
+    )
+    assert harness.recorder.timeouts == [4.0]
+    settled = sample_order(status_message="settled as fulfilled by ops: console ref 42")
+    rpc.terminate(pb.SettleRentalOrderResponse(order=settled), (), OK, "")
+    assert running.result(timeout=RESULT_TIMEOUT_SECONDS) == 0
+    assert targets == ["ops.internal:50051"]
+    out = capsys.readouterr().out
+    assert out.startswith("status:      fulfilled\n")
+    assert "note:        settled as fulfilled by ops: console ref 42\n" in out
+
+
+def test_settle_as_failed_sends_no_numbers() -> None:
+    harness, running, _ = run_main(["orders", "settle", ORDER_ID, "--as", "failed", "--note", "n"])
+    _, request, rpc = harness.take_unary("SettleRentalOrder", running)
+    assert request == pb.SettleRentalOrderRequest(
+        request_id=ORDER_ID, status=pb.ORDER_STATUS_FAILED, note="n"
+    )
+    rpc.terminate(pb.SettleRentalOrderResponse(order=sample_order()), (), OK, "")
+    assert running.result(timeout=RESULT_TIMEOUT_SECONDS) == 0
+
+
+def test_settle_refused_by_the_server_exits_10_plus_the_code() -> None:
+    run = start_command(
+        orders.settle_order,
+        pb.SettleRentalOrderRequest(request_id=ORDER_ID, status=pb.ORDER_STATUS_FAILED, note="n"),
+    )
+    _, _, rpc = run.harness.take_unary("SettleRentalOrder", run.future)
+    message = f"order {ORDER_ID} is fulfilled: nothing to settle"
+    rpc.terminate(
+        None,
+        *rich_error(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            message,
+            error_details_pb2.ErrorInfo(reason="ORDER_NOT_SETTLEABLE", domain="numbersvc"),
+        ),
+    )
+    assert run.exit_code() == 19
+    assert run.out.getvalue() == ""
+    assert run.err.getvalue().splitlines()[:2] == [
+        f"error: FAILED_PRECONDITION: {message}",
+        "  reason: ORDER_NOT_SETTLEABLE",
+    ]
+
+
+def test_settle_with_a_ledger_but_without_offline_is_a_usage_error(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    argv = ["orders", "settle", ORDER_ID, "--as", "failed", "--note", "n", "--ledger", "x.db"]
+    assert exit_status(argv) == 2
+    assert "--ledger is for --offline" in capsys.readouterr().err
+
+
+# --- settle --offline against a real ledger file ------------------------------------------------
 
 
 async def _record(path: Path, state: OrderState) -> None:
@@ -537,15 +624,17 @@ def user(monkeypatch: pytest.MonkeyPatch) -> str:
     return "oncall"
 
 
-def settle(ledger: Path, *flags: str, request_id: str = ORDER_ID) -> int:
-    return main.main(["orders", "settle", request_id, *flags, "--ledger", str(ledger)])
+def settle(ledger: Path | None, *flags: str, request_id: str = ORDER_ID, note: str = "n") -> int:
+    """`orders settle --offline` with a note, on `ledger` (None: the default ledger)."""
+    where = [] if ledger is None else ["--ledger", str(ledger)]
+    return main.main(["orders", "settle", request_id, "--offline", "--note", note, *flags, *where])
 
 
 def test_settle_as_fulfilled_records_the_numbers_and_prints_the_order(
-    ledger: Path, capsys: pytest.CaptureFixture[str]
+    ledger: Path, user: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     numbers = "+14155550100, +14155550101,+14155550100"  # spaces and a repeat are forgiven
-    code = settle(ledger, "--as", "fulfilled", "--numbers", numbers, "--note", "seen in console")
+    code = settle(ledger, "--as", "fulfilled", "--numbers", numbers, note="seen in console")
     assert code == 0
     out, err = capsys.readouterr()
     assert err == ""
@@ -556,7 +645,7 @@ def test_settle_as_fulfilled_records_the_numbers_and_prints_the_order(
         "quantity:    2",
         "numbers:     +14155550100  rented",
         "             +14155550101  rented",
-        "note:        settled as fulfilled: seen in console",
+        f"note:        settled as fulfilled by cli:{user}: seen in console",
     ]
     assert "caller:      alice" in lines
     entry = stored(ledger)
@@ -566,12 +655,21 @@ def test_settle_as_fulfilled_records_the_numbers_and_prints_the_order(
     assert [n.number for n in entry.order.numbers] == ["14155550100", "14155550101"]
 
 
-def test_settle_as_failed_notes_who_settled_it_by_default(ledger: Path, user: str) -> None:
-    assert settle(ledger, "--as", "failed") == 0
+def test_settle_as_failed_names_the_login_as_the_actor(ledger: Path, user: str) -> None:
+    assert settle(ledger, "--as", "failed", note="not in console") == 0
     entry = stored(ledger)
     assert entry.state is OrderState.FAILED
-    assert entry.order.status_message == f"settled as failed: by {user}"
+    assert entry.order.status_message == f"settled as failed by cli:{user}: not in console"
     assert list(entry.order.numbers) == []
+
+
+def test_settle_json_prints_the_response(
+    ledger: Path, user: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert settle(ledger, "--as", "failed", "--json") == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["order"]["status"] == "ORDER_STATUS_FAILED"
+    assert printed["order"]["request_id"] == ORDER_ID
 
 
 def test_settle_without_a_login_name_names_the_uid(
@@ -582,7 +680,7 @@ def test_settle_without_a_login_name_names_the_uid(
 
     monkeypatch.setattr(getpass, "getuser", no_user)
     assert settle(ledger, "--as", "failed") == 0
-    assert stored(ledger).order.status_message.endswith(f": by uid {os.getuid()}")
+    assert stored(ledger).order.status_message == f"settled as failed by cli:uid {os.getuid()}: n"
 
 
 def test_settle_takes_the_request_id_in_any_case(ledger: Path, user: str) -> None:
@@ -594,7 +692,7 @@ def test_settle_finds_the_ledger_through_the_environment(
     ledger: Path, user: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("NUMBERSVC_LEDGER_PATH", str(ledger))
-    assert main.main(["orders", "settle", ORDER_ID, "--as", "failed"]) == 0
+    assert settle(None, "--as", "failed") == 0
     assert stored(ledger).state is OrderState.FAILED
 
 
@@ -604,7 +702,7 @@ def test_settle_defaults_to_the_servers_sandbox_ledger(
     # No credentials: the server would use its sandbox, and so its sandbox ledger.
     path = tmp_path / "state" / "numbersvc" / "ledger-sandbox.sqlite3"
     asyncio.run(_record(path, OrderState.OUTCOME_UNKNOWN))
-    assert main.main(["orders", "settle", ORDER_ID, "--as", "failed"]) == 0
+    assert settle(None, "--as", "failed") == 0
     assert stored(path).state is OrderState.FAILED
 
 
@@ -612,7 +710,7 @@ def test_settle_refuses_a_contradictory_configuration(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setenv("PLIVO_AUTH_ID", "MAXXXXXXXXXXXXXXXXXX")  # and no token
-    assert main.main(["orders", "settle", ORDER_ID, "--as", "failed"]) == 2
+    assert settle(None, "--as", "failed") == 2
     err = capsys.readouterr().err
     assert err.startswith("error: configuration: PLIVO_AUTH_TOKEN is not set")
 
@@ -651,8 +749,12 @@ def test_an_order_settles_once(ledger: Path, user: str, capsys: pytest.CaptureFi
         (["--as", "fulfilled", "--numbers", "+1415555010x"], "not an E.164 number"),
         (["--as", "fulfilled", "--numbers", "+1234567890123456"], "not an E.164 number"),
         (["--as", "fulfilled", "--numbers", "+1 415 555 0100"], "not an E.164 number"),
+        # 2 to 5 digits passed the command line's own rule once; the ledger refused them.
+        (["--as", "fulfilled", "--numbers", "+12345"], "not an E.164 number: '+12345'"),
         (["--as", "fulfilled", "--numbers", "+14155550100,+1-415"], "'+1-415'"),
         (["--as", "fulfilled", "--numbers", ","], "not an E.164 number: none"),
+        (["--as", "failed", "--note", " "], "note: is required"),  # the server's rules
+        (["--as", "failed", "--note", "x" * 1001], "note: must be at most 1000 characters"),
     ],
 )
 def test_settle_usage_errors_exit_2_and_leave_the_order_alone(

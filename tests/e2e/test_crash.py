@@ -125,7 +125,7 @@ async def test_sigkill_mid_post_then_retry(tmp_path: Path) -> None:
     ledger = await SqliteLedger.open(ledger_path)
     try:
         settled = await ledger.settle(
-            request_id, OrderState.FULFILLED, numbers=["+12125550100"], note="console"
+            request_id, OrderState.FULFILLED, numbers=["+12125550100"], note="console", actor="ops"
         )
         assert settled.order.status == pb.ORDER_STATUS_FULFILLED
     finally:

@@ -101,7 +101,11 @@ async def test_unknown_outcome_blocks_the_id_until_settled(
     assert await _posts(control) == 1
 
     await server.ledger.settle(
-        request_id, OrderState.FULFILLED, numbers=["+14155550100"], note="seen in console"
+        request_id,
+        OrderState.FULFILLED,
+        numbers=["+14155550100"],
+        note="seen in console",
+        actor="ops",
     )
     settled = await stub.RentNumbers(_rent(group_id, request_id))
     assert settled.order.status == pb.ORDER_STATUS_FULFILLED

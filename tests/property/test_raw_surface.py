@@ -60,6 +60,7 @@ UNARY_METHODS: Final = (
     "RentNumbers",
     "GetRentalOrder",
     "ListRentalOrders",
+    "SettleRentalOrder",
 )
 STREAM_METHOD: Final = "StreamNumberGroups"
 METHODS: Final = (*UNARY_METHODS, STREAM_METHOD)
@@ -258,6 +259,17 @@ def _valid_requests(method: str) -> st.SearchStrategy[Any]:
             pb.GetRentalOrderRequest,
             request_id=st.one_of(st.uuids().map(str), st.text(max_size=40)),
         )
+    if method == "SettleRentalOrder":
+        return st.builds(
+            pb.SettleRentalOrderRequest,
+            request_id=st.one_of(st.uuids().map(str), st.text(max_size=40)),
+            status=st.integers(-2, 6),
+            numbers=st.lists(
+                st.one_of(st.from_regex(r"\+[1-9][0-9]{5,14}", fullmatch=True), st.text()),
+                max_size=3,
+            ),
+            note=st.text(max_size=20),
+        )
     return st.builds(
         pb.ListRentalOrdersRequest,
         filter=st.builds(pb.RentalOrderFilter, statuses=st.lists(st.integers(-5, 9), max_size=4)),
@@ -400,6 +412,7 @@ def _oversized_requests() -> list[tuple[str, Any]]:
         ("RentNumbers", pb.RentNumbersRequest(group_id="1", request_id=_BIG)),
         ("GetRentalOrder", pb.GetRentalOrderRequest(request_id=_BIG)),
         ("ListRentalOrders", pb.ListRentalOrdersRequest(page_token=_BIG)),
+        ("SettleRentalOrder", pb.SettleRentalOrderRequest(note=_BIG)),
     ]
 
 
@@ -417,6 +430,9 @@ def _just_under_requests() -> list[tuple[str, Any]]:
         ("RentNumbers", pb.RentNumbersRequest(group_id="1", app_id=_JUST_UNDER)),
         ("GetRentalOrder", pb.GetRentalOrderRequest(request_id=_JUST_UNDER)),
         ("ListRentalOrders", pb.ListRentalOrdersRequest(page_token=_JUST_UNDER)),
+        ("SettleRentalOrder", pb.SettleRentalOrderRequest(note=_JUST_UNDER)),
+        # A million entries: judged by the first thousand, so refused quickly.
+        ("SettleRentalOrder", pb.SettleRentalOrderRequest(numbers=["7"] * 1_000_000)),
     ]
 
 

@@ -29,6 +29,7 @@ from numbersvc.callers import (
 
 READ: Final = "numbers.read"
 RENT: Final = "numbers.rent"
+SETTLE: Final = "numbers.settle"
 SPIFFE_ID: Final = "spiffe://example.org/ns/billing/sa/api"
 # A token as `add_caller` makes them (token_urlsafe(32)), and its hash.
 TOKEN: Final = "jeTNfoHPoX5wUxQahkyJuW3Wrotd7N-ogpw-SeFCOCU"
@@ -60,9 +61,9 @@ def path(tmp_path: Path) -> Path:
 # --- the model --------------------------------------------------------------------------------
 
 
-def test_permissions_are_read_and_rent() -> None:
-    assert PERMISSIONS == (READ, RENT)
-    assert PERMISSIONS == ("numbers.read", "numbers.rent")  # the callers file's words
+def test_permissions_are_read_rent_and_settle() -> None:
+    assert PERMISSIONS == (READ, RENT, SETTLE)
+    assert PERMISSIONS == ("numbers.read", "numbers.rent", "numbers.settle")  # the file's words
 
 
 def test_caller_allows_only_its_permissions() -> None:
@@ -243,7 +244,7 @@ LOAD_ERRORS: Final = [
     ),
     pytest.param(
         doc({**entry(), "permissions": [READ, "numbers.write"]}),
-        "permissions[1] is not one of numbers.read, numbers.rent",
+        "permissions[1] is not one of numbers.read, numbers.rent, numbers.settle",
         id="unknown permission",
     ),
     pytest.param(
@@ -739,6 +740,7 @@ def test_the_public_names() -> None:
             "PERMISSIONS",
             "READ",
             "RENT",
+            "SETTLE",
             "Caller",
             "CallerEntry",
             "Callers",
@@ -749,3 +751,50 @@ def test_the_public_names() -> None:
         ]
     )
     assert callers.CALLERS_FILE_ENV == "NUMBERSVC_CALLERS_FILE"
+
+
+# --- the server's strict mode: a file others could change grants nothing ------------------------
+
+
+@pytest.mark.parametrize("loose", [0o620, 0o602, 0o666, 0o664])
+def test_strict_mode_refuses_a_file_that_group_or_others_can_write(path: Path, loose: int) -> None:
+    add_caller(path, "billing", [READ])
+    path.chmod(loose)
+    assert len(Callers.load(path)) == 1  # the command line may still read (and fix) it
+    with pytest.raises(CallersFileError) as refused:
+        Callers.load(path, strict_mode=True)
+    message = str(refused.value)
+    assert message.startswith(f"callers file {path} ")
+    assert f"chmod 600 {path}" in message
+    assert oct(loose)[2:] in message
+
+
+@pytest.mark.parametrize("private", [0o600, 0o400, 0o640, 0o644])
+def test_strict_mode_loads_a_file_only_its_owner_can_write(path: Path, private: int) -> None:
+    add_caller(path, "billing", [READ])
+    path.chmod(private)
+    assert len(Callers.load(path, strict_mode=True)) == 1
+
+
+def test_strict_mode_follows_a_link_to_the_file_itself(path: Path, tmp_path: Path) -> None:
+    add_caller(path, "billing", [READ])
+    link = tmp_path / "mounted.json"  # as a Kubernetes Secret volume: a link to the data
+    link.symlink_to(path)
+    assert len(Callers.load(link, strict_mode=True)) == 1
+    path.chmod(0o666)
+    with pytest.raises(CallersFileError, match="chmod 600"):
+        Callers.load(link, strict_mode=True)
+
+
+@pytest.mark.parametrize(
+    ("owner", "euid", "refused"), [(0, 1000, False), (1000, 1000, False), (1001, 1000, True)]
+)
+def test_strict_mode_refuses_a_file_owned_by_another_user_than_root(
+    owner: int, euid: int, refused: bool
+) -> None:
+    st = os.stat_result((stat.S_IFREG | 0o600, 0, 0, 1, owner, 0, 10, 0, 0, 0))
+    if refused:
+        with pytest.raises(CallersFileError, match=f"owned by uid {owner}.*chown"):
+            callers._check_private("callers.json", st, euid)
+    else:
+        callers._check_private("callers.json", st, euid)

@@ -69,6 +69,7 @@ def test_empty_env_values_keep_defaults() -> None:
         ),
         ({"NUMBERSVC_DAILY_RENT_CAP": "-1"}, "DAILY_RENT_CAP must be 0 \\(no cap\\) or positive"),
         ({"NUMBERSVC_MAX_CONCURRENT_RPCS": "-1"}, "RPCS must be 0 \\(no limit\\) or positive"),
+        ({"NUMBERSVC_MAX_HEALTH_WATCHES": "0"}, "MAX_HEALTH_WATCHES must be at least 1"),
         ({"NUMBERSVC_UPSTREAM_HTTP_STACK": "curl"}, "cannot read"),
         ({"NUMBERSVC_LOG_FORMAT": "xml"}, "is not text or json"),
     ],
@@ -202,3 +203,18 @@ def test_default_ledger_is_per_upstream(
 def test_the_ledger_setting_wins_over_the_upstream() -> None:
     config = Config(**_CREDENTIALS, plivo_base_url="http://127.0.0.1:8089", ledger_path="/l.db")  # type: ignore[arg-type]
     assert config.resolved_ledger_path() == "/l.db"
+
+
+@pytest.mark.parametrize("blank", ["", " ", "\t\n"])
+def test_a_blank_callers_file_is_an_error_not_access_control_off(
+    blank: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(ConfigError, match="NUMBERSVC_CALLERS_FILE is set but blank"):
+        Config.from_env({"NUMBERSVC_CALLERS_FILE": blank})
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    with pytest.raises(SystemExit) as exit_:
+        parser.parse_args(["--callers-file", blank])
+    assert exit_.value.code == 2
+    assert "NUMBERSVC_CALLERS_FILE is set but blank" in capsys.readouterr().err
+    assert Config.from_env({}).callers_file == ""  # unset: no callers file, as before

@@ -166,6 +166,12 @@ OWN_ROWS = [
         {"QuotaFailure"},
     ),
     (Outcome.RENTAL_ORDER_NOT_FOUND, S.NOT_FOUND, "RENTAL_ORDER_NOT_FOUND", {"ResourceInfo"}),
+    (
+        Outcome.ORDER_NOT_SETTLEABLE,
+        S.FAILED_PRECONDITION,
+        "ORDER_NOT_SETTLEABLE",
+        {"ResourceInfo"},
+    ),
     (Outcome.SERVER_SHUTTING_DOWN, S.UNAVAILABLE, "SERVER_SHUTTING_DOWN", {"RetryInfo"}),
     (Outcome.CALLER_UNAUTHENTICATED, S.UNAUTHENTICATED, "CALLER_UNAUTHENTICATED", set()),
     (Outcome.PERMISSION_DENIED, S.PERMISSION_DENIED, "PERMISSION_DENIED", set()),

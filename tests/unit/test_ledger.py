@@ -25,6 +25,7 @@ from numbersvc.ledger import (
     Begin,
     BeginResult,
     LedgerEntry,
+    OrderNotFound,
     OrderQuery,
     OrderState,
     SettleError,
@@ -208,12 +209,14 @@ class TestBegin:
         order.status_message = "deadline ran out"
         await ledger.finish(order, OrderState.OUTCOME_UNKNOWN)
         clock.advance(SECOND)
-        await ledger.settle("r-1", OrderState.FULFILLED, numbers=["+14155550100"], note="T-9")
+        await ledger.settle(
+            "r-1", OrderState.FULFILLED, numbers=["+14155550100"], note="T-9", actor="ops"
+        )
         await _seed(ledger, "r-2")
         assert _events(path) == [
             ("r-1", T0, "sending", f"peer={PEER}"),
             ("r-1", T0 + SECOND, "outcome_unknown", "deadline ran out"),
-            ("r-1", T0 + 2 * SECOND, "fulfilled", "settled as fulfilled: T-9"),
+            ("r-1", T0 + 2 * SECOND, "fulfilled", "settled as fulfilled by ops: T-9"),
             ("r-2", T0 + 2 * SECOND, "sending", f"peer={PEER}"),
         ]
 
@@ -510,7 +513,9 @@ class TestFinish:
         late: OrderState,
     ) -> None:
         order = await _seed(ledger, "r-1", OrderState.OUTCOME_UNKNOWN)
-        settlement = await ledger.settle("r-1", settled_as, numbers=numbers, note="console")
+        settlement = await ledger.settle(
+            "r-1", settled_as, numbers=numbers, note="console", actor="ops"
+        )
         before = _dump(path)
         clock.advance(SECOND)
         answer = pb.RentalOrder()
@@ -564,8 +569,9 @@ class TestSettle:
         entry = await ledger.settle(
             "r-1",
             OrderState.FULFILLED,
-            numbers=["+14155550100", "14155550101"],
+            numbers=["+14155550100", "+14155550101"],
             note="console shows 2 numbers",
+            actor="ops-alice",
         )
         assert entry.state is OrderState.FULFILLED
         settled = entry.order
@@ -576,7 +582,9 @@ class TestSettle:
         ]
         assert {n.status for n in settled.numbers} == {pb.RENTED_NUMBER_STATUS_SUCCESS}
         assert {n.upstream_status for n in settled.numbers} == {"settled"}
-        assert settled.status_message == "settled as fulfilled: console shows 2 numbers"
+        assert (
+            settled.status_message == "settled as fulfilled by ops-alice: console shows 2 numbers"
+        )
         assert settled.create_time == order.create_time
         assert settled.update_time.ToNanoseconds() == T0 + 60 * SECOND
         assert (settled.caller, settled.quantity, settled.group_id) == ("alice", 2, "G1")
@@ -590,10 +598,12 @@ class TestSettle:
 
     async def test_to_failed(self, ledger: SqliteLedger, path: Path) -> None:
         await _seed(ledger, "r-1", OrderState.OUTCOME_UNKNOWN)
-        entry = await ledger.settle("r-1", OrderState.FAILED, numbers=[], note="nothing rented")
+        entry = await ledger.settle(
+            "r-1", OrderState.FAILED, numbers=[], note="nothing rented", actor="ops"
+        )
         assert (entry.state, entry.order.status) == (OrderState.FAILED, pb.ORDER_STATUS_FAILED)
         assert not entry.order.numbers
-        assert entry.order.status_message == "settled as failed: nothing rented"
+        assert entry.order.status_message == "settled as failed by ops: nothing rented"
         assert _row(path, "r-1")["state"] == "failed"
         assert await _settled(ledger, "r-1") == entry
 
@@ -607,7 +617,7 @@ class TestSettle:
         await _seed(ledger, "r-1", OrderState.SENDING)
         before = _dump(path)
         with pytest.raises(SettleError, match="order r-1 is sending: nothing to settle"):
-            await ledger.settle("r-1", state, numbers=numbers, note="too early")
+            await ledger.settle("r-1", state, numbers=numbers, note="too early", actor="ops")
         assert _dump(path) == before
         assert (await ledger.begin(_attempt("r-1"), daily_cap=0)).kind is Begin.EXISTING
 
@@ -617,23 +627,27 @@ class TestSettle:
         await _seed(ledger, "r-1", OrderState.SENDING)
         async with _second(path) as restarted:
             with pytest.raises(SettleError, match="is sending"):
-                await restarted.settle("r-1", OrderState.FAILED, numbers=[], note="n")
+                await restarted.settle("r-1", OrderState.FAILED, numbers=[], note="n", actor="ops")
             assert await restarted.recover() == 1
-            entry = await restarted.settle("r-1", OrderState.FAILED, numbers=[], note="n")
+            entry = await restarted.settle(
+                "r-1", OrderState.FAILED, numbers=[], note="n", actor="ops"
+            )
             assert entry.state is OrderState.FAILED
 
     async def test_fulfilled_needs_numbers(self, ledger: SqliteLedger, path: Path) -> None:
         await _seed(ledger, "r-1", OrderState.OUTCOME_UNKNOWN)
         before = _dump(path)
         with pytest.raises(SettleError, match="fulfilled order needs the numbers"):
-            await ledger.settle("r-1", OrderState.FULFILLED, numbers=[], note="")
+            await ledger.settle("r-1", OrderState.FULFILLED, numbers=[], note="", actor="ops")
         assert _dump(path) == before
 
     async def test_failed_forbids_numbers(self, ledger: SqliteLedger, path: Path) -> None:
         await _seed(ledger, "r-1", OrderState.OUTCOME_UNKNOWN)
         before = _dump(path)
         with pytest.raises(SettleError, match="failed order rented no numbers"):
-            await ledger.settle("r-1", OrderState.FAILED, numbers=["+14155550100"], note="")
+            await ledger.settle(
+                "r-1", OrderState.FAILED, numbers=["+14155550100"], note="", actor="ops"
+            )
         assert _dump(path) == before
 
     @pytest.mark.parametrize(
@@ -643,6 +657,8 @@ class TestSettle:
             "+",
             "+12345",  # 5 digits
             "1234567890123456",  # 16 digits
+            "14155550100",  # no +: the one E.164 rule (validation.is_e164) wants it
+            "+04155550100",  # a country code never starts with 0
             "+1 415 555 0100",
             "+1-415-555-0100",
             "++14155550100",
@@ -662,28 +678,22 @@ class TestSettle:
         before = _dump(path)
         # The message names the bad number, not the good one before it.
         with pytest.raises(SettleError, match=re.escape(f"not an E.164 number: {bad!r}")):
-            await ledger.settle("r-1", OrderState.FULFILLED, numbers=["+14155550100", bad], note="")
+            await ledger.settle(
+                "r-1", OrderState.FULFILLED, numbers=["+14155550100", bad], note="", actor="ops"
+            )
         assert _dump(path) == before
 
-    @pytest.mark.parametrize(
-        ("given", "e164"),
-        [
-            ("123456", "+123456"),  # 6 digits
-            ("+123456", "+123456"),
-            ("123456789012345", "+123456789012345"),  # 15 digits
-            ("+123456789012345", "+123456789012345"),
-        ],
-    )
-    async def test_e164_bounds_are_accepted(
-        self, ledger: SqliteLedger, given: str, e164: str
-    ) -> None:
+    @pytest.mark.parametrize("e164", ["+123456", "+123456789012345"])  # 6 and 15 digits
+    async def test_e164_bounds_are_accepted(self, ledger: SqliteLedger, e164: str) -> None:
         await _seed(ledger, "r-1", OrderState.OUTCOME_UNKNOWN)
-        entry = await ledger.settle("r-1", OrderState.FULFILLED, numbers=[given], note="")
+        entry = await ledger.settle(
+            "r-1", OrderState.FULFILLED, numbers=[e164], note="", actor="ops"
+        )
         assert [(n.number, n.e164) for n in entry.order.numbers] == [(e164[1:], e164)]
 
     async def test_unknown_id_is_refused(self, ledger: SqliteLedger, path: Path) -> None:
-        with pytest.raises(SettleError, match="no order with request id nobody"):
-            await ledger.settle("nobody", OrderState.FAILED, numbers=[], note="")
+        with pytest.raises(OrderNotFound, match="no order with request id nobody"):
+            await ledger.settle("nobody", OrderState.FAILED, numbers=[], note="", actor="ops")
         assert _dump(path) == ([], [])
 
     @pytest.mark.parametrize("state", SETTLED)
@@ -692,8 +702,11 @@ class TestSettle:
     ) -> None:
         await _seed(ledger, "r-1", state)
         before = _dump(path)
-        with pytest.raises(SettleError, match=f"is {state.value}: nothing to settle"):
-            await ledger.settle("r-1", OrderState.FULFILLED, numbers=["+14155550100"], note="oops")
+        with pytest.raises(SettleError, match=f"is {state.value}: nothing to settle") as refused:
+            await ledger.settle(
+                "r-1", OrderState.FULFILLED, numbers=["+14155550100"], note="oops", actor="ops"
+            )
+        assert not isinstance(refused.value, OrderNotFound)  # the order exists
         assert _dump(path) == before
 
     @pytest.mark.parametrize(
@@ -712,15 +725,15 @@ class TestSettle:
         await _seed(ledger, "r-1", OrderState.OUTCOME_UNKNOWN)
         before = _dump(path)
         with pytest.raises(SettleError, match="settles as fulfilled or failed"):
-            await ledger.settle("r-1", target, numbers=[], note="")
+            await ledger.settle("r-1", target, numbers=[], note="", actor="ops")
         assert _dump(path) == before
 
     async def test_a_settled_order_can_not_be_settled_again(self, ledger: SqliteLedger) -> None:
         await _seed(ledger, "r-1", OrderState.OUTCOME_UNKNOWN)
-        first = await ledger.settle("r-1", OrderState.FAILED, numbers=[], note="first")
+        first = await ledger.settle("r-1", OrderState.FAILED, numbers=[], note="first", actor="ops")
         with pytest.raises(SettleError, match="is failed"):
             await ledger.settle(
-                "r-1", OrderState.FULFILLED, numbers=["+14155550100"], note="second"
+                "r-1", OrderState.FULFILLED, numbers=["+14155550100"], note="second", actor="ops"
             )
         assert await _settled(ledger, "r-1") == first
 
@@ -1024,7 +1037,7 @@ class TestDurability:
             try:
                 assert await ledger.get("r-1") is None
                 await _seed(ledger, "r-1", OrderState.OUTCOME_UNKNOWN, quantity=2)
-                await ledger.settle("r-1", OrderState.FAILED, numbers=[], note="n")
+                await ledger.settle("r-1", OrderState.FAILED, numbers=[], note="n", actor="ops")
                 assert await ledger.list(OrderQuery(), offset=0, limit=5) == (
                     [await _settled(ledger, "r-1")],
                     1,
@@ -1231,7 +1244,7 @@ class TestConcurrency:
             update = asyncio.create_task(
                 ledger.finish(order, OrderState.FULFILLED)
                 if how == "finish"
-                else ledger.settle("r-1", OrderState.FAILED, numbers=[], note="n")
+                else ledger.settle("r-1", OrderState.FAILED, numbers=[], note="n", actor="ops")
             )
             await asyncio.sleep(0.3)
             assert not update.done()
@@ -1249,7 +1262,9 @@ class TestConcurrency:
     ) -> None:
         await _seed(ledger, "r-1", OrderState.OUTCOME_UNKNOWN)
         async with _second(path) as settler:
-            await settler.settle("r-1", OrderState.FULFILLED, numbers=["+14155550100"], note="n")
+            await settler.settle(
+                "r-1", OrderState.FULFILLED, numbers=["+14155550100"], note="n", actor="ops"
+            )
         entry = await _settled(ledger, "r-1")
         assert entry.state is OrderState.FULFILLED
         assert [n.e164 for n in entry.order.numbers] == ["+14155550100"]
@@ -1268,7 +1283,7 @@ class TestConcurrency:
             "    ledger = await SqliteLedger.open(sys.argv[1])\n"
             "    try:\n"
             "        entry = await ledger.settle(sys.argv[2], OrderState.FULFILLED,\n"
-            "                                    numbers=sys.argv[3:], note='by cli')\n"
+            "                                    numbers=sys.argv[3:], note='n', actor='cli:ops')\n"
             "        print(entry.state.value)\n"
             "    except SettleError as exc:\n"
             "        print('refused:', exc)\n"
@@ -1276,11 +1291,11 @@ class TestConcurrency:
             "        await ledger.close()\n"
             "asyncio.run(main())\n"
         )
-        out = await _run_python(script, str(path), "r-1", "+14155550100", "14155550101")
+        out = await _run_python(script, str(path), "r-1", "+14155550100", "+14155550101")
         assert out.strip() == "fulfilled"
         entry = await _settled(ledger, "r-1")
         assert entry.state is OrderState.FULFILLED
-        assert entry.order.status_message == "settled as fulfilled: by cli"
+        assert entry.order.status_message == "settled as fulfilled by cli:ops: n"
         assert [n.e164 for n in entry.order.numbers] == ["+14155550100", "+14155550101"]
         out = await _run_python(script, str(path), "r-2", "+14155550102")
         assert out.strip() == "refused: order r-2 is fulfilled: nothing to settle"

@@ -10,12 +10,19 @@ from numbersvc.v1 import number_groups_pb2 as pb
 from numbersvc.validation import (
     MAX_VIOLATIONS,
     InvalidRequest,
+    SettleParams,
+    is_e164,
     validate_get,
     validate_list,
     validate_list_orders,
     validate_rent,
+    validate_settle,
     validate_stream,
 )
+
+ORDER_ID = "9896E486-0CC5-45B3-A9C5-0BC4BCFADCAE"
+FULFILLED = pb.ORDER_STATUS_FULFILLED
+FAILED = pb.ORDER_STATUS_FAILED
 
 
 def _list(**filter_fields: object) -> pb.ListNumberGroupsRequest:
@@ -268,3 +275,138 @@ def test_far_future_times_are_clamped_to_the_ledger_range() -> None:
     stamp = timestamp_pb2.Timestamp(seconds=253_402_300_799)  # 9999-12-31
     request = pb.ListRentalOrdersRequest(filter=pb.RentalOrderFilter(end_time=stamp))
     assert validate_list_orders(request).query.end_time_ns == 2**63 - 1
+
+
+def _settle(**fields: object) -> pb.SettleRentalOrderRequest:
+    given: dict[str, object] = {
+        "request_id": ORDER_ID,
+        "status": FULFILLED,
+        "numbers": ["+14155550100"],
+        "note": "console: order 42",
+        **fields,
+    }
+    return pb.SettleRentalOrderRequest(**given)  # type: ignore[arg-type]
+
+
+class TestSettle:
+    def test_fulfilled_is_normalized(self) -> None:
+        params = validate_settle(_settle(numbers=["+14155550100", "+442071838750"]))
+        assert params == SettleParams(
+            request_id=ORDER_ID.lower(),
+            status=FULFILLED,
+            numbers=("+14155550100", "+442071838750"),
+            note="console: order 42",
+        )
+
+    def test_failed_needs_no_numbers(self) -> None:
+        params = validate_settle(_settle(status=FAILED, numbers=[]))
+        assert (params.status, params.numbers) == (FAILED, ())
+
+    @pytest.mark.parametrize(
+        ("fields", "violations"),
+        [
+            pytest.param({"request_id": ""}, ["request_id"], id="no request id"),
+            pytest.param({"request_id": "r-1"}, ["request_id"], id="request id not a UUID"),
+            pytest.param({"status": 0}, ["status"], id="status unset"),
+            pytest.param(
+                {"status": pb.ORDER_STATUS_PENDING, "numbers": []}, ["status"], id="pending"
+            ),
+            pytest.param(
+                {"status": pb.ORDER_STATUS_OUTCOME_UNKNOWN, "numbers": []},
+                ["status"],
+                id="outcome unknown",
+            ),
+            pytest.param({"status": 99, "numbers": []}, ["status"], id="unknown status"),
+            pytest.param({"numbers": []}, ["numbers"], id="fulfilled without numbers"),
+            pytest.param(
+                {"status": FAILED, "numbers": ["+14155550100"]},
+                ["numbers"],
+                id="failed with numbers",
+            ),
+            pytest.param({"numbers": ["14155550100"]}, ["numbers[0]"], id="no plus"),
+            pytest.param(
+                {"numbers": ["+14155550100", "+14155550100"]}, ["numbers[1]"], id="repeated"
+            ),
+            pytest.param(
+                {"numbers": [f"+1415555{n:04}" for n in range(1001)]},
+                ["numbers"],
+                id="more than 1000 numbers",
+            ),
+            pytest.param({"note": ""}, ["note"], id="no note"),
+            pytest.param({"note": " \t\n"}, ["note"], id="blank note"),
+            pytest.param({"note": "x" * 1001}, ["note"], id="note too long"),
+            pytest.param(
+                {"request_id": "", "status": 0, "numbers": ["1"], "note": ""},
+                ["request_id", "status", "numbers[0]", "note"],
+                id="every field at once",
+            ),
+        ],
+    )
+    def test_bad_fields_are_named(self, fields: dict[str, object], violations: list[str]) -> None:
+        with pytest.raises(InvalidRequest) as exc:
+            validate_settle(_settle(**fields))
+        assert _fields(exc) == violations
+
+    def test_1000_numbers_are_accepted(self) -> None:
+        numbers = [f"+1415555{n:04}" for n in range(1000)]
+        assert len(validate_settle(_settle(numbers=numbers)).numbers) == 1000
+
+    def test_a_million_numbers_are_judged_by_the_first_thousand(self) -> None:
+        with pytest.raises(InvalidRequest) as exc:
+            validate_settle(_settle(numbers=["x"] * 1_000_000))
+        assert _fields(exc)[:2] == ["numbers", "numbers[0]"]
+        assert len(exc.value.violations) == MAX_VIOLATIONS + 1
+
+    def test_a_note_of_the_longest_length_is_kept(self) -> None:
+        assert validate_settle(_settle(note="x" * 1000)).note == "x" * 1000
+
+    def test_each_bad_number_is_named_with_the_rule(self) -> None:
+        with pytest.raises(InvalidRequest) as exc:
+            validate_settle(_settle(numbers=["+14155550100", "+1-415", "0044207"]))
+        assert [(v.field, v.description) for v in exc.value.violations] == [
+            (
+                f"numbers[{index}]",
+                "must be an E.164 number: + then 6 to 15 digits, the first not 0,"
+                " such as +14155550100",
+            )
+            for index in (1, 2)
+        ]
+
+
+@pytest.mark.parametrize(
+    "number",
+    [
+        "+123456",  # 6 digits
+        "+14155550100",
+        "+123456789012345",  # 15 digits
+        "+6834002",  # Niue: country code 683 and four digits
+    ],
+)
+def test_e164_accepts(number: str) -> None:
+    assert is_e164(number)
+
+
+@pytest.mark.parametrize(
+    "number",
+    [
+        "",
+        "+",
+        "+12345",  # 5 digits
+        "+1234567890123456",  # 16 digits
+        "14155550100",  # no +
+        "+04155550100",  # a country code never starts with 0
+        "+1 415 555 0100",
+        "+1-415-555-0100",
+        "++14155550100",
+        "14155550100+",
+        "+1415555010a",
+        " +14155550100",
+        "+14155550100 ",
+        "+14155550100\n",
+        "+\uff11\uff14\uff11\uff15\uff15\uff15\uff15\uff10\uff11\uff10\uff10",  # full-width
+        "+\u0661\u0664\u0661\u0665\u0665\u0665\u0665\u0660\u0661\u0660\u0660",  # Arabic-Indic
+        "+\u00b9\u00b2\u00b3\u00b9\u00b2\u00b3",  # superscripts: str.isdigit() says yes
+    ],
+)
+def test_e164_refuses(number: str) -> None:
+    assert not is_e164(number)
