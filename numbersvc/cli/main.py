@@ -19,7 +19,6 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Final
 
-from numbersvc import __version__
 from numbersvc.cli import callers_parser, orders_parser
 from numbersvc.cli.options import (
     DEFAULT_DEADLINE_SECONDS,
@@ -48,7 +47,6 @@ __all__ = ["TARGET_ENV", "main", "run"]
 # A rent may wait on Plivo for a while, and the server refuses one with too little deadline.
 _DEFAULT_RENT_DEADLINE_SECONDS: Final = 30.0
 _DEFAULT_SANDBOX_LISTEN: Final = "127.0.0.1:8089"
-_USER_AGENT: Final = f"numbersvc-cli/{__version__}"
 _CLIENT: Final = "numbersvc.cli.client"
 _REQUESTS: Final = "numbersvc.cli.requests"
 _SERVING: Final = "numbersvc.cli.serving"
@@ -58,9 +56,11 @@ ChannelFactory = Callable[[argparse.Namespace], "grpc.Channel"]
 
 
 def _open_channel(args: argparse.Namespace) -> grpc.Channel:
+    from numbersvc import __version__
     from numbersvc.cli import transport  # here: it loads grpc
 
-    channel = transport.open_channel(args, [("grpc.primary_user_agent", _USER_AGENT)])
+    user_agent = f"numbersvc-cli/{__version__}"
+    channel = transport.open_channel(args, [("grpc.primary_user_agent", user_agent)])
     return transport.with_token(channel, args.token)
 
 
@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--version", action=_Version, help="print the version and exit")
     commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
 
     serve = add_command(
@@ -232,6 +232,25 @@ def build_parser() -> argparse.ArgumentParser:
     orders_parser.add_orders_command(commands)
     callers_parser.add_callers_command(commands)
     return parser
+
+
+class _Version(argparse.Action):
+    """`--version`, reading the version only when asked (see `numbersvc.__getattr__`)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, help: str | None = None) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help)
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: object,
+        option_string: str | None = None,
+    ) -> None:
+        from numbersvc import __version__
+
+        print(f"{parser.prog} {__version__}")  # on stdout, as argparse's own version action
+        parser.exit()
 
 
 def _search_options(parser: argparse.ArgumentParser) -> None:
