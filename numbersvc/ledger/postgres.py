@@ -38,6 +38,7 @@ from numbersvc.ledger import (
     Begin,
     BeginResult,
     LedgerEntry,
+    LedgerUnreachableError,
     OrderKey,
     OrderNotFound,
     OrderState,
@@ -48,7 +49,7 @@ from numbersvc.ledger import (
 from numbersvc.v1 import number_groups_pb2 as pb
 from numbersvc.validation import OrderQuery
 
-__all__ = ["LedgerUnreachableError", "PostgresLedger", "redacted", "scrub"]
+__all__ = ["PostgresLedger", "redacted", "scrub"]
 
 _log = logging.getLogger("numbersvc.orders")
 _NANOS: Final = 10**9
@@ -148,10 +149,6 @@ FOR UPDATE OF o SKIP LOCKED
 """
 
 _Row = tuple[bytes, str, str, str, str]
-
-
-class LedgerUnreachableError(ConnectionError):
-    """PostgreSQL cannot be reached, or refused this connection (a password, a database)."""
 
 
 class PostgresLedger:

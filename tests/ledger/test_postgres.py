@@ -15,8 +15,8 @@ from typing import Final
 
 import pytest
 
-from numbersvc.ledger import Begin, OrderState
-from numbersvc.ledger.postgres import LedgerUnreachableError, PostgresLedger, redacted, scrub
+from numbersvc.ledger import Begin, LedgerUnreachableError, OrderState
+from numbersvc.ledger.postgres import PostgresLedger, redacted, scrub
 from numbersvc.v1 import number_groups_pb2 as pb
 from tests.ledger.support import SECOND, T0, Clock, PostgresFactory, new_attempt, row_of, seed
 from tests.pg import PASSWORD_ROLE, Cluster
