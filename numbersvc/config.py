@@ -310,9 +310,7 @@ class Config:
         Raises:
             ConfigError: the token file cannot be read or is empty.
         """
-        if not self.plivo_auth_token_file:
-            return self.plivo_auth_token
-        return _secret_file(self.plivo_auth_token_file, "PLIVO_AUTH_TOKEN_FILE")
+        return _secret(self.plivo_auth_token, self.plivo_auth_token_file, "PLIVO_AUTH_TOKEN_FILE")
 
     def database(self) -> Secret:
         """Return the PostgreSQL URL, from the environment or its file; empty: SQLite.
@@ -320,9 +318,7 @@ class Config:
         Raises:
             ConfigError: the URL file cannot be read or is empty.
         """
-        if not self.database_url_file:
-            return self.database_url
-        return _secret_file(self.database_url_file, "NUMBERSVC_DATABASE_URL_FILE")
+        return _secret(self.database_url, self.database_url_file, "NUMBERSVC_DATABASE_URL_FILE")
 
     def resolved_upstream(self) -> UpstreamKind:
         """Decide the upstream from `upstream` and the credentials.
@@ -365,7 +361,10 @@ class Config:
         return dataclasses.replace(self, **overrides)
 
 
-def _secret_file(path: str, env: str) -> Secret:
+def _secret(value: Secret, path: str, env: str) -> Secret:
+    """`value`, or the stripped text of the file at `path` (the setting `env`) when given."""
+    if not path:
+        return value
     try:
         text = Path(path).read_text().strip()
     except OSError as exc:

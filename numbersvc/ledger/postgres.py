@@ -338,11 +338,7 @@ class PostgresLedger:
         error_outcome: str = "",
         upstream: str = "",
     ) -> LedgerEntry:
-        """Record how an order ended.
-
-        A settlement made meanwhile wins: a late answer never overwrites what a person
-        recorded from the Plivo console (it is logged instead).
-        """
+        """Record how an order ended, unless it was settled meanwhile (then it is logged)."""
         async with self._pool.connection() as conn:
             try:
                 return await self._update(
