@@ -18,9 +18,13 @@ from pathlib import Path
 
 import pytest
 
-from numbersvc.sandbox import SandboxControl, SandboxServer
+from numbersvc.sandbox import SandboxServer
 from numbersvc.v1 import number_groups_pb2 as pb
 from numbersvc.v1 import number_groups_pb2_grpc as pb_grpc
+
+# The e2e suite's sandbox (in this event loop, port 0) and its control client, shared.
+from tests.e2e.conftest import control as control
+from tests.e2e.conftest import sandbox as sandbox
 
 # The shared comparison's asserts show their operands, as a test module's do.
 pytest.register_assert_rewrite("tests.polyglot.typed_clients")
@@ -31,20 +35,6 @@ _START_TIMEOUT_SECONDS = 20
 _CHILD_TIMEOUT_SECONDS = 30
 # A cold `make clients` downloads grpc-go, grpc-java and protoc: minutes on a fresh machine.
 BUILD_TIMEOUT_SECONDS = 540
-
-
-@pytest.fixture
-async def sandbox() -> AsyncIterator[SandboxServer]:
-    """A Plivo-compatible sandbox on a loopback port the OS chose."""
-    async with SandboxServer(host="127.0.0.1", port=0) as server:
-        yield server
-
-
-@pytest.fixture
-async def control(sandbox: SandboxServer) -> AsyncIterator[SandboxControl]:
-    """The sandbox's control routes: faults, request log."""
-    async with SandboxControl(sandbox.base_url) as client:
-        yield client
 
 
 @pytest.fixture
