@@ -115,7 +115,7 @@ def build_client(target: str, *toolchain: str) -> None:
     """
     missing = [tool for tool in toolchain if shutil.which(tool) is None]
     if missing:
-        message = f"{', '.join(missing)} not on PATH: `make {target}` needs {toolchain}"
+        message = f"{' and '.join(missing)} not on PATH: `make {target}` needs them"
         if os.environ.get("CI") == "true":
             pytest.fail(message)
         pytest.skip(message)
