@@ -13,6 +13,7 @@ Then it asks the same server the same things with Python's stubs and compares fi
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from decimal import Decimal
@@ -47,6 +48,7 @@ _THROTTLE = FaultSpec(
     status=429,
     retry_after=str(_RETRY_AFTER_SECONDS),
 )
+_PYTHON_SIDE_SECONDS = 30
 _RATES: tuple[Literal["rental_rate", "setup_rate", "voice_rate", "sms_rate"], ...] = (
     "rental_rate",
     "setup_rate",
@@ -133,7 +135,8 @@ async def check_client(client: list[str | Path], port: int, control: SandboxCont
     assert await control.faults() == [], "the client's Get did not meet the queued 429"
     reading = json.loads(await run(*client, "--target", target))
 
-    async with grpc.aio.insecure_channel(target) as channel:
+    # Bounded here: the module's timeout leaves room for a first build of the client.
+    async with asyncio.timeout(_PYTHON_SIDE_SECONDS), grpc.aio.insecure_channel(target) as channel:
         stub = pb_grpc.NumberGroupServiceStub(channel)
         ids, total = await walk(stub, SEARCH, PAGE_SIZE)
         page = await stub.ListNumberGroups(
