@@ -110,6 +110,9 @@ func (c checker) run(target string, rent bool, requestID string) (map[string]any
 	}
 
 	// GetNumberGroup: the first group, or the rich error it failed with.
+	if len(page.GetNumberGroups()) == 0 {
+		return nil, errors.New("the search found no groups")
+	}
 	first := page.GetNumberGroups()[0]
 	ctx, cancel = c.call()
 	defer cancel()

@@ -1,8 +1,10 @@
 package dev.numbersvc.check;
 
+import com.google.gson.Gson;
 import com.google.gson.GsonBuilder;
 import com.google.protobuf.Any;
 import com.google.protobuf.InvalidProtocolBufferException;
+import com.google.protobuf.Timestamp;
 import com.google.rpc.BadRequest;
 import com.google.rpc.ErrorInfo;
 import com.google.rpc.RetryInfo;
@@ -80,10 +82,11 @@ public final class Check {
 
     ManagedChannel channel = ManagedChannelBuilder.forTarget(target).usePlaintext().build();
     try {
-      Check check =
-          new Check(NumberGroupServiceGrpc.newBlockingStub(channel), (long) (deadlineSeconds * 1000));
+      long deadlineMillis = (long) (deadlineSeconds * 1000);
+      Check check = new Check(NumberGroupServiceGrpc.newBlockingStub(channel), deadlineMillis);
       Map<String, Object> seen = check.run(target, args.containsKey("rent"), requestId);
-      System.out.println(new GsonBuilder().serializeNulls().disableHtmlEscaping().create().toJson(seen));
+      Gson gson = new GsonBuilder().serializeNulls().disableHtmlEscaping().create();
+      System.out.println(gson.toJson(seen));
     } finally {
       channel.shutdownNow().awaitTermination(5, TimeUnit.SECONDS);
     }
@@ -132,6 +135,9 @@ public final class Check {
     seen.put("stream", stream());
 
     // GetNumberGroup: the first group, or the rich error it failed with.
+    if (page.getNumberGroupsCount() == 0) {
+      throw new IllegalStateException("the search found no groups");
+    }
     String firstId = page.getNumberGroups(0).getGroupId();
     seen.put(
         "get",
@@ -300,14 +306,14 @@ public final class Check {
     out.put("quantity", order.getQuantity());
     out.put("numbers", order.getNumbersList().stream().map(RentedNumber::getE164).toList());
     out.put("upstream_request_id", order.getUpstreamRequestId());
-    out.put(
-        "create_time", decimal(order.getCreateTime().getSeconds(), order.getCreateTime().getNanos()));
+    Timestamp created = order.getCreateTime();
+    out.put("create_time", decimal(created.getSeconds(), created.getNanos()));
     return out;
   }
 
   private static Map<String, Object> moneyJson(Money money) {
-    return Map.of(
-        "currency_code", money.getCurrencyCode(), "amount", decimal(money.getUnits(), money.getNanos()));
+    String amount = decimal(money.getUnits(), money.getNanos());
+    return Map.of("currency_code", money.getCurrencyCode(), "amount", amount);
   }
 
   /**
@@ -315,7 +321,8 @@ public final class Check {
    * trailing zeros beyond them. Money and Duration both keep units and nanos of one sign.
    */
   static String decimal(long units, int nanos) {
-    BigDecimal value = BigDecimal.valueOf(units).add(BigDecimal.valueOf(nanos, 9)).stripTrailingZeros();
+    BigDecimal value =
+        BigDecimal.valueOf(units).add(BigDecimal.valueOf(nanos, 9)).stripTrailingZeros();
     return value.setScale(Math.max(2, value.scale())).toPlainString();
   }
 }
