@@ -173,3 +173,8 @@ $(JAVA_CLIENT): $(CLIENT_PROTOS) clients/java/pom.xml $(shell find clients/java/
 
 # The polyglot tests run the clients, so `make pytest` builds them first.
 pytest: clients
+
+.PHONY: clean-clients
+clean-clients:  ## Remove the Go and Java clients' generated code and builds.
+	rm -rf clients/go/gen clients/go/build clients/java/target
+clean: clean-clients
