@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 import shutil
 import subprocess
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -25,13 +23,12 @@ from numbersvc.v1 import number_groups_pb2_grpc as pb_grpc
 # The e2e suite's sandbox (in this event loop, port 0) and its control client, shared.
 from tests.e2e.conftest import control as control
 from tests.e2e.conftest import sandbox as sandbox
+from tests.polyglot import serving
 
 # The shared comparison's asserts show their operands, as a test module's do.
 pytest.register_assert_rewrite("tests.polyglot.typed_clients")
 
 ROOT = Path(__file__).resolve().parents[2]
-_SERVING = re.compile(rb"serving on 127\.0\.0\.1:(\d+)")
-_START_TIMEOUT_SECONDS = 20
 _CHILD_TIMEOUT_SECONDS = 30
 # A cold `make clients` downloads grpc-go, grpc-java and protoc: minutes on a fresh machine.
 BUILD_TIMEOUT_SECONDS = 540
@@ -40,41 +37,16 @@ BUILD_TIMEOUT_SECONDS = 540
 @pytest.fixture
 async def port(sandbox: SandboxServer) -> AsyncIterator[int]:
     """The port of a `numbersvc serve` process whose Plivo is the sandbox, killed afterwards."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PLIVO_", "NUMBERSVC_"))}
-    env |= {
+    settings = {
         "NUMBERSVC_UPSTREAM": "plivo",
         "PLIVO_BASE_URL": sandbox.base_url,
         "PLIVO_AUTH_ID": sandbox.auth_id,
         "PLIVO_AUTH_TOKEN": sandbox.auth_token,
-        "NUMBERSVC_LEDGER_PATH": ":memory:",
-        "NUMBERSVC_METRICS_LISTEN": "off",  # no fixed port to fight over with other servers
         # One upstream attempt per read: one queued fault fails one read, with no backoff.
         "NUMBERSVC_RETRY_MAX_ATTEMPTS": "1",
     }
-    process = await asyncio.create_subprocess_exec(
-        *(sys.executable, "-m", "numbersvc", "serve", "--listen", "127.0.0.1:0"),
-        env=env,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    assert process.stderr is not None
-    stderr = b""
-    drain: asyncio.Task[bytes] | None = None
-    try:
-        async with asyncio.timeout(_START_TIMEOUT_SECONDS):
-            while not (match := _SERVING.search(stderr)):
-                line = await process.stderr.readline()
-                assert line, f"server exited early:\n{stderr.decode()}"
-                stderr += line
-        # Keep reading the access log, so a full pipe never blocks the server.
-        drain = asyncio.create_task(process.stderr.read())
-        yield int(match.group(1))
-    finally:
-        if process.returncode is None:
-            process.kill()
-        await process.wait()
-        if drain is not None:
-            await drain
+    async with serving(settings) as bound:
+        yield bound
 
 
 async def run(*command: str | Path) -> bytes:
