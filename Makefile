@@ -159,16 +159,17 @@ clients-go:
 clients-java:
 	$(call build_with,mvn java,$(JAVA_CLIENT))
 
+# The recipes below are the README's commands as written (tests/polyglot holds them equal).
 # protoc-gen-go and protoc-gen-go-grpc at the versions go.mod's `tool` lines pin, driven by buf.
 $(GO_CLIENT): node_modules/.installed $(CLIENT_PROTOS) clients/go/buf.gen.yaml clients/go/go.mod clients/go/go.sum $(wildcard clients/go/*.go)
-	cd clients/go && GOBIN="$(CURDIR)/clients/go/build/bin" go install tool
+	(cd clients/go && GOBIN="$$PWD/build/bin" go install tool)
 	$(BUF) generate --template clients/go/buf.gen.yaml --path protos/numbersvc
-	cd clients/go && go vet ./... && go build -o build/bin/numbersvc-check .
+	(cd clients/go && go vet ./... && go build -o build/bin/numbersvc-check .)
 
 # protoc and protoc-gen-grpc-java come from Maven Central through the protobuf Maven plugin.
 # touch: Maven leaves an unchanged jar's time alone, which make would take for stale.
 $(JAVA_CLIENT): $(CLIENT_PROTOS) clients/java/pom.xml $(shell find clients/java/src -type f 2>/dev/null)
-	cd clients/java && $(MVN) package
+	(cd clients/java && $(MVN) package)
 	touch $@
 
 # The polyglot tests run the clients, so `make pytest` builds them first.

@@ -14,20 +14,27 @@ import pytest
 
 from numbersvc.sandbox import SandboxControl
 from tests.polyglot.conftest import BUILD_TIMEOUT_SECONDS, ROOT, build_client
-from tests.polyglot.typed_clients import check_client
+from tests.polyglot.typed_clients import check_client, check_readme
 
 # The first test may build the client, when pytest runs without `make clients` first.
 pytestmark = pytest.mark.timeout(BUILD_TIMEOUT_SECONDS + 60)
+
+
+_BINARY = "clients/go/build/bin/numbersvc-check"
 
 
 @pytest.fixture(scope="session")
 def go_client() -> list[str | Path]:
     """The Go client's command, built once per session (by `make clients` in `make test`)."""
     build_client("clients-go", "go")
-    return [ROOT / "clients" / "go" / "build" / "bin" / "numbersvc-check"]
+    return [ROOT / _BINARY]
 
 
 async def test_go_client_sees_what_python_sees(
     go_client: list[str | Path], port: int, control: SandboxControl
 ) -> None:
     await check_client(go_client, port, control)
+
+
+def test_the_readme_go_commands_are_what_make_clients_runs() -> None:
+    check_readme("clients/go", _BINARY, _BINARY)

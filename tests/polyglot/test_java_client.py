@@ -15,10 +15,13 @@ import pytest
 
 from numbersvc.sandbox import SandboxControl
 from tests.polyglot.conftest import BUILD_TIMEOUT_SECONDS, ROOT, build_client
-from tests.polyglot.typed_clients import check_client
+from tests.polyglot.typed_clients import check_client, check_readme
 
 # The first test may build the client, when pytest runs without `make clients` first.
 pytestmark = pytest.mark.timeout(BUILD_TIMEOUT_SECONDS + 60)
+
+
+_JAR = "clients/java/target/numbersvc-check.jar"
 
 
 @pytest.fixture(scope="session")
@@ -27,10 +30,14 @@ def java_client() -> list[str | Path]:
     build_client("clients-java", "mvn", "java")
     java = shutil.which("java")
     assert java is not None
-    return [java, "-jar", ROOT / "clients" / "java" / "target" / "numbersvc-check.jar"]
+    return [java, "-jar", ROOT / _JAR]
 
 
 async def test_java_client_sees_what_python_sees(
     java_client: list[str | Path], port: int, control: SandboxControl
 ) -> None:
     await check_client(java_client, port, control)
+
+
+def test_the_readme_java_commands_are_what_make_clients_runs() -> None:
+    check_readme("clients/java", _JAR, f"java -jar {_JAR}")

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
+import subprocess
 import uuid
 from decimal import Decimal
 from pathlib import Path
@@ -29,7 +31,7 @@ from numbersvc.sandbox.faults import FaultKind, FaultSpec
 from numbersvc.v1 import number_groups_pb2 as pb
 from numbersvc.v1 import number_groups_pb2_grpc as pb_grpc
 from tests import richstatus
-from tests.polyglot.conftest import run, walk
+from tests.polyglot.conftest import ROOT, run, walk
 
 # The search both programs make (their filter() / FILTER and page size): typed enums.
 SEARCH = pb.SearchFilter(
@@ -216,3 +218,28 @@ async def check_client(client: list[str | Path], port: int, control: SandboxCont
     }
     assert order.status == pb.ORDER_STATUS_FULFILLED
     assert len(order.numbers) == 1
+
+
+def _build_lines(text: str, directory: str) -> list[str]:
+    """The lines of `text` that build the client in `directory`, without `$ ` or comments."""
+    command = rf"\(cd {directory} .*?|node_modules/\.bin/buf generate --template {directory}/.*?"
+    return re.findall(rf"^(?:\$ )?({command})(?:\s+# .*)?$", text, re.M)
+
+
+def check_readme(directory: str, artifact: str, command: str) -> None:
+    """The README builds the client in `directory` with make's recipe for `artifact`, as written.
+
+    And it runs the client with `command`, as these tests do.
+    """
+    readme = (ROOT / "README.md").read_text()
+    dry_run = subprocess.run(
+        ["make", "--no-print-directory", "-n", "-B", artifact],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    ).stdout
+    assert _build_lines(dry_run, directory)
+    assert _build_lines(readme, directory) == _build_lines(dry_run, directory)
+    assert f"\n$ {command} " in readme
