@@ -1,4 +1,4 @@
-"""The one check the Go and Java clients pass: what each prints is what Python sees.
+"""What the Go and Java tests check: each client prints what Python sees; the README builds it.
 
 Both programs (`clients/go/main.go`, `clients/java/.../Check.java`) print the same JSON shape.
 `check_client` runs one twice against a real server on a real sandbox:
@@ -9,6 +9,7 @@ Both programs (`clients/go/main.go`, `clients/java/.../Check.java`) print the sa
 2. without `--rent` and no fault: the Get succeeds, and nothing more is rented.
 
 Then it asks the same server the same things with Python's stubs and compares field by field.
+`check_readme` holds the README's build commands equal to make's recipes (`make -n`).
 """
 
 from __future__ import annotations
