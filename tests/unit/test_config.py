@@ -72,6 +72,10 @@ def test_empty_env_values_keep_defaults() -> None:
         ({"NUMBERSVC_MAX_HEALTH_WATCHES": "0"}, "MAX_HEALTH_WATCHES must be at least 1"),
         ({"NUMBERSVC_UPSTREAM_HTTP_STACK": "curl"}, "cannot read"),
         ({"NUMBERSVC_LOG_FORMAT": "xml"}, "is not text or json"),
+        ({"NUMBERSVC_TRUST_XFCC_FROM": "127.0.0.1/8"}, "TRUST_XFCC_FROM: .* has host bits set"),
+        ({"NUMBERSVC_TRUST_XFCC_FROM": "localhost"}, "TRUST_XFCC_FROM: .* does not appear"),
+        ({"NUMBERSVC_TRUST_XFCC_FROM": "127.0.0.0/8,"}, "TRUST_XFCC_FROM: an empty entry"),
+        ({"NUMBERSVC_TRUST_XFCC_FROM": "10.0.0.0/33"}, "TRUST_XFCC_FROM: "),
     ],
 )
 def test_bad_values(env: dict[str, str], message: str) -> None:
