@@ -71,7 +71,7 @@ def test_the_nearest_element_is_the_last() -> None:
         (f"By={SIDECAR};Hash={HASH}", ("", ())),
         (_istio(subject="OU=x+CN=multi,CN=second"), (BILLING, ("multi", "second"))),
         (_istio(subject="cn=lower,2.5.4.3=oid"), (BILLING, ("lower", "oid"))),
-        (_istio(subject="CN=a\\,b\\+c\\\\d\\\"e,O=x"), (BILLING, ('a,b+c\\d"e',))),
+        (_istio(subject='CN=a\\,b\\+c\\\\d\\"e,O=x'), (BILLING, ('a,b+c\\d"e',))),
         (_istio(subject="CN=Caf\\C3\\A9,O=x"), (BILLING, ("Café",))),
         (_istio(subject="CN=Café"), (BILLING, ("Café",))),
         # The old slash form (in Envoy's docs, not what Envoy writes) has no RFC 4514 CN.
