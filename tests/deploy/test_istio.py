@@ -7,7 +7,6 @@ XFCC setting is SANITIZE_SET, and PeerAuthentication STRICT selects the Deployme
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -18,6 +17,7 @@ import yaml
 
 from numbersvc.config import Config
 from numbersvc.xfcc import peer_address
+from tests.deploy import required_tool
 from tests.deploy.test_manifests import ROOT, SETTING_NAMES
 
 ISTIO_DIR: Final = ROOT / "deploy" / "istio"
@@ -27,13 +27,9 @@ SIDECAR_PEER: Final = "ipv4:127.0.0.6:40000"
 
 def kubectl() -> str:
     """kubectl on PATH; CI fails without one."""
-    found = shutil.which("kubectl")
-    if found is None:
-        message = "kubectl not found: it renders deploy/istio (`kubectl kustomize`)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    return found
+    return required_tool(
+        shutil.which("kubectl"), "kubectl not found: it renders deploy/istio (`kubectl kustomize`)"
+    )
 
 
 @pytest.fixture(scope="module")

@@ -76,33 +76,41 @@ def _refused(answer: Any) -> bool:
     )
 
 
+async def _rent(running: RunningServer, metadata: Any, request_id: str = "") -> Any:
+    """List a page, then rent from its first group, both with this metadata: order or error."""
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+        stub = pb_grpc.NumberGroupServiceStub(channel)
+        try:
+            page = await stub.ListNumberGroups(
+                pb.ListNumberGroupsRequest(filter=US, page_size=1), metadata=metadata, timeout=10
+            )
+            group_id = page.number_groups[0].group_id
+            request = pb.RentNumbersRequest(group_id=group_id, request_id=request_id)
+            return (await stub.RentNumbers(request, metadata=metadata, timeout=10)).order
+        except grpc.aio.AioRpcError as error:
+            return error
+
+
+def _denied_to(answer: Any) -> str:
+    """The caller a PERMISSION_DENIED answer names."""
+    assert isinstance(answer, grpc.aio.AioRpcError), answer
+    assert answer.code() == grpc.StatusCode.PERMISSION_DENIED, answer
+    caller: str = rich_details(answer)["ErrorInfo"].metadata["caller"]
+    return caller
+
+
 async def test_a_caller_is_recognised_by_its_spiffe_id_through_the_sidecar(
     start_server: StartServer, callers_file: Path
 ) -> None:
     running = await start_server(callers_file=str(callers_file), trust_xfcc_from=TRUSTED)
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
-        stub = pb_grpc.NumberGroupServiceStub(channel)
-        page = await stub.ListNumberGroups(
-            pb.ListNumberGroupsRequest(filter=US, page_size=1), metadata=_sent(_xfcc())
-        )
-        group_id = page.number_groups[0].group_id
-        request_id = str(uuid.uuid4())
-        order = (
-            await stub.RentNumbers(
-                pb.RentNumbersRequest(group_id=group_id, request_id=request_id),
-                metadata=_sent(_xfcc()),
-            )
-        ).order
-        assert order.caller == "renter"
-        with pytest.raises(grpc.aio.AioRpcError) as denied:
-            await stub.RentNumbers(
-                pb.RentNumbersRequest(group_id=group_id), metadata=_sent(_xfcc(READER))
-            )
-    assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
-    assert rich_details(denied.value)["ErrorInfo"].metadata["caller"] == "reader"
+    request_id = str(uuid.uuid4())
+    order = await _rent(running, _sent(_xfcc()), request_id)
+    assert isinstance(order, pb.RentalOrder), order
+    assert order.caller == "renter"
     entry = await running.ledger.get(request_id)
     assert entry is not None
     assert entry.order.caller == "renter"
+    assert _denied_to(await _rent(running, _sent(_xfcc(READER)))) == "reader"
 
 
 async def test_the_nearest_proxys_element_is_the_last(
@@ -110,21 +118,8 @@ async def test_the_nearest_proxys_element_is_the_last(
 ) -> None:
     """With APPEND_FORWARD the sidecar appends its element after whatever the caller sent."""
     running = await start_server(callers_file=str(callers_file), trust_xfcc_from=TRUSTED)
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
-        stub = pb_grpc.NumberGroupServiceStub(channel)
-        forged_first = _sent(f"{_xfcc(RENTER)},{_xfcc(READER)}")
-        group_id = (
-            (
-                await stub.ListNumberGroups(
-                    pb.ListNumberGroupsRequest(filter=US), metadata=forged_first
-                )
-            )
-            .number_groups[0]
-            .group_id
-        )
-        with pytest.raises(grpc.aio.AioRpcError) as denied:
-            await stub.RentNumbers(pb.RentNumbersRequest(group_id=group_id), metadata=forged_first)
-        assert rich_details(denied.value)["ErrorInfo"].metadata["caller"] == "reader"
+    forged_first = _sent(f"{_xfcc(RENTER)},{_xfcc(READER)}")
+    assert _denied_to(await _rent(running, forged_first)) == "reader"
     two_uris = f"{_xfcc(READER)};URI={RENTER}"
     assert _refused(await _list(running, _sent(two_uris)))
     twice = (("x-forwarded-client-cert", _xfcc()), ("x-forwarded-client-cert", _xfcc()))
