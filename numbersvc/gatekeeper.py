@@ -149,19 +149,22 @@ class Gatekeeper(grpc.aio.ServerInterceptor):
             return ANONYMOUS
         raise ServiceError(Outcome.CALLER_UNAUTHENTICATED, message)
 
-    def forwarded(self, header: str | None, peer: str) -> tuple[str, tuple[str, ...]] | None:
+    def forwarded(self, headers: Sequence[str], peer: str) -> tuple[str, tuple[str, ...]] | None:
         """Return the names a trusted sidecar forwarded, or None if `peer` forwarded none.
 
         Args:
-            header: the call's `x-forwarded-client-cert`; None when absent.
+            headers: the call's `x-forwarded-client-cert` values, in order.
             peer: the connection's gRPC peer (`ipv4:127.0.0.1:50000`).
 
         Raises:
-            MalformedXfcc: `peer` is trusted and the header is malformed.
+            MalformedXfcc: `peer` is trusted and the header is malformed, or was sent more
+                than once (a sidecar set to `SANITIZE_SET` or `APPEND_FORWARD` writes one).
         """
-        if header is None or not xfcc.trusts(self._trusted_proxies, peer):
+        if not headers or not xfcc.trusts(self._trusted_proxies, peer):
             return None
-        return xfcc.forwarded_names(header)
+        if len(headers) > 1:
+            raise xfcc.MalformedXfcc(f"sent {len(headers)} times")
+        return xfcc.forwarded_names(headers[0])
 
     def authorize(self, method: str, caller: Caller) -> None:
         """Raise the `ServiceError` that refuses `caller` the call to `method`, if any."""
@@ -177,7 +180,9 @@ class Gatekeeper(grpc.aio.ServerInterceptor):
 class _Check:
     """The checks for one call, run when the call starts (the context is needed)."""
 
-    def __init__(self, gate: Gatekeeper, method: str, token: str | None, xfcc: str | None) -> None:
+    def __init__(
+        self, gate: Gatekeeper, method: str, token: str | None, xfcc: Sequence[str]
+    ) -> None:
         self._gate = gate
         self._method = method
         self._token = token
@@ -245,16 +250,9 @@ def _bearer(metadata: Sequence[tuple[str, str | bytes]] | None) -> str | None:
     return None
 
 
-def _forwarded(metadata: Sequence[tuple[str, str | bytes]] | None) -> str | None:
-    """Return the call's `x-forwarded-client-cert`; None if absent.
-
-    A header sent twice (or not text) is returned as "", which is malformed: a sidecar set to
-    `SANITIZE_SET` or `APPEND_FORWARD` writes exactly one.
-    """
-    values = [value for key, value in metadata or () if key == xfcc.HEADER]
-    if not values:
-        return None
-    return values[0] if len(values) == 1 and isinstance(values[0], str) else ""
+def _forwarded(metadata: Sequence[tuple[str, str | bytes]] | None) -> tuple[str, ...]:
+    """Return every `x-forwarded-client-cert` of the call, in order (gRPC makes them text)."""
+    return tuple(str(value) for key, value in metadata or () if key == xfcc.HEADER)
 
 
 def _certificate_names(auth: Mapping[str, Iterable[bytes]]) -> tuple[str, tuple[str, ...]]:
