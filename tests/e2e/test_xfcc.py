@@ -24,6 +24,7 @@ from numbersvc.v1 import number_groups_pb2 as pb
 from numbersvc.v1 import number_groups_pb2_grpc as pb_grpc
 from tests.e2e.conftest import StartServer, reason_of, rich_details
 from tests.e2e.test_process import _start
+from tests.e2e.test_security import _secure_channel, _spiffe_client_cert
 
 US: Final = pb.SearchFilter(region_code="US")
 RENTER: Final = "spiffe://cluster.local/ns/billing/sa/api"
@@ -212,3 +213,26 @@ async def test_a_bad_network_list_stops_the_server_at_start_up() -> None:
     _, err = await asyncio.wait_for(process.communicate(), timeout=20)
     assert process.returncode == 2, err.decode()
     assert b"NUMBERSVC_TRUST_XFCC_FROM: 127.0.0.1/8 has host bits set" in err
+
+
+async def test_a_trusted_header_stands_for_the_connections_certificate(
+    start_server: StartServer, callers_file: Path, tls_files: dict[str, Any]
+) -> None:
+    """Over mTLS from a trusted peer, the sidecar's certificate is the caller, not the TLS one."""
+    running = await start_server(
+        tls_cert=str(tls_files["cert"]),
+        tls_key=str(tls_files["key"]),
+        tls_client_ca=str(tls_files["ca"]),
+        callers_file=str(callers_file),
+        trust_xfcc_from=TRUSTED,
+    )
+    reader_cert = _spiffe_client_cert(tls_files["ca_obj"], READER)
+    async with _secure_channel(running.port, tls_files["ca"], reader_cert) as channel:
+        stub = pb_grpc.NumberGroupServiceStub(channel)
+        page = await stub.ListNumberGroups(pb.ListNumberGroupsRequest(filter=US, page_size=1))
+        rent = pb.RentNumbersRequest(group_id=page.number_groups[0].group_id)
+        with pytest.raises(grpc.aio.AioRpcError) as denied:
+            await stub.RentNumbers(rent)  # the connection's certificate: reader
+        assert _denied_to(denied.value) == "reader"
+        order = (await stub.RentNumbers(rent, metadata=_sent(_xfcc(RENTER)))).order
+    assert order.caller == "renter"
