@@ -181,17 +181,17 @@ class _Check:
     """The checks for one call, run when the call starts (the context is needed)."""
 
     def __init__(
-        self, gate: Gatekeeper, method: str, token: str | None, xfcc: Sequence[str]
+        self, gate: Gatekeeper, method: str, token: str | None, forwarded: Sequence[str]
     ) -> None:
         self._gate = gate
         self._method = method
         self._token = token
-        self._xfcc = xfcc
+        self._forwarded = forwarded
 
     async def _enter(self, request: Any, context: _Context) -> None:
         def identity() -> Identity:
             # NOTE: `peer()` is read here, as the call starts (see `interceptors._Call`).
-            forwarded = self._gate.forwarded(self._xfcc, context.peer())
+            forwarded = self._gate.forwarded(self._forwarded, context.peer())
             if forwarded is not None:  # the sidecar's certificate stands for the connection's
                 return Identity(self._token, *forwarded)
             return Identity(self._token, *_certificate_names(context.auth_context()))
