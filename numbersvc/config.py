@@ -11,20 +11,22 @@ import argparse
 import dataclasses
 import enum
 import math
+import re
+import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+# NOTE: every CLI command imports this module, so it imports nothing that loads httpx,
+# aiohttp, grpc, protobuf or asyncio (a test checks): see `numbersvc.upstream.defaults`.
 from numbersvc.callers import CALLERS_FILE_ENV
-from numbersvc.ledger import default_ledger_path
-from numbersvc.logs import LOG_FORMATS
-from numbersvc.upstream.client import DEFAULT_BASE_URL
-from numbersvc.upstream.ratelimit import parse_rate
-from numbersvc.upstream.transport import HttpStack
+from numbersvc.upstream.defaults import DEFAULT_BASE_URL, HttpStack
 from numbersvc.xfcc import IPNetwork, parse_networks
 
 __all__ = [
+    "DEFAULT_SANDBOX_SEED",
+    "LOG_FORMATS",
     "Config",
     "ConfigError",
     "Secret",
@@ -35,6 +37,12 @@ __all__ = [
     "parse_host_port",
     "settings",
 ]
+
+
+DEFAULT_SANDBOX_SEED: Final = 7
+"""The seed of the embedded sandbox's inventory, and of `numbersvc sandbox`'s."""
+LOG_FORMATS: Final = ("text", "json")
+"""The values of NUMBERSVC_LOG_FORMAT (`numbersvc.logs` renders them)."""
 
 
 class ConfigError(ValueError):
@@ -116,7 +124,9 @@ class Config:
         "", "PLIVO_AUTH_TOKEN_FILE", "file holding the Plivo Auth Token (a mounted Secret)"
     )
     plivo_base_url: str = _s(DEFAULT_BASE_URL, "PLIVO_BASE_URL", "Plivo API base URL")
-    sandbox_seed: int = _s(7, "NUMBERSVC_SANDBOX_SEED", "seed of the embedded sandbox's inventory")
+    sandbox_seed: int = _s(
+        DEFAULT_SANDBOX_SEED, "NUMBERSVC_SANDBOX_SEED", "seed of the embedded sandbox's inventory"
+    )
     default_deadline_seconds: float = _s(
         10.0, "NUMBERSVC_DEFAULT_DEADLINE_SECONDS", "budget for a call that carries no deadline"
     )
@@ -146,7 +156,13 @@ class Config:
     ledger_path: str = _s(
         "",
         "NUMBERSVC_LEDGER_PATH",
-        "order ledger (SQLite); unset: $XDG_STATE_HOME/numbersvc/ledger[-sandbox].sqlite3",
+        "order ledger (SQLite); unset: $XDG_STATE_HOME/numbersvc/ledger.sqlite3 for Plivo,"
+        " ledger-sandbox.sqlite3 for the sandbox, ledger-HOST-PORT.sqlite3 for another base URL",
+    )
+    instance_lease_seconds: float = _s(
+        15.0,
+        "NUMBERSVC_INSTANCE_LEASE_SECONDS",
+        "a server counts as alive this long after each ledger heartbeat (sent every third)",
     )
     upstream_rate: str = _s(
         "300/5s", "NUMBERSVC_UPSTREAM_RATE", "budget of Plivo requests, N/<time>, or off"
@@ -225,6 +241,8 @@ class Config:
             value = getattr(self, f.name)
             if f.name.endswith("_seconds") and not (value >= 0 and math.isfinite(value)):
                 raise ConfigError(f"{_setting(f).env} must be a finite number >= 0, not {value}")
+        if self.instance_lease_seconds <= 0:
+            raise ConfigError("NUMBERSVC_INSTANCE_LEASE_SECONDS must be positive")
         at_least_one = (
             "retry_max_attempts",
             "max_rent_quantity",
@@ -239,6 +257,8 @@ class Config:
             if getattr(self, name) < 0:
                 env = _setting_named(name).env
                 raise ConfigError(f"{env} must be 0 ({what}) or positive")
+        from numbersvc.upstream.ratelimit import parse_rate  # here: it loads asyncio
+
         try:
             parse_rate(self.upstream_rate)
         except ValueError as exc:
@@ -269,15 +289,22 @@ class Config:
         return parse_networks(self.trust_xfcc_from) if self.trust_xfcc_from else ()
 
     def resolved_ledger_path(self) -> str:
-        """Return the ledger file: the setting, else a per-upstream file under XDG state.
+        """Return the ledger file: the setting, else one under XDG state per kind of upstream.
 
-        The sandbox gets its own file so that play orders never mix with real ones.
+        Unset, real orders (Plivo's production API) go to `ledger.sqlite3`; the embedded
+        sandbox's to `ledger-sandbox.sqlite3`; and any other base URL's (a standalone sandbox,
+        a recording proxy) to `ledger-HOST-PORT.sqlite3`, so that play orders never mix with
+        real ones, nor one sandbox's with another's.
         """
         if self.ledger_path:
             return self.ledger_path
+        from numbersvc.ledger import default_ledger_path  # here: the ledger loads protobuf
+
         name = "ledger.sqlite3"
         if self.resolved_upstream() is UpstreamKind.SANDBOX:
             name = "ledger-sandbox.sqlite3"
+        elif (other := _other_than_plivo(self.plivo_base_url)) is not None:
+            name = f"ledger-{other}.sqlite3"
         return str(default_ledger_path().with_name(name))
 
     def plivo_token(self) -> Secret:
@@ -441,6 +468,23 @@ def parse_host_port(text: str) -> tuple[str, int]:
     if not sep or not host or not port.isascii() or not port.isdigit() or int(port) > 65535:
         raise ValueError(f"not HOST:PORT: {text!r}")
     return host.removeprefix("[").removesuffix("]"), int(port)
+
+
+def _other_than_plivo(base_url: str) -> str | None:
+    """None for Plivo's production API; else `HOST-PORT` of `base_url`, safe in a file name."""
+    url = urllib.parse.urlsplit(base_url.strip())
+    production = urllib.parse.urlsplit(DEFAULT_BASE_URL)
+    try:
+        port = url.port or {"http": 80, "https": 443}.get(url.scheme.lower(), 0)
+    except ValueError:
+        raise ConfigError(f"PLIVO_BASE_URL: not a URL with a port: {base_url!r}") from None
+    if (url.scheme.lower(), (url.hostname or "").rstrip("."), port) == (
+        production.scheme,
+        production.hostname,
+        443,
+    ):
+        return None
+    return re.sub(r"[^A-Za-z0-9.-]", "_", f"{url.hostname or 'unknown'}-{port}")
 
 
 def _check_listen(listen: str, env: str = "NUMBERSVC_LISTEN") -> None:

@@ -3,8 +3,9 @@
 `create_server(config)` builds and starts everything and returns a `RunningServer` with the
 bound port (so tests listen on port 0). `serve(config)` runs until SIGTERM or SIGINT, then
 shuts down in order: health NOT_SERVING, a drain delay for load balancers to notice, the
-gRPC server's grace period for calls in flight, rent orders in flight, the upstream client,
-and the embedded sandbox last.
+gRPC server's grace period for calls in flight (rent orders in flight get most of it, then are
+recorded as outcome unknown and their callers told so before it ends), the upstream client,
+the ledger, and the embedded sandbox last.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,7 +26,7 @@ from grpc_reflection.v1alpha import reflection
 
 from numbersvc import __version__
 from numbersvc.callers import CALLERS_FILE_ENV, SETTLE, Callers
-from numbersvc.config import Config, UpstreamKind, parse_host_port
+from numbersvc.config import Config, ConfigError, UpstreamKind, parse_host_port
 from numbersvc.gatekeeper import READ, RENT, Gatekeeper
 from numbersvc.interceptors import AccessLog, ObservingInterceptor, current_call, upstream_headers
 from numbersvc.ledger import OrderLedger, SqliteLedger
@@ -37,7 +39,7 @@ from numbersvc.upstream.ratelimit import TokenBucket, parse_rate
 from numbersvc.v1 import number_groups_pb2 as pb
 from numbersvc.v1 import number_groups_pb2_grpc as pb_grpc
 
-__all__ = ["SERVICE_NAME", "RunningServer", "create_server", "serve"]
+__all__ = ["SERVICE_NAME", "LeaseKeeper", "RunningServer", "create_server", "serve"]
 
 SERVICE_NAME: Final = pb.DESCRIPTOR.services_by_name["NumberGroupService"].full_name
 UPSTREAM_METADATA_KEY: Final = "numbersvc-upstream"
@@ -47,7 +49,12 @@ _MAX_MESSAGE_BYTES: Final = 4 * 1024 * 1024
 # limit makes a call's fate depend on its size alone: an XFCC over its own 8 KiB cap reaches
 # the gatekeeper, which refuses it as malformed, every time.
 _MAX_METADATA_BYTES: Final = 16 * 1024
+# Past the longest a rent may run: the event loop's lag between the claim and the POST.
+_SEND_SLACK_SECONDS: Final = 2.0
 _HEALTH_SERVICE_NAME: Final = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+# Kept back from the shutdown grace period (at most half of it) for the callers of rent
+# orders given up on to get RENT_OUTCOME_UNKNOWN before the server cancels their calls.
+_RENT_ANSWER_SECONDS: Final = 1.0
 
 
 class _HealthServicer(health.aio.HealthServicer):  # type: ignore[misc]
@@ -107,17 +114,26 @@ class RunningServer:
     metrics: Metrics
     metrics_server: MetricsServer | None
     sandbox: SandboxServer | None
+    lease_keeper: LeaseKeeper
 
     async def stop(self, *, drain_seconds: float = 0.0, grace_seconds: float = 0.0) -> None:
-        """Stop serving: NOT_SERVING, drain, stop with grace, then close what it owns."""
+        """Stop serving: NOT_SERVING, drain, stop with grace, then close what it owns.
+
+        Rent orders still out near the end of the grace period are given up on: recorded as
+        outcome unknown, their callers answered, before the grace ends and the ledger closes.
+        """
         await self.health.enter_graceful_shutdown()
         if drain_seconds:
             _log.info("health NOT_SERVING; draining for %.1f s", drain_seconds)
             await asyncio.sleep(drain_seconds)
         self.servicer.begin_shutdown()
-        await self.server.stop(grace_seconds)
-        await self.rent_desk.drain(grace_seconds)
+        stopping = asyncio.ensure_future(self.server.stop(grace_seconds))
+        try:
+            await self.rent_desk.stop(grace_seconds - min(_RENT_ANSWER_SECONDS, grace_seconds / 2))
+        finally:
+            await stopping
         await self.upstream.aclose()
+        await self.lease_keeper.stop()
         await self.ledger.close()
         if self.metrics_server is not None:
             await self.metrics_server.stop()
@@ -133,8 +149,9 @@ async def create_server(config: Config) -> RunningServer:
     again before the error propagates.
 
     Raises:
-        ConfigError: the upstream settings contradict each other.
-        OSError, RuntimeError: an address cannot be bound.
+        ConfigError: the upstream settings contradict each other, or the gRPC or metrics
+            address cannot be bound.
+        OSError: a file named by a setting (TLS) cannot be read.
         sqlite3.Error: the ledger cannot be opened.
     """
     kind = config.resolved_upstream()
@@ -145,10 +162,15 @@ async def create_server(config: Config) -> RunningServer:
             undo.push_async_callback(metrics_server.stop)
         sandbox, upstream = await _upstream(config, kind, metrics, undo)
         ledger_path = config.resolved_ledger_path()
-        ledger = await SqliteLedger.open(ledger_path)
+        ledger = await SqliteLedger.open(
+            ledger_path,
+            lease_seconds=config.instance_lease_seconds,
+            # A rent waits at most its timeout for a rate-limit token, then POSTs for at most
+            # as long: after that, no POST of an order claimed by this process is still out.
+            send_timeout_seconds=2 * config.rent_timeout_seconds + _SEND_SLACK_SECONDS,
+        )
         undo.push_async_callback(ledger.close)
-        await ledger.recover()
-        _log.info("order ledger at %s", ledger_path)
+        _log.info("order ledger at %s (instance %s)", ledger_path, ledger.instance)
         rent_desk = RentDesk(
             upstream=upstream,
             ledger=ledger,
@@ -179,9 +201,12 @@ async def create_server(config: Config) -> RunningServer:
             reflection.enable_server_reflection(
                 (SERVICE_NAME, _HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), server
             )
-        port = _bind(server, config, callers)
+        port = _listen(server, config, callers)
         await server.start()
         undo.push_async_callback(server.stop, None)
+        # Only once the port is ours: a second server on a taken port recovers nothing.
+        lease_keeper = await LeaseKeeper.start(ledger, metrics, config.instance_lease_seconds)
+        undo.push_async_callback(lease_keeper.stop)
         for name in ("", SERVICE_NAME):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
         undo.pop_all()  # started: from here on RunningServer.stop owns the shutdown
@@ -199,7 +224,62 @@ async def create_server(config: Config) -> RunningServer:
         metrics=metrics,
         metrics_server=metrics_server,
         sandbox=sandbox,
+        lease_keeper=lease_keeper,
     )
+
+
+class LeaseKeeper:
+    """Keeps this process's ledger lease alive, recovering orders of owners proven gone.
+
+    A heartbeat runs at start, then every third of the lease, so two can fail in a row before
+    the lease lapses. A failure is counted every time but logged once per outage: the store
+    may be down for a while, and a log line per tick would bury everything else.
+    """
+
+    def __init__(self, ledger: OrderLedger, metrics: Metrics, lease_seconds: float) -> None:
+        self._ledger = ledger
+        self._metrics = metrics
+        self._interval = lease_seconds / 3
+        self._failing = False
+        self._task: asyncio.Task[None] | None = None
+
+    @classmethod
+    async def start(
+        cls, ledger: OrderLedger, metrics: Metrics, lease_seconds: float
+    ) -> LeaseKeeper:
+        """Run the first heartbeat now, then keep beating in a background task."""
+        keeper = cls(ledger, metrics, lease_seconds)
+        await keeper.beat()
+        keeper._task = asyncio.create_task(keeper._keep(), name="ledger heartbeat")
+        return keeper
+
+    async def beat(self) -> None:
+        """Run one heartbeat; a failure is logged (once per outage) and counted, never raised."""
+        try:
+            recovered = await self._ledger.heartbeat()
+        except Exception:
+            self._metrics.ledger_heartbeats.labels("error").inc()
+            if not self._failing:
+                _log.exception("ledger heartbeat failed: the lease is not renewed (retrying)")
+            self._failing = True
+            return
+        self._metrics.ledger_heartbeats.labels("ok").inc()
+        self._metrics.orders_recovered.inc(recovered)
+        if self._failing:
+            _log.warning("ledger heartbeat works again")
+        self._failing = False
+
+    async def stop(self) -> None:
+        """Stop beating (before the ledger closes and removes the lease)."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _keep(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval)
+            await self.beat()
 
 
 async def _upstream(
@@ -216,6 +296,10 @@ async def _upstream(
             "UPSTREAM IS THE EMBEDDED SANDBOX at %s: nothing real is searched or rented. "
             "Set PLIVO_AUTH_ID and PLIVO_AUTH_TOKEN to use Plivo.",
             base_url,
+        )
+        _log.info(
+            'sandbox controls (no auth; README "The sandbox" lists them): curl -s %s/info',
+            sandbox.control_url,
         )
     else:
         base_url, auth_id = config.plivo_base_url, config.plivo_auth_id
@@ -309,6 +393,18 @@ def _bind(server: grpc.aio.Server, config: Config, callers: Callers | None) -> i
     return server.add_secure_port(config.listen, credentials)
 
 
+def _listen(server: grpc.aio.Server, config: Config, callers: Callers | None) -> int:
+    """`_bind`, with a port that cannot be had reported as the setting that named it."""
+    try:
+        return _bind(server, config, callers)
+    except RuntimeError as exc:  # grpc says only "Failed to bind" (the cause goes to its log)
+        raise ConfigError(
+            f"NUMBERSVC_LISTEN: cannot listen on {config.listen}: the address is in use by"
+            " another process (another numbersvc?) or is not this host's; set another HOST:PORT"
+            " (port 0: any free one) with NUMBERSVC_LISTEN or --listen"
+        ) from exc
+
+
 def _grpc_server(
     config: Config, interceptors: Sequence[grpc.aio.ServerInterceptor]
 ) -> grpc.aio.Server:
@@ -346,7 +442,16 @@ async def _metrics_server(config: Config, metrics: Metrics) -> MetricsServer | N
         return None
     host, port = parse_host_port(config.metrics_listen)
     server = MetricsServer(metrics, host, port)
-    await server.start()
+    try:
+        await server.start()
+    except OSError as exc:
+        await server.stop()
+        raise ConfigError(
+            f"NUMBERSVC_METRICS_LISTEN: cannot listen on {config.metrics_listen}:"
+            f" {os.strerror(exc.errno) if exc.errno else exc} (another numbersvc?); set another"
+            " HOST:PORT (port 0: any free one), or off, with NUMBERSVC_METRICS_LISTEN or"
+            " --metrics-listen"
+        ) from exc
     _log.info("metrics on http://%s:%d/metrics", host, server.port)
     return server
 
