@@ -161,16 +161,8 @@ async def create_server(config: Config) -> RunningServer:
         if metrics_server is not None:
             undo.push_async_callback(metrics_server.stop)
         sandbox, upstream = await _upstream(config, kind, metrics, undo)
-        ledger_path = config.resolved_ledger_path()
-        ledger = await SqliteLedger.open(
-            ledger_path,
-            lease_seconds=config.instance_lease_seconds,
-            # A rent waits at most its timeout for a rate-limit token, then POSTs for at most
-            # as long: after that, no POST of an order claimed by this process is still out.
-            send_timeout_seconds=2 * config.rent_timeout_seconds + _SEND_SLACK_SECONDS,
-        )
+        ledger = await _open_ledger(config)
         undo.push_async_callback(ledger.close)
-        _log.info("order ledger at %s (instance %s)", ledger_path, ledger.instance)
         rent_desk = RentDesk(
             upstream=upstream,
             ledger=ledger,
@@ -280,6 +272,48 @@ class LeaseKeeper:
         while True:
             await asyncio.sleep(self._interval)
             await self.beat()
+
+
+async def _open_ledger(config: Config) -> OrderLedger:
+    """Open the order ledger: PostgreSQL when a database URL is set, else the SQLite file.
+
+    Raises:
+        ConfigError: the database URL's file cannot be read, or the URL does not parse.
+        LedgerSchemaError: the store was written by a newer numbersvc.
+        LedgerUnreachableError: PostgreSQL cannot be reached.
+        sqlite3.Error: the SQLite file cannot be opened.
+    """
+    lease_seconds = config.instance_lease_seconds
+    # A rent waits at most its timeout for a rate-limit token, then POSTs for at most as long:
+    # after that, no POST of an order claimed by this process is still out.
+    send_timeout_seconds = 2 * config.rent_timeout_seconds + _SEND_SLACK_SECONDS
+    database = config.database()
+    if not database:
+        path = config.resolved_ledger_path()
+        ledger: OrderLedger = await SqliteLedger.open(
+            path, lease_seconds=lease_seconds, send_timeout_seconds=send_timeout_seconds
+        )
+        _log.info("order ledger at %s (instance %s)", path, ledger.instance)
+        return ledger
+    # Imported here: psycopg loads only where PostgreSQL is used.
+    from numbersvc.ledger import postgres
+
+    try:
+        ledger = await postgres.PostgresLedger.open(
+            database.reveal(),
+            pool_max=config.database_pool_max,
+            lease_seconds=lease_seconds,
+            send_timeout_seconds=send_timeout_seconds,
+        )
+    except ValueError as exc:  # a URL libpq cannot parse; the message does not quote it
+        raise ConfigError(f"NUMBERSVC_DATABASE_URL: {exc}") from None
+    _log.info(
+        "order ledger in PostgreSQL at %s (instance %s, at most %d connections)",
+        postgres.redacted(database.reveal()),
+        ledger.instance,
+        config.database_pool_max,
+    )
+    return ledger
 
 
 async def _upstream(

@@ -19,7 +19,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Final
 
-from numbersvc.cli import callers_parser, orders_parser
+from numbersvc.cli import callers_parser, db_parser, orders_parser
 from numbersvc.cli.options import (
     DEFAULT_DEADLINE_SECONDS,
     EXIT_OK,
@@ -231,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     orders_parser.add_orders_command(commands)
     callers_parser.add_callers_command(commands)
+    db_parser.add_db_command(commands)
     return parser
 
 

@@ -3,8 +3,9 @@
 A server that cannot start says why in one `error:` line naming the setting at fault, and
 exits 2: a taken or foreign address (NUMBERSVC_LISTEN, NUMBERSVC_METRICS_LISTEN), a callers
 file that is missing or unsafe (NUMBERSVC_CALLERS_FILE), a ledger that cannot be opened
-(NUMBERSVC_LEDGER_PATH), a file that cannot be read (the TLS settings), or settings that
-contradict each other. A traceback is kept for bugs.
+(NUMBERSVC_LEDGER_PATH), a PostgreSQL ledger that cannot be reached (NUMBERSVC_DATABASE_URL),
+a file that cannot be read (the TLS settings), or settings that contradict each other. A
+traceback is kept for bugs.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ def serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         console.error(f"configuration: {exc}")
         return EXIT_USAGE
-    from numbersvc.ledger import LedgerSchemaError
+    from numbersvc.ledger import LedgerSchemaError, LedgerUnreachableError
     from numbersvc.server import serve as run_server  # here: it loads grpc.aio and the server
 
     logs.configure_logging(config.log_level, config.log_format)
@@ -44,6 +45,9 @@ def serve(args: argparse.Namespace) -> int:
         return asyncio.run(run_server(config))
     except LedgerSchemaError as exc:  # written by a newer numbersvc: run that one
         console.error(str(exc))
+        return EXIT_USAGE
+    except LedgerUnreachableError as exc:  # its message names the database, not its password
+        console.error(f"NUMBERSVC_DATABASE_URL: {exc}")
         return EXIT_USAGE
     except (ConfigError, CallersFileError, sqlite3.Error, OSError) as exc:
         message = startup_error(exc, config)

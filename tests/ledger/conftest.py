@@ -20,7 +20,7 @@ def clock() -> Clock:
 async def ledger_factory(
     request: pytest.FixtureRequest, tmp_path: Path
 ) -> AsyncIterator[LedgerFactory]:
-    factory = STORES[request.param](tmp_path)
+    factory = STORES[request.param](request)
     yield factory
     await factory.aclose()
 

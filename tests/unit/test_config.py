@@ -72,6 +72,11 @@ def test_empty_env_values_keep_defaults() -> None:
         ({"NUMBERSVC_MAX_HEALTH_WATCHES": "0"}, "MAX_HEALTH_WATCHES must be at least 1"),
         ({"NUMBERSVC_UPSTREAM_HTTP_STACK": "curl"}, "cannot read"),
         ({"NUMBERSVC_LOG_FORMAT": "xml"}, "is not text or json"),
+        ({"NUMBERSVC_DATABASE_POOL_MAX": "0"}, "DATABASE_POOL_MAX must be at least 1"),
+        (
+            {"NUMBERSVC_DATABASE_URL": "postgresql://db", "NUMBERSVC_DATABASE_URL_FILE": "f"},
+            "NUMBERSVC_DATABASE_URL or NUMBERSVC_DATABASE_URL_FILE, not both",
+        ),
         ({"NUMBERSVC_TRUST_XFCC_FROM": "127.0.0.1/8"}, "TRUST_XFCC_FROM: .* has host bits set"),
         ({"NUMBERSVC_TRUST_XFCC_FROM": "localhost"}, "TRUST_XFCC_FROM: .* does not appear"),
         ({"NUMBERSVC_TRUST_XFCC_FROM": "127.0.0.0/8,"}, "TRUST_XFCC_FROM: an empty entry"),
@@ -141,6 +146,23 @@ def test_every_field_has_one_env_variable_and_flag() -> None:
     envs = [s.env for _, s, _ in settings()]
     assert len(envs) == len(set(envs)) == len(dataclasses.fields(Config))
     assert all(s.flag.startswith("--") for _, s, _ in settings())
+
+
+def test_database_url_from_the_env_or_its_file_never_in_repr(tmp_path: Path) -> None:
+    url = "postgresql://svc:hunter2@db:5432/ledger"
+    assert not Config().database()
+    config = Config.from_env({"NUMBERSVC_DATABASE_URL": url})
+    assert config.database().reveal() == url
+    assert "hunter2" not in repr(config)
+    secret = tmp_path / "url"
+    secret.write_text(url + "\n")
+    from_file = Config.from_env({"NUMBERSVC_DATABASE_URL_FILE": str(secret)})
+    assert from_file.database().reveal() == url
+    secret.write_text(" \n")
+    with pytest.raises(ConfigError, match="NUMBERSVC_DATABASE_URL_FILE is empty"):
+        from_file.database()
+    with pytest.raises(ConfigError, match="NUMBERSVC_DATABASE_URL_FILE: cannot read it"):
+        Config(database_url_file=str(tmp_path / "missing")).database()
 
 
 def test_token_never_in_repr() -> None:
