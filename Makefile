@@ -10,7 +10,7 @@ GEN_DIR := numbersvc/v1
 GEN_FILES := number_groups_pb2.py number_groups_pb2.pyi number_groups_pb2_grpc.py number_groups_pb2_grpc.pyi
 BUF := node_modules/.bin/buf
 
-.PHONY: help run sandbox test pytest faults soak lint ruff mypy buf-lint proto check-proto fmt readme clean
+.PHONY: help run sandbox test pytest postgres faults soak lint ruff mypy buf-lint proto check-proto fmt readme clean
 
 help:  ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -39,6 +39,27 @@ test: check-proto lint buf-breaking pytest  ## Everything CI runs: stubs, lint, 
 
 pytest: $(VENV)/.dev  ## The test suite.
 	$(BIN)/python -m pytest
+
+# The PostgreSQL ledger's tests start a throwaway server (tests/pg.py) from Debian's binaries,
+# /usr/lib/postgresql/<version>/bin (the newest version there), or initdb on the PATH. As root
+# (CI on a fresh machine) the package is installed when missing; otherwise those tests skip,
+# except under CI=true, where they fail.
+PG_INITDB = $(firstword $(shell ls -d /usr/lib/postgresql/*/bin/initdb 2>/dev/null | sort -V -r) $(shell command -v initdb))
+postgres:  ## Install Debian's postgresql package when no server binaries are found (as root).
+	@if [ -n "$(PG_INITDB)" ]; then \
+	  echo "PostgreSQL server: $(PG_INITDB)"; \
+	elif [ "$$(id -u)" = 0 ]; then \
+	  echo "installing Debian's postgresql package (server binaries for the tests)"; \
+	  apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql \
+	    >/dev/null && \
+	  ls -d /usr/lib/postgresql/*/bin/initdb; \
+	else \
+	  echo "no PostgreSQL server binaries: sudo apt-get install postgresql, or its tests skip"; \
+	fi
+
+# The PostgreSQL tests need the server binaries, so `make pytest` installs them first.
+pytest: postgres
 
 faults: $(VENV)/.dev  ## Print the fault matrix: every upstream fault x every RPC, ok/FAIL.
 	$(BIN)/python -m tests.faultmatrix

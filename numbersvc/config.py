@@ -147,6 +147,20 @@ class Config:
         "NUMBERSVC_LEDGER_PATH",
         "order ledger (SQLite); unset: $XDG_STATE_HOME/numbersvc/ledger[-sandbox].sqlite3",
     )
+    database_url: Secret = _s(
+        Secret(""),
+        "NUMBERSVC_DATABASE_URL",
+        "PostgreSQL for the order ledger, a libpq URL (postgresql://user@host:port/db;"
+        " password from PGPASSWORD or the _FILE); unset: the SQLite file",
+    )
+    database_url_file: str = _s(
+        "", "NUMBERSVC_DATABASE_URL_FILE", "file holding NUMBERSVC_DATABASE_URL (a mounted Secret)"
+    )
+    database_pool_max: int = _s(
+        4,
+        "NUMBERSVC_DATABASE_POOL_MAX",
+        "PostgreSQL connections per replica, at most (the database needs this x replicas)",
+    )
     upstream_rate: str = _s(
         "300/5s", "NUMBERSVC_UPSTREAM_RATE", "budget of Plivo requests, N/<time>, or off"
     )
@@ -216,6 +230,7 @@ class Config:
             "max_rent_quantity",
             "stream_read_ahead_pages",
             "upstream_max_connections",
+            "database_pool_max",
         )
         for name in at_least_one:
             if getattr(self, name) < 1:
@@ -234,6 +249,8 @@ class Config:
             raise ConfigError("NUMBERSVC_TLS_CLIENT_CA (mutual TLS) needs NUMBERSVC_TLS_CERT")
         if self.plivo_auth_token and self.plivo_auth_token_file:
             raise ConfigError("set PLIVO_AUTH_TOKEN or PLIVO_AUTH_TOKEN_FILE, not both")
+        if self.database_url and self.database_url_file:
+            raise ConfigError("set NUMBERSVC_DATABASE_URL or NUMBERSVC_DATABASE_URL_FILE, not both")
         if self.log_format not in LOG_FORMATS:
             raise ConfigError(f"NUMBERSVC_LOG_FORMAT: {self.log_format!r} is not text or json")
         if self.metrics_listen != "off":
@@ -261,13 +278,17 @@ class Config:
         """
         if not self.plivo_auth_token_file:
             return self.plivo_auth_token
-        try:
-            text = Path(self.plivo_auth_token_file).read_text().strip()
-        except OSError as exc:
-            raise ConfigError(f"PLIVO_AUTH_TOKEN_FILE: cannot read it ({exc.strerror})") from None
-        if not text:
-            raise ConfigError("PLIVO_AUTH_TOKEN_FILE is empty")
-        return Secret(text)
+        return _secret_file(self.plivo_auth_token_file, "PLIVO_AUTH_TOKEN_FILE")
+
+    def database(self) -> Secret:
+        """Return the PostgreSQL URL, from the environment or its file; empty: SQLite.
+
+        Raises:
+            ConfigError: the URL file cannot be read or is empty.
+        """
+        if not self.database_url_file:
+            return self.database_url
+        return _secret_file(self.database_url_file, "NUMBERSVC_DATABASE_URL_FILE")
 
     def resolved_upstream(self) -> UpstreamKind:
         """Decide the upstream from `upstream` and the credentials.
@@ -308,6 +329,16 @@ class Config:
             if getattr(args, f.name, None) is not None
         }
         return dataclasses.replace(self, **overrides)
+
+
+def _secret_file(path: str, env: str) -> Secret:
+    try:
+        text = Path(path).read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"{env}: cannot read it ({exc.strerror})") from None
+    if not text:
+        raise ConfigError(f"{env} is empty")
+    return Secret(text)
 
 
 def settings() -> list[tuple[str, Setting, Any]]:

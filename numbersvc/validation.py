@@ -24,6 +24,7 @@ __all__ = [
     "GetParams",
     "InvalidRequest",
     "ListParams",
+    "OrderKey",
     "OrderListParams",
     "OrderQuery",
     "RentParams",
@@ -163,6 +164,18 @@ class OrderQuery:
     def key(self) -> str:
         """A canonical form of the filter, for binding page tokens."""
         return f"orders|{self.statuses}|{self.start_time_ns}|{self.end_time_ns}"
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class OrderKey:
+    """Where an order sits in a listing: by create time, then request id (both unique together).
+
+    NOTE: defined here beside `OrderQuery` (the ledger builds on both, and validation must not
+    import the ledger); `numbersvc.ledger` re-exports it.
+    """
+
+    create_time_ns: int
+    request_id: str
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,7 +22,7 @@ import grpc
 from google.protobuf.message import Message
 
 from numbersvc import __version__, logs
-from numbersvc.cli import callers, client, orders, render, transport
+from numbersvc.cli import callers, client, db, orders, render, transport
 from numbersvc.cli.options import (
     DEFAULT_DEADLINE_SECONDS,
     TARGET_ENV,
@@ -214,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     orders.add_orders_command(commands)
     callers.add_callers_command(commands)
+    db.add_db_command(commands)
     return parser
 
 

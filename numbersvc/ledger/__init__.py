@@ -29,13 +29,15 @@ from pathlib import Path
 from typing import Final, Protocol
 
 from numbersvc.v1 import number_groups_pb2 as pb
-from numbersvc.validation import OrderQuery
+from numbersvc.validation import OrderKey, OrderQuery
 
 __all__ = [
     "SETTLED_AS",
     "Attempt",
     "Begin",
     "LedgerEntry",
+    "LedgerSchemaError",
+    "OrderKey",
     "OrderLedger",
     "OrderNotFound",
     "OrderQuery",
@@ -169,6 +171,10 @@ class OrderLedger(Protocol):
 
     async def close(self) -> None:
         """Release the store."""
+
+
+class LedgerSchemaError(RuntimeError):
+    """The store was written by a newer numbersvc: its schema version is unknown here."""
 
 
 class SettleError(ValueError):

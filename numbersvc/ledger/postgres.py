@@ -1,0 +1,572 @@
+"""The order ledger on PostgreSQL: one database shared by every replica.
+
+Every claim is arbitrated by the database: `begin` is ONE `INSERT ... ON CONFLICT` (never a
+SELECT then an INSERT), so two replicas handed the same request id at the same instant get
+one `NEW` and one `EXISTING`, and only one of them sends. The daily cap is checked in the same
+transaction under a per-caller advisory transaction lock, so two claims of one caller on two
+replicas cannot both pass the cap: the second waits for the first to commit, then counts it.
+
+NOTE: why a lock and not SERIALIZABLE: the cap is a sum over a caller's rows, a predicate
+SSI tracks with coarse (page) locks, so unrelated callers' claims would abort each other and
+every claim would need a retry loop. The lock is exact (one caller), costs one round trip, is
+released by COMMIT or by a dropped connection, and claims without a cap skip it.
+
+Times come from the database's clock (`clock_timestamp()`), so replicas never disagree about
+a lease, a send deadline or the UTC day. Leases live in `instances`; `heartbeat()` renews this
+process's lease and turns the `sending` orders of owners whose lease lapsed (and whose send
+deadline passed) into `outcome_unknown`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Final
+
+import psycopg
+import psycopg.conninfo
+from psycopg_pool import AsyncConnectionPool
+
+from numbersvc.ledger import (
+    STATUS_OF,
+    Attempt,
+    Begin,
+    BeginResult,
+    LedgerEntry,
+    OrderKey,
+    OrderState,
+    SettleError,
+    pgschema,
+    rules,
+)
+from numbersvc.v1 import number_groups_pb2 as pb
+from numbersvc.validation import OrderQuery
+
+__all__ = ["PostgresLedger", "redacted", "scrub"]
+
+_log = logging.getLogger("numbersvc.orders")
+_NANOS: Final = 10**9
+_CLOSE_TIMEOUT_SECONDS: Final = 5.0
+_UNPARSEABLE: Final = (
+    "the database URL does not parse: give a libpq URL (postgresql://user@host:port/dbname)"
+    " or key=value pairs"
+)
+# The two-int4 advisory key space is apart from migrations' one-bigint key ("numb").
+_CAP_LOCK_CLASS: Final = 0x6E756D62
+_COUNTED: Final = [s.value for s in OrderState if s.may_have_rented]
+_REUSABLE: Final = (OrderState.RELEASED.value, OrderState.FAILED.value)
+# NULL (production) reads the database's clock; tests pass their own instant.
+_NOW: Final = (
+    "coalesce(%(now)s::bigint, (extract(epoch FROM clock_timestamp()) * 1000000)::bigint * 1000)"
+)
+# The instant of a change: its own statement, as the stored message carries it. With a
+# caller to lock, the lock (a subquery, so it is taken first) waits for that caller's other
+# claims until they commit.
+_READ_CLOCK: Final = f"SELECT {_NOW}"
+_LOCK_THEN_READ_CLOCK: Final = (
+    f"SELECT {_NOW} FROM (SELECT pg_advisory_xact_lock(%(lock_class)s, hashtext(%(caller)s)))"
+    " AS locked"
+)
+_ENTRY_COLUMNS: Final = "order_proto, state, fingerprint, owner, error_outcome"
+
+# The claim: count today's quantities of the caller, then insert the row, or take over a
+# released or failed row of the same request, only if the cap allows; log the event.
+_CLAIM: Final = f"""
+WITH used AS (
+    SELECT coalesce(sum(o.quantity), 0)::bigint AS n FROM orders o
+    WHERE %(cap)s > 0 AND o.caller = %(caller)s AND o.state = ANY(%(counted)s)
+      AND o.attempt_time_ns >= %(now)s - %(now)s %% {rules.NANOS_PER_DAY}
+),
+claimed AS (
+    INSERT INTO orders AS o (request_id, fingerprint, caller, peer, owner, state, status,
+        quantity, create_time_ns, update_time_ns, attempt_time_ns, send_deadline_ns,
+        order_proto)
+    SELECT %(request_id)s, %(fingerprint)s, %(caller)s, %(peer)s, %(owner)s, 'sending',
+        %(status)s, %(quantity)s, %(now)s, %(now)s, %(now)s, %(now)s + %(send_ns)s, %(proto)s
+    FROM used WHERE %(cap)s = 0 OR used.n + %(quantity)s <= %(cap)s
+    ON CONFLICT (request_id) DO UPDATE SET
+        peer = EXCLUDED.peer, owner = EXCLUDED.owner, state = EXCLUDED.state,
+        status = EXCLUDED.status, update_time_ns = EXCLUDED.update_time_ns,
+        attempt_time_ns = EXCLUDED.attempt_time_ns,
+        send_deadline_ns = EXCLUDED.send_deadline_ns, order_proto = EXCLUDED.order_proto,
+        error_outcome = '', upstream = ''
+    WHERE o.fingerprint = EXCLUDED.fingerprint AND o.state = ANY(%(reusable)s)
+    RETURNING o.request_id, o.create_time_ns
+),
+logged AS (
+    INSERT INTO events (request_id, time_ns, state, detail)
+    SELECT request_id, %(now)s, 'sending', %(detail)s FROM claimed
+)
+SELECT used.n, claimed.create_time_ns FROM used LEFT JOIN claimed ON true
+"""
+
+# A change of state, only from the states allowed, with its audit event.
+_UPDATE: Final = """
+WITH changed AS (
+    UPDATE orders o SET state = %(state)s, status = %(status)s, update_time_ns = %(now)s,
+        order_proto = %(proto)s, error_outcome = %(error_outcome)s, upstream = %(upstream)s
+    WHERE o.request_id = %(request_id)s AND o.state = ANY(%(only_from)s)
+    RETURNING o.request_id, o.fingerprint, o.owner
+),
+logged AS (
+    INSERT INTO events (request_id, time_ns, state, detail, actor)
+    SELECT request_id, %(now)s, %(state)s, %(detail)s, %(actor)s FROM changed
+)
+SELECT fingerprint, owner FROM changed
+"""
+
+_RENEW: Final = f"""
+WITH t AS (SELECT {_NOW} AS now_ns)
+INSERT INTO instances (instance, expires_ns, started_ns, host, pid)
+SELECT %(instance)s, t.now_ns + %(lease_ns)s, t.now_ns, %(host)s, %(pid)s FROM t
+ON CONFLICT (instance) DO UPDATE SET expires_ns = EXCLUDED.expires_ns
+RETURNING expires_ns - %(lease_ns)s
+"""
+
+# Rows another replica is recovering, or whose owner is writing them, are skipped: the next
+# heartbeat sees them again if they are still `sending`.
+_ORPHANS: Final = f"""
+SELECT {_ENTRY_COLUMNS} FROM orders o
+WHERE o.state = 'sending' AND o.send_deadline_ns <= %(now)s
+  AND NOT EXISTS (
+      SELECT 1 FROM instances i WHERE i.instance = o.owner AND i.expires_ns > %(now)s)
+ORDER BY o.create_time_ns
+FOR UPDATE OF o SKIP LOCKED
+"""
+
+_Row = tuple[bytes, str, str, str, str]
+
+
+class PostgresLedger:
+    """The ledger in a PostgreSQL database (13 or newer), through a small connection pool.
+
+    Open it with `PostgresLedger.open`. Every method is a coroutine, safe to call
+    concurrently; each takes a pooled connection for one short transaction and never holds
+    one across an upstream call.
+
+    Args:
+        pool: an opened pool of autocommit connections.
+        lease_seconds: how long this process's lease lasts without a heartbeat.
+        send_timeout_seconds: the longest a rent may take from its claim to its POST's end:
+            a claim's send deadline is its time plus this.
+        clock_ns: for tests, a clock in Unix nanoseconds used instead of the database's.
+    """
+
+    def __init__(
+        self,
+        pool: AsyncConnectionPool[Any],
+        *,
+        lease_seconds: float,
+        send_timeout_seconds: float,
+        clock_ns: Callable[[], int] | None = None,
+    ) -> None:
+        self.instance = uuid.uuid4().hex
+        self._pool = pool
+        self._lease_ns = int(lease_seconds * _NANOS)
+        self._send_ns = int(send_timeout_seconds * _NANOS)
+        self._clock_ns = clock_ns
+
+    @classmethod
+    async def open(
+        cls,
+        conninfo: str,
+        *,
+        pool_max: int = 4,
+        lease_seconds: float = 15.0,
+        send_timeout_seconds: float = 60.0,
+        connect_timeout_seconds: float = 10.0,
+        clock_ns: Callable[[], int] | None = None,
+    ) -> PostgresLedger:
+        """Connect, apply pending migrations (under their lock) and register the lease.
+
+        Args:
+            conninfo: a libpq URL or key=value string; a password may also come from
+                `PGPASSWORD` or `~/.pgpass`, as libpq reads them.
+            pool_max: connections this process may hold at most.
+            lease_seconds: how long the lease lasts without a heartbeat.
+            send_timeout_seconds: the longest a rent may take from its claim to its POST's
+                end (the send deadline of each claim).
+            connect_timeout_seconds: how long to wait for the first connection.
+            clock_ns: for tests: a clock used instead of the database's.
+
+        Raises:
+            ValueError: `conninfo` does not parse (the message does not quote it).
+            pgschema.SchemaTooNewError: the database's schema is newer than this code's (a
+                `LedgerSchemaError`).
+            psycopg.Error, psycopg_pool.PoolTimeout: the database cannot be reached.
+        """
+        # NOTE: the pool logs its connection errors, and libpq's error for a string it cannot
+        # parse quotes the string whole, password included: such a string never reaches it.
+        try:
+            psycopg.conninfo.conninfo_to_dict(conninfo)
+        except psycopg.Error:
+            raise ValueError(_UNPARSEABLE) from None
+        pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
+            conninfo,
+            min_size=1,
+            max_size=pool_max,
+            kwargs={"autocommit": True, "application_name": "numbersvc"},
+            open=False,
+            name="numbersvc-ledger",
+            # A connection broken by a database restart is found out before a claim uses it.
+            check=AsyncConnectionPool.check_connection,
+        )
+        try:
+            await pool.open(wait=True, timeout=connect_timeout_seconds)
+            async with pool.connection() as conn:
+                for migration in await pgschema.migrate(conn):
+                    _log.info("applied migration %04d_%s", migration.version, migration.name)
+            ledger = cls(
+                pool,
+                lease_seconds=lease_seconds,
+                send_timeout_seconds=send_timeout_seconds,
+                clock_ns=clock_ns,
+            )
+            await ledger._renew_lease()
+        except BaseException:
+            await pool.close()
+            raise
+        return ledger
+
+    async def begin(self, attempt: Attempt, *, daily_cap: int) -> BeginResult:
+        """Claim the request id for `attempt`, unless it is taken or the cap would be passed.
+
+        A `released` or `failed` row of the same request is taken over (nothing was rented,
+        so sending it again cannot rent twice); it keeps its first `create_time`.
+        """
+        order = attempt.order
+        claimed = pb.RentalOrder()
+        claimed.CopyFrom(order)
+        async with self._pool.connection() as conn, conn.transaction():
+            now = await self._read_clock(conn, lock_caller=order.caller if daily_cap else None)
+            claimed.create_time.FromNanoseconds(now)
+            claimed.update_time.FromNanoseconds(now)
+            # A statement of its own after the lock: its snapshot includes every claim
+            # committed by whoever held the lock before.
+            cursor = await conn.execute(
+                _CLAIM,
+                {
+                    "now": now,
+                    "cap": daily_cap,
+                    "caller": order.caller,
+                    "counted": _COUNTED,
+                    "reusable": list(_REUSABLE),
+                    "request_id": order.request_id,
+                    "fingerprint": attempt.fingerprint,
+                    "peer": attempt.peer,
+                    "owner": self.instance,
+                    "status": pb.ORDER_STATUS_OUTCOME_UNKNOWN,
+                    "quantity": order.quantity,
+                    "send_ns": self._send_ns,
+                    "proto": claimed.SerializeToString(),
+                    "detail": f"peer={attempt.peer}",
+                },
+            )
+            row = await cursor.fetchone()
+            assert row is not None
+            used, created = row
+            if created is None:
+                # Not claimed: the id is taken (by this request or another), or the cap.
+                entry = await _entry(conn, order.request_id)
+                if entry is not None and entry.fingerprint != attempt.fingerprint:
+                    return BeginResult(Begin.CONFLICT, entry)
+                if entry is not None and entry.state.value not in _REUSABLE:
+                    return BeginResult(Begin.EXISTING, entry)
+                return BeginResult(Begin.OVER_QUOTA, used_today=int(used))
+            if created != now:  # a taken-over row keeps its place in listings
+                claimed.create_time.FromNanoseconds(created)
+                await conn.execute(
+                    "UPDATE orders SET order_proto = %s WHERE request_id = %s",
+                    (claimed.SerializeToString(), order.request_id),
+                )
+        order.CopyFrom(claimed)
+        _log.info("order %s sending: %s", order.request_id, rules.describe(order))
+        return BeginResult(Begin.NEW)
+
+    async def _read_clock(
+        self, conn: psycopg.AsyncConnection[Any], *, lock_caller: str | None = None
+    ) -> int:
+        """Return the time of a change, after taking `lock_caller`'s claim lock if given."""
+        sql = _READ_CLOCK if lock_caller is None else _LOCK_THEN_READ_CLOCK
+        cursor = await conn.execute(
+            sql,
+            {
+                "now": None if self._clock_ns is None else self._clock_ns(),
+                "lock_class": _CAP_LOCK_CLASS,
+                "caller": lock_caller,
+            },
+        )
+        row = await cursor.fetchone()
+        assert row is not None
+        return int(row[0])
+
+    async def finish(
+        self,
+        order: pb.RentalOrder,
+        state: OrderState,
+        *,
+        error_outcome: str = "",
+        upstream: str = "",
+    ) -> LedgerEntry:
+        """Record how an order ended.
+
+        A settlement made meanwhile wins: a late answer never overwrites what a person
+        recorded from the Plivo console (it is logged instead).
+        """
+        async with self._pool.connection() as conn:
+            try:
+                return await self._update(
+                    conn,
+                    order,
+                    state,
+                    only_from=rules.UNSETTLED,
+                    error_outcome=error_outcome,
+                    upstream=upstream,
+                )
+            except SettleError:
+                entry = await _entry(conn, order.request_id)
+                if entry is None:
+                    raise
+                _log.error(
+                    "order %s was settled while in flight; Plivo's answer was %s: %s",
+                    order.request_id,
+                    state.value,
+                    rules.describe(order),
+                )
+                return entry
+
+    async def settle(
+        self,
+        request_id: str,
+        state: OrderState,
+        *,
+        numbers: Sequence[str],
+        note: str,
+        actor: str = "",
+    ) -> LedgerEntry:
+        """Record a reconciled outcome for an order whose outcome is unknown.
+
+        Args:
+            request_id: the order's id.
+            state: fulfilled or failed, as the Plivo console shows.
+            numbers: the E.164 numbers rented (fulfilled only).
+            note: why, or where it was seen; kept in the order's status message.
+            actor: who settles (a caller's name, or `cli:<user>`), kept in the audit event.
+
+        Raises:
+            SettleError: no such order, its outcome is already known, or the settlement is
+                malformed.
+        """
+        rules.check_settlement(state, numbers)
+        async with self._pool.connection() as conn:
+            entry = await _entry(conn, request_id)
+            if entry is None:
+                raise SettleError(f"no order with request id {request_id}")
+            order = rules.settled_order(entry.order, state, numbers=numbers, note=note)
+            # Not from `sending`: that order's POST may still be out, and a settlement as
+            # failed would free its id for a second POST.
+            return await self._update(
+                conn, order, state, only_from=(OrderState.OUTCOME_UNKNOWN,), actor=actor
+            )
+
+    async def _update(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        order: pb.RentalOrder,
+        state: OrderState,
+        *,
+        only_from: tuple[OrderState, ...],
+        error_outcome: str = "",
+        upstream: str = "",
+        actor: str = "",
+    ) -> LedgerEntry:
+        now = await self._read_clock(conn)
+        order.status = STATUS_OF[state]
+        order.update_time.FromNanoseconds(now)
+        cursor = await conn.execute(
+            _UPDATE,
+            {
+                "now": now,
+                "state": state.value,
+                "status": order.status,
+                "proto": order.SerializeToString(),
+                "error_outcome": error_outcome,
+                "upstream": upstream[: rules.MAX_UPSTREAM_BODY_CHARS],
+                "request_id": order.request_id,
+                "only_from": [s.value for s in only_from],
+                "detail": order.status_message or error_outcome,
+                "actor": actor,
+            },
+        )
+        row = await cursor.fetchone()
+        if row is None:
+            current = await _entry(conn, order.request_id)
+            if current is None:
+                raise SettleError(f"no order with request id {order.request_id}")
+            raise SettleError(
+                f"order {order.request_id} is {current.state.value}: nothing to settle"
+            )
+        fingerprint, owner = row
+        _log.info("order %s %s: %s", order.request_id, state.value, rules.describe(order))
+        return LedgerEntry(order, state, fingerprint, owner, error_outcome)
+
+    async def get(self, request_id: str) -> LedgerEntry | None:
+        """Return one order, or None."""
+        async with self._pool.connection() as conn:
+            return await _entry(conn, request_id)
+
+    async def list(
+        self, query: OrderQuery, *, after: OrderKey | None, limit: int
+    ) -> tuple[list[LedgerEntry], int]:
+        """Return the page of orders after `after` (oldest first) and how many match in all."""
+        where, args = _where(query)
+        page_where, page_args = where, dict(args)
+        if after is not None:
+            page_where += " AND (create_time_ns, request_id) > (%(after_ns)s, %(after_id)s)"
+            page_args.update(after_ns=after.create_time_ns, after_id=after.request_id)
+        async with self._pool.connection() as conn, conn.transaction():
+            # One snapshot: the total matches the page.
+            await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            cursor = await conn.execute(f"SELECT count(*) FROM orders WHERE {where}", args)
+            total_row = await cursor.fetchone()
+            cursor = await conn.execute(
+                f"SELECT {_ENTRY_COLUMNS} FROM orders WHERE {page_where}"
+                " ORDER BY create_time_ns, request_id LIMIT %(limit)s",
+                {**page_args, "limit": limit},
+            )
+            rows = await cursor.fetchall()
+        assert total_row is not None
+        return [_from_row(row) for row in rows], int(total_row[0])
+
+    async def heartbeat(self) -> int:
+        """Renew this process's lease and recover the orders of owners whose lease lapsed.
+
+        In one transaction: the lease is extended by `lease_seconds`, and every `sending`
+        order whose owner holds no live lease and whose send deadline has passed (so no POST
+        of it can still be running) becomes `outcome_unknown`.
+
+        Returns:
+            How many orders were recovered.
+        """
+        recovered: list[str] = []
+        async with self._pool.connection() as conn, conn.transaction():
+            now_ns = await self._renew(conn)
+            cursor = await conn.execute(_ORPHANS, {"now": now_ns})
+            for row in await cursor.fetchall():
+                entry = _from_row(row)
+                entry.order.status_message = (
+                    f"{rules.RECOVERED_NOTE} (owner {entry.owner}: lease expired)"
+                )
+                await self._update(
+                    conn, entry.order, OrderState.OUTCOME_UNKNOWN, only_from=(OrderState.SENDING,)
+                )
+                recovered.append(entry.order.request_id)
+            # A missing lease reads as a lapsed one; its owner, if alive, renews it.
+            await conn.execute("DELETE FROM instances WHERE expires_ns <= %s", (now_ns,))
+        if recovered:
+            _log.warning(
+                "%d order(s) left in flight by a process that is gone: outcome unknown: %s",
+                len(recovered),
+                " ".join(recovered),
+            )
+        return len(recovered)
+
+    async def _renew_lease(self) -> None:
+        async with self._pool.connection() as conn:
+            await self._renew(conn)
+
+    async def _renew(self, conn: psycopg.AsyncConnection[Any]) -> int:
+        """Extend this process's lease; return the database's now, in Unix nanoseconds."""
+        cursor = await conn.execute(
+            _RENEW,
+            {
+                "now": None if self._clock_ns is None else self._clock_ns(),
+                "instance": self.instance,
+                "lease_ns": self._lease_ns,
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+            },
+        )
+        row = await cursor.fetchone()
+        assert row is not None
+        return int(row[0])
+
+    async def close(self) -> None:
+        """Give up this process's lease (a clean exit), then close the pool.
+
+        A database that cannot be reached is not waited for long: the lease then lapses on
+        its own.
+        """
+        try:
+            async with asyncio.timeout(_CLOSE_TIMEOUT_SECONDS):
+                async with self._pool.connection() as conn:
+                    await conn.execute(
+                        "DELETE FROM instances WHERE instance = %s", (self.instance,)
+                    )
+        except (psycopg.Error, TimeoutError) as exc:
+            _log.warning("could not give up the ledger lease: %s", type(exc).__name__)
+        finally:
+            await self._pool.close()
+
+
+async def _entry(conn: psycopg.AsyncConnection[Any], request_id: str) -> LedgerEntry | None:
+    cursor = await conn.execute(
+        f"SELECT {_ENTRY_COLUMNS} FROM orders WHERE request_id = %s", (request_id,)
+    )
+    row = await cursor.fetchone()
+    return None if row is None else _from_row(row)
+
+
+def _from_row(row: _Row) -> LedgerEntry:
+    blob, state, fingerprint, owner, error_outcome = row
+    return LedgerEntry(
+        pb.RentalOrder.FromString(blob), OrderState(state), fingerprint, owner, error_outcome
+    )
+
+
+def _where(query: OrderQuery) -> tuple[str, dict[str, object]]:
+    clauses = ["true"]
+    args: dict[str, object] = {}
+    if query.statuses:
+        clauses.append("status = ANY(%(statuses)s)")
+        args["statuses"] = list(query.statuses)
+    if query.start_time_ns is not None:
+        clauses.append("create_time_ns >= %(start_ns)s")
+        args["start_ns"] = query.start_time_ns
+    if query.end_time_ns is not None:
+        clauses.append("create_time_ns < %(end_ns)s")
+        args["end_ns"] = query.end_time_ns
+    return " AND ".join(clauses), args
+
+
+def redacted(conninfo: str) -> str:
+    """Return the database as a log line may show it: `postgresql://user@host:port/dbname`.
+
+    Never the password; a string libpq cannot parse shows as `<unparseable database URL>`.
+    """
+    try:
+        parts: Mapping[str, Any] = psycopg.conninfo.conninfo_to_dict(conninfo)
+    except psycopg.Error:
+        return "<unparseable database URL>"
+    user = parts.get("user") or os.environ.get("PGUSER", "")
+    host = parts.get("host") or parts.get("hostaddr") or "localhost"
+    port = parts.get("port") or "5432"
+    dbname = parts.get("dbname") or user
+    return f"postgresql://{user}{'@' if user else ''}{host}:{port}/{dbname}"
+
+
+def scrub(text: str, conninfo: str) -> str:
+    """`text` (an error message) without the password of `conninfo`.
+
+    NOTE: libpq's message about a string it cannot parse quotes the string, password and
+    all, so for such a string nothing of the message is kept.
+    """
+    try:
+        password = psycopg.conninfo.conninfo_to_dict(conninfo).get("password")
+    except psycopg.Error:
+        return _UNPARSEABLE
+    return text.replace(str(password), "********") if password else text

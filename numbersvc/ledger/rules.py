@@ -1,0 +1,84 @@
+"""What every ledger store decides the same way: settlements, the UTC day, log lines.
+
+The stores (`sqlite.py`, `postgres.py`) keep only their storage.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Final
+
+from numbersvc.ledger import OrderState, SettleError
+from numbersvc.v1 import number_groups_pb2 as pb
+
+__all__ = [
+    "MAX_UPSTREAM_BODY_CHARS",
+    "NANOS_PER_DAY",
+    "RECOVERED_NOTE",
+    "UNSETTLED",
+    "check_settlement",
+    "describe",
+    "settled_order",
+]
+
+MAX_UPSTREAM_BODY_CHARS: Final = 2000
+"""How much of Plivo's raw answer an order keeps for reconciliation."""
+NANOS_PER_DAY: Final = 86_400 * 10**9
+UNSETTLED: Final = (OrderState.SENDING, OrderState.OUTCOME_UNKNOWN)
+"""States `finish` may still change: a settlement made meanwhile wins over a late answer."""
+RECOVERED_NOTE: Final = "the service stopped while this order was being sent"
+_E164_DIGITS: Final = range(6, 16)
+
+
+def check_settlement(state: OrderState, numbers: Sequence[str]) -> None:
+    """Check a settlement before any order is looked at.
+
+    Raises:
+        SettleError: not fulfilled or failed, numbers missing for fulfilled or given for
+            failed, or a number that is not E.164.
+    """
+    if state not in (OrderState.FULFILLED, OrderState.FAILED):
+        raise SettleError("an order settles as fulfilled or failed")
+    if state is OrderState.FULFILLED and not numbers:
+        raise SettleError("a fulfilled order needs the numbers the Plivo console shows")
+    if state is OrderState.FAILED and numbers:
+        raise SettleError("a failed order rented no numbers")
+    for number in numbers:
+        digits = number.removeprefix("+")
+        if not (digits.isascii() and digits.isdigit() and len(digits) in _E164_DIGITS):
+            raise SettleError(f"not an E.164 number: {number!r}")
+
+
+def settled_order(
+    order: pb.RentalOrder, state: OrderState, *, numbers: Sequence[str], note: str
+) -> pb.RentalOrder:
+    """Return a copy of `order` as settled from the Plivo console (`check_settlement` first).
+
+    Raises:
+        SettleError: as `check_settlement`.
+    """
+    check_settlement(state, numbers)
+    settled = pb.RentalOrder()
+    settled.CopyFrom(order)
+    del settled.numbers[:]
+    settled.numbers.extend(
+        pb.RentedNumber(
+            number=n.removeprefix("+"),
+            e164="+" + n.removeprefix("+"),
+            status=pb.RENTED_NUMBER_STATUS_SUCCESS,
+            upstream_status="settled",
+        )
+        for n in numbers
+    )
+    settled.status_message = f"settled as {state.value}: {note}"
+    return settled
+
+
+def describe(order: pb.RentalOrder) -> str:
+    """One log line's worth of an order: who, what, which numbers, Plivo's id, the note."""
+    numbers = ",".join(n.e164 for n in order.numbers) or "-"
+    return (
+        f"caller={order.caller} group={order.group_id} quantity={order.quantity}"
+        f" app={order.app_id or '-'} numbers={numbers}"
+        f" upstream_id={order.upstream_request_id or '-'} note={order.status_message or '-'}"
+    )

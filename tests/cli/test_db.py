@@ -1,0 +1,269 @@
+"""`numbersvc db migrate|status|import` against a real PostgreSQL, in-process and as processes.
+
+The database comes from the environment as the server reads it; a password (in the URL, its
+file or PGPASSWORD) must never be printed, whatever fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from numbersvc.cli import main
+from numbersvc.ledger import Begin, OrderState, SqliteLedger
+from numbersvc.ledger.pgimport import IMPORTED_NOTE
+from numbersvc.ledger.pgschema import SchemaTooNewError, shipped
+from numbersvc.ledger.postgres import PostgresLedger
+from numbersvc.v1 import number_groups_pb2 as pb
+from tests.pg import Cluster
+from tests.unit.test_ledger_postgres import _attempt
+
+LATEST = shipped()[-1]
+
+
+@pytest.fixture(autouse=True)
+def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("NUMBERSVC_DATABASE_URL", "NUMBERSVC_DATABASE_URL_FILE", "PGPASSWORD"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def _db(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], url: str, *argv: str
+) -> tuple[int, str]:
+    monkeypatch.setenv("NUMBERSVC_DATABASE_URL", url)
+    code = main.run(["db", *argv])
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err
+
+
+def _versions(url: str) -> list[int]:
+    with psycopg.connect(url, autocommit=True) as conn:
+        return [v for (v,) in conn.execute("SELECT version FROM schema_migrations").fetchall()]
+
+
+def test_migrate_then_status_then_migrate_again(
+    empty_postgres_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out = _db(monkeypatch, capsys, empty_postgres_url, "status")
+    assert code == 3
+    assert f"{LATEST.version:04d}  {LATEST.name}" in out
+    assert "pending" in out
+    code, out = _db(monkeypatch, capsys, empty_postgres_url, "migrate")
+    assert code == 0
+    assert f"applied {LATEST.version:04d}_{LATEST.name}" in out
+    code, out = _db(monkeypatch, capsys, empty_postgres_url, "status")
+    assert code == 0
+    assert "up to date" in out
+    code, out = _db(monkeypatch, capsys, empty_postgres_url, "migrate")
+    assert (code, "applied 0" in out) == (0, False)
+    assert _versions(empty_postgres_url) == [m.version for m in shipped()]
+
+
+def test_migrators_started_together_apply_each_migration_once(empty_postgres_url: str) -> None:
+    env = {"NUMBERSVC_DATABASE_URL": empty_postgres_url, "PATH": ""}
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-m", "numbersvc", "db", "migrate"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for _ in range(4)
+    ]
+    outputs = [p.communicate(timeout=60)[0] for p in processes]
+    assert [p.returncode for p in processes] == [0] * 4, outputs
+    assert sum(f"applied {LATEST.version:04d}" in out for out in outputs) == 1, outputs
+    assert _versions(empty_postgres_url) == [m.version for m in shipped()]
+
+
+async def test_ledgers_opened_together_on_an_empty_schema_migrate_once(
+    empty_postgres_url: str,
+) -> None:
+    ledgers = await asyncio.gather(*(PostgresLedger.open(empty_postgres_url) for _ in range(6)))
+    try:
+        assert _versions(empty_postgres_url) == [m.version for m in shipped()]
+        assert (await ledgers[0].begin(_attempt("r-1"), daily_cap=0)).kind is Begin.NEW
+    finally:
+        for ledger in ledgers:
+            await ledger.close()
+
+
+async def test_a_schema_newer_than_the_code_is_refused(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO schema_migrations (version, name, checksum) VALUES (9999, 'future', '')"
+        )
+    with pytest.raises(SchemaTooNewError, match="9999"):
+        await PostgresLedger.open(postgres_url)
+    for command in ("migrate", "status"):
+        code, out = await asyncio.to_thread(_db, monkeypatch, capsys, postgres_url, command)
+        assert code == 2
+        assert "version 9999, newer than this numbersvc knows" in out
+
+
+def test_without_a_database_url_exits_2(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main.run(["db", "status"]) == 2
+    assert "NUMBERSVC_DATABASE_URL" in capsys.readouterr().err
+
+
+class TestPasswords:
+    def test_from_pgpassword_and_from_the_url_file(
+        self,
+        postgres_cluster: Cluster,
+        postgres_url: str,
+        monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str],
+        tmp_path: Path,
+    ) -> None:
+        password = postgres_cluster.set_password()
+        bare = postgres_cluster.with_password_role(postgres_url, password=None)
+        monkeypatch.setenv("PGPASSWORD", password)
+        code, out = _db(monkeypatch, capsys, bare, "status")
+        assert code == 0, out
+        monkeypatch.delenv("PGPASSWORD")
+        monkeypatch.delenv("NUMBERSVC_DATABASE_URL")
+        secret = tmp_path / "url"
+        secret.write_text(postgres_cluster.with_password_role(postgres_url, password=password))
+        monkeypatch.setenv("NUMBERSVC_DATABASE_URL_FILE", str(secret))
+        assert main.run(["db", "status"]) == 0
+        assert password not in capsys.readouterr().out
+
+    @pytest.mark.parametrize(
+        "how", ["wrong password", "nothing listens", "unknown database", "malformed"]
+    )
+    def test_never_printed_when_the_database_refuses(
+        self,
+        postgres_cluster: Cluster,
+        postgres_url: str,
+        monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str],
+        how: str,
+    ) -> None:
+        postgres_cluster.set_password()
+        password = "pw-never-shown-7f3a"
+        url = postgres_cluster.with_password_role(postgres_url, password=password)
+        url = {
+            "wrong password": url,
+            "nothing listens": url.replace(f":{postgres_cluster.port}/", ":1/"),
+            "unknown database": url.replace("/postgres?", "/nosuchdb?"),
+            "malformed": url.replace("postgresql://", "postgresql:/").replace("?", "?x=%zz&"),
+        }[how]
+        code, out = _db(monkeypatch, capsys, url, "migrate")
+        assert code in (1, 2), out
+        assert "error:" in out
+        assert password not in out
+
+
+class TestImport:
+    async def _sqlite_ledger(self, path: Path) -> dict[str, OrderState]:
+        """A SQLite ledger with an order in each state that matters, and their events."""
+        ledger = await SqliteLedger.open(path)
+        try:
+            states = {
+                "r-fulfilled": OrderState.FULFILLED,
+                "r-failed": OrderState.FAILED,
+                "r-unknown": OrderState.OUTCOME_UNKNOWN,
+                "r-sending": OrderState.SENDING,
+            }
+            for request_id, state in states.items():
+                attempt = _attempt(request_id, quantity=2)
+                await ledger.begin(attempt, daily_cap=0)
+                if state is not OrderState.SENDING:
+                    await ledger.finish(attempt.order, state)
+            await ledger.settle(
+                "r-unknown", OrderState.FULFILLED, numbers=["+14155550100"], note="console"
+            )
+            states["r-unknown"] = OrderState.FULFILLED
+            return states
+        finally:
+            await ledger.close()
+
+    async def test_copies_orders_and_events_once_and_sending_becomes_unknown(
+        self,
+        postgres_url: str,
+        tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        path = tmp_path / "ledger.sqlite3"
+        states = await self._sqlite_ledger(path)
+        before = path.read_bytes()
+        code, out = await asyncio.to_thread(
+            _db, monkeypatch, capsys, postgres_url, "import", "--from-sqlite", str(path)
+        )
+        assert code == 0, out
+        assert "imported 4 order(s) and 8 event(s); 0 already there" in out
+        assert "1 were being sent" in out
+        with sqlite3.connect(path) as db:
+            sqlite_events = db.execute(
+                "SELECT request_id, time_ns, state, detail FROM events ORDER BY id"
+            ).fetchall()
+        ledger = await PostgresLedger.open(postgres_url)
+        try:
+            sqlite = await SqliteLedger.open(path)
+            try:
+                for request_id, state in states.items():
+                    moved, original = await ledger.get(request_id), await sqlite.get(request_id)
+                    assert moved is not None
+                    assert original is not None
+                    if state is OrderState.SENDING:
+                        assert moved.state is OrderState.OUTCOME_UNKNOWN
+                        assert moved.order.status == pb.ORDER_STATUS_OUTCOME_UNKNOWN
+                        assert moved.order.status_message == IMPORTED_NOTE
+                    else:
+                        assert (moved.order, moved.state) == (original.order, original.state)
+            finally:
+                await sqlite.close()
+        finally:
+            await ledger.close()
+        with psycopg.connect(postgres_url, autocommit=True) as conn:
+            events = conn.execute(
+                "SELECT request_id, time_ns, state, detail, actor FROM events ORDER BY id"
+            ).fetchall()
+        assert [e[:4] for e in events[: len(sqlite_events)]] == sqlite_events
+        [extra] = events[len(sqlite_events) :]
+        assert extra[0] == "r-sending"
+        assert extra[2:4] == ("outcome_unknown", IMPORTED_NOTE)
+        assert extra[4].startswith("cli:")
+        dump = conn_dump(postgres_url)
+
+        code, out = await asyncio.to_thread(
+            _db, monkeypatch, capsys, postgres_url, "import", "--from-sqlite", str(path)
+        )
+        assert code == 0, out
+        assert "imported 0 order(s) and 0 event(s); 4 already there" in out
+        assert conn_dump(postgres_url) == dump
+        assert path.read_bytes() == before
+
+    def test_a_missing_file_exits_1_and_imports_nothing(
+        self,
+        postgres_url: str,
+        tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        missing = tmp_path / "nope.sqlite3"
+        code, out = _db(monkeypatch, capsys, postgres_url, "import", "--from-sqlite", str(missing))
+        assert code == 1
+        assert "no SQLite ledger" in out
+        assert not missing.exists()
+        assert conn_dump(postgres_url) == ([], [])
+
+
+def conn_dump(url: str) -> tuple[list[tuple[object, ...]], list[tuple[object, ...]]]:
+    with psycopg.connect(url, autocommit=True) as conn:
+        return (
+            conn.execute("SELECT * FROM orders ORDER BY request_id").fetchall(),
+            conn.execute("SELECT * FROM events ORDER BY id").fetchall(),
+        )

@@ -1,0 +1,236 @@
+"""Replicas: several `numbersvc serve` processes on one PostgreSQL schema and one sandbox.
+
+Each server is a real process (its own pool, its own lease); the sandbox, in this process,
+journals every request it receives, so "one POST" is counted where Plivo would count it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import uuid
+from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import grpc
+import psycopg
+import pytest
+
+from numbersvc.sandbox import SandboxControl, SandboxServer
+from numbersvc.sandbox.faults import FaultKind, FaultSpec
+from numbersvc.v1 import number_groups_pb2 as pb
+from numbersvc.v1 import number_groups_pb2_grpc as pb_grpc
+from tests.e2e.conftest import eventually, reason_of
+from tests.e2e.test_process import Served, _start
+from tests.pg import Cluster
+
+if TYPE_CHECKING:  # the async stub type exists only in the generated .pyi
+    Stub = pb_grpc.NumberGroupServiceAsyncStub
+
+US = pb.SearchFilter(region_code="US")
+
+
+def _env(sandbox: SandboxServer, database_url: str, **extra: str) -> dict[str, str]:
+    return {
+        "NUMBERSVC_UPSTREAM": "plivo",
+        "PLIVO_BASE_URL": sandbox.base_url,
+        "PLIVO_AUTH_ID": sandbox.auth_id,
+        "PLIVO_AUTH_TOKEN": sandbox.auth_token,
+        "NUMBERSVC_DATABASE_URL": database_url,
+        **extra,
+    }
+
+
+@contextlib.asynccontextmanager
+async def _replicas(env: Mapping[str, str], count: int) -> AsyncIterator[list[Stub]]:
+    """Start `count` servers at the same moment; yield a stub for each."""
+    processes = await asyncio.gather(*(_start(env) for _ in range(count)))
+    served = [Served(p) for p in processes]
+    try:
+        await asyncio.gather(*(s.wait_serving() for s in served))
+        async with contextlib.AsyncExitStack() as channels:
+            stubs = []
+            for s in served:
+                channel = await channels.enter_async_context(
+                    grpc.aio.insecure_channel(f"127.0.0.1:{s.port}")
+                )
+                stubs.append(pb_grpc.NumberGroupServiceStub(channel))
+            yield stubs
+    finally:
+        for s in served:
+            if s.process.returncode is None:
+                s.process.send_signal(signal.SIGTERM)
+        for s in served:
+            assert await s.finish() == 0, s.stderr.decode()
+
+
+async def _posts(control: SandboxControl) -> int:
+    return sum(1 for r in await control.requests() if r["operation"] == "rent")
+
+
+async def _group(stub: Stub) -> str:
+    page = await stub.ListNumberGroups(pb.ListNumberGroupsRequest(filter=US, page_size=1))
+    return page.number_groups[0].group_id
+
+
+async def test_duplicates_split_across_replicas_started_together_send_one_post(
+    sandbox: SandboxServer, control: SandboxControl, empty_postgres_url: str
+) -> None:
+    async with _replicas(_env(sandbox, empty_postgres_url), 2) as (a, b):
+        group_id, request_id = await _group(a), str(uuid.uuid4())
+        rent = pb.RentNumbersRequest(group_id=group_id, request_id=request_id)
+        # Plivo sits on the POST: every duplicate arrives while the order is being sent.
+        await control.inject_fault(FaultSpec(FaultKind.DELAY, seconds=1.0, operation="rent"))
+        results = await asyncio.gather(
+            *(stub.RentNumbers(rent, timeout=20) for stub in (a, b) * 5),
+            return_exceptions=True,
+        )
+        assert await _posts(control) == 1
+        orders = [r.order for r in results if isinstance(r, pb.RentNumbersResponse)]
+        assert orders, results
+        assert all(order == orders[0] for order in orders)
+        assert orders[0].status == pb.ORDER_STATUS_FULFILLED
+        for error in (r for r in results if not isinstance(r, pb.RentNumbersResponse)):
+            # The other replica's duplicates saw the order in flight.
+            assert isinstance(error, grpc.aio.AioRpcError), error
+            assert reason_of(error) in ("RENT_OUTCOME_UNKNOWN", "RENT_IN_PROGRESS"), error
+        # Once the order landed, either replica answers a repeat from the shared ledger.
+        for stub in (a, b):
+            assert (await stub.RentNumbers(rent, timeout=10)).order == orders[0]
+        assert await _posts(control) == 1
+
+
+async def test_an_order_placed_on_one_replica_is_read_on_the_other_at_once(
+    sandbox: SandboxServer, control: SandboxControl, postgres_url: str
+) -> None:
+    async with _replicas(_env(sandbox, postgres_url), 2) as (a, b):
+        group_id, request_id = await _group(a), str(uuid.uuid4())
+        placed = (
+            await a.RentNumbers(pb.RentNumbersRequest(group_id=group_id, request_id=request_id))
+        ).order
+        got = await b.GetRentalOrder(pb.GetRentalOrderRequest(request_id=request_id))
+        assert got.order == placed
+        listed = await b.ListRentalOrders(pb.ListRentalOrdersRequest())
+        assert [o.request_id for o in listed.orders] == [request_id]
+        # The same id for another request, on the other replica: refused, nothing sent.
+        with pytest.raises(grpc.aio.AioRpcError) as reused:
+            await b.RentNumbers(
+                pb.RentNumbersRequest(group_id=group_id, request_id=request_id, quantity=2)
+            )
+        assert reused.value.code() == grpc.StatusCode.ALREADY_EXISTS
+        assert await _posts(control) == 1
+
+
+async def test_sigkill_of_a_replica_mid_rent_the_other_answers_outcome_unknown(
+    sandbox: SandboxServer, control: SandboxControl, postgres_url: str
+) -> None:
+    # A short lease and rent timeout: the send deadline is 2 x 1.5 s + 2 s after the claim.
+    env = _env(
+        sandbox,
+        postgres_url,
+        NUMBERSVC_INSTANCE_LEASE_SECONDS="1",
+        NUMBERSVC_RENT_TIMEOUT_SECONDS="1.5",
+    )
+    async with _replicas(env, 1) as (b,):
+        victim = Served(await _start(env))
+        try:
+            await victim.wait_serving()
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{victim.port}") as channel:
+                a = pb_grpc.NumberGroupServiceStub(channel)
+                group_id, request_id = await _group(a), str(uuid.uuid4())
+                await control.inject_fault(
+                    FaultSpec(FaultKind.DELAY, seconds=1.0, operation="rent")
+                )
+                rent = pb.RentNumbersRequest(group_id=group_id, request_id=request_id)
+                call = asyncio.ensure_future(a.RentNumbers(rent, timeout=10))
+
+                async def post_arrived() -> bool:
+                    return await _posts(control) == 1
+
+                await eventually(post_arrived)
+                victim.process.send_signal(signal.SIGKILL)
+                await victim.process.wait()
+                assert isinstance(
+                    (await asyncio.gather(call, return_exceptions=True))[0], grpc.aio.AioRpcError
+                )
+        finally:
+            if victim.process.returncode is None:
+                victim.process.kill()
+                await victim.process.wait()
+
+        async def unknown_on_b() -> bool:
+            order = (await b.GetRentalOrder(pb.GetRentalOrderRequest(request_id=request_id))).order
+            return "lease expired" in order.status_message
+
+        await eventually(unknown_on_b, timeout_seconds=20)
+        order = (await b.GetRentalOrder(pb.GetRentalOrderRequest(request_id=request_id))).order
+        assert order.status == pb.ORDER_STATUS_OUTCOME_UNKNOWN
+        with pytest.raises(grpc.aio.AioRpcError) as retried:
+            await b.RentNumbers(rent, timeout=10)
+        assert retried.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert reason_of(retried.value) == "RENT_OUTCOME_UNKNOWN"
+        assert await _posts(control) == 1
+
+
+class TestStart:
+    async def test_a_schema_newer_than_the_server_exits_2(
+        self, sandbox: SandboxServer, postgres_url: str
+    ) -> None:
+        with psycopg.connect(postgres_url, autocommit=True) as conn:
+            conn.execute(
+                "INSERT INTO schema_migrations (version, name, checksum) VALUES (9999, 'x', '')"
+            )
+        process = await _start(_env(sandbox, postgres_url))
+        _, err = await asyncio.wait_for(process.communicate(), timeout=30)
+        assert process.returncode == 2
+        assert b"version 9999, newer than this numbersvc knows" in err
+
+    @pytest.mark.parametrize("how", ["wrong password", "nothing listens", "malformed"])
+    async def test_the_password_never_shows_when_the_database_refuses(
+        self, sandbox: SandboxServer, postgres_cluster: Cluster, postgres_url: str, how: str
+    ) -> None:
+        postgres_cluster.set_password()
+        password = f"pw-{uuid.uuid4().hex}"
+        url = postgres_cluster.with_password_role(postgres_url, password=password)
+        url = {
+            "wrong password": url,
+            "nothing listens": url.replace(f":{postgres_cluster.port}/", ":1/"),
+            "malformed": url.replace("postgresql://", "postgresql:/"),
+        }[how]
+        env = _env(sandbox, url, NUMBERSVC_LOG_LEVEL="DEBUG")
+        process = await _start(env)
+        _, err = await asyncio.wait_for(process.communicate(), timeout=60)
+        assert process.returncode != 0
+        assert b"database" in err
+        assert password.encode() not in err
+
+    async def test_the_password_from_a_file_works_and_never_shows(
+        self,
+        sandbox: SandboxServer,
+        postgres_cluster: Cluster,
+        postgres_url: str,
+        tmp_path: Path,
+    ) -> None:
+        password = postgres_cluster.set_password()
+        secret = tmp_path / "database-url"
+        secret.write_text(postgres_cluster.with_password_role(postgres_url, password=password))
+        env = _env(sandbox, "", NUMBERSVC_DATABASE_URL_FILE=str(secret))
+        del env["NUMBERSVC_DATABASE_URL"]
+        served = Served(await _start({**env, "NUMBERSVC_LOG_LEVEL": "DEBUG"}))
+        try:
+            await served.wait_serving()
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{served.port}") as channel:
+                stub = pb_grpc.NumberGroupServiceStub(channel)
+                await stub.RentNumbers(pb.RentNumbersRequest(group_id=await _group(stub)))
+            served.process.send_signal(signal.SIGTERM)
+            assert await served.finish() == 0
+        finally:
+            if served.process.returncode is None:
+                served.process.kill()
+                await served.process.wait()
+        assert b"order ledger in PostgreSQL at postgresql://numbersvc_pw@127.0.0.1" in (
+            served.stderr
+        )
+        assert password.encode() not in served.stderr
