@@ -70,7 +70,8 @@ async def import_sqlite(
     Args:
         conn: a connection to a database whose schema is up to date.
         path: the SQLite ledger; opened read-only, never changed.
-        actor: who imports, for the audit event of each order that was in flight.
+        actor: who imports (`cli:<user>`), named in the audit event of each order that was
+            in flight.
 
     Raises:
         sqlite3.Error: the file is missing or not a ledger.
@@ -83,7 +84,7 @@ async def import_sqlite(
         await conn.execute("CREATE TEMP TABLE import_orders (LIKE orders) ON COMMIT DROP")
         await conn.execute(
             "CREATE TEMP TABLE import_events (ord bigint, request_id text, time_ns bigint,"
-            " state text, detail text, actor text) ON COMMIT DROP"
+            " state text, detail text) ON COMMIT DROP"
         )
         cursor = conn.cursor()
         async with cursor.copy(
@@ -100,8 +101,8 @@ async def import_sqlite(
         )
         inserted = [request_id for (request_id,) in await cursor.fetchall()]
         await cursor.execute(
-            "INSERT INTO events (request_id, time_ns, state, detail, actor)"
-            " SELECT request_id, time_ns, state, detail, actor FROM import_events"
+            "INSERT INTO events (request_id, time_ns, state, detail)"
+            " SELECT request_id, time_ns, state, detail FROM import_events"
             " WHERE request_id = ANY(%s) ORDER BY ord",
             (inserted,),
         )
@@ -109,10 +110,10 @@ async def import_sqlite(
         recovered = [request_id for request_id in inserted if request_id in in_flight]
         if recovered:
             await cursor.execute(
-                "INSERT INTO events (request_id, time_ns, state, detail, actor)"
-                " SELECT o.request_id, o.update_time_ns, o.state, %s, %s FROM orders o"
+                "INSERT INTO events (request_id, time_ns, state, detail)"
+                " SELECT o.request_id, o.update_time_ns, o.state, %s FROM orders o"
                 " WHERE o.request_id = ANY(%s) ORDER BY o.request_id",
-                (IMPORTED_NOTE, actor, recovered),
+                (f"{IMPORTED_NOTE} (imported by {actor})", recovered),
             )
     return ImportReport(
         orders=len(inserted),
@@ -132,10 +133,8 @@ def _read(path: Path) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
             c if c in present else f"{_OLD_FILE_DEFAULTS[c]} AS {c}" for c in _ORDER_COLUMNS
         )
         orders = db.execute(f"SELECT {select} FROM orders").fetchall()
-        has_actor = any(row[1] == "actor" for row in db.execute("PRAGMA table_info(events)"))
-        actor = "actor" if has_actor else "''"
         events = db.execute(
-            f"SELECT id, request_id, time_ns, state, detail, {actor} FROM events ORDER BY id"
+            "SELECT id, request_id, time_ns, state, detail FROM events ORDER BY id"
         ).fetchall()
     return orders, events
 

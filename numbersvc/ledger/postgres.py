@@ -38,6 +38,7 @@ from numbersvc.ledger import (
     BeginResult,
     LedgerEntry,
     OrderKey,
+    OrderNotFound,
     OrderState,
     SettleError,
     pgschema,
@@ -113,8 +114,8 @@ WITH changed AS (
     RETURNING o.request_id, o.fingerprint, o.owner
 ),
 logged AS (
-    INSERT INTO events (request_id, time_ns, state, detail, actor)
-    SELECT request_id, %(now)s, %(state)s, %(detail)s, %(actor)s FROM changed
+    INSERT INTO events (request_id, time_ns, state, detail)
+    SELECT request_id, %(now)s, %(state)s, %(detail)s FROM changed
 )
 SELECT fingerprint, owner FROM changed
 """
@@ -346,32 +347,31 @@ class PostgresLedger:
         *,
         numbers: Sequence[str],
         note: str,
-        actor: str = "",
+        actor: str,
     ) -> LedgerEntry:
-        """Record a reconciled outcome for an order whose outcome is unknown.
+        """Record a reconciled outcome for an order whose outcome is unknown, and who did.
 
         Args:
             request_id: the order's id.
             state: fulfilled or failed, as the Plivo console shows.
             numbers: the E.164 numbers rented (fulfilled only).
             note: why, or where it was seen; kept in the order's status message.
-            actor: who settles (a caller's name, or `cli:<user>`), kept in the audit event.
+            actor: who settles (a caller's name, or `cli:<user>`), named in the status
+                message and so in the audit event.
 
         Raises:
-            SettleError: no such order, its outcome is already known, or the settlement is
-                malformed.
+            OrderNotFound: no such order.
+            SettleError: its outcome is not unknown, or the outcome or numbers are invalid.
         """
         rules.check_settlement(state, numbers)
         async with self._pool.connection() as conn:
             entry = await _entry(conn, request_id)
             if entry is None:
-                raise SettleError(f"no order with request id {request_id}")
-            order = rules.settled_order(entry.order, state, numbers=numbers, note=note)
+                raise OrderNotFound(f"no order with request id {request_id}")
+            order = rules.settled_order(entry.order, state, numbers=numbers, note=note, actor=actor)
             # Not from `sending`: that order's POST may still be out, and a settlement as
             # failed would free its id for a second POST.
-            return await self._update(
-                conn, order, state, only_from=(OrderState.OUTCOME_UNKNOWN,), actor=actor
-            )
+            return await self._update(conn, order, state, only_from=(OrderState.OUTCOME_UNKNOWN,))
 
     async def _update(
         self,
@@ -382,7 +382,6 @@ class PostgresLedger:
         only_from: tuple[OrderState, ...],
         error_outcome: str = "",
         upstream: str = "",
-        actor: str = "",
     ) -> LedgerEntry:
         now = await self._read_clock(conn)
         order.status = STATUS_OF[state]
@@ -399,7 +398,6 @@ class PostgresLedger:
                 "request_id": order.request_id,
                 "only_from": [s.value for s in only_from],
                 "detail": order.status_message or error_outcome,
-                "actor": actor,
             },
         )
         row = await cursor.fetchone()

@@ -10,6 +10,7 @@ from typing import Final
 
 from numbersvc.ledger import OrderState, SettleError
 from numbersvc.v1 import number_groups_pb2 as pb
+from numbersvc.validation import is_e164
 
 __all__ = [
     "MAX_UPSTREAM_BODY_CHARS",
@@ -27,7 +28,6 @@ NANOS_PER_DAY: Final = 86_400 * 10**9
 UNSETTLED: Final = (OrderState.SENDING, OrderState.OUTCOME_UNKNOWN)
 """States `finish` may still change: a settlement made meanwhile wins over a late answer."""
 RECOVERED_NOTE: Final = "the service stopped while this order was being sent"
-_E164_DIGITS: Final = range(6, 16)
 
 
 def check_settlement(state: OrderState, numbers: Sequence[str]) -> None:
@@ -44,15 +44,16 @@ def check_settlement(state: OrderState, numbers: Sequence[str]) -> None:
     if state is OrderState.FAILED and numbers:
         raise SettleError("a failed order rented no numbers")
     for number in numbers:
-        digits = number.removeprefix("+")
-        if not (digits.isascii() and digits.isdigit() and len(digits) in _E164_DIGITS):
+        if not is_e164(number):
             raise SettleError(f"not an E.164 number: {number!r}")
 
 
 def settled_order(
-    order: pb.RentalOrder, state: OrderState, *, numbers: Sequence[str], note: str
+    order: pb.RentalOrder, state: OrderState, *, numbers: Sequence[str], note: str, actor: str
 ) -> pb.RentalOrder:
-    """Return a copy of `order` as settled from the Plivo console (`check_settlement` first).
+    """Return a copy of `order` as settled by `actor` (`check_settlement` first).
+
+    The status message names who settled: it is also the audit event's detail.
 
     Raises:
         SettleError: as `check_settlement`.
@@ -64,13 +65,13 @@ def settled_order(
     settled.numbers.extend(
         pb.RentedNumber(
             number=n.removeprefix("+"),
-            e164="+" + n.removeprefix("+"),
+            e164=n,
             status=pb.RENTED_NUMBER_STATUS_SUCCESS,
             upstream_status="settled",
         )
         for n in numbers
     )
-    settled.status_message = f"settled as {state.value}: {note}"
+    settled.status_message = f"settled as {state.value} by {actor}: {note}"
     return settled
 
 

@@ -22,6 +22,7 @@ from numbersvc.ledger import (
     Begin,
     BeginResult,
     OrderKey,
+    OrderNotFound,
     OrderQuery,
     OrderState,
     SettleError,
@@ -258,12 +259,10 @@ class TestFinishAndSettle:
         )
         assert [n.e164 for n in settled.order.numbers] == ["+14155550100"]
         assert settled.order.create_time.ToNanoseconds() == T0
-        assert _query(
-            postgres_url, "SELECT time_ns, state, detail, actor FROM events ORDER BY id"
-        ) == [
-            (T0, "sending", f"peer={PEER}", ""),
-            (T0 + SECOND, "outcome_unknown", "deadline ran out", ""),
-            (T0 + 2 * SECOND, "fulfilled", "settled as fulfilled: T-9", "cli:ana"),
+        assert _query(postgres_url, "SELECT time_ns, state, detail FROM events ORDER BY id") == [
+            (T0, "sending", f"peer={PEER}"),
+            (T0 + SECOND, "outcome_unknown", "deadline ran out"),
+            (T0 + 2 * SECOND, "fulfilled", "settled as fulfilled by cli:ana: T-9"),
         ]
         assert await ledger.get("r-1") == settled
 
@@ -274,7 +273,7 @@ class TestFinishAndSettle:
         await _seed(ledger, "r-1", state)
         with pytest.raises(SettleError, match=state.value):
             await ledger.settle("r-1", OrderState.FAILED, numbers=[], note="n", actor="a")
-        with pytest.raises(SettleError, match="no order"):
+        with pytest.raises(OrderNotFound, match="no order"):
             await ledger.settle("r-2", OrderState.FAILED, numbers=[], note="n", actor="a")
 
     async def test_a_late_answer_never_overwrites_a_settlement(

@@ -27,7 +27,7 @@ CREATE TABLE orders (
 );
 CREATE INDEX orders_by_time ON orders (create_time_ns, request_id);
 CREATE INDEX orders_by_caller_attempt ON orders (caller, attempt_time_ns);
-CREATE INDEX orders_sending ON orders (owner) WHERE state = 'sending';
+CREATE INDEX orders_sending ON orders (send_deadline_ns) WHERE state = 'sending';
 
 -- The audit trail: one row per change of an order, never updated.
 CREATE TABLE events (
@@ -35,8 +35,7 @@ CREATE TABLE events (
     request_id  text NOT NULL,
     time_ns     bigint NOT NULL,
     state       text NOT NULL,
-    detail      text NOT NULL,
-    actor       text NOT NULL DEFAULT ''
+    detail      text NOT NULL
 );
 CREATE INDEX events_by_request ON events (request_id, id);
 
