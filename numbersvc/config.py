@@ -20,7 +20,7 @@ from numbersvc.callers import CALLERS_FILE_ENV
 from numbersvc.ledger import default_ledger_path
 from numbersvc.logs import LOG_FORMATS
 from numbersvc.upstream.client import DEFAULT_BASE_URL
-from numbersvc.upstream.ratelimit import parse_rate
+from numbersvc.upstream.ratelimit import RateSpec, parse_rate
 from numbersvc.upstream.transport import HttpStack
 
 __all__ = [
@@ -34,6 +34,10 @@ __all__ = [
     "parse_host_port",
     "settings",
 ]
+
+
+# The default fallback budget is this share of the account's (see `Config.fallback_rate`).
+_FALLBACK_SHARES: Final = 3
 
 
 class ConfigError(ValueError):
@@ -162,7 +166,15 @@ class Config:
         "PostgreSQL connections per replica, at most (the database needs this x replicas)",
     )
     upstream_rate: str = _s(
-        "300/5s", "NUMBERSVC_UPSTREAM_RATE", "budget of Plivo requests, N/<time>, or off"
+        "300/5s",
+        "NUMBERSVC_UPSTREAM_RATE",
+        "budget of Plivo requests, N/<time>, or off; shared by every process on the store",
+    )
+    upstream_rate_fallback: str = _s(
+        "",
+        "NUMBERSVC_UPSTREAM_RATE_FALLBACK",
+        "each process's own budget while the store is unreachable, N/<time> or off (no limit);"
+        " unset: a third of NUMBERSVC_UPSTREAM_RATE",
     )
     stream_read_ahead_pages: int = _s(
         16, "NUMBERSVC_STREAM_READ_AHEAD_PAGES", "pages a stream fetches ahead of its reader"
@@ -239,10 +251,7 @@ class Config:
             if getattr(self, name) < 0:
                 env = _setting_named(name).env
                 raise ConfigError(f"{env} must be 0 ({what}) or positive")
-        try:
-            parse_rate(self.upstream_rate)
-        except ValueError as exc:
-            raise ConfigError(f"NUMBERSVC_UPSTREAM_RATE: {exc}") from None
+        self._check_rates()
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ConfigError("set NUMBERSVC_TLS_CERT and NUMBERSVC_TLS_KEY together")
         if self.tls_client_ca and not self.tls_cert:
@@ -257,6 +266,32 @@ class Config:
             _check_listen(self.metrics_listen, "NUMBERSVC_METRICS_LISTEN")
         if self.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
             raise ConfigError(f"NUMBERSVC_LOG_LEVEL: unknown level {self.log_level!r}")
+
+    def _check_rates(self) -> None:
+        rate = self._rate("upstream_rate")
+        fallback = self._rate("upstream_rate_fallback") if self.upstream_rate_fallback else None
+        if rate and fallback and fallback.tokens_per_second > rate.tokens_per_second:
+            raise ConfigError(
+                f"NUMBERSVC_UPSTREAM_RATE_FALLBACK ({fallback}) is faster than the account's"
+                f" budget NUMBERSVC_UPSTREAM_RATE ({rate}): one process alone would exceed it"
+            )
+
+    def _rate(self, name: str) -> RateSpec | None:
+        try:
+            return parse_rate(getattr(self, name))
+        except ValueError as exc:
+            raise ConfigError(f"{_setting_named(name).env}: {exc}") from None
+
+    def fallback_rate(self) -> RateSpec | None:
+        """Return each process's own budget while the store is unreachable (None: no limit).
+
+        Unset: a third of the account's budget, so three replicas on their own spend at most
+        the whole of it.
+        """
+        if self.upstream_rate_fallback:
+            return self._rate("upstream_rate_fallback")
+        rate = self._rate("upstream_rate")
+        return None if rate is None else rate.divided(_FALLBACK_SHARES)
 
     def resolved_ledger_path(self) -> str:
         """Return the ledger file: the setting, else a per-upstream file under XDG state.
