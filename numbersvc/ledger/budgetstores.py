@@ -6,10 +6,10 @@ the wait; a refusal changes nothing. Each store has its OWN connection(s), apart
 ledger's: the budget is asked on every upstream request, and must neither queue behind a rent
 (whose commit waits for a disk flush) nor make one queue behind hundreds of reads.
 
-- SQLite: a second connection to the ledger file, with `synchronous=OFF` (a budget row need
-  not survive a power cut; the orders keep `FULL`) and a short busy timeout, on a worker
-  thread of its own, off the event loop. Processes on one host share the file's row. The host
-  clock is the clock (all these processes share one host).
+- SQLite: a second connection to the ledger file, with `synchronous=NORMAL` (a commit waits
+  for no disk flush: a budget row need not survive a power cut; the orders keep `FULL`) and a
+  short busy timeout, on a worker thread of its own, off the event loop. Processes on one
+  host share the file's row, on the host's clock.
 - PostgreSQL: a few connections of its own (`_CONNECTIONS`), an UNLOGGED table (migration
   0002) and `synchronous_commit=off`, and the database's clock, so replicas never disagree.
 
@@ -138,8 +138,12 @@ class SqliteBudget:
             )
             try:
                 db.execute("PRAGMA journal_mode=WAL")
-                # OFF: a budget row need not survive a power cut; the ledger's orders keep FULL.
-                db.execute("PRAGMA synchronous=OFF")
+                # A budget row need not survive a power cut (the ledger's orders keep FULL), so
+                # no commit here waits for the disk. NOTE: NORMAL, not OFF: in WAL mode NORMAL
+                # commits without a flush too, but still flushes around the checkpoints this
+                # connection runs, which copy the ledger's orders into the file; OFF would skip
+                # those, and a power cut after one could lose or corrupt the orders.
+                db.execute("PRAGMA synchronous=NORMAL")
                 db.execute(_SQLITE_TABLE)
             except BaseException:
                 db.close()
