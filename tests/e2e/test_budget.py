@@ -1,0 +1,122 @@
+"""The account-wide budget end to end: servers on one SQLite ledger file share one budget.
+
+Two `numbersvc serve` processes on one ledger file and one sandbox (which journals every
+request it receives, where Plivo would count them): together they send at most the budget
+plus its burst over the test's window, where two local buckets would send twice that. The
+window is measured, so the bound holds on a loaded machine; nothing is timed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import time
+from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Final
+
+import grpc
+import httpx
+
+from numbersvc.sandbox import SandboxControl, SandboxServer
+from numbersvc.server import RunningServer
+from numbersvc.upstream.ratelimit import RateSpec
+from numbersvc.v1 import number_groups_pb2 as pb
+from numbersvc.v1 import number_groups_pb2_grpc as pb_grpc
+from tests.e2e.conftest import StartServer, reason_of
+from tests.e2e.test_process import Served, _start
+
+if TYPE_CHECKING:  # the async stub type exists only in the generated .pyi
+    Stub = pb_grpc.NumberGroupServiceAsyncStub
+
+RATE: Final = RateSpec(10, 1.0)
+CALLS_PER_SERVER: Final = 40
+DEADLINE_SECONDS: Final = 2.0
+US: Final = pb.SearchFilter(region_code="US")
+
+
+@contextlib.asynccontextmanager
+async def servers(env: Mapping[str, str], count: int) -> AsyncIterator[list[Stub]]:
+    """Start `count` `numbersvc serve` processes; yield a stub for each; SIGTERM them after."""
+    served = [Served(p) for p in await asyncio.gather(*(_start(env) for _ in range(count)))]
+    try:
+        await asyncio.gather(*(s.wait_serving() for s in served))
+        async with contextlib.AsyncExitStack() as channels:
+            stubs = []
+            for s in served:
+                channel = await channels.enter_async_context(
+                    grpc.aio.insecure_channel(f"127.0.0.1:{s.port}")
+                )
+                stubs.append(pb_grpc.NumberGroupServiceStub(channel))
+            yield stubs
+    finally:
+        for s in served:
+            if s.process.returncode is None:
+                s.process.send_signal(signal.SIGTERM)
+        for s in served:
+            assert await s.finish() == 0, s.stderr.decode()
+
+
+async def read(stub: Stub, page: int) -> grpc.aio.AioRpcError | None:
+    """One read with a short deadline; its error, or None when it was answered."""
+    request = pb.ListNumberGroupsRequest(filter=US, page_size=1 + page % 5)
+    try:
+        await stub.ListNumberGroups(request, timeout=DEADLINE_SECONDS)
+    except grpc.aio.AioRpcError as error:
+        return error
+    return None
+
+
+async def test_two_servers_on_one_ledger_file_spend_one_budget(
+    sandbox: SandboxServer, control: SandboxControl, tmp_path: Path
+) -> None:
+    env = {
+        "NUMBERSVC_UPSTREAM": "plivo",
+        "PLIVO_BASE_URL": sandbox.base_url,
+        "PLIVO_AUTH_ID": sandbox.auth_id,
+        "PLIVO_AUTH_TOKEN": sandbox.auth_token,
+        "NUMBERSVC_LEDGER_PATH": str(tmp_path / "ledger.sqlite3"),
+        "NUMBERSVC_UPSTREAM_RATE": str(RATE),
+        "NUMBERSVC_COALESCE_READS": "false",
+    }
+    async with servers(env, 2) as stubs:
+        await control.clear_requests()
+        started = time.monotonic()
+        errors = await asyncio.gather(
+            *(read(stub, n) for stub in stubs for n in range(CALLS_PER_SERVER))
+        )
+        elapsed = time.monotonic() - started
+        sent = len(await control.requests())
+    # One budget: its burst, then its rate over the window (+1 for rounding). Two buckets
+    # would send about twice that: 2 x (10 + 10 x 2 s).
+    most = RATE.requests + int(RATE.tokens_per_second * elapsed) + 1
+    assert RATE.requests <= sent <= most, (sent, elapsed)
+    # Every other read was refused before anything was sent, and said why.
+    refused = [e for e in errors if e is not None]
+    assert {(e.code(), reason_of(e)) for e in refused} <= {
+        (grpc.StatusCode.UNAVAILABLE, "UPSTREAM_BUDGET_EXHAUSTED")
+    }
+    assert len(errors) - len(refused) == sent  # each answered read cost one request
+
+
+async def test_a_server_on_a_ledger_file_says_its_budget_is_shared(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    server = await start_server(ledger_path=str(tmp_path / "ledger.sqlite3"))
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        await pb_grpc.NumberGroupServiceStub(channel).ListNumberGroups(
+            pb.ListNumberGroupsRequest(filter=US, page_size=1)
+        )
+    text = await scrape(server)
+    assert 'numbersvc_rate_budget_source{source="shared"} 1.0' in text
+    assert 'numbersvc_rate_budget_source{source="fallback"} 0.0' in text
+    assert "numbersvc_rate_budget_fallbacks_total 0.0" in text
+    assert "numbersvc_rate_limiter_waits_total 0.0" in text
+
+
+async def scrape(server: RunningServer) -> str:
+    assert server.metrics_server is not None
+    async with httpx.AsyncClient() as client:
+        response = await client.get(f"http://127.0.0.1:{server.metrics_server.port}/metrics")
+    return response.text
