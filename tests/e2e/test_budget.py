@@ -1,6 +1,7 @@
-"""The account-wide budget end to end: servers on one SQLite ledger file share one budget.
+"""The account-wide budget end to end: servers on one store share one budget.
 
-Two `numbersvc serve` processes on one ledger file and one sandbox (which journals every
+Two `numbersvc serve` processes on one store (a SQLite ledger file, or a PostgreSQL database)
+and one sandbox (which journals every
 request it receives, where Plivo would count them): together they send at most the budget
 plus its burst over the test's window, where two local buckets would send twice that. The
 window is measured, so the bound holds on a loaded machine; nothing is timed.
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING, Final
 
 import grpc
 import httpx
+import pytest
 
 from numbersvc.sandbox import SandboxControl, SandboxServer
 from numbersvc.server import RunningServer
@@ -68,15 +70,23 @@ async def read(stub: Stub, page: int) -> grpc.aio.AioRpcError | None:
     return None
 
 
-async def test_two_servers_on_one_ledger_file_spend_one_budget(
-    sandbox: SandboxServer, control: SandboxControl, tmp_path: Path
+@pytest.fixture(params=["sqlite", "postgres"])
+def store_env(request: pytest.FixtureRequest, tmp_path: Path) -> dict[str, str]:
+    """The setting that puts the servers on one store: a ledger file, or a database."""
+    if request.param == "postgres":
+        return {"NUMBERSVC_DATABASE_URL": request.getfixturevalue("postgres_url")}
+    return {"NUMBERSVC_LEDGER_PATH": str(tmp_path / "ledger.sqlite3")}
+
+
+async def test_two_servers_on_one_store_spend_one_budget(
+    sandbox: SandboxServer, control: SandboxControl, store_env: dict[str, str]
 ) -> None:
     env = {
+        **store_env,
         "NUMBERSVC_UPSTREAM": "plivo",
         "PLIVO_BASE_URL": sandbox.base_url,
         "PLIVO_AUTH_ID": sandbox.auth_id,
         "PLIVO_AUTH_TOKEN": sandbox.auth_token,
-        "NUMBERSVC_LEDGER_PATH": str(tmp_path / "ledger.sqlite3"),
         "NUMBERSVC_UPSTREAM_RATE": str(RATE),
         "NUMBERSVC_COALESCE_READS": "false",
     }

@@ -25,6 +25,7 @@ from numbersvc.ledger.budget import (
     LONGEST_WAIT_SECONDS,
     BudgetSource,
     BudgetStore,
+    BudgetUnavailable,
     Reservation,
     SharedBudget,
 )
@@ -370,3 +371,17 @@ async def test_a_stopped_postgresql_falls_back_then_comes_back(
         assert budget.fallbacks == 1
     finally:
         await budget.close()
+
+
+async def test_a_database_error_never_shows_the_password(
+    postgres_cluster: Cluster, postgres_url: str
+) -> None:
+    password = "s3cret-pw"
+    wrong_port = postgres_url.replace(f":{postgres_cluster.port}/", ":1/")
+    for url in (
+        postgres_cluster.with_password_role(wrong_port, password=password),
+        f"postgres:/alice:{password}@h/db",  # unparseable: libpq would quote it whole
+    ):
+        with pytest.raises(BudgetUnavailable) as caught:
+            await reserve(PostgresBudget(url), 0.0)
+        assert password not in str(caught.value)
