@@ -229,10 +229,19 @@ class SharedBudget:
         """
         if math.isnan(max_wait_seconds):
             raise ValueError("max_wait_seconds must be a number, not NaN")
-        if self._store_turn():
+        reservation = None
+        if self.source is BudgetSource.SHARED:
             reservation = await self._reserve(max_wait_seconds)
-            if reservation is not None:
-                return await self._spend(reservation, max_wait_seconds)
+        elif not self._probing and self._clock() >= self._probe_at:
+            # The store is away: one caller per interval tries it, the others spend the
+            # fallback meanwhile.
+            self._probing = True
+            try:
+                reservation = await self._reserve(max_wait_seconds)
+            finally:
+                self._probing = False
+        if reservation is not None:
+            return await self._spend(reservation, max_wait_seconds)
         if self._local is None:
             return 0.0
         return await self._local.acquire(max_wait_seconds=max_wait_seconds)
@@ -240,19 +249,6 @@ class SharedBudget:
     async def close(self) -> None:
         """Release the store."""
         await self._store.close()
-
-    def _store_turn(self) -> bool:
-        """Say whether this acquisition asks the store.
-
-        Always while the store is in use; while it is away, one probe per interval (the others
-        spend the fallback meanwhile).
-        """
-        if self.source is BudgetSource.SHARED:
-            return True
-        if self._probing or self._clock() < self._probe_at:
-            return False
-        self._probing = True
-        return True
 
     async def _reserve(self, max_wait_seconds: float) -> Reservation | None:
         """Ask the store; None (and the fallback in use) when it cannot answer in time."""
@@ -264,8 +260,6 @@ class SharedBudget:
         except (BudgetUnavailable, TimeoutError) as exc:
             self._lost(exc)
             return None
-        finally:
-            self._probing = False
         self._found()
         return reservation
 

@@ -238,6 +238,66 @@ async def test_a_reserved_wait_is_slept_and_counted(open_store: OpenStore) -> No
     assert budget.refusals == 1
 
 
+class Switchable:
+    """A real store that a test can make unreachable; counts the reservations asked of it."""
+
+    def __init__(self, store: BudgetStore) -> None:
+        self.store = store
+        self.down = False
+        self.asked = 0
+
+    async def reserve(self, name: str, spec: RateSpec, *, max_wait_seconds: float) -> Reservation:
+        self.asked += 1
+        await asyncio.sleep(0)  # others run meanwhile, as they would during a real attempt
+        if self.down:
+            raise BudgetUnavailable("switched off")
+        return await self.store.reserve(name, spec, max_wait_seconds=max_wait_seconds)
+
+    async def close(self) -> None:
+        await self.store.close()
+
+
+async def test_while_the_store_is_away_one_caller_per_interval_tries_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    now = [0.0]
+    store = Switchable(SqliteBudget(tmp_path / "ledger.sqlite3"))
+    budget = SharedBudget(
+        store,
+        NAME,
+        RateSpec(100, 1.0),
+        fallback=RateSpec(100, 1.0),
+        probe_interval_seconds=2.0,
+        clock=lambda: now[0],
+    )
+
+    async def burst() -> None:
+        await asyncio.gather(*(budget.acquire(max_wait_seconds=0.0) for _ in range(10)))
+
+    try:
+        store.down = True
+        with caplog.at_level(logging.INFO, "numbersvc.budget"):
+            await burst()  # all ten were in flight to the store when it failed
+            assert (store.asked, budget.source, budget.fallbacks) == (10, BudgetSource.FALLBACK, 1)
+            now[0] = 1.9
+            await burst()
+            assert store.asked == 10  # no probe before the interval
+            now[0] = 2.0
+            await burst()
+            assert store.asked == 11  # one probe; the other nine spent the fallback
+            now[0] = 4.0
+            store.down = False
+            await burst()
+            assert store.asked == 12
+            assert budget.source is BudgetSource.SHARED
+            await burst()
+            assert store.asked == 22  # back: every acquisition asks the store
+        assert [r.levelname for r in caplog.records] == ["WARNING", "INFO"]
+        assert budget.fallbacks == 1
+    finally:
+        await budget.close()
+
+
 # --- The fallback: the store unreachable, then back ------------------------------------------
 
 _LOCKER: Final = """
