@@ -136,3 +136,20 @@ pytest: node_modules/.installed
 
 clean:  ## Remove the virtual environment and caches.
 	rm -rf $(VENV) node_modules .pytest_cache .mypy_cache .ruff_cache .hypothesis
+
+# promtool for tests/deploy/test_observability.py (alert rules, their unit tests, dashboard
+# queries): the one on PATH, else the binary taken from Debian's `prometheus` package into the
+# venv. Only the .deb is fetched and unpacked: installing the package would pull 11 packages of
+# web assets and enable a Prometheus daemon. As root (CI), apt's lists are refreshed first.
+PROMTOOL := $(or $(shell command -v promtool 2>/dev/null),$(BIN)/promtool)
+.PHONY: promtool
+promtool: $(PROMTOOL)  ## promtool, from Debian's prometheus package when it is missing.
+
+$(BIN)/promtool:
+	@command -v apt-get >/dev/null || { echo "no promtool and no apt-get: install Prometheus' promtool"; exit 1; }
+	@tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && chmod 755 "$$tmp" && \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq; fi && \
+	  (cd "$$tmp" && apt-get download -qq -o APT::Sandbox::User=root prometheus && dpkg-deb -x prometheus_*.deb root) && \
+	  install -D -m 0755 "$$tmp/root/usr/bin/promtool" $@ && $@ --version | head -1
+
+pytest: $(PROMTOOL)

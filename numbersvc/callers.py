@@ -23,7 +23,9 @@ bits, so a fast hash is enough (a slow password hash only helps against guessabl
 Tokens appear in no message, no repr and no log line here; neither do their hashes.
 
 This module knows no gRPC. `add_caller` and `remove_caller` replace the file atomically, mode
-0600; the server reads it when it starts.
+0600; the server reads it when it starts, in strict mode: like sshd's `StrictModes`, it refuses
+a file that group or others can write, or that belongs to neither root nor the server's user,
+since whoever can change the file can grant themselves any permission.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import json
 import os
 import re
 import secrets
+import stat
 import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -169,16 +172,24 @@ class Callers:
         return {r.entry.subject: r.entry.caller for r in self._records if r.entry.kind is kind}
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> Callers:
+    def load(cls, path: str | os.PathLike[str], *, strict_mode: bool = False) -> Callers:
         """Read and check the callers file at `path`.
+
+        Args:
+            path: the callers file (a link is followed: the file it names is checked).
+            strict_mode: refuse a file that someone other than its owner could change, or
+                whose owner is neither root nor this process's user (the server's check).
 
         Raises:
             CallersFileError: the file is missing, unreadable, not UTF-8 JSON, or breaks a
-                rule of the format (see the module docstring).
+                rule of the format (see the module docstring); in strict mode, too open.
         """
         source = f"callers file {os.fspath(path)}"
         try:
-            data = Path(path).read_bytes()
+            with Path(path).open("rb") as file:
+                if strict_mode:  # the file read, not whatever the path names a moment later
+                    _check_private(path, os.fstat(file.fileno()), os.geteuid())
+                data = file.read()
         except FileNotFoundError:
             raise CallersFileError(f"{source} does not exist") from None
         except OSError as exc:
@@ -365,6 +376,27 @@ _SPIFFE_ID_RULE: Final = (
 _COMMON_NAME_RULE: Final = (
     f"1 to {_COMMON_NAME_MAX_CHARS} printable characters, no space at either end"
 )
+
+
+def _check_private(path: str | os.PathLike[str], st: os.stat_result, euid: int) -> None:
+    """Refuse a callers file that group or others can write, or that another user owns."""
+    where = os.fspath(path)
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & (stat.S_IWGRP | stat.S_IWOTH):
+        who = " and ".join(
+            name
+            for bit, name in ((stat.S_IWGRP, "its group"), (stat.S_IWOTH, "others"))
+            if mode & bit
+        )
+        raise CallersFileError(
+            f"callers file {where} can be written by {who} (mode {mode:03o}), who could grant"
+            f" themselves any permission: `chmod 600 {where}`"
+        )
+    if st.st_uid not in (0, euid):
+        raise CallersFileError(
+            f"callers file {where} is owned by uid {st.st_uid}, neither root nor this user"
+            f" (uid {euid}), who could grant themselves any permission: `chown {euid} {where}`"
+        )
 
 
 def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:

@@ -230,6 +230,12 @@ class Config:
     max_concurrent_rpcs: int = _s(
         1000, "NUMBERSVC_MAX_CONCURRENT_RPCS", "RPCs served at once; more get RESOURCE_EXHAUSTED"
     )
+    max_health_watches: int = _s(
+        16,
+        "NUMBERSVC_MAX_HEALTH_WATCHES",
+        "open health Watch streams (unauthenticated), on top of the RPC cap; more get"
+        " RESOURCE_EXHAUSTED",
+    )
 
     def __post_init__(self) -> None:
         _check_listen(self.listen)
@@ -243,6 +249,7 @@ class Config:
             "stream_read_ahead_pages",
             "upstream_max_connections",
             "database_pool_max",
+            "max_health_watches",
         )
         for name in at_least_one:
             if getattr(self, name) < 1:
@@ -351,8 +358,8 @@ class Config:
         """
         values: dict[str, Any] = {}
         for f in dataclasses.fields(cls):
-            raw = environ.get(_setting(f).env, "")
-            if raw != "":
+            raw = environ.get(_setting(f).env)
+            if raw is not None and (raw != "" or f.name in _NEVER_BLANK):
                 values[f.name] = _parse(f, raw)
         return cls(**values)
 
@@ -441,7 +448,15 @@ _PARSERS: Final[dict[str, Callable[[str], Any]]] = {
 }
 
 
+# Settings whose blank value must not pass for "unset": an empty callers file setting would
+# turn access control off, silently, where someone meant to turn it on.
+_NEVER_BLANK: Final = frozenset({"callers_file"})
+
+
 def _parse(f: dataclasses.Field[Any], raw: str) -> Any:
+    if f.name in _NEVER_BLANK and not raw.strip():
+        env = _setting(f).env
+        raise ConfigError(f"{env} is set but blank: name a file, or unset {env}")
     kind = _PARSERS[str(f.type)]
     try:
         return kind(raw.strip() if kind is not Secret else raw)

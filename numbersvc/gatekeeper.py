@@ -4,10 +4,15 @@ Runs before any servicer code, so these answers come before validation and befor
 goes upstream (AIP-193's order):
 
 1. Identity, when a callers file is configured: a bearer token in `authorization` metadata,
-   else the mTLS client certificate's SPIFFE URI SAN, else its common name. None of these
-   -> UNAUTHENTICATED. Without a callers file every caller is `anonymous` with every permission.
+   else the mTLS client certificate's SPIFFE ID, else its common name. None of these ->
+   UNAUTHENTICATED. An `authorization` that is not a known bearer token is UNAUTHENTICATED too:
+   it never falls back to the certificate. The SPIFFE ID is the certificate's URI SAN, never a
+   DNS or e-mail SAN that reads `spiffe://...`, and a certificate with more than one URI SAN
+   identifies no one (the SPIFFE X.509-SVID rule). Without a callers file every caller is
+   `anonymous` with every permission.
 2. Permission: each method needs one (`numbers.read`, `numbers.rent` or `numbers.settle`;
-   health needs none). Missing -> PERMISSION_DENIED, naming the permission.
+   health needs none). Missing -> PERMISSION_DENIED, naming the permission (the call's record
+   names the caller).
 3. Decoding: request bytes that are not the method's message -> INVALID_ARGUMENT
    (`MALFORMED_REQUEST`), instead of gRPC's own INTERNAL.
 
@@ -31,6 +36,10 @@ from numbersvc.interceptors import current_call, wrap_handler
 __all__ = ["ANONYMOUS", "READ", "RENT", "Gatekeeper", "Identity"]
 
 _BEARER: Final = "bearer "
+# grpc's typed peer properties (grpc_security_constants.h): the URI SANs alone, and the
+# subject's common names. `x509_subject_alternative_name` mixes every SAN type.
+_URI_SANS: Final = "peer_uri"
+_COMMON_NAMES: Final = "x509_common_name"
 _log = logging.getLogger("numbersvc.security")
 
 _Context = grpc.aio.ServicerContext[Any, Any]
@@ -40,14 +49,22 @@ if TYPE_CHECKING:  # the stubs make it generic; at run time it is a plain class
 
 @dataclass(frozen=True, slots=True)
 class Identity:
-    """What a call presented: a bearer token, and the client certificate's names."""
+    """What a call presented: a bearer token, and the client certificate's names.
 
-    token: str = ""
-    spiffe_ids: tuple[str, ...] = ()
+    Attributes:
+        token: the bearer token; "" for an `authorization` that carries none (another scheme,
+            an empty token), None when the call sent no `authorization` at all.
+        spiffe_id: the certificate's one URI SAN when it is a SPIFFE ID, else "".
+        common_names: the certificate's common names, unless it has several URI SANs.
+    """
+
+    token: str | None = None
+    spiffe_id: str = ""
     common_names: tuple[str, ...] = ()
 
     def __repr__(self) -> str:  # the token is a secret
-        return f"Identity(token={'***' if self.token else ''}, spiffe_ids={self.spiffe_ids})"
+        token = "***" if self.token else repr(self.token)
+        return f"Identity(token={token}, spiffe_id={self.spiffe_id!r})"
 
 
 class _Undecodable:
@@ -88,39 +105,42 @@ class Gatekeeper(grpc.aio.ServerInterceptor):
             changes["request_deserializer"] = _lenient(handler.request_deserializer)
         return wrap_handler(handler, check.wrap, check.wrap_stream, **changes)
 
-    def admit(self, method: str, identity: Callable[[], Identity]) -> Caller:
-        """Return the caller, or raise the `ServiceError` that refuses the call.
+    def identify(self, method: str, identity: Callable[[], Identity]) -> Caller:
+        """Return who calls `method`, or raise the `ServiceError` that refuses the call.
 
         `identity` is asked for only when there are callers to tell apart: reading the
         client certificate's names costs a little on every call.
         """
         if method not in self._permissions:
             raise ServiceError(Outcome.PERMISSION_DENIED, f"{method} is not open to callers")
-        needed = self._permissions[method]
         if self._callers is None:
             return ANONYMOUS
         caller = _identify(self._callers, identity())
-        if needed is None:
-            return caller or ANONYMOUS
-        if caller is None:
-            raise ServiceError(
-                Outcome.CALLER_UNAUTHENTICATED,
-                "this service needs a caller identity: a bearer token in `authorization`"
-                " metadata, or a client certificate it knows",
-            )
-        if not caller.allows(needed):
+        if caller is not None:
+            return caller
+        if self._permissions[method] is None:
+            return ANONYMOUS
+        raise ServiceError(
+            Outcome.CALLER_UNAUTHENTICATED,
+            "this service needs a caller identity: a bearer token in `authorization`"
+            " metadata, or a client certificate it knows",
+        )
+
+    def authorize(self, method: str, caller: Caller) -> None:
+        """Raise the `ServiceError` that refuses `caller` the call to `method`, if any."""
+        needed = self._permissions[method]
+        if needed is not None and not caller.allows(needed):
             raise ServiceError(
                 Outcome.PERMISSION_DENIED,
                 f"caller {caller.name} lacks the permission {needed}",
                 metadata={"permission": needed, "caller": caller.name},
             )
-        return caller
 
 
 class _Check:
     """The checks for one call, run when the call starts (the context is needed)."""
 
-    def __init__(self, gate: Gatekeeper, method: str, token: str) -> None:
+    def __init__(self, gate: Gatekeeper, method: str, token: str | None) -> None:
         self._gate = gate
         self._method = method
         self._token = token
@@ -129,18 +149,20 @@ class _Check:
         def identity() -> Identity:
             return Identity(self._token, *_certificate_names(context.auth_context()))
 
+        call = current_call()
         try:
-            caller = self._gate.admit(self._method, identity)
+            caller = self._gate.identify(self._method, identity)
+            if call is not None:  # before the permission check: a refusal names the caller
+                call.caller = caller.name
+            self._gate.authorize(self._method, caller)
             if request is _UNDECODABLE:
                 raise ServiceError(
                     Outcome.MALFORMED_REQUEST, f"the request is not a valid {self._method} message"
                 )
         except ServiceError as error:
-            _log.info("refused %s: %s", self._method, error.outcome.name)
+            who = call.caller if call is not None else "-"
+            _log.info("refused %s (caller %s): %s", self._method, who, error.outcome.name)
             await context.abort_with_status(to_status(error))
-        call = current_call()
-        if call is not None:
-            call.caller = caller.name
 
     def wrap(self, behaviour: Any) -> Any:
         async def run(request: Any, context: _Context) -> Any:
@@ -159,35 +181,40 @@ class _Check:
 
 
 def _identify(callers: Callers, identity: Identity) -> Caller | None:
-    if identity.token:
-        return callers.by_token(identity.token)  # a wrong token never falls back to the cert
-    for spiffe_id in identity.spiffe_ids:
-        if (caller := callers.by_spiffe_id(spiffe_id)) is not None:
-            return caller
+    if identity.token is not None:
+        # NOTE: a wrong token, or an `authorization` of another scheme, never falls back to
+        # the certificate: whoever sent it meant to be someone else.
+        return callers.by_token(identity.token)
+    if identity.spiffe_id and (caller := callers.by_spiffe_id(identity.spiffe_id)) is not None:
+        return caller
     for name in identity.common_names:
         if (caller := callers.by_common_name(name)) is not None:
             return caller
     return None
 
 
-def _bearer(metadata: Sequence[tuple[str, str | bytes]] | None) -> str:
+def _bearer(metadata: Sequence[tuple[str, str | bytes]] | None) -> str | None:
+    """Return the bearer token of the first `authorization`; "" if it is not one; None if none."""
     for key, value in metadata or ():
-        is_bearer = isinstance(value, str) and value[: len(_BEARER)].lower() == _BEARER
-        if key == "authorization" and is_bearer:
-            assert isinstance(value, str)
-            return value[len(_BEARER) :].strip()
-    return ""
+        if key == "authorization":
+            if isinstance(value, str) and value[: len(_BEARER)].lower() == _BEARER:
+                return value[len(_BEARER) :].strip()
+            return ""
+    return None
 
 
-def _certificate_names(
-    auth: Mapping[str, Iterable[bytes]],
-) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """Return the SPIFFE ids (URI SANs) and common names of a verified client certificate."""
-    uris = [v.decode(errors="replace") for v in auth.get("x509_subject_alternative_name", ())]
-    uris += [v.decode(errors="replace") for v in auth.get("x509_uri_subject_alternative_name", ())]
-    spiffe = tuple(dict.fromkeys(u for u in uris if u.startswith("spiffe://")))
-    names = tuple(v.decode(errors="replace") for v in auth.get("x509_common_name", ()))
-    return spiffe, names
+def _certificate_names(auth: Mapping[str, Iterable[bytes]]) -> tuple[str, tuple[str, ...]]:
+    """Return the SPIFFE ID and the common names of a verified client certificate.
+
+    The SPIFFE ID is its URI SAN when it has exactly one and that reads `spiffe://`. A
+    certificate with several URI SANs is not an SVID and identifies no one: not by any of them,
+    nor by its common name.
+    """
+    uris = [v.decode(errors="replace") for v in auth.get(_URI_SANS, ())]
+    if len(uris) > 1:
+        return "", ()
+    spiffe_id = uris[0] if uris and uris[0].startswith("spiffe://") else ""
+    return spiffe_id, tuple(v.decode(errors="replace") for v in auth.get(_COMMON_NAMES, ()))
 
 
 def _lenient(decode: Callable[[bytes], Any]) -> Callable[[bytes], Any]:

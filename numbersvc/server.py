@@ -23,7 +23,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from numbersvc import __version__
-from numbersvc.callers import SETTLE, Callers
+from numbersvc.callers import CALLERS_FILE_ENV, SETTLE, Callers
 from numbersvc.config import Config, UpstreamKind, parse_host_port
 from numbersvc.gatekeeper import READ, RENT, Gatekeeper
 from numbersvc.interceptors import AccessLog, ObservingInterceptor, current_call, upstream_headers
@@ -49,11 +49,18 @@ _HEALTH_SERVICE_NAME: Final = health_pb2.DESCRIPTOR.services_by_name["Health"].f
 
 
 class _HealthServicer(health.aio.HealthServicer):  # type: ignore[misc]
-    """The standard health service, also saying which upstream is in use (initial metadata)."""
+    """The standard health service, also saying which upstream is in use (initial metadata).
 
-    def __init__(self, upstream: UpstreamKind) -> None:
+    Health needs no identity (probes call it), so its long-lived `Watch` streams have a budget
+    of their own, `max_watches`, on top of the RPC cap (`_grpc_server`): open streams beyond it
+    are refused, and however many are open, the API keeps its whole cap.
+    """
+
+    def __init__(self, upstream: UpstreamKind, max_watches: int) -> None:
         super().__init__()
         self._metadata = ((UPSTREAM_METADATA_KEY, upstream.value),)
+        self._max_watches = max_watches
+        self._watches = 0
 
     async def Check(
         self,
@@ -63,6 +70,24 @@ class _HealthServicer(health.aio.HealthServicer):  # type: ignore[misc]
         """Answer a health check, with `numbersvc-upstream: plivo|sandbox` metadata."""
         await context.send_initial_metadata(self._metadata)
         return await super().Check(request, context)
+
+    async def Watch(
+        self,
+        request: health_pb2.HealthCheckRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> None:
+        """Stream the health status while fewer than `max_watches` streams are open."""
+        if self._watches >= self._max_watches:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{self._max_watches} health Watch streams are open already"
+                " (NUMBERSVC_MAX_HEALTH_WATCHES); use Check, or try later",
+            )
+        self._watches += 1
+        try:
+            await super().Watch(request, context)
+        finally:
+            self._watches -= 1
 
 
 @dataclass
@@ -135,8 +160,10 @@ async def create_server(config: Config) -> RunningServer:
         servicer = NumberGroupServicer(
             config=config, upstream=upstream, rent_desk=rent_desk, ledger=ledger, metrics=metrics
         )
-        health_servicer = _HealthServicer(kind)
-        callers = Callers.load(config.callers_file) if config.callers_file else None
+        health_servicer = _HealthServicer(kind, config.max_health_watches)
+        callers = (
+            Callers.load(config.callers_file, strict_mode=True) if config.callers_file else None
+        )
         interceptors = [
             # Outermost first: the access log and metrics see the gatekeeper's refusals too.
             ObservingInterceptor([AccessLog(), metrics]),
@@ -267,7 +294,18 @@ def method_permissions(*, with_reflection: bool) -> dict[str, str | None]:
 
 
 def _bind(server: grpc.aio.Server, config: Config, callers: Callers | None) -> int:
-    """Listen with TLS (mutual when a client CA is set) or, with a warning, in plain text."""
+    """Listen with TLS (mutual when a client CA is set) or, with a warning, in plain text.
+
+    Without callers, anyone who reaches the port may rent: said as loudly as plain text.
+    """
+    if callers is None:
+        _log.warning(
+            "ACCESS CONTROL IS OFF (no %s): every caller may search and RENT numbers,"
+            " as `anonymous`",
+            CALLERS_FILE_ENV,
+        )
+    else:
+        _log.info("callers file %s: %d callers", config.callers_file, len(callers))
     if not config.tls_cert:
         _log.warning(
             "gRPC port %s is PLAIN TEXT (no NUMBERSVC_TLS_CERT): only behind a mesh sidecar or"
@@ -312,10 +350,10 @@ def _grpc_server(
                 int(config.max_connection_age_grace_seconds * seconds),
             ),
         ]
+    # The health watches' own budget comes on top, so that open streams never take the API's.
+    cap = config.max_concurrent_rpcs and config.max_concurrent_rpcs + config.max_health_watches
     return grpc.aio.server(
-        interceptors=interceptors,
-        options=options,
-        maximum_concurrent_rpcs=config.max_concurrent_rpcs or None,
+        interceptors=interceptors, options=options, maximum_concurrent_rpcs=cap or None
     )
 
 

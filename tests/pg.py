@@ -13,6 +13,7 @@ must never appear.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import os
 import pwd
@@ -109,7 +110,9 @@ class Cluster:
             conn.execute(f'CREATE SCHEMA "{name}"')
         url = f"{self.url()}?options=-csearch_path%3D{name}"
         if migrated:
-            asyncio.run(_migrate(url))
+            # In a thread of its own: an async fixture may ask for this inside its loop.
+            with concurrent.futures.ThreadPoolExecutor(1) as thread:
+                thread.submit(asyncio.run, _migrate(url)).result()
         return url
 
     def with_password_role(self, url: str, *, password: str | None) -> str:

@@ -47,11 +47,15 @@ from numbersvc.ledger import (
 from numbersvc.v1 import number_groups_pb2 as pb
 from numbersvc.validation import OrderQuery
 
-__all__ = ["PostgresLedger", "redacted", "scrub"]
+__all__ = ["LedgerUnreachableError", "PostgresLedger", "redacted", "scrub"]
 
 _log = logging.getLogger("numbersvc.orders")
 _NANOS: Final = 10**9
 _CLOSE_TIMEOUT_SECONDS: Final = 5.0
+_MIN_CONNECT_TIMEOUT_SECONDS: Final = 2  # libpq's own minimum, whole seconds
+# Every statement commits on its own unless a transaction is opened; `pg_stat_activity`
+# names the service.
+_CONNECTION_OPTIONS: Final[dict[str, Any]] = {"autocommit": True, "application_name": "numbersvc"}
 _UNPARSEABLE: Final = (
     "the database URL does not parse: give a libpq URL (postgresql://user@host:port/dbname)"
     " or key=value pairs"
@@ -142,6 +146,10 @@ FOR UPDATE OF o SKIP LOCKED
 _Row = tuple[bytes, str, str, str, str]
 
 
+class LedgerUnreachableError(ConnectionError):
+    """PostgreSQL cannot be reached, or refused this connection (a password, a database)."""
+
+
 class PostgresLedger:
     """The ledger in a PostgreSQL database (13 or newer), through a small connection pool.
 
@@ -198,7 +206,9 @@ class PostgresLedger:
             ValueError: `conninfo` does not parse (the message does not quote it).
             pgschema.SchemaTooNewError: the database's schema is newer than this code's (a
                 `LedgerSchemaError`).
-            psycopg.Error, psycopg_pool.PoolTimeout: the database cannot be reached.
+            LedgerUnreachableError: the database cannot be reached or refused the connection
+                (the message never holds the password).
+            psycopg.Error: a migration failed.
         """
         # NOTE: the pool logs its connection errors, and libpq's error for a string it cannot
         # parse quotes the string whole, password included: such a string never reaches it.
@@ -206,11 +216,27 @@ class PostgresLedger:
             psycopg.conninfo.conninfo_to_dict(conninfo)
         except psycopg.Error:
             raise ValueError(_UNPARSEABLE) from None
+        # One connection first: its error says why (refused, bad password), where the pool
+        # would only time out; it also applies the migrations.
+        try:
+            first = await psycopg.AsyncConnection.connect(
+                conninfo,
+                connect_timeout=max(_MIN_CONNECT_TIMEOUT_SECONDS, int(connect_timeout_seconds)),
+                **_CONNECTION_OPTIONS,
+            )
+        except psycopg.OperationalError as exc:
+            raise LedgerUnreachableError(
+                f"cannot reach the order ledger at {redacted(conninfo)}:"
+                f" {scrub(str(exc).strip(), conninfo)}"
+            ) from None
+        async with first:
+            for migration in await pgschema.migrate(first):
+                _log.info("applied migration %04d_%s", migration.version, migration.name)
         pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
             conninfo,
             min_size=1,
             max_size=pool_max,
-            kwargs={"autocommit": True, "application_name": "numbersvc"},
+            kwargs=_CONNECTION_OPTIONS,
             open=False,
             name="numbersvc-ledger",
             # A connection broken by a database restart is found out before a claim uses it.
@@ -218,9 +244,6 @@ class PostgresLedger:
         )
         try:
             await pool.open(wait=True, timeout=connect_timeout_seconds)
-            async with pool.connection() as conn:
-                for migration in await pgschema.migrate(conn):
-                    _log.info("applied migration %04d_%s", migration.version, migration.name)
             ledger = cls(
                 pool,
                 lease_seconds=lease_seconds,
@@ -349,15 +372,9 @@ class PostgresLedger:
         note: str,
         actor: str,
     ) -> LedgerEntry:
-        """Record a reconciled outcome for an order whose outcome is unknown, and who did.
+        """Record what the Plivo console shows for an order whose outcome is unknown.
 
-        Args:
-            request_id: the order's id.
-            state: fulfilled or failed, as the Plivo console shows.
-            numbers: the E.164 numbers rented (fulfilled only).
-            note: why, or where it was seen; kept in the order's status message.
-            actor: who settles (a caller's name, or `cli:<user>`), named in the status
-                message and so in the audit event.
+        As `OrderLedger.settle`: `actor` is named in the status message and its event.
 
         Raises:
             OrderNotFound: no such order.

@@ -11,7 +11,8 @@ sends nothing.
 Foreign exceptions become ours in ONE place, `_mapped_errors`, driven by `_HTTPX_ERRORS`; a
 test walks every httpx exception class and fails if one lacks a row. The auth token never
 appears in an exception, a repr or a log line (DEBUG on `numbersvc.upstream`: method, path,
-status, elapsed, api_id); upstream text copied into an exception is scrubbed of it first.
+status, elapsed, api_id); upstream text copied into an exception, and every string of a body
+that might hide it (`Scrubber`), is scrubbed of it first.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import httpx
 
 from numbersvc import __version__
 from numbersvc.upstream.errors import (
+    Scrubber,
     UpstreamConnectError,
     UpstreamDecodeError,
     UpstreamError,
@@ -45,7 +47,7 @@ from numbersvc.upstream.errors import (
     parse_retry_after,
 )
 from numbersvc.upstream.ratelimit import RateLimiter
-from numbersvc.upstream.transport import HttpStack, build_transport
+from numbersvc.upstream.transport import HttpStack, build_transport, failure_reason
 
 __all__ = [
     "DEFAULT_BASE_URL",
@@ -78,7 +80,6 @@ DEFAULT_KEEPALIVE_EXPIRY_SECONDS = 15.0
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
 
 _GROUPS_PATH = "AvailableNumberGroup/"
-_TOKEN_MASK = "***"
 
 
 @dataclass(frozen=True, slots=True)
@@ -265,7 +266,8 @@ class PlivoClient:
         self._auth_token = auth_token
         basic = base64.b64encode(f"{auth_id}:{auth_token}".encode()).decode("ascii")
         # What must never leave this client: the token, and the Basic credential carrying it.
-        self._secrets = (auth_token, basic)
+        self._scrubber = Scrubber((auth_token, basic))
+        self._scrub = self._scrubber.text
         self._max_body_bytes = max_body_bytes
         self._rate_limiter = rate_limiter
         self._observer = observer
@@ -408,24 +410,6 @@ class PlivoClient:
             body=body,
         )
 
-    def _scrub(self, text: str) -> str:
-        """Remove the credentials from text that came from elsewhere (httpx, a response)."""
-        for secret in self._secrets:
-            if secret in text:
-                text = text.replace(secret, _TOKEN_MASK)
-        return text
-
-    def _scrub_bytes(self, content: bytes) -> bytes:
-        """Remove the credentials from a raw body, before anything cuts it short.
-
-        NOTE: scrubbing after an excerpt would miss a token that straddles the cut.
-        """
-        for secret in self._secrets:
-            encoded = secret.encode()
-            if encoded in content:
-                content = content.replace(encoded, _TOKEN_MASK.encode())
-        return content
-
     @contextlib.contextmanager
     def _mapped_errors(self, method: str, path: str) -> Iterator[None]:
         """Turn httpx exceptions, and the total timeout firing, into `UpstreamError`s.
@@ -435,7 +419,9 @@ class PlivoClient:
         try:
             yield
         except httpx.RequestError as exc:
-            raise _from_httpx(exc, method, path, self._scrub(str(exc))) from exc
+            # httpcore's errors may have no text of their own: the system's words then.
+            message = str(exc) or failure_reason(exc) or "no detail"
+            raise _from_httpx(exc, method, path, self._scrub(message)) from exc
         except TimeoutError as exc:
             # Only `asyncio.timeout` raises the builtin here (httpx wraps socket timeouts). By
             # then the request may be on the wire, so it may have been sent.
@@ -552,12 +538,13 @@ class PlivoClient:
         """
         status = response.status_code
         if not 200 <= status < 300:
-            content = self._scrub_bytes(content)  # a proxy may echo our request headers
-            api_id, message = parse_error_body(content, response.headers.get("content-type"))
+            # A proxy may echo our request headers; Plivo may echo anything.
+            content_type = response.headers.get("content-type")
+            api_id, message = parse_error_body(content, content_type, self._scrub)
             self._log(method, path, status, elapsed, api_id)
             raise UpstreamStatusError(
                 status_code=status,
-                message=self._scrub(message),
+                message=message,
                 method=method,
                 url=path,
                 api_id=api_id,
@@ -571,14 +558,13 @@ class PlivoClient:
                 status_code=status,
                 method=method,
                 url=path,
-                body_excerpt=self._body_excerpt(self._scrub_bytes(content)),
+                body_excerpt=self._body_excerpt(content),
             )
         try:
             body: object = json.loads(content)
         except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError, including b""
             self._log(method, path, status, elapsed, None)
             what = "an empty body" if not content.strip() else "a body that is not JSON"
-            content = self._scrub_bytes(content)
             raise UpstreamDecodeError(
                 f"{method} {path}: HTTP {status} with {what}",
                 status_code=status,
@@ -586,6 +572,8 @@ class PlivoClient:
                 url=path,
                 body_excerpt=self._body_excerpt(content),
             ) from exc
+        if self._scrubber.may_hide(content):  # the api_id, the order's texts, anything
+            body = self._scrubber.document(body)
         api_id = body.get("api_id") if isinstance(body, dict) else None
         api_id = api_id if isinstance(api_id, str) else None
         self._log(method, path, status, elapsed, api_id)
@@ -594,7 +582,8 @@ class PlivoClient:
         )
 
     def _body_excerpt(self, content: bytes) -> str:
-        return self._scrub(excerpt(content.decode("utf-8", errors="replace")))
+        # NOTE: scrubbed before the cut: a token straddling it would survive in part.
+        return excerpt(self._scrub(content.decode("utf-8", errors="replace")))
 
     def _log(
         self, method: str, path: str, outcome: int | str, elapsed: float, api_id: str | None

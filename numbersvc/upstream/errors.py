@@ -12,8 +12,9 @@ The tree::
     └── UpstreamThrottledError     our own budget for Plivo is spent; nothing was sent
 
 Nothing here knows gRPC: `numbersvc.errors` maps these to statuses. `parse_error_body` is the one
-place that understands Plivo's error body shapes, and `parse_retry_after` the one place that
-understands a `Retry-After` header.
+place that understands Plivo's error body shapes, `parse_retry_after` the one place that
+understands a `Retry-After` header, and `Scrubber` the one that masks our credentials in text
+that came from upstream.
 """
 
 from __future__ import annotations
@@ -25,10 +26,12 @@ import json
 import math
 import re
 import time
+from collections.abc import Callable, Iterable
 
 __all__ = [
     "MAX_BODY_EXCERPT_CHARS",
     "MAX_MESSAGE_CHARS",
+    "Scrubber",
     "UpstreamConnectError",
     "UpstreamDecodeError",
     "UpstreamError",
@@ -48,6 +51,10 @@ MAX_BODY_EXCERPT_CHARS = 500
 """The longest raw body excerpt kept on an exception, in characters."""
 
 _ELLIPSIS = "…"
+_MASK = "***"
+# The JSON escapes a credential could hide behind in raw text: \uXXXX, and \/ (Base64 has "/").
+_JSON_ESCAPE = re.compile(r"\\u([0-9a-fA-F]{4})|\\/")
+_PRINTABLE_ASCII = range(0x20, 0x7F)
 _WHITESPACE = re.compile(r"\s+")
 _HTML_TAG = re.compile(r"<[^>]*>")
 # Error keys tried in order; Plivo uses `error`, other platform APIs `message` or `detail`.
@@ -190,6 +197,66 @@ class UpstreamThrottledError(UpstreamError):
         self.retry_after_seconds = retry_after_seconds
 
 
+class Scrubber:
+    r"""Masks credentials (`***`) in text that came from upstream, however it echoes them.
+
+    A server or a proxy may echo our `Authorization` header, or the token, in any case
+    (`basic <base64>` lower-cased), or behind JSON escapes (`\u0074ok...`) that a scrub of the
+    raw bytes cannot see but that decoding undoes. So every piece of upstream text is matched
+    case-insensitively, and raw text also with its escapes of printable ASCII undone.
+    """
+
+    __slots__ = ("_folded", "_pattern")
+
+    def __init__(self, secrets: Iterable[str]) -> None:
+        """Mask each of `secrets` (non-empty strings: the token, the Basic credential)."""
+        found = [secret for secret in secrets if secret]
+        if not found:
+            raise ValueError("nothing to scrub")
+        self._pattern = re.compile("|".join(map(re.escape, found)), re.IGNORECASE)
+        self._folded = tuple(secret.lower().encode() for secret in found)
+
+    def text(self, text: str) -> str:
+        """Return `text` with every credential masked, escaped ones included.
+
+        Text that hides a credential behind JSON escapes comes back with them undone (so
+        that the mask shows where); any other text keeps its escapes.
+        """
+        if "\\" in text:
+            plain = _JSON_ESCAPE.sub(_unescape, text)
+            if self._pattern.search(plain):
+                return self._pattern.sub(_MASK, plain)
+        return self._pattern.sub(_MASK, text)
+
+    def may_hide(self, content: bytes) -> bool:
+        """Whether a raw body might hold a credential: escapes, or one in any case.
+
+        Cheap, so that the bodies which cannot (nearly all) skip `document`.
+        """
+        if b"\\" in content:
+            return True
+        folded = content.lower()
+        return any(secret in folded for secret in self._folded)
+
+    def document(self, value: object) -> object:
+        """Return decoded JSON with every string (keys too) passed through `text`."""
+        if isinstance(value, str):
+            return self.text(value)
+        if isinstance(value, list):
+            return [self.document(item) for item in value]
+        if isinstance(value, dict):
+            return {self.text(key): self.document(item) for key, item in value.items()}
+        return value
+
+
+def _unescape(match: re.Match[str]) -> str:
+    if match.group(1) is None:
+        return "/"
+    code = int(match.group(1), 16)
+    # Only printable ASCII, which is all a credential holds: no control character comes back.
+    return chr(code) if code in _PRINTABLE_ASCII else match.group(0)
+
+
 def _reason_phrase(status_code: int) -> str:
     try:
         return http.HTTPStatus(status_code).phrase
@@ -231,7 +298,9 @@ def _message_from_value(value: object) -> str:
     return json.dumps(value)
 
 
-def parse_error_body(content: bytes, content_type: str | None) -> tuple[str | None, str]:
+def parse_error_body(
+    content: bytes, content_type: str | None, scrub: Callable[[str], str] = str
+) -> tuple[str | None, str]:
     """Extract Plivo's request id and error text from any error body.
 
     Handles every shape seen from Plivo: `{"api_id": ..., "error": "..."}`, a nested
@@ -242,6 +311,8 @@ def parse_error_body(content: bytes, content_type: str | None) -> tuple[str | No
         content: The raw response body.
         content_type: The `Content-Type` header, if any. The body is tried as JSON whatever it
             says (proxies mislabel); it only tells HTML, whose tags are dropped, from plain text.
+        scrub: Applied to the text and the `api_id` found, before any is cut short (a
+            `Scrubber.text`): a secret that straddled the cut would survive in part.
 
     Returns:
         `(api_id, message)`: the `api_id` string if the body is a JSON object carrying one, and
@@ -255,18 +326,18 @@ def parse_error_body(content: bytes, content_type: str | None) -> tuple[str | No
         is_html = "html" in (content_type or "").lower() or text.lstrip().startswith("<")
         if is_html:
             text = _HTML_TAG.sub(" ", text)
-        return None, excerpt(text, MAX_MESSAGE_CHARS)
+        return None, excerpt(scrub(text), MAX_MESSAGE_CHARS)
     if not isinstance(document, dict):
-        return None, excerpt(_message_from_value(document), MAX_MESSAGE_CHARS)
+        return None, excerpt(scrub(_message_from_value(document)), MAX_MESSAGE_CHARS)
     api_id = document.get("api_id")
-    api_id = api_id if isinstance(api_id, str) and api_id else None
+    api_id = scrub(api_id) if isinstance(api_id, str) and api_id else None
     message = ""
     for key in _MESSAGE_KEYS:
         if key in document:
             message = _message_from_value(document[key])
             if message:
                 break
-    return api_id, excerpt(message, MAX_MESSAGE_CHARS)
+    return api_id, excerpt(scrub(message), MAX_MESSAGE_CHARS)
 
 
 def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:

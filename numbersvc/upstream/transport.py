@@ -11,6 +11,8 @@ whose request never left may be released and retried, and one that may have arri
 aiohttp's exceptions are turned into httpx's in ONE table, `_AIOHTTP_ERRORS`, where only
 failures while getting a connection (pool wait, DNS, TCP, TLS) become httpx's "never sent"
 classes; everything after a connection was in hand is "maybe sent", as httpcore reports it.
+The same table says what happened in words: the message reaches callers, so it is a sentence
+(with the system's reason, `failure_reason`), never aiohttp's text with its reprs.
 aiohttp also retries an idempotent request once on a kept-alive connection that breaks;
 `_no_silent_retry` stops that, so every attempt is one our retry policy decided on and counted.
 And its pool would hand out an idle connection on which the server already wrote something (a
@@ -22,6 +24,8 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import os
+import socket
 import ssl
 import sys
 from collections.abc import AsyncIterator, Mapping
@@ -37,6 +41,7 @@ __all__ = [
     "AiohttpTransport",
     "HttpStack",
     "build_transport",
+    "failure_reason",
     "httpx_error_class",
 ]
 
@@ -54,39 +59,75 @@ class HttpStack(enum.StrEnum):
     HTTPCORE = "httpcore"
 
 
-# aiohttp exception -> the httpx exception it becomes; looked up along the class's MRO, so
-# every aiohttp exception lands on its nearest row. httpx's never-sent classes (ConnectError,
-# ConnectTimeout, UnsupportedProtocol) appear only for failures before a connection existed.
-_AIOHTTP_ERRORS: Final[Mapping[type[BaseException], type[httpx.TransportError]]] = {
+# aiohttp exception -> the httpx exception it becomes, and what happened in words; looked up
+# along the class's MRO, so every aiohttp exception lands on its nearest row. httpx's never-sent
+# classes (ConnectError, ConnectTimeout, UnsupportedProtocol) appear only for failures before a
+# connection existed.
+_AIOHTTP_ERRORS: Final[Mapping[type[BaseException], tuple[type[httpx.TransportError], str]]] = {
     # Raised by the connector only: DNS, TCP connect, TLS handshake (certificate errors are
     # subclasses), so the request was never written.
-    aiohttp.ClientConnectorError: httpx.ConnectError,
+    aiohttp.ClientConnectorError: (httpx.ConnectError, "could not connect"),
     # The `connect` timeout covers the wait for a pool slot and the connect itself.
-    aiohttp.ConnectionTimeoutError: httpx.ConnectTimeout,
+    aiohttp.ConnectionTimeoutError: (httpx.ConnectTimeout, "no connection within the timeout"),
     # Refused before any connection: not http(s), or no host.
-    aiohttp.InvalidURL: httpx.UnsupportedProtocol,
-    aiohttp.NonHttpUrlClientError: httpx.UnsupportedProtocol,
+    aiohttp.InvalidURL: (httpx.UnsupportedProtocol, "the URL cannot be requested"),
+    aiohttp.NonHttpUrlClientError: (httpx.UnsupportedProtocol, "the URL is not http(s)"),
     # Everything below happens with a connection in hand: the request may have left.
-    aiohttp.SocketTimeoutError: httpx.ReadTimeout,
-    aiohttp.ServerTimeoutError: httpx.ReadTimeout,
-    aiohttp.ServerDisconnectedError: httpx.RemoteProtocolError,
-    aiohttp.ClientPayloadError: httpx.RemoteProtocolError,
-    aiohttp.ClientResponseError: httpx.RemoteProtocolError,
-    aiohttp.ClientOSError: httpx.ReadError,
-    aiohttp.ClientConnectionError: httpx.ReadError,
-    aiohttp.ClientError: httpx.ReadError,
+    aiohttp.SocketTimeoutError: (httpx.ReadTimeout, "no data within the read timeout"),
+    aiohttp.ServerTimeoutError: (httpx.ReadTimeout, "no data within the read timeout"),
+    aiohttp.ServerDisconnectedError: (
+        httpx.RemoteProtocolError,
+        "the server closed the connection without a complete answer",
+    ),
+    aiohttp.ClientPayloadError: (httpx.RemoteProtocolError, "the answer's body was cut short"),
+    aiohttp.ClientResponseError: (httpx.RemoteProtocolError, "the answer is not valid HTTP"),
+    aiohttp.ClientOSError: (httpx.ReadError, "the connection failed"),
+    aiohttp.ClientConnectionError: (httpx.ReadError, "the connection failed"),
+    aiohttp.ClientError: (httpx.ReadError, "the request failed"),
     # aiohttp wraps socket errors, but a bare one would also be "maybe sent".
-    OSError: httpx.ReadError,
+    OSError: (httpx.ReadError, "the connection failed"),
 }
+
+
+def _row(error: type[BaseException]) -> tuple[type[httpx.TransportError], str]:
+    return next(_AIOHTTP_ERRORS[k] for k in error.__mro__ if k in _AIOHTTP_ERRORS)
 
 
 def httpx_error_class(error: type[BaseException]) -> type[httpx.TransportError]:
     """Return the httpx exception class an aiohttp (or socket) error class becomes."""
-    return next(_AIOHTTP_ERRORS[k] for k in error.__mro__ if k in _AIOHTTP_ERRORS)
+    return _row(error)[0]
+
+
+def failure_reason(exc: BaseException) -> str:
+    """Return the system's words for what broke under `exc` (its causes included), or "".
+
+    "Connection reset by peer", "Name or service not known", a certificate's fault: from the
+    first socket or TLS error in the chain, by its number where it has one (asyncio's own
+    text for a refused connect quotes the address as a tuple).
+    """
+    seen: set[int] = set()
+    link: BaseException | None = exc
+    while link is not None and id(link) not in seen:
+        seen.add(id(link))
+        if isinstance(link, ssl.SSLError):
+            # NOTE: aiohttp's TLS errors subclass ssl's without their attributes (nor a real
+            # errno): the error they wrap is their cause.
+            if verify := getattr(link, "verify_message", None):
+                return f"certificate verify failed: {verify}"
+            if getattr(link, "library", None):
+                return f"TLS failed: {link.reason}"
+        elif isinstance(link, socket.gaierror) and link.strerror:
+            return link.strerror
+        elif isinstance(link, OSError) and link.errno is not None and link.errno > 0:
+            return os.strerror(link.errno)
+        link = link.__cause__ or link.__context__
+    return ""
 
 
 def _to_httpx(exc: BaseException, request: httpx.Request) -> httpx.TransportError:
-    return httpx_error_class(type(exc))(str(exc) or type(exc).__name__, request=request)
+    error, words = _row(type(exc))
+    reason = failure_reason(exc)
+    return error(f"{words} ({reason})" if reason else words, request=request)
 
 
 class _AfterConnect(Exception):

@@ -10,6 +10,7 @@ import asyncio
 import sqlite3
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import psycopg
@@ -33,13 +34,20 @@ def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv(name, raising=False)
 
 
-def _db(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], url: str, *argv: str
-) -> tuple[int, str]:
-    monkeypatch.setenv("NUMBERSVC_DATABASE_URL", url)
-    code = main.run(["db", *argv])
-    captured = capsys.readouterr()
-    return code, captured.out + captured.err
+DbCommand = Callable[..., tuple[int, str]]
+
+
+@pytest.fixture
+def db(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> DbCommand:
+    """Run `numbersvc db ARGV...` against a database URL; return the exit code and output."""
+
+    def run(url: str, *argv: str) -> tuple[int, str]:
+        monkeypatch.setenv("NUMBERSVC_DATABASE_URL", url)
+        code = main.run(["db", *argv])
+        captured = capsys.readouterr()
+        return code, captured.out + captured.err
+
+    return run
 
 
 def _versions(url: str) -> list[int]:
@@ -47,20 +55,18 @@ def _versions(url: str) -> list[int]:
         return [v for (v,) in conn.execute("SELECT version FROM schema_migrations").fetchall()]
 
 
-def test_migrate_then_status_then_migrate_again(
-    empty_postgres_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    code, out = _db(monkeypatch, capsys, empty_postgres_url, "status")
+def test_migrate_then_status_then_migrate_again(empty_postgres_url: str, db: DbCommand) -> None:
+    code, out = db(empty_postgres_url, "status")
     assert code == 3
     assert f"{LATEST.version:04d}  {LATEST.name}" in out
     assert "pending" in out
-    code, out = _db(monkeypatch, capsys, empty_postgres_url, "migrate")
+    code, out = db(empty_postgres_url, "migrate")
     assert code == 0
     assert f"applied {LATEST.version:04d}_{LATEST.name}" in out
-    code, out = _db(monkeypatch, capsys, empty_postgres_url, "status")
+    code, out = db(empty_postgres_url, "status")
     assert code == 0
     assert "up to date" in out
-    code, out = _db(monkeypatch, capsys, empty_postgres_url, "migrate")
+    code, out = db(empty_postgres_url, "migrate")
     assert (code, "applied 0" in out) == (0, False)
     assert _versions(empty_postgres_url) == [m.version for m in shipped()]
 
@@ -95,9 +101,7 @@ async def test_ledgers_opened_together_on_an_empty_schema_migrate_once(
             await ledger.close()
 
 
-async def test_a_schema_newer_than_the_code_is_refused(
-    postgres_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
+async def test_a_schema_newer_than_the_code_is_refused(postgres_url: str, db: DbCommand) -> None:
     with psycopg.connect(postgres_url, autocommit=True) as conn:
         conn.execute(
             "INSERT INTO schema_migrations (version, name, checksum) VALUES (9999, 'future', '')"
@@ -105,7 +109,7 @@ async def test_a_schema_newer_than_the_code_is_refused(
     with pytest.raises(SchemaTooNewError, match="9999"):
         await PostgresLedger.open(postgres_url)
     for command in ("migrate", "status"):
-        code, out = await asyncio.to_thread(_db, monkeypatch, capsys, postgres_url, command)
+        code, out = await asyncio.to_thread(db, postgres_url, command)
         assert code == 2
         assert "version 9999, newer than this numbersvc knows" in out
 
@@ -122,6 +126,7 @@ class TestPasswords:
         self,
         postgres_cluster: Cluster,
         postgres_url: str,
+        db: DbCommand,
         monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str],
         tmp_path: Path,
@@ -129,7 +134,7 @@ class TestPasswords:
         password = postgres_cluster.set_password()
         bare = postgres_cluster.with_password_role(postgres_url, password=None)
         monkeypatch.setenv("PGPASSWORD", password)
-        code, out = _db(monkeypatch, capsys, bare, "status")
+        code, out = db(bare, "status")
         assert code == 0, out
         monkeypatch.delenv("PGPASSWORD")
         monkeypatch.delenv("NUMBERSVC_DATABASE_URL")
@@ -143,12 +148,7 @@ class TestPasswords:
         "how", ["wrong password", "nothing listens", "unknown database", "malformed"]
     )
     def test_never_printed_when_the_database_refuses(
-        self,
-        postgres_cluster: Cluster,
-        postgres_url: str,
-        monkeypatch: pytest.MonkeyPatch,
-        capsys: pytest.CaptureFixture[str],
-        how: str,
+        self, postgres_cluster: Cluster, postgres_url: str, db: DbCommand, how: str
     ) -> None:
         postgres_cluster.set_password()
         password = "pw-never-shown-7f3a"
@@ -159,7 +159,7 @@ class TestPasswords:
             "unknown database": url.replace("/postgres?", "/nosuchdb?"),
             "malformed": url.replace("postgresql://", "postgresql:/").replace("?", "?x=%zz&"),
         }[how]
-        code, out = _db(monkeypatch, capsys, url, "migrate")
+        code, out = db(url, "migrate")
         assert code in (1, 2), out
         assert "error:" in out
         assert password not in out
@@ -194,23 +194,17 @@ class TestImport:
             await ledger.close()
 
     async def test_copies_orders_and_events_once_and_sending_becomes_unknown(
-        self,
-        postgres_url: str,
-        tmp_path: Path,
-        monkeypatch: pytest.MonkeyPatch,
-        capsys: pytest.CaptureFixture[str],
+        self, postgres_url: str, tmp_path: Path, db: DbCommand
     ) -> None:
         path = tmp_path / "ledger.sqlite3"
         states = await self._sqlite_ledger(path)
         before = path.read_bytes()
-        code, out = await asyncio.to_thread(
-            _db, monkeypatch, capsys, postgres_url, "import", "--from-sqlite", str(path)
-        )
+        code, out = await asyncio.to_thread(db, postgres_url, "import", "--from-sqlite", str(path))
         assert code == 0, out
         assert "imported 4 order(s) and 8 event(s); 0 already there" in out
         assert "1 were being sent" in out
-        with sqlite3.connect(path) as db:
-            sqlite_events = db.execute(
+        with sqlite3.connect(path) as file:
+            sqlite_events = file.execute(
                 "SELECT request_id, time_ns, state, detail FROM events ORDER BY id"
             ).fetchall()
         ledger = await PostgresLedger.open(postgres_url)
@@ -242,23 +236,17 @@ class TestImport:
         assert extra[3].startswith(f"{IMPORTED_NOTE} (imported by cli:")
         dump = conn_dump(postgres_url)
 
-        code, out = await asyncio.to_thread(
-            _db, monkeypatch, capsys, postgres_url, "import", "--from-sqlite", str(path)
-        )
+        code, out = await asyncio.to_thread(db, postgres_url, "import", "--from-sqlite", str(path))
         assert code == 0, out
         assert "imported 0 order(s) and 0 event(s); 4 already there" in out
         assert conn_dump(postgres_url) == dump
         assert path.read_bytes() == before
 
     def test_a_missing_file_exits_1_and_imports_nothing(
-        self,
-        postgres_url: str,
-        tmp_path: Path,
-        monkeypatch: pytest.MonkeyPatch,
-        capsys: pytest.CaptureFixture[str],
+        self, postgres_url: str, tmp_path: Path, db: DbCommand
     ) -> None:
         missing = tmp_path / "nope.sqlite3"
-        code, out = _db(monkeypatch, capsys, postgres_url, "import", "--from-sqlite", str(missing))
+        code, out = db(postgres_url, "import", "--from-sqlite", str(missing))
         assert code == 1
         assert "no SQLite ledger" in out
         assert not missing.exists()

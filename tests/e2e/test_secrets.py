@@ -57,6 +57,7 @@ from numbersvc.v1 import number_groups_pb2_grpc as pb_grpc
 from numbersvc.validation import OrderQuery
 from tests import richstatus
 from tests.e2e.conftest import config_for
+from tests.upstream.conftest import RawServer, read_request
 
 C = grpc.StatusCode
 US: Final = pb.SearchFilter(region_code="US")
@@ -596,14 +597,19 @@ def _secrets(auth_id: str, plivo_token: str, tokens: dict[str, str]) -> dict[str
 
 
 def _leaks(text: str, secrets_by_name: dict[str, str], tokens: dict[str, str]) -> list[str]:
-    """Say which secret, or which token's 12-character piece, `text` holds, and where."""
+    """Say which secret, or which token's 12-character piece, `text` holds, and where.
+
+    In any case: an echo that changed the case (`basic <base64>` lower-cased) leaks as well.
+    """
+    text = text.lower()
     found = [
-        f"{name} in {_where(text, secret)}"
+        f"{name} in {_where(text, secret.lower())}"
         for name, secret in secrets_by_name.items()
-        if secret in text
+        if secret.lower() in text
     ]
     for name, token in tokens.items():
-        pieces = (token[i : i + _FRAGMENT_CHARS] for i in range(len(token) - _FRAGMENT_CHARS + 1))
+        folded = token.lower()
+        pieces = (folded[i : i + _FRAGMENT_CHARS] for i in range(len(token) - _FRAGMENT_CHARS + 1))
         piece = next((p for p in pieces if p in text), None)
         if piece is not None:
             found.append(f"a piece of the {name} in {_where(text, piece)}")
@@ -613,7 +619,7 @@ def _leaks(text: str, secrets_by_name: dict[str, str], tokens: dict[str, str]) -
 def _where(text: str, secret: str) -> str:
     """The start of the first captured line holding `secret` (masked), for the failure message."""
     line = next(line for line in text.splitlines() if secret in line)
-    return repr(line.replace(secret, "<SECRET>")[:160])
+    return repr(line.replace(secret, "<secret>")[:160])
 
 
 async def test_no_secret_appears_in_any_output(
@@ -748,15 +754,24 @@ async def _echo_example(
     await control.clear_faults()
 
 
-async def test_upstream_text_echoing_the_credentials_is_scrubbed_whole() -> None:
+@contextlib.asynccontextmanager
+async def _sandbox_with_a_fresh_token() -> AsyncIterator[
+    tuple[SandboxServer, SandboxControl, str, str]
+]:
+    """A sandbox whose Plivo token is new; yields it, its control, the token, the Basic value."""
     plivo_token = secrets.token_urlsafe(32)
+    async with (
+        SandboxServer(host="127.0.0.1", port=0, auth_token=plivo_token) as sandbox,
+        SandboxControl(sandbox.base_url) as control,
+    ):
+        basic = base64.b64encode(f"{sandbox.auth_id}:{plivo_token}".encode()).decode()
+        yield sandbox, control, plivo_token, basic
+
+
+async def test_upstream_text_echoing_the_credentials_is_scrubbed_whole() -> None:
     capture = Capture()
     with captured_logs() as (text_log, json_log):
-        async with (
-            SandboxServer(host="127.0.0.1", port=0, auth_token=plivo_token) as sandbox,
-            SandboxControl(sandbox.base_url) as control,
-        ):
-            basic = base64.b64encode(f"{sandbox.auth_id}:{plivo_token}".encode()).decode()
+        async with _sandbox_with_a_fresh_token() as (sandbox, control, plivo_token, basic):
             # The message keeps 299 characters and an ellipsis: the token starts at 279.
             at_the_cut = "x" * 279 + plivo_token
             echoes = [
@@ -786,3 +801,127 @@ async def test_upstream_text_echoing_the_credentials_is_scrubbed_whole() -> None
     assert "UPSTREAM_REJECTED_REQUEST" in capture.reasons  # the echoes did reach the caller
     secrets_by_name = {"plivo token": plivo_token, "basic credential": basic}
     assert _leaks(everything, secrets_by_name, {"plivo token": plivo_token}) == []
+
+
+# --- A hostile upstream: credentials hidden from a scrub of the raw bytes ---------------------
+
+
+def _json_escaped(text: str, first: int) -> str:
+    """`text` as JSON string content with its first `first` characters \\u-escaped."""
+    return "".join(f"\\u{ord(c):04x}" for c in text[:first]) + text[first:]
+
+
+class HostileProxy:
+    """The sandbox behind a proxy that echoes the credentials into every JSON answer.
+
+    Each answer's `api_id`, `message` and `error` (and a pending rent's `details`) become the
+    token, \\u-escaped in full or in part or upper-cased, beside the Basic credential in
+    lower case: nothing a scrub of the raw bytes finds, everything JSON decoding brings back.
+    """
+
+    def __init__(self, sandbox: SandboxServer, plivo_token: str, basic: str) -> None:
+        self._upstream = httpx.AsyncClient(base_url=sandbox.base_url)
+        self._hidden = [
+            _json_escaped(plivo_token, len(plivo_token)),
+            _json_escaped(plivo_token, 1),
+            plivo_token.upper(),
+        ]
+        self._basic = basic
+        self.answered = 0
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            head, _, body = (await read_request(reader)).partition(b"\r\n\r\n")
+            lines = head.decode("latin-1").split("\r\n")
+            method, target, _ = lines[0].split(" ", 2)
+            headers = dict(line.split(": ", 1) for line in lines[1:])
+            answer = await self._upstream.request(
+                method,
+                target,
+                content=body,
+                headers={k: v for k, v in headers.items() if k.lower() != "host"},
+            )
+            content = self._rewrite(answer.content)
+            writer.write(
+                f"HTTP/1.1 {answer.status_code} Hostile\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(content)}\r\n\r\n".encode()
+                + content
+            )
+            await writer.drain()
+
+    def _rewrite(self, content: bytes) -> bytes:
+        document = json.loads(content)
+        hidden = self._hidden[self.answered % len(self._hidden)]
+        self.answered += 1
+        marks = {
+            "API-ID-MARK": hidden,
+            "ECHO-MARK": f"echo {hidden} of basic {self._basic.lower()}",
+        }
+        document["api_id"] = "API-ID-MARK"
+        for key in ("message", "error", "details"):
+            if key in document or key == "message":
+                document[key] = "ECHO-MARK"
+        text = json.dumps(document)
+        for mark, value in marks.items():
+            text = text.replace(mark, value)
+        return text.encode()
+
+    async def aclose(self) -> None:
+        await self._upstream.aclose()
+
+
+async def test_credentials_hidden_from_a_raw_scrub_never_reach_anyone() -> None:
+    capture = Capture()
+    with captured_logs() as (text_log, json_log):
+        async with _sandbox_with_a_fresh_token() as (sandbox, control, plivo_token, basic):
+            proxy = HostileProxy(sandbox, plivo_token, basic)
+            raw = RawServer(proxy.handle)
+            await raw.start()
+            running = await create_server(
+                config_for(sandbox, plivo_base_url=raw.base_url, log_level="DEBUG")
+            )
+            try:
+                async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+                    stub = pb_grpc.NumberGroupServiceStub(channel)
+                    page = await stub.ListNumberGroups(
+                        pb.ListNumberGroupsRequest(filter=US, page_size=2)
+                    )
+                    capture.add("list", page)
+                    group_id = page.number_groups[0].group_id
+                    get = pb.GetNumberGroupRequest(group_id=group_id)
+                    await _unary(capture, "get", stub.GetNumberGroup(get))
+                    request_id = str(uuid.uuid4())
+                    rent = pb.RentNumbersRequest(group_id=group_id, request_id=request_id)
+                    assert await _unary(capture, "rent", stub.RentNumbers(rent)) is None
+                    order = pb.GetRentalOrderRequest(request_id=request_id)
+                    await _unary(capture, "order", stub.GetRentalOrder(order))
+                    faulty: dict[tuple[int, str], Callable[[], Any]] = {
+                        (400, "search"): lambda: stub.ListNumberGroups(
+                            pb.ListNumberGroupsRequest(filter=US)
+                        ),
+                        (500, "get"): lambda: stub.GetNumberGroup(get, timeout=5),
+                        (401, "rent"): lambda: stub.RentNumbers(
+                            pb.RentNumbersRequest(group_id=group_id)
+                        ),
+                    }
+                    for (status, operation), call in faulty.items():
+                        await control.inject_fault(
+                            FaultSpec(FaultKind.STATUS, status=status, operation=operation, count=4)
+                        )
+                        error = await _unary(capture, f"{status} {operation}", call())
+                        assert error is not None, (status, operation)
+                        await control.clear_faults()
+                entries, _ = await running.ledger.list(OrderQuery(), offset=0, limit=100)
+                capture.add("ledger", *entries)
+            finally:
+                await running.stop(grace_seconds=0.5)
+                await raw.close()
+                await proxy.aclose()
+    logged_text = text_log.getvalue()
+    everything = "\n".join([capture.text(), logged_text, json_log.getvalue()])
+    secrets_by_name = {"plivo token": plivo_token, "basic credential": basic}
+    assert _leaks(everything, secrets_by_name, {"plivo token": plivo_token}) == []
+    assert proxy.answered >= 7  # every answer was a hostile one
+    assert "upstreamRequestId" in everything  # the api_id reached the error details...
+    assert ":***" in logged_text  # ...and the access log, masked
+    assert {"UPSTREAM_REJECTED_REQUEST", "UPSTREAM_AUTH_FAILED"} <= capture.reasons

@@ -9,6 +9,7 @@ import asyncio
 import datetime
 import json
 import logging
+import os
 import uuid
 from pathlib import Path
 from typing import Any
@@ -23,14 +24,15 @@ from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from numbersvc.callers import add_caller
+from numbersvc.callers import CallersFileError, add_caller
 from numbersvc.cli import main
 from numbersvc.config import Secret
-from numbersvc.sandbox import SandboxControl, SandboxServer
+from numbersvc.sandbox import FaultKind, FaultSpec, SandboxControl, SandboxServer
 from numbersvc.server import RunningServer
 from numbersvc.v1 import number_groups_pb2 as pb
 from numbersvc.v1 import number_groups_pb2_grpc as pb_grpc
 from tests.e2e.conftest import StartServer, reason_of, rich_details
+from tests.e2e.test_process import _start
 
 US = pb.SearchFilter(region_code="US")
 SPIFFE_ID = "spiffe://example.org/ns/billing/sa/numbers-client"
@@ -166,7 +168,7 @@ class TestCallers:
             await absent.done_writing()
             assert await absent.code() == grpc.StatusCode.UNIMPLEMENTED
 
-    async def test_tokens_never_logged(
+    async def test_tokens_never_logged_and_refusals_name_the_known_caller(
         self, start_server: StartServer, callers_file: Path, caplog: pytest.LogCaptureFixture
     ) -> None:
         caplog.set_level(logging.DEBUG)
@@ -177,10 +179,10 @@ class TestCallers:
             await stub.ListNumberGroups(
                 pb.ListNumberGroupsRequest(filter=US), metadata=_auth(token)
             )
-            await _error(
+            denied = await _error(
                 stub.RentNumbers(pb.RentNumbersRequest(group_id="1"), metadata=_auth(token))
             )
-            await _error(
+            unknown = await _error(
                 stub.ListNumberGroups(
                     pb.ListNumberGroupsRequest(filter=US), metadata=_auth(token + "x")
                 )
@@ -189,6 +191,21 @@ class TestCallers:
         assert "caller=dashboard" in text
         assert token not in text
         assert token not in repr(running.servicer) + repr(running)
+        # A refusal names the caller when it is known: PERMISSION_DENIED, not UNAUTHENTICATED.
+        assert (denied.code(), unknown.code()) == (
+            grpc.StatusCode.PERMISSION_DENIED,
+            grpc.StatusCode.UNAUTHENTICATED,
+        )
+        access = [r.getMessage() for r in caplog.records if r.name == "numbersvc.access"]
+        codes_and_callers = [
+            (line.split(" code=")[1].split()[0], line.split(" caller=")[1].split()[0])
+            for line in access
+        ]
+        assert codes_and_callers == [
+            ("OK", "dashboard"),
+            ("PERMISSION_DENIED", "dashboard"),
+            ("UNAUTHENTICATED", "-"),
+        ]
 
 
 async def test_undecodable_request_is_invalid_argument(server: RunningServer) -> None:
@@ -205,31 +222,40 @@ async def test_undecodable_request_is_invalid_argument(server: RunningServer) ->
 # --- TLS ----------------------------------------------------------------------------------------
 
 
-def _spiffe_client_cert(ca: trustme.CA, uri: str) -> tuple[bytes, bytes]:
-    """A client certificate signed by `ca` whose only identity is a SPIFFE URI SAN."""
+def _client_cert(
+    ca: trustme.CA, *names: x509.GeneralName, common_name: str | None = None
+) -> tuple[bytes, bytes]:
+    """A client certificate signed by `ca` with these SANs (of any type) and common name."""
     issuer = x509.load_pem_x509_certificate(ca.cert_pem.bytes())
     ca_key = serialization.load_pem_private_key(ca.private_key_pem.bytes(), password=None)
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.UTC)
-    cert = (
+    subject = [x509.NameAttribute(NameOID.ORGANIZATION_NAME, "numbersvc tests")]
+    if common_name is not None:
+        subject.append(x509.NameAttribute(NameOID.COMMON_NAME, common_name))
+    builder = (
         x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "numbersvc tests")]))
+        .subject_name(x509.Name(subject))
         .issuer_name(issuer.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(hours=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(uri)]), critical=False
-        )
-        .sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
     )
+    if names:
+        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+    cert = builder.sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
     key_pem = key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
     return cert.public_bytes(serialization.Encoding.PEM), key_pem
+
+
+def _spiffe_client_cert(ca: trustme.CA, uri: str) -> tuple[bytes, bytes]:
+    """A client certificate signed by `ca` whose only identity is a SPIFFE URI SAN."""
+    return _client_cert(ca, x509.UniformResourceIdentifier(uri))
 
 
 @pytest.fixture
@@ -349,3 +375,167 @@ async def test_cli_reaches_a_secured_server(
     assert json.loads(out.out)["number_groups"]
     assert no_token == 10 + grpc.StatusCode.UNAUTHENTICATED.value[0]
     assert token not in out.out + out.err
+
+
+async def _mutual_tls_server(
+    start_server: StartServer, tls_files: dict[str, Any], callers_file: Path
+) -> RunningServer:
+    return await start_server(
+        tls_cert=str(tls_files["cert"]),
+        tls_key=str(tls_files["key"]),
+        tls_client_ca=str(tls_files["ca"]),
+        callers_file=str(callers_file),
+    )
+
+
+async def _list_with(running: RunningServer, ca: Path, cert: tuple[bytes, bytes]) -> Any:
+    """ListNumberGroups over mutual TLS with `cert`: the page, or the error."""
+    async with _secure_channel(running.port, ca, cert) as channel:
+        call = pb_grpc.NumberGroupServiceStub(channel).ListNumberGroups(
+            pb.ListNumberGroupsRequest(filter=US, page_size=1), timeout=5
+        )
+        try:
+            return await call
+        except grpc.aio.AioRpcError as error:
+            return error
+
+
+async def test_a_spiffe_id_comes_only_from_the_one_uri_san(
+    start_server: StartServer, tls_files: dict[str, Any], callers_file: Path
+) -> None:
+    """SPIFFE X.509-SVID: the ID is the URI SAN, and a certificate with two identifies no one."""
+    add_caller(callers_file, "mesh-client", ["numbers.read", "numbers.rent"], spiffe_id=SPIFFE_ID)
+    add_caller(callers_file, "legacy", ["numbers.read"], common_name="legacy.internal")
+    running = await _mutual_tls_server(start_server, tls_files, callers_file)
+    ca: trustme.CA = tls_files["ca_obj"]
+    uri = x509.UniformResourceIdentifier
+    impostors = {
+        "a DNS SAN reading the SPIFFE ID": _client_cert(ca, x509.DNSName(SPIFFE_ID)),
+        "an e-mail SAN reading the SPIFFE ID": _client_cert(ca, x509.RFC822Name(SPIFFE_ID)),
+        "two URI SANs, one the SPIFFE ID": _client_cert(
+            ca, uri(SPIFFE_ID), uri("spiffe://example.org/ns/other/sa/x")
+        ),
+        "two URI SANs and a known common name": _client_cert(
+            ca, uri(SPIFFE_ID), uri(SPIFFE_ID + "-2"), common_name="legacy.internal"
+        ),
+    }
+    for what, cert in impostors.items():
+        answer = await _list_with(running, tls_files["ca"], cert)
+        assert isinstance(answer, grpc.aio.AioRpcError), what
+        assert answer.code() == grpc.StatusCode.UNAUTHENTICATED, what
+    # The same names where they belong are accepted.
+    genuine = {
+        "the one URI SAN": _spiffe_client_cert(ca, SPIFFE_ID),
+        "the common name, beside a DNS SAN": _client_cert(
+            ca, x509.DNSName("legacy.internal"), common_name="legacy.internal"
+        ),
+    }
+    for what, cert in genuine.items():
+        page = await _list_with(running, tls_files["ca"], cert)
+        assert isinstance(page, pb.ListNumberGroupsResponse), (what, page)
+        assert page.number_groups, what
+
+
+async def test_an_authorization_that_is_not_bearer_never_falls_back_to_the_certificate(
+    start_server: StartServer, tls_files: dict[str, Any], callers_file: Path
+) -> None:
+    add_caller(callers_file, "mesh-client", ["numbers.read"], spiffe_id=SPIFFE_ID)
+    running = await _mutual_tls_server(start_server, tls_files, callers_file)
+    cert = _spiffe_client_cert(tls_files["ca_obj"], SPIFFE_ID)
+    async with _secure_channel(running.port, tls_files["ca"], cert) as channel:
+        stub = pb_grpc.NumberGroupServiceStub(channel)
+        request = pb.ListNumberGroupsRequest(filter=US, page_size=1)
+        assert (await stub.ListNumberGroups(request)).number_groups  # the certificate alone
+        for value in ("Basic bWVzaDpzZWNyZXQ=", "Token abc", "Bearer", "bearer  ", ""):
+            refused = await _error(
+                stub.ListNumberGroups(request, metadata=(("authorization", value),))
+            )
+            assert refused.code() == grpc.StatusCode.UNAUTHENTICATED, value
+            assert reason_of(refused) == "CALLER_UNAUTHENTICATED", value
+
+
+# --- Access control off, and the callers file at start-up ----------------------------------------
+
+
+@pytest.mark.parametrize("blank", ["", " "])
+async def test_a_blank_callers_file_setting_refuses_to_start(blank: str) -> None:
+    """Set but blank is a mistake, not "no access control": the server must not start open."""
+    process = await _start({"NUMBERSVC_CALLERS_FILE": blank})
+    _, err = await asyncio.wait_for(process.communicate(), timeout=20)
+    assert process.returncode == 2, err.decode()
+    assert b"NUMBERSVC_CALLERS_FILE is set but blank" in err
+    assert b"serving on" not in err
+
+
+async def test_access_control_off_is_said_loudly_at_start_up(
+    start_server: StartServer, callers_file: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    await start_server()
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("ACCESS CONTROL IS OFF" in r.getMessage() for r in warnings), caplog.text
+    caplog.clear()
+    add_caller(callers_file, "dashboard", ["numbers.read"])
+    await start_server(callers_file=str(callers_file))
+    assert "ACCESS CONTROL IS OFF" not in caplog.text
+    assert "callers file" in caplog.text
+
+
+async def test_a_callers_file_others_can_write_is_refused_at_start_up(
+    start_server: StartServer, callers_file: Path
+) -> None:
+    add_caller(callers_file, "dashboard", ["numbers.read"])
+    os.chmod(callers_file, 0o664)
+    with pytest.raises(CallersFileError, match=f"callers file {callers_file} .*chmod 600"):
+        await start_server(callers_file=str(callers_file))
+    os.chmod(callers_file, 0o600)
+    assert (await start_server(callers_file=str(callers_file))).port
+
+
+# --- Health stays open, and cannot starve the API ------------------------------------------------
+
+
+async def test_open_health_watches_cannot_starve_authenticated_calls(
+    start_server: StartServer, control: SandboxControl, callers_file: Path
+) -> None:
+    """More Watch streams than the RPC cap: the API still serves its whole cap at once."""
+    cap, watches = 3, 2
+    reader = add_caller(callers_file, "dashboard", ["numbers.read"]) or ""
+    running = await start_server(
+        callers_file=str(callers_file), max_concurrent_rpcs=cap, max_health_watches=watches
+    )
+    target = f"127.0.0.1:{running.port}"
+    async with (
+        grpc.aio.insecure_channel(target) as probes,
+        grpc.aio.insecure_channel(target) as api,
+    ):
+        health = health_pb2_grpc.HealthStub(probes)
+        streams, answers = [], []
+        for _ in range(cap + 1):  # one at a time: which ones get in is then certain
+            stream = health.Watch(health_pb2.HealthCheckRequest())
+            streams.append(stream)
+            try:
+                answers.append((await stream.read()).status)
+            except grpc.aio.AioRpcError as error:
+                answers.append(error.code())
+        serving = health_pb2.HealthCheckResponse.SERVING
+        assert answers == [serving] * watches + [grpc.StatusCode.RESOURCE_EXHAUSTED] * (
+            cap + 1 - watches
+        )
+        # The API's whole cap at once, each call held upstream so that they overlap.
+        await control.inject_fault(FaultSpec(FaultKind.DELAY, seconds=0.3, count=cap))
+        stub = pb_grpc.NumberGroupServiceStub(api)
+        pages = await asyncio.gather(
+            *(
+                stub.ListNumberGroups(
+                    pb.ListNumberGroupsRequest(filter=US, page_size=1), metadata=_auth(reader)
+                )
+                for _ in range(cap)
+            )
+        )
+        assert all(page.number_groups for page in pages)
+        # A probe's Check is never refused for the watches, and the open ones still serve.
+        status = await health.Check(health_pb2.HealthCheckRequest())
+        assert status.status == serving
+        for stream in streams[:watches]:
+            stream.cancel()

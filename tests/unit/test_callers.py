@@ -751,3 +751,50 @@ def test_the_public_names() -> None:
         ]
     )
     assert callers.CALLERS_FILE_ENV == "NUMBERSVC_CALLERS_FILE"
+
+
+# --- the server's strict mode: a file others could change grants nothing ------------------------
+
+
+@pytest.mark.parametrize("loose", [0o620, 0o602, 0o666, 0o664])
+def test_strict_mode_refuses_a_file_that_group_or_others_can_write(path: Path, loose: int) -> None:
+    add_caller(path, "billing", [READ])
+    path.chmod(loose)
+    assert len(Callers.load(path)) == 1  # the command line may still read (and fix) it
+    with pytest.raises(CallersFileError) as refused:
+        Callers.load(path, strict_mode=True)
+    message = str(refused.value)
+    assert message.startswith(f"callers file {path} ")
+    assert f"chmod 600 {path}" in message
+    assert oct(loose)[2:] in message
+
+
+@pytest.mark.parametrize("private", [0o600, 0o400, 0o640, 0o644])
+def test_strict_mode_loads_a_file_only_its_owner_can_write(path: Path, private: int) -> None:
+    add_caller(path, "billing", [READ])
+    path.chmod(private)
+    assert len(Callers.load(path, strict_mode=True)) == 1
+
+
+def test_strict_mode_follows_a_link_to_the_file_itself(path: Path, tmp_path: Path) -> None:
+    add_caller(path, "billing", [READ])
+    link = tmp_path / "mounted.json"  # as a Kubernetes Secret volume: a link to the data
+    link.symlink_to(path)
+    assert len(Callers.load(link, strict_mode=True)) == 1
+    path.chmod(0o666)
+    with pytest.raises(CallersFileError, match="chmod 600"):
+        Callers.load(link, strict_mode=True)
+
+
+@pytest.mark.parametrize(
+    ("owner", "euid", "refused"), [(0, 1000, False), (1000, 1000, False), (1001, 1000, True)]
+)
+def test_strict_mode_refuses_a_file_owned_by_another_user_than_root(
+    owner: int, euid: int, refused: bool
+) -> None:
+    st = os.stat_result((stat.S_IFREG | 0o600, 0, 0, 1, owner, 0, 10, 0, 0, 0))
+    if refused:
+        with pytest.raises(CallersFileError, match=f"owned by uid {owner}.*chown"):
+            callers._check_private("callers.json", st, euid)
+    else:
+        callers._check_private("callers.json", st, euid)

@@ -70,6 +70,7 @@ def test_empty_env_values_keep_defaults() -> None:
         ),
         ({"NUMBERSVC_DAILY_RENT_CAP": "-1"}, "DAILY_RENT_CAP must be 0 \\(no cap\\) or positive"),
         ({"NUMBERSVC_MAX_CONCURRENT_RPCS": "-1"}, "RPCS must be 0 \\(no limit\\) or positive"),
+        ({"NUMBERSVC_MAX_HEALTH_WATCHES": "0"}, "MAX_HEALTH_WATCHES must be at least 1"),
         ({"NUMBERSVC_UPSTREAM_HTTP_STACK": "curl"}, "cannot read"),
         ({"NUMBERSVC_LOG_FORMAT": "xml"}, "is not text or json"),
         ({"NUMBERSVC_UPSTREAM_RATE": "fast"}, "NUMBERSVC_UPSTREAM_RATE: invalid rate 'fast'"),
@@ -77,6 +78,11 @@ def test_empty_env_values_keep_defaults() -> None:
         (
             {"NUMBERSVC_UPSTREAM_RATE": "300/5s", "NUMBERSVC_UPSTREAM_RATE_FALLBACK": "61/1s"},
             "RATE_FALLBACK \\(61/1s\\) is faster than the account's budget",
+        ),
+        ({"NUMBERSVC_DATABASE_POOL_MAX": "0"}, "DATABASE_POOL_MAX must be at least 1"),
+        (
+            {"NUMBERSVC_DATABASE_URL": "postgresql://db", "NUMBERSVC_DATABASE_URL_FILE": "f"},
+            "NUMBERSVC_DATABASE_URL or NUMBERSVC_DATABASE_URL_FILE, not both",
         ),
     ],
 )
@@ -158,6 +164,23 @@ def test_every_field_has_one_env_variable_and_flag() -> None:
     assert all(s.flag.startswith("--") for _, s, _ in settings())
 
 
+def test_database_url_from_the_env_or_its_file_never_in_repr(tmp_path: Path) -> None:
+    url = "postgresql://svc:hunter2@db:5432/ledger"
+    assert not Config().database()
+    config = Config.from_env({"NUMBERSVC_DATABASE_URL": url})
+    assert config.database().reveal() == url
+    assert "hunter2" not in repr(config)
+    secret = tmp_path / "url"
+    secret.write_text(url + "\n")
+    from_file = Config.from_env({"NUMBERSVC_DATABASE_URL_FILE": str(secret)})
+    assert from_file.database().reveal() == url
+    secret.write_text(" \n")
+    with pytest.raises(ConfigError, match="NUMBERSVC_DATABASE_URL_FILE is empty"):
+        from_file.database()
+    with pytest.raises(ConfigError, match="NUMBERSVC_DATABASE_URL_FILE: cannot read it"):
+        Config(database_url_file=str(tmp_path / "missing")).database()
+
+
 def test_token_never_in_repr() -> None:
     config = Config(plivo_auth_id="MAX", plivo_auth_token=Secret("hunter2"))
     assert "hunter2" not in repr(config)
@@ -186,3 +209,18 @@ def test_parse_host_port(text: str, parsed: tuple[str, int]) -> None:
 def test_parse_host_port_refuses(text: str) -> None:
     with pytest.raises(ValueError, match="HOST:PORT"):
         parse_host_port(text)
+
+
+@pytest.mark.parametrize("blank", ["", " ", "\t\n"])
+def test_a_blank_callers_file_is_an_error_not_access_control_off(
+    blank: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(ConfigError, match="NUMBERSVC_CALLERS_FILE is set but blank"):
+        Config.from_env({"NUMBERSVC_CALLERS_FILE": blank})
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    with pytest.raises(SystemExit) as exit_:
+        parser.parse_args(["--callers-file", blank])
+    assert exit_.value.code == 2
+    assert "NUMBERSVC_CALLERS_FILE is set but blank" in capsys.readouterr().err
+    assert Config.from_env({}).callers_file == ""  # unset: no callers file, as before

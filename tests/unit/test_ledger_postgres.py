@@ -27,10 +27,11 @@ from numbersvc.ledger import (
     OrderState,
     SettleError,
 )
-from numbersvc.ledger.postgres import PostgresLedger, redacted, scrub
+from numbersvc.ledger.postgres import LedgerUnreachableError, PostgresLedger, redacted, scrub
 from numbersvc.orders import fingerprint
 from numbersvc.v1 import number_groups_pb2 as pb
 from numbersvc.validation import RentParams
+from tests.pg import PASSWORD_ROLE, Cluster
 
 SECOND: Final = 10**9
 DAY: Final = 86_400 * SECOND
@@ -415,3 +416,21 @@ class TestSecrets:
         assert self.PASSWORD not in redacted(conninfo)
         message = f"could not connect with {conninfo}"
         assert self.PASSWORD not in scrub(message, conninfo)
+
+    @pytest.mark.parametrize("how", ["wrong password", "nothing listens"])
+    async def test_an_unreachable_database_is_named_without_the_password(
+        self,
+        postgres_cluster: Cluster,
+        postgres_url: str,
+        caplog: pytest.LogCaptureFixture,
+        how: str,
+    ) -> None:
+        postgres_cluster.set_password()
+        url = postgres_cluster.with_password_role(postgres_url, password=self.PASSWORD)
+        if how == "nothing listens":
+            url = url.replace(f":{postgres_cluster.port}/", ":1/")
+        with caplog.at_level(logging.DEBUG), pytest.raises(LedgerUnreachableError) as e:
+            await PostgresLedger.open(url, connect_timeout_seconds=2)
+        assert f"at postgresql://{PASSWORD_ROLE}@127.0.0.1:" in str(e.value)
+        assert self.PASSWORD not in str(e.value)
+        assert self.PASSWORD not in caplog.text

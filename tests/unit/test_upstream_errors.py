@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import email.utils
+import json
 import time
 
 import pytest
@@ -11,6 +12,7 @@ import numbersvc.upstream
 from numbersvc.upstream.errors import (
     MAX_BODY_EXCERPT_CHARS,
     MAX_MESSAGE_CHARS,
+    Scrubber,
     UpstreamConnectError,
     UpstreamDecodeError,
     UpstreamError,
@@ -250,3 +252,54 @@ def test_parse_retry_after_uses_the_wall_clock_by_default() -> None:
     delay = parse_retry_after(future)
     assert delay is not None
     assert 98.0 <= delay <= 100.0
+
+
+# --- Scrubber ---------------------------------------------------------------------------------
+
+_TOKEN = "tok-SECRET-0123456789abcdef"
+_BASIC = "TUFYWDpw/c2VjcmV0+dG9r=="
+
+
+def _json_escaped(text: str) -> str:
+    return "".join(f"\\u{ord(c):04x}" for c in text)
+
+
+@pytest.mark.parametrize(
+    ("text", "scrubbed"),
+    [
+        (f"bad {_TOKEN}!", "bad ***!"),
+        (f"bad {_TOKEN.upper()} and {_TOKEN.lower()}", "bad *** and ***"),
+        (f"basic {_BASIC.lower()}", "basic ***"),
+        (f"id {_json_escaped(_TOKEN)} end", "id *** end"),
+        ("t" + _json_escaped(_TOKEN[1:4]) + _TOKEN[4:], "***"),
+        (_BASIC.replace("/", "\\/"), "***"),
+        # Text without a credential keeps its escapes, control characters never come back.
+        ("caf\\u00e9 \\u0041\\/ \\u001b[2J", "caf\\u00e9 \\u0041\\/ \\u001b[2J"),
+        ("nothing here", "nothing here"),
+    ],
+)
+def test_scrubber_masks_credentials_in_any_case_and_behind_escapes(
+    text: str, scrubbed: str
+) -> None:
+    assert Scrubber((_TOKEN, _BASIC)).text(text) == scrubbed
+
+
+def test_scrubber_on_bodies_and_documents() -> None:
+    scrubber = Scrubber((_TOKEN, _BASIC))
+    assert not scrubber.may_hide(b'{"api_id": "a-1", "objects": [{"group_id": "7"}]}')
+    assert scrubber.may_hide(b'{"api_id": "\\u0074ok"}')
+    assert scrubber.may_hide(f'{{"m": "{_TOKEN.upper()}"}}'.encode())
+    document = {"api_id": _TOKEN, _TOKEN: [1, {"m": f"x {_TOKEN.lower()}"}], "n": None}
+    assert scrubber.document(document) == {"api_id": "***", "***": [1, {"m": "x ***"}], "n": None}
+    with pytest.raises(ValueError, match="nothing to scrub"):
+        Scrubber(("",))
+
+
+def test_parse_error_body_scrubs_before_the_cut() -> None:
+    """A token straddling the 300-character cut would survive in part if scrubbed after it."""
+    content = json.dumps({"api_id": _TOKEN.upper(), "error": "x" * 290 + _TOKEN}).encode()
+    api_id, message = parse_error_body(content, JSON, Scrubber((_TOKEN,)).text)
+    assert api_id == "***"
+    assert message == "x" * 290 + "***"
+    _, plain = parse_error_body(f"<p>{_TOKEN}</p>".encode(), "text/html", Scrubber((_TOKEN,)).text)
+    assert plain == "***"

@@ -319,6 +319,65 @@ async def test_token_never_appears_in_exceptions_logs_or_repr(
     assert AUTH_TOKEN not in caplog.text
 
 
+_PIECE_CHARS = 12  # any piece of a secret this long counts as a leak, in any case
+
+
+def _escaped(text: str, first: int | None = None) -> str:
+    """`text` as JSON string content, its first `first` characters (all: None) \\u-escaped."""
+    cut = len(text) if first is None else first
+    return "".join(f"\\u{ord(c):04x}" for c in text[:cut]) + text[cut:]
+
+
+def _leaked_pieces(text: str, *secrets: str) -> list[str]:
+    """The 12-character pieces of `secrets` that `text` holds, whatever their case."""
+    folded = text.lower()
+    return [
+        secret[i : i + _PIECE_CHARS]
+        for secret in secrets
+        for i in range(len(secret) - _PIECE_CHARS + 1)
+        if secret[i : i + _PIECE_CHARS].lower() in folded
+    ]
+
+
+def hostile_bodies() -> Iterator[tuple[int, bytes]]:
+    """Bodies hiding the token from a scrub of raw bytes: \\u-escaped, or in another case."""
+    basic = expected_auth().removeprefix("Basic ")
+    for first in (None, 1, 5):
+        hidden = _escaped(AUTH_TOKEN, first)
+        echo = f'"api_id": "{hidden}", "error": "no: {hidden}"'
+        yield 400, f"{{{echo}}}".encode()
+        yield 500, f"{{{echo}, {' '.join(['pad'] * 200)}".encode()  # not JSON: an excerpt
+        yield 200, f'{{"api_id": "{hidden}", "group_id": "7", "note": ["{hidden}"]}}'.encode()
+    for echo in (f"basic {basic.lower()}", f"BASIC {basic.upper()}", AUTH_TOKEN.upper()):
+        yield 401, json.dumps({"api_id": echo, "error": f"you sent {echo}"}).encode()
+        yield 200, json.dumps({"api_id": echo, "group_id": "7", "message": echo}).encode()
+
+
+async def test_token_hidden_in_decoded_text_or_another_case_is_scrubbed(
+    make_client: MakeClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    basic = expected_auth().removeprefix("Basic ")
+    seen: list[str] = []
+    answers: list[str | None] = []  # what the access log and metrics are told
+
+    def observe(operation: str, outcome: str, seconds: float, api_id: str | None) -> None:
+        answers.append(api_id)
+
+    for status, content in hostile_bodies():
+        client = make_client(Recorder(httpx.Response(status, content=content)), observer=observe)
+        try:
+            response = await client.get_number_group("7", timeout_seconds=TIMEOUT)
+        except UpstreamError as exc:
+            seen += [str(exc), repr(exc), *(str(v) for v in vars(exc).values())]
+        else:
+            seen += [repr(response), json.dumps(response.body)]
+    assert len(answers) == len(list(hostile_bodies()))
+    everything = "\n".join([*seen, *map(str, answers), caplog.text])
+    assert "***" in everything  # the hidden echoes were found, and masked
+    assert _leaked_pieces(everything, AUTH_TOKEN, basic) == []
+
+
 def test_repr_shows_base_url_and_auth_id_only() -> None:
     client = PlivoClient(base_url=BASE_URL, auth_id=AUTH_ID, auth_token=AUTH_TOKEN)
     assert repr(client) == f"PlivoClient(base_url={BASE_URL!r}, auth_id={AUTH_ID!r})"

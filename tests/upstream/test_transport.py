@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import pathlib
+import re
 import socket
 import ssl
 import struct
@@ -197,6 +198,70 @@ async def test_a_failure_after_the_request_may_have_been_sent(
     assert type(caught.value) is UpstreamTransportError  # not a timeout, not a connect error
     assert isinstance(caught.value.__cause__, cause)
     assert caught.value.request_sent is True
+
+
+async def _after_headers_reset(reader: Reader, writer: Writer) -> None:
+    writer.write(b"HTTP/1.1 201 Created\r\nContent-Length: 80\r\n\r\n" + b'{"api_id": "r"')
+    await writer.drain()
+    reset(writer)
+
+
+_REPR_OR_ERRNO = re.compile(r"<\w+|\w+Error\(|\[Errno|\(\d+, ")
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        _after_request_reset,
+        _after_request_close,
+        _after_request_truncated_body,
+        _after_request_garbage,
+        _after_headers_reset,
+    ],
+    ids=["reset", "close", "truncated-body", "garbage-instead-of-http", "reset-after-headers"],
+)
+async def test_a_transport_failure_is_told_in_words(
+    client_for: Callable[..., PlivoClient],
+    raw_server: StartServer,
+    answer: Callable[[Reader, Writer], Awaitable[None]],
+    stack: HttpStack,
+) -> None:
+    """The message reaches callers (error details): a sentence, never a library's repr."""
+
+    async def handle(reader: Reader, writer: Writer) -> None:
+        await read_request(reader)
+        await answer(reader, writer)
+
+    client = client_for((await raw_server(handle)).base_url)
+    with pytest.raises(UpstreamTransportError) as caught:
+        await client.rent_numbers("1", {}, timeout_seconds=TIMEOUT)
+    prefix = f"POST /v1/Account/{AUTH_ID}/AvailableNumberGroup/1/: "
+    message = caught.value.message
+    assert message.startswith(prefix)
+    words = message.removeprefix(prefix).split(": ", 1)[-1]
+    assert words, message
+    assert not _REPR_OR_ERRNO.search(words), message
+    if stack is HttpStack.AIOHTTP:  # ours: httpcore's words are its own (h11 may quote bytes)
+        assert re.fullmatch(r"[a-z][\w ,'()./-]+", words), message
+
+
+async def test_a_connect_failure_is_told_in_words_with_the_reason(
+    make_client: MakeClient, raw_server: StartServer, server_tls: ssl.SSLContext
+) -> None:
+    untrusted = await raw_server(serve_ok, tls=server_tls)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    expected = {
+        closed: "could not connect (Connection refused)",
+        untrusted.base_url: "could not connect (certificate verify failed: unable to get local"
+        " issuer certificate)",
+    }
+    for base_url, words in expected.items():
+        client = make_client(base_url=base_url, http_stack=HttpStack.AIOHTTP)
+        with pytest.raises(UpstreamConnectError) as caught:
+            await client.get_number_group("1", timeout_seconds=TIMEOUT)
+        assert caught.value.message.endswith(f": ConnectError: {words}")
 
 
 @pytest.mark.parametrize("operation", ["get", "rent"])
