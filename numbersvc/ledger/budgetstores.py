@@ -107,6 +107,7 @@ class SqliteBudget:
         self._clock_ns = clock_ns
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="budget")
         self._db: sqlite3.Connection | None = None
+        self._closed = False
 
     async def reserve(self, name: str, spec: RateSpec, *, max_wait_seconds: float) -> Reservation:
         """Reserve the next slot of budget `name` if it is `max_wait_seconds` away or less.
@@ -151,7 +152,11 @@ class SqliteBudget:
         return self._db
 
     async def close(self) -> None:
-        """Close the connection and its worker thread."""
+        """Close the connection and its worker thread; again, nothing more."""
+        if self._closed:
+            return
+        self._closed = True
+        # On the worker, after the reservations already queued, not under one.
         await asyncio.get_running_loop().run_in_executor(self._executor, self._close_db)
         self._executor.shutdown(wait=True)
 

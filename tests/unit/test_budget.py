@@ -445,3 +445,10 @@ async def test_a_database_error_never_shows_the_password(
         with pytest.raises(BudgetUnavailable) as caught:
             await reserve(PostgresBudget(url), 0.0)
         assert password not in str(caught.value)
+
+
+async def test_closing_twice_is_closing_once(open_store: OpenStore) -> None:
+    store = await open_store(Clock())
+    await reserve(store, 0.0)
+    await store.close()
+    await store.close()  # a server stopped twice (a test, then its fixture) closes it twice
