@@ -1,19 +1,16 @@
 """The account-wide budget end to end: servers on one store share one budget.
 
 Two `numbersvc serve` processes on one store (a SQLite ledger file, or a PostgreSQL database)
-and one sandbox (which journals every
-request it receives, where Plivo would count them): together they send at most the budget
-plus its burst over the test's window, where two local buckets would send twice that. The
-window is measured, so the bound holds on a loaded machine; nothing is timed.
+and one sandbox (which journals every request it receives, where Plivo would count them):
+together they send at most the budget plus its burst over the test's window, where two local
+buckets would send twice that. The window is measured, so the bound holds on a loaded machine;
+nothing is timed.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import signal
 import time
-from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
@@ -27,7 +24,7 @@ from numbersvc.upstream.ratelimit import RateSpec
 from numbersvc.v1 import number_groups_pb2 as pb
 from numbersvc.v1 import number_groups_pb2_grpc as pb_grpc
 from tests.e2e.conftest import StartServer
-from tests.e2e.test_process import Served, _start
+from tests.e2e.test_replicas import _replicas
 
 if TYPE_CHECKING:  # the async stub type exists only in the generated .pyi
     Stub = pb_grpc.NumberGroupServiceAsyncStub
@@ -36,28 +33,6 @@ RATE: Final = RateSpec(10, 1.0)
 CALLS_PER_SERVER: Final = 40
 DEADLINE_SECONDS: Final = 2.0
 US: Final = pb.SearchFilter(region_code="US")
-
-
-@contextlib.asynccontextmanager
-async def servers(env: Mapping[str, str], count: int) -> AsyncIterator[list[Stub]]:
-    """Start `count` `numbersvc serve` processes; yield a stub for each; SIGTERM them after."""
-    served = [Served(p) for p in await asyncio.gather(*(_start(env) for _ in range(count)))]
-    try:
-        await asyncio.gather(*(s.wait_serving() for s in served))
-        async with contextlib.AsyncExitStack() as channels:
-            stubs = []
-            for s in served:
-                channel = await channels.enter_async_context(
-                    grpc.aio.insecure_channel(f"127.0.0.1:{s.port}")
-                )
-                stubs.append(pb_grpc.NumberGroupServiceStub(channel))
-            yield stubs
-    finally:
-        for s in served:
-            if s.process.returncode is None:
-                s.process.send_signal(signal.SIGTERM)
-        for s in served:
-            assert await s.finish() == 0, s.stderr.decode()
 
 
 async def read(stub: Stub, page: int) -> grpc.aio.AioRpcError | None:
@@ -90,7 +65,7 @@ async def test_two_servers_on_one_store_spend_one_budget(
         "NUMBERSVC_UPSTREAM_RATE": str(RATE),
         "NUMBERSVC_COALESCE_READS": "false",
     }
-    async with servers(env, 2) as stubs:
+    async with _replicas(env, 2) as stubs:
         await control.clear_requests()
         started = time.monotonic()
         errors = await asyncio.gather(
