@@ -165,6 +165,11 @@ class Config:
         "NUMBERSVC_DATABASE_POOL_MAX",
         "PostgreSQL connections per replica, at most (the database needs this x replicas)",
     )
+    instance_lease_seconds: float = _s(
+        15.0,
+        "NUMBERSVC_INSTANCE_LEASE_SECONDS",
+        "a server counts as alive this long after each ledger heartbeat (sent every third)",
+    )
     upstream_rate: str = _s(
         "300/5s",
         "NUMBERSVC_UPSTREAM_RATE",
@@ -243,6 +248,8 @@ class Config:
             value = getattr(self, f.name)
             if f.name.endswith("_seconds") and not (value >= 0 and math.isfinite(value)):
                 raise ConfigError(f"{_setting(f).env} must be a finite number >= 0, not {value}")
+        if self.instance_lease_seconds <= 0:
+            raise ConfigError("NUMBERSVC_INSTANCE_LEASE_SECONDS must be positive")
         at_least_one = (
             "retry_max_attempts",
             "max_rent_quantity",

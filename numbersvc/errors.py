@@ -6,14 +6,23 @@ caller sees. Every status carries `google.rpc.ErrorInfo` (domain `numbersvc`); r
 table is generated from `TABLE` (`markdown_table`) and a test keeps the two equal.
 
 The HTTP status decides first: 400/409/422 -> INVALID_ARGUMENT, 401 (our own credentials)
--> INTERNAL, 403 -> FAILED_PRECONDITION, 404 -> NOT_FOUND, 405 -> INTERNAL, 429 and 5xx ->
-UNAVAILABLE. Renting is money: once a rent may have reached Plivo (a reset or timeout after
-sending, a 5xx, an unreadable 2xx) the outcome is `RENT_OUTCOME_UNKNOWN`, never UNAVAILABLE,
-so no caller retries into a second order.
+-> INTERNAL, 403 -> FAILED_PRECONDITION, 404 -> NOT_FOUND, 405 -> INTERNAL, 408, 429 and 5xx
+-> UNAVAILABLE.
+
+Renting is money, and one rule decides every rent row: a failed rent is reported as safe to
+repeat only when it PROVES that nothing was rented, that is when Plivo said no (a 4xx other
+than 408: the request was read and refused) or the request provably never left (no
+connection, our own rate budget, the deadline gone before sending). Every other failure (a
+reset or timeout after sending, 408, 3xx, 5xx, an unreadable 2xx, a bug) is
+`RENT_OUTCOME_UNKNOWN`, never UNAVAILABLE, so no caller or mesh retries into a second order.
+`RENT_REFUSED` and `RENT_NOT_SENT` name the outcomes that prove it; a test walks every status.
+Every error of a rent carries its request id (`ServiceError.request_id`): ErrorInfo metadata
+`requestId` and a ResourceInfo naming the order, so a caller that sent none can look it up.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -36,6 +45,8 @@ from numbersvc.validation import FieldViolation, InvalidRequest
 
 __all__ = [
     "DOMAIN",
+    "RENT_NOT_SENT",
+    "RENT_REFUSED",
     "TABLE",
     "DeadlineExceeded",
     "Operation",
@@ -102,7 +113,10 @@ class ServiceError(Exception):
     message: str
     violations: tuple[FieldViolation, ...] = ()
     resource_name: str = ""
-    """The group id (NOT_FOUND for a group) or request id (order rows) the error is about."""
+    """The group id the error is about (NUMBER_GROUP_NOT_FOUND)."""
+    request_id: str = ""
+    """The rental order (request id) the error is about: ErrorInfo metadata `requestId` and a
+    ResourceInfo naming the order, whatever the row."""
     retry_delay_seconds: float | None = None
     quota: str = ""
     """For DAILY_RENT_CAP_EXCEEDED: the quota's subject, such as `caller:anonymous`."""
@@ -158,7 +172,7 @@ def _order_info(error: ServiceError) -> any_pb2.Any:
     return _pack(
         error_details_pb2.ResourceInfo(
             resource_type=_ORDER_RESOURCE_TYPE,
-            resource_name=error.resource_name,
+            resource_name=error.request_id,
             description=error.message,
         )
     )
@@ -216,7 +230,7 @@ TABLE: Final[Mapping[Outcome, Rule]] = {
     Outcome.UPSTREAM_UNAVAILABLE: Rule(
         _S.UNAVAILABLE,
         "UPSTREAM_UNAVAILABLE",
-        "Plivo answered 408, or 5xx with any body to a read (after retries)",
+        "Plivo answered 408 or 5xx to a read (after retries)",
         (_retry_info,),
     ),
     Outcome.UPSTREAM_UNREACHABLE: Rule(
@@ -226,7 +240,9 @@ TABLE: Final[Mapping[Outcome, Rule]] = {
         (_retry_info,),
     ),
     Outcome.UPSTREAM_UNEXPECTED_STATUS: Rule(
-        _S.INTERNAL, "UPSTREAM_UNEXPECTED_STATUS", "any other non-2xx status (kept in metadata)"
+        _S.INTERNAL,
+        "UPSTREAM_UNEXPECTED_STATUS",
+        "any other non-2xx status to a read, any other 4xx to a rent (kept in metadata)",
     ),
     Outcome.UPSTREAM_BAD_RESPONSE: Rule(
         _S.INTERNAL, "UPSTREAM_BAD_RESPONSE", "a read's 2xx body is not JSON or has the wrong shape"
@@ -244,7 +260,8 @@ TABLE: Final[Mapping[Outcome, Rule]] = {
     Outcome.RENT_OUTCOME_UNKNOWN: Rule(
         _S.INTERNAL,
         "RENT_OUTCOME_UNKNOWN",
-        "a sent rent failed without a clear answer: reset, 5xx, unreadable 2xx",
+        "a rent may have been placed: reset or timeout after sending, 408, 3xx, 5xx, an"
+        " unreadable 2xx, a shutdown mid-POST, an answer the ledger could not record",
     ),
     Outcome.RENT_OUTCOME_UNKNOWN_DEADLINE: Rule(
         _S.DEADLINE_EXCEEDED,
@@ -266,7 +283,7 @@ TABLE: Final[Mapping[Outcome, Rule]] = {
     Outcome.REQUEST_ID_REUSED: Rule(
         _S.ALREADY_EXISTS,
         "REQUEST_ID_REUSED",
-        "a rent reuses a request id with a different group, quantity or app; nothing sent",
+        "a rent reuses a request id of another caller, group, quantity or app; nothing sent",
         (_order_info,),
     ),
     Outcome.DAILY_RENT_CAP_EXCEEDED: Rule(
@@ -315,6 +332,24 @@ TABLE: Final[Mapping[Outcome, Rule]] = {
 }
 
 
+RENT_REFUSED: Final = frozenset(
+    {
+        Outcome.UPSTREAM_REJECTED,
+        Outcome.UPSTREAM_AUTH_FAILED,
+        Outcome.UPSTREAM_PERMISSION_DENIED,
+        Outcome.NUMBER_GROUP_NOT_FOUND,
+        Outcome.UPSTREAM_METHOD_NOT_ALLOWED,
+        Outcome.UPSTREAM_UNEXPECTED_STATUS,
+        Outcome.UPSTREAM_RATE_LIMITED,
+    }
+)
+"""Rent outcomes that prove Plivo rented nothing: it read the request and said no (4xx, not 408)."""
+RENT_NOT_SENT: Final = frozenset(
+    {Outcome.UPSTREAM_UNREACHABLE, Outcome.UPSTREAM_BUDGET_EXHAUSTED, Outcome.DEADLINE_EXCEEDED}
+)
+"""Rent outcomes that prove the request never left."""
+
+
 def classify(exc: BaseException, operation: Operation) -> ServiceError:
     """Turn any failure into the `ServiceError` the caller gets.
 
@@ -334,7 +369,20 @@ def classify(exc: BaseException, operation: Operation) -> ServiceError:
 
 
 def _classify_upstream(exc: UpstreamError, op: Operation) -> ServiceError:
-    renting = op is Operation.RENT
+    error = _upstream_error(exc, op)
+    if op is Operation.RENT and not _proves_nothing_rented(exc, error.outcome):
+        return dataclasses.replace(error, outcome=Outcome.RENT_OUTCOME_UNKNOWN)
+    return error
+
+
+def _proves_nothing_rented(exc: UpstreamError, outcome: Outcome) -> bool:
+    """Apply the module's rule for rents: Plivo read the request and said no, or it never left."""
+    if isinstance(exc, UpstreamStatusError):
+        return 400 <= exc.status_code <= 499 and exc.status_code != 408
+    return outcome in RENT_NOT_SENT
+
+
+def _upstream_error(exc: UpstreamError, op: Operation) -> ServiceError:
     meta = {"operation": op.value}
     if isinstance(exc, UpstreamStatusError):
         status = exc.status_code
@@ -354,16 +402,16 @@ def _classify_upstream(exc: UpstreamError, op: Operation) -> ServiceError:
             metadata=meta,
         )
     if isinstance(exc, UpstreamTransportError):
-        if renting and exc.request_sent:
+        if op is Operation.RENT and exc.request_sent:
             return ServiceError(
                 Outcome.RENT_OUTCOME_UNKNOWN,
-                f"the rent was sent but its answer was lost ({exc}); check before ordering again",
+                f"the rent was sent but its answer was lost ({exc})",
                 metadata=meta,
             )
         return ServiceError(
             Outcome.UPSTREAM_UNREACHABLE, f"Plivo unreachable: {exc}", metadata=meta
         )
-    if isinstance(exc, UpstreamDecodeError) and renting:
+    if isinstance(exc, UpstreamDecodeError) and op is Operation.RENT:
         return ServiceError(
             Outcome.RENT_OUTCOME_UNKNOWN,
             f"Plivo accepted the rent but its answer is unreadable: {exc}",
@@ -379,15 +427,11 @@ def _status_outcome(status: int, op: Operation) -> Outcome:
         return Outcome.UPSTREAM_REJECTED
     if status == 429:
         return Outcome.UPSTREAM_RATE_LIMITED
-    if status == 408:
-        # The server gave up waiting for our request to arrive: nothing was acted on.
+    if status == 408 or 500 <= status <= 599:
+        # NOTE: a read is safe to retry. A rent never gets here as UNAVAILABLE: a 408 means
+        # the server gave up reading (who knows what a proxy forwarded), and a 5xx (a proxy's
+        # 502/504 says nothing about Plivo) may come after the order was placed.
         return Outcome.UPSTREAM_UNAVAILABLE
-    if 500 <= status <= 599:
-        # NOTE: a rent that got a 5xx may still have been placed (a proxy's 502/504 says
-        # nothing about Plivo), so it is never reported as safe to retry.
-        return (
-            Outcome.RENT_OUTCOME_UNKNOWN if op is Operation.RENT else Outcome.UPSTREAM_UNAVAILABLE
-        )
     if status == 404:
         return (
             Outcome.UPSTREAM_NOT_FOUND if op is Operation.SEARCH else Outcome.NUMBER_GROUP_NOT_FOUND
@@ -403,14 +447,17 @@ def to_status(error: ServiceError) -> grpc.Status:
     """Build the rich gRPC status (code, message, `grpc-status-details-bin`) for an error."""
     rule = TABLE[error.outcome]
     info = error_details_pb2.ErrorInfo(reason=rule.reason, domain=DOMAIN, metadata=error.metadata)
+    builders = list(rule.details)
     if error.resource_name and _group_info in rule.details:
         info.metadata["groupId"] = error.resource_name
-    elif error.resource_name and _order_info in rule.details:
-        info.metadata["requestId"] = error.resource_name
+    if error.request_id:
+        info.metadata["requestId"] = error.request_id
+        if _order_info not in builders:
+            builders.append(_order_info)
     status = status_pb2.Status(
         code=rule.code.value[0],
         message=error.message,
-        details=[_pack(info), *(build(error) for build in rule.details)],
+        details=[_pack(info), *(build(error) for build in builders)],
     )
     grpc_status: grpc.Status = rpc_status.to_status(status)
     return grpc_status

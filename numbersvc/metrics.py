@@ -102,6 +102,17 @@ class Metrics:
             ["outcome"],
             registry=r,
         )
+        self.ledger_heartbeats = Counter(
+            "numbersvc_ledger_heartbeats",
+            "Ledger heartbeats (lease renewal and recovery), by result: ok or error",
+            ["result"],
+            registry=r,
+        )
+        self.orders_recovered = Counter(
+            "numbersvc_orders_recovered",
+            "Orders left sending by a process proven gone, made outcome_unknown here",
+            registry=r,
+        )
 
     def watch_rate_limiter(self, limiter: CountingLimiter) -> None:
         """Export the rate limiter's own counters: waits, seconds waited, refusals."""

@@ -10,24 +10,45 @@
    it is settled, and the caller's daily cap is checked in the same transaction.
 3. One POST, never retried, run as the service's own task: a caller that gives up does not
    cancel it, and its outcome is written to the ledger whenever it arrives.
+4. The outcome is written until the ledger takes it (a locked or full store is retried with
+   backoff). Plivo's whole answer is logged at ERROR at the first failed write, so it is never
+   only in memory; a caller whose deadline comes first is told `RENT_OUTCOME_UNKNOWN`, and the
+   write goes on in the background until it lands or the desk stops.
 
-Failures that prove nothing was rented (Plivo said no, or the request never left) leave the
-id free for another attempt: sending again cannot rent twice.
+Failures that prove nothing was rented (Plivo said no, or the request never left: the rule of
+`numbersvc.errors`) leave the id free for another attempt: sending again cannot rent twice.
+Every error names the order's request id, one made up here when the caller sent none.
+
+At shutdown `stop` lets orders in flight finish for a while, then gives up on the POSTs still
+out: each is recorded as `outcome_unknown` and its callers told `RENT_OUTCOME_UNKNOWN`, before
+the server's grace period ends and before the ledger closes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import logging
+import random
+import uuid
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Any, Final
 
 from numbersvc import translation
-from numbersvc.deadline import Deadline
-from numbersvc.errors import DeadlineExceeded, Operation, Outcome, ServiceError, classify
+from numbersvc.deadline import DEFAULT_MARGIN_SECONDS, Deadline
+from numbersvc.errors import (
+    RENT_NOT_SENT,
+    RENT_REFUSED,
+    DeadlineExceeded,
+    Operation,
+    Outcome,
+    ServiceError,
+    classify,
+)
 from numbersvc.ledger import Attempt, Begin, LedgerEntry, OrderLedger, OrderState
 from numbersvc.metrics import Metrics
-from numbersvc.upstream import PlivoClient
+from numbersvc.upstream import PlivoClient, RetryPolicy, UpstreamResponse, full_jitter_delays
 from numbersvc.v1 import number_groups_pb2 as pb
 from numbersvc.validation import RentParams
 
@@ -35,26 +56,18 @@ __all__ = ["RentDesk"]
 
 _log = logging.getLogger("numbersvc.orders")
 _IN_PROGRESS_RETRY_SECONDS: Final = 1.0
+# A caller's answer comes this long before its own wait (`_wait`) gives up on the flight.
+_ANSWER_MARGIN_SECONDS: Final = 2 * DEFAULT_MARGIN_SECONDS
+# How long a write may keep callers waiting whose deadline is already gone (a joined
+# duplicate may still be listening): a healthy ledger answers in milliseconds.
+_MIN_WRITE_WAIT_SECONDS: Final = 1.0
+# Backoff between ledger writes: fast for a lock about to be released, at most 2 s apart so
+# the row is written soon after the store takes writes again.
+_WRITE_BACKOFF: Final = RetryPolicy(initial_delay_seconds=0.05, max_delay_seconds=2.0)
 _STATE_BY_STATUS: Final = {
     pb.ORDER_STATUS_FULFILLED: OrderState.FULFILLED,
     pb.ORDER_STATUS_PENDING: OrderState.PENDING,
 }
-# Outcomes that prove Plivo rented nothing: the order is `failed`, its id free again.
-_REFUSED: Final = frozenset(
-    {
-        Outcome.UPSTREAM_REJECTED,
-        Outcome.UPSTREAM_AUTH_FAILED,
-        Outcome.UPSTREAM_PERMISSION_DENIED,
-        Outcome.NUMBER_GROUP_NOT_FOUND,
-        Outcome.UPSTREAM_METHOD_NOT_ALLOWED,
-        Outcome.UPSTREAM_UNEXPECTED_STATUS,
-        Outcome.UPSTREAM_RATE_LIMITED,
-    }
-)
-# Outcomes where the request never left: the order is `released`.
-_NOT_SENT: Final = frozenset(
-    {Outcome.UPSTREAM_UNREACHABLE, Outcome.UPSTREAM_BUDGET_EXHAUSTED, Outcome.DEADLINE_EXCEEDED}
-)
 
 
 def fingerprint(params: RentParams, caller: str) -> str:
@@ -70,6 +83,7 @@ class _Flight:
     """One order being placed, shared by every call that carries its request id."""
 
     fingerprint: str
+    caller: str
     task: asyncio.Task[pb.RentalOrder] = field(init=False)
 
 
@@ -98,7 +112,10 @@ class RentDesk:
         self._timeout = rent_timeout_seconds
         self._daily_cap = daily_cap
         self._flights: dict[str, _Flight] = {}
+        self._writes: set[asyncio.Task[LedgerEntry]] = set()
+        self._stopping = asyncio.Event()
         self._metrics = metrics
+        self._rng = random.Random()
 
     @property
     def in_flight(self) -> int:
@@ -110,17 +127,31 @@ class RentDesk:
     ) -> pb.RentalOrder:
         """Place an order, or answer for the one already placed under its request id.
 
+        A rent without a request id is given one (a UUID4); every error names it.
+
         Raises:
             ServiceError: the order failed, its outcome is unknown, the id is taken by another
                 request, the cap is reached, or the deadline ran out (see the error table).
         """
+        if not params.request_id:
+            params = dataclasses.replace(params, request_id=str(uuid.uuid4()))
+        try:
+            return await self._rent(params, caller, peer, deadline)
+        except Exception as exc:
+            # Named in every error, so a caller that sent no id can look the order up.
+            error = classify(exc, Operation.RENT)
+            raise dataclasses.replace(error, request_id=params.request_id) from exc
+
+    async def _rent(
+        self, params: RentParams, caller: str, peer: str, deadline: Deadline
+    ) -> pb.RentalOrder:
         print_ = fingerprint(params, caller)
         flight = self._flights.get(params.request_id)
         if flight is not None:
             if flight.fingerprint != print_:
-                raise _reused(params.request_id)
+                raise _reused(params.request_id, other_caller=flight.caller != caller)
             return await self._wait(flight, deadline, params.request_id, first=False)
-        flight = _Flight(print_)
+        flight = _Flight(print_, caller)
         flight.task = asyncio.create_task(
             self._place(
                 params,
@@ -134,11 +165,28 @@ class RentDesk:
         return await self._wait(flight, deadline, params.request_id, first=True)
 
     async def drain(self, timeout_seconds: float) -> None:
-        """Wait up to `timeout_seconds` for the orders in flight to learn their outcome."""
-        tasks = {flight.task for flight in self._flights.values()}
-        if tasks:
-            _log.info("waiting for %d rent order(s) in flight", len(tasks))
-            await asyncio.wait(tasks, timeout=timeout_seconds)
+        """Wait up to `timeout_seconds` for the orders in flight to learn and record outcomes."""
+        busy = self._busy()
+        if busy:
+            _log.info("waiting for %d rent order(s) in flight", len(busy))
+            await asyncio.wait(busy, timeout=timeout_seconds)
+
+    async def stop(self, patience_seconds: float) -> None:
+        """Drain for `patience_seconds`, then give up on the orders still in flight.
+
+        Every POST still out is abandoned (its order recorded as `outcome_unknown`, its callers
+        told `RENT_OUTCOME_UNKNOWN`) and every write still being retried gets one last attempt.
+        Returns when all of them have ended, so the ledger may close. The desk sends no more.
+        """
+        await self.drain(patience_seconds)
+        self._stopping.set()
+        busy = self._busy()
+        if busy:
+            _log.warning("shutting down: giving up on %d rent order(s) in flight", len(busy))
+            await asyncio.wait(busy)
+
+    def _busy(self) -> set[asyncio.Task[Any]]:
+        return {flight.task for flight in self._flights.values()} | self._writes
 
     async def _wait(
         self, flight: _Flight, deadline: Deadline, request_id: str, *, first: bool
@@ -152,14 +200,13 @@ class RentDesk:
                 raise ServiceError(
                     Outcome.RENT_IN_PROGRESS,
                     f"order {request_id} is still being placed; retry to get its outcome",
-                    resource_name=request_id,
                     retry_delay_seconds=_IN_PROGRESS_RETRY_SECONDS,
                 ) from None
             raise ServiceError(
                 Outcome.RENT_OUTCOME_UNKNOWN_DEADLINE,
                 f"the deadline ran out while order {request_id} was being placed; retry with the"
-                " same request id to get its outcome",
-                metadata={"requestId": request_id},
+                f" same request id, or look it up (numbersvc orders get {request_id}), to get its"
+                " outcome",
             ) from None
 
     async def _place(
@@ -167,7 +214,9 @@ class RentDesk:
     ) -> pb.RentalOrder:
         begun = await self._ledger.begin(attempt, daily_cap=self._daily_cap)
         if begun.kind is Begin.CONFLICT:
-            raise _reused(params.request_id)
+            assert begun.entry is not None
+            other = begun.entry.order.caller != attempt.order.caller
+            raise _reused(params.request_id, other_caller=other)
         if begun.kind is Begin.OVER_QUOTA:
             raise _over_quota(attempt.order, begun.used_today, self._daily_cap)
         if begun.kind is Begin.EXISTING:
@@ -182,30 +231,143 @@ class RentDesk:
             budget = deadline.attempt_timeout()
             if budget <= 0:
                 raise DeadlineExceeded("the deadline ran out before the order was sent")
-            response = await self._upstream.rent_numbers(
-                params.group_id,
-                translation.rent_body(params),
-                timeout_seconds=self._timeout,
-                max_wait_seconds=budget,
-            )
+            response = await self._post(params, budget)
             placed = translation.parse_rent(response.body, order)
         except asyncio.CancelledError:
-            # Only a hard shutdown cancels this task; the POST may be out.
+            # Only a hard stop cancels this task (`stop` gives up on the POST alone).
             order.status_message = "cancelled by a shutdown while being sent"
             await self._ledger.finish(order, OrderState.OUTCOME_UNKNOWN)
             raise
         except Exception as exc:
             error = _rent_error(exc)
             order.status_message = error.message
-            state = _state_after(error)
-            await self._ledger.finish(order, state, error_outcome=error.outcome.name)
-            self._count(state, order.quantity)
+            # Plivo's id for its answer, for reconciliation (a refusal has one too).
+            order.upstream_request_id = error.metadata.get("upstreamRequestId", "")
+            answer = f"{error.outcome.name}: {error.message} {dict(error.metadata)}"
+            await self._record(
+                order, _state_after(error), deadline, answer, error_outcome=error.outcome.name
+            )
+            if error.outcome is Outcome.RENT_OUTCOME_UNKNOWN:
+                error = dataclasses.replace(
+                    error, message=f"{error.message}; {_settle_hint(order.request_id)}"
+                )
             raise error from exc
         state = _STATE_BY_STATUS.get(placed.status, OrderState.UNRECOGNIZED)
         # The ledger's answer, not Plivo's: a settlement recorded meanwhile wins.
-        entry = await self._ledger.finish(placed, state, upstream=str(response.body))
-        self._count(entry.state, len(entry.order.numbers) or entry.order.quantity)
+        upstream = str(response.body)
+        entry = await self._record(placed, state, deadline, upstream, upstream=upstream)
         return entry.order
+
+    async def _post(self, params: RentParams, budget: float) -> UpstreamResponse:
+        """Send the POST, unless the desk stops first: then its outcome is unknown."""
+        post = asyncio.ensure_future(
+            self._upstream.rent_numbers(
+                params.group_id,
+                translation.rent_body(params),
+                timeout_seconds=self._timeout,
+                # Bounded, so the ledger's send deadline bounds the POST (see server.py).
+                max_wait_seconds=min(budget, self._timeout),
+            )
+        )
+        stopping = asyncio.ensure_future(self._stopping.wait())
+        try:
+            await asyncio.wait((post, stopping), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+            if not post.done():
+                post.cancel()
+                await asyncio.wait((post,))  # the client closes the connection it was using
+        if post.cancelled():
+            raise ServiceError(
+                Outcome.RENT_OUTCOME_UNKNOWN, "the server shut down while the order was being sent"
+            )
+        return post.result()
+
+    async def _record(
+        self,
+        order: pb.RentalOrder,
+        state: OrderState,
+        deadline: Deadline,
+        answer: str,
+        *,
+        error_outcome: str = "",
+        upstream: str = "",
+    ) -> LedgerEntry:
+        """Record how an order ended; `answer` is Plivo's, logged if the ledger refuses it.
+
+        Raises:
+            ServiceError: RENT_OUTCOME_UNKNOWN: the ledger did not take the outcome before the
+                deadline (the write goes on in the background), or the desk stopped first.
+        """
+        writing = asyncio.create_task(
+            self._write(order, state, answer, error_outcome=error_outcome, upstream=upstream),
+            name=f"record {order.request_id}",
+        )
+        self._writes.add(writing)
+        writing.add_done_callback(self._wrote)
+        wait = deadline.attempt_timeout(margin_seconds=_ANSWER_MARGIN_SECONDS)
+        try:
+            async with asyncio.timeout(max(wait, _MIN_WRITE_WAIT_SECONDS)):
+                return await asyncio.shield(writing)
+        except Exception as exc:  # the deadline, or a write given up at shutdown
+            raise ServiceError(
+                Outcome.RENT_OUTCOME_UNKNOWN,
+                "the order ledger has not recorded this order's outcome yet (the server log has"
+                f" Plivo's answer); {_settle_hint(order.request_id)}",
+            ) from exc
+
+    async def _write(
+        self,
+        order: pb.RentalOrder,
+        state: OrderState,
+        answer: str,
+        *,
+        error_outcome: str,
+        upstream: str,
+    ) -> LedgerEntry:
+        """Write an order's outcome until the ledger takes it; once more when the desk stops.
+
+        NOTE: every failure is retried, whatever the store and the cause (SQLite busy past its
+        timeout or its disk full, a lost database connection): Plivo's answer exists nowhere
+        else. A write that can never succeed only costs retries until shutdown.
+        """
+        delays = full_jitter_delays(_WRITE_BACKOFF, self._rng)
+        failures = 0
+        while True:
+            try:
+                entry = await self._ledger.finish(
+                    order, state, error_outcome=error_outcome, upstream=upstream
+                )
+            except Exception as exc:
+                failures += 1
+                if failures == 1:
+                    _log.error(
+                        "order %s: the ledger refused its outcome (%s: %s); retrying. Plivo's"
+                        " answer: %s",
+                        order.request_id,
+                        type(exc).__name__,
+                        exc,
+                        answer,
+                    )
+                if self._stopping.is_set():
+                    _log.error(
+                        "order %s: outcome still not recorded at shutdown; it stays sending"
+                        " until recovered as outcome_unknown",
+                        order.request_id,
+                    )
+                    raise
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), next(delays))
+                continue
+            if failures:
+                _log.warning(
+                    "order %s: outcome recorded (%s) after %d failed write(s)",
+                    order.request_id,
+                    entry.state.value,
+                    failures,
+                )
+            self._count(entry.state, len(entry.order.numbers) or entry.order.quantity)
+            return entry
 
     def _count(self, state: OrderState, numbers: int) -> None:
         if self._metrics is not None:
@@ -217,24 +379,35 @@ class RentDesk:
         if not task.cancelled():
             task.exception()
 
+    def _wrote(self, task: asyncio.Task[LedgerEntry]) -> None:
+        self._writes.discard(task)
+        if not task.cancelled():
+            task.exception()  # logged by `_write`; only mark it retrieved
+
 
 def _replay(entry: LedgerEntry) -> pb.RentalOrder:
     """Answer a repeat of a finished order: its order, or why it cannot be known."""
     if entry.state in (OrderState.SENDING, OrderState.OUTCOME_UNKNOWN):
         raise ServiceError(
             Outcome.RENT_OUTCOME_UNKNOWN_REPEAT,
-            f"order {entry.order.request_id} was sent but its outcome is unknown; check the"
-            " Plivo console and settle it (SettleRentalOrder, numbersvc orders settle) before"
-            " ordering again",
-            resource_name=entry.order.request_id,
+            f"order {entry.order.request_id} was sent but its outcome is unknown;"
+            f" {_settle_hint(entry.order.request_id)}",
         )
     return entry.order
 
 
+def _settle_hint(request_id: str) -> str:
+    return (
+        f"look the order up (numbersvc orders get {request_id}) and in the Plivo console, then"
+        f" settle it (SettleRentalOrder, numbersvc orders settle {request_id}) before ordering"
+        " again"
+    )
+
+
 def _state_after(error: ServiceError) -> OrderState:
-    if error.outcome in _REFUSED:
+    if error.outcome in RENT_REFUSED:
         return OrderState.FAILED
-    if error.outcome in _NOT_SENT:
+    if error.outcome in RENT_NOT_SENT:
         return OrderState.RELEASED
     return OrderState.OUTCOME_UNKNOWN
 
@@ -244,18 +417,15 @@ def _rent_error(exc: Exception) -> ServiceError:
     if error.outcome is Outcome.INTERNAL_ERROR:
         # A bug anywhere around the POST leaves the order's fate unknown: say so, not "bug".
         _log.error("rent failed in numbersvc itself", exc_info=exc)
-        return ServiceError(
-            Outcome.RENT_OUTCOME_UNKNOWN,
-            "internal error while renting; check before ordering again",
-        )
+        return ServiceError(Outcome.RENT_OUTCOME_UNKNOWN, "internal error while renting")
     return error
 
 
-def _reused(request_id: str) -> ServiceError:
+def _reused(request_id: str, *, other_caller: bool) -> ServiceError:
+    what = "another caller" if other_caller else "a different order (group, quantity or app)"
     return ServiceError(
         Outcome.REQUEST_ID_REUSED,
-        f"request id {request_id} was used for a different order (group, quantity or app)",
-        resource_name=request_id,
+        f"request id {request_id} was used by {what}; send this order under a new request id",
     )
 
 

@@ -1,9 +1,12 @@
 """Paging: opaque page tokens bound to a filter, and the ordered read-ahead page walker.
 
-Page tokens (AIP-158) carry the upstream offset and a fingerprint of the normalized search
+Page tokens (AIP-158) carry where the next page starts and a fingerprint of the normalized
 filter, so a token is refused for another filter but works with any `page_size`, on any
 replica, after a restart, and forever: it holds no server state and no key. It is not a
 security boundary (anyone can mint one); it only keeps callers from mixing up searches.
+A search token carries the upstream offset; an order token carries the key (create time,
+request id) of the last order listed, so orders added or changed meanwhile never shift a
+walk through the ledger (no order skipped or repeated, as an offset would).
 
 `walk_pages` is the one page walker: it fetches pages through one hook, keeps at most
 `read_ahead` pages in flight beyond the page its consumer holds, and yields them in upstream
@@ -30,7 +33,9 @@ __all__ = [
     "Page",
     "PageTokenError",
     "StreamCursor",
+    "decode_order_token",
     "decode_page_token",
+    "encode_order_token",
     "encode_page_token",
     "walk_pages",
 ]
@@ -42,7 +47,10 @@ _TOKEN_VERSION: Final = 1
 # malformed rather than as "issued for another filter".
 _TOKEN_LAYOUT: Final = struct.Struct(">BQ8s")
 _CRC_LAYOUT: Final = struct.Struct(">I")
-_TOKEN_BYTES: Final = _TOKEN_LAYOUT.size + _CRC_LAYOUT.size
+_ORDER_TOKEN_VERSION: Final = 2
+# version, create time (Unix ns), filter fingerprint, then the request id (UTF-8) and the CRC.
+_ORDER_TOKEN_LAYOUT: Final = struct.Struct(">Bq8s")
+_MAX_ORDER_TOKEN_ID_BYTES: Final = 256
 MAX_OFFSET: Final = 2**31 - 1
 """The largest offset a token may carry: far past any real inventory, and fits an int32."""
 
@@ -72,9 +80,7 @@ def encode_page_token(offset: int, filter_key: str) -> str:
     """
     if not 0 <= offset <= MAX_OFFSET:
         raise ValueError(f"offset out of range: {offset}")
-    body = _TOKEN_LAYOUT.pack(_TOKEN_VERSION, offset, fingerprint(filter_key))
-    raw = body + _CRC_LAYOUT.pack(zlib.crc32(body))
-    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+    return _seal(_TOKEN_LAYOUT.pack(_TOKEN_VERSION, offset, fingerprint(filter_key)))
 
 
 def decode_page_token(token: str, filter_key: str) -> int:
@@ -83,19 +89,79 @@ def decode_page_token(token: str, filter_key: str) -> int:
     Raises:
         PageTokenError: the token is malformed, or was issued for another filter.
     """
+    body = _unseal(token)
+    if len(body) != _TOKEN_LAYOUT.size:
+        raise PageTokenError("page_token is malformed")
+    version, offset, print_ = _TOKEN_LAYOUT.unpack(body)
+    if version != _TOKEN_VERSION or offset > MAX_OFFSET:
+        raise PageTokenError("page_token is malformed")
+    _check_filter(print_, filter_key)
+    return int(offset)
+
+
+def encode_order_token(create_time_ns: int, request_id: str, filter_key: str) -> str:
+    """Encode the key of the last order of a page, for the filter `filter_key`.
+
+    Args:
+        create_time_ns: that order's create time, Unix nanoseconds (a signed 64-bit value).
+        request_id: that order's request id.
+        filter_key: the canonical filter string (`OrderQuery.key`).
+
+    Returns:
+        An opaque, URL-safe token.
+    """
+    raw_id = request_id.encode()
+    if not 0 < len(raw_id) <= _MAX_ORDER_TOKEN_ID_BYTES:
+        raise ValueError(f"request id of {len(raw_id)} bytes cannot be in a page token")
+    head = _ORDER_TOKEN_LAYOUT.pack(_ORDER_TOKEN_VERSION, create_time_ns, fingerprint(filter_key))
+    return _seal(head + raw_id)
+
+
+def decode_order_token(token: str, filter_key: str) -> tuple[int, str]:
+    """Return the (create time in Unix ns, request id) an order token carries.
+
+    NOTE: a search token (or an offset token of an earlier release) is malformed here: an
+    offset cannot be turned into a key, and a walk that starts again loses nothing.
+
+    Raises:
+        PageTokenError: the token is malformed, or was issued for another filter.
+    """
+    body = _unseal(token)
+    head, raw_id = body[: _ORDER_TOKEN_LAYOUT.size], body[_ORDER_TOKEN_LAYOUT.size :]
+    if len(head) != _ORDER_TOKEN_LAYOUT.size or len(raw_id) > _MAX_ORDER_TOKEN_ID_BYTES:
+        raise PageTokenError("page_token is malformed")
+    version, create_time_ns, print_ = _ORDER_TOKEN_LAYOUT.unpack(head)
+    if version != _ORDER_TOKEN_VERSION or not raw_id:
+        raise PageTokenError("page_token is malformed")
+    try:
+        request_id = raw_id.decode()
+    except UnicodeDecodeError:
+        raise PageTokenError("page_token is malformed") from None
+    _check_filter(print_, filter_key)
+    return int(create_time_ns), request_id
+
+
+def _seal(body: bytes) -> str:
+    """Append a CRC32 of `body`, so a mangled token reads as malformed, and encode it."""
+    raw = body + _CRC_LAYOUT.pack(zlib.crc32(body))
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+
+
+def _unseal(token: str) -> bytes:
+    """Decode a token and check its CRC32; return the body before it."""
     try:
         raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
     except (binascii.Error, ValueError):
         raise PageTokenError("page_token is malformed") from None
-    if len(raw) != _TOKEN_BYTES:
+    body, crc = raw[: -_CRC_LAYOUT.size], raw[-_CRC_LAYOUT.size :]
+    if len(raw) <= _CRC_LAYOUT.size or _CRC_LAYOUT.unpack(crc)[0] != zlib.crc32(body):
         raise PageTokenError("page_token is malformed")
-    body, (crc,) = raw[: _TOKEN_LAYOUT.size], _CRC_LAYOUT.unpack(raw[_TOKEN_LAYOUT.size :])
-    version, offset, print_ = _TOKEN_LAYOUT.unpack(body)
-    if crc != zlib.crc32(body) or version != _TOKEN_VERSION or offset > MAX_OFFSET:
-        raise PageTokenError("page_token is malformed")
+    return body
+
+
+def _check_filter(print_: bytes, filter_key: str) -> None:
     if print_ != fingerprint(filter_key):
         raise PageTokenError("page_token was issued for another filter", wrong_filter=True)
-    return int(offset)
 
 
 @dataclass(frozen=True, slots=True)

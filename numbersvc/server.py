@@ -3,8 +3,9 @@
 `create_server(config)` builds and starts everything and returns a `RunningServer` with the
 bound port (so tests listen on port 0). `serve(config)` runs until SIGTERM or SIGINT, then
 shuts down in order: health NOT_SERVING, a drain delay for load balancers to notice, the
-gRPC server's grace period for calls in flight, rent orders in flight, the upstream client,
-and the embedded sandbox last.
+gRPC server's grace period for calls in flight (rent orders in flight get most of it, then are
+recorded as outcome unknown and their callers told so before it ends), the upstream client,
+the ledger, and the embedded sandbox last.
 """
 
 from __future__ import annotations
@@ -39,13 +40,18 @@ from numbersvc.upstream.ratelimit import TokenBucket, parse_rate
 from numbersvc.v1 import number_groups_pb2 as pb
 from numbersvc.v1 import number_groups_pb2_grpc as pb_grpc
 
-__all__ = ["SERVICE_NAME", "RunningServer", "create_server", "serve"]
+__all__ = ["SERVICE_NAME", "LeaseKeeper", "RunningServer", "create_server", "serve"]
 
 SERVICE_NAME: Final = pb.DESCRIPTOR.services_by_name["NumberGroupService"].full_name
 UPSTREAM_METADATA_KEY: Final = "numbersvc-upstream"
 _log = logging.getLogger("numbersvc.server")
 _MAX_MESSAGE_BYTES: Final = 4 * 1024 * 1024
+# Past the longest a rent may run: the event loop's lag between the claim and the POST.
+_SEND_SLACK_SECONDS: Final = 2.0
 _HEALTH_SERVICE_NAME: Final = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+# Kept back from the shutdown grace period (at most half of it) for the callers of rent
+# orders given up on to get RENT_OUTCOME_UNKNOWN before the server cancels their calls.
+_RENT_ANSWER_SECONDS: Final = 1.0
 
 
 class _HealthServicer(health.aio.HealthServicer):  # type: ignore[misc]
@@ -105,20 +111,29 @@ class RunningServer:
     metrics: Metrics
     metrics_server: MetricsServer | None
     sandbox: SandboxServer | None
+    lease_keeper: LeaseKeeper
     budget: SharedBudget | None = None
 
     async def stop(self, *, drain_seconds: float = 0.0, grace_seconds: float = 0.0) -> None:
-        """Stop serving: NOT_SERVING, drain, stop with grace, then close what it owns."""
+        """Stop serving: NOT_SERVING, drain, stop with grace, then close what it owns.
+
+        Rent orders still out near the end of the grace period are given up on: recorded as
+        outcome unknown, their callers answered, before the grace ends and the ledger closes.
+        """
         await self.health.enter_graceful_shutdown()
         if drain_seconds:
             _log.info("health NOT_SERVING; draining for %.1f s", drain_seconds)
             await asyncio.sleep(drain_seconds)
         self.servicer.begin_shutdown()
-        await self.server.stop(grace_seconds)
-        await self.rent_desk.drain(grace_seconds)
+        stopping = asyncio.ensure_future(self.server.stop(grace_seconds))
+        try:
+            await self.rent_desk.stop(grace_seconds - min(_RENT_ANSWER_SECONDS, grace_seconds / 2))
+        finally:
+            await stopping
         await self.upstream.aclose()
         if self.budget is not None:
             await self.budget.close()
+        await self.lease_keeper.stop()
         await self.ledger.close()
         if self.metrics_server is not None:
             await self.metrics_server.stop()
@@ -145,11 +160,8 @@ async def create_server(config: Config) -> RunningServer:
         if metrics_server is not None:
             undo.push_async_callback(metrics_server.stop)
         sandbox, upstream, budget = await _upstream(config, kind, metrics, undo)
-        ledger_path = config.resolved_ledger_path()
-        ledger = await SqliteLedger.open(ledger_path)
+        ledger = await _open_ledger(config)
         undo.push_async_callback(ledger.close)
-        await ledger.recover()
-        _log.info("order ledger at %s", ledger_path)
         rent_desk = RentDesk(
             upstream=upstream,
             ledger=ledger,
@@ -179,6 +191,9 @@ async def create_server(config: Config) -> RunningServer:
         port = _bind(server, config, callers)
         await server.start()
         undo.push_async_callback(server.stop, None)
+        # Only once the port is ours: a second server on a taken port recovers nothing.
+        lease_keeper = await LeaseKeeper.start(ledger, metrics, config.instance_lease_seconds)
+        undo.push_async_callback(lease_keeper.stop)
         for name in ("", SERVICE_NAME):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
         undo.pop_all()  # started: from here on RunningServer.stop owns the shutdown
@@ -196,8 +211,103 @@ async def create_server(config: Config) -> RunningServer:
         metrics=metrics,
         metrics_server=metrics_server,
         sandbox=sandbox,
+        lease_keeper=lease_keeper,
         budget=budget,
     )
+
+
+class LeaseKeeper:
+    """Keeps this process's ledger lease alive, recovering orders of owners proven gone.
+
+    A heartbeat runs at start, then every third of the lease, so two can fail in a row before
+    the lease lapses. A failure is counted every time but logged once per outage: the store
+    may be down for a while, and a log line per tick would bury everything else.
+    """
+
+    def __init__(self, ledger: OrderLedger, metrics: Metrics, lease_seconds: float) -> None:
+        self._ledger = ledger
+        self._metrics = metrics
+        self._interval = lease_seconds / 3
+        self._failing = False
+        self._task: asyncio.Task[None] | None = None
+
+    @classmethod
+    async def start(
+        cls, ledger: OrderLedger, metrics: Metrics, lease_seconds: float
+    ) -> LeaseKeeper:
+        """Run the first heartbeat now, then keep beating in a background task."""
+        keeper = cls(ledger, metrics, lease_seconds)
+        await keeper.beat()
+        keeper._task = asyncio.create_task(keeper._keep(), name="ledger heartbeat")
+        return keeper
+
+    async def beat(self) -> None:
+        """Run one heartbeat; a failure is logged (once per outage) and counted, never raised."""
+        try:
+            recovered = await self._ledger.heartbeat()
+        except Exception:
+            self._metrics.ledger_heartbeats.labels("error").inc()
+            if not self._failing:
+                _log.exception("ledger heartbeat failed: the lease is not renewed (retrying)")
+            self._failing = True
+            return
+        self._metrics.ledger_heartbeats.labels("ok").inc()
+        self._metrics.orders_recovered.inc(recovered)
+        if self._failing:
+            _log.warning("ledger heartbeat works again")
+        self._failing = False
+
+    async def stop(self) -> None:
+        """Stop beating (before the ledger closes and removes the lease)."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _keep(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval)
+            await self.beat()
+
+
+async def _open_ledger(config: Config) -> OrderLedger:
+    """Open the order ledger: PostgreSQL when a database URL is set, else the SQLite file.
+
+    Raises:
+        ConfigError: the database URL's file cannot be read.
+        ValueError: the database URL does not parse (the message does not quote it).
+        LedgerSchemaError: the store was written by a newer numbersvc.
+        LedgerUnreachableError: PostgreSQL cannot be reached (`numbersvc.ledger.postgres`).
+        sqlite3.Error: the SQLite file cannot be opened.
+    """
+    lease_seconds = config.instance_lease_seconds
+    # A rent waits at most its timeout for a rate-limit token, then POSTs for at most as long:
+    # after that, no POST of an order claimed by this process is still out.
+    send_timeout_seconds = 2 * config.rent_timeout_seconds + _SEND_SLACK_SECONDS
+    database = config.database()
+    if not database:
+        path = config.resolved_ledger_path()
+        ledger: OrderLedger = await SqliteLedger.open(
+            path, lease_seconds=lease_seconds, send_timeout_seconds=send_timeout_seconds
+        )
+        _log.info("order ledger at %s (instance %s)", path, ledger.instance)
+        return ledger
+    # Imported here: psycopg loads only where PostgreSQL is used.
+    from numbersvc.ledger import postgres
+
+    ledger = await postgres.PostgresLedger.open(
+        database.reveal(),
+        pool_max=config.database_pool_max,
+        lease_seconds=lease_seconds,
+        send_timeout_seconds=send_timeout_seconds,
+    )
+    _log.info(
+        "order ledger in PostgreSQL at %s (instance %s, at most %d connections)",
+        postgres.redacted(database.reveal()),
+        ledger.instance,
+        config.database_pool_max,
+    )
+    return ledger
 
 
 async def _upstream(

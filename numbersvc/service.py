@@ -13,7 +13,6 @@ import contextlib
 import dataclasses
 import functools
 import logging
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
@@ -219,8 +218,6 @@ class NumberGroupServicer(pb_grpc.NumberGroupServiceServicer):
     ) -> pb.RentNumbersResponse:
         """Rent numbers: never retried, and once sent, shielded from the caller going away."""
         params = validation.validate_rent(request, max_quantity=self._config.max_rent_quantity)
-        if not params.request_id:
-            params = dataclasses.replace(params, request_id=str(uuid.uuid4()))
         deadline = self._deadline(context)
         minimum = self._config.rent_min_deadline_seconds
         if deadline.remaining() < minimum:
@@ -247,7 +244,7 @@ class NumberGroupServicer(pb_grpc.NumberGroupServiceServicer):
             raise ServiceError(
                 Outcome.RENTAL_ORDER_NOT_FOUND,
                 f"no order with request id {request_id}",
-                resource_name=request_id,
+                request_id=request_id,
             )
         return pb.GetRentalOrderResponse(order=entry.order)
 
@@ -257,13 +254,20 @@ class NumberGroupServicer(pb_grpc.NumberGroupServiceServicer):
     ) -> pb.ListRentalOrdersResponse:
         """Return one page of orders from the ledger, oldest first."""
         params = validation.validate_list_orders(request)
+        # One more than the page: whether it comes back says whether a next page exists.
         entries, total = await self._ledger.list(
-            params.query, offset=params.offset, limit=params.page_size
+            params.query, after=params.after, limit=params.page_size + 1
         )
-        end = params.offset + len(entries)
+        page = entries[: params.page_size]
+        token = ""
+        if len(entries) > params.page_size:
+            last = page[-1].order
+            token = paging.encode_order_token(
+                last.create_time.ToNanoseconds(), last.request_id, params.query.key
+            )
         return pb.ListRentalOrdersResponse(
-            orders=[entry.order for entry in entries],
-            next_page_token=paging.encode_page_token(end, params.query.key) if end < total else "",
+            orders=[entry.order for entry in page],
+            next_page_token=token,
             total_size=_int32(total),
         )
 
@@ -285,7 +289,7 @@ class NumberGroupServicer(pb_grpc.NumberGroupServiceServicer):
         except SettleError as exc:
             missing = isinstance(exc, OrderNotFound)
             outcome = Outcome.RENTAL_ORDER_NOT_FOUND if missing else Outcome.ORDER_NOT_SETTLEABLE
-            raise ServiceError(outcome, str(exc), resource_name=params.request_id) from exc
+            raise ServiceError(outcome, str(exc), request_id=params.request_id) from exc
         return pb.SettleRentalOrderResponse(order=entry.order)
 
     async def _search(

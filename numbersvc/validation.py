@@ -180,11 +180,11 @@ class OrderKey:
 
 @dataclass(frozen=True, slots=True)
 class OrderListParams:
-    """A validated `ListRentalOrdersRequest`."""
+    """A validated `ListRentalOrdersRequest`; `after` is the key the page token carries."""
 
     query: OrderQuery
     page_size: int
-    offset: int
+    after: OrderKey | None
 
 
 class _Checker:
@@ -363,10 +363,15 @@ def validate_list_orders(request: pb.ListRentalOrdersRequest) -> OrderListParams
     if request.page_size < 0:
         check.fail("page_size", "must be 0 (the default, 100) or positive")
     query = OrderQuery(tuple(sorted(set(f.statuses))), start, end)
-    offset = _offset(request.page_token, query.key, check)
+    after: OrderKey | None = None
+    if request.page_token:
+        try:
+            after = OrderKey(*paging.decode_order_token(request.page_token, query.key))
+        except paging.PageTokenError as exc:
+            check.fail("page_token", str(exc).removeprefix("page_token "))
     check.done()
     page_size = min(request.page_size, MAX_ORDER_PAGE_SIZE) or DEFAULT_ORDER_PAGE_SIZE
-    return OrderListParams(query=query, page_size=page_size, offset=offset)
+    return OrderListParams(query=query, page_size=page_size, after=after)
 
 
 def _search_page(

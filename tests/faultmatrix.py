@@ -20,6 +20,7 @@ Upstream request counts are the requests the sandbox logged for the RPC's operat
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import socket
 import sys
@@ -139,7 +140,11 @@ _RESOURCE = frozenset({"ResourceInfo"})
 
 
 def _each(reads: Expected, rent: Expected, *, get: Expected | None = None) -> dict[str, Expected]:
-    """The same answer for the three reads (`get` may differ), and the rent's."""
+    """The same answer for the three reads (`get` may differ), and the rent's.
+
+    Every rent error names its order (a ResourceInfo), whatever the row.
+    """
+    rent = dataclasses.replace(rent, details=rent.details | _RESOURCE)
     return {"list": reads, "stream": reads, "get": get or reads, "rent": rent}
 
 

@@ -19,7 +19,11 @@ _KINDS = (
 def decode(
     trailing_metadata: Iterable[tuple[str, Any]],
 ) -> tuple[status_pb2.Status, dict[str, Any]]:
-    """Return the rich status and its details by type name (`"ErrorInfo"`, ...)."""
+    """Return the rich status and its details by type name (`"ErrorInfo"`, ...).
+
+    Of two details of one type (a rent's group and its order), the first is kept: the one a
+    client that looks for "the ResourceInfo" finds.
+    """
     raw = dict(trailing_metadata).get("grpc-status-details-bin")
     assert raw is not None, "no rich status in the trailing metadata"
     status = status_pb2.Status.FromString(raw)
@@ -29,5 +33,5 @@ def decode(
         assert kind is not None, f"unexpected detail {packed.type_url}"
         message = kind()
         packed.Unpack(message)
-        found[kind.DESCRIPTOR.name] = message
+        found.setdefault(kind.DESCRIPTOR.name, message)
     return status, found

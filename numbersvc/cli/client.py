@@ -355,8 +355,9 @@ def rent_numbers(
 
 def _maybe_placed_hint(request_id: str) -> str:
     return (
-        f"the order may have been placed: look up request id {request_id}"
-        " (server log numbersvc.orders, Plivo console) before renting again"
+        f"the order may have been placed: look it up (numbersvc orders get {request_id}); if"
+        " its outcome is unknown, check the Plivo console and settle it"
+        f" (numbersvc orders settle {request_id}) before renting again"
     )
 
 

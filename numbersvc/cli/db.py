@@ -16,6 +16,7 @@ import os
 import sqlite3
 import sys
 from collections.abc import Awaitable, Callable
+from datetime import UTC
 from typing import TYPE_CHECKING, Any, Final
 
 from numbersvc.cli import client
@@ -157,7 +158,7 @@ async def _status(
 
     now = await pgschema.status(conn)
     rows = [
-        (a.version, a.name, f"applied {a.applied_at:%Y-%m-%dT%H:%M:%SZ}")
+        (a.version, a.name, f"applied {a.applied_at.astimezone(UTC):%Y-%m-%dT%H:%M:%SZ}")
         for a in now.applied
         if a not in now.unknown and a not in now.changed
     ]

@@ -114,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=exit_code_table(
             [
                 (client.EXIT_OK, "after a graceful shutdown"),
-                (client.EXIT_USAGE, "bad configuration"),
+                (client.EXIT_USAGE, "bad configuration, or a ledger from a newer numbersvc"),
             ]
         ),
     )
@@ -310,10 +310,16 @@ def _serve(args: argparse.Namespace) -> int:
         console = client.Console.for_streams(sys.stdout, sys.stderr, environ=os.environ)
         console.error(f"configuration: {exc}")
         return client.EXIT_USAGE
+    from numbersvc.ledger import LedgerSchemaError
     from numbersvc.server import serve  # imported here: it loads grpc.aio and the whole server
 
     logs.configure_logging(config.log_level, config.log_format)
-    return asyncio.run(serve(config))
+    try:
+        return asyncio.run(serve(config))
+    except LedgerSchemaError as exc:
+        console = client.Console.for_streams(sys.stdout, sys.stderr, environ=os.environ)
+        console.error(str(exc))
+        return client.EXIT_USAGE
 
 
 def _sandbox(args: argparse.Namespace) -> int:

@@ -37,7 +37,13 @@ from numbersvc.cli.options import (
     output_epilog,
 )
 from numbersvc.config import Config, ConfigError
-from numbersvc.ledger import SETTLED_AS, LedgerEntry, SettleError, SqliteLedger
+from numbersvc.ledger import (
+    SETTLED_AS,
+    LedgerEntry,
+    LedgerSchemaError,
+    SettleError,
+    SqliteLedger,
+)
 from numbersvc.v1 import number_groups_pb2 as pb
 from numbersvc.v1 import number_groups_pb2_grpc as pb_grpc
 from numbersvc.validation import SettleParams
@@ -208,6 +214,9 @@ def settle_offline(
     except sqlite3.DatabaseError as exc:  # not a ledger, or locked past the busy timeout
         console.error(f"ledger {ledger_path}: {exc}")
         return EXIT_CANNOT_SETTLE
+    except LedgerSchemaError as exc:  # written by a newer numbersvc: use that one
+        console.error(str(exc))
+        return client.EXIT_USAGE
     response = pb.SettleRentalOrderResponse(order=entry.order)
     console.result(
         render.json_text(response) if console.json else _order_text(response, console.style)

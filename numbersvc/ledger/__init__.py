@@ -14,9 +14,18 @@ States of an order (column `state`):
         │  └──> released                                never sent: the id may be used again
         └─────> outcome_unknown ──(settle)──> fulfilled | failed
 
-A `sending` row whose owner (the process instance that sent it) is gone reads as
-`outcome_unknown`: `recover()` rewrites such rows at start-up. One database per service
-instance for now; a store shared by replicas would implement the same protocol.
+Owners and leases: every ledger instance (one per server process) registers a lease in the
+store when it opens, renews it with `heartbeat()` and removes it on `close()`. A `sending` row
+is turned into `outcome_unknown` by any instance's heartbeat only once its owner has no live
+lease AND its send deadline (claim time + the longest a POST may run + slack) has passed: a
+process whose lease lapsed (a broken link to the store) may still have a POST out, and settling
+that order as failed would let a retry rent twice. Processes on one host may share a SQLite
+file; replicas share a PostgreSQL database through the same protocol.
+
+An order keeps its first `create_time` when its id is reused after `released` or `failed`
+(each attempt is an audit event; `attempt_time` is the latest claim, which the daily cap
+counts), and listings page by key (`OrderKey`: create time, request id), so a walk through
+the ledger never skips or repeats an order while rows change.
 """
 
 from __future__ import annotations
@@ -129,8 +138,15 @@ class BeginResult:
 class OrderLedger(Protocol):
     """Where orders are recorded. Every method is a coroutine and safe to call concurrently."""
 
+    instance: str
+    """This process's owner id (uuid hex): the `owner` of the orders it claims, and its lease."""
+
     async def begin(self, attempt: Attempt, *, daily_cap: int) -> BeginResult:
-        """Atomically claim the request id (or report who has it) and check the daily cap."""
+        """Atomically claim the request id (or report who has it) and check the daily cap.
+
+        A claim sets the order's send deadline: after it, no POST of this attempt can still
+        be running. A `released` or `failed` row is taken over and keeps its create time.
+        """
 
     async def finish(
         self,
@@ -162,15 +178,25 @@ class OrderLedger(Protocol):
         """Return one order, or None."""
 
     async def list(
-        self, query: OrderQuery, *, offset: int, limit: int
+        self, query: OrderQuery, *, after: OrderKey | None, limit: int
     ) -> tuple[list[LedgerEntry], int]:
-        """Return a page of orders, oldest first, and how many match in all."""
+        """Return up to `limit` orders after the key `after`, oldest first, and a total.
 
-    async def recover(self) -> int:
-        """Mark orders left `sending` by earlier processes as `outcome_unknown`."""
+        The total counts every order matching `query`, before or after the key.
+        """
+
+    async def heartbeat(self) -> int:
+        """Renew this instance's lease and recover the orders of owners proven gone.
+
+        In one transaction: renew the lease, and turn into `outcome_unknown` every `sending`
+        order whose owner has no live lease and whose send deadline has passed.
+
+        Returns:
+            How many orders were recovered.
+        """
 
     async def close(self) -> None:
-        """Release the store."""
+        """Remove this instance's lease and release the store."""
 
 
 class LedgerSchemaError(RuntimeError):

@@ -8,8 +8,9 @@ replicas cannot both pass the cap: the second waits for the first to commit, the
 
 NOTE: why a lock and not SERIALIZABLE: the cap is a sum over a caller's rows, a predicate
 SSI tracks with coarse (page) locks, so unrelated callers' claims would abort each other and
-every claim would need a retry loop. The lock is exact (one caller), costs one round trip, is
-released by COMMIT or by a dropped connection, and claims without a cap skip it.
+every claim would need a retry loop. The lock is exact (one caller), is taken by the statement
+that reads the claim's time anyway, is released by COMMIT or by a dropped connection, and
+claims without a cap skip it.
 
 Times come from the database's clock (`clock_timestamp()`), so replicas never disagree about
 a lease, a send deadline or the UTC day. Leases live in `instances`; `heartbeat()` renews this
@@ -53,6 +54,9 @@ _log = logging.getLogger("numbersvc.orders")
 _NANOS: Final = 10**9
 _CLOSE_TIMEOUT_SECONDS: Final = 5.0
 _MIN_CONNECT_TIMEOUT_SECONDS: Final = 2  # libpq's own minimum, whole seconds
+# How long a call waits for a pooled connection: a database that is down, or a pool that is
+# exhausted, fails a claim within this (before anything is sent) rather than at its deadline.
+_POOL_WAIT_SECONDS: Final = 5.0
 # Every statement commits on its own unless a transaction is opened; `pg_stat_activity`
 # names the service.
 _CONNECTION_OPTIONS: Final[dict[str, Any]] = {"autocommit": True, "application_name": "numbersvc"}
@@ -238,6 +242,7 @@ class PostgresLedger:
             max_size=pool_max,
             kwargs=_CONNECTION_OPTIONS,
             open=False,
+            timeout=_POOL_WAIT_SECONDS,
             name="numbersvc-ledger",
             # A connection broken by a database restart is found out before a claim uses it.
             check=AsyncConnectionPool.check_connection,

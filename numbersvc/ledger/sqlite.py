@@ -1,4 +1,10 @@
-"""The order ledger on SQLite: one file, WAL mode, `synchronous=FULL`, one writer thread."""
+"""The order ledger on SQLite: one file, WAL mode, `synchronous=FULL`, one writer thread.
+
+Schema versions live in `PRAGMA user_version`: a file is brought up to `_SCHEMA_VERSION` in
+place when opened (in one transaction, so processes opening it together upgrade it once), and
+a file written by a newer numbersvc is refused (`LedgerSchemaError`). Leases, send deadlines
+and day boundaries use this host's clock: every process sharing a SQLite file runs here.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +12,15 @@ import asyncio
 import concurrent.futures
 import contextvars
 import logging
+import os
+import socket
 import sqlite3
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Final, TypeVar
+from typing import Final, TypedDict, TypeVar, Unpack
 
 from numbersvc.ledger import (
     STATUS_OF,
@@ -20,49 +28,84 @@ from numbersvc.ledger import (
     Begin,
     BeginResult,
     LedgerEntry,
+    LedgerSchemaError,
     OrderNotFound,
     OrderState,
     SettleError,
 )
 from numbersvc.v1 import number_groups_pb2 as pb
-from numbersvc.validation import OrderQuery, is_e164
+from numbersvc.validation import OrderKey, OrderQuery, is_e164
 
-__all__ = ["SqliteLedger"]
+__all__ = ["LedgerOptions", "SqliteLedger"]
 
 _log = logging.getLogger("numbersvc.orders")
 _T = TypeVar("_T")
-_SCHEMA_VERSION: Final = 1
 _MAX_UPSTREAM_BODY_CHARS: Final = 2000
-_NANOS_PER_DAY: Final = 86_400 * 10**9
+_NANOS_PER_SECOND: Final = 10**9
+_NANOS_PER_DAY: Final = 86_400 * _NANOS_PER_SECOND
 _UNSETTLED: Final = (OrderState.SENDING, OrderState.OUTCOME_UNKNOWN)
+DEFAULT_LEASE_SECONDS: Final = 15.0
+DEFAULT_SEND_TIMEOUT_SECONDS: Final = 60.0
+RECOVERED_NOTE: Final = "the service stopped while this order was being sent"
 
-_SCHEMA: Final = """
-CREATE TABLE IF NOT EXISTS orders (
-    request_id      TEXT PRIMARY KEY,
-    fingerprint     TEXT NOT NULL,
-    caller          TEXT NOT NULL,
-    peer            TEXT NOT NULL,
-    owner           TEXT NOT NULL,
-    state           TEXT NOT NULL,
-    status          INTEGER NOT NULL,
-    quantity        INTEGER NOT NULL,
-    create_time_ns  INTEGER NOT NULL,
-    update_time_ns  INTEGER NOT NULL,
-    order_proto     BLOB NOT NULL,
-    error_outcome   TEXT NOT NULL DEFAULT '',
-    upstream        TEXT NOT NULL DEFAULT ''
-);
-CREATE INDEX IF NOT EXISTS orders_by_time ON orders (create_time_ns, request_id);
-CREATE INDEX IF NOT EXISTS orders_by_caller_time ON orders (caller, create_time_ns);
-CREATE TABLE IF NOT EXISTS events (
-    id          INTEGER PRIMARY KEY,
-    request_id  TEXT NOT NULL,
-    time_ns     INTEGER NOT NULL,
-    state       TEXT NOT NULL,
-    detail      TEXT NOT NULL
-);
-"""
+# Each version's statements, applied in order from the file's `user_version`. Version 1 is the
+# first release's schema (its statements stay as they were: a crash of that release between
+# creating the tables and setting the version left a file at version 0 with the tables).
+_MIGRATIONS: Final = (
+    (
+        """CREATE TABLE IF NOT EXISTS orders (
+            request_id      TEXT PRIMARY KEY,
+            fingerprint     TEXT NOT NULL,
+            caller          TEXT NOT NULL,
+            peer            TEXT NOT NULL,
+            owner           TEXT NOT NULL,
+            state           TEXT NOT NULL,
+            status          INTEGER NOT NULL,
+            quantity        INTEGER NOT NULL,
+            create_time_ns  INTEGER NOT NULL,
+            update_time_ns  INTEGER NOT NULL,
+            order_proto     BLOB NOT NULL,
+            error_outcome   TEXT NOT NULL DEFAULT '',
+            upstream        TEXT NOT NULL DEFAULT ''
+        )""",
+        "CREATE INDEX IF NOT EXISTS orders_by_time ON orders (create_time_ns, request_id)",
+        "CREATE INDEX IF NOT EXISTS orders_by_caller_time ON orders (caller, create_time_ns)",
+        """CREATE TABLE IF NOT EXISTS events (
+            id          INTEGER PRIMARY KEY,
+            request_id  TEXT NOT NULL,
+            time_ns     INTEGER NOT NULL,
+            state       TEXT NOT NULL,
+            detail      TEXT NOT NULL
+        )""",
+    ),
+    (
+        # 0: rows of version 1 count as past their send deadline (their owners had no lease).
+        "ALTER TABLE orders ADD COLUMN send_deadline_ns INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE orders ADD COLUMN attempt_time_ns INTEGER NOT NULL DEFAULT 0",
+        "UPDATE orders SET attempt_time_ns = create_time_ns",
+        "DROP INDEX orders_by_caller_time",
+        "CREATE INDEX orders_by_caller_attempt ON orders (caller, attempt_time_ns)",
+        "CREATE INDEX orders_sending ON orders (send_deadline_ns) WHERE state = 'sending'",
+        """CREATE TABLE instances (
+            instance    TEXT PRIMARY KEY,
+            expires_ns  INTEGER NOT NULL,
+            started_ns  INTEGER NOT NULL,
+            host        TEXT NOT NULL,
+            pid         INTEGER NOT NULL
+        )""",
+    ),
+)
+SCHEMA_VERSION: Final = len(_MIGRATIONS)
+_KEPT_ON_RETRY: Final = frozenset({"request_id", "create_time_ns"})
 _COLUMNS: Final = "order_proto, state, fingerprint, owner, error_outcome"
+
+
+class LedgerOptions(TypedDict, total=False):
+    """The keyword arguments of `SqliteLedger` (and of `SqliteLedger.open`)."""
+
+    clock_ns: Callable[[], int]
+    lease_seconds: float
+    send_timeout_seconds: float
 
 
 class SqliteLedger:
@@ -70,25 +113,51 @@ class SqliteLedger:
 
     All statements run on one worker thread, one at a time: SQLite connections are not
     shared across threads, and serializing keeps each claim-and-check transaction atomic
-    within the process. Other processes (`numbersvc orders settle`) may write the same file;
-    `BEGIN IMMEDIATE` and a busy timeout order them.
+    within the process. Other processes (another server, `numbersvc orders settle`) may write
+    the same file; `BEGIN IMMEDIATE` and a busy timeout order them, and leases tell each one
+    which owners are alive.
 
     Args:
         path: the database file; its folder is created. `:memory:` keeps nothing.
         clock_ns: wall clock in Unix nanoseconds.
+        lease_seconds: how long this instance counts as alive after each heartbeat.
+        send_timeout_seconds: the longest a rent may take from its claim to its POST's end
+            (the wait for a rate-limit token, the POST, a slack): a claim's send deadline is
+            its time plus this.
     """
 
-    def __init__(self, path: str | Path, *, clock_ns: Callable[[], int] = time.time_ns) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        clock_ns: Callable[[], int] = time.time_ns,
+        lease_seconds: float = DEFAULT_LEASE_SECONDS,
+        send_timeout_seconds: float = DEFAULT_SEND_TIMEOUT_SECONDS,
+    ) -> None:
+        if not lease_seconds > 0:
+            raise ValueError(f"lease_seconds must be positive, not {lease_seconds}")
         self._path = str(path)
         self._clock_ns = clock_ns
+        self._lease_ns = int(lease_seconds * _NANOS_PER_SECOND)
+        self._send_ns = int(send_timeout_seconds * _NANOS_PER_SECOND)
         self.instance = uuid.uuid4().hex
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ledger")
         self._db: sqlite3.Connection | None = None
+        self._leased = False
 
     @classmethod
-    async def open(cls, path: str | Path, **kwargs: Callable[[], int]) -> SqliteLedger:
-        """Open (creating if needed) the ledger at `path`."""
-        ledger = cls(path, **kwargs)
+    async def open(cls, path: str | Path, **options: Unpack[LedgerOptions]) -> SqliteLedger:
+        """Open (creating or upgrading if needed) the ledger at `path` and register a lease.
+
+        Args:
+            path: as for the constructor.
+            options: the constructor's keyword arguments.
+
+        Raises:
+            LedgerSchemaError: the file was written by a newer numbersvc.
+            sqlite3.Error: the file cannot be opened or written.
+        """
+        ledger = cls(path, **options)
         try:
             await ledger._run(ledger._connect)
         except BaseException:
@@ -100,12 +169,38 @@ class SqliteLedger:
         if self._path != ":memory:":
             Path(self._path).parent.mkdir(parents=True, exist_ok=True)
         db = sqlite3.connect(self._path, isolation_level=None, timeout=10.0)
+        self._db = db
         db.execute("PRAGMA journal_mode=WAL")
         # FULL: a commit is on disk before the POST goes out, so a SIGKILL cannot lose it.
         db.execute("PRAGMA synchronous=FULL")
-        db.executescript(_SCHEMA)
-        db.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
-        self._db = db
+        with _transaction(db):
+            self._migrate(db)
+            self._renew(db, self._clock_ns())
+        self._leased = True
+
+    def _migrate(self, db: sqlite3.Connection) -> None:
+        (version,) = db.execute("PRAGMA user_version").fetchone()
+        if version > SCHEMA_VERSION:
+            raise LedgerSchemaError(
+                f"ledger {self._path} has schema version {version}, newer than this numbersvc"
+                f" knows ({SCHEMA_VERSION}): run a numbersvc at least as new as the one that"
+                " wrote it"
+            )
+        for statements in _MIGRATIONS[version:]:
+            for statement in statements:
+                db.execute(statement)
+        if version < SCHEMA_VERSION:
+            db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            if version:
+                _log.info("ledger %s upgraded from schema version %d", self._path, version)
+
+    def _renew(self, db: sqlite3.Connection, now: int) -> None:
+        db.execute(
+            "INSERT INTO instances (instance, expires_ns, started_ns, host, pid)"
+            " VALUES (?, ?, ?, ?, ?)"
+            " ON CONFLICT (instance) DO UPDATE SET expires_ns = excluded.expires_ns",
+            (self.instance, now + self._lease_ns, now, socket.gethostname(), os.getpid()),
+        )
 
     async def _run(self, work: Callable[[], _T]) -> _T:
         # Carry the caller's context (the RPC's request id) into the worker's log lines.
@@ -121,7 +216,8 @@ class SqliteLedger:
         """Claim the request id for `attempt`, unless it is taken or the cap would be passed.
 
         A `released` or `failed` row with the same request is taken over: nothing was rented,
-        so sending it again cannot rent twice.
+        so sending it again cannot rent twice. It keeps its create time (its place in
+        listings); the claim's time is its attempt time, which the daily cap counts.
         """
         return await self._run(lambda: self._begin(attempt, daily_cap))
 
@@ -138,25 +234,33 @@ class SqliteLedger:
             used = _used_today(db, order.caller, now)
             if daily_cap and used + order.quantity > daily_cap:
                 return BeginResult(Begin.OVER_QUOTA, used_today=used)
-            order.create_time.FromNanoseconds(now)
+            created = now if entry is None else entry.order.create_time.ToNanoseconds()
+            order.create_time.FromNanoseconds(created)
             order.update_time.FromNanoseconds(now)
+            claim = {
+                "request_id": order.request_id,
+                "fingerprint": attempt.fingerprint,
+                "caller": order.caller,
+                "peer": attempt.peer,
+                "owner": self.instance,
+                "state": OrderState.SENDING.value,
+                "status": pb.ORDER_STATUS_OUTCOME_UNKNOWN,
+                "quantity": order.quantity,
+                "create_time_ns": created,
+                "update_time_ns": now,
+                "attempt_time_ns": now,
+                "send_deadline_ns": now + self._send_ns,
+                "order_proto": order.SerializeToString(),
+                "error_outcome": "",
+                "upstream": "",
+            }
+            names = ", ".join(claim)
+            # An upsert, not INSERT OR REPLACE: a taken-over row keeps its create time.
             db.execute(
-                "INSERT OR REPLACE INTO orders (request_id, fingerprint, caller, peer, owner,"
-                " state, status, quantity, create_time_ns, update_time_ns, order_proto)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    order.request_id,
-                    attempt.fingerprint,
-                    order.caller,
-                    attempt.peer,
-                    self.instance,
-                    OrderState.SENDING,
-                    pb.ORDER_STATUS_OUTCOME_UNKNOWN,
-                    order.quantity,
-                    now,
-                    now,
-                    order.SerializeToString(),
-                ),
+                f"INSERT INTO orders ({names}) VALUES ({', '.join(':' + n for n in claim)})"
+                " ON CONFLICT (request_id) DO UPDATE SET"
+                f" {', '.join(f'{n} = excluded.{n}' for n in claim if n not in _KEPT_ON_RETRY)}",
+                claim,
             )
             _event(db, order.request_id, now, OrderState.SENDING, f"peer={attempt.peer}")
         _log.info("order %s sending: %s", order.request_id, _describe(order))
@@ -203,32 +307,46 @@ class SqliteLedger:
         only_from: tuple[OrderState, ...] = (),
     ) -> LedgerEntry:
         db = self._conn()
-        order.status = STATUS_OF[state]
         with _transaction(db):
             now = self._clock_ns()  # after the lock: the time the change really lands
-            order.update_time.FromNanoseconds(now)
-            current = self._entry(db, order.request_id)
-            if current is None:
-                raise SettleError(f"no order with request id {order.request_id}")
-            if only_from and current.state not in only_from:
-                raise SettleError(
-                    f"order {order.request_id} is {current.state.value}: nothing to settle"
-                )
-            db.execute(
-                "UPDATE orders SET state = ?, status = ?, update_time_ns = ?, order_proto = ?,"
-                " error_outcome = ?, upstream = ? WHERE request_id = ?",
-                (
-                    state,
-                    order.status,
-                    now,
-                    order.SerializeToString(),
-                    error_outcome,
-                    upstream[:_MAX_UPSTREAM_BODY_CHARS],
-                    order.request_id,
-                ),
-            )
-            _event(db, order.request_id, now, state, order.status_message or error_outcome)
+            entry = self._write(db, now, order, state, error_outcome, upstream, only_from)
         _log.info("order %s %s: %s", order.request_id, state.value, _describe(order))
+        return entry
+
+    def _write(
+        self,
+        db: sqlite3.Connection,
+        now: int,
+        order: pb.RentalOrder,
+        state: OrderState,
+        error_outcome: str,
+        upstream: str,
+        only_from: tuple[OrderState, ...],
+    ) -> LedgerEntry:
+        """Write a new state inside the caller's transaction (`now` read under its lock)."""
+        current = self._entry(db, order.request_id)
+        if current is None:
+            raise SettleError(f"no order with request id {order.request_id}")
+        if only_from and current.state not in only_from:
+            raise SettleError(
+                f"order {order.request_id} is {current.state.value}: nothing to settle"
+            )
+        order.status = STATUS_OF[state]
+        order.update_time.FromNanoseconds(now)
+        db.execute(
+            "UPDATE orders SET state = ?, status = ?, update_time_ns = ?, order_proto = ?,"
+            " error_outcome = ?, upstream = ? WHERE request_id = ?",
+            (
+                state,
+                order.status,
+                now,
+                order.SerializeToString(),
+                error_outcome,
+                upstream[:_MAX_UPSTREAM_BODY_CHARS],
+                order.request_id,
+            ),
+        )
+        _event(db, order.request_id, now, state, order.status_message or error_outcome)
         return LedgerEntry(order, state, current.fingerprint, current.owner, error_outcome)
 
     async def settle(
@@ -274,8 +392,8 @@ class SqliteLedger:
             # The status message is also the audit event's detail: it names who settled.
             order.status_message = f"settled as {state.value} by {actor}: {note}"
             # Not from `sending`: that order's POST may still be out, and a settlement as
-            # failed would free its id for a second POST. Start-up recovery turns the
-            # `sending` rows of a dead process into `outcome_unknown`.
+            # failed would free its id for a second POST. A heartbeat turns the `sending` rows
+            # of an owner proven gone (lease and send deadline passed) into `outcome_unknown`.
             return self._update(order, state, "", "", only_from=(OrderState.OUTCOME_UNKNOWN,))
 
         return await self._run(settle)
@@ -285,60 +403,86 @@ class SqliteLedger:
         return await self._run(lambda: self._entry(self._conn(), request_id))
 
     async def list(
-        self, query: OrderQuery, *, offset: int, limit: int
+        self, query: OrderQuery, *, after: OrderKey | None, limit: int
     ) -> tuple[list[LedgerEntry], int]:
-        """Return a page of orders, oldest first, and how many match in all."""
+        """Return up to `limit` orders after the key `after`, oldest first, and a total.
+
+        The total counts every order matching `query`, before or after the key.
+        """
 
         def page() -> tuple[list[LedgerEntry], int]:
-            where, args = _where(query)
             db = self._conn()
+            where, args = _where(query)
+            page_where, page_args = _where(query, after)
             with _transaction(db, "DEFERRED"):  # one snapshot: the total matches the page
                 (total,) = db.execute(f"SELECT count(*) FROM orders{where}", args).fetchone()
                 rows = db.execute(
-                    f"SELECT {_COLUMNS} FROM orders{where}"
-                    " ORDER BY create_time_ns, request_id LIMIT ? OFFSET ?",
-                    (*args, limit, offset),
+                    f"SELECT {_COLUMNS} FROM orders{page_where}"
+                    " ORDER BY create_time_ns, request_id LIMIT ?",
+                    (*page_args, limit),
                 ).fetchall()
             return [self._row(row) for row in rows], int(total)
 
         return await self._run(page)
 
-    async def recover(self) -> int:
-        """Mark orders left `sending` by other (dead) processes as `outcome_unknown`."""
+    async def heartbeat(self) -> int:
+        """Renew this instance's lease and recover the orders of owners proven gone.
 
-        def recover() -> int:
-            db, count = self._conn(), 0
-            stale = db.execute(
-                f"SELECT {_COLUMNS} FROM orders WHERE state = ? AND owner != ?",
-                (OrderState.SENDING, self.instance),
-            ).fetchall()
-            for row in stale:
-                order = self._row(row).order
-                order.status_message = "the service stopped while this order was being sent"
-                try:  # its owner may have finished it since the select: then it is known
-                    self._update(
-                        order, OrderState.OUTCOME_UNKNOWN, "", "", only_from=(OrderState.SENDING,)
+        In one transaction: renew the lease; turn into `outcome_unknown` every `sending` order
+        whose owner has no live lease (expired or removed) and whose send deadline has passed,
+        so no POST of it can still be running; drop expired leases.
+
+        Returns:
+            How many orders were recovered (each is logged and has an audit event).
+        """
+
+        def heartbeat() -> list[str]:
+            db, recovered = self._conn(), []
+            with _transaction(db):
+                now = self._clock_ns()
+                self._renew(db, now)
+                stale = db.execute(
+                    f"SELECT {_COLUMNS} FROM orders WHERE state = ? AND send_deadline_ns <= ?"
+                    " AND owner NOT IN (SELECT instance FROM instances WHERE expires_ns > ?)",
+                    (OrderState.SENDING, now, now),
+                ).fetchall()
+                for row in stale:
+                    entry = self._row(row)
+                    entry.order.status_message = (
+                        f"{RECOVERED_NOTE} (owner {entry.owner}: lease expired)"
                     )
-                except SettleError:
-                    continue
-                count += 1
-            return count
+                    self._write(db, now, entry.order, OrderState.OUTCOME_UNKNOWN, "", "", ())
+                    recovered.append(entry.order.request_id)
+                db.execute("DELETE FROM instances WHERE expires_ns <= ?", (now,))
+            return recovered
 
-        recovered = await self._run(recover)
+        recovered = await self._run(heartbeat)
         if recovered:
-            _log.warning("%d order(s) left in flight by an earlier run: outcome unknown", recovered)
-        return recovered
+            _log.warning(
+                "%d order(s) left in flight by a process that is gone: outcome unknown: %s",
+                len(recovered),
+                " ".join(recovered),
+            )
+        return len(recovered)
 
     async def close(self) -> None:
-        """Close the database and its worker thread."""
+        """Remove this instance's lease, then close the database and its worker thread."""
         if self._db is not None:
             # On the worker, after the work already queued (a late `finish`), not before it.
             await self._run(self._close_db)
         self._executor.shutdown(wait=True)
 
     def _close_db(self) -> None:
-        if self._db is not None:
-            db, self._db = self._db, None
+        if self._db is None:
+            return
+        db, self._db = self._db, None
+        try:
+            if self._leased:
+                with _transaction(db):
+                    db.execute("DELETE FROM instances WHERE instance = ?", (self.instance,))
+        except sqlite3.Error as exc:  # the lease then expires by itself
+            _log.warning("ledger %s: could not remove this instance's lease: %s", self._path, exc)
+        finally:
             db.close()
 
     def _entry(self, db: sqlite3.Connection, request_id: str) -> LedgerEntry | None:
@@ -381,15 +525,18 @@ def _used_today(db: sqlite3.Connection, caller: str, now_ns: int) -> int:
     marks = ",".join("?" * len(states))
     (used,) = db.execute(
         f"SELECT coalesce(sum(quantity), 0) FROM orders WHERE caller = ?"
-        f" AND create_time_ns >= ? AND state IN ({marks})",
+        f" AND attempt_time_ns >= ? AND state IN ({marks})",
         (caller, day_start, *states),
     ).fetchone()
     return int(used)
 
 
-def _where(query: OrderQuery) -> tuple[str, list[object]]:
+def _where(query: OrderQuery, after: OrderKey | None = None) -> tuple[str, list[object]]:
     clauses: list[str] = []
     args: list[object] = []
+    if after is not None:
+        clauses.append("(create_time_ns, request_id) > (?, ?)")
+        args.extend((after.create_time_ns, after.request_id))
     if query.statuses:
         clauses.append(f"status IN ({','.join('?' * len(query.statuses))})")
         args.extend(query.statuses)

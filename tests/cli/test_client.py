@@ -453,8 +453,9 @@ def test_rent_outcome_unknown_says_to_check_the_order(start: Callable[..., Run])
     )
     assert run.exit_code() == 23
     assert run.err.getvalue().splitlines()[-1] == (
-        f"hint: the order may have been placed: look up request id {REQUEST_ID}"
-        " (server log numbersvc.orders, Plivo console) before renting again"
+        f"hint: the order may have been placed: look it up (numbersvc orders get {REQUEST_ID});"
+        " if its outcome is unknown, check the Plivo console and settle it"
+        f" (numbersvc orders settle {REQUEST_ID}) before renting again"
     )
 
 
@@ -463,7 +464,7 @@ def test_rent_that_lost_its_own_deadline_may_have_been_placed(start: Callable[..
     _, _, rpc = run.harness.take_unary("RentNumbers", run.future)
     rpc.terminate(None, (), grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
     assert run.exit_code() == 14
-    assert f"look up request id {REQUEST_ID}" in run.err.getvalue()
+    assert f"look it up (numbersvc orders get {REQUEST_ID})" in run.err.getvalue()
 
 
 def test_rent_refused_by_the_service_gives_no_order_hint(start: Callable[..., Run]) -> None:
@@ -525,9 +526,9 @@ def test_interrupted_rent_says_the_order_may_have_been_placed() -> None:
     code, err, _ = interrupted(client.rent_numbers, rent_request(), new_request_id=IdMaker())
     assert code == client.EXIT_INTERRUPTED
     assert err == (
-        "interrupted\nhint: the order may have been placed:"
-        f" look up request id {REQUEST_ID} (server log numbersvc.orders, Plivo console)"
-        " before renting again\n"
+        "interrupted\nhint: the order may have been placed: look it up"
+        f" (numbersvc orders get {REQUEST_ID}); if its outcome is unknown, check the Plivo"
+        f" console and settle it (numbersvc orders settle {REQUEST_ID}) before renting again\n"
     )
 
 

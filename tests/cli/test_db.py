@@ -7,10 +7,12 @@ file or PGPASSWORD) must never be printed, whatever fails.
 from __future__ import annotations
 
 import asyncio
+import re
 import sqlite3
 import subprocess
 import sys
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import psycopg
@@ -259,3 +261,17 @@ def conn_dump(url: str) -> tuple[list[tuple[object, ...]], list[tuple[object, ..
             conn.execute("SELECT * FROM orders ORDER BY request_id").fetchall(),
             conn.execute("SELECT * FROM events ORDER BY id").fetchall(),
         )
+
+
+def test_status_shows_applied_times_in_utc_whatever_the_sessions_zone(
+    postgres_url: str, db: DbCommand
+) -> None:
+    tokyo = postgres_url + "%20-ctimezone%3DAsia/Tokyo"
+    before = datetime.now(UTC).replace(microsecond=0)
+    assert _versions(tokyo) == [m.version for m in shipped()]
+    code, out = db(tokyo, "status")
+    assert code == 0
+    shown = re.search(r"applied (\S+Z)", out)
+    assert shown is not None, out
+    applied = datetime.strptime(shown.group(1), "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+    assert abs(applied - before) < timedelta(minutes=5)

@@ -1,10 +1,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import getpass
 import io
 import json
 import os
+import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 from typing import cast
@@ -795,3 +797,24 @@ def test_settled_timestamps_keep_the_creation_time(ledger: Path, user: str) -> N
     after = stored(ledger).order
     assert after.create_time == before
     assert after.update_time.ToNanoseconds() >= before.ToNanoseconds()
+
+
+def test_settle_of_a_ledger_from_a_newer_numbersvc_exits_2_and_leaves_it(
+    ledger: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with contextlib.closing(sqlite3.connect(ledger)) as db:
+        db.execute("PRAGMA user_version=99")
+    assert settle(ledger, "--as", "failed") == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: ledger {ledger} has schema version 99, newer than this")
+    assert "Traceback" not in err
+    with contextlib.closing(sqlite3.connect(ledger)) as db:
+        assert db.execute("PRAGMA user_version").fetchone() == (99,)
+        assert db.execute("SELECT state FROM orders").fetchall() == [("outcome_unknown",)]
+
+
+def test_settle_leaves_no_lease_behind(ledger: Path, user: str) -> None:
+    # A lease the command left would say a process is alive that owns nothing.
+    assert settle(ledger, "--as", "failed") == 0
+    with contextlib.closing(sqlite3.connect(ledger)) as db:
+        assert db.execute("SELECT count(*) FROM instances").fetchone() == (0,)

@@ -21,12 +21,12 @@ import httpx
 import pytest
 
 from numbersvc.ledger import OrderState, SqliteLedger
-from numbersvc.sandbox import DEFAULT_AUTH_ID, DEFAULT_AUTH_TOKEN, SandboxControl
+from numbersvc.sandbox import SandboxControl
 from numbersvc.sandbox.faults import FaultKind, FaultSpec
 from numbersvc.v1 import number_groups_pb2 as pb
 from numbersvc.v1 import number_groups_pb2_grpc as pb_grpc
 from tests.e2e.conftest import eventually, reason_of
-from tests.e2e.test_process import _serve
+from tests.e2e.test_process import _serve, plivo_env
 
 _START_TIMEOUT_SECONDS = 20
 
@@ -62,38 +62,59 @@ async def _sandbox_process() -> AsyncIterator[str]:
         await process.wait()
 
 
+async def held_rent(
+    stub: pb_grpc.NumberGroupServiceAsyncStub,
+    control: SandboxControl,
+    request_id: str,
+    *,
+    hold_seconds: float,
+    timeout_seconds: float,
+) -> tuple[str, asyncio.Future[pb.RentNumbersResponse]]:
+    """Send a rent the sandbox holds for `hold_seconds` before renting; return once it holds it.
+
+    Returns:
+        The group rented from, and the call (still waiting for its answer).
+    """
+    page = await stub.ListNumberGroups(
+        pb.ListNumberGroupsRequest(filter=pb.SearchFilter(region_code="US"), page_size=1)
+    )
+    group_id = page.number_groups[0].group_id
+    await control.inject_fault(FaultSpec(FaultKind.DELAY, seconds=hold_seconds, operation="rent"))
+    rent = asyncio.ensure_future(
+        stub.RentNumbers(
+            pb.RentNumbersRequest(group_id=group_id, request_id=request_id),
+            timeout=timeout_seconds,
+        )
+    )
+
+    async def post_arrived() -> bool:
+        return any(r["method"] == "POST" for r in await control.requests())
+
+    await eventually(post_arrived)
+    return group_id, rent
+
+
 async def test_sigkill_mid_post_then_retry(tmp_path: Path) -> None:
     ledger_path = tmp_path / "ledger.sqlite3"
     request_id = str(uuid.uuid4())
     async with _sandbox_process() as url, SandboxControl(url) as control:
-        env = {
-            "NUMBERSVC_UPSTREAM": "plivo",
-            "PLIVO_BASE_URL": url,
-            "PLIVO_AUTH_ID": DEFAULT_AUTH_ID,
-            "PLIVO_AUTH_TOKEN": DEFAULT_AUTH_TOKEN,
-            "NUMBERSVC_LEDGER_PATH": str(ledger_path),
-        }
+        # The dead server's order is recovered once its lease (1 s) has lapsed and its send
+        # deadline (claim + 2 x 2 + 2 s) has passed.
+        env = plivo_env(
+            url,
+            ledger_path,
+            NUMBERSVC_INSTANCE_LEASE_SECONDS="1",
+            NUMBERSVC_RENT_TIMEOUT_SECONDS="2",
+        )
         async with (
             _serve(env) as served,
             grpc.aio.insecure_channel(f"127.0.0.1:{served.port}") as channel,
         ):
             stub = pb_grpc.NumberGroupServiceStub(channel)
-            page = await stub.ListNumberGroups(
-                pb.ListNumberGroupsRequest(filter=pb.SearchFilter(region_code="US"), page_size=1)
-            )
-            group_id = page.number_groups[0].group_id
             # The sandbox takes the POST, sits on it, then rents: Plivo acted, we never hear.
-            await control.inject_fault(FaultSpec(FaultKind.DELAY, seconds=1.5, operation="rent"))
-            rent = asyncio.ensure_future(
-                stub.RentNumbers(
-                    pb.RentNumbersRequest(group_id=group_id, request_id=request_id), timeout=10
-                )
+            group_id, rent = await held_rent(
+                stub, control, request_id, hold_seconds=1.5, timeout_seconds=10
             )
-
-            async def post_arrived() -> bool:
-                return any(r["method"] == "POST" for r in await control.requests())
-
-            await eventually(post_arrived)
             served.process.send_signal(signal.SIGKILL)
             await served.process.wait()
             error = await asyncio.gather(rent, return_exceptions=True)
@@ -110,11 +131,15 @@ async def test_sigkill_mid_post_then_retry(tmp_path: Path) -> None:
                 await stub.RentNumbers(retry, timeout=10)
             assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
             assert reason_of(refused.value) == "RENT_OUTCOME_UNKNOWN"
-            order = (
-                await stub.GetRentalOrder(pb.GetRentalOrderRequest(request_id=request_id))
-            ).order
-            assert order.status == pb.ORDER_STATUS_OUTCOME_UNKNOWN
-            assert "stopped" in order.status_message
+
+            async def recovered() -> bool:
+                order = (
+                    await stub.GetRentalOrder(pb.GetRentalOrderRequest(request_id=request_id))
+                ).order
+                assert order.status == pb.ORDER_STATUS_OUTCOME_UNKNOWN
+                return "stopped" in order.status_message
+
+            await eventually(recovered, timeout_seconds=20)
             served.process.send_signal(signal.SIGTERM)
             assert await served.finish() == 0
 

@@ -4,19 +4,25 @@ resume token, rent orders land in the ledger."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import signal
+import sqlite3
 import uuid
 from pathlib import Path
 
 import grpc
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from numbersvc.ledger import OrderState, SqliteLedger
-from numbersvc.sandbox import SandboxControl
+from numbersvc.sandbox import SandboxControl, SandboxServer
 from numbersvc.sandbox.faults import FaultKind, FaultSpec
 from numbersvc.server import SERVICE_NAME
 from numbersvc.v1 import number_groups_pb2 as pb
 from numbersvc.v1 import number_groups_pb2_grpc as pb_grpc
-from tests.e2e.conftest import StartServer, reason_of, rich_details
+from tests.e2e.conftest import StartServer, eventually, reason_of, rich_details
+from tests.e2e.test_idempotency import _group
+from tests.e2e.test_process import _serve, plivo_env
 
 BIG = pb.SearchFilter(region_code="DE", number_type=pb.NUMBER_TYPE_TOLLFREE)
 
@@ -128,3 +134,45 @@ async def test_orders_in_flight_are_recorded_before_the_ledger_closes(
         assert entry.state is OrderState.FULFILLED
     finally:
         await ledger.close()
+
+
+@pytest.mark.parametrize("stack", ["aiohttp", "httpcore"])
+async def test_sigterm_gives_up_on_a_hung_rent_before_the_grace_ends(
+    sandbox: SandboxServer, control: SandboxControl, tmp_path: Path, stack: str
+) -> None:
+    """A real `numbersvc serve`: its rent caller is answered, its ledger row is settleable."""
+    path, grace = tmp_path / "ledger.sqlite3", 3.0
+    env = plivo_env(
+        sandbox.base_url,
+        path,
+        NUMBERSVC_UPSTREAM_HTTP_STACK=stack,
+        NUMBERSVC_SHUTDOWN_GRACE_SECONDS=str(grace),
+    )
+    async with (
+        _serve(env) as served,
+        grpc.aio.insecure_channel(f"127.0.0.1:{served.port}") as channel,
+    ):
+        stub = pb_grpc.NumberGroupServiceStub(channel)
+        group_id = await _group(stub)
+        await control.inject_fault(FaultSpec(FaultKind.HANG, operation="rent"))
+        rent = asyncio.ensure_future(
+            stub.RentNumbers(pb.RentNumbersRequest(group_id=group_id), timeout=60)
+        )
+
+        async def posted() -> bool:
+            return any(r["operation"] == "rent" for r in await control.requests())
+
+        await eventually(posted)
+        served.process.send_signal(signal.SIGTERM)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await rent
+        assert await served.finish() == 0
+    error = info.value
+    # Answered by the service, so before the grace ended: then the server cancels what is
+    # left, and the caller gets a bare UNAVAILABLE with no ErrorInfo.
+    assert (error.code(), reason_of(error)) == (grpc.StatusCode.INTERNAL, "RENT_OUTCOME_UNKNOWN")
+    request_id = rich_details(error)["ErrorInfo"].metadata["requestId"]
+    assert rich_details(error)["ResourceInfo"].resource_name == request_id
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        rows = db.execute("SELECT state FROM orders WHERE request_id = ?", (request_id,))
+        assert rows.fetchall() == [(OrderState.OUTCOME_UNKNOWN.value,)]

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import grpc
 import pytest
 from google.protobuf import timestamp_pb2
 
+from numbersvc.callers import add_caller
 from numbersvc.ledger import OrderState
 from numbersvc.sandbox import SandboxControl
 from numbersvc.sandbox.faults import FaultKind, FaultSpec
@@ -34,6 +36,19 @@ async def _posts(control: SandboxControl) -> int:
 
 def _rent(group_id: str, request_id: str, **fields: object) -> pb.RentNumbersRequest:
     return pb.RentNumbersRequest(group_id=group_id, request_id=request_id, **fields)  # type: ignore[arg-type]
+
+
+async def _walk(stub: Stub, request: pb.ListRentalOrdersRequest, *, total: int) -> list[str]:
+    """The request ids of every page from `request` on, each page saying `total` in all."""
+    seen: list[str] = []
+    for _ in range(total + 1):
+        page = await stub.ListRentalOrders(request)
+        assert page.total_size == total
+        seen += [o.request_id for o in page.orders]
+        if not page.next_page_token:
+            return seen
+        request.page_token = page.next_page_token
+    raise AssertionError(f"more pages than the {total} orders")
 
 
 async def _error(call: object) -> grpc.aio.AioRpcError:
@@ -111,6 +126,80 @@ async def test_unknown_outcome_blocks_the_id_until_settled(
     assert settled.order.status == pb.ORDER_STATUS_FULFILLED
     assert [n.e164 for n in settled.order.numbers] == ["+14155550100"]
     assert "seen in console" in settled.order.status_message
+    assert await _posts(control) == 1
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [
+        FaultSpec(FaultKind.STATUS, status=500, operation="rent"),
+        FaultSpec(FaultKind.STATUS, status=408, operation="rent"),
+        FaultSpec(FaultKind.RESET, operation="rent"),
+    ],
+    ids=["500", "408", "reset"],
+)
+async def test_an_unknown_outcome_names_the_order_the_service_made_up(
+    stub: Stub, control: SandboxControl, fault: FaultSpec
+) -> None:
+    """A rent without a request id that ends unknown: the caller learns the id to settle."""
+    group_id = await _group(stub)
+    await control.inject_fault(fault)
+    error = await _error(stub.RentNumbers(pb.RentNumbersRequest(group_id=group_id)))
+    assert (error.code(), reason_of(error)) == (grpc.StatusCode.INTERNAL, "RENT_OUTCOME_UNKNOWN")
+    details = rich_details(error)
+    request_id = details["ErrorInfo"].metadata["requestId"]
+    assert details["ResourceInfo"].resource_type == "numbersvc.v1.RentalOrder"
+    assert details["ResourceInfo"].resource_name == request_id
+    assert f"numbersvc orders get {request_id}" in (error.details() or "")
+
+    order = (await stub.GetRentalOrder(pb.GetRentalOrderRequest(request_id=request_id))).order
+    assert order.status == pb.ORDER_STATUS_OUTCOME_UNKNOWN
+    # The ledger and the answer agree: a retry under the id is refused until settled.
+    repeat = await _error(stub.RentNumbers(_rent(group_id, request_id)))
+    assert (repeat.code(), reason_of(repeat)) == (
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "RENT_OUTCOME_UNKNOWN",
+    )
+    assert f"numbersvc orders get {request_id}" in (repeat.details() or "")
+    assert await _posts(control) == 1
+
+
+async def test_an_error_before_sending_names_the_order_too(
+    stub: Stub, control: SandboxControl
+) -> None:
+    group_id = await _group(stub)
+    await control.inject_fault(FaultSpec(FaultKind.STATUS, status=403, operation="rent"))
+    error = await _error(stub.RentNumbers(pb.RentNumbersRequest(group_id=group_id)))
+    assert reason_of(error) == "UPSTREAM_PERMISSION_DENIED"
+    request_id = rich_details(error)["ErrorInfo"].metadata["requestId"]
+    order = (await stub.GetRentalOrder(pb.GetRentalOrderRequest(request_id=request_id))).order
+    assert order.status == pb.ORDER_STATUS_FAILED
+    assert (
+        order.upstream_request_id == rich_details(error)["ErrorInfo"].metadata["upstreamRequestId"]
+    )
+
+
+async def test_an_id_reused_by_another_caller_says_so(
+    start_server: StartServer, control: SandboxControl, tmp_path: Path
+) -> None:
+    callers = tmp_path / "callers.json"
+    tokens = [
+        add_caller(callers, name, ["numbers.read", "numbers.rent"]) or ""
+        for name in ("first", "second")
+    ]
+    running = await start_server(callers_file=str(callers))
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+        stub = pb_grpc.NumberGroupServiceStub(channel)
+        first, second = ((("authorization", f"Bearer {token}"),) for token in tokens)
+        page = await stub.ListNumberGroups(
+            pb.ListNumberGroupsRequest(filter=US, page_size=1), metadata=first
+        )
+        request = _rent(page.number_groups[0].group_id, str(uuid.uuid4()))
+        await stub.RentNumbers(request, metadata=first)
+        error = await _error(stub.RentNumbers(request, metadata=second))
+    assert (error.code(), reason_of(error)) == (grpc.StatusCode.ALREADY_EXISTS, "REQUEST_ID_REUSED")
+    assert "another caller" in (error.details() or "")
+    assert "group, quantity or app" not in (error.details() or "")
     assert await _posts(control) == 1
 
 
@@ -197,16 +286,7 @@ class TestOrderLookups:
         await control.inject_fault(FaultSpec(FaultKind.STATUS, status=403, operation="rent"))
         await _error(stub.RentNumbers(_rent(group_id, ids[4])))
 
-        request = pb.ListRentalOrdersRequest(page_size=2)
-        seen: list[str] = []
-        while True:
-            page = await stub.ListRentalOrders(request)
-            assert page.total_size == 5
-            seen += [o.request_id for o in page.orders]
-            if not page.next_page_token:
-                break
-            request.page_token = page.next_page_token
-        assert seen == ids
+        assert await _walk(stub, pb.ListRentalOrdersRequest(page_size=2), total=5) == ids
 
         failed = await stub.ListRentalOrders(
             pb.ListRentalOrdersRequest(
@@ -222,6 +302,31 @@ class TestOrderLookups:
             pb.ListRentalOrdersRequest(filter=pb.RentalOrderFilter(start_time=later))
         )
         assert (list(none.orders), none.total_size) == ([], 0)
+
+    async def test_an_id_reused_mid_walk_is_neither_skipped_nor_repeated(
+        self, stub: Stub, control: SandboxControl
+    ) -> None:
+        # Issue 12 item 5: a retry of a failed id between two pages moved it to the end.
+        group_id = await _group(stub)
+        ids = [str(uuid.uuid4()) for _ in range(5)]
+        for index, request_id in enumerate(ids):
+            if index == 1:
+                await control.inject_fault(
+                    FaultSpec(FaultKind.STATUS, status=403, operation="rent")
+                )
+                await _error(stub.RentNumbers(_rent(group_id, request_id)))
+            else:
+                await stub.RentNumbers(_rent(group_id, request_id))
+        request = pb.ListRentalOrdersRequest(page_size=2)
+        first = await stub.ListRentalOrders(request)
+        assert [o.request_id for o in first.orders] == ids[:2]
+        assert first.orders[1].status == pb.ORDER_STATUS_FAILED
+        retried = (await stub.RentNumbers(_rent(group_id, ids[1]))).order
+        assert retried.status == pb.ORDER_STATUS_FULFILLED
+        request.page_token = first.next_page_token
+        rest = await _walk(stub, request, total=5)
+        assert [o.request_id for o in first.orders] + rest == ids
+        assert retried.create_time == first.orders[1].create_time
 
     async def test_list_token_is_bound_to_its_filter(self, stub: Stub) -> None:
         group_id = await _group(stub)

@@ -10,12 +10,13 @@ import signal
 import sys
 import uuid
 from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from numbersvc.sandbox import SandboxServer
+from numbersvc.sandbox import DEFAULT_AUTH_ID, DEFAULT_AUTH_TOKEN, SandboxServer
 from numbersvc.v1 import number_groups_pb2 as pb
 from numbersvc.v1 import number_groups_pb2_grpc as pb_grpc
 
@@ -58,6 +59,18 @@ async def _start(env: Mapping[str, str], *args: str) -> asyncio.subprocess.Proce
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
     )
+
+
+def plivo_env(base_url: str, ledger_path: Path, **settings: str) -> dict[str, str]:
+    """Settings for a server that takes a sandbox (default credentials) for Plivo."""
+    return {
+        "NUMBERSVC_UPSTREAM": "plivo",
+        "PLIVO_BASE_URL": base_url,
+        "PLIVO_AUTH_ID": DEFAULT_AUTH_ID,
+        "PLIVO_AUTH_TOKEN": DEFAULT_AUTH_TOKEN,
+        "NUMBERSVC_LEDGER_PATH": str(ledger_path),
+        **settings,
+    }
 
 
 @contextlib.asynccontextmanager

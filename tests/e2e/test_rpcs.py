@@ -207,4 +207,6 @@ class TestRent:
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await stub.RentNumbers(pb.RentNumbersRequest(group_id="12345"))
         assert info.value.code() == grpc.StatusCode.NOT_FOUND
-        assert rich_details(info.value)["ResourceInfo"].resource_name == "12345"
+        details = rich_details(info.value)
+        assert details["ResourceInfo"].resource_name == "12345"
+        assert details["ErrorInfo"].metadata["requestId"]  # the order is named too

@@ -670,7 +670,7 @@ async def test_no_secret_appears_in_any_output(
                 )
                 config_errors(capture, plivo_token, tmp_path)
                 metrics = await _scrape(running)
-                entries, _ = await running.ledger.list(OrderQuery(), offset=0, limit=1000)
+                entries, _ = await running.ledger.list(OrderQuery(), after=None, limit=1000)
                 capture.add("ledger", *entries)
                 sent = await control.requests()
             finally:
@@ -911,7 +911,7 @@ async def test_credentials_hidden_from_a_raw_scrub_never_reach_anyone() -> None:
                         error = await _unary(capture, f"{status} {operation}", call())
                         assert error is not None, (status, operation)
                         await control.clear_faults()
-                entries, _ = await running.ledger.list(OrderQuery(), offset=0, limit=100)
+                entries, _ = await running.ledger.list(OrderQuery(), after=None, limit=100)
                 capture.add("ledger", *entries)
             finally:
                 await running.stop(grace_seconds=0.5)

@@ -84,6 +84,8 @@ def test_empty_env_values_keep_defaults() -> None:
             {"NUMBERSVC_DATABASE_URL": "postgresql://db", "NUMBERSVC_DATABASE_URL_FILE": "f"},
             "NUMBERSVC_DATABASE_URL or NUMBERSVC_DATABASE_URL_FILE, not both",
         ),
+        ({"NUMBERSVC_INSTANCE_LEASE_SECONDS": "0"}, "LEASE_SECONDS must be positive"),
+        ({"NUMBERSVC_INSTANCE_LEASE_SECONDS": "-2"}, "LEASE_SECONDS must be a finite"),
     ],
 )
 def test_bad_values(env: dict[str, str], message: str) -> None:

@@ -10,6 +10,8 @@ from google.rpc import error_details_pb2, status_pb2
 
 from numbersvc.errors import (
     DOMAIN,
+    RENT_NOT_SENT,
+    RENT_REFUSED,
     TABLE,
     DeadlineExceeded,
     Operation,
@@ -22,6 +24,7 @@ from numbersvc.errors import (
 from numbersvc.upstream import (
     UpstreamConnectError,
     UpstreamDecodeError,
+    UpstreamError,
     UpstreamStatusError,
     UpstreamThrottledError,
     UpstreamTimeoutError,
@@ -63,6 +66,9 @@ ROWS = [
     (_status(429), Operation.SEARCH, S.UNAVAILABLE, "UPSTREAM_RATE_LIMITED", {"RetryInfo"}),
     (_status(429), Operation.RENT, S.UNAVAILABLE, "UPSTREAM_RATE_LIMITED", {"RetryInfo"}),
     (_status(408), Operation.GET, S.UNAVAILABLE, "UPSTREAM_UNAVAILABLE", {"RetryInfo"}),
+    (_status(408), Operation.RENT, S.INTERNAL, "RENT_OUTCOME_UNKNOWN", set()),
+    (_status(302), Operation.RENT, S.INTERNAL, "RENT_OUTCOME_UNKNOWN", set()),
+    (_status(418), Operation.RENT, S.INTERNAL, "UPSTREAM_UNEXPECTED_STATUS", set()),
     (_status(500), Operation.SEARCH, S.UNAVAILABLE, "UPSTREAM_UNAVAILABLE", {"RetryInfo"}),
     (_status(502), Operation.GET, S.UNAVAILABLE, "UPSTREAM_UNAVAILABLE", {"RetryInfo"}),
     (_status(503), Operation.SEARCH, S.UNAVAILABLE, "UPSTREAM_UNAVAILABLE", {"RetryInfo"}),
@@ -114,6 +120,7 @@ ROWS = [
     ),
     (UpstreamDecodeError("junk"), Operation.SEARCH, S.INTERNAL, "UPSTREAM_BAD_RESPONSE", set()),
     (UpstreamDecodeError("junk"), Operation.RENT, S.INTERNAL, "RENT_OUTCOME_UNKNOWN", set()),
+    (UpstreamError("odd"), Operation.RENT, S.INTERNAL, "RENT_OUTCOME_UNKNOWN", set()),
     (
         InvalidRequest([FieldViolation("group_id", "must be digits")]),
         Operation.GET,
@@ -199,11 +206,51 @@ def test_servicer_raised_rows(
 
 
 def test_order_rows_name_the_request_id() -> None:
-    error = ServiceError(Outcome.REQUEST_ID_REUSED, "m", resource_name="r-1")
+    error = ServiceError(Outcome.REQUEST_ID_REUSED, "m", request_id="r-1")
     _, details = _details(to_status(error))
     assert details["ResourceInfo"].resource_type == "numbersvc.v1.RentalOrder"
     assert details["ResourceInfo"].resource_name == "r-1"
     assert details["ErrorInfo"].metadata["requestId"] == "r-1"
+
+
+@pytest.mark.parametrize("outcome", list(Outcome))
+def test_any_row_with_a_request_id_names_the_order(outcome: Outcome) -> None:
+    error = ServiceError(outcome, "m", resource_name="123", request_id="r-1")
+    rich, details = _details(to_status(error))
+    assert details["ErrorInfo"].metadata["requestId"] == "r-1"
+    orders = [
+        info
+        for packed in rich.details
+        if packed.Unpack(info := error_details_pb2.ResourceInfo())
+        and info.resource_type == "numbersvc.v1.RentalOrder"
+    ]
+    assert [info.resource_name for info in orders] == ["r-1"]
+
+
+def _proves_nothing_rented(http_status: int) -> bool:
+    """The rule: Plivo read the rent and said no (a 4xx other than 408)."""
+    return 400 <= http_status <= 499 and http_status != 408
+
+
+@pytest.mark.parametrize("http_status", [*range(300, 309), *range(400, 452), *range(500, 512)])
+def test_a_rent_status_is_retryable_only_if_it_proves_nothing_was_rented(
+    http_status: int,
+) -> None:
+    error = classify(_status(http_status), Operation.RENT)
+    if _proves_nothing_rented(http_status):
+        assert error.outcome in RENT_REFUSED
+    else:
+        assert error.outcome is Outcome.RENT_OUTCOME_UNKNOWN
+        assert "RetryInfo" not in _details(to_status(error))[1]
+
+
+def test_every_rent_row_is_refused_not_sent_or_unknown() -> None:
+    """A rent row that is none of these would be neither safe to repeat nor kept unknown."""
+    rent_outcomes = {classify(f, op).outcome for f, op, *_ in ROWS if op is Operation.RENT}
+    unknown = {Outcome.RENT_OUTCOME_UNKNOWN}
+    assert rent_outcomes <= RENT_REFUSED | RENT_NOT_SENT | unknown | {Outcome.INTERNAL_ERROR}
+    assert not RENT_REFUSED & RENT_NOT_SENT
+    assert TABLE[Outcome.RENT_OUTCOME_UNKNOWN].code is not S.UNAVAILABLE
 
 
 def test_quota_failure_names_the_caller() -> None:

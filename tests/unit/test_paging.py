@@ -50,6 +50,57 @@ class TestPageTokens:
             paging.encode_page_token(paging.MAX_OFFSET + 1, "k")
 
 
+ORDERS_KEY = "orders|()|None|None"
+
+
+class TestOrderTokens:
+    @given(
+        create_time_ns=st.integers(-(2**63), 2**63 - 1),
+        request_id=st.text(min_size=1, max_size=64),
+        key=st.text(max_size=50),
+    )
+    def test_round_trip(self, create_time_ns: int, request_id: str, key: str) -> None:
+        token = paging.encode_order_token(create_time_ns, request_id, key)
+        assert paging.decode_order_token(token, key) == (create_time_ns, request_id)
+
+    def test_token_is_url_safe_and_bound_to_its_filter(self) -> None:
+        token = paging.encode_order_token(10**18, "r-1", ORDERS_KEY)
+        assert token.replace("-", "").replace("_", "").isalnum()
+        with pytest.raises(PageTokenError, match="another filter") as info:
+            paging.decode_order_token(token, "orders|(4,)|None|None")
+        assert info.value.wrong_filter
+
+    def test_search_and_order_tokens_are_not_interchangeable(self) -> None:
+        # An offset token (as ListRentalOrders issued before keys) cannot say where to resume.
+        offset_token = paging.encode_page_token(40, ORDERS_KEY)
+        with pytest.raises(PageTokenError, match="malformed"):
+            paging.decode_order_token(offset_token, ORDERS_KEY)
+        order_token = paging.encode_order_token(40, "r-1", ORDERS_KEY)
+        with pytest.raises(PageTokenError, match="malformed"):
+            paging.decode_page_token(order_token, ORDERS_KEY)
+
+    @pytest.mark.parametrize("token", ["", "!!!", "abc", "a" * 28, "A" * 600])
+    def test_malformed(self, token: str) -> None:
+        with pytest.raises(PageTokenError, match="malformed") as info:
+            paging.decode_order_token(token, ORDERS_KEY)
+        assert not info.value.wrong_filter
+
+    def test_flipped_bit_anywhere_is_malformed(self) -> None:
+        token = paging.encode_order_token(10**18, "r-1", ORDERS_KEY)
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        for index in range(len(raw)):
+            mangled = bytearray(raw)
+            mangled[index] ^= 1
+            text = base64.urlsafe_b64encode(bytes(mangled)).rstrip(b"=").decode()
+            with pytest.raises(PageTokenError, match="malformed"):
+                paging.decode_order_token(text, ORDERS_KEY)
+
+    @pytest.mark.parametrize("request_id", ["", "x" * 257, "é" * 129])
+    def test_request_id_out_of_range_cannot_be_encoded(self, request_id: str) -> None:
+        with pytest.raises(ValueError, match="cannot be in a page token"):
+            paging.encode_order_token(0, request_id, ORDERS_KEY)
+
+
 class FakeUpstream:
     """Serves `total` items in pages by offset, recording every fetch."""
 

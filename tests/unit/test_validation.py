@@ -10,6 +10,7 @@ from numbersvc.v1 import number_groups_pb2 as pb
 from numbersvc.validation import (
     MAX_VIOLATIONS,
     InvalidRequest,
+    OrderKey,
     SettleParams,
     is_e164,
     validate_get,
@@ -251,6 +252,34 @@ def test_violations_are_capped_so_errors_stay_small() -> None:
         validate_list_orders(request)
     assert len(exc.value.violations) == MAX_VIOLATIONS + 1
     assert exc.value.violations[-1].description == "more fields are invalid"
+
+
+class TestOrderPaging:
+    def test_token_carries_the_key_of_the_last_order(self) -> None:
+        request = pb.ListRentalOrdersRequest(page_size=5)
+        key = validate_list_orders(request).query.key
+        request.page_token = paging.encode_order_token(123, "r-9", key)
+        params = validate_list_orders(request)
+        assert params.after == OrderKey(123, "r-9")
+        assert validate_list_orders(pb.ListRentalOrdersRequest()).after is None
+
+    def test_an_offset_token_is_malformed(self) -> None:
+        request = pb.ListRentalOrdersRequest()
+        request.page_token = paging.encode_page_token(2, validate_list_orders(request).query.key)
+        with pytest.raises(InvalidRequest) as exc:
+            validate_list_orders(request)
+        assert _fields(exc) == ["page_token"]
+        assert exc.value.violations[0].description == "is malformed"
+
+    def test_token_for_another_filter(self) -> None:
+        request = pb.ListRentalOrdersRequest()
+        token = paging.encode_order_token(1, "r", validate_list_orders(request).query.key)
+        other = pb.ListRentalOrdersRequest(
+            filter=pb.RentalOrderFilter(statuses=[pb.ORDER_STATUS_FAILED]), page_token=token
+        )
+        with pytest.raises(InvalidRequest) as exc:
+            validate_list_orders(other)
+        assert exc.value.violations[0].description == "was issued for another filter"
 
 
 def test_millions_of_services_are_judged_by_the_first_few() -> None:

@@ -1,0 +1,268 @@
+"""A ledger that refuses a write after Plivo answered: the outcome is never lost.
+
+Real faults, no mocks: another process holds the ledger's write lock (`BEGIN IMMEDIATE`) past
+the busy timeout, or the ledger's disk is full (a 1 MiB tmpfs, mounted as root). The caller is
+told `RENT_OUTCOME_UNKNOWN` with the order's request id (never INTERNAL_ERROR), Plivo's whole
+answer is in the ERROR log, and the order is recorded as soon as the store takes writes again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import BinaryIO, TypeAlias
+
+import grpc
+import pytest
+
+from numbersvc.ledger import OrderLedger, OrderState
+from numbersvc.sandbox import DEFAULT_AUTH_TOKEN, SandboxControl
+from numbersvc.sandbox.faults import FaultKind, FaultSpec
+from numbersvc.server import RunningServer
+from numbersvc.v1 import number_groups_pb2 as pb
+from numbersvc.v1 import number_groups_pb2_grpc as pb_grpc
+from tests.e2e.conftest import StartServer, eventually, reason_of, rich_details
+
+US = pb.SearchFilter(region_code="US")
+# SQLite waits this long for a lock (the ledger's `sqlite3.connect(timeout=...)`).
+_BUSY_TIMEOUT_SECONDS = 10.0
+_POST_DELAY_SECONDS = 3.0  # the fault is set up meanwhile
+_SLOW_BUT_RENTED = FaultSpec(FaultKind.DELAY, seconds=_POST_DELAY_SECONDS, operation="rent")
+_HOLD_LOCK = """
+import sqlite3, sys
+db = sqlite3.connect(sys.argv[1], isolation_level=None)
+sys.stdin.readline()
+db.execute("BEGIN IMMEDIATE")
+print("locked", flush=True)
+sys.stdin.readline()
+db.execute("ROLLBACK")
+"""
+
+
+class _LockHolder:
+    """Another process, started ahead (its start-up is slow under load), that takes the
+    ledger's write lock on demand and holds it until released."""
+
+    def __init__(self, process: asyncio.subprocess.Process) -> None:
+        assert process.stdin is not None
+        assert process.stdout is not None
+        self._process, self._stdin, self._stdout = process, process.stdin, process.stdout
+
+    async def lock(self) -> None:
+        self._stdin.write(b"lock\n")
+        await self._stdin.drain()
+        assert await asyncio.wait_for(self._stdout.readline(), 20) == b"locked\n"
+
+    async def release(self) -> None:
+        self._stdin.write(b"release\n")
+        await self._stdin.drain()
+        assert await asyncio.wait_for(self._process.wait(), 20) == 0
+
+
+@pytest.fixture
+async def lock_holder(tmp_path: Path) -> AsyncIterator[_LockHolder]:
+    process = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-c", _HOLD_LOCK, str(tmp_path / "ledger.sqlite3")),
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    try:
+        yield _LockHolder(process)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 1 MiB tmpfs: a disk that really fills up. Needs root, as CI has."""
+    if os.geteuid() != 0 and os.environ.get("CI") != "true":
+        pytest.skip("mounting a tmpfs needs root")
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def _fill(folder: Path) -> Path:
+    """Write a file until the disk is full; return it."""
+    filler = folder / "filler"
+    with filler.open("wb", buffering=0) as out:
+        for size in (64 * 1024, 512):  # big pieces, then the last few hundred bytes
+            with pytest.raises(OSError, match="No space left on device"):
+                _write_forever(out, b"\0" * size)
+    return filler
+
+
+def _write_forever(out: BinaryIO, chunk: bytes) -> None:
+    while True:
+        out.write(chunk)
+
+
+@pytest.fixture(autouse=True)
+def _info_logs(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="numbersvc")
+
+
+Started: TypeAlias = tuple[RunningServer, "pb_grpc.NumberGroupServiceAsyncStub"]  # a .pyi-only name
+
+
+@pytest.fixture
+async def start_on(start_server: StartServer) -> AsyncIterator[Callable[..., Awaitable[Started]]]:
+    """Start a server whose ledger is at `path`, and a stub to it (closed after the test)."""
+    channels: list[grpc.aio.Channel] = []
+
+    async def start(path: Path, **settings: object) -> Started:
+        running = await start_server(ledger_path=str(path), **settings)
+        channels.append(grpc.aio.insecure_channel(f"127.0.0.1:{running.port}"))
+        return running, pb_grpc.NumberGroupServiceStub(channels[-1])
+
+    yield start
+    for channel in channels:
+        await channel.close()
+
+
+async def _rent_while_posting(
+    stub: pb_grpc.NumberGroupServiceAsyncStub,
+    control: SandboxControl,
+    request_id: str,
+    deadline_seconds: float,
+    fault: FaultSpec = _SLOW_BUT_RENTED,
+) -> asyncio.Future[pb.RentNumbersResponse]:
+    """Start a rent that the sandbox holds for a while; return once the POST has arrived."""
+    page = await stub.ListNumberGroups(pb.ListNumberGroupsRequest(filter=US, page_size=1))
+    await control.inject_fault(fault)
+    rent = asyncio.ensure_future(
+        stub.RentNumbers(
+            pb.RentNumbersRequest(group_id=page.number_groups[0].group_id, request_id=request_id),
+            timeout=deadline_seconds,
+        )
+    )
+
+    async def posted() -> bool:
+        return any(r["operation"] == "rent" for r in await control.requests())
+
+    await eventually(posted)
+    return rent
+
+
+async def _unknown(
+    rent: asyncio.Future[pb.RentNumbersResponse], request_id: str
+) -> grpc.aio.AioRpcError:
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await rent
+    error = info.value
+    assert reason_of(error) == "RENT_OUTCOME_UNKNOWN", error.details()
+    assert rich_details(error)["ErrorInfo"].metadata["requestId"] == request_id
+    assert f"numbersvc orders get {request_id}" in (error.details() or "")
+    return error
+
+
+async def _recorded(
+    ledger: OrderLedger, request_id: str, state: OrderState = OrderState.FULFILLED
+) -> pb.RentalOrder:
+    """The order as soon as the ledger has recorded how it ended (no longer `sending`)."""
+
+    async def recorded() -> bool:
+        entry = await ledger.get(request_id)
+        return entry is not None and entry.state is state
+
+    await eventually(recorded, timeout_seconds=_BUSY_TIMEOUT_SECONDS + 10)
+    entry = await ledger.get(request_id)
+    assert entry is not None
+    return entry.order
+
+
+def _errors_about(caplog: pytest.LogCaptureFixture, request_id: str) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno == logging.ERROR and request_id in r.getMessage()
+    ]
+
+
+async def _answer_kept(
+    running: RunningServer,
+    control: SandboxControl,
+    caplog: pytest.LogCaptureFixture,
+    request_id: str,
+    state: OrderState = OrderState.FULFILLED,
+) -> pb.RentalOrder:
+    """The order once recorded as `state`, Plivo's answer in the ERROR log, one POST in all."""
+    order = await _recorded(running.ledger, request_id, state)
+    errors = _errors_about(caplog, request_id)
+    assert errors, "Plivo's answer is logged at ERROR"
+    for number in order.numbers:
+        assert number.number in errors[0]
+    assert order.upstream_request_id in errors[0]
+    assert DEFAULT_AUTH_TOKEN not in caplog.text
+    assert sum(r["operation"] == "rent" for r in await control.requests()) == 1
+    return order
+
+
+async def test_write_lock_held_past_the_busy_timeout(
+    start_on: Callable[..., Awaitable[Started]],
+    lock_holder: _LockHolder,
+    control: SandboxControl,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    request_id = str(uuid.uuid4())
+    running, stub = await start_on(tmp_path / "ledger.sqlite3")
+    # The caller waits longer than one write attempt (the busy timeout), not than the lock.
+    rent = await _rent_while_posting(stub, control, request_id, _BUSY_TIMEOUT_SECONDS + 4)
+    await lock_holder.lock()
+    await _unknown(rent, request_id)
+
+    async def refused() -> bool:  # a write attempt has run into the busy timeout
+        return bool(_errors_about(caplog, request_id))
+
+    await eventually(refused, timeout_seconds=_BUSY_TIMEOUT_SECONDS + 10)
+    await lock_holder.release()
+    order = await _answer_kept(running, control, caplog, request_id)
+    assert order.numbers
+
+
+@pytest.mark.parametrize(
+    ("fault", "settings", "state", "note"),
+    [
+        (_SLOW_BUT_RENTED, {}, OrderState.FULFILLED, ""),
+        # The failure path: the POST times out; outcome_unknown is what can be settled.
+        (
+            FaultSpec(FaultKind.HANG, operation="rent"),
+            {"rent_timeout_seconds": _POST_DELAY_SECONDS},
+            OrderState.OUTCOME_UNKNOWN,
+            "answer was lost",
+        ),
+    ],
+    ids=["answered", "answer-lost"],
+)
+async def test_full_disk(
+    small_disk: Path,
+    start_on: Callable[..., Awaitable[Started]],
+    control: SandboxControl,
+    caplog: pytest.LogCaptureFixture,
+    fault: FaultSpec,
+    settings: dict[str, float],
+    state: OrderState,
+    note: str,
+) -> None:
+    request_id = str(uuid.uuid4())
+    running, stub = await start_on(small_disk / "ledger.sqlite3", **settings)
+    rent = await _rent_while_posting(stub, control, request_id, _POST_DELAY_SECONDS + 4, fault)
+    filler = _fill(small_disk)
+    await _unknown(rent, request_id)
+    filler.unlink()
+    order = await _answer_kept(running, control, caplog, request_id, state)
+    assert note in order.status_message
+    assert bool(order.numbers) == (state is OrderState.FULFILLED)
