@@ -31,7 +31,8 @@ import psycopg
 
 from numbersvc.ledger import pgschema
 from numbersvc.ledger.budget import BudgetStore, SharedBudget
-from numbersvc.ledger.budgetstores import PostgresBudget, SqliteBudget
+from numbersvc.ledger.budgetstores import SqliteBudget
+from numbersvc.ledger.pgbudget import PostgresBudget
 from numbersvc.upstream.ratelimit import RateLimiter, RateSpec, TokenBucket
 from tests.pg import PostgresMissing, running_cluster
 

@@ -86,6 +86,17 @@ class Reservation:
     granted: bool
     wait_seconds: float
 
+    @classmethod
+    def of(cls, taken: tuple[int] | None, peeked: tuple[int] | None) -> Reservation:
+        """Read a store's answer from its statements' rows.
+
+        `taken` is the take statement's row (the wait in nanoseconds), None after a refusal;
+        then `peeked` is the peek's (the wait the next slot needs).
+        """
+        if taken is not None:
+            return cls(True, max(0, taken[0]) / _NANOS)
+        return cls(False, max(0, peeked[0] if peeked else 0) / _NANOS)
+
 
 @dataclass(frozen=True, slots=True)
 class Gcra:
@@ -129,7 +140,7 @@ class Gcra:
 
 
 class BudgetStore(Protocol):
-    """Where the GCRA rows live: `budgetstores.SqliteBudget` or `PostgresBudget`."""
+    """Where the GCRA rows live: `budgetstores.SqliteBudget` or `pgbudget.PostgresBudget`."""
 
     async def reserve(self, name: str, spec: RateSpec, *, max_wait_seconds: float) -> Reservation:
         """Atomically reserve the next slot of budget `name` if it is `max_wait_seconds` away.

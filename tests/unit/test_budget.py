@@ -29,7 +29,8 @@ from numbersvc.ledger.budget import (
     Reservation,
     SharedBudget,
 )
-from numbersvc.ledger.budgetstores import PostgresBudget, SqliteBudget
+from numbersvc.ledger.budgetstores import SqliteBudget
+from numbersvc.ledger.pgbudget import PostgresBudget
 from numbersvc.metrics import Metrics
 from numbersvc.upstream.errors import UpstreamThrottledError
 from numbersvc.upstream.ratelimit import RateLimiter, RateSpec, TokenBucket

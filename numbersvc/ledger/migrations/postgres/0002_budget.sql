@@ -1,5 +1,5 @@
 -- The account-wide budget of upstream (Plivo) requests, shared by every replica (issue 10):
--- one GCRA row per account (`numbersvc/ledger/budgetstores.py` holds the one statement that
+-- one GCRA row per account (`numbersvc/ledger/pgbudget.py` holds the one statement that
 -- spends it). `tat_ns` is the theoretical arrival time of the next request, in Unix
 -- nanoseconds of the database's clock.
 --
