@@ -137,7 +137,6 @@ def open_budget_store(*, database_url: str, ledger_path: str) -> BudgetStore | N
 
     PostgreSQL when `database_url` is set, else the SQLite ledger file; None for an in-memory
     ledger, which nothing shares.
-
     """
     if database_url:
         # Imported here: psycopg loads only where PostgreSQL is used.

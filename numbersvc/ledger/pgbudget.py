@@ -21,27 +21,26 @@ __all__ = ["PostgresBudget"]
 
 _CONNECTIONS: Final = 2
 
-_PG_CLOCK: Final = (
+_CLOCK: Final = (
     "WITH clock AS (SELECT coalesce(%(now)s::bigint,"
     " (extract(epoch FROM clock_timestamp()) * 1000000)::bigint * 1000) AS now_ns)"
 )
-_PG_NOW: Final = "(SELECT now_ns FROM clock)"
-# As in SQLite: the time the next slot follows.
-_PG_FROM: Final = (
-    f"CASE WHEN b.tat_ns > {_PG_NOW} + %(horizon)s THEN {_PG_NOW}"
-    f" ELSE greatest(b.tat_ns, {_PG_NOW}) END"
+_NOW: Final = "(SELECT now_ns FROM clock)"
+# As in SQLite: the time the next slot follows (see budgetstores.py for each statement).
+_FROM: Final = (
+    f"CASE WHEN b.tat_ns > {_NOW} + %(horizon)s THEN {_NOW} ELSE greatest(b.tat_ns, {_NOW}) END"
 )
-_PG_TAKE: Final = f"""
-{_PG_CLOCK}
+_TAKE: Final = f"""
+{_CLOCK}
 INSERT INTO budget AS b (name, tat_ns)
 SELECT %(name)s, now_ns + %(interval)s FROM clock
-ON CONFLICT (name) DO UPDATE SET tat_ns = {_PG_FROM} + %(interval)s
-WHERE {_PG_FROM} + %(interval)s - %(span)s <= {_PG_NOW} + %(max_wait)s
-RETURNING b.tat_ns - %(span)s - {_PG_NOW}
+ON CONFLICT (name) DO UPDATE SET tat_ns = {_FROM} + %(interval)s
+WHERE {_FROM} + %(interval)s - %(span)s <= {_NOW} + %(max_wait)s
+RETURNING b.tat_ns - %(span)s - {_NOW}
 """
-_PG_PEEK: Final = f"""
-{_PG_CLOCK}
-SELECT {_PG_FROM} + %(interval)s - %(span)s - {_PG_NOW} FROM budget b WHERE b.name = %(name)s
+_PEEK: Final = f"""
+{_CLOCK}
+SELECT {_FROM} + %(interval)s - %(span)s - {_NOW} FROM budget b WHERE b.name = %(name)s
 """
 
 
@@ -79,10 +78,10 @@ class PostgresBudget:
         params = Gcra.of(spec).params(name, max_wait_seconds, now)
         try:
             async with self._connection() as conn:
-                taken = await (await conn.execute(_PG_TAKE, params)).fetchone()
+                taken = await (await conn.execute(_TAKE, params)).fetchone()
                 peeked = None
                 if taken is None:
-                    peeked = await (await conn.execute(_PG_PEEK, params)).fetchone()
+                    peeked = await (await conn.execute(_PEEK, params)).fetchone()
         except (psycopg.Error, OSError) as exc:
             # NOTE: scrubbed: libpq quotes a URL it cannot parse whole, password and all (the
             # ledger refuses such a URL at start-up, so a server never runs with one).
@@ -109,8 +108,12 @@ class PostgresBudget:
         conn = await psycopg.AsyncConnection.connect(
             self._conninfo, autocommit=True, application_name="numbersvc-budget"
         )
-        # The table is UNLOGGED already; this says it for the commit too: never wait for a flush.
-        await conn.execute("SET synchronous_commit = off")
+        try:
+            # The table is UNLOGGED already; this says it for the commit too: no flush waited.
+            await conn.execute("SET synchronous_commit = off")
+        except BaseException:
+            await conn.close()
+            raise
         return conn
 
     async def close(self) -> None:
