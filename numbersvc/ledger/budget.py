@@ -8,8 +8,8 @@ spend the account's budget N times. So the budget lives in the store every repli
   (`tat`) of the next request. A budget of `requests` per `per_seconds` emits one request every
   `T = per_seconds / requests` and tolerates a burst of `requests` at once. A request arriving
   at `now` takes the slot `max(tat, now) + T`, which may be sent `wait = slot - requests * T -
-  now` seconds from now (0 while the burst lasts). It is exactly the token bucket of
-  `numbersvc.upstream.ratelimit`, written as one number.
+  now` seconds from now (0 while the burst lasts). It is the budget of the token bucket in
+  `numbersvc.upstream.ratelimit` (same burst, same rate), written as one number.
 - Taking a slot is ONE atomic statement (`INSERT ... ON CONFLICT DO UPDATE ... WHERE ...
   RETURNING`, `budgetstores.py`): it reserves the slot only if `wait` is within what the caller
   allows and returns `wait`. No lock is held across the upstream call: the caller sleeps
