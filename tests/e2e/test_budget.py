@@ -23,8 +23,9 @@ from numbersvc.server import RunningServer
 from numbersvc.upstream.ratelimit import RateSpec
 from numbersvc.v1 import number_groups_pb2 as pb
 from numbersvc.v1 import number_groups_pb2_grpc as pb_grpc
-from tests.e2e.conftest import StartServer
+from tests.e2e.conftest import StartServer, eventually
 from tests.e2e.test_replicas import _replicas
+from tests.unit.test_budget import locked
 
 if TYPE_CHECKING:  # the async stub type exists only in the generated .pyi
     Stub = pb_grpc.NumberGroupServiceAsyncStub
@@ -108,3 +109,32 @@ async def scrape(server: RunningServer) -> str:
     async with httpx.AsyncClient() as client:
         response = await client.get(f"http://127.0.0.1:{server.metrics_server.port}/metrics")
     return response.text
+
+
+async def test_a_server_reads_on_while_its_store_is_locked_then_shares_again(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    path = tmp_path / "ledger.sqlite3"
+    server = await start_server(
+        ledger_path=str(path), upstream_rate="10/1s", upstream_rate_fallback="5/1s"
+    )
+
+    async def source() -> str:
+        text = await scrape(server)
+        return "fallback" if 'source="fallback"} 1.0' in text else "shared"
+
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stub = pb_grpc.NumberGroupServiceStub(channel)
+        assert await read(stub, 0) is None
+        assert await source() == "shared"
+        async with locked(path):  # another process holds the file's write lock
+            for page in range(3):
+                assert await read(stub, page) is None  # reads go on, on the local budget
+            assert await source() == "fallback"
+            assert "numbersvc_rate_budget_fallbacks_total 1.0" in await scrape(server)
+
+        async def shared_again() -> bool:
+            await read(stub, 0)
+            return await source() == "shared"
+
+        await eventually(shared_again)  # no restart
