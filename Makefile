@@ -4,7 +4,9 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-LISTEN ?= 127.0.0.1:50051
+# `make run LISTEN=HOST:PORT` still works; unset, the server's own setting (NUMBERSVC_LISTEN,
+# default 127.0.0.1:50051) decides, so the environment is not overridden.
+LISTEN ?=
 PROTO_SRC := protos/numbersvc/v1/number_groups.proto
 GEN_DIR := numbersvc/v1
 GEN_FILES := number_groups_pb2.py number_groups_pb2.pyi number_groups_pb2_grpc.py number_groups_pb2_grpc.pyi
@@ -29,8 +31,8 @@ node_modules/.installed: package.json package-lock.json
 	npm ci --no-audit --no-fund --loglevel=error
 	touch $@
 
-run: $(VENV)/.runtime  ## Serve on the embedded sandbox at $(LISTEN).
-	$(BIN)/numbersvc serve --listen $(LISTEN)
+run: $(VENV)/.runtime  ## Serve: on the sandbox without Plivo credentials; NUMBERSVC_* settings apply.
+	$(BIN)/numbersvc serve $(if $(LISTEN),--listen $(LISTEN))
 
 sandbox: $(VENV)/.runtime  ## Run the Plivo-compatible sandbox alone.
 	$(BIN)/numbersvc sandbox

@@ -11,19 +11,24 @@ import argparse
 import dataclasses
 import enum
 import math
+import re
+import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
+# NOTE: every CLI command imports this module, so it imports nothing that loads httpx,
+# aiohttp, grpc, protobuf or asyncio (a test checks): see `numbersvc.upstream.defaults`.
 from numbersvc.callers import CALLERS_FILE_ENV
-from numbersvc.ledger import default_ledger_path
-from numbersvc.logs import LOG_FORMATS
-from numbersvc.upstream.client import DEFAULT_BASE_URL
-from numbersvc.upstream.ratelimit import RateSpec, parse_rate
-from numbersvc.upstream.transport import HttpStack
+from numbersvc.upstream.defaults import DEFAULT_BASE_URL, HttpStack
+
+if TYPE_CHECKING:  # at run time, imported where used: it loads asyncio
+    from numbersvc.upstream.ratelimit import RateSpec
 
 __all__ = [
+    "DEFAULT_SANDBOX_SEED",
+    "LOG_FORMATS",
     "Config",
     "ConfigError",
     "Secret",
@@ -36,6 +41,10 @@ __all__ = [
 ]
 
 
+DEFAULT_SANDBOX_SEED: Final = 7
+"""The seed of the embedded sandbox's inventory, and of `numbersvc sandbox`'s."""
+LOG_FORMATS: Final = ("text", "json")
+"""The values of NUMBERSVC_LOG_FORMAT (`numbersvc.logs` renders them)."""
 # The default fallback budget is this share of the account's (see `Config.fallback_rate`).
 _FALLBACK_SHARES: Final = 3
 
@@ -119,7 +128,9 @@ class Config:
         "", "PLIVO_AUTH_TOKEN_FILE", "file holding the Plivo Auth Token (a mounted Secret)"
     )
     plivo_base_url: str = _s(DEFAULT_BASE_URL, "PLIVO_BASE_URL", "Plivo API base URL")
-    sandbox_seed: int = _s(7, "NUMBERSVC_SANDBOX_SEED", "seed of the embedded sandbox's inventory")
+    sandbox_seed: int = _s(
+        DEFAULT_SANDBOX_SEED, "NUMBERSVC_SANDBOX_SEED", "seed of the embedded sandbox's inventory"
+    )
     default_deadline_seconds: float = _s(
         10.0, "NUMBERSVC_DEFAULT_DEADLINE_SECONDS", "budget for a call that carries no deadline"
     )
@@ -149,7 +160,8 @@ class Config:
     ledger_path: str = _s(
         "",
         "NUMBERSVC_LEDGER_PATH",
-        "order ledger (SQLite); unset: $XDG_STATE_HOME/numbersvc/ledger[-sandbox].sqlite3",
+        "order ledger (SQLite); unset: $XDG_STATE_HOME/numbersvc/ledger.sqlite3 for Plivo,"
+        " ledger-sandbox.sqlite3 for the sandbox, ledger-HOST-PORT.sqlite3 for another base URL",
     )
     database_url: Secret = _s(
         Secret(""),
@@ -291,6 +303,8 @@ class Config:
             )
 
     def _rate(self, name: str) -> RateSpec | None:
+        from numbersvc.upstream.ratelimit import parse_rate  # here: it loads asyncio
+
         try:
             return parse_rate(getattr(self, name))
         except ValueError as exc:
@@ -308,15 +322,22 @@ class Config:
         return None if rate is None else rate.divided(_FALLBACK_SHARES)
 
     def resolved_ledger_path(self) -> str:
-        """Return the ledger file: the setting, else a per-upstream file under XDG state.
+        """Return the ledger file: the setting, else one under XDG state per kind of upstream.
 
-        The sandbox gets its own file so that play orders never mix with real ones.
+        Unset, real orders (Plivo's production API) go to `ledger.sqlite3`; the embedded
+        sandbox's to `ledger-sandbox.sqlite3`; and any other base URL's (a standalone sandbox,
+        a recording proxy) to `ledger-HOST-PORT.sqlite3`, so that play orders never mix with
+        real ones, nor one sandbox's with another's.
         """
         if self.ledger_path:
             return self.ledger_path
+        from numbersvc.ledger import default_ledger_path  # here: the ledger loads protobuf
+
         name = "ledger.sqlite3"
         if self.resolved_upstream() is UpstreamKind.SANDBOX:
             name = "ledger-sandbox.sqlite3"
+        elif (other := _other_than_plivo(self.plivo_base_url)) is not None:
+            name = f"ledger-{other}.sqlite3"
         return str(default_ledger_path().with_name(name))
 
     def plivo_token(self) -> Secret:
@@ -325,9 +346,7 @@ class Config:
         Raises:
             ConfigError: the token file cannot be read or is empty.
         """
-        if not self.plivo_auth_token_file:
-            return self.plivo_auth_token
-        return _secret_file(self.plivo_auth_token_file, "PLIVO_AUTH_TOKEN_FILE")
+        return _secret(self.plivo_auth_token, self.plivo_auth_token_file, "PLIVO_AUTH_TOKEN_FILE")
 
     def database(self) -> Secret:
         """Return the PostgreSQL URL, from the environment or its file; empty: SQLite.
@@ -335,9 +354,7 @@ class Config:
         Raises:
             ConfigError: the URL file cannot be read or is empty.
         """
-        if not self.database_url_file:
-            return self.database_url
-        return _secret_file(self.database_url_file, "NUMBERSVC_DATABASE_URL_FILE")
+        return _secret(self.database_url, self.database_url_file, "NUMBERSVC_DATABASE_URL_FILE")
 
     def resolved_upstream(self) -> UpstreamKind:
         """Decide the upstream from `upstream` and the credentials.
@@ -380,7 +397,10 @@ class Config:
         return dataclasses.replace(self, **overrides)
 
 
-def _secret_file(path: str, env: str) -> Secret:
+def _secret(value: Secret, path: str, env: str) -> Secret:
+    """`value`, or the stripped text of the file at `path` (the setting `env`) when given."""
+    if not path:
+        return value
     try:
         text = Path(path).read_text().strip()
     except OSError as exc:
@@ -494,6 +514,23 @@ def parse_host_port(text: str) -> tuple[str, int]:
     if not sep or not host or not port.isascii() or not port.isdigit() or int(port) > 65535:
         raise ValueError(f"not HOST:PORT: {text!r}")
     return host.removeprefix("[").removesuffix("]"), int(port)
+
+
+def _other_than_plivo(base_url: str) -> str | None:
+    """None for Plivo's production API; else `HOST-PORT` of `base_url`, safe in a file name."""
+    url = urllib.parse.urlsplit(base_url.strip())
+    production = urllib.parse.urlsplit(DEFAULT_BASE_URL)
+    try:
+        port = url.port or {"http": 80, "https": 443}.get(url.scheme.lower(), 0)
+    except ValueError:
+        raise ConfigError(f"PLIVO_BASE_URL: not a URL with a port: {base_url!r}") from None
+    if (url.scheme.lower(), (url.hostname or "").rstrip("."), port) == (
+        production.scheme,
+        production.hostname,
+        443,
+    ):
+        return None
+    return re.sub(r"[^A-Za-z0-9.-]", "_", f"{url.hostname or 'unknown'}-{port}")
 
 
 def _check_listen(listen: str, env: str = "NUMBERSVC_LISTEN") -> None:

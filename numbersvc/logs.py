@@ -10,9 +10,8 @@ from typing import Final, TextIO
 
 from numbersvc.interceptors import current_call
 
-__all__ = ["LOG_FORMATS", "JsonFormatter", "configure_logging"]
+__all__ = ["JsonFormatter", "configure_logging"]
 
-LOG_FORMATS: Final = ("text", "json")
 _TEXT_FORMAT: Final = "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"
 # Library loggers whose INFO lines would repeat ours (or, for httpx, print request URLs).
 _QUIET: Final = ("httpx", "httpcore", "aiohttp.access", "grpc")

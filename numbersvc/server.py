@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from grpc_reflection.v1alpha import reflection
 
 from numbersvc import __version__
 from numbersvc.callers import CALLERS_FILE_ENV, SETTLE, Callers
-from numbersvc.config import Config, UpstreamKind, parse_host_port
+from numbersvc.config import Config, ConfigError, UpstreamKind, parse_host_port
 from numbersvc.gatekeeper import READ, RENT, Gatekeeper
 from numbersvc.interceptors import AccessLog, ObservingInterceptor, current_call, upstream_headers
 from numbersvc.ledger import OrderLedger, SqliteLedger
@@ -149,8 +150,9 @@ async def create_server(config: Config) -> RunningServer:
     again before the error propagates.
 
     Raises:
-        ConfigError: the upstream settings contradict each other.
-        OSError, RuntimeError: an address cannot be bound.
+        ConfigError: the upstream settings contradict each other, or the gRPC or metrics
+            address cannot be bound.
+        OSError: a file named by a setting (TLS) cannot be read.
         sqlite3.Error: the ledger cannot be opened.
     """
     kind = config.resolved_upstream()
@@ -188,7 +190,7 @@ async def create_server(config: Config) -> RunningServer:
             reflection.enable_server_reflection(
                 (SERVICE_NAME, _HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), server
             )
-        port = _bind(server, config, callers)
+        port = _listen(server, config, callers)
         await server.start()
         undo.push_async_callback(server.stop, None)
         # Only once the port is ours: a second server on a taken port recovers nothing.
@@ -274,10 +276,9 @@ async def _open_ledger(config: Config) -> OrderLedger:
     """Open the order ledger: PostgreSQL when a database URL is set, else the SQLite file.
 
     Raises:
-        ConfigError: the database URL's file cannot be read.
-        ValueError: the database URL does not parse (the message does not quote it).
+        ConfigError: the database URL's file cannot be read, or the URL does not parse.
         LedgerSchemaError: the store was written by a newer numbersvc.
-        LedgerUnreachableError: PostgreSQL cannot be reached (`numbersvc.ledger.postgres`).
+        LedgerUnreachableError: PostgreSQL cannot be reached.
         sqlite3.Error: the SQLite file cannot be opened.
     """
     lease_seconds = config.instance_lease_seconds
@@ -295,12 +296,15 @@ async def _open_ledger(config: Config) -> OrderLedger:
     # Imported here: psycopg loads only where PostgreSQL is used.
     from numbersvc.ledger import postgres
 
-    ledger = await postgres.PostgresLedger.open(
-        database.reveal(),
-        pool_max=config.database_pool_max,
-        lease_seconds=lease_seconds,
-        send_timeout_seconds=send_timeout_seconds,
-    )
+    try:
+        ledger = await postgres.PostgresLedger.open(
+            database.reveal(),
+            pool_max=config.database_pool_max,
+            lease_seconds=lease_seconds,
+            send_timeout_seconds=send_timeout_seconds,
+        )
+    except ValueError as exc:  # a URL libpq cannot parse; the message does not quote it
+        raise ConfigError(f"NUMBERSVC_DATABASE_URL: {exc}") from None
     _log.info(
         "order ledger in PostgreSQL at %s (instance %s, at most %d connections)",
         postgres.redacted(database.reveal()),
@@ -328,6 +332,10 @@ async def _upstream(
             "UPSTREAM IS THE EMBEDDED SANDBOX at %s: nothing real is searched or rented. "
             "Set PLIVO_AUTH_ID and PLIVO_AUTH_TOKEN to use Plivo.",
             base_url,
+        )
+        _log.info(
+            'sandbox controls (no auth; README "The sandbox" lists them): curl -s %s/info',
+            sandbox.control_url,
         )
     else:
         base_url, auth_id = config.plivo_base_url, config.plivo_auth_id
@@ -437,6 +445,18 @@ def _bind(server: grpc.aio.Server, config: Config, callers: Callers | None) -> i
     return server.add_secure_port(config.listen, credentials)
 
 
+def _listen(server: grpc.aio.Server, config: Config, callers: Callers | None) -> int:
+    """`_bind`, with a port that cannot be had reported as the setting that named it."""
+    try:
+        return _bind(server, config, callers)
+    except RuntimeError as exc:  # grpc says only "Failed to bind" (the cause goes to its log)
+        raise ConfigError(
+            f"NUMBERSVC_LISTEN: cannot listen on {config.listen}: the address is in use by"
+            " another process (another numbersvc?) or is not this host's; set another HOST:PORT"
+            " (port 0: any free one) with NUMBERSVC_LISTEN or --listen"
+        ) from exc
+
+
 def _grpc_server(
     config: Config, interceptors: Sequence[grpc.aio.ServerInterceptor]
 ) -> grpc.aio.Server:
@@ -472,7 +492,16 @@ async def _metrics_server(config: Config, metrics: Metrics) -> MetricsServer | N
         return None
     host, port = parse_host_port(config.metrics_listen)
     server = MetricsServer(metrics, host, port)
-    await server.start()
+    try:
+        await server.start()
+    except OSError as exc:
+        await server.stop()
+        raise ConfigError(
+            f"NUMBERSVC_METRICS_LISTEN: cannot listen on {config.metrics_listen}:"
+            f" {os.strerror(exc.errno) if exc.errno else exc} (another numbersvc?); set another"
+            " HOST:PORT (port 0: any free one), or off, with NUMBERSVC_METRICS_LISTEN or"
+            " --metrics-listen"
+        ) from exc
     _log.info("metrics on http://%s:%d/metrics", host, server.port)
     return server
 

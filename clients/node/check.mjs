@@ -1,9 +1,14 @@
 #!/usr/bin/env node
-// A Node.js client of numbersvc: calls every read RPC, rents one number and provokes one
-// rich error, then prints one JSON object with what it saw. It asserts nothing itself:
-// tests/polyglot/test_node_client.py compares the output with what the Python client sees.
+// A Node.js client of numbersvc: calls every read RPC, provokes one rich error and, only with
+// --rent, rents one number, then prints one JSON object with what it saw. It asserts nothing
+// itself: tests/polyglot/test_node_client.py compares the output with what the Python client
+// sees.
 //
-//   node clients/node/check.mjs --target 127.0.0.1:50051 [--request-id UUID] [--deadline-seconds 10]
+//   node clients/node/check.mjs --target 127.0.0.1:50051 [--rent [--request-id UUID]]
+//       [--deadline-seconds 10]
+//
+// --rent SPENDS MONEY against a server backed by Plivo (on the sandbox it rents nothing real):
+// without it the rent is skipped ("rent": null).
 //
 // It loads the contract from protos/ at run time (@grpc/proto-loader), so it needs no
 // generated code. Exit status: 0 when every call behaved as a call (an RPC error included
@@ -30,6 +35,7 @@ const PAGE_SIZE = 5;
 const { values: args } = parseArgs({
   options: {
     target: { type: "string", default: "127.0.0.1:50051" },
+    rent: { type: "boolean", default: false },
     "request-id": { type: "string", default: randomUUID() },
     "deadline-seconds": { type: "string", default: "10" },
   },
@@ -134,14 +140,20 @@ async function main() {
   const { number_group: group } = await unary("GetNumberGroup", { group_id: first.group_id });
   seen.get = group;
 
-  // RentNumbers: one number from the first group in stock, under the caller's request id.
-  const inStock = page.number_groups.find((candidate) => Number(candidate.stock) > 0);
-  const { order } = await unary("RentNumbers", {
-    group_id: inStock.group_id,
-    quantity: 1,
-    request_id: args["request-id"],
-  });
-  seen.rent = order;
+  // RentNumbers, only when asked: one number from the first group in stock, under the
+  // caller's request id. It spends money on a Plivo-backed server.
+  seen.rent = null;
+  if (args.rent) {
+    const inStock = page.number_groups.find((candidate) => Number(candidate.stock) > 0);
+    const { order } = await unary("RentNumbers", {
+      group_id: inStock.group_id,
+      quantity: 1,
+      request_id: args["request-id"],
+    });
+    seen.rent = order;
+  } else {
+    process.stderr.write("not renting: pass --rent to rent one number (spends money on Plivo)\n");
+  }
 
   // One rich error: an invalid region code is INVALID_ARGUMENT with a BadRequest.
   const invalid = await attempt(() => unary("ListNumberGroups", { filter: { region_code: "ZZ" } }));

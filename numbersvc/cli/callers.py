@@ -12,7 +12,6 @@ and nothing more.
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import sys
 from collections.abc import Callable
@@ -20,123 +19,18 @@ from typing import Final, NoReturn
 
 from numbersvc import callers
 from numbersvc.cli import client, render
-from numbersvc.cli.options import add_command, comma_choices, exit_code_table
+from numbersvc.cli.callers_parser import BAD_CALLERS_FILE, EXIT_BAD_CALLERS_FILE
 
-__all__ = ["BAD_CALLERS_FILE", "EXIT_BAD_CALLERS_FILE", "add_callers_command"]
+__all__ = [
+    "BAD_CALLERS_FILE",
+    "EXIT_BAD_CALLERS_FILE",
+    "add_command",
+    "list_command",
+    "remove_command",
+]
 
-EXIT_BAD_CALLERS_FILE: Final = 1
-BAD_CALLERS_FILE: Final = "the callers file is missing, malformed or cannot be written (callers)"
-"""What exit code `EXIT_BAD_CALLERS_FILE` means, as the exit-code tables say it."""
 _TABLE: Final = render.Table(headers=("NAME", "PERMISSIONS", "IDENTITY"))
 _Usage = Callable[[str], NoReturn]
-
-
-def add_callers_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add `callers` with its subcommands `add`, `list` and `remove` to the top-level parser."""
-    group = add_command(
-        commands,
-        "callers",
-        "add, list and remove who may call (operator)",
-        "Edit the callers file: who may call the server, with what permissions, proven by a"
-        f" bearer token or a client certificate. Once {callers.CALLERS_FILE_ENV} names the"
-        " file, every call but health needs an identity it knows. These commands call no"
-        " server; the server reads the file when it starts, so restart it after a change."
-        " Permissions: numbers.read (list, stream and get groups, read orders),"
-        " numbers.rent (rent numbers: spends money) and numbers.settle (settle orders whose"
-        " outcome is unknown: operators).",
-        epilog=_exit_codes(
-            "the file was changed, or listed", missing=", or (remove) has no such caller"
-        ),
-    )
-    subcommands = group.add_subparsers(title="commands", metavar="COMMAND", required=True)
-
-    add = add_command(
-        subcommands,
-        "add",
-        "add a caller, or replace one's permissions and identity",
-        "Add a caller to the callers file, or update the caller with that name: its"
-        " permissions and identity are replaced, and a token it had stops working. Without"
-        " --spiffe-id or --common-name the caller gets a new random token (256 bits), printed"
-        " alone on stdout, once: the file keeps only its SHA-256, so it cannot be shown again"
-        " (run add again for a new one). The file and its folder are created if missing; the"
-        " file is replaced atomically, mode 0600.",
-        epilog=_exit_codes("the caller was added or updated (the token, if any, on stdout)"),
-    )
-    add.add_argument(
-        "name",
-        metavar="NAME",
-        help="the caller's name in logs, metrics and orders: 1 to 64 of A-Z a-z 0-9 . _ -",
-    )
-    add.add_argument(
-        "--permissions",
-        required=True,
-        type=comma_choices({p: p for p in callers.PERMISSIONS}, "permission"),
-        metavar=",".join(callers.PERMISSIONS),
-        help="comma-separated permissions to grant (required)",
-    )
-    identity = add.add_mutually_exclusive_group()
-    identity.add_argument(
-        "--spiffe-id",
-        metavar="URI",
-        help="identify the caller by its mTLS client certificate's SPIFFE ID (URI SAN), such"
-        " as spiffe://example.org/ns/billing/sa/api, instead of a token",
-    )
-    identity.add_argument(
-        "--common-name",
-        metavar="CN",
-        help="identify the caller by its mTLS client certificate's common name, instead of a"
-        " token (a SPIFFE ID is preferred where there is one)",
-    )
-    _file_option(add)
-    add.set_defaults(local_command=functools.partial(_add, usage=add.error))
-
-    list_ = add_command(
-        subcommands,
-        "list",
-        "print the callers: names, permissions, kinds of identity",
-        "Print every caller in the file: its name, permissions and identity (token, or the"
-        " certificate's SPIFFE ID or common name). Tokens and their hashes are never shown.",
-        epilog=_exit_codes("the callers were printed"),
-    )
-    _file_option(list_)
-    list_.set_defaults(local_command=functools.partial(_list, usage=list_.error))
-
-    remove = add_command(
-        subcommands,
-        "remove",
-        "remove a caller",
-        "Remove a caller from the callers file; its token or certificate no longer lets it in"
-        " once the server restarts.",
-        epilog=_exit_codes("the caller was removed", missing=" or has no caller of that name"),
-    )
-    remove.add_argument("name", metavar="NAME", help="the caller's name")
-    _file_option(remove)
-    remove.set_defaults(local_command=functools.partial(_remove, usage=remove.error))
-
-
-def _exit_codes(success: str, *, missing: str = "") -> str:
-    return exit_code_table(
-        [
-            (client.EXIT_OK, success),
-            (
-                EXIT_BAD_CALLERS_FILE,
-                f"the callers file is missing, malformed or cannot be written{missing}",
-            ),
-            (client.EXIT_USAGE, "usage error, or no file named by --file or the environment"),
-        ]
-    )
-
-
-def _file_option(parser: argparse.ArgumentParser) -> None:
-    # NOTE: the environment is read when the command runs, not here, so the error for neither
-    # can say which of the two to set.
-    parser.add_argument(
-        "--file",
-        default="",
-        metavar="PATH",
-        help=f"the callers file (default: env {callers.CALLERS_FILE_ENV}, which the server"
-        " reads; one of the two is required)",
-    )
 
 
 def _path(args: argparse.Namespace, usage: _Usage) -> str:
@@ -150,7 +44,8 @@ def _console() -> client.Console:
     return client.Console.for_streams(sys.stdout, sys.stderr, environ=os.environ)
 
 
-def _add(args: argparse.Namespace, *, usage: _Usage) -> int:
+def add_command(args: argparse.Namespace, *, usage: _Usage) -> int:
+    """Run `numbersvc callers add`."""
     path = _path(args, usage)
     console = _console()
     try:
@@ -183,7 +78,8 @@ def _add(args: argparse.Namespace, *, usage: _Usage) -> int:
     return client.EXIT_OK
 
 
-def _list(args: argparse.Namespace, *, usage: _Usage) -> int:
+def list_command(args: argparse.Namespace, *, usage: _Usage) -> int:
+    """Run `numbersvc callers list`."""
     path = _path(args, usage)
     console = _console()
     try:
@@ -207,7 +103,8 @@ def _row(entry: callers.CallerEntry) -> tuple[str, str, str]:
     return caller.name, permissions, identity
 
 
-def _remove(args: argparse.Namespace, *, usage: _Usage) -> int:
+def remove_command(args: argparse.Namespace, *, usage: _Usage) -> int:
+    """Run `numbersvc callers remove`."""
     path = _path(args, usage)
     console = _console()
     try:

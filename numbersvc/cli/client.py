@@ -30,6 +30,7 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from numbersvc.cli import render
+from numbersvc.cli.options import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, rpc_exit_code
 from numbersvc.v1 import number_groups_pb2 as pb
 from numbersvc.v1 import number_groups_pb2_grpc as pb_grpc
 
@@ -52,10 +53,6 @@ __all__ = [
     "wants_colour",
 ]
 
-EXIT_OK: Final = 0
-EXIT_USAGE: Final = 2
-EXIT_INTERRUPTED: Final = 130
-_EXIT_RPC_BASE: Final = 10
 REQUEST_ID_HEADER: Final = "x-request-id"
 """Metadata key the server's access log takes its request id from."""
 NO_COLOR_ENV: Final = "NO_COLOR"
@@ -75,7 +72,7 @@ _RENT_MAYBE_PLACED_CODES: Final = frozenset(
 
 def exit_code(code: grpc.StatusCode) -> int:
     """Return the process exit code for a call that failed with `code`: 10 + its number."""
-    return _EXIT_RPC_BASE + code.value[0]
+    return rpc_exit_code(code.value[0])
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -11,93 +11,43 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import functools
 import os
 import sqlite3
 import sys
 from collections.abc import Awaitable, Callable
 from datetime import UTC
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
+
+import psycopg
 
 from numbersvc.cli import client
-from numbersvc.cli.options import add_command, exit_code_table
+from numbersvc.cli.db_parser import EXIT_DATABASE, EXIT_PENDING
 from numbersvc.config import Config, ConfigError
+from numbersvc.ledger import pgimport, pgschema
+from numbersvc.ledger.postgres import redacted, scrub
 
-if TYPE_CHECKING:  # psycopg loads in 0.2 s: only the commands that use it import it
-    import psycopg
+__all__ = ["import_command", "migrate_command", "status_command"]
 
-__all__ = ["EXIT_DATABASE", "EXIT_PENDING", "add_db_command"]
-
-EXIT_DATABASE: Final = 1
-EXIT_PENDING: Final = 3
-_SCHEMA_TOO_NEW: Final = "the database's schema is newer than this numbersvc (refused)"
 _CONNECT_TIMEOUT_SECONDS: Final = 10
 
 _Command = Callable[
-    ["psycopg.AsyncConnection[Any]", argparse.Namespace, client.Console], Awaitable[int]
+    [psycopg.AsyncConnection[Any], argparse.Namespace, client.Console], Awaitable[int]
 ]
 
 
-def add_db_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add `db` with its subcommands `migrate`, `status` and `import` to the parser."""
-    group = add_command(
-        commands,
-        "db",
-        "the PostgreSQL order ledger: migrate, status, import",
-        "Manage the PostgreSQL order ledger named by NUMBERSVC_DATABASE_URL (or"
-        " NUMBERSVC_DATABASE_URL_FILE; a password may come from PGPASSWORD).",
-        epilog=_exit_codes(),
-    )
-    subcommands = group.add_subparsers(title="commands", metavar="COMMAND", required=True)
-    migrate = add_command(
-        subcommands,
-        "migrate",
-        "apply the migrations this version ships",
-        "Apply every pending migration, each in its own transaction, under an advisory lock"
-        " (servers starting at the same time wait, then find nothing to do). Servers do this"
-        " at start too; run it as a Job to migrate before a rollout.",
-        epilog=_exit_codes(),
-    )
-    migrate.set_defaults(local_command=functools.partial(_run, _migrate))
-    status = add_command(
-        subcommands,
-        "status",
-        "compare the database's schema with this version's migrations",
-        "Print each migration: applied (when), pending, or unknown to this version.",
-        epilog=_exit_codes((EXIT_PENDING, "migrations are pending (db migrate applies them)")),
-    )
-    status.set_defaults(local_command=functools.partial(_run, _status))
-    import_ = add_command(
-        subcommands,
-        "import",
-        "copy a SQLite ledger's orders and events into PostgreSQL",
-        "Copy every order and audit event of a SQLite ledger file into PostgreSQL, in one"
-        " transaction. Orders already there (by request id) are left as they are, so running"
-        " it twice changes nothing. An order still being sent in the file arrives with its"
-        " outcome unknown: settle it from the Plivo console. Stop the servers that write the"
-        " file first. Pending migrations are applied first.",
-        epilog=_exit_codes(),
-    )
-    import_.add_argument(
-        "--from-sqlite",
-        required=True,
-        metavar="PATH",
-        help="the SQLite ledger file (read-only; required)",
-    )
-    import_.set_defaults(local_command=functools.partial(_run, _import))
+def migrate_command(args: argparse.Namespace) -> int:
+    """`numbersvc db migrate`: apply the pending migrations."""
+    return _run(_migrate, args)
 
 
-def _exit_codes(*extra: tuple[int, str]) -> str:
-    return exit_code_table(
-        sorted(
-            [
-                (client.EXIT_OK, "done"),
-                (EXIT_DATABASE, "the database cannot be reached, refused, or the file is bad"),
-                (client.EXIT_USAGE, f"usage error, a bad configuration, or {_SCHEMA_TOO_NEW}"),
-                *extra,
-            ]
-        )
-    )
+def status_command(args: argparse.Namespace) -> int:
+    """`numbersvc db status`: compare the database's schema with this version's."""
+    return _run(_status, args)
+
+
+def import_command(args: argparse.Namespace) -> int:
+    """`numbersvc db import --from-sqlite PATH`: copy a SQLite ledger in."""
+    return _run(_import, args)
 
 
 def _run(command: _Command, args: argparse.Namespace) -> int:
@@ -119,18 +69,13 @@ def _run(command: _Command, args: argparse.Namespace) -> int:
 async def _connected(
     command: _Command, conninfo: str, args: argparse.Namespace, console: client.Console
 ) -> int:
-    import psycopg
-
-    from numbersvc.ledger.pgschema import SchemaTooNewError
-    from numbersvc.ledger.postgres import redacted, scrub
-
     where = redacted(conninfo)
     try:
         async with await psycopg.AsyncConnection.connect(
             conninfo, autocommit=True, connect_timeout=_CONNECT_TIMEOUT_SECONDS
         ) as conn:
             return await command(conn, args, console)
-    except SchemaTooNewError as exc:
+    except pgschema.SchemaTooNewError as exc:
         console.error(f"{where}: {exc}")
         return client.EXIT_USAGE
     except psycopg.Error as exc:
@@ -141,8 +86,6 @@ async def _connected(
 async def _migrate(
     conn: psycopg.AsyncConnection[Any], args: argparse.Namespace, console: client.Console
 ) -> int:
-    from numbersvc.ledger import pgschema
-
     applied = await pgschema.migrate(conn)
     for migration in applied:
         console.result(f"applied {migration.version:04d}_{migration.name}")
@@ -154,8 +97,6 @@ async def _migrate(
 async def _status(
     conn: psycopg.AsyncConnection[Any], args: argparse.Namespace, console: client.Console
 ) -> int:
-    from numbersvc.ledger import pgschema
-
     now = await pgschema.status(conn)
     rows = [
         (a.version, a.name, f"applied {a.applied_at.astimezone(UTC):%Y-%m-%dT%H:%M:%SZ}")
@@ -178,8 +119,6 @@ async def _status(
 async def _import(
     conn: psycopg.AsyncConnection[Any], args: argparse.Namespace, console: client.Console
 ) -> int:
-    from numbersvc.ledger import pgimport, pgschema
-
     await pgschema.migrate(conn)
     # A pod's uid often has no passwd entry: the audit then names the uid.
     actor = f"cli:{os.environ.get('USER') or f'uid {os.getuid()}'}"

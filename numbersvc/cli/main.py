@@ -1,31 +1,33 @@
 """The `numbersvc` command: run the server or the sandbox, or call a running server.
 
 `main(argv)` parses the command line and returns the process exit code. The client commands
-(`list`, `stream`, `get`, `rent`, `orders list`, `orders get`) open one insecure channel to
-`--target` and hand it to `numbersvc.cli.client` or `numbersvc.cli.orders`; the local commands
-(`serve`, `sandbox`, `orders settle`) run in this process. `serve` and `sandbox` import the
-server and the sandbox only when run. (The settings module still loads httpx and aiohttp, for
-the upstream's defaults and its HTTP stack names: about 0.2 s of a client command's start.)
+(`list`, `stream`, `get`, `rent`, `orders list`, `orders get`) open one channel to `--target`
+and hand it to `numbersvc.cli.client` or `numbersvc.cli.orders`; the local commands (`serve`,
+`sandbox`, `orders settle`, `callers`) run in this process.
+
+NOTE: this module and the parsers import nothing heavy: each command's modules (grpc and the
+stubs, the server, the sandbox, the ledger) are imported when it runs, so `--version` and
+`--help` answer in a few tens of milliseconds instead of most of a second (a test checks that
+neither loads grpc, httpx or aiohttp).
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
 import os
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any, Final
+from typing import TYPE_CHECKING, Final
 
-import grpc
-from google.protobuf.message import Message
-
-from numbersvc import __version__, logs
-from numbersvc.cli import callers, client, db, orders, render, transport
+from numbersvc.cli import callers_parser, db_parser, orders_parser
 from numbersvc.cli.options import (
     DEFAULT_DEADLINE_SECONDS,
+    EXIT_OK,
+    EXIT_USAGE,
+    NUMBER_TYPE_NAMES,
+    SERVICE_NAMES,
     TARGET_ENV,
+    Lazy,
     add_client_options,
     add_command,
     add_page_options,
@@ -35,25 +37,30 @@ from numbersvc.cli.options import (
     output_epilog,
     positive_int,
 )
-from numbersvc.config import Config, ConfigError, add_arguments, parse_host_port
-from numbersvc.v1 import number_groups_pb2 as pb
+from numbersvc.config import DEFAULT_SANDBOX_SEED, add_arguments, parse_host_port
+
+if TYPE_CHECKING:
+    import grpc
 
 __all__ = ["TARGET_ENV", "main", "run"]
 
 # A rent may wait on Plivo for a while, and the server refuses one with too little deadline.
 _DEFAULT_RENT_DEADLINE_SECONDS: Final = 30.0
 _DEFAULT_SANDBOX_LISTEN: Final = "127.0.0.1:8089"
-_USER_AGENT: Final = f"numbersvc-cli/{__version__}"
+_CLIENT: Final = "numbersvc.cli.client"
+_REQUESTS: Final = "numbersvc.cli.requests"
+_SERVING: Final = "numbersvc.cli.serving"
 
-ChannelFactory = Callable[[argparse.Namespace], grpc.Channel]
+ChannelFactory = Callable[[argparse.Namespace], "grpc.Channel"]
 """Open a channel to a HOST:PORT target (injected so tests can pass a `grpc_testing` one)."""
-# A client command and the function that builds its request from the parsed arguments.
-_ClientCommand = Callable[[grpc.Channel, Any, client.CallOptions, client.Console], int]
-_BuildRequest = Callable[[argparse.Namespace], Message]
 
 
 def _open_channel(args: argparse.Namespace) -> grpc.Channel:
-    channel = transport.open_channel(args, [("grpc.primary_user_agent", _USER_AGENT)])
+    from numbersvc import __version__
+    from numbersvc.cli import transport  # here: it loads grpc
+
+    user_agent = f"numbersvc-cli/{__version__}"
+    channel = transport.open_channel(args, [("grpc.primary_user_agent", user_agent)])
     return transport.with_token(channel, args.token)
 
 
@@ -70,17 +77,19 @@ def run(argv: Sequence[str] | None = None, *, open_channel: ChannelFactory = _op
         open_channel: how client commands reach `--target` (TLS and token from the args).
     """
     args = build_parser().parse_args(argv)
-    command: _ClientCommand | None = getattr(args, "client_command", None)
-    build_request: _BuildRequest | None = getattr(args, "build_request", None)
+    command: Lazy | None = getattr(args, "client_command", None)
+    build_request: Lazy | None = getattr(args, "build_request", None)
     if command is None or build_request is None:
         local: Callable[[argparse.Namespace], int] = args.local_command
         return local(args)
+    from numbersvc.cli import client  # here: it loads grpc and the stubs
+
     # Colour and the progress bar (rewritten in place with \r) only where a person reads.
     console = client.Console.for_streams(sys.stdout, sys.stderr, environ=os.environ, json=args.json)
     options = client.CallOptions(target=args.target, deadline_seconds=args.deadline)
     with open_channel(args) as channel:
         try:
-            return command(channel, build_request(args), options, console)
+            code: int = command(channel, build_request(args), options, console)
         except KeyboardInterrupt:
             console.note("interrupted")
             return client.EXIT_INTERRUPTED
@@ -88,7 +97,8 @@ def run(argv: Sequence[str] | None = None, *, open_channel: ChannelFactory = _op
             # The reader went away (`numbersvc stream ... | head`): stop quietly, as Unix
             # tools do, and keep Python from complaining again when it flushes stdout.
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            return client.EXIT_OK
+            return EXIT_OK
+        return code
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,12 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="numbersvc",
         description="gRPC service over Plivo's phone-number groups, and a client for it.",
         epilog=exit_codes_epilog(
-            (orders.EXIT_CANNOT_SETTLE, orders.CANNOT_SETTLE),
-            (callers.EXIT_BAD_CALLERS_FILE, callers.BAD_CALLERS_FILE),
+            (orders_parser.EXIT_CANNOT_SETTLE, orders_parser.CANNOT_SETTLE),
+            (callers_parser.EXIT_BAD_CALLERS_FILE, callers_parser.BAD_CALLERS_FILE),
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--version", action=_Version, help="print the version and exit")
     commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
 
     serve = add_command(
@@ -113,22 +123,20 @@ def build_parser() -> argparse.ArgumentParser:
         " variable; without Plivo credentials the server uses its embedded sandbox.",
         epilog=exit_code_table(
             [
-                (client.EXIT_OK, "after a graceful shutdown"),
-                (client.EXIT_USAGE, "bad configuration, or a ledger from a newer numbersvc"),
+                (EXIT_OK, "after a graceful shutdown"),
+                (EXIT_USAGE, "bad configuration, or a ledger from a newer numbersvc"),
             ]
         ),
     )
     add_arguments(serve)
-    serve.set_defaults(local_command=_serve)
+    serve.set_defaults(local_command=Lazy(_SERVING, "serve"))
 
     sandbox = add_command(
         commands,
         "sandbox",
         "run the Plivo-compatible sandbox alone",
         "Serve the fake Plivo API (with control routes under /__sandbox) until Ctrl-C.",
-        epilog=exit_code_table(
-            [(client.EXIT_OK, "stopped with Ctrl-C"), (client.EXIT_USAGE, "usage error")]
-        ),
+        epilog=exit_code_table([(EXIT_OK, "stopped with Ctrl-C"), (EXIT_USAGE, "usage error")]),
     )
     sandbox.add_argument(
         "--listen",
@@ -140,11 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
     sandbox.add_argument(
         "--seed",
         type=int,
-        default=Config().sandbox_seed,
+        default=DEFAULT_SANDBOX_SEED,
         help="seed of the inventory and of every id handed out (default: %(default)s,"
         " as the server's embedded sandbox)",
     )
-    sandbox.set_defaults(local_command=_sandbox)
+    sandbox.set_defaults(local_command=Lazy(_SERVING, "sandbox"))
 
     list_ = add_command(
         commands, "list", "print one page of number groups", "Search number groups: one page."
@@ -152,7 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     _search_options(list_)
     _group_page_options(list_, size_help="groups on the page, 1 to 20 (default: the server's, 20)")
     add_client_options(list_, DEFAULT_DEADLINE_SECONDS)
-    list_.set_defaults(client_command=client.list_groups, build_request=_list_request)
+    list_.set_defaults(
+        client_command=Lazy(_CLIENT, "list_groups"), build_request=Lazy(_REQUESTS, "list_groups")
+    )
 
     stream = add_command(
         commands,
@@ -174,12 +184,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_client_options(
         stream, DEFAULT_DEADLINE_SECONDS, deadline_note="; the whole stream must end within it"
     )
-    stream.set_defaults(client_command=client.stream_groups, build_request=_stream_request)
+    stream.set_defaults(
+        client_command=Lazy(_CLIENT, "stream_groups"),
+        build_request=Lazy(_REQUESTS, "stream_groups"),
+    )
 
     get = add_command(commands, "get", "print one number group", "Get one number group by its id.")
     get.add_argument("group_id", metavar="GROUP_ID", help="the group's id (1 to 32 digits)")
     add_client_options(get, DEFAULT_DEADLINE_SECONDS)
-    get.set_defaults(client_command=client.get_group, build_request=_get_request)
+    get.set_defaults(
+        client_command=Lazy(_CLIENT, "get_group"), build_request=Lazy(_REQUESTS, "get_group")
+    )
 
     rent = add_command(
         commands,
@@ -210,12 +225,33 @@ def build_parser() -> argparse.ArgumentParser:
         help="id of this order, a canonical UUID (default: a new random UUID4)",
     )
     add_client_options(rent, _DEFAULT_RENT_DEADLINE_SECONDS)
-    rent.set_defaults(client_command=client.rent_numbers, build_request=_rent_request)
+    rent.set_defaults(
+        client_command=Lazy(_CLIENT, "rent_numbers"), build_request=Lazy(_REQUESTS, "rent_numbers")
+    )
 
-    orders.add_orders_command(commands)
-    callers.add_callers_command(commands)
-    db.add_db_command(commands)
+    orders_parser.add_orders_command(commands)
+    callers_parser.add_callers_command(commands)
+    db_parser.add_db_command(commands)
     return parser
+
+
+class _Version(argparse.Action):
+    """`--version`, reading the version only when asked (see `numbersvc.__getattr__`)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, help: str | None = None) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help)
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: object,
+        option_string: str | None = None,
+    ) -> None:
+        from numbersvc import __version__
+
+        print(f"{parser.prog} {__version__}")  # on stdout, as argparse's own version action
+        parser.exit()
 
 
 def _search_options(parser: argparse.ArgumentParser) -> None:
@@ -227,7 +263,7 @@ def _search_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--type",
-        choices=sorted(render.NUMBER_TYPES),
+        choices=sorted(NUMBER_TYPE_NAMES),
         help="number type (default: local, as upstream)",
     )
     parser.add_argument(
@@ -240,9 +276,9 @@ def _search_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--services",
-        type=comma_choices(render.SERVICES, "service"),
+        type=comma_choices(SERVICE_NAMES, "service"),
         default=[],
-        metavar=",".join(render.SERVICES),
+        metavar=",".join(SERVICE_NAMES),
         help="comma-separated services every group must offer (default: any)",
     )
 
@@ -260,73 +296,3 @@ def _host_port(raw: str) -> tuple[str, int]:
         return parse_host_port(raw)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _search_filter(args: argparse.Namespace) -> pb.SearchFilter:
-    return pb.SearchFilter(
-        region_code=args.country,
-        number_type=render.NUMBER_TYPES[args.type] if args.type else pb.NUMBER_TYPE_UNSPECIFIED,
-        prefix=args.prefix,
-        region=args.region,
-        services=args.services,
-    )
-
-
-def _list_request(args: argparse.Namespace) -> pb.ListNumberGroupsRequest:
-    return pb.ListNumberGroupsRequest(
-        filter=_search_filter(args), page_size=args.page_size, page_token=args.page_token
-    )
-
-
-def _stream_request(args: argparse.Namespace) -> pb.StreamNumberGroupsRequest:
-    return pb.StreamNumberGroupsRequest(
-        filter=_search_filter(args),
-        page_size=args.page_size,
-        max_results=args.max_results,
-        page_token=args.page_token,
-    )
-
-
-def _get_request(args: argparse.Namespace) -> pb.GetNumberGroupRequest:
-    return pb.GetNumberGroupRequest(group_id=args.group_id)
-
-
-def _rent_request(args: argparse.Namespace) -> pb.RentNumbersRequest:
-    return pb.RentNumbersRequest(
-        group_id=args.group_id,
-        quantity=args.quantity,
-        app_id=args.app_id,
-        request_id=args.request_id,
-    )
-
-
-def _serve(args: argparse.Namespace) -> int:
-    try:
-        config = Config.from_env(os.environ).with_args(args)
-        # NOTE: contradictions between settings (one Plivo credential of two) are raised here,
-        # before the server module is even imported, so nothing is bound or started.
-        config.resolved_upstream()
-    except ConfigError as exc:
-        console = client.Console.for_streams(sys.stdout, sys.stderr, environ=os.environ)
-        console.error(f"configuration: {exc}")
-        return client.EXIT_USAGE
-    from numbersvc.ledger import LedgerSchemaError
-    from numbersvc.server import serve  # imported here: it loads grpc.aio and the whole server
-
-    logs.configure_logging(config.log_level, config.log_format)
-    try:
-        return asyncio.run(serve(config))
-    except LedgerSchemaError as exc:
-        console = client.Console.for_streams(sys.stdout, sys.stderr, environ=os.environ)
-        console.error(str(exc))
-        return client.EXIT_USAGE
-
-
-def _sandbox(args: argparse.Namespace) -> int:
-    from numbersvc.sandbox import run_sandbox  # imported here: it loads the sandbox's app
-
-    host, port = args.listen
-    logs.configure_logging("INFO")  # run_sandbox logs the URL and credentials to use
-    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is how the sandbox is meant to stop
-        asyncio.run(run_sandbox(host, port, seed=args.seed))
-    return client.EXIT_OK

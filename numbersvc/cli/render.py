@@ -231,8 +231,9 @@ class Table:
 class StreamedTable:
     """A table printed one batch of rows at a time, as pages arrive.
 
-    The first batch sets the widths and carries the header; later batches only widen them, so
-    rows stay aligned while they stream (a later, wider cell pushes its own row only).
+    The first batch sets the widths for good and carries the header, so every later row lines
+    up with it; a later, wider cell pushes the rest of its own row only (widening a column
+    after its header was printed would shift every row below it, and none above).
     """
 
     table: Table
@@ -245,17 +246,16 @@ class StreamedTable:
         style: Style = PLAIN,
         colours: Sequence[_Colours] | None = None,
     ) -> str:
-        """Lay out one batch (after the header, if it is the first) on the widths so far.
+        """Lay out one batch (after the header, if it is the first) on the first batch's widths.
 
         `style` and `colours` as for `Table.render`.
         """
-        widths = self.table.widths(rows)
-        if self.widths is not None:
-            widths = [max(old, new) for old, new in zip(self.widths, widths, strict=True)]
-        lines = [self.table.header(widths, style=style)] if self.widths is None else []
-        self.widths = widths
+        lines = []
+        if self.widths is None:
+            self.widths = self.table.widths(rows)
+            lines.append(self.table.header(self.widths, style=style))
         for cells, row_colours in zip(rows, colours or [()] * len(rows), strict=True):
-            lines.append(self.table.line(cells, widths, style=style, colours=row_colours))
+            lines.append(self.table.line(cells, self.widths, style=style, colours=row_colours))
         return "\n".join(lines)
 
 

@@ -1,53 +1,19 @@
 """How client commands reach the server: plain text or (mutual) TLS, and a bearer token.
 
-The token travels as `authorization` metadata on every call.
+The token travels as `authorization` metadata on every call. The flags that choose these are
+`numbersvc.cli.options`'s, so that building the parser does not import grpc.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Final
+from typing import Any
 
 import grpc
 
-__all__ = ["add_transport_options", "open_channel", "with_token"]
-
-TOKEN_ENV: Final = "NUMBERSVC_TOKEN"
-TLS_CA_ENV: Final = "NUMBERSVC_TLS_CA"
-TLS_CERT_ENV: Final = "NUMBERSVC_CLIENT_CERT"
-TLS_KEY_ENV: Final = "NUMBERSVC_CLIENT_KEY"
-
-
-def add_transport_options(parser: argparse.ArgumentParser) -> None:
-    """Add `--token`, `--tls-ca`, `--tls-cert` and `--tls-key` (defaults from the environment)."""
-    parser.add_argument(
-        "--token",
-        default=os.environ.get(TOKEN_ENV, ""),
-        metavar="TOKEN",
-        help=f"bearer token from `numbersvc callers add` (env {TOKEN_ENV}; prefer the env:"
-        " flags show in `ps`)",
-    )
-    parser.add_argument(
-        "--tls-ca",
-        default=os.environ.get(TLS_CA_ENV, ""),
-        metavar="PEM",
-        help=f"CA bundle that signed the server's certificate: use TLS (env {TLS_CA_ENV})",
-    )
-    parser.add_argument(
-        "--tls-cert",
-        default=os.environ.get(TLS_CERT_ENV, ""),
-        metavar="PEM",
-        help=f"client certificate for mutual TLS, with --tls-key (env {TLS_CERT_ENV})",
-    )
-    parser.add_argument(
-        "--tls-key",
-        default=os.environ.get(TLS_KEY_ENV, ""),
-        metavar="PEM",
-        help=f"client certificate's private key (env {TLS_KEY_ENV})",
-    )
+__all__ = ["open_channel", "with_token"]
 
 
 def open_channel(args: argparse.Namespace, options: list[tuple[str, Any]]) -> grpc.Channel:

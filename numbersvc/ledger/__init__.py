@@ -46,6 +46,7 @@ __all__ = [
     "Begin",
     "LedgerEntry",
     "LedgerSchemaError",
+    "LedgerUnreachableError",
     "OrderKey",
     "OrderLedger",
     "OrderNotFound",
@@ -201,6 +202,10 @@ class OrderLedger(Protocol):
 
 class LedgerSchemaError(RuntimeError):
     """The store was written by a newer numbersvc: its schema version is unknown here."""
+
+
+class LedgerUnreachableError(ConnectionError):
+    """A shared store (PostgreSQL) cannot be reached, or refused the connection."""
 
 
 class SettleError(ValueError):

@@ -38,6 +38,7 @@ from numbersvc.ledger import (
     Begin,
     BeginResult,
     LedgerEntry,
+    LedgerUnreachableError,
     OrderKey,
     OrderNotFound,
     OrderState,
@@ -48,7 +49,7 @@ from numbersvc.ledger import (
 from numbersvc.v1 import number_groups_pb2 as pb
 from numbersvc.validation import OrderQuery
 
-__all__ = ["LedgerUnreachableError", "PostgresLedger", "redacted", "scrub"]
+__all__ = ["PostgresLedger", "redacted", "scrub"]
 
 _log = logging.getLogger("numbersvc.orders")
 _NANOS: Final = 10**9
@@ -148,10 +149,6 @@ FOR UPDATE OF o SKIP LOCKED
 """
 
 _Row = tuple[bytes, str, str, str, str]
-
-
-class LedgerUnreachableError(ConnectionError):
-    """PostgreSQL cannot be reached, or refused this connection (a password, a database)."""
 
 
 class PostgresLedger:
@@ -341,11 +338,7 @@ class PostgresLedger:
         error_outcome: str = "",
         upstream: str = "",
     ) -> LedgerEntry:
-        """Record how an order ended.
-
-        A settlement made meanwhile wins: a late answer never overwrites what a person
-        recorded from the Plivo console (it is logged instead).
-        """
+        """Record how an order ended, unless it was settled meanwhile (then it is logged)."""
         async with self._pool.connection() as conn:
             try:
                 return await self._update(
@@ -360,12 +353,7 @@ class PostgresLedger:
                 entry = await _entry(conn, order.request_id)
                 if entry is None:
                     raise
-                _log.error(
-                    "order %s was settled while in flight; Plivo's answer was %s: %s",
-                    order.request_id,
-                    state.value,
-                    rules.describe(order),
-                )
+                rules.late_answer(order, state)
                 return entry
 
     async def settle(

@@ -5,6 +5,7 @@ The stores (`sqlite.py`, `postgres.py`) keep only their storage.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Final
 
@@ -19,9 +20,11 @@ __all__ = [
     "UNSETTLED",
     "check_settlement",
     "describe",
+    "late_answer",
     "settled_order",
 ]
 
+_log = logging.getLogger("numbersvc.orders")
 MAX_UPSTREAM_BODY_CHARS: Final = 2000
 """How much of Plivo's raw answer an order keeps for reconciliation."""
 NANOS_PER_DAY: Final = 86_400 * 10**9
@@ -82,4 +85,14 @@ def describe(order: pb.RentalOrder) -> str:
         f"caller={order.caller} group={order.group_id} quantity={order.quantity}"
         f" app={order.app_id or '-'} numbers={numbers}"
         f" upstream_id={order.upstream_request_id or '-'} note={order.status_message or '-'}"
+    )
+
+
+def late_answer(order: pb.RentalOrder, state: OrderState) -> None:
+    """Log Plivo's answer to an order settled while it was in flight: the settlement stays."""
+    _log.error(
+        "order %s was settled while in flight; Plivo's answer was %s: %s",
+        order.request_id,
+        state.value,
+        describe(order),
     )

@@ -32,21 +32,18 @@ from numbersvc.ledger import (
     OrderNotFound,
     OrderState,
     SettleError,
+    rules,
 )
 from numbersvc.v1 import number_groups_pb2 as pb
-from numbersvc.validation import OrderKey, OrderQuery, is_e164
+from numbersvc.validation import OrderKey, OrderQuery
 
 __all__ = ["LedgerOptions", "SqliteLedger"]
 
 _log = logging.getLogger("numbersvc.orders")
 _T = TypeVar("_T")
-_MAX_UPSTREAM_BODY_CHARS: Final = 2000
 _NANOS_PER_SECOND: Final = 10**9
-_NANOS_PER_DAY: Final = 86_400 * _NANOS_PER_SECOND
-_UNSETTLED: Final = (OrderState.SENDING, OrderState.OUTCOME_UNKNOWN)
 DEFAULT_LEASE_SECONDS: Final = 15.0
 DEFAULT_SEND_TIMEOUT_SECONDS: Final = 60.0
-RECOVERED_NOTE: Final = "the service stopped while this order was being sent"
 
 # Each version's statements, applied in order from the file's `user_version`. Version 1 is the
 # first release's schema (its statements stay as they were: a crash of that release between
@@ -263,7 +260,7 @@ class SqliteLedger:
                 claim,
             )
             _event(db, order.request_id, now, OrderState.SENDING, f"peer={attempt.peer}")
-        _log.info("order %s sending: %s", order.request_id, _describe(order))
+        _log.info("order %s sending: %s", order.request_id, rules.describe(order))
         return BeginResult(Begin.NEW)
 
     async def finish(
@@ -282,17 +279,14 @@ class SqliteLedger:
 
         def finish() -> LedgerEntry:
             try:
-                return self._update(order, state, error_outcome, upstream, only_from=_UNSETTLED)
+                return self._update(
+                    order, state, error_outcome, upstream, only_from=rules.UNSETTLED
+                )
             except SettleError:
                 entry = self._entry(self._conn(), order.request_id)
                 if entry is None:
                     raise
-                _log.error(
-                    "order %s was settled while in flight; Plivo's answer was %s: %s",
-                    order.request_id,
-                    state.value,
-                    _describe(order),
-                )
+                rules.late_answer(order, state)
                 return entry
 
         return await self._run(finish)
@@ -310,7 +304,7 @@ class SqliteLedger:
         with _transaction(db):
             now = self._clock_ns()  # after the lock: the time the change really lands
             entry = self._write(db, now, order, state, error_outcome, upstream, only_from)
-        _log.info("order %s %s: %s", order.request_id, state.value, _describe(order))
+        _log.info("order %s %s: %s", order.request_id, state.value, rules.describe(order))
         return entry
 
     def _write(
@@ -342,7 +336,7 @@ class SqliteLedger:
                 now,
                 order.SerializeToString(),
                 error_outcome,
-                upstream[:_MAX_UPSTREAM_BODY_CHARS],
+                upstream[: rules.MAX_UPSTREAM_BODY_CHARS],
                 order.request_id,
             ),
         )
@@ -364,33 +358,13 @@ class SqliteLedger:
             OrderNotFound: no such order.
             SettleError: its outcome is not unknown, or the outcome or numbers are invalid.
         """
-        if state not in (OrderState.FULFILLED, OrderState.FAILED):
-            raise SettleError("an order settles as fulfilled or failed")
-        if state is OrderState.FULFILLED and not numbers:
-            raise SettleError("a fulfilled order needs the numbers the Plivo console shows")
-        if state is OrderState.FAILED and numbers:
-            raise SettleError("a failed order rented no numbers")
-        for number in numbers:
-            if not is_e164(number):
-                raise SettleError(f"not an E.164 number: {number!r}")
+        rules.check_settlement(state, numbers)
 
         def settle() -> LedgerEntry:
             entry = self._entry(self._conn(), request_id)
             if entry is None:
                 raise OrderNotFound(f"no order with request id {request_id}")
-            order = entry.order
-            del order.numbers[:]
-            order.numbers.extend(
-                pb.RentedNumber(
-                    number=n.removeprefix("+"),
-                    e164=n,
-                    status=pb.RENTED_NUMBER_STATUS_SUCCESS,
-                    upstream_status="settled",
-                )
-                for n in numbers
-            )
-            # The status message is also the audit event's detail: it names who settled.
-            order.status_message = f"settled as {state.value} by {actor}: {note}"
+            order = rules.settled_order(entry.order, state, numbers=numbers, note=note, actor=actor)
             # Not from `sending`: that order's POST may still be out, and a settlement as
             # failed would free its id for a second POST. A heartbeat turns the `sending` rows
             # of an owner proven gone (lease and send deadline passed) into `outcome_unknown`.
@@ -449,7 +423,7 @@ class SqliteLedger:
                 for row in stale:
                     entry = self._row(row)
                     entry.order.status_message = (
-                        f"{RECOVERED_NOTE} (owner {entry.owner}: lease expired)"
+                        f"{rules.RECOVERED_NOTE} (owner {entry.owner}: lease expired)"
                     )
                     self._write(db, now, entry.order, OrderState.OUTCOME_UNKNOWN, "", "", ())
                     recovered.append(entry.order.request_id)
@@ -520,7 +494,7 @@ def _transaction(db: sqlite3.Connection, kind: str = "IMMEDIATE") -> Iterator[No
 
 
 def _used_today(db: sqlite3.Connection, caller: str, now_ns: int) -> int:
-    day_start = now_ns - now_ns % _NANOS_PER_DAY  # UTC midnight
+    day_start = now_ns - now_ns % rules.NANOS_PER_DAY  # UTC midnight
     states = [s.value for s in OrderState if s.may_have_rented]
     marks = ",".join("?" * len(states))
     (used,) = db.execute(
@@ -553,13 +527,4 @@ def _event(db: sqlite3.Connection, request_id: str, now: int, state: str, detail
     db.execute(
         "INSERT INTO events (request_id, time_ns, state, detail) VALUES (?, ?, ?, ?)",
         (request_id, now, state, detail),
-    )
-
-
-def _describe(order: pb.RentalOrder) -> str:
-    numbers = ",".join(n.e164 for n in order.numbers) or "-"
-    return (
-        f"caller={order.caller} group={order.group_id} quantity={order.quantity}"
-        f" app={order.app_id or '-'} numbers={numbers}"
-        f" upstream_id={order.upstream_request_id or '-'} note={order.status_message or '-'}"
     )

@@ -33,6 +33,7 @@ from typing import Final
 import httpx
 
 from numbersvc import __version__
+from numbersvc.upstream.defaults import DEFAULT_BASE_URL, HttpStack
 from numbersvc.upstream.errors import (
     Scrubber,
     UpstreamConnectError,
@@ -47,7 +48,7 @@ from numbersvc.upstream.errors import (
     parse_retry_after,
 )
 from numbersvc.upstream.ratelimit import RateLimiter
-from numbersvc.upstream.transport import HttpStack, build_transport, failure_reason
+from numbersvc.upstream.transport import build_transport, failure_reason
 
 __all__ = [
     "DEFAULT_BASE_URL",
@@ -63,7 +64,6 @@ __all__ = [
 
 _LOG = logging.getLogger("numbersvc.upstream")
 
-DEFAULT_BASE_URL = "https://api.plivo.com"
 DEFAULT_USER_AGENT = f"numbersvc/{__version__}"
 # Plivo allows 300 requests per 5 s per account (60/s). At a ~0.2 s round trip, 12 requests in
 # flight already reach that, so 20 connections leave headroom without letting a burst of RPCs

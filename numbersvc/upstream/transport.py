@@ -23,7 +23,6 @@ every answer after it would belong to the request before. `_CleanPool` drops suc
 from __future__ import annotations
 
 import asyncio
-import enum
 import os
 import socket
 import ssl
@@ -36,6 +35,8 @@ import httpx
 import yarl
 from aiohttp.connector import Connection
 from aiohttp.tracing import Trace
+
+from numbersvc.upstream.defaults import HttpStack
 
 __all__ = [
     "AiohttpTransport",
@@ -50,13 +51,6 @@ __all__ = [
 # TLS shutdown (python/cpython#118960); aiohttp then aborts such sockets on request, and warns
 # when asked where the bug is fixed.
 _TLS_CLOSE_LEAKS: Final = sys.version_info < (3, 12, 8) or (3, 13) <= sys.version_info < (3, 13, 1)
-
-
-class HttpStack(enum.StrEnum):
-    """Which HTTP implementation carries httpx's requests to Plivo."""
-
-    AIOHTTP = "aiohttp"
-    HTTPCORE = "httpcore"
 
 
 # aiohttp exception -> the httpx exception it becomes, and what happened in words; looked up

@@ -24,8 +24,9 @@ from numbersvc.ledger.pgimport import IMPORTED_NOTE
 from numbersvc.ledger.pgschema import SchemaTooNewError, shipped
 from numbersvc.ledger.postgres import PostgresLedger
 from numbersvc.v1 import number_groups_pb2 as pb
+from tests.ledger.support import new_attempt
+from tests.ledger.test_sqlite import _write_v1_file
 from tests.pg import Cluster
-from tests.unit.test_ledger_postgres import _attempt
 
 LATEST = shipped()[-1]
 
@@ -97,7 +98,7 @@ async def test_ledgers_opened_together_on_an_empty_schema_migrate_once(
     ledgers = await asyncio.gather(*(PostgresLedger.open(empty_postgres_url) for _ in range(6)))
     try:
         assert _versions(empty_postgres_url) == [m.version for m in shipped()]
-        assert (await ledgers[0].begin(_attempt("r-1"), daily_cap=0)).kind is Begin.NEW
+        assert (await ledgers[0].begin(new_attempt("r-1"), daily_cap=0)).kind is Begin.NEW
     finally:
         for ledger in ledgers:
             await ledger.close()
@@ -179,7 +180,7 @@ class TestImport:
                 "r-sending": OrderState.SENDING,
             }
             for request_id, state in states.items():
-                attempt = _attempt(request_id, quantity=2)
+                attempt = new_attempt(request_id, quantity=2)
                 await ledger.begin(attempt, daily_cap=0)
                 if state is not OrderState.SENDING:
                     await ledger.finish(attempt.order, state)
@@ -243,6 +244,27 @@ class TestImport:
         assert "imported 0 order(s) and 0 event(s); 4 already there" in out
         assert conn_dump(postgres_url) == dump
         assert path.read_bytes() == before
+
+    async def test_a_version_1_file_arrives_attempted_at_creation_and_past_its_deadline(
+        self, postgres_url: str, tmp_path: Path, db: DbCommand
+    ) -> None:
+        path = tmp_path / "v1.sqlite3"
+        _write_v1_file(path)
+        code, out = await asyncio.to_thread(db, postgres_url, "import", "--from-sqlite", str(path))
+        assert code == 0, out
+        assert "imported 3 order(s) and 3 event(s); 0 already there" in out
+        with psycopg.connect(postgres_url, autocommit=True) as conn:
+            rows = conn.execute(
+                "SELECT request_id, state, attempt_time_ns - create_time_ns, send_deadline_ns"
+                " FROM orders ORDER BY request_id"
+            ).fetchall()
+        assert rows == [
+            ("v1-done", "fulfilled", 0, 0),
+            ("v1-failed", "failed", 0, 0),
+            ("v1-sending", "outcome_unknown", 0, 0),
+        ]
+        with sqlite3.connect(path) as file:  # read, never upgraded
+            assert file.execute("PRAGMA user_version").fetchall() == [(1,)]
 
     def test_a_missing_file_exits_1_and_imports_nothing(
         self, postgres_url: str, tmp_path: Path, db: DbCommand

@@ -1,11 +1,14 @@
 from __future__ import annotations
 
 import io
+import json
+import re
 import socket
 import subprocess
 import sys
 import types
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -115,6 +118,29 @@ def test_target_comes_from_the_environment_and_the_flag_wins(
     monkeypatch.setenv("NUMBERSVC_TARGET", "numbers.internal:443")
     assert parser().parse_args(["get", "1"]).target == "numbers.internal:443"
     assert parser().parse_args(["get", "1", "--target", "h:1"]).target == "h:1"
+
+
+@pytest.mark.parametrize(
+    ("target", "message"),
+    [
+        (
+            "localhost",
+            "no port in 'localhost' (gRPC would use 443): give HOST:PORT, such as localhost:50051",
+        ),
+        ("localhost:", "no port in 'localhost:'"),
+        ("h:99999", "'h:99999' is not HOST:PORT"),
+    ],
+)
+def test_a_target_without_a_port_is_a_usage_error(
+    target: str, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert exit_status(["get", "1", "--target", target]) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("target", ["[::1]:50051", "dns:///localhost:50051", "unix:/run/s.sock"])
+def test_targets_with_a_port_or_a_scheme_are_taken_as_given(target: str) -> None:
+    assert main.build_parser().parse_args(["get", "1", "--target", target]).target == target
 
 
 def test_deadline_defaults_are_10_s_and_30_s_for_rent() -> None:
@@ -382,7 +408,7 @@ def test_client_commands_dispatch_to_their_client_function(
     argv: list[str], command: Callable[..., int]
 ) -> None:
     args = main.build_parser().parse_args(argv)
-    assert args.client_command is command
+    assert args.client_command.resolve() is command
 
 
 def test_python_dash_m_numbersvc_runs_the_cli() -> None:
@@ -395,3 +421,75 @@ def test_python_dash_m_numbersvc_runs_the_cli() -> None:
     )
     assert done.returncode == 0
     assert done.stdout.startswith("numbersvc ")
+
+
+# What `--version` and `--help` must not load: each costs a tenth of a second or more.
+HEAVY_MODULES = ("grpc", "httpx", "aiohttp", "google.protobuf", "asyncio")
+# What a client command must not load: the server's HTTP stack and the ledger.
+SERVER_MODULES = ("httpx", "aiohttp", "sqlite3", "numbersvc.ledger", "numbersvc.upstream.client")
+
+
+def _modules_after(argv: list[str], prefixes: tuple[str, ...]) -> list[str]:
+    """Run the CLI in a fresh interpreter (this one imported everything); modules it loaded."""
+    script = (
+        "import json, sys\n"
+        "from numbersvc.cli import main\n"
+        "try:\n"
+        f"    main.main({argv!r})\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        f"loaded = sorted(m for m in sys.modules if m.startswith({prefixes!r}))\n"
+        "print(json.dumps(loaded), file=sys.stderr)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    loaded: list[str] = json.loads(done.stderr.strip().splitlines()[-1])
+    return loaded
+
+
+@pytest.mark.parametrize(
+    "argv", [["--version"], ["--help"], ["list", "--help"], ["serve", "--help"]]
+)
+def test_version_and_help_import_nothing_heavy(argv: list[str]) -> None:
+    # Only --version reads the installed metadata (tens of milliseconds).
+    heavy = HEAVY_MODULES if argv == ["--version"] else (*HEAVY_MODULES, "importlib.metadata")
+    assert _modules_after(argv, heavy) == []
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["get", "1"],
+        ["list", "--country", "US"],
+        ["orders", "list"],
+        ["orders", "get", "6f9619ff-8b86-d011-b42d-00c04fc964ff"],
+        [
+            "orders",
+            "settle",
+            "6f9619ff-8b86-d011-b42d-00c04fc964ff",
+            "--as",
+            "failed",
+            "--note",
+            "n",
+        ],
+    ],
+)
+def test_client_commands_import_no_server_module(argv: list[str]) -> None:
+    # Nothing listens on port 1: the call fails fast, after everything it needs was loaded.
+    argv = [*argv, "--target", "127.0.0.1:1", "--deadline", "0.5"]
+    assert _modules_after(argv, SERVER_MODULES) == []
+
+
+def test_readme_names_every_exit_code_of_the_help(capsys: pytest.CaptureFixture[str]) -> None:
+    assert exit_status(["--help"]) == 0
+    help_codes = set(re.findall(r"^  (\d+) ", capsys.readouterr().out, re.M))
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme[readme.index("## The command line") : readme.index("## Configuration")]
+    sentence = " ".join(section[section.index("Exit codes:") :].split())
+    sentence = sentence[: sentence.index("A failed call")]
+    assert help_codes == {"0", "1", "2", "130"}
+    for code in help_codes:
+        assert re.search(rf"[:,] {code} ", sentence), code
+    assert "10 + the gRPC status code" in sentence

@@ -2,9 +2,10 @@ from __future__ import annotations
 
 import argparse
 
+import grpc
 import pytest
 
-from numbersvc.cli import options
+from numbersvc.cli import options, render
 
 
 def test_exit_code_table_aligns_and_wraps_long_rows() -> None:
@@ -29,19 +30,19 @@ def test_exit_codes_epilog_puts_extra_rows_in_order() -> None:
     assert "24 UNAVAILABLE" in " ".join(lines)
 
 
-CHOICES = {"outcome_unknown": 3, "failed": 4}
+CHOICES = ("outcome_unknown", "failed")
 
 
 @pytest.mark.parametrize(
     ("raw", "values"),
     [
-        ("failed", [4]),
-        (" Outcome-Unknown , FAILED ", [3, 4]),
-        ("failed,outcome_unknown,failed", [4, 3]),
-        ("failed,,", [4]),
+        ("failed", ["failed"]),
+        (" Outcome-Unknown , FAILED ", ["outcome_unknown", "failed"]),
+        ("failed,outcome_unknown,failed", ["failed", "outcome_unknown"]),
+        ("failed,,", ["failed"]),
     ],
 )
-def test_comma_choices_read_names_in_any_case_once_each(raw: str, values: list[int]) -> None:
+def test_comma_choices_read_names_in_any_case_once_each(raw: str, values: list[str]) -> None:
     assert options.comma_choices(CHOICES, "status")(raw) == values
 
 
@@ -71,3 +72,17 @@ def test_comma_choices_name_what_is_unknown(raw: str, message: str) -> None:
 def test_positive_numbers_refuse_the_rest(parse: object, raw: str) -> None:
     with pytest.raises(argparse.ArgumentTypeError):
         parse(raw)  # type: ignore[operator]
+
+
+def test_rpc_code_names_are_grpcs_status_codes() -> None:
+    assert (
+        tuple(code.name for code in sorted(grpc.StatusCode, key=lambda code: code.value[0]))
+        == options.RPC_CODE_NAMES
+    )
+    assert [code.value[0] for code in grpc.StatusCode] == list(range(len(grpc.StatusCode)))
+
+
+def test_choice_names_are_the_protos_enum_names() -> None:
+    assert tuple(render.NUMBER_TYPES) == options.NUMBER_TYPE_NAMES
+    assert tuple(render.SERVICES) == options.SERVICE_NAMES
+    assert tuple(render.ORDER_STATUSES) == options.ORDER_STATUS_NAMES

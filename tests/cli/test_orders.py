@@ -203,7 +203,8 @@ def test_list_without_flags_sends_an_empty_filter_and_the_default_deadline() -> 
 def test_orders_commands_dispatch_to_their_client_function(
     argv: list[str], command: object
 ) -> None:
-    assert main.build_parser().parse_args(argv).client_command is command
+    chosen = main.build_parser().parse_args(argv).client_command
+    assert (chosen and chosen.resolve()) is command
 
 
 def test_get_maps_the_request_id(capsys: pytest.CaptureFixture[str]) -> None:

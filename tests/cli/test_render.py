@@ -300,12 +300,25 @@ def test_orders_table_aligns_the_quantity_right() -> None:
     assert [line[end - 3 : end + 2] for line in lines] == ["QTY  ", " 12  ", "  2  "]
 
 
-def test_streamed_table_keeps_one_header_and_only_widens() -> None:
+def test_streamed_table_keeps_one_header_and_the_first_batchs_widths() -> None:
     table = render.StreamedTable(render.Table(headers=("A", "B"), right_aligned=frozenset({1})))
     assert table.add([("xx", "1")]) == "A   B\nxx  1"
-    assert table.add([("x", "10")]) == "x   10"  # B widened for this row only
-    assert table.add([("xxxx", "2")]) == "xxxx   2"
-    assert table.widths == [4, 2]
+    assert table.add([("x", "10")]) == "x   10"  # a wider cell pushes its own row only
+    assert table.add([("xxxx", "2")]) == "xxxx  2"
+    assert table.add([("x", "3")]) == "x   3"  # still under the header's B
+    assert table.widths == [2, 1]
+
+
+def test_streamed_groups_line_up_with_the_header_on_every_page() -> None:
+    table = render.StreamedTable(render.GROUPS_TABLE)
+    short = pb.NumberGroup(group_id="1", region="NY", stock=5)
+    wide = pb.NumberGroup(group_id="12345678901234", region="New York, UNITED STATES", stock=5)
+    lines = table.add([render.group_row(short)]).splitlines()
+    lines += table.add([render.group_row(wide)]).splitlines()
+    lines += table.add([render.group_row(short)]).splitlines()
+    stock_end = lines[0].index("STOCK") + len("STOCK")
+    assert lines[1][stock_end - 1] == "5"
+    assert lines[3][stock_end - 1] == "5"  # the page after a wide one: under the header again
 
 
 def test_list_footer_and_resume_hint_name_what_they_count() -> None:

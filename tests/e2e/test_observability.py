@@ -14,7 +14,7 @@ import grpc
 import httpx
 import pytest
 
-from numbersvc.config import Config
+from numbersvc.config import Config, ConfigError
 from numbersvc.logs import configure_logging
 from numbersvc.sandbox import SandboxControl
 from numbersvc.sandbox.faults import FaultKind, FaultSpec
@@ -145,7 +145,7 @@ async def test_metrics_port_in_use_fails_start_and_leaves_nothing_running(tmp_pa
             ledger_path=":memory:",
             metrics_listen=f"127.0.0.1:{taken.getsockname()[1]}",
         )
-        with pytest.raises(OSError, match="address already in use"):
+        with pytest.raises(ConfigError, match=r"NUMBERSVC_METRICS_LISTEN: .* in use"):
             await create_server(config)
 
 

@@ -204,11 +204,15 @@ class TestStart:
         _, err = await asyncio.wait_for(process.communicate(), timeout=60)
         assert process.returncode != 0
         said = {
-            "wrong password": b"cannot reach the order ledger at postgresql://numbersvc_pw@",
-            "nothing listens": b"cannot reach the order ledger at postgresql://numbersvc_pw@",
-            "malformed": b"the database URL does not parse",
+            "wrong password": b"NUMBERSVC_DATABASE_URL: cannot reach the order ledger at"
+            b" postgresql://numbersvc_pw@",
+            "nothing listens": b"NUMBERSVC_DATABASE_URL: cannot reach the order ledger at"
+            b" postgresql://numbersvc_pw@",
+            "malformed": b"NUMBERSVC_DATABASE_URL: the database URL does not parse",
         }[how]
         assert said in err
+        assert process.returncode == 2
+        assert b"Traceback" not in err
         assert password.encode() not in err
 
     async def test_the_password_from_a_file_works_and_never_shows(

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Final, Protocol
+from typing import Any, ClassVar, Final, Protocol
 
 import psycopg
 import pytest
@@ -127,19 +127,54 @@ def dump(factory: LedgerFactory) -> tuple[list[dict[str, Any]], list[tuple[str, 
     return factory.rows(), factory.events()
 
 
-class SqliteFactory:
+class _Factory:
+    """What every store's factory does the same way: events, leases, closing.
+
+    A store gives `query` (a connection of the test's own, as another process would read)
+    and the parameter mark of its driver.
+    """
+
+    _MARK: ClassVar[str]
+
+    def __init__(self) -> None:
+        self._opened: list[OrderLedger] = []
+
+    def query(self, sql: str, args: tuple[object, ...] = ()) -> list[tuple[Any, ...]]:
+        raise NotImplementedError
+
+    def events(self, request_id: str | None = None) -> list[tuple[str, int, str, str]]:
+        where, args = (
+            (f"WHERE request_id = {self._MARK}", (request_id,)) if request_id else ("", ())
+        )
+        sql = f"SELECT request_id, time_ns, state, detail FROM events {where} ORDER BY id"
+        return [(r[0], r[1], r[2], r[3]) for r in self.query(sql, args)]
+
+    def instances(self) -> set[str]:
+        return {r[0] for r in self.query("SELECT instance FROM instances")}
+
+    def _opens(self, ledger: OrderLedger) -> OrderLedger:
+        self._opened.append(ledger)
+        return ledger
+
+    async def aclose(self) -> None:
+        for ledger in self._opened:
+            await ledger.close()
+
+
+class SqliteFactory(_Factory):
     """Ledgers on one SQLite file, read through a connection of the test's own."""
 
     name = "sqlite"
+    _MARK = "?"
 
     def __init__(self, path: Path) -> None:
+        super().__init__()
         self.path = path
-        self._opened: list[OrderLedger] = []
 
     async def open(self, clock: Callable[[], int] | None = None, **options: float) -> OrderLedger:
-        ledger = await SqliteLedger.open(self.path, clock_ns=clock or time.time_ns, **options)
-        self._opened.append(ledger)
-        return ledger
+        return self._opens(
+            await SqliteLedger.open(self.path, clock_ns=clock or time.time_ns, **options)
+        )
 
     def query(self, sql: str, args: tuple[object, ...] = ()) -> list[tuple[Any, ...]]:
         """Read the file through a connection of its own, as another process would."""
@@ -151,32 +186,24 @@ class SqliteFactory:
             db.row_factory = sqlite3.Row
             return [dict(r) for r in db.execute("SELECT * FROM orders ORDER BY request_id")]
 
-    def events(self, request_id: str | None = None) -> list[tuple[str, int, str, str]]:
-        where, args = ("WHERE request_id = ?", (request_id,)) if request_id else ("", ())
-        sql = f"SELECT request_id, time_ns, state, detail FROM events {where} ORDER BY id"
-        return [(r[0], r[1], r[2], r[3]) for r in self.query(sql, args)]
 
-    def instances(self) -> set[str]:
-        return {r[0] for r in self.query("SELECT instance FROM instances")}
+class PostgresFactory(_Factory):
+    """Ledgers on a PostgreSQL schema of the test's own, read through a connection of its own.
 
-    async def aclose(self) -> None:
-        for ledger in self._opened:
-            await ledger.close()
-
-
-class PostgresFactory:
-    """Ledgers on one PostgreSQL schema of the test's own, read through a connection of its own."""
+    With no clock, a ledger reads the database's.
+    """
 
     name = "postgres"
+    _MARK = "%s"
 
     def __init__(self, url: str) -> None:
+        super().__init__()
         self.url = url
-        self._opened: list[OrderLedger] = []
 
     async def open(self, clock: Callable[[], int] | None = None, **options: float) -> OrderLedger:
-        ledger = await PostgresLedger.open(self.url, clock_ns=clock, pool_max=4, **options)
-        self._opened.append(ledger)
-        return ledger
+        return self._opens(
+            await PostgresLedger.open(self.url, clock_ns=clock, pool_max=4, **options)
+        )
 
     def query(self, sql: str, args: tuple[object, ...] = ()) -> list[tuple[Any, ...]]:
         """Read the database through a connection of its own, as another replica would."""
@@ -186,18 +213,6 @@ class PostgresFactory:
     def rows(self) -> list[dict[str, Any]]:
         with psycopg.connect(self.url, autocommit=True, row_factory=dict_row) as conn:
             return conn.execute("SELECT * FROM orders ORDER BY request_id").fetchall()
-
-    def events(self, request_id: str | None = None) -> list[tuple[str, int, str, str]]:
-        where, args = ("WHERE request_id = %s", (request_id,)) if request_id else ("", ())
-        sql = f"SELECT request_id, time_ns, state, detail FROM events {where} ORDER BY id"
-        return [(r[0], r[1], r[2], r[3]) for r in self.query(sql, args)]
-
-    def instances(self) -> set[str]:
-        return {r[0] for r in self.query("SELECT instance FROM instances")}
-
-    async def aclose(self) -> None:
-        for ledger in self._opened:
-            await ledger.close()
 
 
 STORES: Final[dict[str, Callable[[pytest.FixtureRequest], LedgerFactory]]] = {

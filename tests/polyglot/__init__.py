@@ -4,3 +4,50 @@ They need Node.js (20 or later) on PATH and `node_modules` installed from the co
 file (`make node_modules/.installed`; `make pytest` and `make test` do it). A missing `node`
 fails these tests rather than skipping them: CI has it, and a skip would hide a broken mesh.
 """
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import sys
+from collections.abc import AsyncIterator, Mapping
+
+_SERVING = re.compile(rb"serving on 127\.0\.0\.1:(\d+)")
+_START_TIMEOUT_SECONDS = 20
+
+
+@contextlib.asynccontextmanager
+async def serving(env: Mapping[str, str]) -> AsyncIterator[int]:
+    """A `numbersvc serve` process on its embedded sandbox with `env`'s settings; its port.
+
+    None of this machine's settings, an in-memory ledger and no metrics port; killed after.
+    """
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("PLIVO_", "NUMBERSVC_"))}
+    clean["NUMBERSVC_LEDGER_PATH"] = ":memory:"
+    clean["NUMBERSVC_METRICS_LISTEN"] = "off"  # no fixed port to fight over with other servers
+    process = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "numbersvc", "serve", "--listen", "127.0.0.1:0"),
+        env={**clean, **env},
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert process.stderr is not None
+    stderr = b""
+    drain: asyncio.Task[bytes] | None = None
+    try:
+        async with asyncio.timeout(_START_TIMEOUT_SECONDS):
+            while not (match := _SERVING.search(stderr)):
+                line = await process.stderr.readline()
+                assert line, f"server exited early:\n{stderr.decode()}"
+                stderr += line
+        # Keep reading the access log, so a full pipe never blocks the server.
+        drain = asyncio.create_task(process.stderr.read())
+        yield int(match.group(1))
+    finally:
+        if process.returncode is None:
+            process.kill()
+        await process.wait()
+        if drain is not None:
+            await drain

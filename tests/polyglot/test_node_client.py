@@ -1,11 +1,11 @@
 """The Node.js client (`clients/node/check.mjs`) against a real `numbersvc serve` process.
 
-The process serves its embedded sandbox on a port the OS chose. The Node client lists, streams,
-gets, rents and sends one invalid request, and prints what it saw as JSON; the test compares
-that with what the Python client sees on the same server: the same groups in the same order,
-the same exact money, the same order, the same rich error. A second test generates the Node
-stubs from `buf.gen.yaml` into a temporary directory and loads them in Node, so `make gen-node`
-cannot rot unseen.
+The process serves its embedded sandbox on a port the OS chose. The Node client lists,
+streams, gets, rents (only with `--rent`) and sends one invalid request, and prints what it
+saw as JSON; the test compares that with what the Python client sees on the same server: the
+same groups in the same order, the same exact money, the same order, the same rich error. A
+second test generates the Node stubs from `buf.gen.yaml` into a temporary directory and loads
+them in Node, so `make gen-node` cannot rot unseen.
 """
 
 from __future__ import annotations
@@ -13,10 +13,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import os
-import re
 import shutil
-import sys
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -29,13 +26,12 @@ from google.type import money_pb2
 from numbersvc.v1 import number_groups_pb2 as pb
 from numbersvc.v1 import number_groups_pb2_grpc as pb_grpc
 from tests import richstatus
+from tests.polyglot import serving
 
 _ROOT = Path(__file__).resolve().parents[2]
 _CHECK = _ROOT / "clients" / "node" / "check.mjs"
 _BUF = _ROOT / "node_modules" / ".bin" / "buf"
 _NODE_PACKAGES = ("@grpc/grpc-js", "@grpc/proto-loader", "protobufjs", "@bufbuild/protoc-gen-es")
-_SERVING = re.compile(rb"serving on 127\.0\.0\.1:(\d+)")
-_START_TIMEOUT_SECONDS = 20
 _CHILD_TIMEOUT_SECONDS = 30
 # The search check.mjs runs (its FILTER and PAGE_SIZE).
 _FILTER = pb.SearchFilter(region_code="US", region="NY")
@@ -56,33 +52,8 @@ def node() -> str:
 @pytest.fixture
 async def port() -> AsyncIterator[int]:
     """The port of a `numbersvc serve` process on its embedded sandbox, killed afterwards."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PLIVO_", "NUMBERSVC_"))}
-    env["NUMBERSVC_LEDGER_PATH"] = ":memory:"
-    env["NUMBERSVC_METRICS_LISTEN"] = "off"  # no fixed port to fight over with other servers
-    process = await asyncio.create_subprocess_exec(
-        *(sys.executable, "-m", "numbersvc", "serve", "--listen", "127.0.0.1:0"),
-        env=env,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    assert process.stderr is not None
-    stderr = b""
-    drain: asyncio.Task[bytes] | None = None
-    try:
-        async with asyncio.timeout(_START_TIMEOUT_SECONDS):
-            while not (match := _SERVING.search(stderr)):
-                line = await process.stderr.readline()
-                assert line, f"server exited early:\n{stderr.decode()}"
-                stderr += line
-        # Keep reading the access log, so a full pipe never blocks the server.
-        drain = asyncio.create_task(process.stderr.read())
-        yield int(match.group(1))
-    finally:
-        if process.returncode is None:
-            process.kill()
-        await process.wait()
-        if drain is not None:
-            await drain
+    async with serving({}) as bound:
+        yield bound
 
 
 async def _run(*command: str | Path) -> bytes:
@@ -121,7 +92,9 @@ async def _walk(stub: pb_grpc.NumberGroupServiceAsyncStub) -> tuple[list[str], i
 
 async def test_node_client_sees_what_python_sees(node: str, port: int) -> None:
     request_id = str(uuid.uuid4())
-    out = await _run(node, _CHECK, "--target", f"127.0.0.1:{port}", "--request-id", request_id)
+    out = await _run(
+        node, _CHECK, "--target", f"127.0.0.1:{port}", "--rent", "--request-id", request_id
+    )
     seen = json.loads(out)
 
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
@@ -186,6 +159,16 @@ async def test_node_client_sees_what_python_sees(node: str, port: int) -> None:
     assert [(v["field"], v["description"]) for v in violations] == [
         (v.field, v.description) for v in details["BadRequest"].field_violations
     ]
+
+
+async def test_node_client_rents_only_when_asked(node: str, port: int) -> None:
+    seen = json.loads(await _run(node, _CHECK, "--target", f"127.0.0.1:{port}"))
+    assert seen["rent"] is None
+    assert seen["get"]["group_id"]  # the reads ran
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = pb_grpc.NumberGroupServiceStub(channel)
+        orders = await stub.ListRentalOrders(pb.ListRentalOrdersRequest())
+    assert orders.total_size == 0
 
 
 # Loads the generated module, lists the service's methods and encodes one request.

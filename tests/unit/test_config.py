@@ -213,6 +213,44 @@ def test_parse_host_port_refuses(text: str) -> None:
         parse_host_port(text)
 
 
+_CREDENTIALS = {"plivo_auth_id": "MAXXXXXXXXXXXXXXXXXX", "plivo_auth_token": Secret("t")}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "name"),
+    [
+        ({}, "ledger-sandbox.sqlite3"),
+        (_CREDENTIALS, "ledger.sqlite3"),
+        ({**_CREDENTIALS, "plivo_base_url": "https://api.plivo.com:443/"}, "ledger.sqlite3"),
+        # A standalone sandbox, as the README shows it: never the real orders' file.
+        (
+            {**_CREDENTIALS, "plivo_base_url": "http://127.0.0.1:8089"},
+            "ledger-127.0.0.1-8089.sqlite3",
+        ),
+        ({**_CREDENTIALS, "plivo_base_url": "http://[::1]:8089"}, "ledger-__1-8089.sqlite3"),
+        (
+            {**_CREDENTIALS, "plivo_base_url": "https://egress.internal"},
+            "ledger-egress.internal-443.sqlite3",
+        ),
+        (
+            {**_CREDENTIALS, "plivo_base_url": "http://api.plivo.com"},
+            "ledger-api.plivo.com-80.sqlite3",
+        ),
+    ],
+)
+def test_default_ledger_is_per_upstream(
+    overrides: dict[str, object], name: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path))
+    path = Config(**overrides).resolved_ledger_path()  # type: ignore[arg-type]
+    assert path == str(tmp_path / "numbersvc" / name)
+
+
+def test_the_ledger_setting_wins_over_the_upstream() -> None:
+    config = Config(**_CREDENTIALS, plivo_base_url="http://127.0.0.1:8089", ledger_path="/l.db")  # type: ignore[arg-type]
+    assert config.resolved_ledger_path() == "/l.db"
+
+
 @pytest.mark.parametrize("blank", ["", " ", "\t\n"])
 def test_a_blank_callers_file_is_an_error_not_access_control_off(
     blank: str, capsys: pytest.CaptureFixture[str]

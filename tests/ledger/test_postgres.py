@@ -1,0 +1,113 @@
+"""The order ledger on PostgreSQL only: the database's clock, claims racing with and without
+the cap's lock, the stored message of a taken-over order, and a URL's password kept out of
+every message.
+
+The behaviour both stores share is in `test_ledger.py` (its `postgres` parameter); each test
+here has a schema of its own in the session's throwaway cluster.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from typing import Final
+
+import pytest
+
+from numbersvc.ledger import Begin, LedgerUnreachableError, OrderState
+from numbersvc.ledger.postgres import PostgresLedger, redacted, scrub
+from numbersvc.v1 import number_groups_pb2 as pb
+from tests.ledger.support import SECOND, T0, Clock, PostgresFactory, new_attempt, row_of, seed
+from tests.pg import PASSWORD_ROLE, Cluster
+
+PASSWORD: Final = "pw-secret-93c1"
+
+
+@pytest.fixture
+async def postgres(postgres_url: str) -> AsyncIterator[PostgresFactory]:
+    factory = PostgresFactory(postgres_url)
+    yield factory
+    await factory.aclose()
+
+
+async def test_times_come_from_the_database_clock_without_one(postgres: PostgresFactory) -> None:
+    [(before,)] = postgres.query("SELECT (extract(epoch FROM now()) * 1e9)::bigint")
+    ledger = await postgres.open()
+    order = await seed(ledger, "r-1")
+    [(after,)] = postgres.query("SELECT (extract(epoch FROM now()) * 1e9)::bigint")
+    assert before <= order.create_time.ToNanoseconds() <= after
+    [(expires,)] = postgres.query("SELECT expires_ns FROM instances")
+    assert before + 15 * SECOND <= expires <= after + 15 * SECOND
+
+
+async def test_claims_with_and_without_the_cap_lock_race_for_one_id(
+    postgres: PostgresFactory, clock: Clock
+) -> None:
+    replicas = [await postgres.open(clock), await postgres.open(clock)]
+    for round_ in range(20):
+        request_id = f"r-{round_}"
+        results = await asyncio.gather(
+            *(
+                replica.begin(new_attempt(request_id), daily_cap=cap)
+                for replica in replicas
+                for cap in (0, 100)  # without the lock, and under it
+            )
+        )
+        assert sorted(r.kind.name for r in results) == ["EXISTING"] * 3 + ["NEW"]
+    assert len(postgres.rows()) == len(postgres.events()) == 20
+
+
+@pytest.mark.parametrize("state", [OrderState.FAILED, OrderState.RELEASED])
+async def test_a_taken_over_orders_stored_message_keeps_its_create_time(
+    postgres: PostgresFactory, clock: Clock, state: OrderState
+) -> None:
+    ledger = await postgres.open(clock)
+    await seed(ledger, "r-1", state)
+    clock.advance(5 * SECOND)
+    assert (await ledger.begin(new_attempt("r-1"), daily_cap=0)).kind is Begin.NEW
+    stored = pb.RentalOrder.FromString(row_of(postgres, "r-1")["order_proto"])
+    assert stored.create_time.ToNanoseconds() == T0
+    assert stored.update_time.ToNanoseconds() == T0 + 5 * SECOND
+
+
+class TestSecrets:
+    async def test_an_unparseable_url_is_refused_without_quoting_it(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        url = f"postgresql:/alice:{PASSWORD}@127.0.0.1:1/db"
+        with caplog.at_level(logging.DEBUG), pytest.raises(ValueError, match="does not parse") as e:
+            await PostgresLedger.open(url, connect_timeout_seconds=1)
+        assert PASSWORD not in str(e.value)
+        assert PASSWORD not in caplog.text
+
+    @pytest.mark.parametrize("how", ["wrong password", "nothing listens"])
+    async def test_an_unreachable_database_is_named_without_the_password(
+        self,
+        postgres_cluster: Cluster,
+        postgres_url: str,
+        caplog: pytest.LogCaptureFixture,
+        how: str,
+    ) -> None:
+        postgres_cluster.set_password()
+        url = postgres_cluster.with_password_role(postgres_url, password=PASSWORD)
+        if how == "nothing listens":
+            url = url.replace(f":{postgres_cluster.port}/", ":1/")
+        with caplog.at_level(logging.DEBUG), pytest.raises(LedgerUnreachableError) as e:
+            await PostgresLedger.open(url, connect_timeout_seconds=2)
+        assert f"at postgresql://{PASSWORD_ROLE}@127.0.0.1:" in str(e.value)
+        assert PASSWORD not in str(e.value)
+        assert PASSWORD not in caplog.text
+
+    @pytest.mark.parametrize(
+        ("conninfo", "shown"),
+        [
+            (f"postgresql://alice:{PASSWORD}@db.internal:6432/ledger", "alice@db.internal:6432"),
+            (f"host=db port=5432 user=bob password={PASSWORD} dbname=x", "bob@db:5432/x"),
+            (f"postgres:/alice:{PASSWORD}@h/db", "<unparseable database URL>"),
+        ],
+    )
+    def test_redacted_and_scrubbed(self, conninfo: str, shown: str) -> None:
+        assert shown in redacted(conninfo)
+        assert PASSWORD not in redacted(conninfo)
+        assert PASSWORD not in scrub(f"could not connect with {conninfo}", conninfo)
