@@ -155,3 +155,48 @@ $(BIN)/promtool:
 	  install -D -m 0755 "$$tmp/root/usr/bin/promtool" $@ && $@ --version | head -1
 
 pytest: $(PROMTOOL)
+
+# Go and Java clients (clients/go, clients/java), built from stubs generated from protos/
+# (never committed) and run against a real server by tests/polyglot. Each is rebuilt only when
+# its sources or the protos change, so `make test` builds them once. A missing toolchain fails
+# under CI=true; elsewhere it is reported and the client's tests skip.
+GO_CLIENT := clients/go/build/bin/numbersvc-check
+JAVA_CLIENT := clients/java/target/numbersvc-check.jar
+CLIENT_PROTOS := $(wildcard protos/numbersvc/*/*.proto)
+MVN ?= mvn -q -B
+.PHONY: clients clients-go clients-java
+
+clients: clients-go clients-java  ## Build the Go and Java clients from protos/ (tests/polyglot runs them).
+
+# $(call build_with,TOOLS,FILE): make FILE when every tool is on PATH and FILE is stale.
+build_with = @missing=; for tool in $(1); do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
+	if [ -z "$$missing" ]; then $(MAKE) --no-print-directory -q $(2) || $(MAKE) --no-print-directory $(2); \
+	elif [ "$$CI" = true ]; then echo "not on PATH:$$missing: cannot build $(2)" >&2; exit 1; \
+	else echo "not on PATH:$$missing: $(2) is not built (its tests skip)"; fi
+
+clients-go:
+	$(call build_with,go,$(GO_CLIENT))
+
+clients-java:
+	$(call build_with,mvn java,$(JAVA_CLIENT))
+
+# The recipes below are the README's commands as written (tests/polyglot holds them equal).
+# protoc-gen-go and protoc-gen-go-grpc at the versions go.mod's `tool` lines pin, driven by buf.
+$(GO_CLIENT): node_modules/.installed $(CLIENT_PROTOS) clients/go/buf.gen.yaml clients/go/go.mod clients/go/go.sum $(wildcard clients/go/*.go)
+	(cd clients/go && GOBIN="$$PWD/build/bin" go install tool)
+	$(BUF) generate --template clients/go/buf.gen.yaml --path protos/numbersvc
+	(cd clients/go && go vet ./... && go build -o build/bin/numbersvc-check .)
+
+# protoc and protoc-gen-grpc-java come from Maven Central through the protobuf Maven plugin.
+# touch: Maven leaves an unchanged jar's time alone, which make would take for stale.
+$(JAVA_CLIENT): $(CLIENT_PROTOS) clients/java/pom.xml $(shell find clients/java/src -type f 2>/dev/null)
+	(cd clients/java && $(MVN) package)
+	touch $@
+
+# The polyglot tests run the clients, so `make pytest` builds them first.
+pytest: clients
+
+.PHONY: clean-clients
+clean-clients:  ## Remove the Go and Java clients' generated code and builds.
+	rm -rf clients/go/gen clients/go/build clients/java/target
+clean: clean-clients

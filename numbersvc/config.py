@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Final
 # aiohttp, grpc, protobuf or asyncio (a test checks): see `numbersvc.upstream.defaults`.
 from numbersvc.callers import CALLERS_FILE_ENV
 from numbersvc.upstream.defaults import DEFAULT_BASE_URL, HttpStack
+from numbersvc.xfcc import IPNetwork, parse_networks
 
 if TYPE_CHECKING:  # at run time, imported where used: it loads asyncio
     from numbersvc.upstream.ratelimit import RateSpec
@@ -222,6 +223,13 @@ class Config:
     callers_file: str = _s(
         "", CALLERS_FILE_ENV, "who may call (numbersvc callers add); unset: anyone"
     )
+    trust_xfcc_from: str = _s(
+        "",
+        "NUMBERSVC_TRUST_XFCC_FROM",
+        "CIDRs of mesh sidecars whose x-forwarded-client-cert names the caller (Istio:"
+        " 127.0.0.0/8,::1/128); unset: the header is ignored",
+        "CIDR,...",
+    )
     reflection: bool = _s(True, "NUMBERSVC_REFLECTION", "serve gRPC reflection (numbers.read)")
     log_level: str = _s("INFO", "NUMBERSVC_LOG_LEVEL", "DEBUG, INFO, WARNING or ERROR")
     log_format: str = _s("text", "NUMBERSVC_LOG_FORMAT", "text, or json for one object per line")
@@ -290,6 +298,10 @@ class Config:
             raise ConfigError(f"NUMBERSVC_LOG_FORMAT: {self.log_format!r} is not text or json")
         if self.metrics_listen != "off":
             _check_listen(self.metrics_listen, "NUMBERSVC_METRICS_LISTEN")
+        try:
+            self.trusted_xfcc_networks()
+        except ValueError as exc:
+            raise ConfigError(f"NUMBERSVC_TRUST_XFCC_FROM: {exc}") from None
         if self.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
             raise ConfigError(f"NUMBERSVC_LOG_LEVEL: unknown level {self.log_level!r}")
 
@@ -320,6 +332,14 @@ class Config:
             return self._rate("upstream_rate_fallback")
         rate = self._rate("upstream_rate")
         return None if rate is None else rate.divided(_FALLBACK_SHARES)
+
+    def trusted_xfcc_networks(self) -> tuple[IPNetwork, ...]:
+        """Return the networks whose `x-forwarded-client-cert` is believed; none when unset.
+
+        Raises:
+            ValueError: the setting is not a list of CIDRs.
+        """
+        return parse_networks(self.trust_xfcc_from) if self.trust_xfcc_from else ()
 
     def resolved_ledger_path(self) -> str:
         """Return the ledger file: the setting, else one under XDG state per kind of upstream.

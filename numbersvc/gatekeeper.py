@@ -4,8 +4,13 @@ Runs before any servicer code, so these answers come before validation and befor
 goes upstream (AIP-193's order):
 
 1. Identity, when a callers file is configured: a bearer token in `authorization` metadata,
-   else the mTLS client certificate's SPIFFE ID, else its common name. None of these ->
-   UNAUTHENTICATED. An `authorization` that is not a known bearer token is UNAUTHENTICATED too:
+   else the client certificate's SPIFFE ID, else its common name. None of these ->
+   UNAUTHENTICATED. The certificate is the one the connection verified, or, when the
+   connection's peer is a trusted sidecar (`NUMBERSVC_TRUST_XFCC_FROM`) and the call carries
+   `x-forwarded-client-cert`, the one the sidecar verified (`numbersvc.xfcc`): the sidecar
+   terminated TLS, so the connection has no certificate of the caller's. A malformed header
+   from a trusted peer is UNAUTHENTICATED, even beside a token; from any other peer the header
+   is never read. An `authorization` that is not a known bearer token is UNAUTHENTICATED too:
    it never falls back to the certificate. The SPIFFE ID is the certificate's URI SAN, never a
    DNS or e-mail SAN that reads `spiffe://...`, and a certificate with more than one URI SAN
    identifies no one (the SPIFFE X.509-SVID rule). Without a callers file every caller is
@@ -29,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Final
 import grpc
 from google.protobuf.message import DecodeError
 
+from numbersvc import xfcc
 from numbersvc.callers import ANONYMOUS, READ, RENT, Caller, Callers
 from numbersvc.errors import Outcome, ServiceError, to_status
 from numbersvc.interceptors import current_call, wrap_handler
@@ -41,6 +47,13 @@ _BEARER: Final = "bearer "
 _URI_SANS: Final = "peer_uri"
 _COMMON_NAMES: Final = "x509_common_name"
 _log = logging.getLogger("numbersvc.security")
+_NO_IDENTITY: Final = (
+    "this service needs a caller identity: a bearer token in `authorization` metadata, or a"
+    " client certificate it knows"
+)
+_MALFORMED_XFCC: Final = (
+    f"the {xfcc.HEADER} header from the sidecar is malformed, so it identifies no one"
+)
 
 _Context = grpc.aio.ServicerContext[Any, Any]
 if TYPE_CHECKING:  # the stubs make it generic; at run time it is a plain class
@@ -81,11 +94,18 @@ class Gatekeeper(grpc.aio.ServerInterceptor):
         callers: who may call; None lets everyone in as `anonymous`.
         permissions: the permission each full method name needs; None means open (health).
             A method missing from the map is refused: new methods are closed by default.
+        trusted_proxies: the networks of sidecars whose `x-forwarded-client-cert` is believed.
     """
 
-    def __init__(self, callers: Callers | None, permissions: Mapping[str, str | None]) -> None:
+    def __init__(
+        self,
+        callers: Callers | None,
+        permissions: Mapping[str, str | None],
+        trusted_proxies: Sequence[xfcc.IPNetwork] = (),
+    ) -> None:
         self._callers = callers
         self._permissions = dict(permissions)
+        self._trusted_proxies = tuple(trusted_proxies)
 
     async def intercept_service(
         self,
@@ -98,7 +118,7 @@ class Gatekeeper(grpc.aio.ServerInterceptor):
             return None
         method = handler_call_details.method
         metadata = handler_call_details.invocation_metadata
-        check = _Check(self, method, _bearer(metadata))
+        check = _Check(self, method, _bearer(metadata), _forwarded(metadata))
         changes: dict[str, Any] = {}
         # Streaming requests (reflection) get the same checks, their requests decoded by gRPC.
         if handler.request_deserializer is not None and not handler.request_streaming:
@@ -109,22 +129,42 @@ class Gatekeeper(grpc.aio.ServerInterceptor):
         """Return who calls `method`, or raise the `ServiceError` that refuses the call.
 
         `identity` is asked for only when there are callers to tell apart: reading the
-        client certificate's names costs a little on every call.
+        client certificate's names costs a little on every call. It raises `MalformedXfcc`
+        for a trusted sidecar's malformed header, which identifies no one.
         """
         if method not in self._permissions:
             raise ServiceError(Outcome.PERMISSION_DENIED, f"{method} is not open to callers")
         if self._callers is None:
             return ANONYMOUS
-        caller = _identify(self._callers, identity())
+        message = _NO_IDENTITY
+        try:
+            caller = _identify(self._callers, identity())
+        except xfcc.MalformedXfcc as exc:
+            # NOTE: what is wrong and where, never the header: it is the caller's input.
+            _log.warning("malformed %s from a trusted peer: %s", xfcc.HEADER, exc)
+            caller, message = None, _MALFORMED_XFCC
         if caller is not None:
             return caller
         if self._permissions[method] is None:
             return ANONYMOUS
-        raise ServiceError(
-            Outcome.CALLER_UNAUTHENTICATED,
-            "this service needs a caller identity: a bearer token in `authorization`"
-            " metadata, or a client certificate it knows",
-        )
+        raise ServiceError(Outcome.CALLER_UNAUTHENTICATED, message)
+
+    def forwarded(self, headers: Sequence[str], peer: str) -> tuple[str, tuple[str, ...]] | None:
+        """Return the names a trusted sidecar forwarded, or None if `peer` forwarded none.
+
+        Args:
+            headers: the call's `x-forwarded-client-cert` values, in order.
+            peer: the connection's gRPC peer (`ipv4:127.0.0.1:50000`).
+
+        Raises:
+            MalformedXfcc: `peer` is trusted and the header is malformed, or was sent more
+                than once (a sidecar set to `SANITIZE_SET` or `APPEND_FORWARD` writes one).
+        """
+        if not headers or not xfcc.trusts(self._trusted_proxies, peer):
+            return None
+        if len(headers) > 1:
+            raise xfcc.MalformedXfcc(f"sent {len(headers)} times")
+        return xfcc.forwarded_names(headers[0])
 
     def authorize(self, method: str, caller: Caller) -> None:
         """Raise the `ServiceError` that refuses `caller` the call to `method`, if any."""
@@ -140,13 +180,20 @@ class Gatekeeper(grpc.aio.ServerInterceptor):
 class _Check:
     """The checks for one call, run when the call starts (the context is needed)."""
 
-    def __init__(self, gate: Gatekeeper, method: str, token: str | None) -> None:
+    def __init__(
+        self, gate: Gatekeeper, method: str, token: str | None, forwarded: Sequence[str]
+    ) -> None:
         self._gate = gate
         self._method = method
         self._token = token
+        self._forwarded = forwarded
 
     async def _enter(self, request: Any, context: _Context) -> None:
         def identity() -> Identity:
+            # NOTE: `peer()` is read here, as the call starts (see `interceptors._Call`).
+            forwarded = self._gate.forwarded(self._forwarded, context.peer())
+            if forwarded is not None:  # the sidecar's certificate stands for the connection's
+                return Identity(self._token, *forwarded)
             return Identity(self._token, *_certificate_names(context.auth_context()))
 
         call = current_call()
@@ -201,6 +248,11 @@ def _bearer(metadata: Sequence[tuple[str, str | bytes]] | None) -> str | None:
                 return value[len(_BEARER) :].strip()
             return ""
     return None
+
+
+def _forwarded(metadata: Sequence[tuple[str, str | bytes]] | None) -> tuple[str, ...]:
+    """Return every `x-forwarded-client-cert` of the call, in order (gRPC makes them text)."""
+    return tuple(str(value) for key, value in metadata or () if key == xfcc.HEADER)
 
 
 def _certificate_names(auth: Mapping[str, Iterable[bytes]]) -> tuple[str, tuple[str, ...]]:

@@ -47,6 +47,10 @@ SERVICE_NAME: Final = pb.DESCRIPTOR.services_by_name["NumberGroupService"].full_
 UPSTREAM_METADATA_KEY: Final = "numbersvc-upstream"
 _log = logging.getLogger("numbersvc.server")
 _MAX_MESSAGE_BYTES: Final = 4 * 1024 * 1024
+# NOTE: grpc's default refuses metadata between 8 and 16 KiB at random (a soft limit). One
+# limit makes a call's fate depend on its size alone: an XFCC over its own 8 KiB cap reaches
+# the gatekeeper, which refuses it as malformed, every time.
+_MAX_METADATA_BYTES: Final = 16 * 1024
 # Past the longest a rent may run: the event loop's lag between the claim and the POST.
 _SEND_SLACK_SECONDS: Final = 2.0
 _HEALTH_SERVICE_NAME: Final = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
@@ -181,7 +185,11 @@ async def create_server(config: Config) -> RunningServer:
         interceptors = [
             # Outermost first: the access log and metrics see the gatekeeper's refusals too.
             ObservingInterceptor([AccessLog(), metrics]),
-            Gatekeeper(callers, method_permissions(with_reflection=config.reflection)),
+            Gatekeeper(
+                callers,
+                method_permissions(with_reflection=config.reflection),
+                trusted_proxies=config.trusted_xfcc_networks(),
+            ),
         ]
         server = _grpc_server(config, interceptors)
         pb_grpc.add_NumberGroupServiceServicer_to_server(servicer, server)
@@ -424,6 +432,12 @@ def _bind(server: grpc.aio.Server, config: Config, callers: Callers | None) -> i
         )
     else:
         _log.info("callers file %s: %d callers", config.callers_file, len(callers))
+    if config.trust_xfcc_from:
+        _log.info(
+            "x-forwarded-client-cert names the caller when it comes from %s%s",
+            config.trust_xfcc_from,
+            "" if callers is not None else " (no effect: no callers file)",
+        )
     if not config.tls_cert:
         _log.warning(
             "gRPC port %s is PLAIN TEXT (no NUMBERSVC_TLS_CERT): only behind a mesh sidecar or"
@@ -466,6 +480,8 @@ def _grpc_server(
         ("grpc.so_reuseport", 0),
         ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
         ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
+        ("grpc.max_metadata_size", _MAX_METADATA_BYTES),
+        ("grpc.absolute_max_metadata_size", _MAX_METADATA_BYTES),
         ("grpc.keepalive_time_ms", int(config.keepalive_time_seconds * seconds)),
         ("grpc.keepalive_timeout_ms", int(config.keepalive_timeout_seconds * seconds)),
         # Clients may ping as often as every 10 s (grpc-go's minimum), even without calls.

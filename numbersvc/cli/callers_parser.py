@@ -76,7 +76,8 @@ def add_callers_command(commands: argparse._SubParsersAction[argparse.ArgumentPa
         "--spiffe-id",
         metavar="URI",
         help="identify the caller by its mTLS client certificate's SPIFFE ID (URI SAN), such"
-        " as spiffe://example.org/ns/billing/sa/api, instead of a token",
+        " as spiffe://example.org/ns/billing/sa/api, instead of a token; behind a mesh"
+        " sidecar, the one it forwards (NUMBERSVC_TRUST_XFCC_FROM)",
     )
     identity.add_argument(
         "--common-name",

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -41,6 +40,7 @@ from numbersvc.sandbox.faults import FaultKind, FaultSpec
 from numbersvc.server import create_server, method_permissions
 from numbersvc.v1 import number_groups_pb2 as pb
 from numbersvc.v1 import number_groups_pb2_grpc as pb_grpc
+from tests.deploy import required_tool
 from tests.e2e.conftest import config_for
 
 ROOT: Final = Path(__file__).resolve().parents[2]
@@ -75,12 +75,9 @@ def promtool() -> str:
     found = shutil.which("promtool") or shutil.which(
         "promtool", path=str(Path(sys.executable).parent)
     )
-    if found is None:
-        message = "promtool not found: run `make promtool` (Debian's prometheus package)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    return found
+    return required_tool(
+        found, "promtool not found: run `make promtool` (Debian's prometheus package)"
+    )
 
 
 def run_promtool(*args: str) -> None:

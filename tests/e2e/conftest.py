@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
+import trustme
 
 from numbersvc.config import Config, Secret, UpstreamKind
 from numbersvc.sandbox import SandboxControl, SandboxServer
@@ -115,3 +117,22 @@ async def eventually(probe: Callable[[], Awaitable[bool]], *, timeout_seconds: f
             return
         await asyncio.sleep(_POLL_SECONDS)
     raise AssertionError(f"still false after {timeout_seconds} s")
+
+
+@pytest.fixture
+def tls_files(tmp_path: Path) -> dict[str, Any]:
+    """A CA (`ca_obj`; its PEM at `ca`) and a localhost server certificate (`cert`, `key`)."""
+    ca = trustme.CA()
+    server_cert = ca.issue_cert("localhost", "127.0.0.1")
+    files = {
+        "ca": tmp_path / "ca.pem",
+        "cert": tmp_path / "server.pem",
+        "key": tmp_path / "server.key",
+    }
+    ca.cert_pem.write_to_path(str(files["ca"]))
+    server_cert.private_key_pem.write_to_path(str(files["key"]))
+    server_cert.cert_chain_pems[0].write_to_path(str(files["cert"]))
+    with files["cert"].open("ab") as chain:
+        for pem in server_cert.cert_chain_pems[1:]:
+            chain.write(pem.bytes())
+    return {"ca_obj": ca, **files}

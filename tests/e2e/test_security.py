@@ -258,24 +258,6 @@ def _spiffe_client_cert(ca: trustme.CA, uri: str) -> tuple[bytes, bytes]:
     return _client_cert(ca, x509.UniformResourceIdentifier(uri))
 
 
-@pytest.fixture
-def tls_files(tmp_path: Path) -> dict[str, Any]:
-    ca = trustme.CA()
-    server_cert = ca.issue_cert("localhost", "127.0.0.1")
-    files = {
-        "ca": tmp_path / "ca.pem",
-        "cert": tmp_path / "server.pem",
-        "key": tmp_path / "server.key",
-    }
-    ca.cert_pem.write_to_path(str(files["ca"]))
-    server_cert.private_key_pem.write_to_path(str(files["key"]))
-    server_cert.cert_chain_pems[0].write_to_path(str(files["cert"]))
-    with files["cert"].open("ab") as chain:
-        for pem in server_cert.cert_chain_pems[1:]:
-            chain.write(pem.bytes())
-    return {"ca_obj": ca, **files}
-
-
 def _secure_channel(
     port: int, ca: Path, cert: tuple[bytes, bytes] | None = None
 ) -> grpc.aio.Channel:

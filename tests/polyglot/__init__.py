@@ -3,6 +3,8 @@
 They need Node.js (20 or later) on PATH and `node_modules` installed from the committed lock
 file (`make node_modules/.installed`; `make pytest` and `make test` do it). A missing `node`
 fails these tests rather than skipping them: CI has it, and a skip would hide a broken mesh.
+The Go and Java clients need Go, and a JDK with Maven (`make clients` builds them; `make
+pytest` runs it first): a missing one fails under `CI=true` and skips its test elsewhere.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ _START_TIMEOUT_SECONDS = 20
 
 @contextlib.asynccontextmanager
 async def serving(env: Mapping[str, str]) -> AsyncIterator[int]:
-    """A `numbersvc serve` process on its embedded sandbox with `env`'s settings; its port.
+    """A `numbersvc serve` process with `env`'s settings (else its embedded sandbox); its port.
 
     None of this machine's settings, an in-memory ledger and no metrics port; killed after.
     """

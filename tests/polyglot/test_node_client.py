@@ -1,21 +1,19 @@
 """The Node.js client (`clients/node/check.mjs`) against a real `numbersvc serve` process.
 
-The process serves its embedded sandbox on a port the OS chose. The Node client lists,
-streams, gets, rents (only with `--rent`) and sends one invalid request, and prints what it
-saw as JSON; the test compares that with what the Python client sees on the same server: the
-same groups in the same order, the same exact money, the same order, the same rich error. A
-second test generates the Node stubs from `buf.gen.yaml` into a temporary directory and loads
-them in Node, so `make gen-node` cannot rot unseen.
+The process serves on a port the OS chose, with a real sandbox as its Plivo (conftest.py).
+The Node client lists, streams, gets, rents (only with `--rent`) and sends one invalid request,
+and prints what it saw as JSON; the test compares that with what the Python client sees on the
+same server: the same groups in the same order, the same exact money, the same order, the same
+rich error. A second test generates the Node stubs from `buf.gen.yaml` into a temporary
+directory and loads them in Node, so `make gen-node` cannot rot unseen.
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 import shutil
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -26,13 +24,11 @@ from google.type import money_pb2
 from numbersvc.v1 import number_groups_pb2 as pb
 from numbersvc.v1 import number_groups_pb2_grpc as pb_grpc
 from tests import richstatus
-from tests.polyglot import serving
+from tests.polyglot.conftest import ROOT, run, walk
 
-_ROOT = Path(__file__).resolve().parents[2]
-_CHECK = _ROOT / "clients" / "node" / "check.mjs"
-_BUF = _ROOT / "node_modules" / ".bin" / "buf"
+_CHECK = ROOT / "clients" / "node" / "check.mjs"
+_BUF = ROOT / "node_modules" / ".bin" / "buf"
 _NODE_PACKAGES = ("@grpc/grpc-js", "@grpc/proto-loader", "protobufjs", "@bufbuild/protoc-gen-es")
-_CHILD_TIMEOUT_SECONDS = 30
 # The search check.mjs runs (its FILTER and PAGE_SIZE).
 _FILTER = pb.SearchFilter(region_code="US", region="NY")
 _PAGE_SIZE = 5
@@ -44,31 +40,9 @@ def node() -> str:
     """The `node` executable. Fails, never skips, when Node.js or a package is missing."""
     path = shutil.which("node")
     assert path is not None, "node is not on PATH: the polyglot tests need Node.js 20 or later"
-    missing = [name for name in _NODE_PACKAGES if not (_ROOT / "node_modules" / name).is_dir()]
+    missing = [name for name in _NODE_PACKAGES if not (ROOT / "node_modules" / name).is_dir()]
     assert not missing, f"{missing} not in node_modules: run `make node_modules/.installed`"
     return path
-
-
-@pytest.fixture
-async def port() -> AsyncIterator[int]:
-    """The port of a `numbersvc serve` process on its embedded sandbox, killed afterwards."""
-    async with serving({}) as bound:
-        yield bound
-
-
-async def _run(*command: str | Path) -> bytes:
-    """Run a child process from the repository root; its stdout, or fail with its stderr."""
-    process = await asyncio.create_subprocess_exec(
-        *command, cwd=_ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
-    )
-    try:
-        out, err = await asyncio.wait_for(process.communicate(), _CHILD_TIMEOUT_SECONDS)
-    except TimeoutError:
-        process.kill()
-        await process.wait()
-        raise AssertionError(f"{command[:2]} ran over {_CHILD_TIMEOUT_SECONDS} s") from None
-    assert process.returncode == 0, f"{command[:2]} exited {process.returncode}:\n{err.decode()}"
-    return out
 
 
 def _money(money: money_pb2.Money) -> dict[str, Any]:
@@ -76,30 +50,16 @@ def _money(money: money_pb2.Money) -> dict[str, Any]:
     return {"currency_code": money.currency_code, "units": str(money.units), "nanos": money.nanos}
 
 
-async def _walk(stub: pb_grpc.NumberGroupServiceAsyncStub) -> tuple[list[str], int]:
-    """Every group id of check.mjs's search, page by page, and the total upstream counts."""
-    ids: list[str] = []
-    token = ""
-    while True:
-        page = await stub.ListNumberGroups(
-            pb.ListNumberGroupsRequest(filter=_FILTER, page_size=_PAGE_SIZE, page_token=token)
-        )
-        ids += [group.group_id for group in page.number_groups]
-        token = page.next_page_token
-        if not token:
-            return ids, page.total_size
-
-
 async def test_node_client_sees_what_python_sees(node: str, port: int) -> None:
     request_id = str(uuid.uuid4())
-    out = await _run(
+    out = await run(
         node, _CHECK, "--target", f"127.0.0.1:{port}", "--rent", "--request-id", request_id
     )
     seen = json.loads(out)
 
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = pb_grpc.NumberGroupServiceStub(channel)
-        ids, total = await _walk(stub)
+        ids, total = await walk(stub, _FILTER, _PAGE_SIZE)
         got = await stub.GetNumberGroup(pb.GetNumberGroupRequest(group_id=seen["get"]["group_id"]))
         order = await stub.GetRentalOrder(pb.GetRentalOrderRequest(request_id=request_id))
         with pytest.raises(grpc.aio.AioRpcError) as invalid:
@@ -162,7 +122,7 @@ async def test_node_client_sees_what_python_sees(node: str, port: int) -> None:
 
 
 async def test_node_client_rents_only_when_asked(node: str, port: int) -> None:
-    seen = json.loads(await _run(node, _CHECK, "--target", f"127.0.0.1:{port}"))
+    seen = json.loads(await run(node, _CHECK, "--target", f"127.0.0.1:{port}"))
     assert seen["rent"] is None
     assert seen["get"]["group_id"]  # the reads ran
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
@@ -187,12 +147,12 @@ console.log(JSON.stringify({
 
 
 async def test_generated_node_stubs_load(node: str, tmp_path: Path) -> None:
-    await _run(_BUF, "generate", "--output", tmp_path)
+    await run(_BUF, "generate", "--output", tmp_path)
     # ESM resolves bare imports (@bufbuild/protobuf) from node_modules above the importer.
-    (tmp_path / "node_modules").symlink_to(_ROOT / "node_modules")
+    (tmp_path / "node_modules").symlink_to(ROOT / "node_modules")
     module = tmp_path / "clients" / "node" / "gen" / "numbersvc" / "v1" / "number_groups_pb.js"
     request_id = str(uuid.uuid4())
-    out = await _run(
+    out = await run(
         node, "--input-type=module", "-e", _LOAD_STUBS, "--", module.as_uri(), request_id
     )
     seen = json.loads(out)
