@@ -33,7 +33,10 @@ from numbersvc.upstream.ratelimit import RateSpec
 
 __all__ = ["SqliteBudget", "open_budget_store"]
 
-_SQLITE_BUSY_TIMEOUT_SECONDS: Final = 0.5
+# Just under `SharedBudget`'s store timeout (1 s): the other processes' budget writes, each a
+# few microseconds of lock, are waited out even on a loaded host; a lock held longer (another
+# process's long transaction, a stuck one) is an outage, and the fallback takes over.
+_SQLITE_BUSY_TIMEOUT_SECONDS: Final = 0.9
 
 # SQLite's copy of the table: not part of the ledger's versioned schema (`user_version`), as
 # it holds nothing worth migrating. Any numbersvc that knows it creates it; losing it only
