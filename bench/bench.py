@@ -31,6 +31,9 @@ The rows, each with its baseline in the same run (no figure is compared with ano
 6. CPU per call at concurrency 32: the server process's utime+stime (/proc/PID/stat) per
    ListNumberGroups call next to the echo server's per echo call, in alternating phases sized
    to stay within the rate budget.
+7. The account-wide budget's cost per upstream request, concurrency 1, in this process: a
+   permit from the shared budget on a SQLite ledger file and on PostgreSQL (a throwaway
+   cluster) vs from a local token bucket, interleaved (`bench/budget.py`). p99, target 1 ms.
 
 Prints one table and writes the figures as JSON (`bench/results/latest.json` by default). Exit
 0 when every row was measured, met or not (the table says which); 2 when the set-up or a
@@ -65,6 +68,7 @@ import aiohttp
 import grpc
 import httpx
 
+from bench import budget
 from bench.echo import ECHO_METHOD
 from numbersvc.sandbox import DEFAULT_AUTH_ID, DEFAULT_AUTH_TOKEN, SandboxControl
 from numbersvc.v1 import number_groups_pb2 as pb
@@ -132,7 +136,8 @@ class Plan:
     coalesce_rounds: int = 3  # row 5
     cpu_rounds: int = 5  # row 6: rounds of one service and one echo phase
     cpu_calls: int = 200  # row 6: calls per phase, within the rate budget's burst
-    rows: frozenset[int] = frozenset(range(1, 7))  # which rows to run
+    budget_requests: int = 2_000  # row 7: permits per limiter
+    rows: frozenset[int] = frozenset(range(1, 8))  # which rows to run
 
 
 FULL: Final = Plan("full")
@@ -146,6 +151,7 @@ QUICK: Final = Plan(
     memory_groups=20_000,
     coalesce_rounds=2,
     cpu_rounds=3,
+    budget_requests=500,
 )
 
 
@@ -976,6 +982,31 @@ async def row_cpu(
     )
 
 
+async def row_budget(bench: Bench) -> None:
+    """Row 7: a permit from the shared budget in each store vs from a local bucket, c=1."""
+    figures = await budget.measure(bench.plan.budget_requests)
+    bench.figures["7_budget"] = {
+        "permits_per_limiter": bench.plan.budget_requests,
+        "ms": figures,
+        "target_p99_ms": budget.TARGET_P99_MS,
+    }
+    if "postgresql" not in figures:
+        bench.notes.append("row 7: no PostgreSQL server binaries, the database was not measured")
+    for store in (name for name in budget.SHARED if name in figures):
+        ms, floor = figures[store], figures[budget.FLOOR[store]]
+        bench.rows.append(
+            Row(
+                f"7 budget per upstream request p99, c=1 ({store})",
+                f"{budget.FLOOR[store]} {_ms(floor['p99'])}, local bucket"
+                f" {_ms(figures['local']['p99'])}",
+                f"shared {_ms(ms['p99'])} (p50 {_ms(ms['p50'])})",
+                f"+{_ms(ms['p99'] - floor['p99'])}",
+                f"p99 <= {budget.TARGET_P99_MS:.1f} ms",
+                ms["p99"] <= budget.TARGET_P99_MS,
+            )
+        )
+
+
 # --- The run ------------------------------------------------------------------------------------
 
 
@@ -1165,6 +1196,9 @@ async def run_bench(plan: Plan, extra_env: Mapping[str, str], log_dir: Path) -> 
                     await _rows_1_to_4(bench, procs, control, direct)
                 if plan.rows & {5, 6}:
                     await _rows_5_and_6(bench, procs, control, direct)
+                if 7 in plan.rows:
+                    _progress("row 7: the shared budget's cost per request")
+                    await row_budget(bench)
             finally:
                 await direct.aclose()
     finally:
@@ -1275,7 +1309,8 @@ def render(bench: Bench) -> str:
         f"iterations: row 1 {plan.unary_calls:,} calls per side (+{plan.warmup_calls} warm-up);"
         f" row 2 {plan.throughput_rounds} x {plan.throughput_seconds:g} s per side;"
         f" row 3 {plan.walk_reps} walks per side (+1 warm-up); row 5 {plan.coalesce_rounds}"
-        f" rounds; row 6 {plan.cpu_rounds} x {plan.cpu_calls} per side",
+        f" rounds; row 6 {plan.cpu_rounds} x {plan.cpu_calls} per side; row 7"
+        f" {plan.budget_requests:,} permits per limiter",
     ]
     if plan.rows != FULL.rows:
         lines.append(f"rows run: {', '.join(map(str, sorted(plan.rows)))}")
@@ -1315,8 +1350,10 @@ def _rows(text: str) -> frozenset[int]:
         rows = frozenset(int(part) for part in text.split(","))
     except ValueError:
         rows = frozenset({0})
-    if not rows or not rows <= set(range(1, 7)):
-        raise argparse.ArgumentTypeError(f"expected row numbers 1 to 6, like 1,2; got {text!r}")
+    if not rows or not rows <= FULL.rows:
+        raise argparse.ArgumentTypeError(
+            f"expected row numbers {min(FULL.rows)} to {max(FULL.rows)}, like 1,2; got {text!r}"
+        )
     return rows
 
 
@@ -1380,9 +1417,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--rows",
         type=_rows,
-        default=frozenset(range(1, 7)),
+        default=FULL.rows,
         metavar="N,N",
-        help="run only these rows (default: all six)",
+        help="run only these rows (default: all)",
     )
     parser.add_argument(
         "--keep-logs", type=Path, metavar="DIR", help="keep the processes' logs in DIR"

@@ -16,13 +16,16 @@ import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 # NOTE: every CLI command imports this module, so it imports nothing that loads httpx,
 # aiohttp, grpc, protobuf or asyncio (a test checks): see `numbersvc.upstream.defaults`.
 from numbersvc.callers import CALLERS_FILE_ENV
 from numbersvc.upstream.defaults import DEFAULT_BASE_URL, HttpStack
 from numbersvc.xfcc import IPNetwork, parse_networks
+
+if TYPE_CHECKING:  # at run time, imported where used: it loads asyncio
+    from numbersvc.upstream.ratelimit import RateSpec
 
 __all__ = [
     "DEFAULT_SANDBOX_SEED",
@@ -43,6 +46,8 @@ DEFAULT_SANDBOX_SEED: Final = 7
 """The seed of the embedded sandbox's inventory, and of `numbersvc sandbox`'s."""
 LOG_FORMATS: Final = ("text", "json")
 """The values of NUMBERSVC_LOG_FORMAT (`numbersvc.logs` renders them)."""
+# The default fallback budget is this share of the account's (see `Config.fallback_rate`).
+_FALLBACK_SHARES: Final = 3
 
 
 class ConfigError(ValueError):
@@ -179,7 +184,15 @@ class Config:
         "a server counts as alive this long after each ledger heartbeat (sent every third)",
     )
     upstream_rate: str = _s(
-        "300/5s", "NUMBERSVC_UPSTREAM_RATE", "budget of Plivo requests, N/<time>, or off"
+        "300/5s",
+        "NUMBERSVC_UPSTREAM_RATE",
+        "budget of Plivo requests, N/<time>, or off; shared by every process on the store",
+    )
+    upstream_rate_fallback: str = _s(
+        "",
+        "NUMBERSVC_UPSTREAM_RATE_FALLBACK",
+        "each process's own budget while the store is unreachable, N/<time> or off (no limit);"
+        " unset: a third of NUMBERSVC_UPSTREAM_RATE",
     )
     stream_read_ahead_pages: int = _s(
         16, "NUMBERSVC_STREAM_READ_AHEAD_PAGES", "pages a stream fetches ahead of its reader"
@@ -272,12 +285,7 @@ class Config:
             if getattr(self, name) < 0:
                 env = _setting_named(name).env
                 raise ConfigError(f"{env} must be 0 ({what}) or positive")
-        from numbersvc.upstream.ratelimit import parse_rate  # here: it loads asyncio
-
-        try:
-            parse_rate(self.upstream_rate)
-        except ValueError as exc:
-            raise ConfigError(f"NUMBERSVC_UPSTREAM_RATE: {exc}") from None
+        self._check_rates()
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ConfigError("set NUMBERSVC_TLS_CERT and NUMBERSVC_TLS_KEY together")
         if self.tls_client_ca and not self.tls_cert:
@@ -296,6 +304,34 @@ class Config:
             raise ConfigError(f"NUMBERSVC_TRUST_XFCC_FROM: {exc}") from None
         if self.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
             raise ConfigError(f"NUMBERSVC_LOG_LEVEL: unknown level {self.log_level!r}")
+
+    def _check_rates(self) -> None:
+        rate = self._rate("upstream_rate")
+        fallback = self._rate("upstream_rate_fallback") if self.upstream_rate_fallback else None
+        if rate and fallback and fallback.tokens_per_second > rate.tokens_per_second:
+            raise ConfigError(
+                f"NUMBERSVC_UPSTREAM_RATE_FALLBACK ({fallback}) is faster than the account's"
+                f" budget NUMBERSVC_UPSTREAM_RATE ({rate}): one process alone would exceed it"
+            )
+
+    def _rate(self, name: str) -> RateSpec | None:
+        from numbersvc.upstream.ratelimit import parse_rate  # here: it loads asyncio
+
+        try:
+            return parse_rate(getattr(self, name))
+        except ValueError as exc:
+            raise ConfigError(f"{_setting_named(name).env}: {exc}") from None
+
+    def fallback_rate(self) -> RateSpec | None:
+        """Return each process's own budget while the store is unreachable (None: no limit).
+
+        Unset: a third of the account's budget, so three replicas on their own spend at most
+        the whole of it.
+        """
+        if self.upstream_rate_fallback:
+            return self._rate("upstream_rate_fallback")
+        rate = self._rate("upstream_rate")
+        return None if rate is None else rate.divided(_FALLBACK_SHARES)
 
     def trusted_xfcc_networks(self) -> tuple[IPNetwork, ...]:
         """Return the networks whose `x-forwarded-client-cert` is believed; none when unset.

@@ -11,22 +11,41 @@ operations): never a request field, so no caller input or secret becomes a label
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Final
+from typing import Final, Protocol
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
 from numbersvc.interceptors import CallRecord
-from numbersvc.upstream.ratelimit import TokenBucket
+from numbersvc.ledger.budget import BudgetSource, SharedBudget
 
 __all__ = ["Metrics", "MetricsServer"]
 
 # gRPC latency: from sub-millisecond unary calls to multi-second stream walks.
 _RPC_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 _UPSTREAM_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+
+class CountingLimiter(Protocol):
+    """A rate limiter that counts what it did: `TokenBucket`, `SharedBudget`."""
+
+    @property
+    def waits(self) -> int:
+        """Acquisitions that waited."""
+        ...
+
+    @property
+    def waited_seconds_total(self) -> float:
+        """Seconds they waited, summed."""
+        ...
+
+    @property
+    def refusals(self) -> int:
+        """Acquisitions refused: the wait exceeded their limit."""
+        ...
 
 
 class Metrics:
@@ -95,9 +114,13 @@ class Metrics:
             registry=r,
         )
 
-    def watch_rate_limiter(self, bucket: TokenBucket) -> None:
+    def watch_rate_limiter(self, limiter: CountingLimiter) -> None:
         """Export the rate limiter's own counters: waits, seconds waited, refusals."""
-        self.registry.register(_RateLimiterCollector(bucket))
+        self.registry.register(_RateLimiterCollector(limiter))
+
+    def watch_budget(self, budget: SharedBudget) -> None:
+        """Export where the shared budget's permits come from, and how often it was lost."""
+        self.registry.register(_BudgetCollector(budget))
 
     def call_started(self, record: CallRecord) -> None:
         """Count an open stream."""
@@ -160,13 +183,13 @@ class MetricsServer:
 
 
 class _RateLimiterCollector(Collector):
-    """Reads the bucket's counters at scrape time, so the hot path pays nothing."""
+    """Reads the limiter's counters at scrape time, so the hot path pays nothing."""
 
-    def __init__(self, bucket: TokenBucket) -> None:
-        self._bucket = bucket
+    def __init__(self, limiter: CountingLimiter) -> None:
+        self._limiter = limiter
 
     def collect(self) -> Iterator[Metric]:
-        bucket = self._bucket
+        bucket = self._limiter
         yield CounterMetricFamily(
             "numbersvc_rate_limiter_waits",
             "Upstream requests that waited for the budget",
@@ -181,4 +204,27 @@ class _RateLimiterCollector(Collector):
             "numbersvc_rate_limiter_refusals",
             "Calls refused because the budget had no room within their deadline",
             bucket.refusals,
+        )
+
+
+class _BudgetCollector(Collector):
+    """Reads the shared budget's source and outage count at scrape time."""
+
+    def __init__(self, budget: SharedBudget) -> None:
+        self._budget = budget
+
+    def collect(self) -> Iterator[Metric]:
+        source = GaugeMetricFamily(
+            "numbersvc_rate_budget_source",
+            "Where upstream permits come from: 1 for the source in use (shared: the store's"
+            " account-wide budget; fallback: this process's local bucket)",
+            labels=["source"],
+        )
+        for each in BudgetSource:
+            source.add_metric([each.value], 1.0 if self._budget.source is each else 0.0)
+        yield source
+        yield CounterMetricFamily(
+            "numbersvc_rate_budget_fallbacks",
+            "Times the store's shared budget was lost and the local fallback taken (outages)",
+            self._budget.fallbacks,
         )

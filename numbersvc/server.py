@@ -30,6 +30,8 @@ from numbersvc.config import Config, ConfigError, UpstreamKind, parse_host_port
 from numbersvc.gatekeeper import READ, RENT, Gatekeeper
 from numbersvc.interceptors import AccessLog, ObservingInterceptor, current_call, upstream_headers
 from numbersvc.ledger import OrderLedger, SqliteLedger
+from numbersvc.ledger.budget import SharedBudget
+from numbersvc.ledger.budgetstores import open_budget_store
 from numbersvc.metrics import Metrics, MetricsServer
 from numbersvc.orders import RentDesk
 from numbersvc.sandbox import SandboxServer
@@ -115,6 +117,7 @@ class RunningServer:
     metrics_server: MetricsServer | None
     sandbox: SandboxServer | None
     lease_keeper: LeaseKeeper
+    budget: SharedBudget | None = None
 
     async def stop(self, *, drain_seconds: float = 0.0, grace_seconds: float = 0.0) -> None:
         """Stop serving: NOT_SERVING, drain, stop with grace, then close what it owns.
@@ -133,6 +136,8 @@ class RunningServer:
         finally:
             await stopping
         await self.upstream.aclose()
+        if self.budget is not None:
+            await self.budget.close()
         await self.lease_keeper.stop()
         await self.ledger.close()
         if self.metrics_server is not None:
@@ -160,7 +165,7 @@ async def create_server(config: Config) -> RunningServer:
         metrics_server = await _metrics_server(config, metrics)
         if metrics_server is not None:
             undo.push_async_callback(metrics_server.stop)
-        sandbox, upstream = await _upstream(config, kind, metrics, undo)
+        sandbox, upstream, budget = await _upstream(config, kind, metrics, undo)
         ledger = await _open_ledger(config)
         undo.push_async_callback(ledger.close)
         rent_desk = RentDesk(
@@ -217,6 +222,7 @@ async def create_server(config: Config) -> RunningServer:
         metrics_server=metrics_server,
         sandbox=sandbox,
         lease_keeper=lease_keeper,
+        budget=budget,
     )
 
 
@@ -318,8 +324,12 @@ async def _open_ledger(config: Config) -> OrderLedger:
 
 async def _upstream(
     config: Config, kind: UpstreamKind, metrics: Metrics, undo: contextlib.AsyncExitStack
-) -> tuple[SandboxServer | None, PlivoClient]:
-    """Start the embedded sandbox if it is the upstream, and the one shared Plivo client."""
+) -> tuple[SandboxServer | None, PlivoClient, SharedBudget | None]:
+    """Start the embedded sandbox if it is the upstream, and the one shared Plivo client.
+
+    Also returns the account's request budget when the store keeps it (None: in memory, or no
+    budget), for `RunningServer.stop` to close.
+    """
     sandbox: SandboxServer | None = None
     if kind is UpstreamKind.SANDBOX:
         sandbox = SandboxServer(host="127.0.0.1", port=0, seed=config.sandbox_seed)
@@ -339,10 +349,7 @@ async def _upstream(
         base_url, auth_id = config.plivo_base_url, config.plivo_auth_id
         token = config.plivo_token().reveal()
         _log.info("upstream is Plivo at %s (account %s)", base_url, auth_id)
-    rate = parse_rate(config.upstream_rate)
-    limiter = None if rate is None else TokenBucket(rate)
-    if limiter is not None:
-        metrics.watch_rate_limiter(limiter)
+    limiter = await _rate_limiter(config, auth_id, metrics, undo)
 
     def observe(operation: str, outcome: str, seconds: float, api_id: str | None) -> None:
         metrics.upstream_response(operation, outcome, seconds)
@@ -362,7 +369,32 @@ async def _upstream(
         headers=upstream_headers,
     )
     undo.push_async_callback(client.aclose)
-    return sandbox, client
+    return sandbox, client, limiter if isinstance(limiter, SharedBudget) else None
+
+
+async def _rate_limiter(
+    config: Config, account: str, metrics: Metrics, undo: contextlib.AsyncExitStack
+) -> TokenBucket | SharedBudget | None:
+    """Build the account's request budget; None when it is off.
+
+    It lives in the ledger's store (PostgreSQL, or the SQLite file that processes on this host
+    share), or in memory beside an in-memory ledger, which nothing shares.
+    """
+    rate = parse_rate(config.upstream_rate)
+    if rate is None:
+        return None
+    store = open_budget_store(
+        database_url=config.database().reveal(), ledger_path=config.resolved_ledger_path()
+    )
+    limiter: TokenBucket | SharedBudget
+    if store is None:
+        limiter = TokenBucket(rate)
+    else:
+        limiter = SharedBudget(store, f"plivo:{account}", rate, fallback=config.fallback_rate())
+        undo.push_async_callback(limiter.close)
+        metrics.watch_budget(limiter)
+    metrics.watch_rate_limiter(limiter)
+    return limiter
 
 
 def method_permissions(*, with_reflection: bool) -> dict[str, str | None]:

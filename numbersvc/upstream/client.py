@@ -47,7 +47,7 @@ from numbersvc.upstream.errors import (
     parse_error_body,
     parse_retry_after,
 )
-from numbersvc.upstream.ratelimit import TokenBucket
+from numbersvc.upstream.ratelimit import RateLimiter
 from numbersvc.upstream.transport import build_transport, failure_reason
 
 __all__ = [
@@ -223,7 +223,7 @@ class PlivoClient:
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
         http_stack: HttpStack = HttpStack.AIOHTTP,
         transport: httpx.AsyncBaseTransport | None = None,
-        rate_limiter: TokenBucket | None = None,
+        rate_limiter: RateLimiter | None = None,
         observer: Observer | None = None,
         headers: Callable[[], Mapping[str, str]] | None = None,
     ) -> None:
@@ -244,8 +244,9 @@ class PlivoClient:
                 faster here, or httpcore, httpx's own.
             transport: An httpx transport to use instead of the pooled `http_stack` one (tests
                 pass `httpx.MockTransport`). The pool limits above apply only to the pooled one.
-            rate_limiter: The bucket every request takes a token from before it is sent; share
-                one per Plivo account. `None` sends without limit.
+            rate_limiter: The budget every request takes a permit from before it is sent; share
+                one per Plivo account (a `TokenBucket`, or the store's shared budget for
+                replicas). `None` sends without limit.
             observer: Told of every attempt's outcome: (operation `search|get|rent`, the HTTP
                 status or the error class name, seconds, Plivo's `api_id`). For metrics and
                 access logs; it must not raise.

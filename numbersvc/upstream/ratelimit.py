@@ -23,6 +23,10 @@ So a waiter that is cancelled, at the head or further back, holds no token to le
 the queue and the next waiter moves up, served as early as if the cancelled one never came.
 
 Single event loop, no threads: state changes happen between awaits, so no lock is needed.
+
+`RateLimiter` is all the upstream client asks of a budget: `TokenBucket` is one, kept in
+memory; `numbersvc.ledger.budget.SharedBudget` is another, kept in the store so that every
+replica spends one account-wide budget.
 """
 
 from __future__ import annotations
@@ -34,11 +38,12 @@ import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from numbersvc.deadline import Clock
 from numbersvc.upstream.errors import UpstreamThrottledError
 
-__all__ = ["RateSpec", "TokenBucket", "parse_rate"]
+__all__ = ["RateLimiter", "RateSpec", "TokenBucket", "parse_rate", "throttled"]
 
 _OFF = "off"
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0}
@@ -81,6 +86,17 @@ class RateSpec:
     def __str__(self) -> str:
         return f"{self.requests}/{self.per_seconds:g}s"
 
+    def divided(self, parts: int) -> RateSpec:
+        """Return this budget split `parts` ways: the rate (not more) and the burst divided.
+
+        Each of `parts` replicas spending its share alone spends at most the whole budget.
+        A budget too small to split by count is split by time instead (`2/1s` in three is
+        `2/3s`), so no share rounds up to the whole.
+        """
+        if self.requests >= parts:
+            return RateSpec(self.requests // parts, self.per_seconds)
+        return RateSpec(self.requests, self.per_seconds * parts)
+
 
 def parse_rate(text: str) -> RateSpec | None:
     """Parse a request budget such as `NUMBERSVC_UPSTREAM_RATE`.
@@ -109,6 +125,30 @@ def parse_rate(text: str) -> RateSpec | None:
         return RateSpec(int(match["count"]), amount * _UNIT_SECONDS[match["unit"]])
     except ValueError as exc:
         raise ValueError(f"invalid rate {text!r}: {exc}") from None
+
+
+class RateLimiter(Protocol):
+    """What the upstream client needs of a request budget: one permit per request sent."""
+
+    async def acquire(self, *, max_wait_seconds: float) -> float:
+        """Take one permit, waiting for it up to `max_wait_seconds`; return the seconds waited.
+
+        Raises:
+            UpstreamThrottledError: At once, without taking a permit, when the wait needed
+                exceeds `max_wait_seconds` (0 or less: "only if one is free now").
+        """
+        ...
+
+
+def throttled(
+    spec: RateSpec, needed_seconds: float, max_wait_seconds: float
+) -> UpstreamThrottledError:
+    """Return the refusal of a permit `needed_seconds` away to a caller that would wait less."""
+    return UpstreamThrottledError(
+        f"upstream rate limit {spec}: a token is {needed_seconds:.3f} s away, more than"
+        f" the {max(0.0, max_wait_seconds):.3f} s this call may wait; nothing was sent",
+        retry_after_seconds=needed_seconds,
+    )
 
 
 class TokenBucket:
@@ -184,11 +224,7 @@ class TokenBucket:
         needed = self._wait_at(len(self._queue))
         if needed > max_wait_seconds:
             self.refusals += 1
-            raise UpstreamThrottledError(
-                f"upstream rate limit {self._spec}: a token is {needed:.3f} s away, more than"
-                f" the {max(0.0, max_wait_seconds):.3f} s this call may wait; nothing was sent",
-                retry_after_seconds=needed,
-            )
+            raise throttled(self._spec, needed, max_wait_seconds)
         started = self._clock()
         await self._wait_in_line()
         waited = max(0.0, self._clock() - started)

@@ -20,6 +20,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from numbersvc.ledger import OrderState
+from numbersvc.ledger.budget import BudgetSource
 from numbersvc.sandbox import SandboxControl, SandboxServer
 from numbersvc.sandbox.faults import FaultKind, FaultSpec
 from numbersvc.server import create_server, method_permissions
@@ -486,8 +488,18 @@ class Serving:
 
 @contextlib.asynccontextmanager
 async def serving() -> AsyncIterator[Serving]:
+    """A server on a ledger file: it keeps the rate budget there, and exports its metrics."""
+    with tempfile.TemporaryDirectory() as folder:
+        async with serving_in(Path(folder)) as server:
+            yield server
+
+
+@contextlib.asynccontextmanager
+async def serving_in(folder: Path) -> AsyncIterator[Serving]:
     async with SandboxServer(host="127.0.0.1", port=0) as sandbox:
-        running = await create_server(config_for(sandbox))
+        running = await create_server(
+            config_for(sandbox, ledger_path=str(folder / "ledger.sqlite3"))
+        )
         try:
             async with (
                 SandboxControl(sandbox.base_url) as control,
@@ -548,6 +560,7 @@ async def test_rules_and_dashboard_name_only_what_a_real_server_exports() -> Non
         "method": frozenset(method_permissions(with_reflection=True)),
         "code": frozenset(code.name for code in grpc.StatusCode),
         "outcome": frozenset(state.value for state in OrderState),
+        "source": frozenset(source.value for source in BudgetSource),
         "operation": label_values(text, "operation"),
         "alertname": frozenset(rule["alert"] for rule in alerts),
         "alertstate": frozenset({"pending", "firing"}),

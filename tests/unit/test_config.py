@@ -16,6 +16,7 @@ from numbersvc.config import (
     parse_host_port,
     settings,
 )
+from numbersvc.upstream.ratelimit import RateSpec
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 
@@ -72,6 +73,12 @@ def test_empty_env_values_keep_defaults() -> None:
         ({"NUMBERSVC_MAX_HEALTH_WATCHES": "0"}, "MAX_HEALTH_WATCHES must be at least 1"),
         ({"NUMBERSVC_UPSTREAM_HTTP_STACK": "curl"}, "cannot read"),
         ({"NUMBERSVC_LOG_FORMAT": "xml"}, "is not text or json"),
+        ({"NUMBERSVC_UPSTREAM_RATE": "fast"}, "NUMBERSVC_UPSTREAM_RATE: invalid rate 'fast'"),
+        ({"NUMBERSVC_UPSTREAM_RATE_FALLBACK": "0/5s"}, "RATE_FALLBACK: invalid rate"),
+        (
+            {"NUMBERSVC_UPSTREAM_RATE": "300/5s", "NUMBERSVC_UPSTREAM_RATE_FALLBACK": "61/1s"},
+            "RATE_FALLBACK \\(61/1s\\) is faster than the account's budget",
+        ),
         ({"NUMBERSVC_DATABASE_POOL_MAX": "0"}, "DATABASE_POOL_MAX must be at least 1"),
         (
             {"NUMBERSVC_DATABASE_URL": "postgresql://db", "NUMBERSVC_DATABASE_URL_FILE": "f"},
@@ -88,6 +95,21 @@ def test_empty_env_values_keep_defaults() -> None:
 def test_bad_values(env: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         Config.from_env(env)
+
+
+@pytest.mark.parametrize(
+    ("env", "fallback"),
+    [
+        ({}, RateSpec(100, 5.0)),  # a third of 300/5s: three replicas alone spend it all
+        ({"NUMBERSVC_UPSTREAM_RATE": "10/1s"}, RateSpec(3, 1.0)),
+        ({"NUMBERSVC_UPSTREAM_RATE": "2/1s"}, RateSpec(2, 3.0)),
+        ({"NUMBERSVC_UPSTREAM_RATE_FALLBACK": "60/5s"}, RateSpec(60, 5.0)),
+        ({"NUMBERSVC_UPSTREAM_RATE_FALLBACK": "off"}, None),
+        ({"NUMBERSVC_UPSTREAM_RATE": "off"}, None),
+    ],
+)
+def test_fallback_rate(env: dict[str, str], fallback: RateSpec | None) -> None:
+    assert Config.from_env(env).fallback_rate() == fallback
 
 
 @pytest.mark.parametrize(

@@ -185,6 +185,22 @@ def test_rate_spec_reads_back() -> None:
     assert spec.tokens_per_second == 60.0
 
 
+@pytest.mark.parametrize(
+    ("spec", "parts", "share"),
+    [
+        (RateSpec(300, 5.0), 3, RateSpec(100, 5.0)),
+        (RateSpec(10, 1.0), 3, RateSpec(3, 1.0)),  # rounded down, never up
+        (RateSpec(2, 1.0), 3, RateSpec(2, 3.0)),  # too few to split by count: by time
+        (RateSpec(1, 1.0), 1, RateSpec(1, 1.0)),
+    ],
+)
+def test_a_share_of_a_budget_never_exceeds_its_part(
+    spec: RateSpec, parts: int, share: RateSpec
+) -> None:
+    assert spec.divided(parts) == share
+    assert share.tokens_per_second * parts <= spec.tokens_per_second
+
+
 # --- the bucket: burst, refill, refusal --------------------------------------------------------
 
 
