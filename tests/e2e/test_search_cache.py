@@ -6,9 +6,11 @@ the clock is the unit tests' business (`tests/unit/test_cache.py`).
 
 from __future__ import annotations
 
+import asyncio
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import pytest
@@ -20,11 +22,24 @@ from numbersvc.server import RunningServer
 from numbersvc.service import CACHE_METADATA_KEY
 from numbersvc.v1 import number_groups_pb2 as pb
 from numbersvc.v1 import number_groups_pb2_grpc as pb_grpc
-from tests.e2e.conftest import StartServer, reason_of
+from tests.e2e.conftest import StartServer, eventually, reason_of
 
 US = pb.SearchFilter(region_code="US")
 TOLLFREE = pb.SearchFilter(region_code="US", number_type=pb.NUMBER_TYPE_TOLLFREE)
 CACHED: dict[str, Any] = {"search_cache_seconds": 60.0}
+
+
+if TYPE_CHECKING:  # the async stub is a stubs-only name
+    Serving = tuple[RunningServer, pb_grpc.NumberGroupServiceAsyncStub]
+
+
+@pytest.fixture
+async def cached(start_server: StartServer) -> AsyncIterator[Serving]:
+    """A server with the search cache on, and a stub on a channel of its own."""
+    running = await start_server(**CACHED)
+    channel, stub = _stub(running)
+    async with channel:
+        yield running, stub
 
 
 async def _upstream(control: SandboxControl, operation: str) -> int:
@@ -105,23 +120,21 @@ async def test_identical_lists_from_two_callers_cost_one_upstream_request(
 
 
 async def test_a_rent_drops_the_pages_and_the_group_it_rented_from(
-    start_server: StartServer, control: SandboxControl
+    cached: Serving, control: SandboxControl
 ) -> None:
-    running = await start_server(**CACHED)
-    channel, stub = _stub(running)
-    async with channel:
-        page, _ = await _list(stub)
-        other, _ = await _list(stub, TOLLFREE)
-        rented = page.number_groups[0]
-        group, said = await _get(stub, rented.group_id)
-        assert said == "miss"
-        assert [(await _list(stub))[1], (await _get(stub, rented.group_id))[1]] == ["hit", "hit"]
-        await control.clear_requests()
+    _, stub = cached
+    page, _ = await _list(stub)
+    other, _ = await _list(stub, TOLLFREE)
+    rented = page.number_groups[0]
+    group, said = await _get(stub, rented.group_id)
+    assert said == "miss"
+    assert [(await _list(stub))[1], (await _get(stub, rented.group_id))[1]] == ["hit", "hit"]
+    await control.clear_requests()
 
-        await _rent_one(stub, rented.group_id)
-        after, said_list = await _list(stub)
-        regot, said_get = await _get(stub, rented.group_id)
-        other_again, said_other = await _list(stub, TOLLFREE)
+    await _rent_one(stub, rented.group_id)
+    after, said_list = await _list(stub)
+    regot, said_get = await _get(stub, rented.group_id)
+    other_again, said_other = await _list(stub, TOLLFREE)
     assert (said_list, said_get, said_other) == ("miss", "miss", "hit")
     assert after.number_groups[0].stock == rented.stock - 1
     assert regot.number_group.stock == group.number_group.stock - 1
@@ -129,34 +142,49 @@ async def test_a_rent_drops_the_pages_and_the_group_it_rented_from(
     assert (await _upstream(control, "search"), await _upstream(control, "get")) == (1, 1)
 
 
-async def test_a_failed_rent_drops_them_too(
-    start_server: StartServer, control: SandboxControl
-) -> None:
+async def test_a_failed_rent_drops_them_too(cached: Serving, control: SandboxControl) -> None:
     """A rent answered 503 may have rented (outcome unknown): the pages showing it go."""
-    running = await start_server(**CACHED)
-    channel, stub = _stub(running)
-    async with channel:
-        page, _ = await _list(stub)
-        await control.inject_fault(FaultSpec(FaultKind.STATUS, status=503, operation="rent"))
-        with pytest.raises(grpc.aio.AioRpcError):
-            await _rent_one(stub, page.number_groups[0].group_id)
-        _, said = await _list(stub)
+    _, stub = cached
+    page, _ = await _list(stub)
+    await control.inject_fault(FaultSpec(FaultKind.STATUS, status=503, operation="rent"))
+    with pytest.raises(grpc.aio.AioRpcError):
+        await _rent_one(stub, page.number_groups[0].group_id)
+    _, said = await _list(stub)
     assert said == "miss"
 
 
-async def test_errors_are_not_cached(start_server: StartServer, control: SandboxControl) -> None:
-    running = await start_server(**CACHED)
-    channel, stub = _stub(running)
-    async with channel:
-        for _ in range(2):
-            with pytest.raises(grpc.aio.AioRpcError) as missing:
-                await stub.GetNumberGroup(pb.GetNumberGroupRequest(group_id="1"))
-            assert reason_of(missing.value) == "NUMBER_GROUP_NOT_FOUND"
-        await control.inject_fault(FaultSpec(FaultKind.WRONG_SHAPE, operation="search"))
-        with pytest.raises(grpc.aio.AioRpcError) as undecodable:
-            await _list(stub)
-        assert reason_of(undecodable.value) == "UPSTREAM_BAD_RESPONSE"
-        _, said = await _list(stub)
+async def test_a_search_after_a_rent_never_joins_one_begun_before_it(
+    cached: Serving, control: SandboxControl
+) -> None:
+    """Its answer may predate the rent: the search after it makes its own upstream request."""
+    running, stub = cached
+    tollfree, _ = await _list(stub, TOLLFREE)
+    await control.inject_fault(FaultSpec(FaultKind.DELAY, seconds=3.0, operation="search"))
+    before = asyncio.create_task(_list(stub))
+
+    async def in_flight() -> bool:  # counted as a miss in the step that starts its read
+        return _cache_counts(running)[1] == 2
+
+    await eventually(in_flight)
+    await _rent_one(stub, tollfree.number_groups[0].group_id)
+    _, said = await asyncio.wait_for(_list(stub), timeout=2.0)  # not waiting for `before`
+    assert said == "miss"
+    assert not before.done()
+    assert (await before)[1] == "miss"
+    assert await _upstream(control, "search") == 3
+
+
+async def test_errors_are_not_cached(cached: Serving, control: SandboxControl) -> None:
+    _, stub = cached
+    for _ in range(2):
+        with pytest.raises(grpc.aio.AioRpcError) as missing:
+            await stub.GetNumberGroup(pb.GetNumberGroupRequest(group_id="1"))
+        assert reason_of(missing.value) == "NUMBER_GROUP_NOT_FOUND"
+    await control.inject_fault(FaultSpec(FaultKind.WRONG_SHAPE, operation="search"))
+    with pytest.raises(grpc.aio.AioRpcError) as undecodable:
+        await _list(stub)
+    assert reason_of(undecodable.value) == "UPSTREAM_BAD_RESPONSE"
+    _, said = await _list(stub)
     assert said == "miss"
     assert (await _upstream(control, "get"), await _upstream(control, "search")) == (2, 2)
 
@@ -182,14 +210,12 @@ async def test_a_hit_takes_no_rate_budget(
 
 
 async def test_a_stream_reads_its_pages_through_the_cache(
-    start_server: StartServer, control: SandboxControl
+    cached: Serving, control: SandboxControl
 ) -> None:
-    running = await start_server(**CACHED)
-    channel, stub = _stub(running)
+    running, stub = cached
     request = pb.StreamNumberGroupsRequest(filter=US, page_size=20, max_results=60)
-    async with channel:
-        walks = [[m async for m in stub.StreamNumberGroups(request)] for _ in range(2)]
-        _, said = await _list(stub)  # the stream's first page, asked for by a list
+    walks = [[m async for m in stub.StreamNumberGroups(request)] for _ in range(2)]
+    _, said = await _list(stub)  # the stream's first page, asked for by a list
     assert walks[0] == walks[1]
     assert sum(len(m.number_groups) for m in walks[0]) == 60
     assert await _upstream(control, "search") == 3
