@@ -200,6 +200,14 @@ class Config:
     coalesce_reads: bool = _s(
         True, "NUMBERSVC_COALESCE_READS", "identical reads in flight share one upstream call"
     )
+    search_cache_seconds: float = _s(
+        0.0,
+        "NUMBERSVC_SEARCH_CACHE_SECONDS",
+        "serve identical searches and gets from memory this long (stock that old); 0: off",
+    )
+    search_cache_max_entries: int = _s(
+        1000, "NUMBERSVC_SEARCH_CACHE_MAX_ENTRIES", "most answers the search cache keeps (LRU)"
+    )
     upstream_max_connections: int = _s(
         64, "NUMBERSVC_UPSTREAM_MAX_CONNECTIONS", "upstream HTTP connection pool size"
     )
@@ -274,6 +282,7 @@ class Config:
             "retry_max_attempts",
             "max_rent_quantity",
             "stream_read_ahead_pages",
+            "search_cache_max_entries",
             "upstream_max_connections",
             "database_pool_max",
             "max_health_watches",

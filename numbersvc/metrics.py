@@ -4,8 +4,8 @@
 servers) and is fed from three places: the interceptor (as a `CallObserver`: RPCs by method
 and code, latency, streams in flight), the upstream client's response hook (requests by
 operation and HTTP status, latency), and the services that retry, wait on the rate budget,
-coalesce and rent. Label values are fixed vocabularies (method names, status codes,
-operations): never a request field, so no caller input or secret becomes a label.
+coalesce, cache and rent. Label values are fixed vocabularies (method names, status codes,
+operations, cache results): never a request field, so no caller input or secret becomes a label.
 """
 
 from __future__ import annotations
@@ -95,6 +95,19 @@ class Metrics:
         )
         self.coalesced = Counter(
             "numbersvc_coalesced_calls", "Reads answered by an identical read in flight", registry=r
+        )
+        self.search_cache = Counter(
+            "numbersvc_search_cache_requests",
+            "Searches and gets looked up in the search cache, by result (hit, miss)",
+            ["result"],
+            registry=r,
+        )
+        for result in ("hit", "miss"):  # both series exist from the start, at 0
+            self.search_cache.labels(result)
+        self.search_cache_entries = Gauge(
+            "numbersvc_search_cache_entries",
+            "Answers in the search cache now (0 when NUMBERSVC_SEARCH_CACHE_SECONDS is 0)",
+            registry=r,
         )
         self.rented = Counter(
             "numbersvc_numbers_rented",

@@ -13,12 +13,13 @@ import contextlib
 import dataclasses
 import functools
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TYPE_CHECKING, Any, Final, TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Final, TypeVar, cast
 
 import grpc
 
 from numbersvc import paging, translation, validation
+from numbersvc.cache import SearchCache
 from numbersvc.callers import ANONYMOUS
 from numbersvc.coalesce import SingleFlight
 from numbersvc.config import Config
@@ -43,11 +44,15 @@ from numbersvc.validation import SearchQuery
 if TYPE_CHECKING:  # a stubs-only name: upb's repeated field is another (C) type
     from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
 
-__all__ = ["NumberGroupServicer"]
+__all__ = ["CACHE_METADATA_KEY", "NumberGroupServicer"]
+
+CACHE_METADATA_KEY: Final = "numbersvc-cache"
+"""Initial metadata of ListNumberGroups and GetNumberGroup when the search cache is on."""
 
 _log = logging.getLogger("numbersvc.service")
 _Req = TypeVar("_Req")
 _Resp = TypeVar("_Resp")
+_T = TypeVar("_T")
 _Context = grpc.aio.ServicerContext[Any, Any]
 _Handler = Callable[[Any, _Req, _Context], Awaitable[_Resp]]
 # gRPC Python reports "no deadline" as None or as a huge number, depending on the version.
@@ -86,7 +91,7 @@ class NumberGroupServicer(pb_grpc.NumberGroupServiceServicer):
         upstream: the shared Plivo client.
         rent_desk: places rent orders and records them in the ledger.
         ledger: the order ledger, for reading orders back.
-        metrics: counts read retries.
+        metrics: counts read retries, coalesced reads and the search cache's hits and misses.
     """
 
     def __init__(
@@ -111,6 +116,14 @@ class NumberGroupServicer(pb_grpc.NumberGroupServiceServicer):
                 retry_own=lambda exc: isinstance(exc, DeadlineExceeded),
                 on_join=metrics.coalesced.inc if metrics else None,
             )
+        self._cache: SearchCache[object] | None = None
+        if config.search_cache_seconds > 0:
+            self._cache = SearchCache(
+                ttl_seconds=config.search_cache_seconds,
+                max_entries=config.search_cache_max_entries,
+            )
+            if metrics is not None:
+                metrics.search_cache_entries.set_function(functools.partial(len, self._cache))
         self._retry = RetryPolicy(
             max_attempts=config.retry_max_attempts,
             initial_delay_seconds=config.retry_initial_delay_seconds,
@@ -134,11 +147,12 @@ class NumberGroupServicer(pb_grpc.NumberGroupServiceServicer):
         deadline = self._deadline(context)
         # The groups are built in the response: passing them in would copy every one.
         response = pb.ListNumberGroupsResponse()
-        page = await self._search(
+        page, hit = await self._search(
             params.query, params.page_size, params.offset, deadline, into=response.number_groups
         )
         response.next_page_token = _token(page.end, params.query) if page.has_next else ""
         response.total_size = _int32(page.total_count)
+        await _say_cache(context, hit)
         return response
 
     async def StreamNumberGroups(
@@ -153,9 +167,10 @@ class NumberGroupServicer(pb_grpc.NumberGroupServiceServicer):
             params = validation.validate_stream(request)
             caller = self._caller_deadline(context)
 
-            def fetch(offset: int) -> Awaitable[Page[pb.NumberGroup]]:
+            async def fetch(offset: int) -> Page[pb.NumberGroup]:
                 deadline = self._page_deadline(caller)
-                return self._search(params.query, params.page_size, offset, deadline)
+                page, _ = await self._search(params.query, params.page_size, offset, deadline)
+                return page
 
             first = await fetch(params.offset)
             cursor = paging.StreamCursor[pb.NumberGroup](
@@ -198,7 +213,7 @@ class NumberGroupServicer(pb_grpc.NumberGroupServiceServicer):
         params = validation.validate_get(request)
         try:
             deadline = self._deadline(context)
-            body = await self._shared(
+            group, hit = await self._cached(
                 ("get", params.group_id),
                 lambda: self._read(
                     Operation.GET,
@@ -207,10 +222,14 @@ class NumberGroupServicer(pb_grpc.NumberGroupServiceServicer):
                     ),
                     deadline,
                 ),
+                translation.parse_group,
+                # The id asked for, as a rent from it names it.
+                groups=lambda _: (params.group_id,),
             )
         except UpstreamError as exc:
             raise _about_group(classify(exc, Operation.GET), params.group_id) from exc
-        return pb.GetNumberGroupResponse(number_group=translation.parse_group(body))
+        await _say_cache(context, hit)
+        return pb.GetNumberGroupResponse(number_group=group)
 
     @_unary(Operation.RENT)
     async def RentNumbers(
@@ -231,6 +250,10 @@ class NumberGroupServicer(pb_grpc.NumberGroupServiceServicer):
             )
         except ServiceError as exc:
             raise _about_group(exc, params.group_id) from exc
+        finally:
+            if self._cache is not None:
+                # Whatever the outcome: a rent that failed may still have reached Plivo.
+                self._cache.drop_group(params.group_id)
         return pb.RentNumbersResponse(order=placed)
 
     @_unary(Operation.GET)
@@ -300,21 +323,71 @@ class NumberGroupServicer(pb_grpc.NumberGroupServiceServicer):
         deadline: Deadline,
         *,
         into: RepeatedCompositeFieldContainer[pb.NumberGroup] | None = None,
-    ) -> Page[pb.NumberGroup]:
+    ) -> tuple[Page[pb.NumberGroup], bool | None]:
+        """Return a page of groups, and whether it came from the search cache (None: off).
+
+        With `into`, the page's groups end up in that repeated field.
+        """
         params = translation.search_params(query, limit=page_size, offset=offset)
-        body = await self._shared(
-            ("search", tuple(sorted(params.items()))),
-            lambda: self._read(
-                Operation.SEARCH,
-                lambda timeout: self._upstream.search_number_groups(
-                    params, timeout_seconds=timeout
-                ),
-                deadline,
-            ),
-        )
-        page = translation.parse_search_page(body, region_code=query.region_code, into=into)
-        # Page by the offset we asked for: upstream's echo of it is informative only.
-        return dataclasses.replace(page, offset=offset)
+        key = ("search", tuple(sorted(params.items())))
+
+        def read() -> Awaitable[object]:
+            return self._read(Operation.SEARCH, search, deadline)
+
+        def search(timeout: float) -> Awaitable[UpstreamResponse]:
+            return self._upstream.search_number_groups(params, timeout_seconds=timeout)
+
+        def decode(
+            body: object, into: RepeatedCompositeFieldContainer[pb.NumberGroup] | None = None
+        ) -> Page[pb.NumberGroup]:
+            if into is None:
+                # One message holds the page's groups, in one arena: a cached page then takes
+                # 14 KB where 20 messages of their own take 25 KB (docs/performance.md).
+                into = pb.ListNumberGroupsResponse().number_groups
+            page = translation.parse_search_page(body, region_code=query.region_code, into=into)
+            # Page by the offset we asked for: upstream's echo of it is informative only.
+            return dataclasses.replace(page, offset=offset)
+
+        if into is not None and self._cache is None:
+            return decode(await self._shared(key, read), into), None
+        page, hit = await self._cached(key, read, decode, groups=_group_ids)
+        if into is not None:
+            into.extend(page.items)  # a copy: the cached groups stay as they are
+        return page, hit
+
+    async def _cached(
+        self,
+        key: tuple[object, ...],
+        read: Callable[[], Awaitable[object]],
+        decode: Callable[[object], _T],
+        *,
+        groups: Callable[[_T], Iterable[str]],
+    ) -> tuple[_T, bool | None]:
+        """Run a read through the search cache when it is on, else share it in flight.
+
+        Returns:
+            The decoded answer, and whether it came from the cache (None: the cache is off).
+        """
+        cache = self._cache
+        if cache is None:
+            return decode(await self._shared(key, read)), None
+        found = cache.get(key)
+        self._count_cache(found is not None)
+        if found is not None:
+            return cast(_T, found), True  # put under this key by this decoder only
+        epoch = cache.epoch
+
+        async def fill() -> object:
+            value = decode(await read())
+            cache.put(key, value, groups=groups(value), epoch=epoch)
+            return value
+
+        # Keyed by the epoch too: a read after a rent never joins one begun before it.
+        return cast(_T, await self._shared((*key, epoch), fill)), False
+
+    def _count_cache(self, hit: bool) -> None:
+        if self._metrics is not None:
+            self._metrics.search_cache.labels("hit" if hit else "miss").inc()
 
     async def _shared(
         self, key: tuple[object, ...], read: Callable[[], Awaitable[object]]
@@ -365,6 +438,19 @@ class NumberGroupServicer(pb_grpc.NumberGroupServiceServicer):
         default = self._config.default_deadline_seconds
         budget = default if caller is None else min(caller.remaining(), default)
         return Deadline.after(budget, default_seconds=default)
+
+
+def _group_ids(page: Page[pb.NumberGroup]) -> Iterable[str]:
+    return (group.group_id for group in page.items)
+
+
+async def _say_cache(context: _Context, hit: bool | None) -> None:
+    """Tell the caller whether its answer came from the search cache; nothing when it is off.
+
+    Off, the server sends what it sent before the cache existed: no header, no extra send.
+    """
+    if hit is not None:
+        await context.send_initial_metadata(((CACHE_METADATA_KEY, "hit" if hit else "miss"),))
 
 
 def _seen_key(group: pb.NumberGroup) -> object:

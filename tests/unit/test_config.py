@@ -28,6 +28,7 @@ def test_defaults_are_what_make_run_uses() -> None:
     assert config.default_deadline_seconds == 10.0
     assert config.max_rent_quantity == 10
     assert config.stream_read_ahead_pages == 16
+    assert config.search_cache_seconds == 0  # off, as before the cache existed
 
 
 def test_from_env_reads_every_kind_of_setting() -> None:
@@ -71,6 +72,8 @@ def test_empty_env_values_keep_defaults() -> None:
         ({"NUMBERSVC_DAILY_RENT_CAP": "-1"}, "DAILY_RENT_CAP must be 0 \\(no cap\\) or positive"),
         ({"NUMBERSVC_MAX_CONCURRENT_RPCS": "-1"}, "RPCS must be 0 \\(no limit\\) or positive"),
         ({"NUMBERSVC_MAX_HEALTH_WATCHES": "0"}, "MAX_HEALTH_WATCHES must be at least 1"),
+        ({"NUMBERSVC_SEARCH_CACHE_MAX_ENTRIES": "0"}, "CACHE_MAX_ENTRIES must be at least 1"),
+        ({"NUMBERSVC_SEARCH_CACHE_SECONDS": "-2"}, "CACHE_SECONDS must be a finite number >= 0"),
         ({"NUMBERSVC_UPSTREAM_HTTP_STACK": "curl"}, "cannot read"),
         ({"NUMBERSVC_LOG_FORMAT": "xml"}, "is not text or json"),
         ({"NUMBERSVC_UPSTREAM_RATE": "fast"}, "NUMBERSVC_UPSTREAM_RATE: invalid rate 'fast'"),
