@@ -18,6 +18,7 @@ import grpc
 import pytest
 
 from numbersvc.sandbox import SandboxControl
+from numbersvc.sandbox.faults import FaultKind, FaultSpec
 from numbersvc.v1 import number_groups_pb2 as pb
 from numbersvc.v1 import number_groups_pb2_grpc as pb_grpc
 from tests.e2e.conftest import eventually
@@ -44,6 +45,84 @@ async def _paused(served: Served) -> AsyncIterator[None]:
 _RENT_TIMEOUT_SECONDS: Final = 5.0
 # The send deadline of a claim: claim + 2 x the rent timeout + 2 s (server.py).
 _SEND_DEADLINE_SECONDS: Final = 2 * _RENT_TIMEOUT_SECONDS + 2
+_B_POST_SECONDS: Final = 10.0  # long enough for A to thaw and answer meanwhile
+
+
+class _TwoServers:
+    """Servers A and B on one ledger, A with a budget of one Plivo request per 4 s."""
+
+    def __init__(self, control: SandboxControl, ledger: Path, a: Served, b: Served) -> None:
+        self.control, self.ledger, self.a, self.b = control, ledger, a, b
+        self.request_id = str(uuid.uuid4())
+        self.request = pb.RentNumbersRequest()
+
+    def state(self) -> str:
+        return str(_order_row(self.ledger, self.request_id)["state"])
+
+    async def posts(self) -> int:
+        return sum(r["method"] == "POST" for r in await self.control.requests())
+
+    async def freeze_a_after_its_claim(
+        self,
+        stub_a: pb_grpc.NumberGroupServiceAsyncStub,
+        stub_b: pb_grpc.NumberGroupServiceAsyncStub,
+    ) -> tuple[asyncio.Future[pb.RentNumbersResponse], contextlib.AsyncExitStack]:
+        """A claims an order and is frozen waiting for its token; B recovers the order and
+        the operator, finding nothing in the Plivo console, settles it as failed.
+
+        Returns A's rent call and the stack that thaws A when closed.
+        """
+        page = await stub_a.ListNumberGroups(pb.ListNumberGroupsRequest(filter=US, page_size=1))
+        self.request = pb.RentNumbersRequest(
+            group_id=page.number_groups[0].group_id, request_id=self.request_id
+        )
+        # A's only token went to the search: the rent waits ~4 s for the next one.
+        rent = asyncio.ensure_future(stub_a.RentNumbers(self.request, timeout=120))
+
+        async def claimed() -> bool:
+            with contextlib.suppress(AssertionError):
+                return self.state() == "sending"
+            return False
+
+        await eventually(claimed)
+        frozen = contextlib.AsyncExitStack()
+        await frozen.enter_async_context(_paused(self.a))
+
+        async def recovered() -> bool:
+            return self.state() == "outcome_unknown"
+
+        await eventually(recovered, timeout_seconds=_SEND_DEADLINE_SECONDS + 30)
+        assert await self.posts() == 0, "nothing was sent: the console shows nothing"
+        await stub_b.SettleRentalOrder(
+            pb.SettleRentalOrderRequest(
+                request_id=self.request_id, status=pb.ORDER_STATUS_FAILED, note="not in console"
+            )
+        )
+        return rent, frozen
+
+
+@contextlib.asynccontextmanager
+async def _two_servers(tmp_path: Path) -> AsyncIterator[tuple[_TwoServers, ...]]:
+    ledger = tmp_path / "ledger.sqlite3"
+    async with _sandbox_process() as url, SandboxControl(url) as control:
+        common = plivo_env(
+            url,
+            ledger,
+            NUMBERSVC_INSTANCE_LEASE_SECONDS="1",
+            NUMBERSVC_RENT_TIMEOUT_SECONDS=str(_RENT_TIMEOUT_SECONDS),
+        )
+        async with (
+            _serve({**common, "NUMBERSVC_UPSTREAM_RATE": "1/4s"}) as a,
+            # B's POSTs may take long: its own claims have its own send deadline.
+            _serve({**common, "NUMBERSVC_RENT_TIMEOUT_SECONDS": "30"}) as b,
+            grpc.aio.insecure_channel(f"127.0.0.1:{a.port}") as channel_a,
+            grpc.aio.insecure_channel(f"127.0.0.1:{b.port}") as channel_b,
+        ):
+            yield (
+                _TwoServers(control, ledger, a, b),
+                pb_grpc.NumberGroupServiceStub(channel_a),
+                pb_grpc.NumberGroupServiceStub(channel_b),
+            )
 
 
 @pytest.mark.timeout(_SEND_DEADLINE_SECONDS + 120)
@@ -58,54 +137,38 @@ async def test_a_paused_server_never_posts_an_order_recovered_and_settled_meanwh
     in the Plivo console (nothing was sent) and settles it as failed; a retry under the id
     rents. When A thaws, it sends its POST anyway: two orders, one request id.
     """
-    ledger_path = tmp_path / "ledger.sqlite3"
-    request_id = str(uuid.uuid4())
-    async with _sandbox_process() as url, SandboxControl(url) as control:
-        common = plivo_env(
-            url,
-            ledger_path,
-            NUMBERSVC_INSTANCE_LEASE_SECONDS="1",
-            NUMBERSVC_RENT_TIMEOUT_SECONDS=str(_RENT_TIMEOUT_SECONDS),
-        )
-        # A's budget is one request per 4 s: after a search, a rent waits ~4 s for its token.
-        async with (
-            _serve({**common, "NUMBERSVC_UPSTREAM_RATE": "1/4s"}) as first,
-            _serve(common) as second,
-            grpc.aio.insecure_channel(f"127.0.0.1:{first.port}") as channel_a,
-            grpc.aio.insecure_channel(f"127.0.0.1:{second.port}") as channel_b,
-        ):
-            stub_a = pb_grpc.NumberGroupServiceStub(channel_a)
-            stub_b = pb_grpc.NumberGroupServiceStub(channel_b)
-            page = await stub_a.ListNumberGroups(pb.ListNumberGroupsRequest(filter=US, page_size=1))
-            group_id = page.number_groups[0].group_id
-            request = pb.RentNumbersRequest(group_id=group_id, request_id=request_id)
-            rent = asyncio.ensure_future(stub_a.RentNumbers(request, timeout=120))
+    async with _two_servers(tmp_path) as (two, stub_a, stub_b):
+        rent, frozen = await two.freeze_a_after_its_claim(stub_a, stub_b)
+        async with frozen:
+            again = await stub_b.RentNumbers(two.request, timeout=30)
+            assert again.order.status == pb.ORDER_STATUS_FULFILLED
+        # A thaws: whatever it answers its caller, it must not send the void claim.
+        await asyncio.gather(rent, return_exceptions=True)
+        posts = await two.posts()
+        assert posts == 1, f"one request id, {posts} POSTs (each rented numbers)"
 
-            async def claimed() -> bool:
-                with contextlib.suppress(AssertionError, OSError):
-                    return bool(_order_row(ledger_path, request_id)["state"] == "sending")
-                return False
 
-            await eventually(claimed)
-            async with _paused(first):
-                assert not any(r["method"] == "POST" for r in await control.requests())
+@pytest.mark.timeout(_SEND_DEADLINE_SECONDS + 120)
+async def test_a_late_outcome_never_overwrites_another_servers_claim(tmp_path: Path) -> None:
+    """What a thawed server learns about its void claim must not land on B's new attempt.
 
-                async def recovered() -> bool:
-                    return bool(_order_row(ledger_path, request_id)["state"] == "outcome_unknown")
+    After the recovery and the settlement, a retry through B claims the id again and B's POST
+    is out. A thaws and records how its own attempt ended (sent or not) over B's row: the order
+    no longer reads `sending` while B's POST may still rent, so it could be settled or retried.
+    """
+    async with _two_servers(tmp_path) as (two, stub_a, stub_b):
+        rent, frozen = await two.freeze_a_after_its_claim(stub_a, stub_b)
+        async with frozen:
+            await two.control.inject_fault(
+                FaultSpec(FaultKind.DELAY, seconds=_B_POST_SECONDS, operation="rent")
+            )
+            again = asyncio.ensure_future(stub_b.RentNumbers(two.request, timeout=60))
 
-                await eventually(recovered, timeout_seconds=_SEND_DEADLINE_SECONDS + 30)
-                # The operator: nothing in the console, so nothing was rented.
-                assert not any(r["method"] == "POST" for r in await control.requests())
-                await stub_b.SettleRentalOrder(
-                    pb.SettleRentalOrderRequest(
-                        request_id=request_id,
-                        status=pb.ORDER_STATUS_FAILED,
-                        note="not in the console",
-                    )
-                )
-                again = await stub_b.RentNumbers(request, timeout=30)
-                assert again.order.status == pb.ORDER_STATUS_FULFILLED
-            # A thaws: whatever it answers its caller, it must not send the void claim.
-            await asyncio.gather(rent, return_exceptions=True)
-        posts = [r for r in await control.requests() if r["method"] == "POST"]
-        assert len(posts) == 1, f"one request id, {len(posts)} POSTs (each rented numbers)"
+            async def b_posted() -> bool:
+                return await two.posts() == 1
+
+            await eventually(b_posted)
+        await asyncio.gather(rent, return_exceptions=True)  # A has thawed and answered
+        assert not again.done()
+        assert two.state() == "sending", "B's POST is still out"
+        assert (await again).order.status == pb.ORDER_STATUS_FULFILLED
