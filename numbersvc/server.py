@@ -31,7 +31,7 @@ from numbersvc.gatekeeper import READ, RENT, Gatekeeper
 from numbersvc.interceptors import AccessLog, ObservingInterceptor, current_call, upstream_headers
 from numbersvc.ledger import OrderLedger, SqliteLedger
 from numbersvc.metrics import Metrics, MetricsServer
-from numbersvc.orders import RentDesk
+from numbersvc.orders import RentDesk, send_window_seconds
 from numbersvc.sandbox import SandboxServer
 from numbersvc.service import NumberGroupServicer
 from numbersvc.upstream import PlivoClient
@@ -45,8 +45,6 @@ SERVICE_NAME: Final = pb.DESCRIPTOR.services_by_name["NumberGroupService"].full_
 UPSTREAM_METADATA_KEY: Final = "numbersvc-upstream"
 _log = logging.getLogger("numbersvc.server")
 _MAX_MESSAGE_BYTES: Final = 4 * 1024 * 1024
-# Past the longest a rent may run: the event loop's lag between the claim and the POST.
-_SEND_SLACK_SECONDS: Final = 2.0
 _HEALTH_SERVICE_NAME: Final = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 # Kept back from the shutdown grace period (at most half of it) for the callers of rent
 # orders given up on to get RENT_OUTCOME_UNKNOWN before the server cancels their calls.
@@ -161,9 +159,8 @@ async def create_server(config: Config) -> RunningServer:
         ledger = await SqliteLedger.open(
             ledger_path,
             lease_seconds=config.instance_lease_seconds,
-            # A rent waits at most its timeout for a rate-limit token, then POSTs for at most
-            # as long: after that, no POST of an order claimed by this process is still out.
-            send_timeout_seconds=2 * config.rent_timeout_seconds + _SEND_SLACK_SECONDS,
+            # After that, no POST of an order claimed by this process is still out.
+            send_timeout_seconds=send_window_seconds(config.rent_timeout_seconds),
         )
         undo.push_async_callback(ledger.close)
         _log.info("order ledger at %s (instance %s)", ledger_path, ledger.instance)
