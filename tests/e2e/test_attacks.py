@@ -17,11 +17,12 @@ from typing import Final
 import grpc
 import pytest
 
+from numbersvc.callers import add_caller
 from numbersvc.sandbox import SandboxControl
 from numbersvc.sandbox.faults import FaultKind, FaultSpec
 from numbersvc.v1 import number_groups_pb2 as pb
 from numbersvc.v1 import number_groups_pb2_grpc as pb_grpc
-from tests.e2e.conftest import eventually
+from tests.e2e.conftest import StartServer, eventually
 from tests.e2e.test_crash import _sandbox_process
 from tests.e2e.test_process import Served, _serve, plivo_env
 from tests.e2e.test_shared_ledger import _order_row
@@ -172,3 +173,52 @@ async def test_a_late_outcome_never_overwrites_another_servers_claim(tmp_path: P
         assert not again.done()
         assert two.state() == "sending", "B's POST is still out"
         assert (await again).order.status == pb.ORDER_STATUS_FULFILLED
+
+
+# --- access control -------------------------------------------------------------------------
+
+
+async def test_unauthenticated_calls_that_never_send_their_request_cannot_starve_the_api(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    """Calls with no identity that open a stream and never send the request hold RPC slots.
+
+    The gatekeeper runs only once a unary method's request has arrived, so a peer with no
+    identity can open calls (here, to an API method and to health `Check`, which stays open)
+    and send nothing: each holds one of NUMBERSVC_MAX_CONCURRENT_RPCS until the connection
+    ages out (minutes), and every caller with a token gets RESOURCE_EXHAUSTED meanwhile.
+    """
+    callers = tmp_path / "callers.json"
+    token = add_caller(callers, "billing", ["numbers.read"]) or ""
+    running = await start_server(
+        callers_file=str(callers), max_concurrent_rpcs=4, max_health_watches=1
+    )
+    target = f"127.0.0.1:{running.port}"
+    never: asyncio.Event = asyncio.Event()
+
+    async def nothing() -> AsyncIterator[bytes]:
+        await never.wait()
+        yield b""
+
+    async with (
+        grpc.aio.insecure_channel(target) as hostile,
+        grpc.aio.insecure_channel(target) as channel,
+    ):
+        held = []
+        for method in ["/numbersvc.v1.NumberGroupService/ListNumberGroups"] * 3 + [
+            "/grpc.health.v1.Health/Check"
+        ] * 2:
+            call = hostile.stream_stream(method)(nothing())
+            held.append(call)
+        try:
+            await asyncio.sleep(1.0)  # the calls have reached the server and wait there
+            stub = pb_grpc.NumberGroupServiceStub(channel)
+            page = await stub.ListNumberGroups(
+                pb.ListNumberGroupsRequest(filter=US, page_size=1),
+                metadata=(("authorization", f"Bearer {token}"),),
+                timeout=10,
+            )
+            assert page.number_groups
+        finally:
+            for call in held:
+                call.cancel()
