@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import signal
 import uuid
 from collections.abc import AsyncIterator
@@ -20,12 +21,21 @@ import pytest
 from numbersvc.callers import add_caller
 from numbersvc.sandbox import SandboxControl
 from numbersvc.sandbox.faults import FaultKind, FaultSpec
+from numbersvc.server import create_server
 from numbersvc.v1 import number_groups_pb2 as pb
 from numbersvc.v1 import number_groups_pb2_grpc as pb_grpc
-from tests.e2e.conftest import StartServer, eventually
+from tests.e2e.conftest import StartServer, config_for, eventually
 from tests.e2e.test_crash import _sandbox_process
 from tests.e2e.test_process import Served, _serve, plivo_env
+from tests.e2e.test_secrets import (
+    Capture,
+    HostileProxy,
+    _leaks,
+    _sandbox_with_a_fresh_token,
+    captured_logs,
+)
 from tests.e2e.test_shared_ledger import _order_row
+from tests.upstream.conftest import RawServer
 
 US: Final = pb.SearchFilter(region_code="US")
 
@@ -222,3 +232,54 @@ async def test_unauthenticated_calls_that_never_send_their_request_cannot_starve
         finally:
             for call in held:
                 call.cancel()
+
+
+class _Utf16Proxy(HostileProxy):
+    """The hostile proxy, answering in UTF-16 (a BOM, then two bytes a character) with the
+    plain token in `api_id`: JSON decoding reads UTF-16, while a scrub of the raw bytes looks
+    for the token's UTF-8 bytes and does not see it."""
+
+    token = ""
+
+    def _rewrite(self, content: bytes) -> bytes:
+        document = json.loads(content)
+        document["api_id"] = self.token
+        self.answered += 1
+        return json.dumps(document).encode("utf-16")
+
+
+async def test_a_token_in_a_utf16_answer_never_reaches_anyone() -> None:
+    capture = Capture()
+    with captured_logs() as (text_log, json_log):
+        async with _sandbox_with_a_fresh_token() as (sandbox, control, plivo_token, basic):
+            proxy = _Utf16Proxy(sandbox, plivo_token, basic)
+            proxy.token = plivo_token
+            raw = RawServer(proxy.handle)
+            await raw.start()
+            running = await create_server(
+                config_for(sandbox, plivo_base_url=raw.base_url, log_level="DEBUG")
+            )
+            try:
+                async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+                    stub = pb_grpc.NumberGroupServiceStub(channel)
+                    page = await stub.ListNumberGroups(
+                        pb.ListNumberGroupsRequest(filter=US, page_size=2)
+                    )
+                    capture.add("list", page)
+                    rent = pb.RentNumbersRequest(group_id=page.number_groups[0].group_id)
+                    capture.add("rent", await stub.RentNumbers(rent))
+                    await control.inject_fault(
+                        FaultSpec(FaultKind.STATUS, status=400, operation="search")
+                    )
+                    with pytest.raises(grpc.aio.AioRpcError) as refused:
+                        await stub.ListNumberGroups(pb.ListNumberGroupsRequest(filter=US))
+                    capture.add("refused", refused.value.details() or "")
+            finally:
+                await running.stop(grace_seconds=0.5)
+                await raw.close()
+                await proxy.aclose()
+    everything = "\n".join([capture.text(), text_log.getvalue(), json_log.getvalue()])
+    # Read as UTF-8, UTF-16 text is its characters with NULs between: readable all the same.
+    everything = everything.replace("\x00", "").replace("\\x00", "")
+    assert proxy.answered == 3
+    assert _leaks(everything, {"plivo token": plivo_token}, {"plivo token": plivo_token}) == []
