@@ -46,6 +46,7 @@ from numbersvc.upstream.errors import (
     excerpt,
     parse_error_body,
     parse_retry_after,
+    text_encoding,
 )
 from numbersvc.upstream.ratelimit import TokenBucket
 from numbersvc.upstream.transport import build_transport, failure_reason
@@ -599,7 +600,7 @@ class PlivoClient:
 
     def _body_excerpt(self, content: bytes) -> str:
         # NOTE: scrubbed before the cut: a token straddling it would survive in part.
-        return excerpt(self._scrub(content.decode("utf-8", errors="replace")))
+        return excerpt(self._scrub(content.decode(text_encoding(content), errors="replace")))
 
     def _log(
         self, method: str, path: str, outcome: int | str, elapsed: float, api_id: str | None
