@@ -10,6 +10,8 @@ import asyncio
 import contextlib
 import json
 import signal
+import socket
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -17,16 +19,17 @@ from typing import Final
 
 import grpc
 import pytest
+import trustme
 
 from numbersvc.callers import add_caller
-from numbersvc.sandbox import SandboxControl
+from numbersvc.sandbox import DEFAULT_AUTH_ID, DEFAULT_AUTH_TOKEN, SandboxControl
 from numbersvc.sandbox.faults import FaultKind, FaultSpec
 from numbersvc.server import create_server
 from numbersvc.v1 import number_groups_pb2 as pb
 from numbersvc.v1 import number_groups_pb2_grpc as pb_grpc
 from tests.e2e.conftest import StartServer, config_for, eventually
 from tests.e2e.test_crash import _sandbox_process
-from tests.e2e.test_process import Served, _serve, plivo_env
+from tests.e2e.test_process import Served, _serve, _start, plivo_env
 from tests.e2e.test_secrets import (
     Capture,
     HostileProxy,
@@ -283,3 +286,89 @@ async def test_a_token_in_a_utf16_answer_never_reaches_anyone() -> None:
     everything = everything.replace("\x00", "").replace("\\x00", "")
     assert proxy.answered == 3
     assert _leaks(everything, {"plivo token": plivo_token}, {"plivo token": plivo_token}) == []
+
+
+# --- what trips a newcomer ------------------------------------------------------------------
+
+
+async def _start_up_error(env: dict[str, str]) -> tuple[int, str]:
+    """`numbersvc serve` that should not start: its exit code and what it printed."""
+    process = await _start(env)
+    _, err = await asyncio.wait_for(process.communicate(), timeout=30)
+    assert process.returncode is not None
+    return process.returncode, err.decode()
+
+
+@pytest.mark.parametrize(
+    ("broken", "setting"),
+    [
+        ("cert", "NUMBERSVC_TLS_CERT"),
+        ("key", "NUMBERSVC_TLS_KEY"),
+        ("other key", "NUMBERSVC_TLS_KEY"),
+        ("client ca", "NUMBERSVC_TLS_CLIENT_CA"),
+    ],
+)
+async def test_unusable_tls_files_name_their_setting(
+    tmp_path: Path, broken: str, setting: str
+) -> None:
+    """A TLS file that is not PEM, or a key of another certificate, was reported as a taken
+    port: `NUMBERSVC_LISTEN: cannot listen on 127.0.0.1:0: the address is in use`."""
+    ca = trustme.CA()
+    files = {
+        name: tmp_path / f"{name.replace(' ', '-')}.pem" for name in ("cert", "key", "client ca")
+    }
+    issued = ca.issue_cert("localhost")
+    issued.cert_chain_pems[0].write_to_path(files["cert"])
+    issued.private_key_pem.write_to_path(files["key"])
+    ca.cert_pem.write_to_path(files["client ca"])
+    if broken == "other key":
+        ca.issue_cert("other").private_key_pem.write_to_path(files["key"])
+    else:
+        files[broken].write_text("not PEM at all\n")
+    code, said = await _start_up_error(
+        {
+            "NUMBERSVC_TLS_CERT": str(files["cert"]),
+            "NUMBERSVC_TLS_KEY": str(files["key"]),
+            "NUMBERSVC_TLS_CLIENT_CA": str(files["client ca"]),
+        }
+    )
+    errors = [line for line in said.splitlines() if line.startswith("error:")]
+    assert code == 2, said
+    assert len(errors) == 1, said
+    assert setting in errors[0], said
+    assert "NUMBERSVC_LISTEN" not in errors[0]
+
+
+@pytest.mark.parametrize("base_url", ["ftp://api.plivo.example/", "http:///v1"])
+async def test_a_base_url_that_is_not_http_is_one_error_line(base_url: str) -> None:
+    code, said = await _start_up_error(
+        {
+            "NUMBERSVC_UPSTREAM": "plivo",
+            "PLIVO_AUTH_ID": DEFAULT_AUTH_ID,
+            "PLIVO_AUTH_TOKEN": DEFAULT_AUTH_TOKEN,
+            "PLIVO_BASE_URL": base_url,
+        }
+    )
+    assert (code, "Traceback" in said) == (2, False), said
+    assert "error: configuration: PLIVO_BASE_URL" in said, said
+
+
+async def test_the_sandbox_on_a_taken_port_is_one_error_line() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        address = f"127.0.0.1:{taken.getsockname()[1]}"
+        process = await asyncio.create_subprocess_exec(
+            *(sys.executable, "-m", "numbersvc", "sandbox", "--listen", address),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        try:
+            out, err = await asyncio.wait_for(process.communicate(), timeout=30)
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+    said = (out + err).decode()
+    assert (process.returncode, "Traceback" in said) == (2, False), said
+    assert f"error: cannot listen on {address}" in said, said
