@@ -15,6 +15,7 @@ import contextlib
 import logging
 import os
 import signal
+import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -364,9 +365,11 @@ def _bind(server: grpc.aio.Server, config: Config, callers: Callers | None) -> i
         if callers is not None:
             _log.warning("bearer tokens will cross the network in plain text")
         return server.add_insecure_port(config.listen)
+    key, cert = Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes()
     client_ca = Path(config.tls_client_ca).read_bytes() if config.tls_client_ca else None
+    _check_tls_files(config)  # once they have been read: a missing one says so
     credentials = grpc.ssl_server_credentials(
-        [(Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes())],
+        [(key, cert)],
         root_certificates=client_ca,
         require_client_auth=client_ca is not None,
     )
@@ -374,6 +377,35 @@ def _bind(server: grpc.aio.Server, config: Config, callers: Callers | None) -> i
         "gRPC port %s uses TLS%s", config.listen, " with client certificates" if client_ca else ""
     )
     return server.add_secure_port(config.listen, credentials)
+
+
+def _check_tls_files(config: Config) -> None:
+    """Raise a `ConfigError` naming the TLS setting whose file cannot be used.
+
+    NOTE: gRPC reports any of these only as "Failed to bind", which `_listen` must take for a
+    taken address; OpenSSL, through `ssl`, says which file is at fault.
+    """
+    checks = [
+        ("NUMBERSVC_TLS_CERT", config.tls_cert, "holds no PEM certificate"),
+        (
+            "NUMBERSVC_TLS_KEY",
+            config.tls_key,
+            "is not an unencrypted PEM private key of NUMBERSVC_TLS_CERT's certificate",
+        ),
+        ("NUMBERSVC_TLS_CLIENT_CA", config.tls_client_ca, "holds no PEM CA certificate"),
+    ]
+    for env, path, fault in checks:
+        if not path:
+            continue
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        try:
+            if env == "NUMBERSVC_TLS_KEY":
+                # A password callback that fails, so that OpenSSL never prompts on a terminal.
+                context.load_cert_chain(config.tls_cert, path, password=lambda: b"")
+            else:
+                context.load_verify_locations(cafile=path)
+        except ssl.SSLError as exc:
+            raise ConfigError(f"{env}: {path} {fault} ({exc.reason or exc})") from None
 
 
 def _listen(server: grpc.aio.Server, config: Config, callers: Callers | None) -> int:
