@@ -22,13 +22,14 @@ import pytest
 import trustme
 
 from numbersvc.callers import add_caller
-from numbersvc.sandbox import DEFAULT_AUTH_ID, DEFAULT_AUTH_TOKEN, SandboxControl
+from numbersvc.sandbox import DEFAULT_AUTH_ID, DEFAULT_AUTH_TOKEN, SandboxControl, SandboxServer
 from numbersvc.sandbox.faults import FaultKind, FaultSpec
 from numbersvc.server import create_server
 from numbersvc.v1 import number_groups_pb2 as pb
 from numbersvc.v1 import number_groups_pb2_grpc as pb_grpc
 from tests.e2e.conftest import StartServer, config_for, eventually
 from tests.e2e.test_crash import _sandbox_process
+from tests.e2e.test_ledger_faults import _LockHolder, lock_holder  # noqa: F401 (fixture)
 from tests.e2e.test_process import Served, _serve, _start, plivo_env
 from tests.e2e.test_secrets import (
     Capture,
@@ -372,3 +373,33 @@ async def test_the_sandbox_on_a_taken_port_is_one_error_line() -> None:
     said = (out + err).decode()
     assert (process.returncode, "Traceback" in said) == (2, False), said
     assert f"error: cannot listen on {address}" in said, said
+
+
+async def test_a_rent_claimed_after_the_desk_gave_up_is_never_sent(
+    sandbox: SandboxServer,
+    control: SandboxControl,
+    lock_holder: _LockHolder,  # noqa: F811 (the fixture, imported)
+    tmp_path: Path,
+) -> None:
+    """SIGTERM while a rent waits for the ledger's write lock: when the claim lands, after the
+    desk has given up on its orders and "sends no more", the POST still goes out (on a kept
+    connection its bytes leave before the shutdown is noticed) and the order reads unknown."""
+    path = tmp_path / "ledger.sqlite3"
+    env = plivo_env(sandbox.base_url, path, NUMBERSVC_SHUTDOWN_GRACE_SECONDS="2")
+    async with (
+        _serve(env) as served,
+        grpc.aio.insecure_channel(f"127.0.0.1:{served.port}") as channel,
+    ):
+        stub = pb_grpc.NumberGroupServiceStub(channel)
+        page = await stub.ListNumberGroups(pb.ListNumberGroupsRequest(filter=US, page_size=1))
+        await lock_holder.lock()
+        request = pb.RentNumbersRequest(group_id=page.number_groups[0].group_id)
+        rent = asyncio.ensure_future(stub.RentNumbers(request, timeout=60))
+        await asyncio.sleep(0.5)  # the rent waits for the lock in the ledger's begin
+        served.process.send_signal(signal.SIGTERM)
+        await asyncio.sleep(3.0)  # drain (0.2 s), then the desk gives up after 1 s
+        await lock_holder.release()
+        await asyncio.gather(rent, return_exceptions=True)
+        assert await served.finish() == 0
+    posts = sum(r["method"] == "POST" for r in await control.requests())
+    assert posts == 0, "a POST sent after the desk stopped"
