@@ -247,6 +247,11 @@ class RentDesk:
             budget = deadline.attempt_timeout()
             if budget <= 0:
                 raise DeadlineExceeded("the deadline ran out before the order was sent")
+            if self._stopping.is_set():  # claimed late (a slow ledger): the desk sends no more
+                raise ServiceError(
+                    Outcome.UPSTREAM_UNREACHABLE,
+                    "the server is shutting down: the order was not sent; send it again",
+                )
             response = await self._post(params, budget, send_by)
             placed = translation.parse_rent(response.body, order)
         except asyncio.CancelledError:
