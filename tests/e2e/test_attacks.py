@@ -27,7 +27,7 @@ from numbersvc.sandbox.faults import FaultKind, FaultSpec
 from numbersvc.server import create_server
 from numbersvc.v1 import number_groups_pb2 as pb
 from numbersvc.v1 import number_groups_pb2_grpc as pb_grpc
-from tests.e2e.conftest import StartServer, config_for, eventually
+from tests.e2e.conftest import StartServer, config_for, eventually, reason_of, rich_details
 from tests.e2e.test_crash import _sandbox_process
 from tests.e2e.test_ledger_faults import _LockHolder, lock_holder  # noqa: F401 (fixture)
 from tests.e2e.test_process import Served, _serve, _start, plivo_env
@@ -403,3 +403,37 @@ async def test_a_rent_claimed_after_the_desk_gave_up_is_never_sent(
         assert await served.finish() == 0
     posts = sum(r["method"] == "POST" for r in await control.requests())
     assert posts == 0, "a POST sent after the desk stopped"
+
+
+async def test_a_retry_through_another_server_while_the_post_is_out_is_told_to_retry(
+    start_server: StartServer, control: SandboxControl, tmp_path: Path
+) -> None:
+    """Two servers on one ledger: a retry that reaches B while A's POST is out was told the
+    outcome is unknown and to settle the order first, which `orders settle` then refuses
+    ("is sending"); the same retry on A gets ABORTED (RENT_IN_PROGRESS) with RetryInfo."""
+    path = str(tmp_path / "ledger.sqlite3")
+    first, second = await start_server(ledger_path=path), await start_server(ledger_path=path)
+    async with (
+        grpc.aio.insecure_channel(f"127.0.0.1:{first.port}") as channel_a,
+        grpc.aio.insecure_channel(f"127.0.0.1:{second.port}") as channel_b,
+    ):
+        stub_a = pb_grpc.NumberGroupServiceStub(channel_a)
+        page = await stub_a.ListNumberGroups(pb.ListNumberGroupsRequest(filter=US, page_size=1))
+        await control.inject_fault(FaultSpec(FaultKind.DELAY, seconds=3.0, operation="rent"))
+        request = pb.RentNumbersRequest(
+            group_id=page.number_groups[0].group_id, request_id=str(uuid.uuid4())
+        )
+        rent = asyncio.ensure_future(stub_a.RentNumbers(request, timeout=30))
+
+        async def posted() -> bool:
+            return any(r["method"] == "POST" for r in await control.requests())
+
+        await eventually(posted)
+        with pytest.raises(grpc.aio.AioRpcError) as retried:
+            await pb_grpc.NumberGroupServiceStub(channel_b).RentNumbers(request, timeout=5)
+        assert (retried.value.code(), reason_of(retried.value)) == (
+            grpc.StatusCode.ABORTED,
+            "RENT_IN_PROGRESS",
+        ), retried.value.details()
+        assert "RetryInfo" in rich_details(retried.value)
+        assert (await rent).order.status == pb.ORDER_STATUS_FULFILLED
