@@ -15,7 +15,7 @@ import sys
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Final
+from typing import Any, Final, cast
 
 import grpc
 import pytest
@@ -24,10 +24,9 @@ import trustme
 from numbersvc.callers import add_caller
 from numbersvc.sandbox import DEFAULT_AUTH_ID, DEFAULT_AUTH_TOKEN, SandboxControl, SandboxServer
 from numbersvc.sandbox.faults import FaultKind, FaultSpec
-from numbersvc.server import create_server
 from numbersvc.v1 import number_groups_pb2 as pb
 from numbersvc.v1 import number_groups_pb2_grpc as pb_grpc
-from tests.e2e.conftest import StartServer, config_for, eventually, reason_of, rich_details
+from tests.e2e.conftest import StartServer, eventually, reason_of, rich_details
 from tests.e2e.test_crash import _sandbox_process
 from tests.e2e.test_ledger_faults import _LockHolder, lock_holder  # noqa: F401 (fixture)
 from tests.e2e.test_process import Served, _serve, _start, plivo_env
@@ -35,11 +34,10 @@ from tests.e2e.test_secrets import (
     Capture,
     HostileProxy,
     _leaks,
-    _sandbox_with_a_fresh_token,
+    behind_a_hostile_proxy,
     captured_logs,
 )
 from tests.e2e.test_shared_ledger import _order_row
-from tests.upstream.conftest import RawServer
 
 US: Final = pb.SearchFilter(region_code="US")
 
@@ -66,8 +64,15 @@ _B_POST_SECONDS: Final = 10.0  # long enough for A to thaw and answer meanwhile
 class _TwoServers:
     """Servers A and B on one ledger, A with a budget of one Plivo request per 4 s."""
 
-    def __init__(self, control: SandboxControl, ledger: Path, a: Served, b: Served) -> None:
-        self.control, self.ledger, self.a, self.b = control, ledger, a, b
+    def __init__(
+        self,
+        control: SandboxControl,
+        ledger: Path,
+        a: Served,
+        stubs: tuple[pb_grpc.NumberGroupServiceAsyncStub, pb_grpc.NumberGroupServiceAsyncStub],
+    ) -> None:
+        self.control, self.ledger, self.a = control, ledger, a
+        self.stub_a, self.stub_b = stubs
         self.request_id = str(uuid.uuid4())
         self.request = pb.RentNumbersRequest()
 
@@ -79,20 +84,20 @@ class _TwoServers:
 
     async def freeze_a_after_its_claim(
         self,
-        stub_a: pb_grpc.NumberGroupServiceAsyncStub,
-        stub_b: pb_grpc.NumberGroupServiceAsyncStub,
     ) -> tuple[asyncio.Future[pb.RentNumbersResponse], contextlib.AsyncExitStack]:
         """A claims an order and is frozen waiting for its token; B recovers the order and
         the operator, finding nothing in the Plivo console, settles it as failed.
 
         Returns A's rent call and the stack that thaws A when closed.
         """
-        page = await stub_a.ListNumberGroups(pb.ListNumberGroupsRequest(filter=US, page_size=1))
+        page = await self.stub_a.ListNumberGroups(
+            pb.ListNumberGroupsRequest(filter=US, page_size=1)
+        )
         self.request = pb.RentNumbersRequest(
             group_id=page.number_groups[0].group_id, request_id=self.request_id
         )
         # A's only token went to the search: the rent waits ~4 s for the next one.
-        rent = asyncio.ensure_future(stub_a.RentNumbers(self.request, timeout=120))
+        rent = asyncio.ensure_future(self.stub_a.RentNumbers(self.request, timeout=120))
 
         async def claimed() -> bool:
             with contextlib.suppress(AssertionError):
@@ -108,7 +113,7 @@ class _TwoServers:
 
         await eventually(recovered, timeout_seconds=_SEND_DEADLINE_SECONDS + 30)
         assert await self.posts() == 0, "nothing was sent: the console shows nothing"
-        await stub_b.SettleRentalOrder(
+        await self.stub_b.SettleRentalOrder(
             pb.SettleRentalOrderRequest(
                 request_id=self.request_id, status=pb.ORDER_STATUS_FAILED, note="not in console"
             )
@@ -117,7 +122,7 @@ class _TwoServers:
 
 
 @contextlib.asynccontextmanager
-async def _two_servers(tmp_path: Path) -> AsyncIterator[tuple[_TwoServers, ...]]:
+async def _two_servers(tmp_path: Path) -> AsyncIterator[_TwoServers]:
     ledger = tmp_path / "ledger.sqlite3"
     async with _sandbox_process() as url, SandboxControl(url) as control:
         common = plivo_env(
@@ -133,11 +138,11 @@ async def _two_servers(tmp_path: Path) -> AsyncIterator[tuple[_TwoServers, ...]]
             grpc.aio.insecure_channel(f"127.0.0.1:{a.port}") as channel_a,
             grpc.aio.insecure_channel(f"127.0.0.1:{b.port}") as channel_b,
         ):
-            yield (
-                _TwoServers(control, ledger, a, b),
+            stubs = (
                 pb_grpc.NumberGroupServiceStub(channel_a),
                 pb_grpc.NumberGroupServiceStub(channel_b),
             )
+            yield _TwoServers(control, ledger, a, stubs)
 
 
 @pytest.mark.timeout(_SEND_DEADLINE_SECONDS + 120)
@@ -152,10 +157,10 @@ async def test_a_paused_server_never_posts_an_order_recovered_and_settled_meanwh
     in the Plivo console (nothing was sent) and settles it as failed; a retry under the id
     rents. When A thaws, it sends its POST anyway: two orders, one request id.
     """
-    async with _two_servers(tmp_path) as (two, stub_a, stub_b):
-        rent, frozen = await two.freeze_a_after_its_claim(stub_a, stub_b)
+    async with _two_servers(tmp_path) as two:
+        rent, frozen = await two.freeze_a_after_its_claim()
         async with frozen:
-            again = await stub_b.RentNumbers(two.request, timeout=30)
+            again = await two.stub_b.RentNumbers(two.request, timeout=30)
             assert again.order.status == pb.ORDER_STATUS_FULFILLED
         # A thaws: whatever it answers its caller, it must not send the void claim.
         await asyncio.gather(rent, return_exceptions=True)
@@ -171,13 +176,13 @@ async def test_a_late_outcome_never_overwrites_another_servers_claim(tmp_path: P
     is out. A thaws and records how its own attempt ended (sent or not) over B's row: the order
     no longer reads `sending` while B's POST may still rent, so it could be settled or retried.
     """
-    async with _two_servers(tmp_path) as (two, stub_a, stub_b):
-        rent, frozen = await two.freeze_a_after_its_claim(stub_a, stub_b)
+    async with _two_servers(tmp_path) as two:
+        rent, frozen = await two.freeze_a_after_its_claim()
         async with frozen:
             await two.control.inject_fault(
                 FaultSpec(FaultKind.DELAY, seconds=_B_POST_SECONDS, operation="rent")
             )
-            again = asyncio.ensure_future(stub_b.RentNumbers(two.request, timeout=60))
+            again = asyncio.ensure_future(two.stub_b.RentNumbers(two.request, timeout=60))
 
             async def b_posted() -> bool:
                 return await two.posts() == 1
@@ -218,14 +223,13 @@ async def test_unauthenticated_calls_that_never_send_their_request_cannot_starve
         grpc.aio.insecure_channel(target) as hostile,
         grpc.aio.insecure_channel(target) as channel,
     ):
-        held = []
-        for method in ["/numbersvc.v1.NumberGroupService/ListNumberGroups"] * 3 + [
-            "/grpc.health.v1.Health/Check"
-        ] * 2:
-            call = hostile.stream_stream(method)(nothing())
-            held.append(call)
+        methods = ["/numbersvc.v1.NumberGroupService/ListNumberGroups"] * 3
+        methods += ["/grpc.health.v1.Health/Check"] * 2
+        # Raw calls: headers, then nothing (the stubs' types want no request stream at all).
+        held: list[Any] = [hostile.stream_stream(m)(cast(Any, nothing())) for m in methods]
         try:
-            await asyncio.sleep(1.0)  # the calls have reached the server and wait there
+            # Time for the calls to reach the server: if they are slower, the test passes.
+            await asyncio.sleep(1.0)
             stub = pb_grpc.NumberGroupServiceStub(channel)
             page = await stub.ListNumberGroups(
                 pb.ListNumberGroupsRequest(filter=US, page_size=1),
@@ -243,8 +247,6 @@ class _Utf16Proxy(HostileProxy):
     plain token in `api_id`: JSON decoding reads UTF-16, while a scrub of the raw bytes looks
     for the token's UTF-8 bytes and does not see it."""
 
-    token = ""
-
     def _rewrite(self, content: bytes) -> bytes:
         document = json.loads(content)
         document["api_id"] = self.token
@@ -255,38 +257,21 @@ class _Utf16Proxy(HostileProxy):
 async def test_a_token_in_a_utf16_answer_never_reaches_anyone() -> None:
     capture = Capture()
     with captured_logs() as (text_log, json_log):
-        async with _sandbox_with_a_fresh_token() as (sandbox, control, plivo_token, basic):
-            proxy = _Utf16Proxy(sandbox, plivo_token, basic)
-            proxy.token = plivo_token
-            raw = RawServer(proxy.handle)
-            await raw.start()
-            running = await create_server(
-                config_for(sandbox, plivo_base_url=raw.base_url, log_level="DEBUG")
-            )
-            try:
-                async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
-                    stub = pb_grpc.NumberGroupServiceStub(channel)
-                    page = await stub.ListNumberGroups(
-                        pb.ListNumberGroupsRequest(filter=US, page_size=2)
-                    )
-                    capture.add("list", page)
-                    rent = pb.RentNumbersRequest(group_id=page.number_groups[0].group_id)
-                    capture.add("rent", await stub.RentNumbers(rent))
-                    await control.inject_fault(
-                        FaultSpec(FaultKind.STATUS, status=400, operation="search")
-                    )
-                    with pytest.raises(grpc.aio.AioRpcError) as refused:
-                        await stub.ListNumberGroups(pb.ListNumberGroupsRequest(filter=US))
-                    capture.add("refused", refused.value.details() or "")
-            finally:
-                await running.stop(grace_seconds=0.5)
-                await raw.close()
-                await proxy.aclose()
+        async with behind_a_hostile_proxy(_Utf16Proxy) as (stub, control, proxy, _):
+            page = await stub.ListNumberGroups(pb.ListNumberGroupsRequest(filter=US, page_size=2))
+            capture.add("list", page)
+            rent = pb.RentNumbersRequest(group_id=page.number_groups[0].group_id)
+            capture.add("rent", await stub.RentNumbers(rent))
+            await control.inject_fault(FaultSpec(FaultKind.STATUS, status=400, operation="search"))
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await stub.ListNumberGroups(pb.ListNumberGroupsRequest(filter=US))
+            capture.add("refused", refused.value.details() or "")
     everything = "\n".join([capture.text(), text_log.getvalue(), json_log.getvalue()])
     # Read as UTF-8, UTF-16 text is its characters with NULs between: readable all the same.
     everything = everything.replace("\x00", "").replace("\\x00", "")
     assert proxy.answered == 3
-    assert _leaks(everything, {"plivo token": plivo_token}, {"plivo token": plivo_token}) == []
+    token = proxy.token
+    assert _leaks(everything, {"plivo token": token}, {"plivo token": token}) == []
 
 
 # --- what trips a newcomer ------------------------------------------------------------------
