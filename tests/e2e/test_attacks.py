@@ -22,6 +22,7 @@ import pytest
 import trustme
 
 from numbersvc.callers import add_caller
+from numbersvc.orders import send_window_seconds
 from numbersvc.sandbox import DEFAULT_AUTH_ID, DEFAULT_AUTH_TOKEN, SandboxControl, SandboxServer
 from numbersvc.sandbox.faults import FaultKind, FaultSpec
 from numbersvc.v1 import number_groups_pb2 as pb
@@ -55,14 +56,16 @@ async def _paused(served: Served) -> AsyncIterator[None]:
 
 # --- renting --------------------------------------------------------------------------------
 
-_RENT_TIMEOUT_SECONDS: Final = 5.0
-# The send deadline of a claim: claim + 2 x the rent timeout + 2 s (server.py).
-_SEND_DEADLINE_SECONDS: Final = 2 * _RENT_TIMEOUT_SECONDS + 2
+_RENT_TIMEOUT_SECONDS: Final = 8.0
+# A's budget: one request per 7 s, so after a search its rent waits ~7 s for a token (within
+# the rent timeout): a wide window to freeze A in, between its claim and its POST.
+_A_RATE: Final = "1/7s"
+_SEND_DEADLINE_SECONDS: Final = send_window_seconds(_RENT_TIMEOUT_SECONDS)
 _B_POST_SECONDS: Final = 10.0  # long enough for A to thaw and answer meanwhile
 
 
 class _TwoServers:
-    """Servers A and B on one ledger, A with a budget of one Plivo request per 4 s."""
+    """Servers A and B on one ledger, A with a budget of one Plivo request per 7 s."""
 
     def __init__(
         self,
@@ -96,7 +99,7 @@ class _TwoServers:
         self.request = pb.RentNumbersRequest(
             group_id=page.number_groups[0].group_id, request_id=self.request_id
         )
-        # A's only token went to the search: the rent waits ~4 s for the next one.
+        # A's only token went to the search: the rent waits for the next one.
         rent = asyncio.ensure_future(self.stub_a.RentNumbers(self.request, timeout=120))
 
         async def claimed() -> bool:
@@ -132,7 +135,7 @@ async def _two_servers(tmp_path: Path) -> AsyncIterator[_TwoServers]:
             NUMBERSVC_RENT_TIMEOUT_SECONDS=str(_RENT_TIMEOUT_SECONDS),
         )
         async with (
-            _serve({**common, "NUMBERSVC_UPSTREAM_RATE": "1/4s"}) as a,
+            _serve({**common, "NUMBERSVC_UPSTREAM_RATE": _A_RATE}) as a,
             # B's POSTs may take long: its own claims have its own send deadline.
             _serve({**common, "NUMBERSVC_RENT_TIMEOUT_SECONDS": "30"}) as b,
             grpc.aio.insecure_channel(f"127.0.0.1:{a.port}") as channel_a,
