@@ -299,6 +299,11 @@ class Config:
             raise ConfigError("set NUMBERSVC_TLS_CERT and NUMBERSVC_TLS_KEY together")
         if self.tls_client_ca and not self.tls_cert:
             raise ConfigError("NUMBERSVC_TLS_CLIENT_CA (mutual TLS) needs NUMBERSVC_TLS_CERT")
+        base_url = urllib.parse.urlsplit(self.plivo_base_url.strip())
+        if base_url.scheme.lower() not in ("http", "https") or not base_url.hostname:
+            raise ConfigError(
+                f"PLIVO_BASE_URL must be an http(s) URL with a host, not {self.plivo_base_url!r}"
+            )
         if self.plivo_auth_token and self.plivo_auth_token_file:
             raise ConfigError("set PLIVO_AUTH_TOKEN or PLIVO_AUTH_TOKEN_FILE, not both")
         if self.database_url and self.database_url_file:

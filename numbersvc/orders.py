@@ -52,7 +52,7 @@ from numbersvc.upstream import PlivoClient, RetryPolicy, UpstreamResponse, full_
 from numbersvc.v1 import number_groups_pb2 as pb
 from numbersvc.validation import RentParams
 
-__all__ = ["RentDesk"]
+__all__ = ["RentDesk", "send_window_seconds"]
 
 _log = logging.getLogger("numbersvc.orders")
 _IN_PROGRESS_RETRY_SECONDS: Final = 1.0
@@ -64,10 +64,24 @@ _MIN_WRITE_WAIT_SECONDS: Final = 1.0
 # Backoff between ledger writes: fast for a lock about to be released, at most 2 s apart so
 # the row is written soon after the store takes writes again.
 _WRITE_BACKOFF: Final = RetryPolicy(initial_delay_seconds=0.05, max_delay_seconds=2.0)
+# A claim's POST starts at most the rent timeout (the longest wait for a rate-limit token) plus
+# this slack for a busy event loop after the claim; later, the process was frozen or starved
+# and another may have recovered the order (`send_window_seconds`), so it is not sent at all.
+_START_SLACK_SECONDS: Final = 1.0
 _STATE_BY_STATUS: Final = {
     pb.ORDER_STATUS_FULFILLED: OrderState.FULFILLED,
     pb.ORDER_STATUS_PENDING: OrderState.PENDING,
 }
+
+
+def send_window_seconds(rent_timeout_seconds: float) -> float:
+    """How long after its claim a rent's POST may still be out: the ledger's send deadline.
+
+    The POST starts within the rent timeout plus a slack of the claim (`RentDesk` sends nothing
+    later) and runs for at most the rent timeout, plus the slack again. Past this, an order
+    still `sending` whose owner's lease has lapsed may be recovered as outcome unknown.
+    """
+    return 2 * (rent_timeout_seconds + _START_SLACK_SECONDS)
 
 
 def fingerprint(params: RentParams, caller: str) -> str:
@@ -227,11 +241,18 @@ class RentDesk:
     async def _send(
         self, params: RentParams, order: pb.RentalOrder, deadline: Deadline
     ) -> pb.RentalOrder:
+        # The ledger stamped the claim's wall-clock time: the send deadline counts from it.
+        send_by = order.update_time.ToNanoseconds() / 1e9 + self._timeout + _START_SLACK_SECONDS
         try:
             budget = deadline.attempt_timeout()
             if budget <= 0:
                 raise DeadlineExceeded("the deadline ran out before the order was sent")
-            response = await self._post(params, budget)
+            if self._stopping.is_set():  # claimed late (a slow ledger): the desk sends no more
+                raise ServiceError(
+                    Outcome.UPSTREAM_UNREACHABLE,
+                    "the server is shutting down: the order was not sent; send it again",
+                )
+            response = await self._post(params, budget, send_by)
             placed = translation.parse_rent(response.body, order)
         except asyncio.CancelledError:
             # Only a hard stop cancels this task (`stop` gives up on the POST alone).
@@ -258,15 +279,20 @@ class RentDesk:
         entry = await self._record(placed, state, deadline, upstream, upstream=upstream)
         return entry.order
 
-    async def _post(self, params: RentParams, budget: float) -> UpstreamResponse:
-        """Send the POST, unless the desk stops first: then its outcome is unknown."""
+    async def _post(self, params: RentParams, budget: float, send_by: float) -> UpstreamResponse:
+        """Send the POST, unless the desk stops first: then its outcome is unknown.
+
+        Nothing is sent after `send_by` (wall clock): the ledger's send deadline only holds
+        for a POST that starts by then (`send_window_seconds`).
+        """
         post = asyncio.ensure_future(
             self._upstream.rent_numbers(
                 params.group_id,
                 translation.rent_body(params),
                 timeout_seconds=self._timeout,
-                # Bounded, so the ledger's send deadline bounds the POST (see server.py).
+                # Bounded, so the ledger's send deadline bounds the POST.
                 max_wait_seconds=min(budget, self._timeout),
+                send_by=send_by,
             )
         )
         stopping = asyncio.ensure_future(self._stopping.wait())

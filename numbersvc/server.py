@@ -15,6 +15,7 @@ import contextlib
 import logging
 import os
 import signal
+import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +34,7 @@ from numbersvc.ledger import OrderLedger, SqliteLedger
 from numbersvc.ledger.budget import SharedBudget
 from numbersvc.ledger.budgetstores import open_budget_store
 from numbersvc.metrics import Metrics, MetricsServer
-from numbersvc.orders import RentDesk
+from numbersvc.orders import RentDesk, send_window_seconds
 from numbersvc.sandbox import SandboxServer
 from numbersvc.service import NumberGroupServicer
 from numbersvc.upstream import PlivoClient
@@ -51,8 +52,6 @@ _MAX_MESSAGE_BYTES: Final = 4 * 1024 * 1024
 # limit makes a call's fate depend on its size alone: an XFCC over its own 8 KiB cap reaches
 # the gatekeeper, which refuses it as malformed, every time.
 _MAX_METADATA_BYTES: Final = 16 * 1024
-# Past the longest a rent may run: the event loop's lag between the claim and the POST.
-_SEND_SLACK_SECONDS: Final = 2.0
 _HEALTH_SERVICE_NAME: Final = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 # Kept back from the shutdown grace period (at most half of it) for the callers of rent
 # orders given up on to get RENT_OUTCOME_UNKNOWN before the server cancels their calls.
@@ -290,9 +289,8 @@ async def _open_ledger(config: Config) -> OrderLedger:
         sqlite3.Error: the SQLite file cannot be opened.
     """
     lease_seconds = config.instance_lease_seconds
-    # A rent waits at most its timeout for a rate-limit token, then POSTs for at most as long:
-    # after that, no POST of an order claimed by this process is still out.
-    send_timeout_seconds = 2 * config.rent_timeout_seconds + _SEND_SLACK_SECONDS
+    # After that, no POST of an order claimed by this process is still out.
+    send_timeout_seconds = send_window_seconds(config.rent_timeout_seconds)
     database = config.database()
     if not database:
         path = config.resolved_ledger_path()
@@ -447,9 +445,11 @@ def _bind(server: grpc.aio.Server, config: Config, callers: Callers | None) -> i
         if callers is not None:
             _log.warning("bearer tokens will cross the network in plain text")
         return server.add_insecure_port(config.listen)
+    key, cert = Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes()
     client_ca = Path(config.tls_client_ca).read_bytes() if config.tls_client_ca else None
+    _check_tls_files(config)  # once they have been read: a missing one says so
     credentials = grpc.ssl_server_credentials(
-        [(Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes())],
+        [(key, cert)],
         root_certificates=client_ca,
         require_client_auth=client_ca is not None,
     )
@@ -457,6 +457,35 @@ def _bind(server: grpc.aio.Server, config: Config, callers: Callers | None) -> i
         "gRPC port %s uses TLS%s", config.listen, " with client certificates" if client_ca else ""
     )
     return server.add_secure_port(config.listen, credentials)
+
+
+def _check_tls_files(config: Config) -> None:
+    """Raise a `ConfigError` naming the TLS setting whose file cannot be used.
+
+    NOTE: gRPC reports any of these only as "Failed to bind", which `_listen` must take for a
+    taken address; OpenSSL, through `ssl`, says which file is at fault.
+    """
+    checks = [
+        ("NUMBERSVC_TLS_CERT", config.tls_cert, "holds no PEM certificate"),
+        (
+            "NUMBERSVC_TLS_KEY",
+            config.tls_key,
+            "is not an unencrypted PEM private key of NUMBERSVC_TLS_CERT's certificate",
+        ),
+        ("NUMBERSVC_TLS_CLIENT_CA", config.tls_client_ca, "holds no PEM CA certificate"),
+    ]
+    for env, path, fault in checks:
+        if not path:
+            continue
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        try:
+            if env == "NUMBERSVC_TLS_KEY":
+                # A password callback that fails, so that OpenSSL never prompts on a terminal.
+                context.load_cert_chain(config.tls_cert, path, password=lambda: b"")
+            else:
+                context.load_verify_locations(cafile=path)
+        except ssl.SSLError as exc:
+            raise ConfigError(f"{env}: {path} {fault} ({exc.reason or exc})") from None
 
 
 def _listen(server: grpc.aio.Server, config: Config, callers: Callers | None) -> int:

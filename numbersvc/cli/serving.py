@@ -89,6 +89,12 @@ def sandbox(args: argparse.Namespace) -> int:
 
     host, port = args.listen
     logs.configure_logging("INFO")  # run_sandbox logs the URL and credentials to use
-    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is how the sandbox is meant to stop
-        asyncio.run(run_sandbox(host, port, seed=args.seed))
+    try:
+        with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is how the sandbox should stop
+            asyncio.run(run_sandbox(host, port, seed=args.seed))
+    except OSError as exc:  # the address is taken, or not this host's
+        console = Console.for_streams(sys.stdout, sys.stderr, environ=os.environ)
+        why = exc.strerror or str(exc)
+        console.error(f"cannot listen on {host}:{port}: {why}; pick another with --listen")
+        return EXIT_USAGE
     return EXIT_OK

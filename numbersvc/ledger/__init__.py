@@ -146,7 +146,9 @@ class OrderLedger(Protocol):
         """Atomically claim the request id (or report who has it) and check the daily cap.
 
         A claim sets the order's send deadline: after it, no POST of this attempt can still
-        be running. A `released` or `failed` row is taken over and keeps its create time.
+        be running. It also stamps the order's `update_time` with the claim's wall-clock time,
+        from which the rent desk counts the time it may still send by. A `released` or
+        `failed` row is taken over and keeps its create time.
         """
 
     async def finish(
@@ -157,7 +159,11 @@ class OrderLedger(Protocol):
         error_outcome: str = "",
         upstream: str = "",
     ) -> LedgerEntry:
-        """Record how an order ended; `upstream` keeps Plivo's raw answer for reconciliation."""
+        """Record how this instance's claim of an order ended.
+
+        `upstream` keeps Plivo's raw answer for reconciliation. A row settled meanwhile, or
+        claimed again by another instance, is left as it is (the answer is logged).
+        """
 
     async def settle(
         self,

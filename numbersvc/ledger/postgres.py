@@ -120,6 +120,7 @@ WITH changed AS (
     UPDATE orders o SET state = %(state)s, status = %(status)s, update_time_ns = %(now)s,
         order_proto = %(proto)s, error_outcome = %(error_outcome)s, upstream = %(upstream)s
     WHERE o.request_id = %(request_id)s AND o.state = ANY(%(only_from)s)
+      AND (%(owner)s = '' OR o.owner = %(owner)s)
     RETURNING o.request_id, o.fingerprint, o.owner
 ),
 logged AS (
@@ -348,6 +349,8 @@ class PostgresLedger:
                     only_from=rules.UNSETTLED,
                     error_outcome=error_outcome,
                     upstream=upstream,
+                    # Only the claim this instance made: another may have claimed the id since.
+                    owner=self.instance,
                 )
             except SettleError:
                 entry = await _entry(conn, order.request_id)
@@ -392,6 +395,7 @@ class PostgresLedger:
         only_from: tuple[OrderState, ...],
         error_outcome: str = "",
         upstream: str = "",
+        owner: str = "",
     ) -> LedgerEntry:
         now = await self._read_clock(conn)
         order.status = STATUS_OF[state]
@@ -408,6 +412,7 @@ class PostgresLedger:
                 "request_id": order.request_id,
                 "only_from": [s.value for s in only_from],
                 "detail": order.status_message or error_outcome,
+                "owner": owner,
             },
         )
         row = await cursor.fetchone()
@@ -415,6 +420,8 @@ class PostgresLedger:
             current = await _entry(conn, order.request_id)
             if current is None:
                 raise SettleError(f"no order with request id {order.request_id}")
+            if owner and current.owner != owner:
+                raise SettleError(f"order {order.request_id} was claimed since by {current.owner}")
             raise SettleError(
                 f"order {order.request_id} is {current.state.value}: nothing to settle"
             )

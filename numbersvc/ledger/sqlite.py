@@ -271,16 +271,22 @@ class SqliteLedger:
         error_outcome: str = "",
         upstream: str = "",
     ) -> LedgerEntry:
-        """Record how an order ended.
+        """Record how this instance's claim of an order ended.
 
         A settlement made meanwhile wins: a late answer never overwrites what a person
-        recorded from the Plivo console (it is logged instead).
+        recorded from the Plivo console, nor a claim of the id by another instance since (its
+        POST may be out); it is logged instead.
         """
 
         def finish() -> LedgerEntry:
             try:
                 return self._update(
-                    order, state, error_outcome, upstream, only_from=rules.UNSETTLED
+                    order,
+                    state,
+                    error_outcome,
+                    upstream,
+                    only_from=rules.UNSETTLED,
+                    owner=self.instance,
                 )
             except SettleError:
                 entry = self._entry(self._conn(), order.request_id)
@@ -299,11 +305,12 @@ class SqliteLedger:
         upstream: str,
         *,
         only_from: tuple[OrderState, ...] = (),
+        owner: str = "",
     ) -> LedgerEntry:
         db = self._conn()
         with _transaction(db):
             now = self._clock_ns()  # after the lock: the time the change really lands
-            entry = self._write(db, now, order, state, error_outcome, upstream, only_from)
+            entry = self._write(db, now, order, state, error_outcome, upstream, only_from, owner)
         _log.info("order %s %s: %s", order.request_id, state.value, rules.describe(order))
         return entry
 
@@ -316,8 +323,13 @@ class SqliteLedger:
         error_outcome: str,
         upstream: str,
         only_from: tuple[OrderState, ...],
+        owner: str = "",
     ) -> LedgerEntry:
-        """Write a new state inside the caller's transaction (`now` read under its lock)."""
+        """Write a new state inside the caller's transaction (`now` read under its lock).
+
+        `only_from` and `owner`, when given, are what the row must be in and who must have
+        claimed it last.
+        """
         current = self._entry(db, order.request_id)
         if current is None:
             raise SettleError(f"no order with request id {order.request_id}")
@@ -325,6 +337,8 @@ class SqliteLedger:
             raise SettleError(
                 f"order {order.request_id} is {current.state.value}: nothing to settle"
             )
+        if owner and current.owner != owner:
+            raise SettleError(f"order {order.request_id} was claimed since by {current.owner}")
         order.status = STATUS_OF[state]
         order.update_time.FromNanoseconds(now)
         db.execute(

@@ -46,6 +46,7 @@ from numbersvc.upstream.errors import (
     excerpt,
     parse_error_body,
     parse_retry_after,
+    text_encoding,
 )
 from numbersvc.upstream.ratelimit import RateLimiter
 from numbersvc.upstream.transport import build_transport, failure_reason
@@ -374,6 +375,7 @@ class PlivoClient:
         *,
         timeout_seconds: float,
         max_wait_seconds: float | None = None,
+        send_by: float | None = None,
     ) -> UpstreamResponse:
         """Rent numbers from a group: `POST .../AvailableNumberGroup/{group_id}/`.
 
@@ -387,6 +389,10 @@ class PlivoClient:
                 rate-limit token: unlike a read, the wait does not come out of it.
             max_wait_seconds: The longest wait for a rate-limit token, in seconds (what is left
                 of the caller's deadline, say); `None` means `timeout_seconds`.
+            send_by: The wall-clock time (Unix seconds) after which the POST is not sent,
+                checked once the token is in hand: a process frozen or starved past it raises
+                a never-sent `UpstreamTimeoutError` (its order's claim may have been recovered
+                meanwhile by another process, and settled).
 
         Returns:
             The 2xx (201) response; its body should carry `status` and maybe `numbers`.
@@ -408,6 +414,7 @@ class PlivoClient:
             max_wait_seconds,
             wait_in_timeout=False,
             body=body,
+            send_by=send_by,
         )
 
     @contextlib.contextmanager
@@ -442,6 +449,7 @@ class PlivoClient:
         wait_in_timeout: bool,
         params: Mapping[str, str] | None = None,
         body: Mapping[str, object] | None = None,
+        send_by: float | None = None,
     ) -> UpstreamResponse:
         """Take a rate-limit token, make one attempt at `groups URL + suffix`, decode the answer.
 
@@ -459,6 +467,16 @@ class PlivoClient:
         if wait_in_timeout:
             timeout_seconds -= waited
             _check_time_left(timeout_seconds, method, path)
+        if send_by is not None and time.time() > send_by:
+            late = UpstreamTimeoutError(
+                f"{method} {path}: not sent: this process stalled past the time it had to send"
+                " it by",
+                request_sent=False,
+                method=method,
+                url=path,
+            )
+            self._log(method, path, type(late).__name__, 0.0, None)
+            raise late
         url = self._groups_url + suffix
         if params:
             # The encoding httpx itself uses for `params=`, done once: handing httpx the query
@@ -583,7 +601,7 @@ class PlivoClient:
 
     def _body_excerpt(self, content: bytes) -> str:
         # NOTE: scrubbed before the cut: a token straddling it would survive in part.
-        return excerpt(self._scrub(content.decode("utf-8", errors="replace")))
+        return excerpt(self._scrub(content.decode(text_encoding(content), errors="replace")))
 
     def _log(
         self, method: str, path: str, outcome: int | str, elapsed: float, api_id: str | None

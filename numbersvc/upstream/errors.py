@@ -229,11 +229,12 @@ class Scrubber:
         return self._pattern.sub(_MASK, text)
 
     def may_hide(self, content: bytes) -> bool:
-        """Whether a raw body might hold a credential: escapes, or one in any case.
+        """Whether a raw body might hold a credential: escapes, one in any case, not UTF-8.
 
-        Cheap, so that the bodies which cannot (nearly all) skip `document`.
+        JSON decoding reads UTF-16 and UTF-32 too, whose bytes for a credential are not the
+        ones looked for here. Cheap, so that the bodies which cannot (nearly all) skip `document`.
         """
-        if b"\\" in content:
+        if b"\\" in content or text_encoding(content) != "utf-8":
             return True
         folded = content.lower()
         return any(secret in folded for secret in self._folded)
@@ -247,6 +248,15 @@ class Scrubber:
         if isinstance(value, dict):
             return {self.text(key): self.document(item) for key, item in value.items()}
         return value
+
+
+def text_encoding(content: bytes) -> str:
+    """Return the encoding JSON decoding reads `content` in: utf-8 (BOM or not), -16 or -32.
+
+    Upstream text is decoded in it too, so that a scrub sees the characters JSON would.
+    """
+    encoding = json.detect_encoding(content)
+    return "utf-8" if encoding == "utf-8-sig" else encoding
 
 
 def _unescape(match: re.Match[str]) -> str:
@@ -319,7 +329,7 @@ def parse_error_body(
         the error text bounded to `MAX_MESSAGE_CHARS`. The message is `""` when the body carries
         none (empty body, `{}`).
     """
-    text = content.decode("utf-8", errors="replace")
+    text = content.decode(text_encoding(content), errors="replace")
     try:
         document: object = json.loads(text)
     except ValueError:

@@ -820,6 +820,7 @@ class HostileProxy:
     """
 
     def __init__(self, sandbox: SandboxServer, plivo_token: str, basic: str) -> None:
+        self.token, self.basic = plivo_token, basic
         self._upstream = httpx.AsyncClient(base_url=sandbox.base_url)
         self._hidden = [
             _json_escaped(plivo_token, len(plivo_token)),
@@ -870,53 +871,60 @@ class HostileProxy:
         await self._upstream.aclose()
 
 
+@contextlib.asynccontextmanager
+async def behind_a_hostile_proxy(
+    proxy_class: type[HostileProxy],
+) -> AsyncIterator[
+    tuple[pb_grpc.NumberGroupServiceAsyncStub, SandboxControl, HostileProxy, RunningServer]
+]:
+    """A server (DEBUG logs) whose Plivo is a fresh-token sandbox behind `proxy_class`."""
+    async with _sandbox_with_a_fresh_token() as (sandbox, control, plivo_token, basic):
+        proxy = proxy_class(sandbox, plivo_token, basic)
+        raw = RawServer(proxy.handle)
+        await raw.start()
+        running = await create_server(
+            config_for(sandbox, plivo_base_url=raw.base_url, log_level="DEBUG")
+        )
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+                yield pb_grpc.NumberGroupServiceStub(channel), control, proxy, running
+        finally:
+            await running.stop(grace_seconds=0.5)
+            await raw.close()
+            await proxy.aclose()
+
+
 async def test_credentials_hidden_from_a_raw_scrub_never_reach_anyone() -> None:
     capture = Capture()
     with captured_logs() as (text_log, json_log):
-        async with _sandbox_with_a_fresh_token() as (sandbox, control, plivo_token, basic):
-            proxy = HostileProxy(sandbox, plivo_token, basic)
-            raw = RawServer(proxy.handle)
-            await raw.start()
-            running = await create_server(
-                config_for(sandbox, plivo_base_url=raw.base_url, log_level="DEBUG")
-            )
-            try:
-                async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
-                    stub = pb_grpc.NumberGroupServiceStub(channel)
-                    page = await stub.ListNumberGroups(
-                        pb.ListNumberGroupsRequest(filter=US, page_size=2)
-                    )
-                    capture.add("list", page)
-                    group_id = page.number_groups[0].group_id
-                    get = pb.GetNumberGroupRequest(group_id=group_id)
-                    await _unary(capture, "get", stub.GetNumberGroup(get))
-                    request_id = str(uuid.uuid4())
-                    rent = pb.RentNumbersRequest(group_id=group_id, request_id=request_id)
-                    assert await _unary(capture, "rent", stub.RentNumbers(rent)) is None
-                    order = pb.GetRentalOrderRequest(request_id=request_id)
-                    await _unary(capture, "order", stub.GetRentalOrder(order))
-                    faulty: dict[tuple[int, str], Callable[[], Any]] = {
-                        (400, "search"): lambda: stub.ListNumberGroups(
-                            pb.ListNumberGroupsRequest(filter=US)
-                        ),
-                        (500, "get"): lambda: stub.GetNumberGroup(get, timeout=5),
-                        (401, "rent"): lambda: stub.RentNumbers(
-                            pb.RentNumbersRequest(group_id=group_id)
-                        ),
-                    }
-                    for (status, operation), call in faulty.items():
-                        await control.inject_fault(
-                            FaultSpec(FaultKind.STATUS, status=status, operation=operation, count=4)
-                        )
-                        error = await _unary(capture, f"{status} {operation}", call())
-                        assert error is not None, (status, operation)
-                        await control.clear_faults()
-                entries, _ = await running.ledger.list(OrderQuery(), after=None, limit=100)
-                capture.add("ledger", *entries)
-            finally:
-                await running.stop(grace_seconds=0.5)
-                await raw.close()
-                await proxy.aclose()
+        async with behind_a_hostile_proxy(HostileProxy) as (stub, control, proxy, running):
+            page = await stub.ListNumberGroups(pb.ListNumberGroupsRequest(filter=US, page_size=2))
+            capture.add("list", page)
+            group_id = page.number_groups[0].group_id
+            get = pb.GetNumberGroupRequest(group_id=group_id)
+            await _unary(capture, "get", stub.GetNumberGroup(get))
+            request_id = str(uuid.uuid4())
+            rent = pb.RentNumbersRequest(group_id=group_id, request_id=request_id)
+            assert await _unary(capture, "rent", stub.RentNumbers(rent)) is None
+            order = pb.GetRentalOrderRequest(request_id=request_id)
+            await _unary(capture, "order", stub.GetRentalOrder(order))
+            faulty: dict[tuple[int, str], Callable[[], Any]] = {
+                (400, "search"): lambda: stub.ListNumberGroups(
+                    pb.ListNumberGroupsRequest(filter=US)
+                ),
+                (500, "get"): lambda: stub.GetNumberGroup(get, timeout=5),
+                (401, "rent"): lambda: stub.RentNumbers(pb.RentNumbersRequest(group_id=group_id)),
+            }
+            for (status, operation), call in faulty.items():
+                await control.inject_fault(
+                    FaultSpec(FaultKind.STATUS, status=status, operation=operation, count=4)
+                )
+                error = await _unary(capture, f"{status} {operation}", call())
+                assert error is not None, (status, operation)
+                await control.clear_faults()
+            entries, _ = await running.ledger.list(OrderQuery(), after=None, limit=100)
+            capture.add("ledger", *entries)
+    plivo_token, basic = proxy.token, proxy.basic
     logged_text = text_log.getvalue()
     everything = "\n".join([capture.text(), logged_text, json_log.getvalue()])
     secrets_by_name = {"plivo token": plivo_token, "basic credential": basic}

@@ -992,6 +992,23 @@ class TestLeases:
         assert await other.heartbeat() == 0
         assert (await entry_of(other, "in-flight")).state is OrderState.FULFILLED
 
+    async def test_a_late_finish_never_lands_on_another_instances_claim(
+        self, ledger_factory: LedgerFactory
+    ) -> None:
+        # A's claim was settled as failed (its process frozen); B claims the id again and its
+        # POST is out. A's answer for its own attempt, whatever it is, must not end B's.
+        first = await ledger_factory.open()
+        late = new_attempt("reused")
+        assert (await first.begin(late, daily_cap=0)).kind is Begin.NEW
+        await first.finish(late.order, OrderState.FAILED)
+        second = await ledger_factory.open()
+        assert (await second.begin(new_attempt("reused"), daily_cap=0)).kind is Begin.NEW
+        before = dump(ledger_factory)
+        for state in (OrderState.RELEASED, OrderState.FULFILLED):
+            entry = await first.finish(late.order, state)
+            assert (entry.state, entry.owner) == (OrderState.SENDING, second.instance)
+        assert dump(ledger_factory) == before
+
 
 class TestConcurrency:
     async def test_fifty_begins_for_one_id_make_one_new(

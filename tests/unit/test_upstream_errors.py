@@ -191,7 +191,14 @@ def test_decode_error_is_raisable_with_a_message_alone() -> None:
             id="json-labelled-html",
         ),
         pytest.param(
-            b"\xff\xfe garbage \x00", None, (None, "\ufffd\ufffd garbage \x00"), id="binary"
+            b"\x80\xfe garbage \x00", None, (None, "\ufffd\ufffd garbage \x00"), id="binary"
+        ),
+        # Read as JSON reads it: a BOM (\xff\xfe), or NULs between ASCII, mean UTF-16.
+        pytest.param(
+            '{"api_id": "u-6", "error": "wide"}'.encode("utf-16"),
+            "application/json",
+            ("u-6", "wide"),
+            id="utf-16",
         ),
     ],
 )

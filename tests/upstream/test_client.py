@@ -126,6 +126,18 @@ async def test_rent_request(make_client: MakeClient) -> None:
     assert (response.status_code, response.api_id, response.body) == (201, "r-1", rented)
 
 
+async def test_a_rent_past_its_send_by_time_is_not_sent(make_client: MakeClient) -> None:
+    recorder = Recorder(httpx.Response(201, json={"status": "fulfilled"}))
+    client = make_client(recorder)
+    with pytest.raises(UpstreamTimeoutError, match="not sent") as info:
+        await client.rent_numbers("123", {"quantity": 1}, timeout_seconds=TIMEOUT, send_by=0.0)
+    assert info.value.request_sent is False
+    assert recorder.requests == []
+    soon = time.time() + 60
+    await client.rent_numbers("123", {"quantity": 1}, timeout_seconds=TIMEOUT, send_by=soon)
+    assert len(recorder.requests) == 1
+
+
 @pytest.mark.parametrize(
     ("group_id", "raw_segment"),
     [("1/2", "1%2F2"), ("..", "%2E%2E"), ("a b?c#d", "a%20b%3Fc%23d"), ("%41", "%2541")],
