@@ -168,10 +168,14 @@ MVN ?= mvn -q -B
 
 clients: clients-go clients-java  ## Build the Go and Java clients from protos/ (tests/polyglot runs them).
 
+# A shell condition, true under CI: `CI` is `true` or `1` in any case, as tests/ci.py reads it
+# (tests/unit/test_ci.py holds the two equal).
+UNDER_CI = case "$$(printf '%s' "$${CI-}" | tr -d '[:space:]' | tr '[:upper:]' '[:lower:]')" in true|1) ;; *) false ;; esac
+
 # $(call build_with,TOOLS,FILE): make FILE when every tool is on PATH and FILE is stale.
 build_with = @missing=; for tool in $(1); do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
 	if [ -z "$$missing" ]; then $(MAKE) --no-print-directory -q $(2) || $(MAKE) --no-print-directory $(2); \
-	elif [ "$$CI" = true ]; then echo "not on PATH:$$missing: cannot build $(2)" >&2; exit 1; \
+	elif $(UNDER_CI); then echo "not on PATH:$$missing: cannot build $(2)" >&2; exit 1; \
 	else echo "not on PATH:$$missing: $(2) is not built (its tests skip)"; fi
 
 clients-go:

@@ -1019,7 +1019,7 @@ async def row_budget(bench: Bench) -> None:
                 f"{budget.FLOOR[store]} {_ms(floor['p99'])}, local bucket"
                 f" {_ms(figures['local']['p99'])}",
                 f"shared {_ms(ms['p99'])} (p50 {_ms(ms['p50'])})",
-                f"+{_ms(ms['p99'] - floor['p99'])}",
+                f"{ms['p99'] - floor['p99']:+.2f} ms",
                 f"p99 <= {budget.TARGET_P99_MS:.1f} ms",
                 ms["p99"] <= budget.TARGET_P99_MS,
             )
