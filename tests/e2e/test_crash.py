@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import signal
-import socket
 import sys
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
-import httpx
 import pytest
 
 from numbersvc.ledger import OrderState, SqliteLedger
@@ -31,35 +30,37 @@ from tests.e2e.test_process import _serve, plivo_env
 _START_TIMEOUT_SECONDS = 20
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
+_LISTENING = re.compile(rb"listening on (http://127\.0\.0\.1:\d+)")
 
 
 @contextlib.asynccontextmanager
 async def _sandbox_process() -> AsyncIterator[str]:
-    port = _free_port()
+    """`numbersvc sandbox` in a process of its own, on a port it binds itself (port 0): its URL.
+
+    The URL comes from its "listening on" line, so no port is picked here and handed over (the
+    OS could give it to another process in between). Its stderr is drained until it exits.
+    """
     process = await asyncio.create_subprocess_exec(
-        *(sys.executable, "-m", "numbersvc", "sandbox", "--listen", f"127.0.0.1:{port}"),
+        *(sys.executable, "-m", "numbersvc", "sandbox", "--listen", "127.0.0.1:0"),
         stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
     )
-    url = f"http://127.0.0.1:{port}"
+    assert process.stderr is not None
+    said = b""
+    drain: asyncio.Task[bytes] | None = None
     try:
-        async with httpx.AsyncClient() as client:
-
-            async def answers() -> bool:
-                with contextlib.suppress(httpx.TransportError):
-                    return (await client.get(f"{url}/__sandbox/info")).is_success
-                return False
-
-            await eventually(answers, timeout_seconds=_START_TIMEOUT_SECONDS)
-        yield url
+        async with asyncio.timeout(_START_TIMEOUT_SECONDS):
+            while not (match := _LISTENING.search(said)):
+                line = await process.stderr.readline()
+                assert line, f"the sandbox exited early:\n{said.decode()}"
+                said += line
+        drain = asyncio.ensure_future(process.stderr.read())
+        yield match.group(1).decode()
     finally:
         process.kill()
         await process.wait()
+        if drain is not None:
+            await drain
 
 
 async def held_rent(
