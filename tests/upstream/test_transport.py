@@ -31,6 +31,7 @@ from numbersvc.upstream.errors import (
     UpstreamTransportError,
 )
 from numbersvc.upstream.transport import AiohttpTransport, HttpStack, httpx_error_class
+from tests.ports import refused_port
 
 from .conftest import AUTH_ID, MakeClient, StartServer, read_request
 
@@ -249,19 +250,17 @@ async def test_a_connect_failure_is_told_in_words_with_the_reason(
     make_client: MakeClient, raw_server: StartServer, server_tls: ssl.SSLContext
 ) -> None:
     untrusted = await raw_server(serve_ok, tls=server_tls)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        closed = f"http://127.0.0.1:{probe.getsockname()[1]}"
-    expected = {
-        closed: "could not connect (Connection refused)",
-        untrusted.base_url: "could not connect (certificate verify failed: unable to get local"
-        " issuer certificate)",
-    }
-    for base_url, words in expected.items():
-        client = make_client(base_url=base_url, http_stack=HttpStack.AIOHTTP)
-        with pytest.raises(UpstreamConnectError) as caught:
-            await client.get_number_group("1", timeout_seconds=TIMEOUT)
-        assert caught.value.message.endswith(f": ConnectError: {words}")
+    with refused_port() as port:
+        expected = {
+            f"http://127.0.0.1:{port}": "could not connect (Connection refused)",
+            untrusted.base_url: "could not connect (certificate verify failed: unable to get"
+            " local issuer certificate)",
+        }
+        for base_url, words in expected.items():
+            client = make_client(base_url=base_url, http_stack=HttpStack.AIOHTTP)
+            with pytest.raises(UpstreamConnectError) as caught:
+                await client.get_number_group("1", timeout_seconds=TIMEOUT)
+            assert caught.value.message.endswith(f": ConnectError: {words}")
 
 
 @pytest.mark.parametrize("operation", ["get", "rent"])
@@ -299,13 +298,10 @@ async def test_a_kept_alive_connection_that_breaks_is_not_silently_retried(
 
 
 async def test_connection_refused(client_for: Callable[..., PlivoClient]) -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    # The port is now closed: nothing listens there.
-    client = client_for(f"http://127.0.0.1:{port}")
-    with pytest.raises(UpstreamConnectError) as caught:
-        await client.rent_numbers("1", {}, timeout_seconds=TIMEOUT)
+    with refused_port() as port:
+        client = client_for(f"http://127.0.0.1:{port}")
+        with pytest.raises(UpstreamConnectError) as caught:
+            await client.rent_numbers("1", {}, timeout_seconds=TIMEOUT)
     assert caught.value.request_sent is False
 
 
