@@ -1,10 +1,44 @@
-"""A loopback port where nothing listens, for tests of a refused connection."""
+"""Loopback ports without races: where a child bound port 0 (its own word), where nothing listens.
+
+A port picked here (bind port 0, close, hand the number over) can be taken by any process in
+between; a child told to listen on 127.0.0.1:0 binds it itself and says where.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import re
 import socket
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+
+
+@contextlib.asynccontextmanager
+async def announced(
+    process: asyncio.subprocess.Process, pattern: re.Pattern[bytes], timeout_seconds: float
+) -> AsyncIterator[re.Match[bytes]]:
+    """The match of `pattern` in what `process` (on port 0) writes to stderr; killed after.
+
+    The child's stderr (a pipe) is read until the line comes, then drained until the child
+    exits, so a full pipe never blocks it.
+    """
+    assert process.stderr is not None
+    said = b""
+    drain: asyncio.Task[bytes] | None = None
+    try:
+        async with asyncio.timeout(timeout_seconds):
+            while not (match := pattern.search(said)):
+                line = await process.stderr.readline()
+                assert line, f"exited before saying where it listens:\n{said.decode()}"
+                said += line
+        drain = asyncio.create_task(process.stderr.read())
+        yield match
+    finally:
+        if process.returncode is None:
+            process.kill()
+        await process.wait()
+        if drain is not None:
+            await drain
 
 
 @contextlib.contextmanager

@@ -26,6 +26,7 @@ from numbersvc.v1 import number_groups_pb2 as pb
 from numbersvc.v1 import number_groups_pb2_grpc as pb_grpc
 from tests.e2e.conftest import eventually, reason_of
 from tests.e2e.test_process import _serve, plivo_env
+from tests.ports import announced
 
 _START_TIMEOUT_SECONDS = 20
 
@@ -38,29 +39,15 @@ async def _sandbox_process() -> AsyncIterator[str]:
     """`numbersvc sandbox` in a process of its own, on a port it binds itself (port 0): its URL.
 
     The URL comes from its "listening on" line, so no port is picked here and handed over (the
-    OS could give it to another process in between). Its stderr is drained until it exits.
+    OS could give it to another process in between).
     """
     process = await asyncio.create_subprocess_exec(
         *(sys.executable, "-m", "numbersvc", "sandbox", "--listen", "127.0.0.1:0"),
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
     )
-    assert process.stderr is not None
-    said = b""
-    drain: asyncio.Task[bytes] | None = None
-    try:
-        async with asyncio.timeout(_START_TIMEOUT_SECONDS):
-            while not (match := _LISTENING.search(said)):
-                line = await process.stderr.readline()
-                assert line, f"the sandbox exited early:\n{said.decode()}"
-                said += line
-        drain = asyncio.ensure_future(process.stderr.read())
-        yield match.group(1).decode()
-    finally:
-        process.kill()
-        await process.wait()
-        if drain is not None:
-            await drain
+    async with announced(process, _LISTENING, _START_TIMEOUT_SECONDS) as listening_on:
+        yield listening_on.group(1).decode()
 
 
 async def held_rent(
