@@ -45,7 +45,7 @@ pytest: $(VENV)/.dev  ## The test suite.
 # The PostgreSQL ledger's tests start a throwaway server (tests/pg.py) from Debian's binaries,
 # /usr/lib/postgresql/<version>/bin (the newest version there), or initdb on the PATH. As root
 # (CI on a fresh machine) the package is installed when missing; otherwise those tests skip,
-# except under CI=true, where they fail.
+# except under CI (CI=true or 1, as tests/ci.py reads it), where they fail.
 PG_INITDB = $(firstword $(shell ls -d /usr/lib/postgresql/*/bin/initdb 2>/dev/null | sort -V -r) $(shell command -v initdb))
 postgres:  ## Install Debian's postgresql package when no server binaries are found (as root).
 	@if [ -n "$(PG_INITDB)" ]; then \
@@ -159,7 +159,7 @@ pytest: $(PROMTOOL)
 # Go and Java clients (clients/go, clients/java), built from stubs generated from protos/
 # (never committed) and run against a real server by tests/polyglot. Each is rebuilt only when
 # its sources or the protos change, so `make test` builds them once. A missing toolchain fails
-# under CI=true; elsewhere it is reported and the client's tests skip.
+# under CI (UNDER_CI below); elsewhere it is reported and the client's tests skip.
 GO_CLIENT := clients/go/build/bin/numbersvc-check
 JAVA_CLIENT := clients/java/target/numbersvc-check.jar
 CLIENT_PROTOS := $(wildcard protos/numbersvc/*/*.proto)
@@ -168,10 +168,14 @@ MVN ?= mvn -q -B
 
 clients: clients-go clients-java  ## Build the Go and Java clients from protos/ (tests/polyglot runs them).
 
+# A shell condition, true under CI: `CI` is `true` or `1` in any case, as tests/ci.py reads it
+# (tests/unit/test_ci.py holds the two equal).
+UNDER_CI = case "$$(printf '%s' "$${CI-}" | tr -d '[:space:]' | tr '[:upper:]' '[:lower:]')" in true|1) ;; *) false ;; esac
+
 # $(call build_with,TOOLS,FILE): make FILE when every tool is on PATH and FILE is stale.
 build_with = @missing=; for tool in $(1); do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
 	if [ -z "$$missing" ]; then $(MAKE) --no-print-directory -q $(2) || $(MAKE) --no-print-directory $(2); \
-	elif [ "$$CI" = true ]; then echo "not on PATH:$$missing: cannot build $(2)" >&2; exit 1; \
+	elif $(UNDER_CI); then echo "not on PATH:$$missing: cannot build $(2)" >&2; exit 1; \
 	else echo "not on PATH:$$missing: $(2) is not built (its tests skip)"; fi
 
 clients-go:

@@ -34,6 +34,10 @@ The rows, each with its baseline in the same run (no figure is compared with ano
 7. The account-wide budget's cost per upstream request, concurrency 1, in this process: a
    permit from the shared budget on a SQLite ledger file and on PostgreSQL (a throwaway
    cluster) vs from a local token bucket, interleaved (`bench/budget.py`). p99, target 1 ms.
+8. The search cache: a skewed load (each call's filter drawn from a Zipf law over 300 filters,
+   64 callers on 8 channels) against a server with `NUMBERSVC_SEARCH_CACHE_SECONDS=2` and one
+   with the cache off (both with the rate budget off), in alternating phases of equal length:
+   upstream requests per served call (from the sandbox's request log) and latency.
 
 Prints one table and writes the figures as JSON (`bench/results/latest.json` by default). Exit
 0 when every row was measured, met or not (the table says which); 2 when the set-up or a
@@ -52,6 +56,7 @@ import json
 import math
 import os
 import platform
+import random
 import re
 import signal
 import statistics
@@ -71,6 +76,7 @@ import httpx
 from bench import budget
 from bench.echo import ECHO_METHOD
 from numbersvc.sandbox import DEFAULT_AUTH_ID, DEFAULT_AUTH_TOKEN, SandboxControl
+from numbersvc.sandbox.journal import DEFAULT_MAX_RECORDS
 from numbersvc.v1 import number_groups_pb2 as pb
 from numbersvc.v1 import number_groups_pb2_grpc as pb_grpc
 
@@ -111,6 +117,15 @@ COALESCE_LATENCY_SECONDS: Final = 0.5
 CALLS_PER_CHANNEL: Final = 50
 #: Row 6: the budget is 300 requests per 5 s (60/s); this refills a phase's calls and more.
 CPU_REFILL_SECONDS: Final = 4.0
+#: Row 8: DE local groups under 300 prefixes of their own, one page each; filter k is drawn
+#: with probability proportional to 1 / k**ZIPF_EXPONENT.
+ZIPF_FILTERS: Final = 300
+ZIPF_EXPONENT: Final = 1.0
+ZIPF_PREFIXES: Final = tuple(str(90_000 + k) for k in range(ZIPF_FILTERS))
+ZIPF_CALLERS: Final = 64
+ZIPF_CHANNELS: Final = 8
+ZIPF_CACHE_SECONDS: Final = "2"
+ZIPF_TARGET: Final = 0.2
 
 _START_TIMEOUT_SECONDS: Final = 60.0
 _STOP_TIMEOUT_SECONDS: Final = 30.0
@@ -137,7 +152,9 @@ class Plan:
     cpu_rounds: int = 5  # row 6: rounds of one service and one echo phase
     cpu_calls: int = 200  # row 6: calls per phase, within the rate budget's burst
     budget_requests: int = 2_000  # row 7: permits per limiter
-    rows: frozenset[int] = frozenset(range(1, 8))  # which rows to run
+    zipf_rounds: int = 3  # row 8: rounds of one phase without the cache and one with it
+    zipf_seconds: float = 5.0  # row 8: length of a phase
+    rows: frozenset[int] = frozenset(range(1, 9))  # which rows to run
 
 
 FULL: Final = Plan("full")
@@ -152,6 +169,8 @@ QUICK: Final = Plan(
     coalesce_rounds=2,
     cpu_rounds=3,
     budget_requests=500,
+    zipf_rounds=2,
+    zipf_seconds=3.0,
 )
 
 
@@ -1000,11 +1019,137 @@ async def row_budget(bench: Bench) -> None:
                 f"{budget.FLOOR[store]} {_ms(floor['p99'])}, local bucket"
                 f" {_ms(figures['local']['p99'])}",
                 f"shared {_ms(ms['p99'])} (p50 {_ms(ms['p50'])})",
-                f"+{_ms(ms['p99'] - floor['p99'])}",
+                f"{ms['p99'] - floor['p99']:+.2f} ms",
                 f"p99 <= {budget.TARGET_P99_MS:.1f} ms",
                 ms["p99"] <= budget.TARGET_P99_MS,
             )
         )
+
+
+def zipf_draws(rng: random.Random, count: int) -> list[int]:
+    """`count` filter indices, index k drawn with probability proportional to 1/(k+1)**s."""
+    weights = [1 / (k + 1) ** ZIPF_EXPONENT for k in range(ZIPF_FILTERS)]
+    return rng.choices(range(ZIPF_FILTERS), weights=weights, k=count)
+
+
+def zipf_call(stubs: Sequence[pb_grpc.NumberGroupServiceAsyncStub]) -> Call:
+    """A ListNumberGroups call for filter k (one of row 8's prefixes), the channels in turn."""
+    requests = [
+        pb.ListNumberGroupsRequest(
+            filter=pb.SearchFilter(
+                region_code="DE", number_type=pb.NUMBER_TYPE_LOCAL, prefix=prefix
+            ),
+            page_size=PAGE_SIZE,
+        )
+        for prefix in ZIPF_PREFIXES
+    ]
+    turn = 0
+
+    async def call(k: int) -> None:
+        nonlocal turn
+        turn += 1
+        stub = stubs[turn % len(stubs)]
+        response = await stub.ListNumberGroups(requests[k], timeout=CALL_TIMEOUT_SECONDS)
+        if len(response.number_groups) != PAGE_SIZE:
+            raise RuntimeError(f"filter {k}: {len(response.number_groups)} groups")
+
+    return call
+
+
+async def _zipf_phase(
+    call: Call,
+    assignments: Sequence[Sequence[int]],
+    seconds: float,
+    pid: int,
+    control: SandboxControl,
+) -> tuple[Phase, int]:
+    """One row-8 phase and the upstream searches it cost, from the sandbox's request log."""
+    await control.clear_requests()
+    phase = await run_phase(call, assignments, 10**9, {"server": pid}, seconds=seconds)
+    upstream = sum(1 for r in await control.requests() if r["operation"] == "search")
+    if upstream >= DEFAULT_MAX_RECORDS:
+        raise RuntimeError(f"row 8: the sandbox's request log is full ({upstream}): shorter phases")
+    return phase, upstream
+
+
+async def row_cache(
+    bench: Bench,
+    sides: Mapping[str, tuple[Call, int]],
+    control: SandboxControl,
+    direct: Direct,
+    metrics_url: str,
+) -> None:
+    """Row 8: Zipf load, the search cache at 2 s vs off, alternating phases, same draws."""
+    plan = bench.plan
+    rng = random.Random(7)
+    # Enough draws per caller for any phase here; each round draws afresh, the same for both.
+    draws = 4_000
+    phases: dict[str, list[tuple[Phase, int]]] = {name: [] for name in sides}
+    warm_up = [zipf_draws(rng, 8) for _ in range(ZIPF_CALLERS)]
+    for call, _ in sides.values():  # open the upstream connections, warm both servers
+        await run_phase(call, warm_up, 8 * ZIPF_CALLERS, {})
+    hits_name = 'numbersvc_search_cache_requests_total{result="hit"}'
+    hits_before = await _metric(direct, metrics_url, hits_name)
+    lookups_before = await _metric(direct, metrics_url, "numbersvc_search_cache_requests_total")
+    for r in range(plan.zipf_rounds):
+        assignments = [zipf_draws(rng, draws) for _ in range(ZIPF_CALLERS)]
+        order = list(sides.items())
+        for name, (call, pid) in order if r % 2 == 0 else reversed(order):
+            phases[name].append(
+                await _zipf_phase(call, assignments, plan.zipf_seconds, pid, control)
+            )
+    hits = await _metric(direct, metrics_url, hits_name) - hits_before
+    lookups = (
+        await _metric(direct, metrics_url, "numbersvc_search_cache_requests_total") - lookups_before
+    )
+    figures: dict[str, Any] = {
+        "filters": ZIPF_FILTERS,
+        "zipf_exponent": ZIPF_EXPONENT,
+        "callers": ZIPF_CALLERS,
+        "channels": ZIPF_CHANNELS,
+        "rounds": plan.zipf_rounds,
+        "seconds_per_phase": plan.zipf_seconds,
+        "cache_seconds": float(ZIPF_CACHE_SECONDS),
+        "cache_hits": hits,
+        "cache_lookups": lookups,
+        "cache_hit_ratio": hits / lookups if lookups else 0.0,
+    }
+    for name, measured in phases.items():
+        calls = sum(p.calls for p, _ in measured)
+        upstream = sum(u for _, u in measured)
+        figures[name] = {
+            "calls": calls,
+            "upstream_requests": upstream,
+            "upstream_per_call": upstream / calls,
+            "round_upstream_per_call": [u / p.calls for p, u in measured],
+            "calls_per_second": rate([p for p, _ in measured]),
+            "latency_ms": latency_ms([p for p, _ in measured]),
+            "server_cpu_ms_per_call": cpu_ms_per_call([p for p, _ in measured], "server"),
+        }
+    bench.figures["8_cache"] = figures
+    off, on = figures["off"], figures["cache"]
+    per_call = on["upstream_per_call"]
+    bench.rows.append(
+        Row(
+            f"8 cache 2 s, Zipf {ZIPF_FILTERS} filters, c={ZIPF_CALLERS}",
+            f"off {off['upstream_per_call']:.3f} upstream/call",
+            f"on {per_call:.3f} upstream/call ({on['calls_per_second']:,.0f} calls/s)",
+            f"{per_call / off['upstream_per_call']:.3f}x",
+            f"<= {ZIPF_TARGET} upstream/call",
+            per_call <= ZIPF_TARGET,
+        )
+    )
+    p50_off, p50_on = off["latency_ms"]["p50"], on["latency_ms"]["p50"]
+    bench.rows.append(
+        Row(
+            "8 cache p50 latency",
+            f"off {_ms(p50_off)} ({off['calls_per_second']:,.0f} calls/s)",
+            f"on {_ms(p50_on)}",
+            f"{p50_on / p50_off:.2f}x",
+            "(reported)",
+            None,
+        )
+    )
 
 
 # --- The run ------------------------------------------------------------------------------------
@@ -1130,12 +1275,23 @@ async def _seed(control: SandboxControl, direct: Direct, plan: Plan) -> None:
     )
     if got != WALK_GROUPS:
         raise RuntimeError(f"the walk filter has {got} groups, expected {WALK_GROUPS}")
+    if 8 in plan.rows:
+        await seed_zipf(control, direct)
     if 4 not in plan.rows:
         return
     memory = _count_url(direct, country_iso="CA", number_type="tollfree")
     # A page more than the walk takes, so that `max_results` ends it, not the inventory.
     target = plan.memory_groups + PAGE_SIZE
     await _seed_to(control, direct, memory, target, country_iso="CA", number_type="tollfree")
+
+
+async def seed_zipf(control: SandboxControl, direct: Direct) -> None:
+    """Seed one page of DE local groups under each of row 8's prefixes."""
+    for prefix in ZIPF_PREFIXES:
+        url = _count_url(direct, country_iso="DE", number_type="local", prefix=prefix)
+        got = await _seed_to(control, direct, url, PAGE_SIZE, country_iso="DE", prefix=prefix)
+        if got != PAGE_SIZE:
+            raise RuntimeError(f"DE local prefix {prefix} has {got} groups, expected {PAGE_SIZE}")
 
 
 @contextlib.asynccontextmanager
@@ -1152,13 +1308,14 @@ async def _channels(target: str, count: int = 1) -> AsyncIterator[list[grpc.aio.
 
 @contextlib.asynccontextmanager
 async def _server(
-    bench: Bench, procs: _Procs, name: str, *, rate_off: bool
+    bench: Bench, procs: _Procs, name: str, *, rate_off: bool, env: Mapping[str, str] = {}
 ) -> AsyncIterator[tuple[Child, str]]:
     """A server on the sandbox for some rows; stopped after them, its exit and errors noted.
 
-    If the rows fail, `run_bench` stops it with every other child.
+    `env` goes over the bench's extra server environment. If the rows fail, `run_bench` stops
+    it with every other child.
     """
-    env = server_env(procs.sandbox_url, rate_off=rate_off, extra=bench.server_env)
+    env = server_env(procs.sandbox_url, rate_off=rate_off, extra={**bench.server_env, **env})
     server, target = await start_server(name, env, procs.log_dir)
     procs.children.append(server)
     yield server, target
@@ -1176,7 +1333,7 @@ async def _stop_server(child: Child, bench: Bench) -> None:
 
 
 async def run_bench(plan: Plan, extra_env: Mapping[str, str], log_dir: Path) -> Bench:
-    """Start the processes, run the six rows, stop everything; return what was measured."""
+    """Start the processes, run the rows, stop everything; return what was measured."""
     bench = Bench(plan=plan, server_env=dict(extra_env), machine=machine())
     bench.started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     began = time.perf_counter()
@@ -1199,6 +1356,8 @@ async def run_bench(plan: Plan, extra_env: Mapping[str, str], log_dir: Path) -> 
                 if 7 in plan.rows:
                     _progress("row 7: the shared budget's cost per request")
                     await row_budget(bench)
+                if 8 in plan.rows:
+                    await _row_8(bench, procs, control, direct)
             finally:
                 await direct.aclose()
     finally:
@@ -1288,6 +1447,33 @@ async def _rows_5_and_6(
                 bench.notes.append(f"row 6: {waits:.0f} calls waited for the rate budget")
 
 
+async def _row_8(bench: Bench, procs: _Procs, control: SandboxControl, direct: Direct) -> None:
+    cache = {"NUMBERSVC_SEARCH_CACHE_SECONDS": ZIPF_CACHE_SECONDS}
+    off = {"NUMBERSVC_SEARCH_CACHE_SECONDS": "0"}
+    async with (
+        _server(bench, procs, "server-cache-off", rate_off=True, env=off) as (plain, plain_at),
+        _server(bench, procs, "server-cache-2s", rate_off=True, env=cache) as (cached, cached_at),
+        _channels(plain_at, ZIPF_CHANNELS) as plain_channels,
+        _channels(cached_at, ZIPF_CHANNELS) as cached_channels,
+    ):
+        match = _METRICS_URL.search(cached.log())
+        if match is None:
+            raise RuntimeError(f"no metrics address in the server's log:\n{cached.tail()}")
+        sides = {
+            "off": (zipf_call([_stub(c) for c in plain_channels]), plain.pid),
+            "cache": (zipf_call([_stub(c) for c in cached_channels]), cached.pid),
+        }
+        _progress(
+            f"row 8: {bench.plan.zipf_rounds} x {bench.plan.zipf_seconds:g} s per side,"
+            f" {ZIPF_CALLERS} callers, Zipf over {ZIPF_FILTERS} filters"
+        )
+        await row_cache(bench, sides, control, direct, match.group(1))
+
+
+def _stub(channel: grpc.aio.Channel) -> pb_grpc.NumberGroupServiceAsyncStub:
+    return pb_grpc.NumberGroupServiceStub(channel)
+
+
 def _progress(text: str) -> None:
     print(f"bench: {text}", file=sys.stderr, flush=True)
 
@@ -1304,13 +1490,14 @@ def render(bench: Bench) -> str:
     lines = [
         f"numbersvc bench ({plan.mode}), {bench.started}, {bench.seconds:.0f} s;"
         f" {m['nproc']} CPUs ({m['cpu_model']}), Python {m['python']}; {packages}",
-        "server: shipped defaults; rows 1-4 with NUMBERSVC_UPSTREAM_RATE=off, rows 5-6 with the"
-        f" default budget; extra server env: {env}",
+        "server: shipped defaults; rows 1-4 and 8 with NUMBERSVC_UPSTREAM_RATE=off, rows 5-6 with"
+        f" the default budget; extra server env: {env}",
         f"iterations: row 1 {plan.unary_calls:,} calls per side (+{plan.warmup_calls} warm-up);"
         f" row 2 {plan.throughput_rounds} x {plan.throughput_seconds:g} s per side;"
         f" row 3 {plan.walk_reps} walks per side (+1 warm-up); row 5 {plan.coalesce_rounds}"
         f" rounds; row 6 {plan.cpu_rounds} x {plan.cpu_calls} per side; row 7"
-        f" {plan.budget_requests:,} permits per limiter",
+        f" {plan.budget_requests:,} permits per limiter; row 8 {plan.zipf_rounds} x"
+        f" {plan.zipf_seconds:g} s per side",
     ]
     if plan.rows != FULL.rows:
         lines.append(f"rows run: {', '.join(map(str, sorted(plan.rows)))}")

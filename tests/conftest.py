@@ -8,6 +8,7 @@ from collections.abc import Iterator
 import pytest
 from hypothesis import HealthCheck, settings
 
+from tests.ci import missing
 from tests.pg import Cluster, PostgresMissing, find_bindir, running_cluster
 
 # Bounded, derandomized and without deadlines: CI machines are small and noisy, and a
@@ -27,15 +28,13 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 def postgres_cluster() -> Iterator[Cluster]:
     """One throwaway PostgreSQL cluster for the whole run, started on first use.
 
-    Without server binaries: a failure under CI (`CI=true`), where `make pytest` installs
-    them, and a skip with the reason elsewhere.
+    Without server binaries: a failure under CI, where `make pytest` installs them, and a
+    skip with the reason elsewhere (`tests.ci`).
     """
     try:
         find_bindir()
     except PostgresMissing as exc:
-        if os.environ.get("CI", "").lower() in ("1", "true"):
-            pytest.fail(f"CI=true and {exc}")
-        pytest.skip(str(exc))
+        missing(str(exc))
     with running_cluster() as cluster:
         yield cluster
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 import io
 import json
 import re
-import socket
 import subprocess
 import sys
 import types
@@ -26,6 +25,7 @@ from tests.cli import (
     run_main,
     sample_order,
 )
+from tests.ports import refused_port
 
 CLIENT_COMMANDS = ["list", "stream", "get", "rent"]
 
@@ -285,16 +285,10 @@ def test_client_help_says_when_output_is_coloured(
     assert ("progress bar" in text) is (command == "stream")
 
 
-def closed_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-    return port
-
-
 def test_unreachable_server_names_the_target(capsys: pytest.CaptureFixture[str]) -> None:
-    target = f"127.0.0.1:{closed_port()}"
-    code = main.main(["get", "1", "--target", target, "--deadline", "5"])
+    with refused_port() as port:
+        target = f"127.0.0.1:{port}"
+        code = main.main(["get", "1", "--target", target, "--deadline", "5"])
     assert code == 10 + grpc.StatusCode.UNAVAILABLE.value[0]
     err = capsys.readouterr().err
     assert err.startswith(f"error: UNAVAILABLE: cannot reach numbersvc at {target}: ")

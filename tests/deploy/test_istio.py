@@ -17,7 +17,7 @@ import yaml
 
 from numbersvc.config import Config
 from numbersvc.xfcc import peer_address
-from tests.deploy import required_tool
+from tests.ci import require
 from tests.deploy.test_manifests import ROOT, SETTING_NAMES
 
 ISTIO_DIR: Final = ROOT / "deploy" / "istio"
@@ -27,7 +27,7 @@ SIDECAR_PEER: Final = "ipv4:127.0.0.6:40000"
 
 def kubectl() -> str:
     """kubectl on PATH; CI fails without one."""
-    return required_tool(
+    return require(
         shutil.which("kubectl"), "kubectl not found: it renders deploy/istio (`kubectl kustomize`)"
     )
 

@@ -40,7 +40,7 @@ from numbersvc.sandbox.faults import FaultKind, FaultSpec
 from numbersvc.server import create_server, method_permissions
 from numbersvc.v1 import number_groups_pb2 as pb
 from numbersvc.v1 import number_groups_pb2_grpc as pb_grpc
-from tests.deploy import required_tool
+from tests.ci import require
 from tests.e2e.conftest import config_for
 
 ROOT: Final = Path(__file__).resolve().parents[2]
@@ -75,9 +75,7 @@ def promtool() -> str:
     found = shutil.which("promtool") or shutil.which(
         "promtool", path=str(Path(sys.executable).parent)
     )
-    return required_tool(
-        found, "promtool not found: run `make promtool` (Debian's prometheus package)"
-    )
+    return require(found, "promtool not found: run `make promtool` (Debian's prometheus package)")
 
 
 def run_promtool(*args: str) -> None:

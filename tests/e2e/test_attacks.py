@@ -386,16 +386,24 @@ async def test_a_rent_claimed_after_the_desk_gave_up_is_never_sent(
         stub = pb_grpc.NumberGroupServiceStub(channel)
         page = await stub.ListNumberGroups(pb.ListNumberGroupsRequest(filter=US, page_size=1))
         await lock_holder.lock()
-        request = pb.RentNumbersRequest(group_id=page.number_groups[0].group_id)
+        request_id = str(uuid.uuid4())
+        request = pb.RentNumbersRequest(
+            group_id=page.number_groups[0].group_id, request_id=request_id
+        )
         rent = asyncio.ensure_future(stub.RentNumbers(request, timeout=60))
-        await asyncio.sleep(0.5)  # the rent waits for the lock in the ledger's begin
+        # The rent waits for the lock in the ledger's begin. No signal says it got there, so
+        # the order's row is checked below: a rent that arrived after SIGTERM would be refused
+        # before the ledger, write no row, and send nothing, passing without proving anything.
+        await asyncio.sleep(1.0)
         served.process.send_signal(signal.SIGTERM)
         await asyncio.sleep(3.0)  # drain (0.2 s), then the desk gives up after 1 s
         await lock_holder.release()
-        await asyncio.gather(rent, return_exceptions=True)
+        outcome = (await asyncio.gather(rent, return_exceptions=True))[0]
         assert await served.finish() == 0
     posts = sum(r["method"] == "POST" for r in await control.requests())
     assert posts == 0, "a POST sent after the desk stopped"
+    row = _order_row(path, request_id)  # the claim landed (after the desk gave up)
+    assert row["state"] == "released", (row["state"], outcome)  # never sent: the id is free
 
 
 @pytest.mark.xfail(

@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import signal
-import socket
 import sys
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
-import httpx
 import pytest
 
 from numbersvc.ledger import OrderState, SqliteLedger
@@ -27,39 +26,28 @@ from numbersvc.v1 import number_groups_pb2 as pb
 from numbersvc.v1 import number_groups_pb2_grpc as pb_grpc
 from tests.e2e.conftest import eventually, reason_of
 from tests.e2e.test_process import _serve, plivo_env
+from tests.ports import announced
 
 _START_TIMEOUT_SECONDS = 20
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
+_LISTENING = re.compile(rb"listening on (http://127\.0\.0\.1:\d+)")
 
 
 @contextlib.asynccontextmanager
 async def _sandbox_process() -> AsyncIterator[str]:
-    port = _free_port()
+    """`numbersvc sandbox` in a process of its own, on a port it binds itself (port 0): its URL.
+
+    The URL comes from its "listening on" line, so no port is picked here and handed over (the
+    OS could give it to another process in between).
+    """
     process = await asyncio.create_subprocess_exec(
-        *(sys.executable, "-m", "numbersvc", "sandbox", "--listen", f"127.0.0.1:{port}"),
+        *(sys.executable, "-m", "numbersvc", "sandbox", "--listen", "127.0.0.1:0"),
         stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
     )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        async with httpx.AsyncClient() as client:
-
-            async def answers() -> bool:
-                with contextlib.suppress(httpx.TransportError):
-                    return (await client.get(f"{url}/__sandbox/info")).is_success
-                return False
-
-            await eventually(answers, timeout_seconds=_START_TIMEOUT_SECONDS)
-        yield url
-    finally:
-        process.kill()
-        await process.wait()
+    async with announced(process, _LISTENING, _START_TIMEOUT_SECONDS) as listening_on:
+        yield listening_on.group(1).decode()
 
 
 async def held_rent(

@@ -18,7 +18,7 @@ from numbersvc.sandbox.faults import FaultKind, FaultSpec
 from numbersvc.server import RunningServer
 from numbersvc.v1 import number_groups_pb2 as pb
 from numbersvc.v1 import number_groups_pb2_grpc as pb_grpc
-from tests.e2e.conftest import StartServer, reason_of, rich_details
+from tests.e2e.conftest import StartServer, eventually, reason_of, rich_details
 
 US = pb.SearchFilter(region_code="US")
 if TYPE_CHECKING:  # the async stub type exists only in the generated .pyi
@@ -91,9 +91,15 @@ async def test_duplicate_that_runs_out_of_deadline_is_aborted_with_retry_info(
     stub: Stub, control: SandboxControl
 ) -> None:
     group_id, request_id = await _group(stub), str(uuid.uuid4())
-    await control.inject_fault(FaultSpec(FaultKind.DELAY, seconds=3.0, operation="rent"))
-    first = stub.RentNumbers(_rent(group_id, request_id), timeout=10)
-    await asyncio.sleep(0.2)
+    # The sandbox holds the first POST 5 s from its arrival: the duplicate's 2.2 s deadline runs
+    # out well before, however slowly a loaded machine gets it to the server.
+    await control.inject_fault(FaultSpec(FaultKind.DELAY, seconds=5.0, operation="rent"))
+    first = stub.RentNumbers(_rent(group_id, request_id), timeout=15)
+
+    async def posted() -> bool:  # the first call holds the order and its POST is out
+        return await _posts(control) == 1
+
+    await eventually(posted)
     error = await _error(stub.RentNumbers(_rent(group_id, request_id), timeout=2.2))
     assert error.code() == grpc.StatusCode.ABORTED
     assert reason_of(error) == "RENT_IN_PROGRESS"

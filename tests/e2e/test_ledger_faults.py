@@ -27,6 +27,7 @@ from numbersvc.sandbox.faults import FaultKind, FaultSpec
 from numbersvc.server import RunningServer
 from numbersvc.v1 import number_groups_pb2 as pb
 from numbersvc.v1 import number_groups_pb2_grpc as pb_grpc
+from tests.ci import require
 from tests.e2e.conftest import StartServer, eventually, reason_of, rich_details
 
 US = pb.SearchFilter(region_code="US")
@@ -83,8 +84,7 @@ async def lock_holder(tmp_path: Path) -> AsyncIterator[_LockHolder]:
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A 1 MiB tmpfs: a disk that really fills up. Needs root, as CI has."""
-    if os.geteuid() != 0 and os.environ.get("CI") != "true":
-        pytest.skip("mounting a tmpfs needs root")
+    require(os.geteuid() == 0, "mounting a tmpfs needs root")
     mount = tmp_path / "disk"
     mount.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], check=True)

@@ -32,7 +32,6 @@ import io
 import json
 import logging
 import secrets
-import socket
 import traceback
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
@@ -57,6 +56,7 @@ from numbersvc.v1 import number_groups_pb2_grpc as pb_grpc
 from numbersvc.validation import OrderQuery
 from tests import richstatus
 from tests.e2e.conftest import config_for
+from tests.ports import refused_port
 from tests.upstream.conftest import RawServer, read_request
 
 C = grpc.StatusCode
@@ -507,15 +507,15 @@ async def direct_client_faults(
         search, call = operations["search"]
         raised += not await _direct_call(capture, "direct wrong token", search, call(wrong))
     # Nothing listens: a connect error.
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        closed_port = probe.getsockname()[1]
-    async with PlivoClient(
-        base_url=f"http://127.0.0.1:{closed_port}", auth_id=sandbox.auth_id, auth_token=plivo_token
-    ) as unreachable:
-        for name, (operation, call) in operations.items():
-            label = f"direct refused {name}"
-            raised += not await _direct_call(capture, label, operation, call(unreachable))
+    with refused_port() as closed_port:
+        async with PlivoClient(
+            base_url=f"http://127.0.0.1:{closed_port}",
+            auth_id=sandbox.auth_id,
+            auth_token=plivo_token,
+        ) as unreachable:
+            for name, (operation, call) in operations.items():
+                label = f"direct refused {name}"
+                raised += not await _direct_call(capture, label, operation, call(unreachable))
     for bad_url in ("ftp://127.0.0.1", "not a url"):
         with pytest.raises(ValueError, match="base_url") as info:
             PlivoClient(base_url=bad_url, auth_id=sandbox.auth_id, auth_token=plivo_token)

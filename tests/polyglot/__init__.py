@@ -16,6 +16,8 @@ import re
 import sys
 from collections.abc import AsyncIterator, Mapping
 
+from tests.ports import announced
+
 _SERVING = re.compile(rb"serving on 127\.0\.0\.1:(\d+)")
 _START_TIMEOUT_SECONDS = 20
 
@@ -35,21 +37,5 @@ async def serving(env: Mapping[str, str]) -> AsyncIterator[int]:
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
     )
-    assert process.stderr is not None
-    stderr = b""
-    drain: asyncio.Task[bytes] | None = None
-    try:
-        async with asyncio.timeout(_START_TIMEOUT_SECONDS):
-            while not (match := _SERVING.search(stderr)):
-                line = await process.stderr.readline()
-                assert line, f"server exited early:\n{stderr.decode()}"
-                stderr += line
-        # Keep reading the access log, so a full pipe never blocks the server.
-        drain = asyncio.create_task(process.stderr.read())
-        yield int(match.group(1))
-    finally:
-        if process.returncode is None:
-            process.kill()
-        await process.wait()
-        if drain is not None:
-            await drain
+    async with announced(process, _SERVING, _START_TIMEOUT_SECONDS) as serving_on:
+        yield int(serving_on.group(1))

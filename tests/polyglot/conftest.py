@@ -8,7 +8,6 @@ pointed at it as if it were Plivo. The clients in other languages are child proc
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
 import subprocess
 from collections.abc import AsyncIterator
@@ -19,6 +18,7 @@ import pytest
 from numbersvc.sandbox import SandboxServer
 from numbersvc.v1 import number_groups_pb2 as pb
 from numbersvc.v1 import number_groups_pb2_grpc as pb_grpc
+from tests.ci import missing
 
 # The e2e suite's sandbox (in this event loop, port 0) and its control client, shared.
 from tests.e2e.conftest import control as control
@@ -83,14 +83,11 @@ async def walk(
 def build_client(target: str, *toolchain: str) -> None:
     """`make TARGET`: a no-op when `make clients` already built it (as `make pytest` does).
 
-    A missing toolchain fails under `CI=true` and skips elsewhere.
+    A missing toolchain fails under CI and skips elsewhere (`tests.ci`).
     """
-    missing = [tool for tool in toolchain if shutil.which(tool) is None]
-    if missing:
-        message = f"{' and '.join(missing)} not on PATH: `make {target}` needs them"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
+    absent = [tool for tool in toolchain if shutil.which(tool) is None]
+    if absent:
+        missing(f"{' and '.join(absent)} not on PATH: `make {target}` needs them")
     built = subprocess.run(
         ["make", "--no-print-directory", "-s", target],
         cwd=ROOT,

@@ -42,6 +42,7 @@ from numbersvc.errors import TABLE, Outcome
 from numbersvc.sandbox import DEFAULT_AUTH_ID, RequestRecord
 from numbersvc.v1 import number_groups_pb2 as pb
 from tests import richstatus
+from tests.ci import require
 from tests.property import LiveStack, mostly
 from tests.property.test_requests import (
     assert_documented,
@@ -157,8 +158,7 @@ def reason_of(error: grpc.aio.AioRpcError) -> str:
 def rss_bytes() -> int:
     """This process's resident set size (the server runs in-process)."""
     status = Path("/proc/self/status")
-    if not status.exists():
-        pytest.skip("needs /proc/self/status (Linux)")
+    require(status.exists(), "needs /proc/self/status (Linux)")
     for line in status.read_text().splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024

@@ -26,6 +26,7 @@ from numbersvc.callers import (
     add_caller,
     remove_caller,
 )
+from tests.ci import require
 
 READ: Final = "numbers.read"
 RENT: Final = "numbers.rent"
@@ -648,8 +649,8 @@ def test_add_refuses_a_folder_it_cannot_make(tmp_path: Path) -> None:
         add_caller(tmp_path / "file" / "callers.json", "a", [READ])
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="only root can give a file away")
 def test_an_update_by_root_keeps_the_files_owner(path: Path) -> None:
+    require(os.geteuid() == 0, "only root can give a file away")
     add_caller(path, "a", [READ])
     os.chown(path, 10001, 10001)
     add_caller(path, "b", [READ])
