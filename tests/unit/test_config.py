@@ -100,6 +100,24 @@ def test_bad_values(env: dict[str, str], message: str) -> None:
         Config.from_env(env)
 
 
+_DURATIONS = [s.env for name, s, _ in settings() if name.endswith("_seconds")]
+
+
+@pytest.mark.parametrize("env", _DURATIONS)
+@pytest.mark.parametrize("raw", ["1e300", "inf", "2147484"])
+def test_every_duration_is_bounded(env: str, raw: str) -> None:
+    # One rule for every `*_seconds`: 1e300 once crashed `serve` with an OverflowError.
+    with pytest.raises(
+        ConfigError, match=f"{env} must be a finite number >= 0 and at most 2147483,"
+    ):
+        Config.from_env({env: raw})
+
+
+@pytest.mark.parametrize("env", _DURATIONS)
+def test_every_duration_takes_its_bound(env: str) -> None:
+    assert Config.from_env({env: "2147483"})
+
+
 @pytest.mark.parametrize(
     ("env", "fallback"),
     [
