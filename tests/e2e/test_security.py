@@ -400,6 +400,10 @@ async def test_a_spiffe_id_comes_only_from_the_one_uri_san(
         "two URI SANs and a known common name": _client_cert(
             ca, uri(SPIFFE_ID), uri(SPIFFE_ID + "-2"), common_name="legacy.internal"
         ),
+        # An SVID is its SPIFFE ID: another workload's must not borrow a CN identity.
+        "an unknown SPIFFE ID and a known common name": _client_cert(
+            ca, uri("spiffe://example.org/ns/other/sa/x"), common_name="legacy.internal"
+        ),
     }
     for what, cert in impostors.items():
         answer = await _list_with(running, tls_files["ca"], cert)
@@ -410,6 +414,10 @@ async def test_a_spiffe_id_comes_only_from_the_one_uri_san(
         "the one URI SAN": _spiffe_client_cert(ca, SPIFFE_ID),
         "the common name, beside a DNS SAN": _client_cert(
             ca, x509.DNSName("legacy.internal"), common_name="legacy.internal"
+        ),
+        # Not an SVID (its URI SAN is no SPIFFE ID): its common name is its identity.
+        "the common name, beside an https URI SAN": _client_cert(
+            ca, uri("https://legacy.internal/"), common_name="legacy.internal"
         ),
     }
     for what, cert in genuine.items():
