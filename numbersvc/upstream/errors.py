@@ -55,6 +55,8 @@ _MASK = "***"
 # The JSON escapes a credential could hide behind in raw text: \uXXXX, and \/ (Base64 has "/").
 _JSON_ESCAPE = re.compile(r"\\u([0-9a-fA-F]{4})|\\/")
 _PRINTABLE_ASCII = range(0x20, 0x7F)
+# The raw bytes of the escapes `_unescape` undoes (a superset: 0x7F too).
+_HIDING_ESCAPE = re.compile(rb"\\(?:u00[2-7][0-9a-fA-F]|/)")
 _WHITESPACE = re.compile(r"\s+")
 _HTML_TAG = re.compile(r"<[^>]*>")
 # Error keys tried in order; Plivo uses `error`, other platform APIs `message` or `detail`.
@@ -229,15 +231,21 @@ class Scrubber:
         return self._pattern.sub(_MASK, text)
 
     def may_hide(self, content: bytes) -> bool:
-        """Whether a raw body might hold a credential: escapes, one in any case, not UTF-8.
+        """Whether a raw body might hold a credential, so that `document` must walk it.
 
-        JSON decoding reads UTF-16 and UTF-32 too, whose bytes for a credential are not the
-        ones looked for here. Cheap, so that the bodies which cannot (nearly all) skip `document`.
+        It might when it holds one in any case, an escape of printable ASCII or `/`, or is not
+        UTF-8. JSON decoding reads UTF-16 and UTF-32 too, whose bytes for a credential are not the
+        ones looked for here. Cheap, so that the bodies which cannot (nearly all, escaped
+        quotes and non-ASCII text included) skip `document`.
         """
-        if b"\\" in content or text_encoding(content) != "utf-8":
+        if text_encoding(content) != "utf-8":
             return True
+        # NOTE: `in` on the folded copy, not a regex alternation: ~20x faster on a page.
         folded = content.lower()
-        return any(secret in folded for secret in self._folded)
+        if any(secret in folded for secret in self._folded):
+            return True
+        # Only an escape that `text` would undo (`_unescape`) can hide one: not `\"`, not é.
+        return b"\\" in content and _HIDING_ESCAPE.search(content) is not None
 
     def document(self, value: object) -> object:
         """Return decoded JSON with every string (keys too) passed through `text`."""
