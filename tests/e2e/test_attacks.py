@@ -282,6 +282,46 @@ async def test_a_token_in_a_utf16_answer_never_reaches_anyone() -> None:
     assert _leaks(everything, {"plivo token": token}, {"plivo token": token}) == []
 
 
+class _DeepProxy(HostileProxy):
+    """The hostile proxy, answering searches with the token escaped in `api_id` beside a value
+    nested `depth` arrays deep: deeper than Python's recursion limit, for a walk or a decoder
+    that recurses."""
+
+    depth = 900
+
+    def _rewrite(self, content: bytes) -> bytes:
+        document = json.loads(content)
+        if "objects" not in document:
+            return content
+        self.answered += 1
+        escaped = "".join(f"\\u{ord(c):04x}" for c in self.token)
+        nested = b"[" * self.depth + b"1" + b"]" * self.depth
+        return b'{"api_id": "%s", "deep": %s}' % (escaped.encode(), nested)
+
+
+class _DeeperProxy(_DeepProxy):
+    depth = 100_000
+
+
+@pytest.mark.parametrize("proxy_class", [_DeepProxy, _DeeperProxy])
+async def test_a_deeply_nested_answer_is_a_bad_upstream_answer(
+    proxy_class: type[_DeepProxy],
+) -> None:
+    """Not INTERNAL from a RecursionError: the answer is Plivo's fault, and says so."""
+    capture = Capture()
+    with captured_logs() as (text_log, json_log):
+        async with behind_a_hostile_proxy(proxy_class) as (stub, _, proxy, _):
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await stub.ListNumberGroups(pb.ListNumberGroupsRequest(filter=US), timeout=10)
+            capture.add("refused", refused.value.details() or "")
+    assert proxy.answered >= 1
+    assert refused.value.code() == grpc.StatusCode.INTERNAL, refused.value
+    assert reason_of(refused.value) == "UPSTREAM_BAD_RESPONSE"
+    everything = "\n".join([capture.text(), text_log.getvalue(), json_log.getvalue()])
+    assert "RecursionError" not in everything
+    assert _leaks(everything, {"plivo token": proxy.token}, {"plivo token": proxy.token}) == []
+
+
 # --- what trips a newcomer ------------------------------------------------------------------
 
 
