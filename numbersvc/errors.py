@@ -102,6 +102,7 @@ class Outcome(enum.Enum):
     CALLER_UNAUTHENTICATED = enum.auto()
     PERMISSION_DENIED = enum.auto()
     MALFORMED_REQUEST = enum.auto()
+    HEALTH_WATCHES_EXHAUSTED = enum.auto()
     INTERNAL_ERROR = enum.auto()
 
 
@@ -327,6 +328,11 @@ TABLE: Final[Mapping[Outcome, Rule]] = {
         _S.INVALID_ARGUMENT,
         "MALFORMED_REQUEST",
         "the request bytes are not the method's protobuf message",
+    ),
+    Outcome.HEALTH_WATCHES_EXHAUSTED: Rule(
+        _S.RESOURCE_EXHAUSTED,
+        "HEALTH_WATCHES_EXHAUSTED",
+        "a health Watch while `NUMBERSVC_MAX_HEALTH_WATCHES` are open (Check still answers)",
     ),
     Outcome.INTERNAL_ERROR: Rule(_S.INTERNAL, "INTERNAL_ERROR", "a bug in numbersvc (logged)"),
 }

@@ -28,6 +28,7 @@ from grpc_reflection.v1alpha import reflection
 from numbersvc import __version__
 from numbersvc.callers import CALLERS_FILE_ENV, SETTLE, Callers
 from numbersvc.config import Config, ConfigError, UpstreamKind, parse_host_port
+from numbersvc.errors import Outcome, ServiceError, to_status
 from numbersvc.gatekeeper import READ, RENT, Gatekeeper
 from numbersvc.interceptors import AccessLog, ObservingInterceptor, current_call, upstream_headers
 from numbersvc.ledger import OrderLedger, SqliteLedger
@@ -88,11 +89,12 @@ class _HealthServicer(health.aio.HealthServicer):  # type: ignore[misc]
     ) -> None:
         """Stream the health status while fewer than `max_watches` streams are open."""
         if self._watches >= self._max_watches:
-            await context.abort(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
+            refused = ServiceError(
+                Outcome.HEALTH_WATCHES_EXHAUSTED,
                 f"{self._max_watches} health Watch streams are open already"
                 " (NUMBERSVC_MAX_HEALTH_WATCHES); use Check, or try later",
             )
+            await context.abort_with_status(to_status(refused))
         self._watches += 1
         try:
             await super().Watch(request, context)

@@ -500,7 +500,7 @@ async def test_open_health_watches_cannot_starve_authenticated_calls(
         grpc.aio.insecure_channel(target) as api,
     ):
         health = health_pb2_grpc.HealthStub(probes)
-        streams, answers = [], []
+        streams, answers, reasons = [], [], set()
         for _ in range(cap + 1):  # one at a time: which ones get in is then certain
             stream = health.Watch(health_pb2.HealthCheckRequest())
             streams.append(stream)
@@ -508,10 +508,12 @@ async def test_open_health_watches_cannot_starve_authenticated_calls(
                 answers.append((await stream.read()).status)
             except grpc.aio.AioRpcError as error:
                 answers.append(error.code())
+                reasons.add(reason_of(error))  # a row of the error table, like every refusal
         serving = health_pb2.HealthCheckResponse.SERVING
         assert answers == [serving] * watches + [grpc.StatusCode.RESOURCE_EXHAUSTED] * (
             cap + 1 - watches
         )
+        assert reasons == {"HEALTH_WATCHES_EXHAUSTED"}
         # The API's whole cap at once, each call held upstream so that they overlap.
         await control.inject_fault(FaultSpec(FaultKind.DELAY, seconds=0.3, count=cap))
         stub = pb_grpc.NumberGroupServiceStub(api)
