@@ -317,7 +317,8 @@ TABLE: Final[Mapping[Outcome, Rule]] = {
     Outcome.CALLER_UNAUTHENTICATED: Rule(
         _S.UNAUTHENTICATED,
         "CALLER_UNAUTHENTICATED",
-        "a callers file is set and the call has no known token or client certificate",
+        "a callers file is set and the call has no known token or client certificate, or a"
+        " trusted sidecar's `x-forwarded-client-cert` is malformed",
     ),
     Outcome.PERMISSION_DENIED: Rule(
         _S.PERMISSION_DENIED,
