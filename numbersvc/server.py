@@ -15,6 +15,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -543,9 +544,14 @@ async def _metrics_server(config: Config, metrics: Metrics) -> MetricsServer | N
         await server.start()
     except OSError as exc:
         await server.stop()
+        # NOTE: a host that does not resolve is a gaierror, whose errno is the resolver's
+        # (-2), not errno's: `os.strerror` read "Unknown error -2" for it. A bind error's own
+        # strerror is asyncio's long sentence, so errno's words are kept for it.
+        lookup = isinstance(exc, socket.gaierror)
+        why = exc.strerror if lookup else os.strerror(exc.errno) if exc.errno else str(exc)
         raise ConfigError(
             f"NUMBERSVC_METRICS_LISTEN: cannot listen on {config.metrics_listen}:"
-            f" {os.strerror(exc.errno) if exc.errno else exc} (another numbersvc?); set another"
+            f" {why}{'' if lookup else ' (another numbersvc?)'}; set another"
             " HOST:PORT (port 0: any free one), or off, with NUMBERSVC_METRICS_LISTEN or"
             " --metrics-listen"
         ) from exc
