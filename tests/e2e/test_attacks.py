@@ -322,6 +322,74 @@ async def test_a_deeply_nested_answer_is_a_bad_upstream_answer(
     assert _leaks(everything, {"plivo token": proxy.token}, {"plivo token": proxy.token}) == []
 
 
+# --- access control, from outside -------------------------------------------------------------
+
+
+async def _list_as(port: int, *metadata: tuple[str, str]) -> grpc.StatusCode:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = pb_grpc.NumberGroupServiceStub(channel)
+        try:
+            await stub.ListNumberGroups(
+                pb.ListNumberGroupsRequest(filter=US, page_size=1), metadata=metadata, timeout=10
+            )
+        except grpc.aio.AioRpcError as error:
+            return error.code()
+        return grpc.StatusCode.OK
+
+
+async def test_forged_authorization_variants_name_no_one(tmp_path: Path) -> None:
+    """A real `numbersvc serve`: only the token itself, after `Bearer ` in any case, gets in."""
+    callers = tmp_path / "callers.json"
+    token = add_caller(callers, "dashboard", ["numbers.read"]) or ""
+    async with _serve({"NUMBERSVC_CALLERS_FILE": str(callers)}) as served:
+        admitted = [f"Bearer {token}", f"bearer {token}", f"BEARER {token}"]
+        for value in admitted:
+            assert await _list_as(served.port, ("authorization", value)) == grpc.StatusCode.OK
+        forged = [
+            f"Bearer {token.upper()}",  # tokens are case-sensitive
+            f"Bearer {token[:-1]}",
+            f"Bearer {token}x",
+            f"Bearer {token} {token}",
+            f"Bearer{token}",
+            f"Basic {token}",
+            f"Bearer {token[:32]}",
+            f"Token {token}",
+        ]
+        for value in forged:
+            code = await _list_as(served.port, ("authorization", value))
+            assert code == grpc.StatusCode.UNAUTHENTICATED, value
+        # The first `authorization` is the one read: a valid one after a forged one is no key.
+        two = (("authorization", f"Bearer {token}x"), ("authorization", f"Bearer {token}"))
+        assert await _list_as(served.port, *two) == grpc.StatusCode.UNAUTHENTICATED
+        assert await _list_as(served.port, ("authorization-x", f"Bearer {token}")) == (
+            grpc.StatusCode.UNAUTHENTICATED
+        )
+    assert token.encode() not in served.stderr
+
+
+async def test_a_callers_file_swapped_for_a_writable_one_is_never_believed(
+    tmp_path: Path,
+) -> None:
+    """Swapped after start for a link to a world-writable file that grants a new token: the
+    running server read its file once; a restart refuses the link's target, by its mode."""
+    callers = tmp_path / "callers.json"
+    token = add_caller(callers, "dashboard", ["numbers.read"]) or ""
+    planted = tmp_path / "planted.json"
+    intruder = add_caller(planted, "intruder", ["numbers.read", "numbers.rent"]) or ""
+    planted.chmod(0o666)
+    env = {"NUMBERSVC_CALLERS_FILE": str(callers)}
+    async with _serve(env) as served:
+        callers.unlink()
+        callers.symlink_to(planted)
+        bearer = ("authorization", f"Bearer {intruder}")
+        assert await _list_as(served.port, bearer) == grpc.StatusCode.UNAUTHENTICATED
+        own = ("authorization", f"Bearer {token}")
+        assert await _list_as(served.port, own) == grpc.StatusCode.OK
+    code, said = await _start_up_error(env)
+    assert code == 2
+    assert "can be written by its group and others (mode 666)" in said, said
+
+
 # --- what trips a newcomer ------------------------------------------------------------------
 
 
