@@ -515,15 +515,17 @@ _PARSERS: Final[dict[str, Callable[[str], Any]]] = {
 }
 
 
-# Settings whose blank value must not pass for "unset": an empty callers file setting would
-# turn access control off, silently, where someone meant to turn it on.
+# Settings whose empty value must not pass for "unset" either: an empty callers file setting
+# would turn access control off, silently, where someone meant to turn it on.
 _NEVER_BLANK: Final = frozenset({"callers_file"})
 
 
 def _parse(f: dataclasses.Field[Any], raw: str) -> Any:
-    if f.name in _NEVER_BLANK and not raw.strip():
+    # NOTE: one rule for every setting: whitespace alone is a mistake (an empty template, a
+    # stray quote), never "unset", which for some settings turns a protection off.
+    if not raw.strip():
         env = _setting(f).env
-        raise ConfigError(f"{env} is set but blank: name a file, or unset {env}")
+        raise ConfigError(f"{env} is set but blank: give it a value, or unset {env}")
     kind = _PARSERS[str(f.type)]
     try:
         return kind(raw.strip() if kind is not Secret else raw)

@@ -276,6 +276,14 @@ def test_the_ledger_setting_wins_over_the_upstream() -> None:
     assert config.resolved_ledger_path() == "/l.db"
 
 
+@pytest.mark.parametrize("env", [s.env for _, s, _ in settings()])
+def test_a_setting_of_whitespace_only_is_an_error_not_unset(env: str) -> None:
+    # One rule: `NUMBERSVC_DATABASE_URL=" "` silently gave each replica its own SQLite ledger,
+    # `NUMBERSVC_TLS_CLIENT_CA=" "` silently turned mutual TLS off. Empty ("") stays unset.
+    with pytest.raises(ConfigError, match=f"{env} is set but blank"):
+        Config.from_env({env: " \t"})
+
+
 @pytest.mark.parametrize("blank", ["", " ", "\t\n"])
 def test_a_blank_callers_file_is_an_error_not_access_control_off(
     blank: str, capsys: pytest.CaptureFixture[str]
