@@ -339,23 +339,33 @@ def parse_error_body(
     """
     text = content.decode(text_encoding(content), errors="replace")
     try:
-        document: object = json.loads(text)
-    except ValueError:
+        api_id, message = _parse_json_error(text)
+    # NOTE: RecursionError too, from the decoder or the walk for the message: a body nested
+    # that deep is no Plivo answer, and its text is all it says.
+    except (ValueError, RecursionError):
         is_html = "html" in (content_type or "").lower() or text.lstrip().startswith("<")
         if is_html:
             text = _HTML_TAG.sub(" ", text)
         return None, excerpt(scrub(text), MAX_MESSAGE_CHARS)
-    if not isinstance(document, dict):
-        return None, excerpt(scrub(_message_from_value(document)), MAX_MESSAGE_CHARS)
-    api_id = document.get("api_id")
-    api_id = scrub(api_id) if isinstance(api_id, str) and api_id else None
-    message = ""
-    for key in _MESSAGE_KEYS:
-        if key in document:
-            message = _message_from_value(document[key])
-            if message:
-                break
+    api_id = scrub(api_id) if api_id else None
     return api_id, excerpt(scrub(message), MAX_MESSAGE_CHARS)
+
+
+def _parse_json_error(text: str) -> tuple[str | None, str]:
+    """Return the `api_id` and the message of a JSON error body, unscrubbed and uncut.
+
+    Raises:
+        ValueError: not JSON.
+        RecursionError: nested too deep to decode, or to walk.
+    """
+    document: object = json.loads(text)
+    if not isinstance(document, dict):
+        return None, _message_from_value(document)
+    api_id = document.get("api_id")
+    for key in _MESSAGE_KEYS:
+        if key in document and (message := _message_from_value(document[key])):
+            return (api_id if isinstance(api_id, str) else None), message
+    return (api_id if isinstance(api_id, str) else None), ""
 
 
 def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:

@@ -334,6 +334,20 @@ def test_a_body_that_may_hide_a_credential_is_walked(text: str) -> None:
     assert scrubber.may_hide(f'{{"api_id": "{_TOKEN}"}}'.encode("utf-16"))
 
 
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"[" * 100_000,  # past the decoder's own limit
+        b"[" * 900 + b'"x"' + b"]" * 900,  # decodes; the walk for the message recurses
+    ],
+)
+def test_parse_error_body_of_a_deeply_nested_body_is_its_text(content: bytes) -> None:
+    """A RecursionError would end the call as a bare INTERNAL instead of the status's row."""
+    api_id, message = parse_error_body(content, JSON)
+    assert api_id is None
+    assert message == excerpt(content.decode(), MAX_MESSAGE_CHARS)
+
+
 def test_parse_error_body_scrubs_before_the_cut() -> None:
     """A token straddling the 300-character cut would survive in part if scrubbed after it."""
     content = json.dumps({"api_id": _TOKEN.upper(), "error": "x" * 290 + _TOKEN}).encode()
