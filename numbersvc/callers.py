@@ -379,7 +379,13 @@ _COMMON_NAME_RULE: Final = (
 
 
 def _check_private(path: str | os.PathLike[str], st: os.stat_result, euid: int) -> None:
-    """Refuse a callers file that group or others can write, or that another user owns."""
+    """Refuse a callers file that group or others can write, or that another user owns.
+
+    NOTE: unlike sshd, the folder is not checked. A file someone else puts there is theirs
+    (refused by owner); a link is judged by its target; the file is read once, at start, through
+    the descriptor checked here. And Kubernetes mounts ConfigMaps and Secrets (read-only) in
+    folders of mode 0777 or 1777, which a folder check would refuse.
+    """
     where = os.fspath(path)
     mode = stat.S_IMODE(st.st_mode)
     if mode & (stat.S_IWGRP | stat.S_IWOTH):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import enum
-import math
 import re
 import urllib.parse
 from collections.abc import Callable, Mapping
@@ -30,6 +29,7 @@ if TYPE_CHECKING:  # at run time, imported where used: it loads asyncio
 __all__ = [
     "DEFAULT_SANDBOX_SEED",
     "LOG_FORMATS",
+    "MAX_SECONDS",
     "Config",
     "ConfigError",
     "Secret",
@@ -46,6 +46,9 @@ DEFAULT_SANDBOX_SEED: Final = 7
 """The seed of the embedded sandbox's inventory, and of `numbersvc sandbox`'s."""
 LOG_FORMATS: Final = ("text", "json")
 """The values of NUMBERSVC_LOG_FORMAT (`numbersvc.logs` renders them)."""
+MAX_SECONDS: Final = 2_147_483.0
+"""The most any `*_seconds` setting may be (24.8 days): gRPC's millisecond options are C ints,
+and every duration reaches a timer or a timestamp that a larger one would overflow."""
 # The default fallback budget is this share of the account's (see `Config.fallback_rate`).
 _FALLBACK_SHARES: Final = 3
 
@@ -274,8 +277,11 @@ class Config:
         _check_listen(self.listen)
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.name.endswith("_seconds") and not (value >= 0 and math.isfinite(value)):
-                raise ConfigError(f"{_setting(f).env} must be a finite number >= 0, not {value}")
+            if f.name.endswith("_seconds") and not 0 <= value <= MAX_SECONDS:
+                raise ConfigError(
+                    f"{_setting(f).env} must be a finite number >= 0 and at most"
+                    f" {MAX_SECONDS:.0f}, not {value:g}"
+                )
         if self.instance_lease_seconds <= 0:
             raise ConfigError("NUMBERSVC_INSTANCE_LEASE_SECONDS must be positive")
         at_least_one = (
@@ -509,15 +515,17 @@ _PARSERS: Final[dict[str, Callable[[str], Any]]] = {
 }
 
 
-# Settings whose blank value must not pass for "unset": an empty callers file setting would
-# turn access control off, silently, where someone meant to turn it on.
+# Settings whose empty value must not pass for "unset" either: an empty callers file setting
+# would turn access control off, silently, where someone meant to turn it on.
 _NEVER_BLANK: Final = frozenset({"callers_file"})
 
 
 def _parse(f: dataclasses.Field[Any], raw: str) -> Any:
-    if f.name in _NEVER_BLANK and not raw.strip():
+    # NOTE: one rule for every setting: whitespace alone is a mistake (an empty template, a
+    # stray quote), never "unset", which for some settings turns a protection off.
+    if not raw.strip():
         env = _setting(f).env
-        raise ConfigError(f"{env} is set but blank: name a file, or unset {env}")
+        raise ConfigError(f"{env} is set but blank: give it a value, or unset {env}")
     kind = _PARSERS[str(f.type)]
     try:
         return kind(raw.strip() if kind is not Secret else raw)

@@ -102,6 +102,7 @@ class Outcome(enum.Enum):
     CALLER_UNAUTHENTICATED = enum.auto()
     PERMISSION_DENIED = enum.auto()
     MALFORMED_REQUEST = enum.auto()
+    HEALTH_WATCHES_EXHAUSTED = enum.auto()
     INTERNAL_ERROR = enum.auto()
 
 
@@ -316,7 +317,8 @@ TABLE: Final[Mapping[Outcome, Rule]] = {
     Outcome.CALLER_UNAUTHENTICATED: Rule(
         _S.UNAUTHENTICATED,
         "CALLER_UNAUTHENTICATED",
-        "a callers file is set and the call has no known token or client certificate",
+        "a callers file is set and the call has no known token or client certificate, or a"
+        " trusted sidecar's `x-forwarded-client-cert` is malformed",
     ),
     Outcome.PERMISSION_DENIED: Rule(
         _S.PERMISSION_DENIED,
@@ -327,6 +329,11 @@ TABLE: Final[Mapping[Outcome, Rule]] = {
         _S.INVALID_ARGUMENT,
         "MALFORMED_REQUEST",
         "the request bytes are not the method's protobuf message",
+    ),
+    Outcome.HEALTH_WATCHES_EXHAUSTED: Rule(
+        _S.RESOURCE_EXHAUSTED,
+        "HEALTH_WATCHES_EXHAUSTED",
+        "a health Watch while `NUMBERSVC_MAX_HEALTH_WATCHES` are open (Check still answers)",
     ),
     Outcome.INTERNAL_ERROR: Rule(_S.INTERNAL, "INTERNAL_ERROR", "a bug in numbersvc (logged)"),
 }

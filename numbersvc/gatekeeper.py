@@ -5,7 +5,8 @@ goes upstream (AIP-193's order):
 
 1. Identity, when a callers file is configured: a bearer token in `authorization` metadata,
    else the client certificate's SPIFFE ID, else its common name. None of these ->
-   UNAUTHENTICATED. The certificate is the one the connection verified, or, when the
+   UNAUTHENTICATED; a certificate with a SPIFFE ID is never known by its common name.
+   The certificate is the one the connection verified, or, when the
    connection's peer is a trusted sidecar (`NUMBERSVC_TRUST_XFCC_FROM`) and the call carries
    `x-forwarded-client-cert`, the one the sidecar verified (`numbersvc.xfcc`): the sidecar
    terminated TLS, so the connection has no certificate of the caller's. A malformed header
@@ -232,8 +233,10 @@ def _identify(callers: Callers, identity: Identity) -> Caller | None:
         # NOTE: a wrong token, or an `authorization` of another scheme, never falls back to
         # the certificate: whoever sent it meant to be someone else.
         return callers.by_token(identity.token)
-    if identity.spiffe_id and (caller := callers.by_spiffe_id(identity.spiffe_id)) is not None:
-        return caller
+    if identity.spiffe_id:
+        # NOTE: an SVID identifies by its SPIFFE ID alone. Falling back to its common name
+        # would let a workload the file does not know borrow a CN caller's identity.
+        return callers.by_spiffe_id(identity.spiffe_id)
     for name in identity.common_names:
         if (caller := callers.by_common_name(name)) is not None:
             return caller

@@ -15,6 +15,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from grpc_reflection.v1alpha import reflection
 from numbersvc import __version__
 from numbersvc.callers import CALLERS_FILE_ENV, SETTLE, Callers
 from numbersvc.config import Config, ConfigError, UpstreamKind, parse_host_port
+from numbersvc.errors import Outcome, ServiceError, to_status
 from numbersvc.gatekeeper import READ, RENT, Gatekeeper
 from numbersvc.interceptors import AccessLog, ObservingInterceptor, current_call, upstream_headers
 from numbersvc.ledger import OrderLedger, SqliteLedger
@@ -88,11 +90,12 @@ class _HealthServicer(health.aio.HealthServicer):  # type: ignore[misc]
     ) -> None:
         """Stream the health status while fewer than `max_watches` streams are open."""
         if self._watches >= self._max_watches:
-            await context.abort(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
+            refused = ServiceError(
+                Outcome.HEALTH_WATCHES_EXHAUSTED,
                 f"{self._max_watches} health Watch streams are open already"
                 " (NUMBERSVC_MAX_HEALTH_WATCHES); use Check, or try later",
             )
+            await context.abort_with_status(to_status(refused))
         self._watches += 1
         try:
             await super().Watch(request, context)
@@ -541,9 +544,14 @@ async def _metrics_server(config: Config, metrics: Metrics) -> MetricsServer | N
         await server.start()
     except OSError as exc:
         await server.stop()
+        # NOTE: a host that does not resolve is a gaierror, whose errno is the resolver's
+        # (-2), not errno's: `os.strerror` read "Unknown error -2" for it. A bind error's own
+        # strerror is asyncio's long sentence, so errno's words are kept for it.
+        lookup = isinstance(exc, socket.gaierror)
+        why = exc.strerror if lookup else os.strerror(exc.errno) if exc.errno else str(exc)
         raise ConfigError(
             f"NUMBERSVC_METRICS_LISTEN: cannot listen on {config.metrics_listen}:"
-            f" {os.strerror(exc.errno) if exc.errno else exc} (another numbersvc?); set another"
+            f" {why}{'' if lookup else ' (another numbersvc?)'}; set another"
             " HOST:PORT (port 0: any free one), or off, with NUMBERSVC_METRICS_LISTEN or"
             " --metrics-listen"
         ) from exc

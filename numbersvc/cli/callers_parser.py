@@ -85,10 +85,7 @@ def add_callers_command(commands: argparse._SubParsersAction[argparse.ArgumentPa
         help="identify the caller by its mTLS client certificate's common name, instead of a"
         " token (a SPIFFE ID is preferred where there is one)",
     )
-    _file_option(add)
-    add.set_defaults(
-        local_command=functools.partial(Lazy(_CALLERS, "add_command"), usage=add.error)
-    )
+    _runs(add, "add_command")
 
     list_ = add_command(
         subcommands,
@@ -98,10 +95,7 @@ def add_callers_command(commands: argparse._SubParsersAction[argparse.ArgumentPa
         " certificate's SPIFFE ID or common name). Tokens and their hashes are never shown.",
         epilog=_exit_codes("the callers were printed"),
     )
-    _file_option(list_)
-    list_.set_defaults(
-        local_command=functools.partial(Lazy(_CALLERS, "list_command"), usage=list_.error)
-    )
+    _runs(list_, "list_command")
 
     remove = add_command(
         subcommands,
@@ -112,10 +106,7 @@ def add_callers_command(commands: argparse._SubParsersAction[argparse.ArgumentPa
         epilog=_exit_codes("the caller was removed", missing=" or has no caller of that name"),
     )
     remove.add_argument("name", metavar="NAME", help="the caller's name")
-    _file_option(remove)
-    remove.set_defaults(
-        local_command=functools.partial(Lazy(_CALLERS, "remove_command"), usage=remove.error)
-    )
+    _runs(remove, "remove_command")
 
 
 def _exit_codes(success: str, *, missing: str = "") -> str:
@@ -128,6 +119,14 @@ def _exit_codes(success: str, *, missing: str = "") -> str:
             ),
             (EXIT_USAGE, "usage error, or no file named by --file or the environment"),
         ]
+    )
+
+
+def _runs(parser: argparse.ArgumentParser, function: str) -> None:
+    """Give `parser` the `--file` option, and `function` of `numbersvc.cli.callers` to run."""
+    _file_option(parser)
+    parser.set_defaults(
+        local_command=functools.partial(Lazy(_CALLERS, function), usage=parser.error)
     )
 
 

@@ -20,6 +20,8 @@ Exit codes:
 from __future__ import annotations
 
 import dataclasses
+import getpass
+import os
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from typing import Final, TextIO, TypeVar
@@ -42,6 +44,7 @@ __all__ = [
     "REQUEST_ID_HEADER",
     "CallOptions",
     "Console",
+    "cli_actor",
     "describe_error",
     "exit_code",
     "fail",
@@ -52,6 +55,19 @@ __all__ = [
     "stream_groups",
     "wants_colour",
 ]
+
+
+def cli_actor() -> str:
+    """Who a command that writes the ledger itself acts as, for the audit trail: `cli:<user>`.
+
+    The login name (LOGNAME, USER, ... then the passwd entry); a container's uid often has
+    none, and is then named by number (`cli:uid 1000`).
+    """
+    try:
+        return f"cli:{getpass.getuser()}"
+    except (KeyError, OSError):  # no login name, and a uid without a passwd entry
+        return f"cli:uid {os.getuid()}"
+
 
 REQUEST_ID_HEADER: Final = "x-request-id"
 """Metadata key the server's access log takes its request id from."""

@@ -120,10 +120,8 @@ async def _import(
     conn: psycopg.AsyncConnection[Any], args: argparse.Namespace, console: client.Console
 ) -> int:
     await pgschema.migrate(conn)
-    # A pod's uid often has no passwd entry: the audit then names the uid.
-    actor = f"cli:{os.environ.get('USER') or f'uid {os.getuid()}'}"
     try:
-        report = await pgimport.import_sqlite(conn, args.from_sqlite, actor=actor)
+        report = await pgimport.import_sqlite(conn, args.from_sqlite, actor=client.cli_actor())
     except sqlite3.Error as exc:
         console.error(f"{args.from_sqlite}: {exc}")
         return EXIT_DATABASE

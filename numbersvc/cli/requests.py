@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 from datetime import datetime
-from typing import Final, NoReturn
+from typing import NoReturn
 
 from google.protobuf import timestamp_pb2
 
@@ -25,8 +25,6 @@ __all__ = [
     "settle_order",
     "stream_groups",
 ]
-
-_SETTLE_AS: Final = {"fulfilled": pb.ORDER_STATUS_FULFILLED, "failed": pb.ORDER_STATUS_FAILED}
 
 
 def _search_filter(args: argparse.Namespace) -> pb.SearchFilter:
@@ -101,7 +99,7 @@ def settle_order(
     args: argparse.Namespace, *, usage: Callable[[str], NoReturn]
 ) -> pb.SettleRentalOrderRequest:
     """`numbersvc orders settle`; contradictory flags are a usage error (exit 2)."""
-    status = _SETTLE_AS[args.outcome]
+    status = render.ORDER_STATUSES[args.outcome]  # `--as` offers fulfilled and failed
     if status == pb.ORDER_STATUS_FULFILLED and not args.numbers:
         usage("--as fulfilled needs the numbers rented: --numbers +14155550100,...")
     if status == pb.ORDER_STATUS_FAILED and args.numbers:

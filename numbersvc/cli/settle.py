@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import getpass
 import os
 import sqlite3
 import sys
@@ -96,11 +95,4 @@ def settle_offline_command(args: argparse.Namespace, *, usage: Callable[[str], N
     except ConfigError as exc:
         console.error(f"configuration: {exc}")
         return client.EXIT_USAGE
-    return settle_offline(path, params, actor=f"cli:{_user()}", console=console)
-
-
-def _user() -> str:
-    try:
-        return getpass.getuser()
-    except (KeyError, OSError):  # no login name, and a uid without a passwd entry
-        return f"uid {os.getuid()}"
+    return settle_offline(path, params, actor=client.cli_actor(), console=console)

@@ -580,9 +580,19 @@ class PlivoClient:
             )
         try:
             body: object = json.loads(content)
-        except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError, including b""
+            if self._scrubber.may_hide(content):  # the api_id, the order's texts, anything
+                body = self._scrubber.document(body)
+        # JSONDecodeError and UnicodeDecodeError (b"" too); RecursionError from the decoder or
+        # the scrubber's walk, for a body nested deeper than any answer of Plivo's.
+        except (ValueError, RecursionError) as exc:
             self._log(method, path, status, elapsed, None)
-            what = "an empty body" if not content.strip() else "a body that is not JSON"
+            what = (
+                "a body nested too deep"
+                if isinstance(exc, RecursionError)
+                else "an empty body"
+                if not content.strip()
+                else "a body that is not JSON"
+            )
             raise UpstreamDecodeError(
                 f"{method} {path}: HTTP {status} with {what}",
                 status_code=status,
@@ -590,8 +600,6 @@ class PlivoClient:
                 url=path,
                 body_excerpt=self._body_excerpt(content),
             ) from exc
-        if self._scrubber.may_hide(content):  # the api_id, the order's texts, anything
-            body = self._scrubber.document(body)
         api_id = body.get("api_id") if isinstance(body, dict) else None
         api_id = api_id if isinstance(api_id, str) else None
         self._log(method, path, status, elapsed, api_id)

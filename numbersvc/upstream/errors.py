@@ -55,6 +55,8 @@ _MASK = "***"
 # The JSON escapes a credential could hide behind in raw text: \uXXXX, and \/ (Base64 has "/").
 _JSON_ESCAPE = re.compile(r"\\u([0-9a-fA-F]{4})|\\/")
 _PRINTABLE_ASCII = range(0x20, 0x7F)
+# The raw bytes of the escapes `_unescape` undoes (a superset: 0x7F too).
+_HIDING_ESCAPE = re.compile(rb"\\(?:u00[2-7][0-9a-fA-F]|/)")
 _WHITESPACE = re.compile(r"\s+")
 _HTML_TAG = re.compile(r"<[^>]*>")
 # Error keys tried in order; Plivo uses `error`, other platform APIs `message` or `detail`.
@@ -229,15 +231,21 @@ class Scrubber:
         return self._pattern.sub(_MASK, text)
 
     def may_hide(self, content: bytes) -> bool:
-        """Whether a raw body might hold a credential: escapes, one in any case, not UTF-8.
+        """Whether a raw body might hold a credential, so that `document` must walk it.
 
-        JSON decoding reads UTF-16 and UTF-32 too, whose bytes for a credential are not the
-        ones looked for here. Cheap, so that the bodies which cannot (nearly all) skip `document`.
+        It might when it holds one in any case, an escape of printable ASCII or `/`, or is not
+        UTF-8. JSON decoding reads UTF-16 and UTF-32 too, whose bytes for a credential are not the
+        ones looked for here. Cheap, so that the bodies which cannot (nearly all, escaped
+        quotes and non-ASCII text included) skip `document`.
         """
-        if b"\\" in content or text_encoding(content) != "utf-8":
+        if text_encoding(content) != "utf-8":
             return True
+        # NOTE: `in` on the folded copy, not a regex alternation: ~20x faster on a page.
         folded = content.lower()
-        return any(secret in folded for secret in self._folded)
+        if any(secret in folded for secret in self._folded):
+            return True
+        # Only an escape that `text` would undo (`_unescape`) can hide one: not `\"`, not é.
+        return b"\\" in content and _HIDING_ESCAPE.search(content) is not None
 
     def document(self, value: object) -> object:
         """Return decoded JSON with every string (keys too) passed through `text`."""
@@ -331,23 +339,33 @@ def parse_error_body(
     """
     text = content.decode(text_encoding(content), errors="replace")
     try:
-        document: object = json.loads(text)
-    except ValueError:
+        api_id, message = _parse_json_error(text)
+    # NOTE: RecursionError too, from the decoder or the walk for the message: a body nested
+    # that deep is no Plivo answer, and its text is all it says.
+    except (ValueError, RecursionError):
         is_html = "html" in (content_type or "").lower() or text.lstrip().startswith("<")
         if is_html:
             text = _HTML_TAG.sub(" ", text)
         return None, excerpt(scrub(text), MAX_MESSAGE_CHARS)
-    if not isinstance(document, dict):
-        return None, excerpt(scrub(_message_from_value(document)), MAX_MESSAGE_CHARS)
-    api_id = document.get("api_id")
-    api_id = scrub(api_id) if isinstance(api_id, str) and api_id else None
-    message = ""
-    for key in _MESSAGE_KEYS:
-        if key in document:
-            message = _message_from_value(document[key])
-            if message:
-                break
+    api_id = scrub(api_id) if api_id else None
     return api_id, excerpt(scrub(message), MAX_MESSAGE_CHARS)
+
+
+def _parse_json_error(text: str) -> tuple[str | None, str]:
+    """Return the `api_id` and the message of a JSON error body, unscrubbed and uncut.
+
+    Raises:
+        ValueError: not JSON.
+        RecursionError: nested too deep to decode, or to walk.
+    """
+    document: object = json.loads(text)
+    if not isinstance(document, dict):
+        return None, _message_from_value(document)
+    api_id = document.get("api_id")
+    for key in _MESSAGE_KEYS:
+        if key in document and (message := _message_from_value(document[key])):
+            return (api_id if isinstance(api_id, str) else None), message
+    return (api_id if isinstance(api_id, str) else None), ""
 
 
 def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:

@@ -197,8 +197,11 @@ class TestImport:
             await ledger.close()
 
     async def test_copies_orders_and_events_once_and_sending_becomes_unknown(
-        self, postgres_url: str, tmp_path: Path, db: DbCommand
+        self, postgres_url: str, tmp_path: Path, db: DbCommand, monkeypatch: pytest.MonkeyPatch
     ) -> None:
+        # The login name as `orders settle --offline` finds it (LOGNAME too), not $USER alone.
+        monkeypatch.delenv("USER", raising=False)
+        monkeypatch.setenv("LOGNAME", "ana-oncall")
         path = tmp_path / "ledger.sqlite3"
         states = await self._sqlite_ledger(path)
         before = path.read_bytes()
@@ -237,6 +240,7 @@ class TestImport:
         assert extra[0] == "r-sending"
         assert extra[2] == "outcome_unknown"
         assert extra[3].startswith(f"{IMPORTED_NOTE} (imported by cli:")
+        assert extra[3].endswith("(imported by cli:ana-oncall)"), extra[3]
         dump = conn_dump(postgres_url)
 
         code, out = await asyncio.to_thread(db, postgres_url, "import", "--from-sqlite", str(path))

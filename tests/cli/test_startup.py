@@ -82,6 +82,16 @@ async def test_a_taken_metrics_port_names_numbersvc_metrics_listen() -> None:
     assert "Address already in use" in line
 
 
+async def test_a_metrics_host_that_does_not_resolve_says_so() -> None:
+    # `.invalid` never resolves (RFC 2606). The line read "Unknown error -2 (another numbersvc?)".
+    address = "no-such-host.invalid:0"
+    line = await _fails({"NUMBERSVC_METRICS_LISTEN": address}, "--listen", "127.0.0.1:0")
+    assert f"NUMBERSVC_METRICS_LISTEN: cannot listen on {address}: " in line
+    assert "Unknown error" not in line
+    assert "another numbersvc" not in line
+    assert "not known" in line or "resolution" in line, line
+
+
 @pytest.mark.parametrize(
     ("setting", "value", "expected"),
     [

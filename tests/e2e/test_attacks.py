@@ -282,6 +282,114 @@ async def test_a_token_in_a_utf16_answer_never_reaches_anyone() -> None:
     assert _leaks(everything, {"plivo token": token}, {"plivo token": token}) == []
 
 
+class _DeepProxy(HostileProxy):
+    """The hostile proxy, answering searches with the token escaped in `api_id` beside a value
+    nested `depth` arrays deep: deeper than Python's recursion limit, for a walk or a decoder
+    that recurses."""
+
+    depth = 900
+
+    def _rewrite(self, content: bytes) -> bytes:
+        document = json.loads(content)
+        if "objects" not in document:
+            return content
+        self.answered += 1
+        escaped = "".join(f"\\u{ord(c):04x}" for c in self.token)
+        nested = b"[" * self.depth + b"1" + b"]" * self.depth
+        return b'{"api_id": "%s", "deep": %s}' % (escaped.encode(), nested)
+
+
+class _DeeperProxy(_DeepProxy):
+    depth = 100_000
+
+
+@pytest.mark.parametrize("proxy_class", [_DeepProxy, _DeeperProxy])
+async def test_a_deeply_nested_answer_is_a_bad_upstream_answer(
+    proxy_class: type[_DeepProxy],
+) -> None:
+    """Not INTERNAL from a RecursionError: the answer is Plivo's fault, and says so."""
+    capture = Capture()
+    with captured_logs() as (text_log, json_log):
+        async with behind_a_hostile_proxy(proxy_class) as (stub, _, proxy, _):
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await stub.ListNumberGroups(pb.ListNumberGroupsRequest(filter=US), timeout=10)
+            capture.add("refused", refused.value.details() or "")
+    assert proxy.answered >= 1
+    assert refused.value.code() == grpc.StatusCode.INTERNAL, refused.value
+    assert reason_of(refused.value) == "UPSTREAM_BAD_RESPONSE"
+    everything = "\n".join([capture.text(), text_log.getvalue(), json_log.getvalue()])
+    assert "RecursionError" not in everything
+    assert _leaks(everything, {"plivo token": proxy.token}, {"plivo token": proxy.token}) == []
+
+
+# --- access control, from outside -------------------------------------------------------------
+
+
+async def _list_as(port: int, *metadata: tuple[str, str]) -> grpc.StatusCode:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = pb_grpc.NumberGroupServiceStub(channel)
+        try:
+            await stub.ListNumberGroups(
+                pb.ListNumberGroupsRequest(filter=US, page_size=1), metadata=metadata, timeout=10
+            )
+        except grpc.aio.AioRpcError as error:
+            return error.code()
+        return grpc.StatusCode.OK
+
+
+async def test_forged_authorization_variants_name_no_one(tmp_path: Path) -> None:
+    """A real `numbersvc serve`: only the token itself, after `Bearer ` in any case, gets in."""
+    callers = tmp_path / "callers.json"
+    token = add_caller(callers, "dashboard", ["numbers.read"]) or ""
+    async with _serve({"NUMBERSVC_CALLERS_FILE": str(callers)}) as served:
+        admitted = [f"Bearer {token}", f"bearer {token}", f"BEARER {token}"]
+        for value in admitted:
+            assert await _list_as(served.port, ("authorization", value)) == grpc.StatusCode.OK
+        forged = [
+            f"Bearer {token.upper()}",  # tokens are case-sensitive
+            f"Bearer {token[:-1]}",
+            f"Bearer {token}x",
+            f"Bearer {token} {token}",
+            f"Bearer{token}",
+            f"Basic {token}",
+            f"Bearer {token[:32]}",
+            f"Token {token}",
+        ]
+        for value in forged:
+            code = await _list_as(served.port, ("authorization", value))
+            assert code == grpc.StatusCode.UNAUTHENTICATED, value
+        # The first `authorization` is the one read: a valid one after a forged one is no key.
+        two = (("authorization", f"Bearer {token}x"), ("authorization", f"Bearer {token}"))
+        assert await _list_as(served.port, *two) == grpc.StatusCode.UNAUTHENTICATED
+        assert await _list_as(served.port, ("authorization-x", f"Bearer {token}")) == (
+            grpc.StatusCode.UNAUTHENTICATED
+        )
+    assert token.encode() not in served.stderr
+
+
+async def test_a_callers_file_swapped_for_a_writable_one_is_never_believed(
+    tmp_path: Path,
+) -> None:
+    """Swapped after start for a link to a world-writable file that grants a new token: the
+    running server read its file once; a restart refuses the link's target, by its mode."""
+    callers = tmp_path / "callers.json"
+    token = add_caller(callers, "dashboard", ["numbers.read"]) or ""
+    planted = tmp_path / "planted.json"
+    intruder = add_caller(planted, "intruder", ["numbers.read", "numbers.rent"]) or ""
+    planted.chmod(0o666)
+    env = {"NUMBERSVC_CALLERS_FILE": str(callers)}
+    async with _serve(env) as served:
+        callers.unlink()
+        callers.symlink_to(planted)
+        bearer = ("authorization", f"Bearer {intruder}")
+        assert await _list_as(served.port, bearer) == grpc.StatusCode.UNAUTHENTICATED
+        own = ("authorization", f"Bearer {token}")
+        assert await _list_as(served.port, own) == grpc.StatusCode.OK
+    code, said = await _start_up_error(env)
+    assert code == 2
+    assert "can be written by its group and others (mode 666)" in said, said
+
+
 # --- what trips a newcomer ------------------------------------------------------------------
 
 

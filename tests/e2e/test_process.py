@@ -117,6 +117,18 @@ async def test_contradictory_upstream_settings_fail_at_start(env: dict[str, str]
     assert b"PLIVO_AUTH" in err
 
 
+@pytest.mark.parametrize(
+    "env", ["NUMBERSVC_RENT_TIMEOUT_SECONDS", "NUMBERSVC_MAX_CONNECTION_AGE_SECONDS"]
+)
+async def test_a_huge_duration_fails_at_start_in_one_line(env: str) -> None:
+    # Both once ended in an OverflowError traceback (the ledger's clock, gRPC's options).
+    process = await _start({env: "1e300"})
+    _, err = await asyncio.wait_for(process.communicate(), timeout=20)
+    assert process.returncode == 2, err.decode()
+    assert b"Traceback" not in err
+    assert f"{env} must be a finite number".encode() in err
+
+
 async def test_token_absent_from_every_line_at_debug() -> None:
     token = f"tok-{uuid.uuid4().hex}"
     async with SandboxServer(auth_token=token) as sandbox:

@@ -400,6 +400,10 @@ async def test_a_spiffe_id_comes_only_from_the_one_uri_san(
         "two URI SANs and a known common name": _client_cert(
             ca, uri(SPIFFE_ID), uri(SPIFFE_ID + "-2"), common_name="legacy.internal"
         ),
+        # An SVID is its SPIFFE ID: another workload's must not borrow a CN identity.
+        "an unknown SPIFFE ID and a known common name": _client_cert(
+            ca, uri("spiffe://example.org/ns/other/sa/x"), common_name="legacy.internal"
+        ),
     }
     for what, cert in impostors.items():
         answer = await _list_with(running, tls_files["ca"], cert)
@@ -410,6 +414,10 @@ async def test_a_spiffe_id_comes_only_from_the_one_uri_san(
         "the one URI SAN": _spiffe_client_cert(ca, SPIFFE_ID),
         "the common name, beside a DNS SAN": _client_cert(
             ca, x509.DNSName("legacy.internal"), common_name="legacy.internal"
+        ),
+        # Not an SVID (its URI SAN is no SPIFFE ID): its common name is its identity.
+        "the common name, beside an https URI SAN": _client_cert(
+            ca, uri("https://legacy.internal/"), common_name="legacy.internal"
         ),
     }
     for what, cert in genuine.items():
@@ -492,7 +500,7 @@ async def test_open_health_watches_cannot_starve_authenticated_calls(
         grpc.aio.insecure_channel(target) as api,
     ):
         health = health_pb2_grpc.HealthStub(probes)
-        streams, answers = [], []
+        streams, answers, reasons = [], [], set()
         for _ in range(cap + 1):  # one at a time: which ones get in is then certain
             stream = health.Watch(health_pb2.HealthCheckRequest())
             streams.append(stream)
@@ -500,10 +508,12 @@ async def test_open_health_watches_cannot_starve_authenticated_calls(
                 answers.append((await stream.read()).status)
             except grpc.aio.AioRpcError as error:
                 answers.append(error.code())
+                reasons.add(reason_of(error))  # a row of the error table, like every refusal
         serving = health_pb2.HealthCheckResponse.SERVING
         assert answers == [serving] * watches + [grpc.StatusCode.RESOURCE_EXHAUSTED] * (
             cap + 1 - watches
         )
+        assert reasons == {"HEALTH_WATCHES_EXHAUSTED"}
         # The API's whole cap at once, each call held upstream so that they overlap.
         await control.inject_fault(FaultSpec(FaultKind.DELAY, seconds=0.3, count=cap))
         stub = pb_grpc.NumberGroupServiceStub(api)

@@ -138,6 +138,9 @@ async def test_quoted_values_as_envoy_writes_them(
     assert isinstance(page, pb.ListNumberGroupsResponse), page
     # Not `legacy` once the CN differs by one character.
     assert _refused(await _list(running, _sent(header.replace("v=1", "v=2"))))
+    # Nor beside a SPIFFE ID the callers file does not know: that workload is someone else.
+    other = header.replace(";URI=", ";URI=spiffe://cluster.local/ns/other/sa/x")
+    assert _refused(await _list(running, _sent(other)))
 
 
 @pytest.mark.parametrize("untrusted", ["10.0.0.0/8", "::1/128", ""])

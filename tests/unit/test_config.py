@@ -100,6 +100,24 @@ def test_bad_values(env: dict[str, str], message: str) -> None:
         Config.from_env(env)
 
 
+_DURATIONS = [s.env for name, s, _ in settings() if name.endswith("_seconds")]
+
+
+@pytest.mark.parametrize("env", _DURATIONS)
+@pytest.mark.parametrize("raw", ["1e300", "inf", "2147484"])
+def test_every_duration_is_bounded(env: str, raw: str) -> None:
+    # One rule for every `*_seconds`: 1e300 once crashed `serve` with an OverflowError.
+    with pytest.raises(
+        ConfigError, match=f"{env} must be a finite number >= 0 and at most 2147483,"
+    ):
+        Config.from_env({env: raw})
+
+
+@pytest.mark.parametrize("env", _DURATIONS)
+def test_every_duration_takes_its_bound(env: str) -> None:
+    assert Config.from_env({env: "2147483"})
+
+
 @pytest.mark.parametrize(
     ("env", "fallback"),
     [
@@ -256,6 +274,14 @@ def test_default_ledger_is_per_upstream(
 def test_the_ledger_setting_wins_over_the_upstream() -> None:
     config = Config(**_CREDENTIALS, plivo_base_url="http://127.0.0.1:8089", ledger_path="/l.db")  # type: ignore[arg-type]
     assert config.resolved_ledger_path() == "/l.db"
+
+
+@pytest.mark.parametrize("env", [s.env for _, s, _ in settings()])
+def test_a_setting_of_whitespace_only_is_an_error_not_unset(env: str) -> None:
+    # One rule: `NUMBERSVC_DATABASE_URL=" "` silently gave each replica its own SQLite ledger,
+    # `NUMBERSVC_TLS_CLIENT_CA=" "` silently turned mutual TLS off. Empty ("") stays unset.
+    with pytest.raises(ConfigError, match=f"{env} is set but blank"):
+        Config.from_env({env: " \t"})
 
 
 @pytest.mark.parametrize("blank", ["", " ", "\t\n"])

@@ -302,6 +302,52 @@ def test_scrubber_on_bodies_and_documents() -> None:
         Scrubber(("",))
 
 
+@pytest.mark.parametrize(
+    "body",
+    [
+        # Escapes that can hide no credential character: a quote, a newline, non-ASCII text
+        # (how `ensure_ascii` JSON writes "Zürich"). The walk costs ~5x the JSON decode.
+        b'{"city": "Z\\u00fcrich", "note": "say \\"hi\\"\\n", "sym": "\\u20ac"}',
+        b'{"api_id": "a-1", "objects": [{"group_id": "7"}]}',
+    ],
+)
+def test_a_clean_body_skips_the_walk(body: bytes) -> None:
+    assert not Scrubber((_TOKEN, _BASIC)).may_hide(body)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        _json_escaped(_TOKEN),
+        _json_escaped(_TOKEN).upper().replace("\\U", "\\u"),  # upper-case hex digits
+        "t" + _json_escaped(_TOKEN[1:2]) + _TOKEN[2:],
+        _BASIC.replace("/", "\\/"),
+        _TOKEN.swapcase(),
+    ],
+)
+def test_a_body_that_may_hide_a_credential_is_walked(text: str) -> None:
+    """Whatever `may_hide` lets through, `document` would have left unchanged."""
+    scrubber = Scrubber((_TOKEN, _BASIC))
+    body = f'{{"api_id": "{text}"}}'.encode()
+    assert scrubber.may_hide(body)
+    assert scrubber.document(json.loads(body)) == {"api_id": "***"}
+    assert scrubber.may_hide(f'{{"api_id": "{_TOKEN}"}}'.encode("utf-16"))
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"[" * 100_000,  # past the decoder's own limit
+        b"[" * 900 + b'"x"' + b"]" * 900,  # decodes; the walk for the message recurses
+    ],
+)
+def test_parse_error_body_of_a_deeply_nested_body_is_its_text(content: bytes) -> None:
+    """A RecursionError would end the call as a bare INTERNAL instead of the status's row."""
+    api_id, message = parse_error_body(content, JSON)
+    assert api_id is None
+    assert message == excerpt(content.decode(), MAX_MESSAGE_CHARS)
+
+
 def test_parse_error_body_scrubs_before_the_cut() -> None:
     """A token straddling the 300-character cut would survive in part if scrubbed after it."""
     content = json.dumps({"api_id": _TOKEN.upper(), "error": "x" * 290 + _TOKEN}).encode()
