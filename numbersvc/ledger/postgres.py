@@ -58,6 +58,10 @@ _MIN_CONNECT_TIMEOUT_SECONDS: Final = 2  # libpq's own minimum, whole seconds
 # How long a call waits for a pooled connection: a database that is down, or a pool that is
 # exhausted, fails a claim within this (before anything is sent) rather than at its deadline.
 _POOL_WAIT_SECONDS: Final = 5.0
+# How long a statement waits for a lock (a row another session holds, a caller's claim lock),
+# as SQLite's busy timeout bounds its waits: a write the rent desk retries fails within this
+# instead of hanging, so a shutdown never waits on a lock that is not released.
+_LOCK_WAIT_SECONDS: Final = 5.0
 # Every statement commits on its own unless a transaction is opened; `pg_stat_activity`
 # names the service.
 _CONNECTION_OPTIONS: Final[dict[str, Any]] = {"autocommit": True, "application_name": "numbersvc"}
@@ -244,6 +248,7 @@ class PostgresLedger:
             name="numbersvc-ledger",
             # A connection broken by a database restart is found out before a claim uses it.
             check=AsyncConnectionPool.check_connection,
+            configure=_bound_lock_waits,
         )
         try:
             await pool.open(wait=True, timeout=connect_timeout_seconds)
@@ -526,6 +531,12 @@ class PostgresLedger:
             _log.warning("could not give up the ledger lease: %s", type(exc).__name__)
         finally:
             await self._pool.close()
+
+
+async def _bound_lock_waits(conn: psycopg.AsyncConnection[Any]) -> None:
+    # NOTE: set here, not as `options` in the connection string: that would replace the
+    # operator's own `options` (a search path) in the database URL.
+    await conn.execute(f"SET lock_timeout = '{int(_LOCK_WAIT_SECONDS * 1000)}ms'")
 
 
 async def _entry(conn: psycopg.AsyncConnection[Any], request_id: str) -> LedgerEntry | None:

@@ -1,0 +1,170 @@
+"""Renting on PostgreSQL under faults: real `numbersvc serve` processes, a real cluster.
+
+What the SQLite store was tried with from outside (`test_ledger_faults.py`, `test_drain.py`,
+`test_shared_ledger.py`), tried on the PostgreSQL store: the database stopped while a POST is
+out, a row lock held by another session when Plivo's answer arrives, SIGTERM mid-POST, and a
+second replica started while the first one's POST is out. Each ends with a caller told
+`RENT_OUTCOME_UNKNOWN` (never INTERNAL, never a hang), one POST, an order settleable or
+recorded, and a server that exits 0 without a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from typing import Any, Final
+
+import grpc
+import psycopg
+import pytest
+
+from numbersvc.sandbox import SandboxControl, SandboxServer
+from numbersvc.v1 import number_groups_pb2 as pb
+from numbersvc.v1 import number_groups_pb2_grpc as pb_grpc
+from tests.e2e.conftest import eventually, reason_of
+from tests.e2e.test_crash import held_rent
+from tests.e2e.test_process import Served, _serve
+from tests.e2e.test_replicas import _env, _posts
+
+_RENT_TIMEOUT_SECONDS: Final = 6.0
+
+
+def _state(url: str, request_id: str) -> str:
+    with psycopg.connect(url, autocommit=True) as conn:
+        row = conn.execute("SELECT state FROM orders WHERE request_id = %s", (request_id,))
+        found = row.fetchone()
+    assert found is not None, request_id
+    return str(found[0])
+
+
+@contextlib.asynccontextmanager
+async def _server(
+    sandbox: SandboxServer, url: str, **settings: str
+) -> AsyncIterator[tuple[Served, Any]]:
+    env = _env(
+        sandbox,
+        url,
+        NUMBERSVC_RENT_TIMEOUT_SECONDS=str(_RENT_TIMEOUT_SECONDS),
+        NUMBERSVC_INSTANCE_LEASE_SECONDS="1",
+        **settings,
+    )
+    async with (
+        _serve(env) as served,
+        grpc.aio.insecure_channel(f"127.0.0.1:{served.port}") as channel,
+    ):
+        yield served, pb_grpc.NumberGroupServiceStub(channel)
+
+
+@contextlib.contextmanager
+def _row_locked(url: str, request_id: str) -> Iterator[None]:
+    """Another session holds the order's row lock (`SELECT ... FOR UPDATE`) meanwhile."""
+    with psycopg.connect(url) as conn:
+        conn.execute("SELECT 1 FROM orders WHERE request_id = %s FOR UPDATE", (request_id,))
+        yield
+        conn.rollback()
+
+
+def _unknown(error: BaseException) -> None:
+    assert isinstance(error, grpc.aio.AioRpcError), error
+    assert reason_of(error) == "RENT_OUTCOME_UNKNOWN", (error.code(), error.details())
+
+
+async def test_a_row_lock_held_when_the_answer_arrives(
+    sandbox: SandboxServer, control: SandboxControl, postgres_url: str
+) -> None:
+    """The 201 arrives while another session holds the row: the caller is told the outcome is
+    unknown by its deadline, the write lands once the lock goes, and SIGTERM exits 0."""
+    request_id = str(uuid.uuid4())
+    async with _server(sandbox, postgres_url) as (served, stub):
+        _, rent = await held_rent(stub, control, request_id, hold_seconds=1.0, timeout_seconds=5)
+        with _row_locked(postgres_url, request_id):
+            (answer,) = await asyncio.gather(rent, return_exceptions=True)
+            _unknown(answer)
+            assert _state(postgres_url, request_id) == "sending"
+
+        async def recorded() -> bool:
+            return _state(postgres_url, request_id) == "fulfilled"
+
+        await eventually(recorded, timeout_seconds=15)
+        served.process.send_signal(signal.SIGTERM)
+        assert await served.finish() == 0
+    assert b"Traceback" not in served.stderr, served.stderr.decode()
+    assert await _posts(control) == 1
+
+
+async def test_sigterm_while_a_row_lock_holds_the_answer_exits_within_the_grace(
+    sandbox: SandboxServer, control: SandboxControl, postgres_url: str
+) -> None:
+    """SIGTERM while the answer's write waits on a row lock nobody releases: the server must
+    still exit, within its grace and a bounded lock wait, not hang on the write."""
+    request_id = str(uuid.uuid4())
+    async with _server(sandbox, postgres_url, NUMBERSVC_SHUTDOWN_GRACE_SECONDS="3") as (
+        served,
+        stub,
+    ):
+        _, rent = await held_rent(stub, control, request_id, hold_seconds=1.0, timeout_seconds=5)
+        with _row_locked(postgres_url, request_id):
+            (answer,) = await asyncio.gather(rent, return_exceptions=True)
+            _unknown(answer)
+            served.process.send_signal(signal.SIGTERM)
+            code = await asyncio.wait_for(served.finish(), timeout=30)
+        assert code == 0, served.stderr.decode()
+    assert b"Traceback" not in served.stderr, served.stderr.decode()
+    assert b"Plivo's answer" in served.stderr
+    assert await _posts(control) == 1
+
+
+async def test_sigterm_mid_post(
+    sandbox: SandboxServer, control: SandboxControl, postgres_url: str
+) -> None:
+    """SIGTERM while Plivo sits on the POST past the grace: the caller is told the outcome is
+    unknown with its request id, the row is `outcome_unknown` and settleable, exit 0."""
+    request_id = str(uuid.uuid4())
+    async with _server(sandbox, postgres_url, NUMBERSVC_SHUTDOWN_GRACE_SECONDS="2") as (
+        served,
+        stub,
+    ):
+        _, rent = await held_rent(stub, control, request_id, hold_seconds=5, timeout_seconds=10)
+        served.process.send_signal(signal.SIGTERM)
+        (answer,) = await asyncio.gather(rent, return_exceptions=True)
+        _unknown(answer)
+        assert request_id in answer.details()
+        assert await served.finish() == 0
+    assert b"Traceback" not in served.stderr, served.stderr.decode()
+    assert _state(postgres_url, request_id) == "outcome_unknown"
+    async with _server(sandbox, postgres_url) as (_, stub):
+        settled = await stub.SettleRentalOrder(
+            pb.SettleRentalOrderRequest(
+                request_id=request_id, status=pb.ORDER_STATUS_FAILED, note="not in console"
+            )
+        )
+        assert settled.order.status == pb.ORDER_STATUS_FAILED
+    assert await _posts(control) == 1
+
+
+async def test_a_second_replica_started_while_a_post_is_out_recovers_nothing(
+    sandbox: SandboxServer, control: SandboxControl, postgres_url: str
+) -> None:
+    """B starts and beats while A's POST is out: the order stays `sending`, cannot be settled
+    through B, and lands as fulfilled when Plivo answers A."""
+    request_id = str(uuid.uuid4())
+    async with _server(sandbox, postgres_url) as (_, stub_a):
+        _, rent = await held_rent(stub_a, control, request_id, hold_seconds=4, timeout_seconds=10)
+        async with _server(sandbox, postgres_url) as (second, stub_b):
+            await asyncio.sleep(2.0)  # B beats every third of its 1 s lease meanwhile
+            assert _state(postgres_url, request_id) == "sending"
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await stub_b.SettleRentalOrder(
+                    pb.SettleRentalOrderRequest(
+                        request_id=request_id, status=pb.ORDER_STATUS_FAILED, note="too early"
+                    )
+                )
+            assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert (await rent).order.status == pb.ORDER_STATUS_FULFILLED
+            second.process.send_signal(signal.SIGTERM)
+            assert await second.finish() == 0
+    assert _state(postgres_url, request_id) == "fulfilled"
+    assert await _posts(control) == 1
