@@ -254,10 +254,17 @@ class LeaseKeeper:
         """Run one heartbeat; a failure is logged (once per outage) and counted, never raised."""
         try:
             recovered = await self._ledger.heartbeat()
-        except Exception:
+        except Exception as exc:
             self._metrics.ledger_heartbeats.labels("error").inc()
             if not self._failing:
-                _log.exception("ledger heartbeat failed: the lease is not renewed (retrying)")
+                # One line, no traceback: a store that is down is an outage, not a bug.
+                _log.error(
+                    "ledger heartbeat failed (%s: %s): the lease is not renewed (retrying every"
+                    " %.1f s)",
+                    type(exc).__name__,
+                    str(exc).partition("\n")[0],
+                    self._interval,
+                )
             self._failing = True
             return
         self._metrics.ledger_heartbeats.labels("ok").inc()

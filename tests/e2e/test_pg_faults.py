@@ -28,6 +28,7 @@ from tests.e2e.conftest import eventually, reason_of
 from tests.e2e.test_crash import held_rent
 from tests.e2e.test_process import Served, _serve
 from tests.e2e.test_replicas import _env, _posts
+from tests.pg import Cluster
 
 _RENT_TIMEOUT_SECONDS: Final = 6.0
 
@@ -114,6 +115,47 @@ async def test_sigterm_while_a_row_lock_holds_the_answer_exits_within_the_grace(
         assert code == 0, served.stderr.decode()
     assert b"Traceback" not in served.stderr, served.stderr.decode()
     assert b"Plivo's answer" in served.stderr
+    assert await _posts(control) == 1
+
+
+@pytest.mark.timeout(180)
+async def test_postgres_stopped_mid_rent(
+    sandbox: SandboxServer,
+    control: SandboxControl,
+    postgres_cluster: Cluster,
+    postgres_url: str,
+) -> None:
+    """`pg_ctl stop -m immediate` while the POST is out: the caller is told the outcome is
+    unknown (no traceback, no hang); after the restart the order is recorded or settleable."""
+    request_id = str(uuid.uuid4())
+    try:
+        async with _server(sandbox, postgres_url) as (served, stub):
+            _, rent = await held_rent(
+                stub, control, request_id, hold_seconds=1.0, timeout_seconds=5
+            )
+            # The test cluster commits asynchronously (synchronous_commit=off, for speed): a
+            # checkpoint first, so the claim survives the stop as it would in production.
+            with postgres_cluster.connect() as conn:
+                conn.execute("CHECKPOINT")
+            await asyncio.to_thread(postgres_cluster.stop)
+            (answer,) = await asyncio.gather(rent, return_exceptions=True)
+            _unknown(answer)
+            await asyncio.to_thread(postgres_cluster.start)
+
+            async def recorded() -> bool:
+                with contextlib.suppress(psycopg.OperationalError):
+                    return _state(postgres_url, request_id) in ("fulfilled", "outcome_unknown")
+                return False
+
+            await eventually(recorded, timeout_seconds=60)
+            got = await stub.GetRentalOrder(pb.GetRentalOrderRequest(request_id=request_id))
+            assert got.order.status == pb.ORDER_STATUS_FULFILLED, got.order
+            served.process.send_signal(signal.SIGTERM)
+            assert await served.finish() == 0
+    finally:
+        with contextlib.suppress(RuntimeError):  # running already
+            await asyncio.to_thread(postgres_cluster.start)
+    assert b"Traceback" not in served.stderr, served.stderr.decode()
     assert await _posts(control) == 1
 
 
