@@ -31,6 +31,7 @@ import contextlib
 import dataclasses
 import logging
 import random
+import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -226,6 +227,10 @@ class RentDesk:
     async def _place(
         self, params: RentParams, attempt: Attempt, deadline: Deadline
     ) -> pb.RentalOrder:
+        # NOTE: this host's clock, read before the claim, not the claim's time in the order:
+        # on PostgreSQL that is the database's clock, and the upstream client compares
+        # `send_by` with this host's. Read before, the claim cannot come earlier than it.
+        send_by = time.time() + self._timeout + _START_SLACK_SECONDS
         begun = await self._ledger.begin(attempt, daily_cap=self._daily_cap)
         if begun.kind is Begin.CONFLICT:
             assert begun.entry is not None
@@ -236,13 +241,11 @@ class RentDesk:
         if begun.kind is Begin.EXISTING:
             assert begun.entry is not None
             return _replay(begun.entry)
-        return await self._send(params, attempt.order, deadline)
+        return await self._send(params, attempt.order, deadline, send_by)
 
     async def _send(
-        self, params: RentParams, order: pb.RentalOrder, deadline: Deadline
+        self, params: RentParams, order: pb.RentalOrder, deadline: Deadline, send_by: float
     ) -> pb.RentalOrder:
-        # The ledger stamped the claim's wall-clock time: the send deadline counts from it.
-        send_by = order.update_time.ToNanoseconds() / 1e9 + self._timeout + _START_SLACK_SECONDS
         try:
             budget = deadline.attempt_timeout()
             if budget <= 0:

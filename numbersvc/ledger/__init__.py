@@ -146,9 +146,7 @@ class OrderLedger(Protocol):
         """Atomically claim the request id (or report who has it) and check the daily cap.
 
         A claim sets the order's send deadline: after it, no POST of this attempt can still
-        be running. It also stamps the order's `update_time` with the claim's wall-clock time,
-        from which the rent desk counts the time it may still send by. A `released` or
-        `failed` row is taken over and keeps its create time.
+        be running. A `released` or `failed` row is taken over and keeps its create time.
         """
 
     async def finish(

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any, Final
@@ -21,9 +22,14 @@ import grpc
 import psycopg
 import pytest
 
+from numbersvc.deadline import Deadline
+from numbersvc.ledger.postgres import PostgresLedger
+from numbersvc.orders import RentDesk
 from numbersvc.sandbox import SandboxControl, SandboxServer
+from numbersvc.upstream import PlivoClient
 from numbersvc.v1 import number_groups_pb2 as pb
 from numbersvc.v1 import number_groups_pb2_grpc as pb_grpc
+from numbersvc.validation import RentParams
 from tests.e2e.conftest import eventually, reason_of
 from tests.e2e.test_crash import held_rent
 from tests.e2e.test_process import Served, _serve
@@ -209,4 +215,33 @@ async def test_a_second_replica_started_while_a_post_is_out_recovers_nothing(
             second.process.send_signal(signal.SIGTERM)
             assert await second.finish() == 0
     assert _state(postgres_url, request_id) == "fulfilled"
+    assert await _posts(control) == 1
+
+
+async def test_the_send_window_is_counted_on_this_hosts_clock(
+    sandbox: SandboxServer, control: SandboxControl, postgres_url: str
+) -> None:
+    """The database's clock (the claim's time) and this host's disagree: the rent is sent.
+
+    The upstream client compares `send_by` with this host's clock; counted from the claim's
+    time on the database's clock, a host 30 s ahead of it had every rent refused as "stalled
+    past the time it had to send it by", and a host behind it could send past the ledger's
+    send deadline (after another replica may have recovered the order).
+    """
+    database_clock = lambda: time.time_ns() - 30 * 10**9  # noqa: E731 (30 s behind this host)
+    ledger = await PostgresLedger.open(postgres_url, clock_ns=database_clock)
+    async with PlivoClient(
+        base_url=sandbox.base_url, auth_id=sandbox.auth_id, auth_token=sandbox.auth_token
+    ) as client:
+        try:
+            desk = RentDesk(upstream=client, ledger=ledger, rent_timeout_seconds=5, daily_cap=0)
+            found = await client.search_number_groups({"country_iso": "US"}, timeout_seconds=5)
+            group_id = found.body["objects"][0]["group_id"]
+            params = RentParams(group_id=group_id, quantity=1, app_id="", request_id="r-1")
+            order = await desk.rent(
+                params, caller="alice", peer="test", deadline=Deadline(time.monotonic() + 10)
+            )
+        finally:
+            await ledger.close()
+    assert order.status == pb.ORDER_STATUS_FULFILLED, order.status_message
     assert await _posts(control) == 1
