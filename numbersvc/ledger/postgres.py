@@ -118,7 +118,9 @@ logged AS (
 SELECT used.n, claimed.create_time_ns FROM used LEFT JOIN claimed ON true
 """
 
-# A change of state, only from the states allowed, with its audit event.
+# A change of state, with its audit event, only where `rules.refusal` allows it (the same
+# rule in SQL: one statement, no row lock held across a round trip); when it matches no row,
+# `rules.refusal` says why.
 _UPDATE: Final = """
 WITH changed AS (
     UPDATE orders o SET state = %(state)s, status = %(status)s, update_time_ns = %(now)s,
@@ -423,13 +425,9 @@ class PostgresLedger:
         row = await cursor.fetchone()
         if row is None:
             current = await _entry(conn, order.request_id)
-            if current is None:
-                raise SettleError(f"no order with request id {order.request_id}")
-            if owner and current.owner != owner:
-                raise SettleError(f"order {order.request_id} was claimed since by {current.owner}")
-            raise SettleError(
-                f"order {order.request_id} is {current.state.value}: nothing to settle"
-            )
+            refused = rules.refusal(order.request_id, current, only_from=only_from, owner=owner)
+            # None: the row changed back between the two statements; refused all the same.
+            raise refused or SettleError(f"order {order.request_id} changed meanwhile")
         fingerprint, owner = row
         _log.info("order %s %s: %s", order.request_id, state.value, rules.describe(order))
         return LedgerEntry(order, state, fingerprint, owner, error_outcome)

@@ -9,7 +9,7 @@ import logging
 from collections.abc import Sequence
 from typing import Final
 
-from numbersvc.ledger import OrderState, SettleError
+from numbersvc.ledger import LedgerEntry, OrderState, SettleError
 from numbersvc.v1 import number_groups_pb2 as pb
 from numbersvc.validation import is_e164
 
@@ -21,6 +21,7 @@ __all__ = [
     "check_settlement",
     "describe",
     "late_answer",
+    "refusal",
     "settled_order",
 ]
 
@@ -49,6 +50,32 @@ def check_settlement(state: OrderState, numbers: Sequence[str]) -> None:
     for number in numbers:
         if not is_e164(number):
             raise SettleError(f"not an E.164 number: {number!r}")
+
+
+def refusal(
+    request_id: str,
+    current: LedgerEntry | None,
+    *,
+    only_from: tuple[OrderState, ...] = (),
+    owner: str = "",
+) -> SettleError | None:
+    """Why an order may not be changed now, or None: the rule every store applies.
+
+    Args:
+        request_id: the order.
+        current: the order as the store holds it (None: there is none).
+        only_from: the states the change may start from; empty for any.
+        owner: the instance that must have claimed the order last; empty for any (a
+            settlement, a recovery). `finish` names its own instance: another may have
+            claimed the id since (its POST may be out), and its row is not ours to end.
+    """
+    if current is None:
+        return SettleError(f"no order with request id {request_id}")
+    if only_from and current.state not in only_from:
+        return SettleError(f"order {request_id} is {current.state.value}: nothing to settle")
+    if owner and current.owner != owner:
+        return SettleError(f"order {request_id} was claimed since by {current.owner}")
+    return None
 
 
 def settled_order(

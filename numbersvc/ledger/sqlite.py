@@ -331,14 +331,10 @@ class SqliteLedger:
         claimed it last.
         """
         current = self._entry(db, order.request_id)
-        if current is None:
-            raise SettleError(f"no order with request id {order.request_id}")
-        if only_from and current.state not in only_from:
-            raise SettleError(
-                f"order {order.request_id} is {current.state.value}: nothing to settle"
-            )
-        if owner and current.owner != owner:
-            raise SettleError(f"order {order.request_id} was claimed since by {current.owner}")
+        refused = rules.refusal(order.request_id, current, only_from=only_from, owner=owner)
+        if refused is not None:
+            raise refused
+        assert current is not None  # `refusal` says so otherwise
         order.status = STATUS_OF[state]
         order.update_time.FromNanoseconds(now)
         db.execute(

@@ -1002,11 +1002,18 @@ class TestLeases:
         assert (await first.begin(late, daily_cap=0)).kind is Begin.NEW
         await first.finish(late.order, OrderState.FAILED)
         second = await ledger_factory.open()
-        assert (await second.begin(new_attempt("reused"), daily_cap=0)).kind is Begin.NEW
+        retry = new_attempt("reused")
+        assert (await second.begin(retry, daily_cap=0)).kind is Begin.NEW
         before = dump(ledger_factory)
         for state in (OrderState.RELEASED, OrderState.FULFILLED):
             entry = await first.finish(late.order, state)
             assert (entry.state, entry.owner) == (OrderState.SENDING, second.instance)
+        assert dump(ledger_factory) == before
+        # Nor once B's attempt ended unknown: a state `finish` may change, but B's row.
+        await second.finish(retry.order, OrderState.OUTCOME_UNKNOWN)
+        before = dump(ledger_factory)
+        entry = await first.finish(late.order, OrderState.FULFILLED)
+        assert (entry.state, entry.owner) == (OrderState.OUTCOME_UNKNOWN, second.instance)
         assert dump(ledger_factory) == before
 
 
