@@ -403,8 +403,11 @@ class PostgresLedger:
         error_outcome: str = "",
         upstream: str = "",
         owner: str = "",
+        now: int | None = None,
     ) -> LedgerEntry:
-        now = await self._read_clock(conn)
+        """Write a new state; `now` is the instant of the caller's transaction, if it has one."""
+        if now is None:
+            now = await self._read_clock(conn)
         order.status = STATUS_OF[state]
         order.update_time.FromNanoseconds(now)
         cursor = await conn.execute(
@@ -480,7 +483,11 @@ class PostgresLedger:
                     f"{rules.RECOVERED_NOTE} (owner {entry.owner}: lease expired)"
                 )
                 await self._update(
-                    conn, entry.order, OrderState.OUTCOME_UNKNOWN, only_from=(OrderState.SENDING,)
+                    conn,
+                    entry.order,
+                    OrderState.OUTCOME_UNKNOWN,
+                    only_from=(OrderState.SENDING,),
+                    now=now_ns,
                 )
                 recovered.append(entry.order.request_id)
             # A missing lease reads as a lapsed one; its owner, if alive, renews it.

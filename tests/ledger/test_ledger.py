@@ -983,6 +983,21 @@ class TestLeases:
         await _heartbeat_until(other, 1, timeout_seconds=30)
         assert (await entry_of(other, "in-flight")).state is OrderState.OUTCOME_UNKNOWN
 
+    async def test_one_heartbeat_recovers_at_one_instant(
+        self, ledger_factory: LedgerFactory
+    ) -> None:
+        # One transaction, one clock read: not a read of the store's clock per order.
+        owner = await ledger_factory.open(send_timeout_seconds=0)
+        for i in range(3):
+            await seed(owner, f"in-flight-{i}")
+        await owner.close()
+        other = await ledger_factory.open()
+        assert await other.heartbeat() == 3
+        times = {row["update_time_ns"] for row in ledger_factory.rows()}
+        assert len(times) == 1, times
+        recovered = [e for e in ledger_factory.events() if e[2] == "outcome_unknown"]
+        assert {e[1] for e in recovered} == times
+
     async def test_a_finished_order_is_never_recovered(self, ledger_factory: LedgerFactory) -> None:
         owner = await ledger_factory.open(send_timeout_seconds=0)
         order = await seed(owner, "in-flight")
