@@ -47,7 +47,14 @@ from numbersvc.errors import (
     ServiceError,
     classify,
 )
-from numbersvc.ledger import Attempt, Begin, LedgerEntry, OrderLedger, OrderState
+from numbersvc.ledger import (
+    Attempt,
+    Begin,
+    LedgerEntry,
+    LedgerUnreachableError,
+    OrderLedger,
+    OrderState,
+)
 from numbersvc.metrics import Metrics
 from numbersvc.upstream import PlivoClient, RetryPolicy, UpstreamResponse, full_jitter_delays
 from numbersvc.v1 import number_groups_pb2 as pb
@@ -57,6 +64,8 @@ __all__ = ["RentDesk", "send_window_seconds"]
 
 _log = logging.getLogger("numbersvc.orders")
 _IN_PROGRESS_RETRY_SECONDS: Final = 1.0
+# The store was out of reach for a claim: a database restart, a lock, take a few seconds.
+_LEDGER_RETRY_SECONDS: Final = 2.0
 # A caller's answer comes this long before its own wait (`_wait`) gives up on the flight.
 _ANSWER_MARGIN_SECONDS: Final = 2 * DEFAULT_MARGIN_SECONDS
 # How long a write may keep callers waiting whose deadline is already gone (a joined
@@ -231,7 +240,16 @@ class RentDesk:
         # on PostgreSQL that is the database's clock, and the upstream client compares
         # `send_by` with this host's. Read before, the claim cannot come earlier than it.
         send_by = time.time() + self._timeout + _START_SLACK_SECONDS
-        begun = await self._ledger.begin(attempt, daily_cap=self._daily_cap)
+        try:
+            begun = await self._ledger.begin(attempt, daily_cap=self._daily_cap)
+        except LedgerUnreachableError as exc:
+            # The cause is logged, not told: it may name the database's host.
+            _log.warning("order %s not claimed: %s", params.request_id, exc)
+            raise ServiceError(
+                Outcome.LEDGER_UNAVAILABLE,
+                "the order ledger cannot be written now; nothing was sent: send it again",
+                retry_delay_seconds=_LEDGER_RETRY_SECONDS,
+            ) from None
         if begun.kind is Begin.CONFLICT:
             assert begun.entry is not None
             other = begun.entry.order.caller != attempt.order.caller

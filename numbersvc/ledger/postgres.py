@@ -271,7 +271,21 @@ class PostgresLedger:
 
         A `released` or `failed` row of the same request is taken over (nothing was rented,
         so sending it again cannot rent twice); it keeps its first `create_time`.
+
+        Raises:
+            LedgerUnreachableError: the database cannot be reached (no pooled connection in
+                time, a connection lost) or a lock was not had in time.
         """
+        try:
+            return await self._begin(attempt, daily_cap)
+        except psycopg.OperationalError as exc:
+            # The first line (libpq adds hints on the next), scrubbed like every database error.
+            first_line = str(exc).partition("\n")[0]
+            raise LedgerUnreachableError(
+                f"database: {scrub(first_line, str(self._pool.conninfo))}"
+            ) from exc
+
+    async def _begin(self, attempt: Attempt, daily_cap: int) -> BeginResult:
         order = attempt.order
         claimed = pb.RentalOrder()
         claimed.CopyFrom(order)

@@ -29,6 +29,7 @@ from numbersvc.ledger import (
     BeginResult,
     LedgerEntry,
     LedgerSchemaError,
+    LedgerUnreachableError,
     OrderNotFound,
     OrderState,
     SettleError,
@@ -215,8 +216,14 @@ class SqliteLedger:
         A `released` or `failed` row with the same request is taken over: nothing was rented,
         so sending it again cannot rent twice. It keeps its create time (its place in
         listings); the claim's time is its attempt time, which the daily cap counts.
+
+        Raises:
+            LedgerUnreachableError: the file is locked past the busy timeout, read-only or full.
         """
-        return await self._run(lambda: self._begin(attempt, daily_cap))
+        try:
+            return await self._run(lambda: self._begin(attempt, daily_cap))
+        except sqlite3.OperationalError as exc:
+            raise LedgerUnreachableError(f"ledger {self._path}: {exc}") from exc
 
     def _begin(self, attempt: Attempt, daily_cap: int) -> BeginResult:
         db, order = self._conn(), attempt.order

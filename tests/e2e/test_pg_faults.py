@@ -30,13 +30,14 @@ from numbersvc.upstream import PlivoClient
 from numbersvc.v1 import number_groups_pb2 as pb
 from numbersvc.v1 import number_groups_pb2_grpc as pb_grpc
 from numbersvc.validation import RentParams
-from tests.e2e.conftest import eventually, reason_of
+from tests.e2e.conftest import eventually, reason_of, rich_details
 from tests.e2e.test_crash import held_rent
 from tests.e2e.test_process import Served, _serve
 from tests.e2e.test_replicas import _env, _posts
 from tests.pg import Cluster
 
 _RENT_TIMEOUT_SECONDS: Final = 6.0
+US: Final = pb.SearchFilter(region_code="US")
 
 
 def _state(url: str, request_id: str) -> str:
@@ -161,6 +162,49 @@ async def test_postgres_stopped_mid_rent(
     finally:
         with contextlib.suppress(RuntimeError):  # running already
             await asyncio.to_thread(postgres_cluster.start)
+    assert b"Traceback" not in served.stderr, served.stderr.decode()
+    assert await _posts(control) == 1
+
+
+@pytest.mark.timeout(180)
+async def test_a_rent_while_postgres_is_down_is_refused_with_nothing_sent(
+    sandbox: SandboxServer,
+    control: SandboxControl,
+    postgres_cluster: Cluster,
+    postgres_url: str,
+) -> None:
+    """The store cannot be written: UNAVAILABLE `LEDGER_UNAVAILABLE` with RetryInfo, before
+    anything is sent (issue 10), not INTERNAL; reads go on; rents work again after."""
+    async with _server(sandbox, postgres_url) as (served, stub):
+        group_id = (
+            (await stub.ListNumberGroups(pb.ListNumberGroupsRequest(filter=US)))
+            .number_groups[0]
+            .group_id
+        )
+        rent = pb.RentNumbersRequest(group_id=group_id, request_id=str(uuid.uuid4()))
+        try:
+            await asyncio.to_thread(postgres_cluster.stop)
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await stub.RentNumbers(rent, timeout=20)
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE, refused.value.details()
+            assert reason_of(refused.value) == "LEDGER_UNAVAILABLE"
+            assert "RetryInfo" in rich_details(refused.value)
+            assert str(postgres_cluster.port) not in (refused.value.details() or "")
+            await stub.ListNumberGroups(pb.ListNumberGroupsRequest(filter=US))
+        finally:
+            await asyncio.to_thread(postgres_cluster.start)
+        assert await _posts(control) == 0
+
+        async def rents_again() -> bool:
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                return (await stub.RentNumbers(rent, timeout=20)).order.status == (
+                    pb.ORDER_STATUS_FULFILLED
+                )
+            return False
+
+        await eventually(rents_again, timeout_seconds=60)
+        served.process.send_signal(signal.SIGTERM)
+        assert await served.finish() == 0
     assert b"Traceback" not in served.stderr, served.stderr.decode()
     assert await _posts(control) == 1
 
