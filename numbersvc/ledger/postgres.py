@@ -193,8 +193,8 @@ class PostgresLedger:
         conninfo: str,
         *,
         pool_max: int = 4,
-        lease_seconds: float = 15.0,
-        send_timeout_seconds: float = 60.0,
+        lease_seconds: float = rules.DEFAULT_LEASE_SECONDS,
+        send_timeout_seconds: float = rules.DEFAULT_SEND_TIMEOUT_SECONDS,
         connect_timeout_seconds: float = 10.0,
         clock_ns: Callable[[], int] | None = None,
     ) -> PostgresLedger:

@@ -14,6 +14,8 @@ from numbersvc.v1 import number_groups_pb2 as pb
 from numbersvc.validation import is_e164
 
 __all__ = [
+    "DEFAULT_LEASE_SECONDS",
+    "DEFAULT_SEND_TIMEOUT_SECONDS",
     "MAX_UPSTREAM_BODY_CHARS",
     "NANOS_PER_DAY",
     "RECOVERED_NOTE",
@@ -26,6 +28,11 @@ __all__ = [
 ]
 
 _log = logging.getLogger("numbersvc.orders")
+DEFAULT_LEASE_SECONDS: Final = 15.0
+"""A ledger's lease when its opener names none (the server passes its setting)."""
+DEFAULT_SEND_TIMEOUT_SECONDS: Final = 60.0
+"""A ledger's send window when its opener names none: only for one that claims nothing (the
+offline `orders settle`, tests); the server passes `orders.send_window_seconds`."""
 MAX_UPSTREAM_BODY_CHARS: Final = 2000
 """How much of Plivo's raw answer an order keeps for reconciliation."""
 NANOS_PER_DAY: Final = 86_400 * 10**9

@@ -43,8 +43,6 @@ __all__ = ["LedgerOptions", "SqliteLedger"]
 _log = logging.getLogger("numbersvc.orders")
 _T = TypeVar("_T")
 _NANOS_PER_SECOND: Final = 10**9
-DEFAULT_LEASE_SECONDS: Final = 15.0
-DEFAULT_SEND_TIMEOUT_SECONDS: Final = 60.0
 
 # Each version's statements, applied in order from the file's `user_version`. Version 1 is the
 # first release's schema (its statements stay as they were: a crash of that release between
@@ -129,8 +127,8 @@ class SqliteLedger:
         path: str | Path,
         *,
         clock_ns: Callable[[], int] = time.time_ns,
-        lease_seconds: float = DEFAULT_LEASE_SECONDS,
-        send_timeout_seconds: float = DEFAULT_SEND_TIMEOUT_SECONDS,
+        lease_seconds: float = rules.DEFAULT_LEASE_SECONDS,
+        send_timeout_seconds: float = rules.DEFAULT_SEND_TIMEOUT_SECONDS,
     ) -> None:
         if not lease_seconds > 0:
             raise ValueError(f"lease_seconds must be positive, not {lease_seconds}")
