@@ -141,11 +141,6 @@ class RentDesk:
         self._metrics = metrics
         self._rng = random.Random()
 
-    @property
-    def in_flight(self) -> int:
-        """How many orders are being placed right now."""
-        return len(self._flights)
-
     async def rent(
         self, params: RentParams, *, caller: str, peer: str, deadline: Deadline
     ) -> pb.RentalOrder:

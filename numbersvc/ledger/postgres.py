@@ -493,9 +493,7 @@ class PostgresLedger:
             cursor = await conn.execute(_ORPHANS, {"now": now_ns})
             for row in await cursor.fetchall():
                 entry = _from_row(row)
-                entry.order.status_message = (
-                    f"{rules.RECOVERED_NOTE} (owner {entry.owner}: lease expired)"
-                )
+                entry.order.status_message = rules.recovered_note(entry.owner)
                 await self._update(
                     conn,
                     entry.order,

@@ -18,11 +18,11 @@ __all__ = [
     "DEFAULT_SEND_TIMEOUT_SECONDS",
     "MAX_UPSTREAM_BODY_CHARS",
     "NANOS_PER_DAY",
-    "RECOVERED_NOTE",
     "UNSETTLED",
     "check_settlement",
     "describe",
     "late_answer",
+    "recovered_note",
     "refusal",
     "settled_order",
 ]
@@ -38,7 +38,12 @@ MAX_UPSTREAM_BODY_CHARS: Final = 2000
 NANOS_PER_DAY: Final = 86_400 * 10**9
 UNSETTLED: Final = (OrderState.SENDING, OrderState.OUTCOME_UNKNOWN)
 """States `finish` may still change: a settlement made meanwhile wins over a late answer."""
-RECOVERED_NOTE: Final = "the service stopped while this order was being sent"
+_RECOVERED_NOTE: Final = "the service stopped while this order was being sent"
+
+
+def recovered_note(owner: str) -> str:
+    """Return the status message of an order recovered from `owner`, a process proven gone."""
+    return f"{_RECOVERED_NOTE} (owner {owner}: lease expired)"
 
 
 def check_settlement(state: OrderState, numbers: Sequence[str]) -> None:

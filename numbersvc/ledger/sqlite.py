@@ -437,9 +437,7 @@ class SqliteLedger:
                 ).fetchall()
                 for row in stale:
                     entry = self._row(row)
-                    entry.order.status_message = (
-                        f"{rules.RECOVERED_NOTE} (owner {entry.owner}: lease expired)"
-                    )
+                    entry.order.status_message = rules.recovered_note(entry.owner)
                     self._write(db, now, entry.order, OrderState.OUTCOME_UNKNOWN, "", "", ())
                     recovered.append(entry.order.request_id)
                 db.execute("DELETE FROM instances WHERE expires_ns <= ?", (now,))
