@@ -40,7 +40,6 @@ from numbersvc.ledger import (
     LedgerEntry,
     LedgerUnreachableError,
     OrderKey,
-    OrderNotFound,
     OrderState,
     SettleError,
     pgschema,
@@ -397,12 +396,11 @@ class PostgresLedger:
             OrderNotFound: no such order.
             SettleError: its outcome is not unknown, or the outcome or numbers are invalid.
         """
-        rules.check_settlement(state, numbers)
         async with self._pool.connection() as conn:
             entry = await _entry(conn, request_id)
-            if entry is None:
-                raise OrderNotFound(f"no order with request id {request_id}")
-            order = rules.settled_order(entry.order, state, numbers=numbers, note=note, actor=actor)
+            order = rules.settled_order(
+                request_id, entry, state, numbers=numbers, note=note, actor=actor
+            )
             # Not from `sending`: that order's POST may still be out, and a settlement as
             # failed would free its id for a second POST.
             return await self._update(conn, order, state, only_from=(OrderState.OUTCOME_UNKNOWN,))

@@ -9,7 +9,7 @@ import logging
 from collections.abc import Sequence
 from typing import Final
 
-from numbersvc.ledger import LedgerEntry, OrderState, SettleError
+from numbersvc.ledger import LedgerEntry, OrderNotFound, OrderState, SettleError
 from numbersvc.v1 import number_groups_pb2 as pb
 from numbersvc.validation import is_e164
 
@@ -91,18 +91,28 @@ def refusal(
 
 
 def settled_order(
-    order: pb.RentalOrder, state: OrderState, *, numbers: Sequence[str], note: str, actor: str
+    request_id: str,
+    entry: LedgerEntry | None,
+    state: OrderState,
+    *,
+    numbers: Sequence[str],
+    note: str,
+    actor: str,
 ) -> pb.RentalOrder:
-    """Return a copy of `order` as settled by `actor` (`check_settlement` first).
+    """Return a copy of the order of `entry` as settled by `actor` (`check_settlement` first).
 
-    The status message names who settled: it is also the audit event's detail.
+    The status message names who settled: it is also the audit event's detail. Whether the
+    order may be settled now is the store's to check, in the write (`refusal`).
 
     Raises:
+        OrderNotFound: there is no such order (`entry` is None).
         SettleError: as `check_settlement`.
     """
     check_settlement(state, numbers)
+    if entry is None:
+        raise OrderNotFound(f"no order with request id {request_id}")
     settled = pb.RentalOrder()
-    settled.CopyFrom(order)
+    settled.CopyFrom(entry.order)
     del settled.numbers[:]
     settled.numbers.extend(
         pb.RentedNumber(

@@ -30,7 +30,6 @@ from numbersvc.ledger import (
     LedgerEntry,
     LedgerSchemaError,
     LedgerUnreachableError,
-    OrderNotFound,
     OrderState,
     SettleError,
     rules,
@@ -373,13 +372,12 @@ class SqliteLedger:
             OrderNotFound: no such order.
             SettleError: its outcome is not unknown, or the outcome or numbers are invalid.
         """
-        rules.check_settlement(state, numbers)
 
         def settle() -> LedgerEntry:
             entry = self._entry(self._conn(), request_id)
-            if entry is None:
-                raise OrderNotFound(f"no order with request id {request_id}")
-            order = rules.settled_order(entry.order, state, numbers=numbers, note=note, actor=actor)
+            order = rules.settled_order(
+                request_id, entry, state, numbers=numbers, note=note, actor=actor
+            )
             # Not from `sending`: that order's POST may still be out, and a settlement as
             # failed would free its id for a second POST. A heartbeat turns the `sending` rows
             # of an owner proven gone (lease and send deadline passed) into `outcome_unknown`.
