@@ -96,6 +96,7 @@ class Outcome(enum.Enum):
     REQUEST_ID_REUSED = enum.auto()
     DAILY_RENT_CAP_EXCEEDED = enum.auto()
     UPSTREAM_BUDGET_EXHAUSTED = enum.auto()
+    LEDGER_UNAVAILABLE = enum.auto()
     RENTAL_ORDER_NOT_FOUND = enum.auto()
     ORDER_NOT_SETTLEABLE = enum.auto()
     SERVER_SHUTTING_DOWN = enum.auto()
@@ -299,6 +300,13 @@ TABLE: Final[Mapping[Outcome, Rule]] = {
         "the service's own Plivo rate budget has no room within the deadline; nothing sent",
         (_retry_info,),
     ),
+    Outcome.LEDGER_UNAVAILABLE: Rule(
+        _S.UNAVAILABLE,
+        "LEDGER_UNAVAILABLE",
+        "the order ledger cannot be written (its database down, its file locked or full): the"
+        " rent was refused before anything was sent",
+        (_retry_info,),
+    ),
     Outcome.RENTAL_ORDER_NOT_FOUND: Rule(
         _S.NOT_FOUND, "RENTAL_ORDER_NOT_FOUND", "no order with that request id", (_order_info,)
     ),
@@ -352,7 +360,12 @@ RENT_REFUSED: Final = frozenset(
 )
 """Rent outcomes that prove Plivo rented nothing: it read the request and said no (4xx, not 408)."""
 RENT_NOT_SENT: Final = frozenset(
-    {Outcome.UPSTREAM_UNREACHABLE, Outcome.UPSTREAM_BUDGET_EXHAUSTED, Outcome.DEADLINE_EXCEEDED}
+    {
+        Outcome.UPSTREAM_UNREACHABLE,
+        Outcome.UPSTREAM_BUDGET_EXHAUSTED,
+        Outcome.DEADLINE_EXCEEDED,
+        Outcome.LEDGER_UNAVAILABLE,
+    }
 )
 """Rent outcomes that prove the request never left."""
 

@@ -31,6 +31,7 @@ import contextlib
 import dataclasses
 import logging
 import random
+import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -46,7 +47,14 @@ from numbersvc.errors import (
     ServiceError,
     classify,
 )
-from numbersvc.ledger import Attempt, Begin, LedgerEntry, OrderLedger, OrderState
+from numbersvc.ledger import (
+    Attempt,
+    Begin,
+    LedgerEntry,
+    LedgerUnreachableError,
+    OrderLedger,
+    OrderState,
+)
 from numbersvc.metrics import Metrics
 from numbersvc.upstream import PlivoClient, RetryPolicy, UpstreamResponse, full_jitter_delays
 from numbersvc.v1 import number_groups_pb2 as pb
@@ -56,6 +64,8 @@ __all__ = ["RentDesk", "send_window_seconds"]
 
 _log = logging.getLogger("numbersvc.orders")
 _IN_PROGRESS_RETRY_SECONDS: Final = 1.0
+# The store was out of reach for a claim: a database restart, a lock, take a few seconds.
+_LEDGER_RETRY_SECONDS: Final = 2.0
 # A caller's answer comes this long before its own wait (`_wait`) gives up on the flight.
 _ANSWER_MARGIN_SECONDS: Final = 2 * DEFAULT_MARGIN_SECONDS
 # How long a write may keep callers waiting whose deadline is already gone (a joined
@@ -130,11 +140,6 @@ class RentDesk:
         self._stopping = asyncio.Event()
         self._metrics = metrics
         self._rng = random.Random()
-
-    @property
-    def in_flight(self) -> int:
-        """How many orders are being placed right now."""
-        return len(self._flights)
 
     async def rent(
         self, params: RentParams, *, caller: str, peer: str, deadline: Deadline
@@ -226,7 +231,20 @@ class RentDesk:
     async def _place(
         self, params: RentParams, attempt: Attempt, deadline: Deadline
     ) -> pb.RentalOrder:
-        begun = await self._ledger.begin(attempt, daily_cap=self._daily_cap)
+        # NOTE: this host's clock, read before the claim, not the claim's time in the order:
+        # on PostgreSQL that is the database's clock, and the upstream client compares
+        # `send_by` with this host's. Read before, the claim cannot come earlier than it.
+        send_by = time.time() + self._timeout + _START_SLACK_SECONDS
+        try:
+            begun = await self._ledger.begin(attempt, daily_cap=self._daily_cap)
+        except LedgerUnreachableError as exc:
+            # The cause is logged, not told: it may name the database's host.
+            _log.warning("order %s not claimed: %s", params.request_id, exc)
+            raise ServiceError(
+                Outcome.LEDGER_UNAVAILABLE,
+                "the order ledger cannot be written now; nothing was sent: send it again",
+                retry_delay_seconds=_LEDGER_RETRY_SECONDS,
+            ) from None
         if begun.kind is Begin.CONFLICT:
             assert begun.entry is not None
             other = begun.entry.order.caller != attempt.order.caller
@@ -236,13 +254,11 @@ class RentDesk:
         if begun.kind is Begin.EXISTING:
             assert begun.entry is not None
             return _replay(begun.entry)
-        return await self._send(params, attempt.order, deadline)
+        return await self._send(params, attempt.order, deadline, send_by)
 
     async def _send(
-        self, params: RentParams, order: pb.RentalOrder, deadline: Deadline
+        self, params: RentParams, order: pb.RentalOrder, deadline: Deadline, send_by: float
     ) -> pb.RentalOrder:
-        # The ledger stamped the claim's wall-clock time: the send deadline counts from it.
-        send_by = order.update_time.ToNanoseconds() / 1e9 + self._timeout + _START_SLACK_SECONDS
         try:
             budget = deadline.attempt_timeout()
             if budget <= 0:

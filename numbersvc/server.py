@@ -167,8 +167,10 @@ async def create_server(config: Config) -> RunningServer:
         metrics_server = await _metrics_server(config, metrics)
         if metrics_server is not None:
             undo.push_async_callback(metrics_server.stop)
-        sandbox, upstream, budget = await _upstream(config, kind, metrics, undo)
-        ledger = await _open_ledger(config)
+        # Read once (its file may be rotated): the ledger and the budget share one store.
+        database = config.database().reveal()
+        sandbox, upstream, budget = await _upstream(config, kind, metrics, undo, database)
+        ledger = await _open_ledger(config, database)
         undo.push_async_callback(ledger.close)
         rent_desk = RentDesk(
             upstream=upstream,
@@ -257,10 +259,17 @@ class LeaseKeeper:
         """Run one heartbeat; a failure is logged (once per outage) and counted, never raised."""
         try:
             recovered = await self._ledger.heartbeat()
-        except Exception:
+        except Exception as exc:
             self._metrics.ledger_heartbeats.labels("error").inc()
             if not self._failing:
-                _log.exception("ledger heartbeat failed: the lease is not renewed (retrying)")
+                # One line, no traceback: a store that is down is an outage, not a bug.
+                _log.error(
+                    "ledger heartbeat failed (%s: %s): the lease is not renewed (retrying every"
+                    " %.1f s)",
+                    type(exc).__name__,
+                    str(exc).partition("\n")[0],
+                    self._interval,
+                )
             self._failing = True
             return
         self._metrics.ledger_heartbeats.labels("ok").inc()
@@ -282,11 +291,11 @@ class LeaseKeeper:
             await self.beat()
 
 
-async def _open_ledger(config: Config) -> OrderLedger:
-    """Open the order ledger: PostgreSQL when a database URL is set, else the SQLite file.
+async def _open_ledger(config: Config, database: str) -> OrderLedger:
+    """Open the order ledger: PostgreSQL when `database` (its URL) is set, else the SQLite file.
 
     Raises:
-        ConfigError: the database URL's file cannot be read, or the URL does not parse.
+        ConfigError: the database URL does not parse.
         LedgerSchemaError: the store was written by a newer numbersvc.
         LedgerUnreachableError: PostgreSQL cannot be reached.
         sqlite3.Error: the SQLite file cannot be opened.
@@ -294,7 +303,6 @@ async def _open_ledger(config: Config) -> OrderLedger:
     lease_seconds = config.instance_lease_seconds
     # After that, no POST of an order claimed by this process is still out.
     send_timeout_seconds = send_window_seconds(config.rent_timeout_seconds)
-    database = config.database()
     if not database:
         path = config.resolved_ledger_path()
         ledger: OrderLedger = await SqliteLedger.open(
@@ -307,7 +315,7 @@ async def _open_ledger(config: Config) -> OrderLedger:
 
     try:
         ledger = await postgres.PostgresLedger.open(
-            database.reveal(),
+            database,
             pool_max=config.database_pool_max,
             lease_seconds=lease_seconds,
             send_timeout_seconds=send_timeout_seconds,
@@ -316,7 +324,7 @@ async def _open_ledger(config: Config) -> OrderLedger:
         raise ConfigError(f"NUMBERSVC_DATABASE_URL: {exc}") from None
     _log.info(
         "order ledger in PostgreSQL at %s (instance %s, at most %d connections)",
-        postgres.redacted(database.reveal()),
+        postgres.redacted(database),
         ledger.instance,
         config.database_pool_max,
     )
@@ -324,7 +332,11 @@ async def _open_ledger(config: Config) -> OrderLedger:
 
 
 async def _upstream(
-    config: Config, kind: UpstreamKind, metrics: Metrics, undo: contextlib.AsyncExitStack
+    config: Config,
+    kind: UpstreamKind,
+    metrics: Metrics,
+    undo: contextlib.AsyncExitStack,
+    database: str,
 ) -> tuple[SandboxServer | None, PlivoClient, SharedBudget | None]:
     """Start the embedded sandbox if it is the upstream, and the one shared Plivo client.
 
@@ -350,7 +362,7 @@ async def _upstream(
         base_url, auth_id = config.plivo_base_url, config.plivo_auth_id
         token = config.plivo_token().reveal()
         _log.info("upstream is Plivo at %s (account %s)", base_url, auth_id)
-    limiter = await _rate_limiter(config, auth_id, metrics, undo)
+    limiter = await _rate_limiter(config, auth_id, metrics, undo, database)
 
     def observe(operation: str, outcome: str, seconds: float, api_id: str | None) -> None:
         metrics.upstream_response(operation, outcome, seconds)
@@ -374,7 +386,11 @@ async def _upstream(
 
 
 async def _rate_limiter(
-    config: Config, account: str, metrics: Metrics, undo: contextlib.AsyncExitStack
+    config: Config,
+    account: str,
+    metrics: Metrics,
+    undo: contextlib.AsyncExitStack,
+    database: str,
 ) -> TokenBucket | SharedBudget | None:
     """Build the account's request budget; None when it is off.
 
@@ -384,9 +400,7 @@ async def _rate_limiter(
     rate = parse_rate(config.upstream_rate)
     if rate is None:
         return None
-    store = open_budget_store(
-        database_url=config.database().reveal(), ledger_path=config.resolved_ledger_path()
-    )
+    store = open_budget_store(database_url=database, ledger_path=config.resolved_ledger_path())
     limiter: TokenBucket | SharedBudget
     if store is None:
         limiter = TokenBucket(rate)

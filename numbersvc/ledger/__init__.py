@@ -146,9 +146,10 @@ class OrderLedger(Protocol):
         """Atomically claim the request id (or report who has it) and check the daily cap.
 
         A claim sets the order's send deadline: after it, no POST of this attempt can still
-        be running. It also stamps the order's `update_time` with the claim's wall-clock time,
-        from which the rent desk counts the time it may still send by. A `released` or
-        `failed` row is taken over and keeps its create time.
+        be running. A `released` or `failed` row is taken over and keeps its create time.
+
+        Raises:
+            LedgerUnreachableError: the store cannot be reached or written: nothing claimed.
         """
 
     async def finish(
@@ -211,7 +212,13 @@ class LedgerSchemaError(RuntimeError):
 
 
 class LedgerUnreachableError(ConnectionError):
-    """A shared store (PostgreSQL) cannot be reached, or refused the connection."""
+    """The store cannot be reached or written now; the call changed nothing.
+
+    PostgreSQL down or refusing the connection (at open, or for a claim), a SQLite file locked
+    past its busy timeout, read-only or full (for a claim). Each store maps its driver's
+    errors to this one in `open` and `begin`, where the rent desk must know that nothing was
+    claimed, so nothing may be sent.
+    """
 
 
 class SettleError(ValueError):

@@ -40,7 +40,6 @@ from numbersvc.ledger import (
     LedgerEntry,
     LedgerUnreachableError,
     OrderKey,
-    OrderNotFound,
     OrderState,
     SettleError,
     pgschema,
@@ -58,6 +57,10 @@ _MIN_CONNECT_TIMEOUT_SECONDS: Final = 2  # libpq's own minimum, whole seconds
 # How long a call waits for a pooled connection: a database that is down, or a pool that is
 # exhausted, fails a claim within this (before anything is sent) rather than at its deadline.
 _POOL_WAIT_SECONDS: Final = 5.0
+# How long a statement waits for a lock (a row another session holds, a caller's claim lock),
+# as SQLite's busy timeout bounds its waits: a write the rent desk retries fails within this
+# instead of hanging, so a shutdown never waits on a lock that is not released.
+_LOCK_WAIT_SECONDS: Final = 5.0
 # Every statement commits on its own unless a transaction is opened; `pg_stat_activity`
 # names the service.
 _CONNECTION_OPTIONS: Final[dict[str, Any]] = {"autocommit": True, "application_name": "numbersvc"}
@@ -114,7 +117,9 @@ logged AS (
 SELECT used.n, claimed.create_time_ns FROM used LEFT JOIN claimed ON true
 """
 
-# A change of state, only from the states allowed, with its audit event.
+# A change of state, with its audit event, only where `rules.refusal` allows it (the same
+# rule in SQL: one statement, no row lock held across a round trip); when it matches no row,
+# `rules.refusal` says why.
 _UPDATE: Final = """
 WITH changed AS (
     UPDATE orders o SET state = %(state)s, status = %(status)s, update_time_ns = %(now)s,
@@ -187,8 +192,8 @@ class PostgresLedger:
         conninfo: str,
         *,
         pool_max: int = 4,
-        lease_seconds: float = 15.0,
-        send_timeout_seconds: float = 60.0,
+        lease_seconds: float = rules.DEFAULT_LEASE_SECONDS,
+        send_timeout_seconds: float = rules.DEFAULT_SEND_TIMEOUT_SECONDS,
         connect_timeout_seconds: float = 10.0,
         clock_ns: Callable[[], int] | None = None,
     ) -> PostgresLedger:
@@ -244,6 +249,7 @@ class PostgresLedger:
             name="numbersvc-ledger",
             # A connection broken by a database restart is found out before a claim uses it.
             check=AsyncConnectionPool.check_connection,
+            configure=_bound_lock_waits,
         )
         try:
             await pool.open(wait=True, timeout=connect_timeout_seconds)
@@ -264,7 +270,21 @@ class PostgresLedger:
 
         A `released` or `failed` row of the same request is taken over (nothing was rented,
         so sending it again cannot rent twice); it keeps its first `create_time`.
+
+        Raises:
+            LedgerUnreachableError: the database cannot be reached (no pooled connection in
+                time, a connection lost) or a lock was not had in time.
         """
+        try:
+            return await self._begin(attempt, daily_cap)
+        except psycopg.OperationalError as exc:
+            # The first line (libpq adds hints on the next), scrubbed like every database error.
+            first_line = str(exc).partition("\n")[0]
+            raise LedgerUnreachableError(
+                f"database: {scrub(first_line, str(self._pool.conninfo))}"
+            ) from exc
+
+    async def _begin(self, attempt: Attempt, daily_cap: int) -> BeginResult:
         order = attempt.order
         claimed = pb.RentalOrder()
         claimed.CopyFrom(order)
@@ -376,12 +396,11 @@ class PostgresLedger:
             OrderNotFound: no such order.
             SettleError: its outcome is not unknown, or the outcome or numbers are invalid.
         """
-        rules.check_settlement(state, numbers)
         async with self._pool.connection() as conn:
             entry = await _entry(conn, request_id)
-            if entry is None:
-                raise OrderNotFound(f"no order with request id {request_id}")
-            order = rules.settled_order(entry.order, state, numbers=numbers, note=note, actor=actor)
+            order = rules.settled_order(
+                request_id, entry, state, numbers=numbers, note=note, actor=actor
+            )
             # Not from `sending`: that order's POST may still be out, and a settlement as
             # failed would free its id for a second POST.
             return await self._update(conn, order, state, only_from=(OrderState.OUTCOME_UNKNOWN,))
@@ -396,8 +415,11 @@ class PostgresLedger:
         error_outcome: str = "",
         upstream: str = "",
         owner: str = "",
+        now: int | None = None,
     ) -> LedgerEntry:
-        now = await self._read_clock(conn)
+        """Write a new state; `now` is the instant of the caller's transaction, if it has one."""
+        if now is None:
+            now = await self._read_clock(conn)
         order.status = STATUS_OF[state]
         order.update_time.FromNanoseconds(now)
         cursor = await conn.execute(
@@ -418,13 +440,9 @@ class PostgresLedger:
         row = await cursor.fetchone()
         if row is None:
             current = await _entry(conn, order.request_id)
-            if current is None:
-                raise SettleError(f"no order with request id {order.request_id}")
-            if owner and current.owner != owner:
-                raise SettleError(f"order {order.request_id} was claimed since by {current.owner}")
-            raise SettleError(
-                f"order {order.request_id} is {current.state.value}: nothing to settle"
-            )
+            refused = rules.refusal(order.request_id, current, only_from=only_from, owner=owner)
+            # None: the row changed back between the two statements; refused all the same.
+            raise refused or SettleError(f"order {order.request_id} changed meanwhile")
         fingerprint, owner = row
         _log.info("order %s %s: %s", order.request_id, state.value, rules.describe(order))
         return LedgerEntry(order, state, fingerprint, owner, error_outcome)
@@ -443,19 +461,19 @@ class PostgresLedger:
         if after is not None:
             page_where += " AND (create_time_ns, request_id) > (%(after_ns)s, %(after_id)s)"
             page_args.update(after_ns=after.create_time_ns, after_id=after.request_id)
-        async with self._pool.connection() as conn, conn.transaction():
-            # One snapshot: the total matches the page.
-            await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
-            cursor = await conn.execute(f"SELECT count(*) FROM orders WHERE {where}", args)
-            total_row = await cursor.fetchone()
+        # One statement, so one snapshot: the total matches the page, in one round trip (a
+        # REPEATABLE READ transaction took five: BEGIN, SET, count, page, COMMIT).
+        async with self._pool.connection() as conn:
             cursor = await conn.execute(
-                f"SELECT {_ENTRY_COLUMNS} FROM orders WHERE {page_where}"
-                " ORDER BY create_time_ns, request_id LIMIT %(limit)s",
+                f"SELECT total.n, page.* FROM (SELECT count(*) AS n FROM orders WHERE {where})"
+                f" AS total LEFT JOIN LATERAL (SELECT {_ENTRY_COLUMNS} FROM orders"
+                f" WHERE {page_where} ORDER BY create_time_ns, request_id LIMIT %(limit)s)"
+                " AS page ON true",
                 {**page_args, "limit": limit},
             )
             rows = await cursor.fetchall()
-        assert total_row is not None
-        return [_from_row(row) for row in rows], int(total_row[0])
+        total = int(rows[0][0])  # one row at least: an empty page is one row of NULLs
+        return [_from_row(row[1:]) for row in rows if row[1] is not None], total
 
     async def heartbeat(self) -> int:
         """Renew this process's lease and recover the orders of owners whose lease lapsed.
@@ -473,11 +491,13 @@ class PostgresLedger:
             cursor = await conn.execute(_ORPHANS, {"now": now_ns})
             for row in await cursor.fetchall():
                 entry = _from_row(row)
-                entry.order.status_message = (
-                    f"{rules.RECOVERED_NOTE} (owner {entry.owner}: lease expired)"
-                )
+                entry.order.status_message = rules.recovered_note(entry.owner)
                 await self._update(
-                    conn, entry.order, OrderState.OUTCOME_UNKNOWN, only_from=(OrderState.SENDING,)
+                    conn,
+                    entry.order,
+                    OrderState.OUTCOME_UNKNOWN,
+                    only_from=(OrderState.SENDING,),
+                    now=now_ns,
                 )
                 recovered.append(entry.order.request_id)
             # A missing lease reads as a lapsed one; its owner, if alive, renews it.
@@ -526,6 +546,12 @@ class PostgresLedger:
             _log.warning("could not give up the ledger lease: %s", type(exc).__name__)
         finally:
             await self._pool.close()
+
+
+async def _bound_lock_waits(conn: psycopg.AsyncConnection[Any]) -> None:
+    # NOTE: set here, not as `options` in the connection string: that would replace the
+    # operator's own `options` (a search path) in the database URL.
+    await conn.execute(f"SET lock_timeout = '{int(_LOCK_WAIT_SECONDS * 1000)}ms'")
 
 
 async def _entry(conn: psycopg.AsyncConnection[Any], request_id: str) -> LedgerEntry | None:

@@ -9,28 +9,41 @@ import logging
 from collections.abc import Sequence
 from typing import Final
 
-from numbersvc.ledger import OrderState, SettleError
+from numbersvc.ledger import LedgerEntry, OrderNotFound, OrderState, SettleError
 from numbersvc.v1 import number_groups_pb2 as pb
 from numbersvc.validation import is_e164
 
 __all__ = [
+    "DEFAULT_LEASE_SECONDS",
+    "DEFAULT_SEND_TIMEOUT_SECONDS",
     "MAX_UPSTREAM_BODY_CHARS",
     "NANOS_PER_DAY",
-    "RECOVERED_NOTE",
     "UNSETTLED",
     "check_settlement",
     "describe",
     "late_answer",
+    "recovered_note",
+    "refusal",
     "settled_order",
 ]
 
 _log = logging.getLogger("numbersvc.orders")
+DEFAULT_LEASE_SECONDS: Final = 15.0
+"""A ledger's lease when its opener names none (the server passes its setting)."""
+DEFAULT_SEND_TIMEOUT_SECONDS: Final = 60.0
+"""A ledger's send window when its opener names none: only for one that claims nothing (the
+offline `orders settle`, tests); the server passes `orders.send_window_seconds`."""
 MAX_UPSTREAM_BODY_CHARS: Final = 2000
 """How much of Plivo's raw answer an order keeps for reconciliation."""
 NANOS_PER_DAY: Final = 86_400 * 10**9
 UNSETTLED: Final = (OrderState.SENDING, OrderState.OUTCOME_UNKNOWN)
 """States `finish` may still change: a settlement made meanwhile wins over a late answer."""
-RECOVERED_NOTE: Final = "the service stopped while this order was being sent"
+_RECOVERED_NOTE: Final = "the service stopped while this order was being sent"
+
+
+def recovered_note(owner: str) -> str:
+    """Return the status message of an order recovered from `owner`, a process proven gone."""
+    return f"{_RECOVERED_NOTE} (owner {owner}: lease expired)"
 
 
 def check_settlement(state: OrderState, numbers: Sequence[str]) -> None:
@@ -51,19 +64,55 @@ def check_settlement(state: OrderState, numbers: Sequence[str]) -> None:
             raise SettleError(f"not an E.164 number: {number!r}")
 
 
-def settled_order(
-    order: pb.RentalOrder, state: OrderState, *, numbers: Sequence[str], note: str, actor: str
-) -> pb.RentalOrder:
-    """Return a copy of `order` as settled by `actor` (`check_settlement` first).
+def refusal(
+    request_id: str,
+    current: LedgerEntry | None,
+    *,
+    only_from: tuple[OrderState, ...] = (),
+    owner: str = "",
+) -> SettleError | None:
+    """Why an order may not be changed now, or None: the rule every store applies.
 
-    The status message names who settled: it is also the audit event's detail.
+    Args:
+        request_id: the order.
+        current: the order as the store holds it (None: there is none).
+        only_from: the states the change may start from; empty for any.
+        owner: the instance that must have claimed the order last; empty for any (a
+            settlement, a recovery). `finish` names its own instance: another may have
+            claimed the id since (its POST may be out), and its row is not ours to end.
+    """
+    if current is None:
+        return SettleError(f"no order with request id {request_id}")
+    if only_from and current.state not in only_from:
+        return SettleError(f"order {request_id} is {current.state.value}: nothing to settle")
+    if owner and current.owner != owner:
+        return SettleError(f"order {request_id} was claimed since by {current.owner}")
+    return None
+
+
+def settled_order(
+    request_id: str,
+    entry: LedgerEntry | None,
+    state: OrderState,
+    *,
+    numbers: Sequence[str],
+    note: str,
+    actor: str,
+) -> pb.RentalOrder:
+    """Return a copy of the order of `entry` as settled by `actor` (`check_settlement` first).
+
+    The status message names who settled: it is also the audit event's detail. Whether the
+    order may be settled now is the store's to check, in the write (`refusal`).
 
     Raises:
+        OrderNotFound: there is no such order (`entry` is None).
         SettleError: as `check_settlement`.
     """
     check_settlement(state, numbers)
+    if entry is None:
+        raise OrderNotFound(f"no order with request id {request_id}")
     settled = pb.RentalOrder()
-    settled.CopyFrom(order)
+    settled.CopyFrom(entry.order)
     del settled.numbers[:]
     settled.numbers.extend(
         pb.RentedNumber(

@@ -29,7 +29,7 @@ from numbersvc.ledger import (
     BeginResult,
     LedgerEntry,
     LedgerSchemaError,
-    OrderNotFound,
+    LedgerUnreachableError,
     OrderState,
     SettleError,
     rules,
@@ -42,8 +42,6 @@ __all__ = ["LedgerOptions", "SqliteLedger"]
 _log = logging.getLogger("numbersvc.orders")
 _T = TypeVar("_T")
 _NANOS_PER_SECOND: Final = 10**9
-DEFAULT_LEASE_SECONDS: Final = 15.0
-DEFAULT_SEND_TIMEOUT_SECONDS: Final = 60.0
 
 # Each version's statements, applied in order from the file's `user_version`. Version 1 is the
 # first release's schema (its statements stay as they were: a crash of that release between
@@ -128,8 +126,8 @@ class SqliteLedger:
         path: str | Path,
         *,
         clock_ns: Callable[[], int] = time.time_ns,
-        lease_seconds: float = DEFAULT_LEASE_SECONDS,
-        send_timeout_seconds: float = DEFAULT_SEND_TIMEOUT_SECONDS,
+        lease_seconds: float = rules.DEFAULT_LEASE_SECONDS,
+        send_timeout_seconds: float = rules.DEFAULT_SEND_TIMEOUT_SECONDS,
     ) -> None:
         if not lease_seconds > 0:
             raise ValueError(f"lease_seconds must be positive, not {lease_seconds}")
@@ -215,8 +213,14 @@ class SqliteLedger:
         A `released` or `failed` row with the same request is taken over: nothing was rented,
         so sending it again cannot rent twice. It keeps its create time (its place in
         listings); the claim's time is its attempt time, which the daily cap counts.
+
+        Raises:
+            LedgerUnreachableError: the file is locked past the busy timeout, read-only or full.
         """
-        return await self._run(lambda: self._begin(attempt, daily_cap))
+        try:
+            return await self._run(lambda: self._begin(attempt, daily_cap))
+        except sqlite3.OperationalError as exc:
+            raise LedgerUnreachableError(f"ledger {self._path}: {exc}") from exc
 
     def _begin(self, attempt: Attempt, daily_cap: int) -> BeginResult:
         db, order = self._conn(), attempt.order
@@ -331,14 +335,10 @@ class SqliteLedger:
         claimed it last.
         """
         current = self._entry(db, order.request_id)
-        if current is None:
-            raise SettleError(f"no order with request id {order.request_id}")
-        if only_from and current.state not in only_from:
-            raise SettleError(
-                f"order {order.request_id} is {current.state.value}: nothing to settle"
-            )
-        if owner and current.owner != owner:
-            raise SettleError(f"order {order.request_id} was claimed since by {current.owner}")
+        refused = rules.refusal(order.request_id, current, only_from=only_from, owner=owner)
+        if refused is not None:
+            raise refused
+        assert current is not None  # `refusal` says so otherwise
         order.status = STATUS_OF[state]
         order.update_time.FromNanoseconds(now)
         db.execute(
@@ -372,13 +372,12 @@ class SqliteLedger:
             OrderNotFound: no such order.
             SettleError: its outcome is not unknown, or the outcome or numbers are invalid.
         """
-        rules.check_settlement(state, numbers)
 
         def settle() -> LedgerEntry:
             entry = self._entry(self._conn(), request_id)
-            if entry is None:
-                raise OrderNotFound(f"no order with request id {request_id}")
-            order = rules.settled_order(entry.order, state, numbers=numbers, note=note, actor=actor)
+            order = rules.settled_order(
+                request_id, entry, state, numbers=numbers, note=note, actor=actor
+            )
             # Not from `sending`: that order's POST may still be out, and a settlement as
             # failed would free its id for a second POST. A heartbeat turns the `sending` rows
             # of an owner proven gone (lease and send deadline passed) into `outcome_unknown`.
@@ -436,9 +435,7 @@ class SqliteLedger:
                 ).fetchall()
                 for row in stale:
                     entry = self._row(row)
-                    entry.order.status_message = (
-                        f"{rules.RECOVERED_NOTE} (owner {entry.owner}: lease expired)"
-                    )
+                    entry.order.status_message = rules.recovered_note(entry.owner)
                     self._write(db, now, entry.order, OrderState.OUTCOME_UNKNOWN, "", "", ())
                     recovered.append(entry.order.request_id)
                 db.execute("DELETE FROM instances WHERE expires_ns <= ?", (now,))

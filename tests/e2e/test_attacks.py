@@ -28,7 +28,7 @@ from numbersvc.sandbox.faults import FaultKind, FaultSpec
 from numbersvc.v1 import number_groups_pb2 as pb
 from numbersvc.v1 import number_groups_pb2_grpc as pb_grpc
 from tests.e2e.conftest import StartServer, eventually, reason_of, rich_details
-from tests.e2e.test_crash import _sandbox_process
+from tests.e2e.test_crash import sandbox_for_leased_servers
 from tests.e2e.test_ledger_faults import _LockHolder, lock_holder  # noqa: F401 (fixture)
 from tests.e2e.test_process import Served, _serve, _start, plivo_env
 from tests.e2e.test_secrets import (
@@ -127,25 +127,21 @@ class _TwoServers:
 @contextlib.asynccontextmanager
 async def _two_servers(tmp_path: Path) -> AsyncIterator[_TwoServers]:
     ledger = tmp_path / "ledger.sqlite3"
-    async with _sandbox_process() as url, SandboxControl(url) as control:
-        common = plivo_env(
-            url,
-            ledger,
-            NUMBERSVC_INSTANCE_LEASE_SECONDS="1",
-            NUMBERSVC_RENT_TIMEOUT_SECONDS=str(_RENT_TIMEOUT_SECONDS),
+    async with (
+        sandbox_for_leased_servers(
+            ledger, lease_seconds=1, rent_timeout_seconds=_RENT_TIMEOUT_SECONDS
+        ) as (control, common),
+        _serve({**common, "NUMBERSVC_UPSTREAM_RATE": _A_RATE}) as a,
+        # B's POSTs may take long: its own claims have its own send deadline.
+        _serve({**common, "NUMBERSVC_RENT_TIMEOUT_SECONDS": "30"}) as b,
+        grpc.aio.insecure_channel(f"127.0.0.1:{a.port}") as channel_a,
+        grpc.aio.insecure_channel(f"127.0.0.1:{b.port}") as channel_b,
+    ):
+        stubs = (
+            pb_grpc.NumberGroupServiceStub(channel_a),
+            pb_grpc.NumberGroupServiceStub(channel_b),
         )
-        async with (
-            _serve({**common, "NUMBERSVC_UPSTREAM_RATE": _A_RATE}) as a,
-            # B's POSTs may take long: its own claims have its own send deadline.
-            _serve({**common, "NUMBERSVC_RENT_TIMEOUT_SECONDS": "30"}) as b,
-            grpc.aio.insecure_channel(f"127.0.0.1:{a.port}") as channel_a,
-            grpc.aio.insecure_channel(f"127.0.0.1:{b.port}") as channel_b,
-        ):
-            stubs = (
-                pb_grpc.NumberGroupServiceStub(channel_a),
-                pb_grpc.NumberGroupServiceStub(channel_b),
-            )
-            yield _TwoServers(control, ledger, a, stubs)
+        yield _TwoServers(control, ledger, a, stubs)
 
 
 @pytest.mark.timeout(_SEND_DEADLINE_SECONDS + 120)

@@ -50,6 +50,25 @@ async def _sandbox_process() -> AsyncIterator[str]:
         yield listening_on.group(1).decode()
 
 
+@contextlib.asynccontextmanager
+async def sandbox_for_leased_servers(
+    ledger_path: Path, *, lease_seconds: float, rent_timeout_seconds: float
+) -> AsyncIterator[tuple[SandboxControl, dict[str, str]]]:
+    """A sandbox process (it outlives a killed server) and the settings of servers that share
+    `ledger_path` with a short lease and rent timeout: their send window is
+    `orders.send_window_seconds(rent_timeout_seconds)`."""
+    async with _sandbox_process() as url, SandboxControl(url) as control:
+        yield (
+            control,
+            plivo_env(
+                url,
+                ledger_path,
+                NUMBERSVC_INSTANCE_LEASE_SECONDS=str(lease_seconds),
+                NUMBERSVC_RENT_TIMEOUT_SECONDS=str(rent_timeout_seconds),
+            ),
+        )
+
+
 async def held_rent(
     stub: pb_grpc.NumberGroupServiceAsyncStub,
     control: SandboxControl,
@@ -85,15 +104,12 @@ async def held_rent(
 async def test_sigkill_mid_post_then_retry(tmp_path: Path) -> None:
     ledger_path = tmp_path / "ledger.sqlite3"
     request_id = str(uuid.uuid4())
-    async with _sandbox_process() as url, SandboxControl(url) as control:
-        # The dead server's order is recovered once its lease (1 s) has lapsed and its send
-        # deadline (claim + 2 x 2 + 2 s) has passed.
-        env = plivo_env(
-            url,
-            ledger_path,
-            NUMBERSVC_INSTANCE_LEASE_SECONDS="1",
-            NUMBERSVC_RENT_TIMEOUT_SECONDS="2",
-        )
+    # The dead server's order is recovered once its lease (1 s) has lapsed and its send
+    # deadline (claim + 2 x (2 + 1) s) has passed.
+    async with sandbox_for_leased_servers(ledger_path, lease_seconds=1, rent_timeout_seconds=2) as (
+        control,
+        env,
+    ):
         async with (
             _serve(env) as served,
             grpc.aio.insecure_channel(f"127.0.0.1:{served.port}") as channel,

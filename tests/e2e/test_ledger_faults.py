@@ -266,3 +266,25 @@ async def test_full_disk(
     order = await _answer_kept(running, control, caplog, request_id, state)
     assert note in order.status_message
     assert bool(order.numbers) == (state is OrderState.FULFILLED)
+
+
+async def test_a_rent_while_the_file_is_locked_is_refused_with_nothing_sent(
+    start_on: Callable[..., Awaitable[Started]],
+    lock_holder: _LockHolder,
+    control: SandboxControl,
+    tmp_path: Path,
+) -> None:
+    """The claim cannot be written (locked past the busy timeout): UNAVAILABLE
+    `LEDGER_UNAVAILABLE` with RetryInfo, nothing sent (issue 10), not INTERNAL."""
+    _, stub = await start_on(tmp_path / "ledger.sqlite3")
+    page = await stub.ListNumberGroups(pb.ListNumberGroupsRequest(filter=US, page_size=1))
+    rent = pb.RentNumbersRequest(group_id=page.number_groups[0].group_id)
+    await lock_holder.lock()
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await stub.RentNumbers(rent, timeout=_BUSY_TIMEOUT_SECONDS + 10)
+    await lock_holder.release()
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE, refused.value.details()
+    assert reason_of(refused.value) == "LEDGER_UNAVAILABLE"
+    assert "RetryInfo" in rich_details(refused.value)
+    assert not any(r["operation"] == "rent" for r in await control.requests())
+    assert (await stub.RentNumbers(rent, timeout=10)).order.status == pb.ORDER_STATUS_FULFILLED

@@ -27,20 +27,20 @@ import pytest
 
 from numbersvc.config import ConfigError
 from numbersvc.ledger import Begin, SqliteLedger
-from numbersvc.sandbox import SandboxControl, SandboxServer
+from numbersvc.orders import send_window_seconds
+from numbersvc.sandbox import SandboxServer
 from numbersvc.server import create_server
 from numbersvc.v1 import number_groups_pb2 as pb
 from numbersvc.v1 import number_groups_pb2_grpc as pb_grpc
 from tests.e2e.conftest import StartServer, config_for, eventually
-from tests.e2e.test_crash import _sandbox_process, held_rent
-from tests.e2e.test_process import Served, _serve, _start, plivo_env
+from tests.e2e.test_crash import held_rent, sandbox_for_leased_servers
+from tests.e2e.test_process import Served, _serve, _start
 from tests.ledger.support import new_attempt
 
 _LEASE_SECONDS: Final = 1.0
-# Long enough for a second server to start while the first one's POST is held; the send
-# deadline is then claim + 2 x 10 + 2 s.
+# Long enough for a second server to start while the first one's POST is held.
 _RENT_TIMEOUT_SECONDS: Final = 10.0
-_SEND_DEADLINE_SECONDS: Final = 2 * _RENT_TIMEOUT_SECONDS + 2
+_SEND_DEADLINE_SECONDS: Final = send_window_seconds(_RENT_TIMEOUT_SECONDS)
 _METRICS = re.compile(rb"metrics on (http://127\.0\.0\.1:\d+/metrics)")
 
 
@@ -77,13 +77,9 @@ async def _heartbeats(client: httpx.AsyncClient, served: Served) -> float:
 async def test_a_second_server_never_recovers_a_live_servers_rent(tmp_path: Path) -> None:
     ledger_path = tmp_path / "ledger.sqlite3"
     request_id = str(uuid.uuid4())
-    async with _sandbox_process() as url, SandboxControl(url) as control:
-        env = plivo_env(
-            url,
-            ledger_path,
-            NUMBERSVC_INSTANCE_LEASE_SECONDS=str(_LEASE_SECONDS),
-            NUMBERSVC_RENT_TIMEOUT_SECONDS=str(_RENT_TIMEOUT_SECONDS),
-        )
+    async with sandbox_for_leased_servers(
+        ledger_path, lease_seconds=_LEASE_SECONDS, rent_timeout_seconds=_RENT_TIMEOUT_SECONDS
+    ) as (control, env):
         async with (
             _serve(env) as first,
             grpc.aio.insecure_channel(f"127.0.0.1:{first.port}") as channel,

@@ -983,6 +983,21 @@ class TestLeases:
         await _heartbeat_until(other, 1, timeout_seconds=30)
         assert (await entry_of(other, "in-flight")).state is OrderState.OUTCOME_UNKNOWN
 
+    async def test_one_heartbeat_recovers_at_one_instant(
+        self, ledger_factory: LedgerFactory
+    ) -> None:
+        # One transaction, one clock read: not a read of the store's clock per order.
+        owner = await ledger_factory.open(send_timeout_seconds=0)
+        for i in range(3):
+            await seed(owner, f"in-flight-{i}")
+        await owner.close()
+        other = await ledger_factory.open()
+        assert await other.heartbeat() == 3
+        times = {row["update_time_ns"] for row in ledger_factory.rows()}
+        assert len(times) == 1, times
+        recovered = [e for e in ledger_factory.events() if e[2] == "outcome_unknown"]
+        assert {e[1] for e in recovered} == times
+
     async def test_a_finished_order_is_never_recovered(self, ledger_factory: LedgerFactory) -> None:
         owner = await ledger_factory.open(send_timeout_seconds=0)
         order = await seed(owner, "in-flight")
@@ -1002,11 +1017,18 @@ class TestLeases:
         assert (await first.begin(late, daily_cap=0)).kind is Begin.NEW
         await first.finish(late.order, OrderState.FAILED)
         second = await ledger_factory.open()
-        assert (await second.begin(new_attempt("reused"), daily_cap=0)).kind is Begin.NEW
+        retry = new_attempt("reused")
+        assert (await second.begin(retry, daily_cap=0)).kind is Begin.NEW
         before = dump(ledger_factory)
         for state in (OrderState.RELEASED, OrderState.FULFILLED):
             entry = await first.finish(late.order, state)
             assert (entry.state, entry.owner) == (OrderState.SENDING, second.instance)
+        assert dump(ledger_factory) == before
+        # Nor once B's attempt ended unknown: a state `finish` may change, but B's row.
+        await second.finish(retry.order, OrderState.OUTCOME_UNKNOWN)
+        before = dump(ledger_factory)
+        entry = await first.finish(late.order, OrderState.FULFILLED)
+        assert (entry.state, entry.owner) == (OrderState.OUTCOME_UNKNOWN, second.instance)
         assert dump(ledger_factory) == before
 
 
