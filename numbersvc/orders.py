@@ -7,7 +7,9 @@
    different request it is refused. Nothing extra goes upstream.
 2. The ledger claims the id (`OrderLedger.begin`) before anything is sent: a repeat of a
    finished order returns it, a repeat of an order whose outcome is unknown is refused until
-   it is settled, and the caller's daily cap is checked in the same transaction.
+   it is settled, and the caller's daily cap is checked in the same transaction. A repeat of
+   an order another process is sending (a replica) polls the ledger within its deadline, like
+   a duplicate in this process, then gets ABORTED with RetryInfo.
 3. One POST, never retried, run as the service's own task: a caller that gives up does not
    cancel it, and its outcome is written to the ledger whenever it arrives.
 4. The outcome is written until the ledger takes it (a locked or full store is retried with
@@ -50,6 +52,7 @@ from numbersvc.errors import (
 from numbersvc.ledger import (
     Attempt,
     Begin,
+    BeginResult,
     LedgerEntry,
     LedgerUnreachableError,
     OrderLedger,
@@ -74,6 +77,9 @@ _MIN_WRITE_WAIT_SECONDS: Final = 1.0
 # Backoff between ledger writes: fast for a lock about to be released, at most 2 s apart so
 # the row is written soon after the store takes writes again.
 _WRITE_BACKOFF: Final = RetryPolicy(initial_delay_seconds=0.05, max_delay_seconds=2.0)
+# Polling another process's order in flight: the ledger is the only channel between replicas
+# (no LISTEN/NOTIFY: one code path for both stores); a POST takes a second or so.
+_IN_PROGRESS_POLL: Final = RetryPolicy(initial_delay_seconds=0.05, max_delay_seconds=1.0)
 # A claim's POST starts at most the rent timeout (the longest wait for a rate-limit token) plus
 # this slack for a busy event loop after the claim; later, the process was frozen or starved
 # and another may have recovered the order (`send_window_seconds`), so it is not sent at all.
@@ -216,11 +222,7 @@ class RentDesk:
                 return await asyncio.shield(flight.task)
         except TimeoutError:
             if not first:
-                raise ServiceError(
-                    Outcome.RENT_IN_PROGRESS,
-                    f"order {request_id} is still being placed; retry to get its outcome",
-                    retry_delay_seconds=_IN_PROGRESS_RETRY_SECONDS,
-                ) from None
+                raise _in_progress(request_id) from None
             raise ServiceError(
                 Outcome.RENT_OUTCOME_UNKNOWN_DEADLINE,
                 f"the deadline ran out while order {request_id} was being placed; retry with the"
@@ -235,16 +237,21 @@ class RentDesk:
         # on PostgreSQL that is the database's clock, and the upstream client compares
         # `send_by` with this host's. Read before, the claim cannot come earlier than it.
         send_by = time.time() + self._timeout + _START_SLACK_SECONDS
-        try:
-            begun = await self._ledger.begin(attempt, daily_cap=self._daily_cap)
-        except LedgerUnreachableError as exc:
-            # The cause is logged, not told: it may name the database's host.
-            _log.warning("order %s not claimed: %s", params.request_id, exc)
-            raise ServiceError(
-                Outcome.LEDGER_UNAVAILABLE,
-                "the order ledger cannot be written now; nothing was sent: send it again",
-                retry_delay_seconds=_LEDGER_RETRY_SECONDS,
-            ) from None
+        begun = await self._claim(attempt)
+        # Another process (a replica, a server on the same file) is sending this order: wait
+        # for its outcome within this caller's deadline, as a duplicate in this process does.
+        polls = full_jitter_delays(_IN_PROGRESS_POLL, self._rng)
+        while (
+            begun.kind is Begin.EXISTING
+            and begun.entry is not None
+            and begun.entry.state is OrderState.SENDING
+        ):
+            wait = deadline.attempt_timeout(margin_seconds=_ANSWER_MARGIN_SECONDS)
+            if wait <= 0:
+                raise _in_progress(params.request_id)
+            await asyncio.sleep(min(next(polls), wait))
+            # Claimed again, not just read: if it ended failed or released, this call sends it.
+            begun = await self._claim(attempt)
         if begun.kind is Begin.CONFLICT:
             assert begun.entry is not None
             other = begun.entry.order.caller != attempt.order.caller
@@ -255,6 +262,18 @@ class RentDesk:
             assert begun.entry is not None
             return _replay(begun.entry)
         return await self._send(params, attempt.order, deadline, send_by)
+
+    async def _claim(self, attempt: Attempt) -> BeginResult:
+        try:
+            return await self._ledger.begin(attempt, daily_cap=self._daily_cap)
+        except LedgerUnreachableError as exc:
+            # The cause is logged, not told: it may name the database's host.
+            _log.warning("order %s not claimed: %s", attempt.order.request_id, exc)
+            raise ServiceError(
+                Outcome.LEDGER_UNAVAILABLE,
+                "the order ledger cannot be written now; nothing was sent: send it again",
+                retry_delay_seconds=_LEDGER_RETRY_SECONDS,
+            ) from None
 
     async def _send(
         self, params: RentParams, order: pb.RentalOrder, deadline: Deadline, send_by: float
@@ -427,9 +446,17 @@ class RentDesk:
             task.exception()  # logged by `_write`; only mark it retrieved
 
 
+def _in_progress(request_id: str) -> ServiceError:
+    return ServiceError(
+        Outcome.RENT_IN_PROGRESS,
+        f"order {request_id} is still being placed; retry to get its outcome",
+        retry_delay_seconds=_IN_PROGRESS_RETRY_SECONDS,
+    )
+
+
 def _replay(entry: LedgerEntry) -> pb.RentalOrder:
     """Answer a repeat of a finished order: its order, or why it cannot be known."""
-    if entry.state in (OrderState.SENDING, OrderState.OUTCOME_UNKNOWN):
+    if entry.state is OrderState.OUTCOME_UNKNOWN:
         raise ServiceError(
             Outcome.RENT_OUTCOME_UNKNOWN_REPEAT,
             f"order {entry.order.request_id} was sent but its outcome is unknown;"

@@ -510,17 +510,13 @@ async def test_a_rent_claimed_after_the_desk_gave_up_is_never_sent(
     assert row["state"] == "released", (row["state"], outcome)  # never sent: the id is free
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open finding: a retry on another server answers 'settle it first' for a row still"
-    " sending; RENT_IN_PROGRESS would contradict what a killed server's order promises today",
-)
-async def test_a_retry_through_another_server_while_the_post_is_out_is_told_to_retry(
+async def test_a_retry_through_another_server_while_the_post_is_out_waits_or_is_told_to_retry(
     start_server: StartServer, control: SandboxControl, tmp_path: Path
 ) -> None:
     """Two servers on one ledger: a retry that reaches B while A's POST is out was told the
     outcome is unknown and to settle the order first, which `orders settle` then refuses
-    ("is sending"); the same retry on A gets ABORTED (RENT_IN_PROGRESS) with RetryInfo."""
+    ("is sending"). Now B waits for A's outcome within the retry's deadline: a short one gets
+    ABORTED (RENT_IN_PROGRESS) with RetryInfo, as on A; a long one gets A's order, one POST."""
     path = str(tmp_path / "ledger.sqlite3")
     first, second = await start_server(ledger_path=path), await start_server(ledger_path=path)
     async with (
@@ -529,7 +525,7 @@ async def test_a_retry_through_another_server_while_the_post_is_out_is_told_to_r
     ):
         stub_a = pb_grpc.NumberGroupServiceStub(channel_a)
         page = await stub_a.ListNumberGroups(pb.ListNumberGroupsRequest(filter=US, page_size=1))
-        await control.inject_fault(FaultSpec(FaultKind.DELAY, seconds=3.0, operation="rent"))
+        await control.inject_fault(FaultSpec(FaultKind.DELAY, seconds=6.0, operation="rent"))
         request = pb.RentNumbersRequest(
             group_id=page.number_groups[0].group_id, request_id=str(uuid.uuid4())
         )
@@ -540,10 +536,14 @@ async def test_a_retry_through_another_server_while_the_post_is_out_is_told_to_r
 
         await eventually(posted)
         with pytest.raises(grpc.aio.AioRpcError) as retried:
-            await pb_grpc.NumberGroupServiceStub(channel_b).RentNumbers(request, timeout=5)
+            await pb_grpc.NumberGroupServiceStub(channel_b).RentNumbers(request, timeout=2.5)
         assert (retried.value.code(), reason_of(retried.value)) == (
             grpc.StatusCode.ABORTED,
             "RENT_IN_PROGRESS",
         ), retried.value.details()
         assert "RetryInfo" in rich_details(retried.value)
-        assert (await rent).order.status == pb.ORDER_STATUS_FULFILLED
+        waited = await pb_grpc.NumberGroupServiceStub(channel_b).RentNumbers(request, timeout=10)
+        placed = await rent
+        assert placed.order.status == pb.ORDER_STATUS_FULFILLED
+        assert waited.order == placed.order
+        assert [r["method"] for r in await control.requests()].count("POST") == 1

@@ -88,14 +88,12 @@ async def test_duplicates_split_across_replicas_started_together_send_one_post(
             return_exceptions=True,
         )
         assert await _posts(control) == 1
+        # The other replica's duplicates waited for the order in flight (20 s of deadline is
+        # far more than the 1 s POST): every call got the one order.
+        assert all(isinstance(r, pb.RentNumbersResponse) for r in results), results
         orders = [r.order for r in results if isinstance(r, pb.RentNumbersResponse)]
-        assert orders, results
         assert all(order == orders[0] for order in orders)
         assert orders[0].status == pb.ORDER_STATUS_FULFILLED
-        for error in (r for r in results if not isinstance(r, pb.RentNumbersResponse)):
-            # The other replica's duplicates saw the order in flight.
-            assert isinstance(error, grpc.aio.AioRpcError), error
-            assert reason_of(error) in ("RENT_OUTCOME_UNKNOWN", "RENT_IN_PROGRESS"), error
         # Once the order landed, either replica answers a repeat from the shared ledger.
         for stub in (a, b):
             assert (await stub.RentNumbers(rent, timeout=10)).order == orders[0]
