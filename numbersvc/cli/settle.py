@@ -1,7 +1,8 @@
-"""`numbersvc orders settle --offline`: settle an order in the ledger file, with no server.
+"""`numbersvc orders settle --offline`: settle an order in the ledger itself, with no server.
 
-The fallback for when no server answers: it opens the order ledger (a SQLite file) itself,
-so it runs where the ledger lives, such as in the server's pod through `kubectl exec`,
+The fallback for when no server answers: it opens the order ledger itself (the PostgreSQL
+database of `NUMBERSVC_DATABASE_URL` when set, else the SQLite file), so it runs where the
+ledger is reachable, such as in the server's pod through `kubectl exec`,
 applies the server's validation, and exits 1 when the ledger refuses the order. Apart from
 `orders.py`, so that the client commands do not load the ledger.
 """
@@ -10,10 +11,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import os
 import sqlite3
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import NoReturn
 
@@ -22,7 +24,15 @@ from numbersvc.cli import client, render, requests
 from numbersvc.cli.orders import order_text
 from numbersvc.cli.orders_parser import EXIT_CANNOT_SETTLE
 from numbersvc.config import Config, ConfigError
-from numbersvc.ledger import SETTLED_AS, LedgerEntry, LedgerSchemaError, SettleError, SqliteLedger
+from numbersvc.ledger import (
+    SETTLED_AS,
+    LedgerEntry,
+    LedgerSchemaError,
+    LedgerUnreachableError,
+    OrderLedger,
+    SettleError,
+    SqliteLedger,
+)
 from numbersvc.v1 import number_groups_pb2 as pb
 from numbersvc.validation import SettleParams
 
@@ -30,34 +40,52 @@ __all__ = ["settle_offline", "settle_offline_command"]
 
 
 def settle_offline(
-    ledger_path: str, params: SettleParams, *, actor: str, console: client.Console
+    ledger_path: str,
+    params: SettleParams,
+    *,
+    actor: str,
+    console: client.Console,
+    database: str = "",
 ) -> int:
-    """Settle an order whose outcome is unknown in the ledger file itself, and print it.
+    """Settle an order whose outcome is unknown in the ledger itself, and print it.
 
     Args:
-        ledger_path: the server's ledger file; it must exist (it is never created here).
+        ledger_path: the server's ledger file when `database` is empty; it must exist (it is
+            never created here).
         params: the validated settlement (request id lower-case, as the ledger keeps it).
         actor: who settles, for the audit trail (`cli:<user>`).
         console: where to print the order, or the reason it cannot be settled.
+        database: the PostgreSQL URL the servers use (`NUMBERSVC_DATABASE_URL`), if any.
 
     Returns:
         0, or `EXIT_CANNOT_SETTLE` (no ledger there, no such order, or its outcome is known).
     """
-    # NOTE: opening a missing file would create an empty ledger: a mistyped path would then
-    # answer "no order" and leave a stray database behind.
-    if not Path(ledger_path).is_file():
-        console.error(
-            f"no order ledger at {ledger_path}: run this where the server keeps its"
-            " ledger, or pass --ledger"
-        )
-        return EXIT_CANNOT_SETTLE
+    opener: Callable[[], Awaitable[OrderLedger]]
+    if database:
+        # Imported here: psycopg loads only where PostgreSQL is used.
+        from numbersvc.ledger.postgres import PostgresLedger, redacted
+
+        where = redacted(database)
+        opener = functools.partial(PostgresLedger.open, database, pool_max=1)
+    else:
+        # NOTE: opening a missing file would create an empty ledger: a mistyped path would then
+        # answer "no order" and leave a stray database behind.
+        if not Path(ledger_path).is_file():
+            console.error(
+                f"no order ledger at {ledger_path}: run this where the server keeps its"
+                " ledger, or pass --ledger"
+            )
+            return EXIT_CANNOT_SETTLE
+        where = ledger_path
+        opener = functools.partial(SqliteLedger.open, ledger_path)
     try:
-        entry = asyncio.run(_settle(ledger_path, params, actor))
+        entry = asyncio.run(_settle(opener, params, actor))
     except SettleError as exc:
         console.error(str(exc))
         return EXIT_CANNOT_SETTLE
-    except sqlite3.DatabaseError as exc:  # not a ledger, or locked past the busy timeout
-        console.error(f"ledger {ledger_path}: {exc}")
+    # Not a ledger, locked past the busy timeout, a database down (its message has no password).
+    except (sqlite3.DatabaseError, LedgerUnreachableError) as exc:
+        console.error(f"ledger {where}: {exc}")
         return EXIT_CANNOT_SETTLE
     except LedgerSchemaError as exc:  # written by a newer numbersvc: use that one
         console.error(str(exc))
@@ -69,8 +97,10 @@ def settle_offline(
     return client.EXIT_OK
 
 
-async def _settle(path: str, params: SettleParams, actor: str) -> LedgerEntry:
-    ledger = await SqliteLedger.open(path)
+async def _settle(
+    opener: Callable[[], Awaitable[OrderLedger]], params: SettleParams, actor: str
+) -> LedgerEntry:
+    ledger = await opener()
     try:
         return await ledger.settle(
             params.request_id,
@@ -91,8 +121,13 @@ def settle_offline_command(args: argparse.Namespace, *, usage: Callable[[str], N
         usage(str(exc))
     console = client.Console.for_streams(sys.stdout, sys.stderr, environ=os.environ, json=args.json)
     try:
-        path = args.ledger or Config.from_env(os.environ).resolved_ledger_path()
+        config = Config.from_env(os.environ)
+        # --ledger names a file; else the store the servers use: PostgreSQL when it is set.
+        database = "" if args.ledger else config.database().reveal()
+        path = args.ledger or ("" if database else config.resolved_ledger_path())
     except ConfigError as exc:
         console.error(f"configuration: {exc}")
         return client.EXIT_USAGE
-    return settle_offline(path, params, actor=client.cli_actor(), console=console)
+    return settle_offline(
+        path, params, actor=client.cli_actor(), console=console, database=database
+    )

@@ -11,6 +11,7 @@ import re
 import sqlite3
 import subprocess
 import sys
+import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -301,3 +302,35 @@ def test_status_shows_applied_times_in_utc_whatever_the_sessions_zone(
     assert shown is not None, out
     applied = datetime.strptime(shown.group(1), "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
     assert abs(applied - before) < timedelta(minutes=5)
+
+
+async def test_offline_settle_uses_the_servers_database_when_one_is_set(
+    postgres_url: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """With NUMBERSVC_DATABASE_URL set, `orders settle --offline` settles in PostgreSQL: the
+    servers' store, not a SQLite file of its own (which would say "no order ledger")."""
+    request_id = str(uuid.uuid4())
+    ledger = await PostgresLedger.open(postgres_url)
+    try:
+        attempt = new_attempt(request_id)
+        assert (await ledger.begin(attempt, daily_cap=0)).kind is Begin.NEW
+        await ledger.finish(attempt.order, OrderState.OUTCOME_UNKNOWN)
+    finally:
+        await ledger.close()
+    monkeypatch.setenv("NUMBERSVC_DATABASE_URL", postgres_url)
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path))  # no SQLite ledger there
+    argv = ["orders", "settle", request_id, "--as", "failed", "--note", "no number", "--offline"]
+    code = await asyncio.to_thread(main.run, argv)
+    out = capsys.readouterr()
+    assert code == 0, out
+    ledger = await PostgresLedger.open(postgres_url)
+    try:
+        entry = await ledger.get(request_id)
+    finally:
+        await ledger.close()
+    assert entry is not None
+    assert entry.state is OrderState.FAILED
+    assert "no number" in entry.order.status_message
