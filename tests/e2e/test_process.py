@@ -25,12 +25,17 @@ _START_TIMEOUT_SECONDS = 20
 
 
 class Served:
-    """A running `numbersvc serve` and everything it wrote to stderr so far."""
+    """A running `numbersvc serve` and everything it wrote to stderr so far.
+
+    Once serving, stderr is read on in the background: a server whose log fills the pipe
+    (64 KiB, a few hundred access lines) would otherwise block on its next write.
+    """
 
     def __init__(self, process: asyncio.subprocess.Process) -> None:
         self.process = process
         self.stderr = b""
         self.port = 0
+        self._reader: asyncio.Task[None] | None = None
 
     async def wait_serving(self) -> None:
         assert self.process.stderr is not None
@@ -40,12 +45,31 @@ class Served:
                 assert line, f"server exited early:\n{self.stderr.decode()}"
                 self.stderr += line
         self.port = int(match.group(1))
+        self._reader = asyncio.create_task(self._read_on())
+
+    async def _read_on(self) -> None:
+        assert self.process.stderr is not None
+        while chunk := await self.process.stderr.read(65536):
+            self.stderr += chunk
 
     async def finish(self) -> int:
-        _, rest = await asyncio.wait_for(self.process.communicate(), timeout=20)
-        self.stderr += rest
+        """Wait for the process to exit (20 s at most) and for the last of its stderr."""
+        async with asyncio.timeout(20):
+            await self.process.wait()
+            if self._reader is not None:
+                await self._reader
         assert self.process.returncode is not None
         return self.process.returncode
+
+    async def close(self) -> None:
+        """Kill the process if it still runs, and stop reading its stderr."""
+        if self.process.returncode is None:
+            self.process.kill()
+            await self.process.wait()
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
 
 
 async def _start(env: Mapping[str, str], *args: str) -> asyncio.subprocess.Process:
@@ -81,9 +105,7 @@ async def _serve(env: Mapping[str, str], *args: str) -> AsyncIterator[Served]:
         await served.wait_serving()
         yield served
     finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
+        await served.close()
 
 
 async def test_sigterm_drains_and_exits_zero() -> None:
@@ -171,3 +193,24 @@ async def test_cli_stream_into_a_closed_pipe_exits_quietly() -> None:
         _, err = await asyncio.wait_for(reader.communicate(), timeout=20)
         assert reader.returncode == 0
         assert b"Traceback" not in err
+
+
+async def test_a_chatty_server_never_blocks_on_its_log() -> None:
+    """More log than the pipe and asyncio's reader buffer hold together (about 192 KiB):
+    the server keeps answering, because `Served` reads its stderr on after start-up; before,
+    the server's next log write blocked its event loop and every call hung."""
+    calls = 1500
+    async with _serve({"NUMBERSVC_LOG_LEVEL": "DEBUG"}) as served:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{served.port}") as channel:
+            stub = pb_grpc.NumberGroupServiceStub(channel)
+            request = pb.ListNumberGroupsRequest(
+                filter=pb.SearchFilter(region_code="US"), page_size=1
+            )
+            for _ in range(calls // 50):
+                await asyncio.gather(
+                    *(stub.ListNumberGroups(request, timeout=10) for _ in range(50))
+                )
+        served.process.send_signal(signal.SIGTERM)
+        assert await served.finish() == 0
+    assert len(served.stderr) > 4 * 65536  # more than the pipe and the reader's buffer
+    assert served.stderr.count(b"ListNumberGroups") >= calls

@@ -154,9 +154,7 @@ async def test_sigkill_of_a_replica_mid_rent_the_other_answers_outcome_unknown(
                     (await asyncio.gather(call, return_exceptions=True))[0], grpc.aio.AioRpcError
                 )
         finally:
-            if victim.process.returncode is None:
-                victim.process.kill()
-                await victim.process.wait()
+            await victim.close()
 
         async def unknown_on_b() -> bool:
             order = (await b.GetRentalOrder(pb.GetRentalOrderRequest(request_id=request_id))).order
@@ -234,9 +232,7 @@ class TestStart:
             served.process.send_signal(signal.SIGTERM)
             assert await served.finish() == 0
         finally:
-            if served.process.returncode is None:
-                served.process.kill()
-                await served.process.wait()
+            await served.close()
         assert b"order ledger in PostgreSQL at postgresql://numbersvc_pw@127.0.0.1" in (
             served.stderr
         )
