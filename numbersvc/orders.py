@@ -292,7 +292,12 @@ class RentDesk:
         except asyncio.CancelledError:
             # Only a hard stop cancels this task (`stop` gives up on the POST alone).
             order.status_message = "cancelled by a shutdown while being sent"
-            await self._ledger.finish(order, OrderState.OUTCOME_UNKNOWN)
+            try:
+                await self._ledger.finish(order, OrderState.OUTCOME_UNKNOWN)
+            except Exception:
+                # The cancellation must go on; the row stays `sending`, and another server's
+                # heartbeat recovers it as outcome unknown once this one's lease lapses.
+                _log.exception("order %s: could not record the shutdown", order.request_id)
             raise
         except Exception as exc:
             error = _rent_error(exc)

@@ -9,24 +9,31 @@ answer is in the ERROR log, and the order is recorded as soon as the store takes
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+import sqlite3
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import BinaryIO, TypeAlias
+from typing import Any, BinaryIO, TypeAlias, cast
 
 import grpc
 import pytest
 
-from numbersvc.ledger import OrderLedger, OrderState
-from numbersvc.sandbox import DEFAULT_AUTH_TOKEN, SandboxControl
+from numbersvc.deadline import Deadline
+from numbersvc.ledger import OrderLedger, OrderState, SqliteLedger
+from numbersvc.orders import RentDesk
+from numbersvc.sandbox import DEFAULT_AUTH_TOKEN, SandboxControl, SandboxServer
 from numbersvc.sandbox.faults import FaultKind, FaultSpec
 from numbersvc.server import RunningServer
+from numbersvc.upstream import PlivoClient
 from numbersvc.v1 import number_groups_pb2 as pb
 from numbersvc.v1 import number_groups_pb2_grpc as pb_grpc
+from numbersvc.validation import RentParams
 from tests.ci import require
 from tests.e2e.conftest import StartServer, eventually, reason_of, rich_details
 
@@ -288,3 +295,43 @@ async def test_a_rent_while_the_file_is_locked_is_refused_with_nothing_sent(
     assert "RetryInfo" in rich_details(refused.value)
     assert not any(r["operation"] == "rent" for r in await control.requests())
     assert (await stub.RentNumbers(rent, timeout=10)).order.status == pb.ORDER_STATUS_FULFILLED
+
+
+async def test_a_hard_stop_stays_a_cancellation_when_the_ledger_refuses_its_write(
+    sandbox: SandboxServer, control: SandboxControl, tmp_path: Path
+) -> None:
+    """A rent's task cancelled by a hard stop while its POST hangs, with a ledger that cannot
+    be written (closed here): the task ends cancelled, as a stop expects, not with the
+    ledger's error; the row stays `sending` for another server's heartbeat to recover."""
+    path = tmp_path / "ledger.sqlite3"
+    ledger = await SqliteLedger.open(path)
+    async with PlivoClient(
+        base_url=sandbox.base_url, auth_id=sandbox.auth_id, auth_token=sandbox.auth_token
+    ) as client:
+        desk = RentDesk(upstream=client, ledger=ledger, rent_timeout_seconds=30, daily_cap=0)
+        found = await client.search_number_groups({"country_iso": "US"}, timeout_seconds=5)
+        group_id = cast(dict[str, Any], found.body)["objects"][0]["group_id"]
+        await control.inject_fault(FaultSpec(FaultKind.HANG, operation="rent"))
+        request_id = str(uuid.uuid4())
+        params = RentParams(group_id=group_id, quantity=1, app_id="", request_id=request_id)
+        call = asyncio.ensure_future(
+            desk.rent(params, caller="alice", peer="test", deadline=Deadline(time.monotonic() + 20))
+        )
+
+        async def posted() -> bool:
+            return any(r["method"] == "POST" for r in await control.requests())
+
+        await eventually(posted)
+        [flight] = [t for t in asyncio.all_tasks() if t.get_name() == f"rent {request_id}"]
+        await ledger.close()  # from here every write fails
+        flight.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await flight
+        call.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await call
+    with sqlite3.connect(path) as db:
+        (state,) = db.execute(
+            "SELECT state FROM orders WHERE request_id = ?", (request_id,)
+        ).fetchone()
+    assert state == "sending"
