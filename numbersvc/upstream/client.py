@@ -264,7 +264,6 @@ class PlivoClient:
             raise ValueError(f"base_url must be an http(s) URL with a host, got {base_url!r}")
         self._base_url = base_url
         self._auth_id = auth_id
-        self._auth_token = auth_token
         basic = base64.b64encode(f"{auth_id}:{auth_token}".encode()).decode("ascii")
         # What must never leave this client: the token, and the Basic credential carrying it.
         self._scrubber = Scrubber((auth_token, basic))
