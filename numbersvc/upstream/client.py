@@ -32,7 +32,7 @@ from typing import Final
 
 import httpx
 
-from numbersvc import __version__
+from numbersvc import __version__, tracing
 from numbersvc.upstream.defaults import DEFAULT_BASE_URL, HttpStack
 from numbersvc.upstream.errors import (
     Scrubber,
@@ -81,6 +81,9 @@ DEFAULT_KEEPALIVE_EXPIRY_SECONDS = 15.0
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
 
 _GROUPS_PATH = "AvailableNumberGroup/"
+# The paths as spans name them: no account, no group id (OpenTelemetry's `url.template`).
+_GROUPS_TEMPLATE = "/v1/Account/{account}/AvailableNumberGroup/"
+_GROUP_TEMPLATE = _GROUPS_TEMPLATE + "{group_id}/"
 
 
 @dataclass(frozen=True, slots=True)
@@ -277,6 +280,7 @@ class PlivoClient:
         self._groups_url = f"{base_url.rstrip('/')}/v1/Account/{account}/{_GROUPS_PATH}"
         # The raw (still percent-encoded) path, for logs and exceptions: no host, no query.
         self._groups_path = urllib.parse.urlsplit(self._groups_url).path
+        self._server = (root.host, root.port or (443 if root.scheme == "https" else 80))
         self._client = http_client(
             auth_id=auth_id,
             auth_token=auth_token,
@@ -450,6 +454,32 @@ class PlivoClient:
         body: Mapping[str, object] | None = None,
         send_by: float | None = None,
     ) -> UpstreamResponse:
+        """`_attempt` in its span (when tracing is on): the outcome is noted by `_log`."""
+        template = _GROUP_TEMPLATE if suffix else _GROUPS_TEMPLATE
+        with tracing.upstream_span(method, template, self._server):
+            return await self._attempt(
+                method,
+                suffix,
+                timeout_seconds,
+                max_wait_seconds,
+                wait_in_timeout=wait_in_timeout,
+                params=params,
+                body=body,
+                send_by=send_by,
+            )
+
+    async def _attempt(
+        self,
+        method: str,
+        suffix: str,
+        timeout_seconds: float,
+        max_wait_seconds: float | None,
+        *,
+        wait_in_timeout: bool,
+        params: Mapping[str, str] | None = None,
+        body: Mapping[str, object] | None = None,
+        send_by: float | None = None,
+    ) -> UpstreamResponse:
         """Take a rate-limit token, make one attempt at `groups URL + suffix`, decode the answer.
 
         `wait_in_timeout` says whether the wait for the token comes out of `timeout_seconds`
@@ -491,7 +521,10 @@ class PlivoClient:
                         method,
                         url,
                         json=body,
-                        headers=self._headers() if self._headers else None,
+                        # The caller's traceparent, or with tracing on this request's span's.
+                        headers=tracing.outgoing_headers(
+                            self._headers() if self._headers else None
+                        ),
                         timeout=timeout_seconds,
                     )
                     response = await self._client.send(request, stream=True)
@@ -526,7 +559,8 @@ class PlivoClient:
         if self._rate_limiter is None:
             return 0.0
         try:
-            waited = await self._rate_limiter.acquire(max_wait_seconds=max_wait_seconds)
+            with tracing.span("numbersvc.rate_budget.wait"):
+                waited = await self._rate_limiter.acquire(max_wait_seconds=max_wait_seconds)
         except UpstreamThrottledError as exc:
             self._log(method, path, type(exc).__name__, 0.0, None)
             raise UpstreamThrottledError(
@@ -614,6 +648,7 @@ class PlivoClient:
         self, method: str, path: str, outcome: int | str, elapsed: float, api_id: str | None
     ) -> None:
         """Report one attempt; `outcome` is the status, or the exception's class name."""
+        tracing.upstream_outcome(outcome, api_id)
         if self._observer is not None:
             operation = (
                 "rent" if method == "POST" else "search" if path == self._groups_path else "get"
