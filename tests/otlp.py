@@ -91,7 +91,10 @@ class Collector:
 
     async def start(self) -> Collector:
         self._grpc = grpc.aio.server()
-        service_grpc.add_TraceServiceServicer_to_server(_TraceService(self), self._grpc)
+        # The package ships typed messages but untyped gRPC stubs.
+        service_grpc.add_TraceServiceServicer_to_server(  # type: ignore[no-untyped-call]
+            _TraceService(self), self._grpc
+        )
         self.grpc_port = self._grpc.add_insecure_port("127.0.0.1:0")
         await self._grpc.start()
         app = web.Application()
