@@ -40,6 +40,7 @@ __all__ = [
     "ATTEMPT",
     "SERVER_ERROR_CODES",
     "Tracing",
+    "budget_wait",
     "end_server_span",
     "ledger_span",
     "outgoing_headers",
@@ -318,6 +319,20 @@ def upstream_outcome(outcome: int | str, api_id: str | None) -> None:
         if outcome < 400:
             return
     _failed(current, str(outcome))
+
+
+def budget_wait(began_ns: int, *, refused: bool = False) -> None:
+    """Record a wait for a rate-budget permit, begun at `began_ns` (`time.time_ns()`), ended now.
+
+    Only waits (and refusals) get a span: a permit granted at once costs no span at all.
+    """
+    tracer = _tracer
+    if tracer is None:
+        return
+    wait = tracer.start_span("numbersvc.rate_budget.wait", start_time=began_ns)
+    if refused:
+        _failed(wait, "UpstreamThrottledError")
+    wait.end()
 
 
 def outgoing_headers(headers: Mapping[str, str] | None) -> Mapping[str, str] | None:

@@ -558,10 +558,11 @@ class PlivoClient:
         """
         if self._rate_limiter is None:
             return 0.0
+        began = time.time_ns()
         try:
-            with tracing.span("numbersvc.rate_budget.wait"):
-                waited = await self._rate_limiter.acquire(max_wait_seconds=max_wait_seconds)
+            waited = await self._rate_limiter.acquire(max_wait_seconds=max_wait_seconds)
         except UpstreamThrottledError as exc:
+            tracing.budget_wait(began, refused=True)
             self._log(method, path, type(exc).__name__, 0.0, None)
             raise UpstreamThrottledError(
                 f"{method} {path}: {exc.message}",
@@ -570,6 +571,7 @@ class PlivoClient:
                 url=path,
             ) from None
         if waited > 0.0:
+            tracing.budget_wait(began)
             _LOG.debug("upstream %s %s waited %.3f s for a rate-limit token", method, path, waited)
         return waited
 

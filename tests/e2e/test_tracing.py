@@ -146,9 +146,8 @@ async def test_a_list_is_one_server_span_over_its_upstream_request(
     assert server.attributes["numbersvc.caller"] == "anonymous"
     (upstream,) = children(spans, server)
     _assert_upstream(upstream, SEARCH_SPAN, 200, 1)
-    # The default budget is on: the wait for its permit is a span of the request's own.
-    (wait,) = children(spans, upstream)
-    assert (wait.name, wait.span.kind) == ("numbersvc.rate_budget.wait", KIND.SPAN_KIND_INTERNAL)
+    # The default budget is on, but had a permit at once: no wait, so no span for one.
+    assert children(spans, upstream) == []
     # Plivo is told of the request's own span, in the caller's trace.
     assert await _traceparents_sent(control) == [f"00-{TRACE_ID}-{upstream.span.span_id.hex()}-01"]
 
@@ -156,7 +155,9 @@ async def test_a_list_is_one_server_span_over_its_upstream_request(
 async def test_a_stream_is_one_server_span_over_every_page(
     sandbox: SandboxServer, control: SandboxControl, collector: Collector, tmp_path: Path
 ) -> None:
-    async with traced_server(sandbox, tmp_path, collector.grpc_endpoint) as (_, stub):
+    # One permit, one more a second: the first page goes at once, the others wait.
+    budget = {"NUMBERSVC_UPSTREAM_RATE": "1/1s"}
+    async with traced_server(sandbox, tmp_path, collector.grpc_endpoint, **budget) as (_, stub):
         await control.clear_requests()
         call = stub.StreamNumberGroups(
             pb.StreamNumberGroupsRequest(filter=US, page_size=5, max_results=12),
@@ -173,6 +174,12 @@ async def test_a_stream_is_one_server_span_over_every_page(
     assert [p.name for p in pages] == [SEARCH_SPAN] * 3
     for page in pages:
         _assert_upstream(page, SEARCH_SPAN, 200, 1)
+    waits = [w for page in pages for w in children(spans, page)]
+    assert {w.name for w in waits} == {"numbersvc.rate_budget.wait"}
+    assert len(waits) == 2, [w.name for w in waits]
+    for wait in waits:  # each waited most of a refill, begun before its request was sent
+        assert wait.span.end_time_unix_nano - wait.span.start_time_unix_nano > 300_000_000
+        assert wait.span.kind == KIND.SPAN_KIND_INTERNAL
     assert sorted(sent) == sorted(f"00-{TRACE_ID}-{p.span.span_id.hex()}-01" for p in pages)
     assert all(r.span.trace_id.hex() == TRACE_ID for r in spans if r.name != "ledger.list")
 
