@@ -25,10 +25,10 @@ import json
 import logging
 import time
 import urllib.parse
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Final
+from typing import Concatenate, Final, ParamSpec
 
 import httpx
 
@@ -201,6 +201,23 @@ def _group_suffix(group_id: str) -> str:
         raise ValueError("group_id must be non-empty")
     # NOTE: also encode "." so that ".." cannot become a dot segment that climbs the path.
     return urllib.parse.quote(group_id, safe="").replace(".", "%2E") + "/"
+
+
+_P = ParamSpec("_P")
+_Request = Callable[Concatenate["PlivoClient", str, str, _P], Awaitable["UpstreamResponse"]]
+
+
+def _traced(request: _Request[_P]) -> _Request[_P]:
+    """Run each upstream request in its span when tracing is on; `_log` notes the outcome."""
+
+    async def run(
+        client: PlivoClient, method: str, suffix: str, /, *args: _P.args, **kwargs: _P.kwargs
+    ) -> UpstreamResponse:
+        template = _GROUP_TEMPLATE if suffix else _GROUPS_TEMPLATE
+        with tracing.upstream_span(method, template, client._server):
+            return await request(client, method, suffix, *args, **kwargs)
+
+    return run
 
 
 Observer = Callable[[str, str, float, str | None], None]
@@ -442,33 +459,8 @@ class PlivoClient:
                 url=path,
             ) from exc
 
+    @_traced
     async def _request(
-        self,
-        method: str,
-        suffix: str,
-        timeout_seconds: float,
-        max_wait_seconds: float | None,
-        *,
-        wait_in_timeout: bool,
-        params: Mapping[str, str] | None = None,
-        body: Mapping[str, object] | None = None,
-        send_by: float | None = None,
-    ) -> UpstreamResponse:
-        """`_attempt` in its span (when tracing is on): the outcome is noted by `_log`."""
-        template = _GROUP_TEMPLATE if suffix else _GROUPS_TEMPLATE
-        with tracing.upstream_span(method, template, self._server):
-            return await self._attempt(
-                method,
-                suffix,
-                timeout_seconds,
-                max_wait_seconds,
-                wait_in_timeout=wait_in_timeout,
-                params=params,
-                body=body,
-                send_by=send_by,
-            )
-
-    async def _attempt(
         self,
         method: str,
         suffix: str,

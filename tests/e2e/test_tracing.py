@@ -119,6 +119,13 @@ def _assert_upstream(span: Received, name: str, status: int, attempt: int) -> No
     assert span.span.status.code == failed
 
 
+async def _rent_request(stub: pb_grpc.NumberGroupServiceAsyncStub) -> pb.RentNumbersRequest:
+    """A rent of two numbers from the first US group (found untraced)."""
+    page = await stub.ListNumberGroups(pb.ListNumberGroupsRequest(filter=US, page_size=1))
+    group_id = page.number_groups[0].group_id
+    return pb.RentNumbersRequest(group_id=group_id, quantity=2, request_id=str(uuid.uuid4()))
+
+
 async def _traceparents_sent(control: SandboxControl) -> list[str]:
     return [record["headers"].get("traceparent", "") for record in await control.requests()]
 
@@ -206,15 +213,10 @@ async def test_a_rent_that_failed_upstream_carries_its_code_and_reason(
     sandbox: SandboxServer, control: SandboxControl, collector: Collector, tmp_path: Path
 ) -> None:
     async with traced_server(sandbox, tmp_path, collector.grpc_endpoint) as (_, stub):
-        page = await stub.ListNumberGroups(pb.ListNumberGroupsRequest(filter=US, page_size=1))
-        group_id = page.number_groups[0].group_id
+        rent = await _rent_request(stub)
         await control.inject_fault(FaultSpec(FaultKind.STATUS, status=500, operation="rent"))
         with pytest.raises(grpc.aio.AioRpcError) as failed:
-            await stub.RentNumbers(
-                pb.RentNumbersRequest(group_id=group_id, quantity=2, request_id=str(uuid.uuid4())),
-                metadata=_traceparent(),
-                timeout=10,
-            )
+            await stub.RentNumbers(rent, metadata=_traceparent(), timeout=10)
         # Not found is the caller's doing: its span has the reason, and no ERROR status.
         other = "0af7651916cd43dd8448eb211c80319c"
         with pytest.raises(grpc.aio.AioRpcError) as missing:
@@ -249,19 +251,15 @@ async def test_a_successful_rent_puts_no_number_token_or_body_in_any_span(
     sandbox: SandboxServer, control: SandboxControl, collector: Collector, tmp_path: Path
 ) -> None:
     async with traced_server(sandbox, tmp_path, collector.grpc_endpoint) as (_, stub):
-        page = await stub.ListNumberGroups(pb.ListNumberGroupsRequest(filter=US, page_size=1))
-        group_id = page.number_groups[0].group_id
-        rented = await stub.RentNumbers(
-            pb.RentNumbersRequest(group_id=group_id, quantity=2, request_id=str(uuid.uuid4())),
-            metadata=_traceparent(),
-        )
+        rent = await _rent_request(stub)
+        rented = await stub.RentNumbers(rent, metadata=_traceparent())
         numbers = [n.number for n in rented.order.numbers]
         assert len(numbers) == 2
         name = "numbersvc.v1.NumberGroupService/RentNumbers"
         spans = await collector.wait_for(_has_server_span(name))
     text = "\n".join(str(r.span) for r in spans)
     assert "POST /v1/Account/{account}/AvailableNumberGroup/{group_id}/" in text
-    for secret in (*numbers, sandbox.auth_token, sandbox.auth_id, group_id, "quantity"):
+    for secret in (*numbers, sandbox.auth_token, sandbox.auth_id, rent.group_id, "quantity"):
         assert secret not in text
 
 
