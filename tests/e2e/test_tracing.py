@@ -51,11 +51,14 @@ async def traced_server(
     settings = plivo_env(
         sandbox.base_url,
         tmp_path / "ledger.db",
-        OTEL_EXPORTER_OTLP_ENDPOINT=endpoint,
-        OTEL_EXPORTER_OTLP_PROTOCOL=protocol,
-        OTEL_BSP_SCHEDULE_DELAY="50",  # ms: the spans arrive while the test waits for them
-        NUMBERSVC_RETRY_INITIAL_DELAY_SECONDS="0.01",
-        **env,
+        **{
+            "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint,
+            "OTEL_EXPORTER_OTLP_PROTOCOL": protocol,
+            # ms: the spans arrive while the test waits for them
+            "OTEL_BSP_SCHEDULE_DELAY": "50",
+            "NUMBERSVC_RETRY_INITIAL_DELAY_SECONDS": "0.01",
+            **env,
+        },
     )
     served = Served(await _start(settings, "--drain-seconds", "0"))
     try:
@@ -261,6 +264,21 @@ async def test_a_successful_rent_puts_no_number_token_or_body_in_any_span(
     assert "POST /v1/Account/{account}/AvailableNumberGroup/{group_id}/" in text
     for secret in (*numbers, sandbox.auth_token, sandbox.auth_id, rent.group_id, "quantity"):
         assert secret not in text
+
+
+async def test_sigterm_flushes_the_spans_still_queued(
+    sandbox: SandboxServer, collector: Collector, tmp_path: Path
+) -> None:
+    """Batches every minute: only the shutdown's flush can deliver the call's spans."""
+    async with traced_server(
+        sandbox, tmp_path, collector.grpc_endpoint, OTEL_BSP_SCHEDULE_DELAY="60000"
+    ) as (served, stub):
+        await stub.ListNumberGroups(pb.ListNumberGroupsRequest(filter=US), metadata=_traceparent())
+        assert collector.received == []
+        served.process.send_signal(signal.SIGTERM)
+        assert await served.finish() == 0
+    server = _server_span(collector.received, LIST)
+    assert [r.name for r in children(collector.received, server)] == [SEARCH_SPAN]
 
 
 async def test_an_unreachable_collector_slows_no_call_and_no_shutdown(
