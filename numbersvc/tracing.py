@@ -27,6 +27,7 @@ import threading
 from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Final, ParamSpec, TypeVar
 
+from google.protobuf.message import DecodeError
 from google.rpc import error_details_pb2, status_pb2
 
 from numbersvc import __version__
@@ -263,7 +264,10 @@ def error_reason(metadata: Iterable[tuple[str, str | bytes]]) -> str:
     """Return the `ErrorInfo.reason` of a rich status in trailing metadata, or ""."""
     for key, value in metadata:
         if key == _STATUS_DETAILS_KEY and isinstance(value, bytes):
-            status = status_pb2.Status.FromString(value)
+            try:
+                status = status_pb2.Status.FromString(value)
+            except DecodeError:  # not ours; the span must not break the call's ending
+                return ""
             for detail in status.details:
                 info = error_details_pb2.ErrorInfo()
                 if detail.Unpack(info):

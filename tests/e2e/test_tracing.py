@@ -333,10 +333,3 @@ async def test_off_imports_no_sdk_and_starts_no_thread() -> None:
     out, _ = await process.communicate()
     assert process.returncode == 0
     assert out.decode().strip() == "[] 1"
-
-
-def test_an_unknown_protocol_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4317")
-    monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json")
-    with pytest.raises(ValueError, match="use grpc or http/protobuf"):
-        tracing.start()
