@@ -13,6 +13,9 @@ check of the module's `_tracer` and returns at once (a shared no-op context mana
 The helpers take plain values (a method name, a status code's name), never gRPC objects: the
 upstream client and the ledger use them and know no gRPC. Spans never hold a secret, a phone
 number or a body: failures are recorded by exception class name only, never by message.
+
+NOTE: the tracer is the process's, like the environment it comes from: a second `start()`
+replaces the first's, and either's `shutdown` turns tracing off (one traced server per process).
 """
 
 from __future__ import annotations
@@ -39,10 +42,16 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ATTEMPT",
+    "DEFAULT_FLUSH_SECONDS",
+    "DEFAULT_PROTOCOL",
+    "DEFAULT_SERVICE_NAME",
+    "ENDPOINT_ENV",
     "SERVER_ERROR_CODES",
+    "TRACES_ENDPOINT_ENV",
     "Tracing",
     "budget_wait",
     "end_server_span",
+    "error_reason",
     "ledger_span",
     "outgoing_headers",
     "span",
