@@ -110,6 +110,11 @@ class Tracing:
         self._provider = provider
         self.protocol = protocol
 
+    @property
+    def resource(self) -> Mapping[str, object]:
+        """The attributes every span is exported with (`service.name`, ...)."""
+        return dict(self._provider.resource.attributes)
+
     async def shutdown(self, timeout_seconds: float = DEFAULT_FLUSH_SECONDS) -> bool:
         """Stop tracing and export the spans still queued, waiting at most `timeout_seconds`.
 
@@ -190,11 +195,13 @@ def start() -> Tracing | None:
             f"{_PROTOCOL_ENVS[1]}: {protocol!r} is not a protocol numbersvc exports traces"
             " with; use grpc or http/protobuf"
         )
-    attributes: dict[str, str] = {SERVICE_VERSION: __version__}
-    if not environ.get("OTEL_SERVICE_NAME"):  # set, it wins (the SDK reads it)
-        attributes[SERVICE_NAME] = DEFAULT_SERVICE_NAME
+    # OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES are read here; without a name from
+    # either, the SDK says `unknown_service`, and ours is the default.
+    resource = Resource.create({SERVICE_VERSION: __version__})
+    if str(resource.attributes.get(SERVICE_NAME, "")).startswith("unknown_service"):
+        resource = resource.merge(Resource({SERVICE_NAME: DEFAULT_SERVICE_NAME}))
     # The sampler comes from OTEL_TRACES_SAMPLER; no exit hook: `Tracing.shutdown` bounds it.
-    provider = TracerProvider(resource=Resource.create(attributes), shutdown_on_exit=False)
+    provider = TracerProvider(resource=resource, shutdown_on_exit=False)
     provider.add_span_processor(BatchSpanProcessor(exporter))
     _tracer = provider.get_tracer("numbersvc", __version__)
     _propagator = TraceContextTextMapPropagator()

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from numbersvc import tracing
+from numbersvc import __version__, tracing
 from numbersvc.errors import TABLE, Outcome, ServiceError, to_status
+from tests.ports import refused_port
 
 
 @pytest.mark.parametrize("outcome", [Outcome.UPSTREAM_RATE_LIMITED, Outcome.MALFORMED_REQUEST])
@@ -40,3 +41,29 @@ def test_an_unknown_protocol_is_refused(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json")
     with pytest.raises(ValueError, match="use grpc or http/protobuf"):
         tracing.start()
+
+
+@pytest.mark.parametrize(
+    ("env", "name"),
+    [
+        ({}, "numbersvc"),
+        ({"OTEL_SERVICE_NAME": "numbers-eu"}, "numbers-eu"),
+        ({"OTEL_RESOURCE_ATTRIBUTES": "service.name=numbers-us,team=telco"}, "numbers-us"),
+    ],
+)
+async def test_the_service_name_is_ours_unless_the_environment_names_one(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], name: str
+) -> None:
+    for variable in ("OTEL_SERVICE_NAME", "OTEL_RESOURCE_ATTRIBUTES", "OTEL_SDK_DISABLED"):
+        monkeypatch.delenv(variable, raising=False)
+    for variable, value in env.items():
+        monkeypatch.setenv(variable, value)
+    with refused_port() as port:  # no span is made, so nothing is ever sent there
+        monkeypatch.setenv(tracing.ENDPOINT_ENV, f"http://127.0.0.1:{port}")
+        traces = tracing.start()
+        assert traces is not None
+        try:
+            assert traces.resource["service.name"] == name
+            assert traces.resource["service.version"] == __version__
+        finally:
+            assert await traces.shutdown()
