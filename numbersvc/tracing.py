@@ -33,8 +33,6 @@ from typing import TYPE_CHECKING, Any, Final, ParamSpec, TypeVar
 from google.protobuf.message import DecodeError
 from google.rpc import error_details_pb2, status_pb2
 
-from numbersvc import __version__
-
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.trace import Span, Tracer
@@ -173,11 +171,14 @@ def start() -> Tracing | None:
         return None
     protocol = next((environ[k].strip() for k in _PROTOCOL_ENVS if environ.get(k)), None)
     protocol = protocol or DEFAULT_PROTOCOL
-    # Imported here, and only here: with tracing off the SDK is never loaded.
+    # Imported here, and only here: with tracing off the SDK is never loaded (nor the version
+    # looked up, which costs what `numbersvc --help` need not pay).
     from opentelemetry.sdk.resources import SERVICE_NAME, SERVICE_VERSION, Resource
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
     from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    from numbersvc import __version__
 
     exporter: SpanExporter
     if protocol == "grpc":
