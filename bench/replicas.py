@@ -99,6 +99,10 @@ RENT_PREFIX: Final = "824"
 #: seconds are budget-bound and the sandbox's request log holds every request.
 READ_RATE: Final = "40/2s"
 READ_CALLERS: Final = 16
+#: Row 10: a caller with this deadline waits in the queue of one replica's callers (16 at 20/s:
+#: 0.8 s) but not in that of two replicas' (1.6 s): what the second replica's callers cost.
+PROBE_DEADLINE_SECONDS: Final = 1.2
+PROBE_PAUSE_SECONDS: Final = 0.25
 #: Row 11: the owner's POST takes this long, drawn afresh for every order.
 HOLD_SECONDS: Final = (0.3, 2.0)
 WAIT_DEADLINE_SECONDS: Final = 20.0
@@ -214,6 +218,7 @@ class _ReadPhase:
     latencies: list[float]
     upstream: int
     upstream_second_half: int  # the steady rate, after the burst
+    probe: list[tuple[bool, float]]  # the short-deadline caller's calls: answered?, seconds
 
 
 async def row_reads(
@@ -267,10 +272,13 @@ async def _replicas(
         await _stop_server(child, bench)
 
 
-async def _read(stub: Stub) -> grpc.aio.AioRpcError | None:
+async def _read(
+    stub: Stub, deadline_seconds: float = CALL_TIMEOUT_SECONDS
+) -> grpc.aio.AioRpcError | None:
+    """One read; None when answered, the error when the budget had no room in time."""
     request = pb.ListNumberGroupsRequest(filter=UNARY_FILTER, page_size=20)
     try:
-        await stub.ListNumberGroups(request, timeout=CALL_TIMEOUT_SECONDS)
+        await stub.ListNumberGroups(request, timeout=deadline_seconds)
     except grpc.aio.AioRpcError as error:
         if error.code() != grpc.StatusCode.UNAVAILABLE:
             raise
@@ -282,8 +290,13 @@ async def _read(stub: Stub) -> grpc.aio.AioRpcError | None:
 
 
 async def _read_phase(stubs: Sequence[Stub], seconds: float, control: SandboxControl) -> _ReadPhase:
-    """`READ_CALLERS` callers per stub in a closed loop for `seconds`; calls out then finish."""
+    """`READ_CALLERS` callers per stub in a closed loop for `seconds`; calls out then finish.
+
+    Beside them, from the phase's middle (the burst spent), one more caller on the first stub
+    asks with a short deadline (`PROBE_DEADLINE_SECONDS`) every `PROBE_PAUSE_SECONDS`.
+    """
     await control.clear_requests()
+    probe: list[tuple[bool, float]] = []
     latencies: list[float] = []
     answered = [0] * len(stubs)
     refused = 0
@@ -299,13 +312,29 @@ async def _read_phase(stubs: Sequence[Stub], seconds: float, control: SandboxCon
             else:
                 refused += 1
 
+    async def prober() -> None:
+        await asyncio.sleep(seconds / 2)
+        while time.perf_counter() < end:
+            began = time.perf_counter()
+            error = await _read(stubs[0], PROBE_DEADLINE_SECONDS)
+            probe.append((error is None, time.perf_counter() - began))
+            await asyncio.sleep(PROBE_PAUSE_SECONDS)
+
     began_wall, began = time.time(), time.perf_counter()
-    await asyncio.gather(*(caller(n) for n in range(len(stubs)) for _ in range(READ_CALLERS)))
+    await asyncio.gather(
+        prober(), *(caller(n) for n in range(len(stubs)) for _ in range(READ_CALLERS))
+    )
     elapsed = time.perf_counter() - began
     times = [r["time"] for r in await control.requests() if r["operation"] == "search"]
     half = began_wall + elapsed / 2
     return _ReadPhase(
-        elapsed, answered, refused, latencies, len(times), sum(1 for t in times if t >= half)
+        elapsed,
+        answered,
+        refused,
+        latencies,
+        len(times),
+        sum(1 for t in times if t >= half),
+        probe,
     )
 
 
@@ -332,6 +361,7 @@ def _read_rows(
             "phases": [
                 {"seconds": p.seconds, "answered": p.answered, "upstream": p.upstream} for p in runs
             ],
+            "short_deadline": _probe_figures([call for p in runs for call in p.probe]),
         }
     bench.figures["10_reads"] = figures
     one, two = figures["one replica, local bucket"], figures["two replicas, shared budget"]
@@ -356,6 +386,14 @@ def _read_rows(
             two["upstream"] <= two["upstream_bound"],
         ),
         Row(
+            f"10 a caller with a {PROBE_DEADLINE_SECONDS:g} s deadline (steady state)",
+            _probe_text("1 replica", one["short_deadline"]),
+            _probe_text("2 replicas", two["short_deadline"]),
+            _share_ratio(two["short_deadline"], one["short_deadline"]),
+            "(reported)",
+            None,
+        ),
+        Row(
             "10 caller latency p50 (p99)",
             f"1 replica {one['latency_ms']['p50']:.0f} ({one['latency_ms']['p99']:.0f}) ms",
             f"2 replicas {two['latency_ms']['p50']:.0f} ({two['latency_ms']['p99']:.0f}) ms",
@@ -367,6 +405,34 @@ def _read_rows(
     refused = one["refused"] + two["refused"]
     if refused:
         bench.notes.append(f"row 10: {refused} reads refused UPSTREAM_BUDGET_EXHAUSTED")
+
+
+def _probe_figures(calls: Sequence[tuple[bool, float]]) -> dict[str, Any]:
+    """The short-deadline caller's calls: how many answered, and how long either kind took."""
+    answered = [t for ok, t in calls if ok]
+    refused = [t for ok, t in calls if not ok]
+    return {
+        "calls": len(calls),
+        "answered": len(answered),
+        "answered_share": len(answered) / len(calls) if calls else 0.0,
+        "answered_p50_ms": 1000 * percentile(answered, 0.5) if answered else None,
+        "refused_p50_ms": 1000 * percentile(refused, 0.5) if refused else None,
+    }
+
+
+def _share_ratio(figure: Mapping[str, Any], baseline: Mapping[str, Any]) -> str:
+    if not baseline["answered_share"]:
+        return "-"
+    return f"{figure['answered_share'] / baseline['answered_share']:.2f}x"
+
+
+def _probe_text(side: str, probe: Mapping[str, Any]) -> str:
+    text = f"{side} {probe['answered']}/{probe['calls']} answered"
+    if probe["answered_p50_ms"] is not None:
+        text += f" in {probe['answered_p50_ms']:.0f} ms"
+    if probe["refused_p50_ms"] is not None:
+        text += f", refused in {probe['refused_p50_ms']:.0f} ms"
+    return text
 
 
 # --- Row 11: a duplicate waiting on another replica's order -------------------------------------
