@@ -19,15 +19,17 @@ Without server binaries the rows are left out and a note says so.
    `PostgresLedger`s (an owner and a replica): the shipped polling (`numbersvc/orders.py`'s
    loop: a claim again after each full-jitter delay) beside a LISTEN/NOTIFY prototype (one
    listening connection that wakes the waiter of a request id; the owner notifies after its
-   outcome's write), both waiting on the same order at once, the owner's POST held for a
-   random 0.3-2 s. How long after the owner's write each waiter saw the outcome, and the
-   database work each wait cost (claims and their time).
+   outcome's write), and the polling again with its longest delay cut to 0.25 s, all three
+   waiting on the same order at once, the owner's POST held for a random 0.3-2 s. How long
+   after the owner's write each waiter saw the outcome, and the database work each wait cost
+   (claims and their time).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import random
 import sys
 import tempfile
@@ -60,7 +62,7 @@ from numbersvc.ledger import Attempt, Begin, BeginResult, OrderState
 from numbersvc.ledger.postgres import PostgresLedger
 from numbersvc.orders import _IN_PROGRESS_POLL, fingerprint
 from numbersvc.sandbox import SandboxControl
-from numbersvc.upstream import full_jitter_delays
+from numbersvc.upstream import RetryPolicy, full_jitter_delays
 from numbersvc.upstream.ratelimit import parse_rate
 from numbersvc.v1 import number_groups_pb2 as pb
 from numbersvc.v1 import number_groups_pb2_grpc as pb_grpc
@@ -106,6 +108,10 @@ PROBE_PAUSE_SECONDS: Final = 0.25
 #: Row 11: the owner's POST takes this long, drawn afresh for every order.
 HOLD_SECONDS: Final = (0.3, 2.0)
 WAIT_DEADLINE_SECONDS: Final = 20.0
+#: Row 11's third waiter: the shipped polling with a shorter longest delay, what a cut of the
+#: lag without LISTEN/NOTIFY would cost.
+SHORT_CAP_POLL: Final = dataclasses.replace(_IN_PROGRESS_POLL, max_delay_seconds=0.25)
+_WAITERS: Final = ("polling", "polling, short cap", "listen")
 NOTIFY_CHANNEL: Final = "numbersvc_bench_order_done"
 
 
@@ -491,11 +497,13 @@ def _sending(result: BeginResult) -> bool:
     )
 
 
-async def _poll(ledger: PostgresLedger, attempt: Attempt, rng: random.Random) -> _Wait:
+async def _poll(
+    ledger: PostgresLedger, attempt: Attempt, rng: random.Random, policy: RetryPolicy
+) -> _Wait:
     """What `RentDesk._place` does today: claim again after each full-jitter delay."""
     wait = _Wait()
     give_up = time.perf_counter() + WAIT_DEADLINE_SECONDS
-    for delay in full_jitter_delays(_IN_PROGRESS_POLL, rng):
+    for delay in full_jitter_delays(policy, rng):
         if not _sending(await _claim(ledger, attempt, wait)):
             wait.seen = time.perf_counter()
             return wait
@@ -520,8 +528,8 @@ async def row_wait(bench: Bench, cluster: Cluster, sizes: Sizes) -> None:
     """Row 11: polling vs LISTEN/NOTIFY for a duplicate on another replica's `sending` order."""
     url = cluster.create_schema()
     rng = random.Random(11)
-    lags: dict[str, list[float]] = {"polling": [], "listen": []}
-    waits: dict[str, list[_Wait]] = {"polling": [], "listen": []}
+    lags: dict[str, list[float]] = {name: [] for name in _WAITERS}
+    waits: dict[str, list[_Wait]] = {name: [] for name in _WAITERS}
     holds: list[float] = []
     async with contextlib.AsyncExitStack() as stack:
         owner = await PostgresLedger.open(url)
@@ -542,8 +550,12 @@ async def row_wait(bench: Bench, cluster: Cluster, sizes: Sizes) -> None:
             attempt = _attempt()
             if (await owner.begin(attempt, daily_cap=0)).kind is not Begin.NEW:
                 raise RuntimeError("row 11: the owner's claim was refused")
-            polling = asyncio.create_task(_poll(replica, attempt, rng))
-            listen = asyncio.create_task(_listen(replica, attempt, listener))
+            tasks = {
+                "polling": _poll(replica, attempt, rng, _IN_PROGRESS_POLL),
+                "polling, short cap": _poll(replica, attempt, rng, SHORT_CAP_POLL),
+                "listen": _listen(replica, attempt, listener),
+            }
+            started = {name: asyncio.create_task(wait) for name, wait in tasks.items()}
             hold = rng.uniform(*HOLD_SECONDS)
             holds.append(hold)
             await asyncio.sleep(hold)
@@ -555,7 +567,7 @@ async def row_wait(bench: Bench, cluster: Cluster, sizes: Sizes) -> None:
             # NOTE: in production the notification would go in the write's own transaction
             # (pg_notify); here it is one round trip later, which counts against LISTEN.
             await notifier.execute("SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, done.request_id))
-            for name, task in (("polling", polling), ("listen", listen)):
+            for name, task in started.items():
                 wait = await asyncio.wait_for(task, WAIT_DEADLINE_SECONDS)
                 waits[name].append(wait)
                 lags[name].append(wait.seen - written)
@@ -585,6 +597,7 @@ def _wait_rows(
         }
     bench.figures["11_wait"] = figures
     poll, listen = figures["polling"], figures["listen"]
+    short = figures["polling, short cap"]
     bench.rows += [
         Row(
             "11 duplicate sees another replica's outcome, p50 (p90) after the write",
@@ -600,6 +613,14 @@ def _wait_rows(
             f"LISTEN/NOTIFY {listen['claims_per_wait']:.1f} ({listen['claim_ms_per_wait']:.1f}"
             " ms) + 1 NOTIFY per order",
             f"{listen['claims_per_wait'] / poll['claims_per_wait']:.2f}x",
+            "(reported)",
+            None,
+        ),
+        Row(
+            f"11 polling with its delay capped at {SHORT_CAP_POLL.max_delay_seconds:g} s",
+            f"shipped: {poll['lag_ms']['p50']:.0f} ms p50, {poll['claims_per_wait']:.1f} claims",
+            f"{short['lag_ms']['p50']:.0f} ms p50, {short['claims_per_wait']:.1f} claims",
+            f"{short['claims_per_wait'] / poll['claims_per_wait']:.2f}x claims",
             "(reported)",
             None,
         ),
