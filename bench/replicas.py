@@ -60,6 +60,8 @@ from bench.bench import (
 from numbersvc import translation
 from numbersvc.ledger import Attempt, Begin, BeginResult, OrderState
 from numbersvc.ledger.postgres import PostgresLedger
+
+# The shipped policy of the wait, imported so that row 11 measures what ships.
 from numbersvc.orders import _IN_PROGRESS_POLL, fingerprint
 from numbersvc.sandbox import SandboxControl
 from numbersvc.upstream import RetryPolicy, full_jitter_delays
@@ -73,9 +75,7 @@ from tests.pg import Cluster, PostgresMissing, running_cluster
 if TYPE_CHECKING:  # the async stub type exists only in the generated .pyi
     Stub = pb_grpc.NumberGroupServiceAsyncStub
 
-__all__ = ["ROWS", "SIZES", "Sizes", "run"]
-
-ROWS: Final = frozenset({9, 10, 11})
+__all__ = ["SIZES", "Sizes", "run"]
 
 
 @dataclass(frozen=True)
@@ -122,13 +122,12 @@ def _progress(text: str) -> None:
 async def run(bench: Bench, procs: _Procs, control: SandboxControl) -> None:
     """Run the rows of `bench.plan.rows` among 9-11 on a throwaway cluster; note its absence."""
     sizes = SIZES[bench.plan.mode]
-    try:
-        running = running_cluster()
-        cluster = running.__enter__()
-    except PostgresMissing:
-        bench.notes.append("rows 9-11: no PostgreSQL server binaries, not measured")
-        return
-    try:
+    with contextlib.ExitStack() as stack:
+        try:
+            cluster = stack.enter_context(running_cluster())
+        except PostgresMissing:
+            bench.notes.append("rows 9-11: no PostgreSQL server binaries, not measured")
+            return
         if 9 in bench.plan.rows:
             _progress(f"row 9: {sizes.rents} rents per store, concurrency 1")
             await row_rent(bench, procs, control, cluster, sizes)
@@ -141,8 +140,6 @@ async def run(bench: Bench, procs: _Procs, control: SandboxControl) -> None:
         if 11 in bench.plan.rows:
             _progress(f"row 11: {sizes.waits} duplicates waiting on another replica's order")
             await row_wait(bench, cluster, sizes)
-    finally:
-        running.__exit__(None, None, None)
 
 
 # --- Row 9: a rent on each store ----------------------------------------------------------------
@@ -471,6 +468,13 @@ class _Listener:
             if (event := self._waiting.get(note.payload)) is not None:
                 event.set()
 
+    async def stop(self) -> None:
+        """Stop dispatching."""
+        if self.task is not None:
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.task
+
     @contextlib.contextmanager
     def waiting(self, request_id: str) -> Iterator[asyncio.Event]:
         """An event set when `request_id`'s owner notifies (registered before the claim)."""
@@ -544,8 +548,7 @@ async def row_wait(bench: Bench, cluster: Cluster, sizes: Sizes) -> None:
         )
         listener = _Listener(listening)
         await listener.start()
-        assert listener.task is not None
-        stack.callback(listener.task.cancel)
+        stack.push_async_callback(listener.stop)
         for _ in range(sizes.waits):
             attempt = _attempt()
             if (await owner.begin(attempt, daily_cap=0)).kind is not Begin.NEW:
