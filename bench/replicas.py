@@ -98,7 +98,7 @@ SIZES: Final = {
 RENT_RATE: Final = "100000/1s"
 RENT_WARMUP: Final = 20
 RENT_PREFIX: Final = "824"
-#: Row 10: Plivo's shape (a burst of two seconds' rate) at a third of its 60/s, so a few
+#: Row 10: a third of Plivo's 60/s with a burst of 2 s of it (Plivo's is 5 s), so that a few
 #: seconds are budget-bound and the sandbox's request log holds every request.
 READ_RATE: Final = "40/2s"
 READ_CALLERS: Final = 16
