@@ -65,6 +65,7 @@ from numbersvc.ledger.postgres import PostgresLedger
 # The shipped policy of the wait, imported so that row 11 measures what ships.
 from numbersvc.orders import _IN_PROGRESS_POLL, fingerprint
 from numbersvc.sandbox import SandboxControl
+from numbersvc.sandbox.journal import DEFAULT_MAX_RECORDS
 from numbersvc.upstream import RetryPolicy, full_jitter_delays
 from numbersvc.upstream.ratelimit import parse_rate
 from numbersvc.v1 import number_groups_pb2 as pb
@@ -86,7 +87,7 @@ class Sizes:
     rents: int  # row 9: rents per store, after `RENT_WARMUP`
     read_rounds: int  # row 10: rounds of one phase per side
     read_seconds: float  # row 10: length of a phase
-    waits: int  # row 11: orders waited on (one polling and one listening waiter each)
+    waits: int  # row 11: orders waited on (by three waiters each)
 
 
 SIZES: Final = {
@@ -333,6 +334,8 @@ async def _read_phase(stubs: Sequence[Stub], seconds: float, control: SandboxCon
     )
     elapsed = time.perf_counter() - began
     times = [r["time"] for r in await control.requests() if r["operation"] == "search"]
+    if len(times) >= DEFAULT_MAX_RECORDS:
+        raise RuntimeError(f"row 10: the sandbox's request log is full ({len(times)})")
     half = began_wall + elapsed / 2
     return _ReadPhase(
         elapsed,
