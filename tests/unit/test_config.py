@@ -20,7 +20,6 @@ from numbersvc.upstream.ratelimit import RateSpec
 from tests.docs import DOCS, section
 
 
-
 def test_defaults_are_what_make_run_uses() -> None:
     config = Config()
     assert config.listen == "127.0.0.1:50051"
