@@ -58,11 +58,19 @@ async def documented(command: str, port: int, **env: str) -> str:
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
+    return (await finished(process, command, _COMMAND_TIMEOUT_SECONDS)).decode()
+
+
+async def finished(process: asyncio.subprocess.Process, what: str, seconds: float) -> bytes:
+    """The stdout of `process` once it exits 0 within `seconds`; else killed, failing with stderr.
+
+    `what` names it in the failure.
+    """
     try:
-        out, err = await asyncio.wait_for(process.communicate(), _COMMAND_TIMEOUT_SECONDS)
+        out, err = await asyncio.wait_for(process.communicate(), seconds)
     except TimeoutError:
         process.kill()
         await process.wait()
-        raise AssertionError(f"{command}\nran over {_COMMAND_TIMEOUT_SECONDS} s") from None
-    assert process.returncode == 0, f"{command}\nexited {process.returncode}:\n{err.decode()}"
-    return out.decode()
+        raise AssertionError(f"{what} ran over {seconds} s") from None
+    assert process.returncode == 0, f"{what} exited {process.returncode}:\n{err.decode()}"
+    return out
