@@ -1,8 +1,9 @@
 """The README is a front door and the manual hangs together: its size, its links, its lists.
 
 Every relative link in README.md and docs/ must reach a file (and a heading, when it names
-one), every page of docs/ must be reachable from the README, and the README's "Dependencies"
-must say why each package the project pins is there.
+one), every page of docs/ must be reachable from the README, the README's "Dependencies" must
+say why each package the project pins is there, and every `NUMBERSVC_*` variable named must be
+one the server or the CLI reads.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from numbersvc.cli.options import TARGET_ENV, TLS_CA_ENV, TLS_CERT_ENV, TLS_KEY_ENV, TOKEN_ENV
+from numbersvc.config import settings
 from tests.docs import DOCS, README, ROOT, headings, section
 
 MAX_README_LINES = 250
@@ -83,3 +86,14 @@ def test_the_readme_says_why_each_dependency_is_there() -> None:
         for name in re.findall(r"[@\w][\w./\[\]@-]*", row.split("(")[0])
     }
     assert sorted(names - listed) == []
+
+
+def test_every_variable_the_docs_name_is_one_numbersvc_reads() -> None:
+    named = {
+        name
+        for document in [*_documents(), ROOT / "deploy" / "README.md"]
+        for name in re.findall(r"\bNUMBERSVC_[A-Z0-9_]*[A-Z0-9]\b", document.read_text())
+    }
+    client = {TARGET_ENV, TOKEN_ENV, TLS_CA_ENV, TLS_CERT_ENV, TLS_KEY_ENV}
+    assert named
+    assert sorted(named - {setting.env for _, setting, _ in settings()} - client) == []
