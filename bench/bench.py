@@ -38,6 +38,9 @@ The rows, each with its baseline in the same run (no figure is compared with ano
    64 callers on 8 channels) against a server with `NUMBERSVC_SEARCH_CACHE_SECONDS=2` and one
    with the cache off (both with the rate budget off), in alternating phases of equal length:
    upstream requests per served call (from the sandbox's request log) and latency.
+9-11. Replicas on one PostgreSQL database (a throwaway cluster) beside their one-store
+   baselines: a rent vs on SQLite, reads of two replicas sharing the budget vs one with a local
+   bucket, a duplicate's wait by polling vs LISTEN/NOTIFY (`bench/replicas.py`).
 12. Tracing: server CPU per ListNumberGroups call exporting every span over OTLP to a real
     receiver process vs tracing off, alternating phases, as a ratio (`bench/tracing.py`).
 
@@ -156,7 +159,7 @@ class Plan:
     budget_requests: int = 2_000  # row 7: permits per limiter
     zipf_rounds: int = 3  # row 8: rounds of one phase without the cache and one with it
     zipf_seconds: float = 5.0  # row 8: length of a phase
-    rows: frozenset[int] = frozenset((*range(1, 9), 12))  # which rows to run
+    rows: frozenset[int] = frozenset(range(1, 13))  # which rows to run
 
 
 FULL: Final = Plan("full")
@@ -1360,8 +1363,12 @@ async def run_bench(plan: Plan, extra_env: Mapping[str, str], log_dir: Path) -> 
                     await row_budget(bench)
                 if 8 in plan.rows:
                     await _row_8(bench, procs, control, direct)
+                if plan.rows & {9, 10, 11}:
+                    from bench import replicas  # here: it imports this module back
+
+                    await replicas.run(bench, procs, control)
                 if 12 in plan.rows:
-                    from bench import tracing  # here: it imports this module
+                    from bench import tracing  # here: it imports this module back
 
                     await tracing.row(bench, procs, control, direct)
             finally:

@@ -365,7 +365,7 @@ async def _upstream(
             base_url,
         )
         _log.info(
-            'sandbox controls (no auth; README "The sandbox" lists them): curl -s %s/info',
+            "sandbox controls (no auth; docs/sandbox.md lists them): curl -s %s/info",
             sandbox.control_url,
         )
     else:

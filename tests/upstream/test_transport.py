@@ -384,7 +384,7 @@ async def test_bytes_after_a_response_are_never_read_as_the_next_answer(
     make_client: MakeClient, raw_server: StartServer
 ) -> None:
     # aiohttp only: httpcore (the fallback stack) keeps such bytes and hands them to the next
-    # request on the connection, one of the reasons it is not the default (README).
+    # request on the connection, one of the reasons it is not the default (docs/reliability.md).
     answers = iter([OK_RESPONSE + OK_RESPONSE.replace(b"k1", b"XX"), OK_RESPONSE])
 
     async def answer_twice(reader: Reader, writer: Writer) -> None:
