@@ -41,6 +41,8 @@ The rows, each with its baseline in the same run (no figure is compared with ano
 9-11. Replicas on one PostgreSQL database (a throwaway cluster) beside their one-store
    baselines: a rent vs on SQLite, reads of two replicas sharing the budget vs one with a local
    bucket, a duplicate's wait by polling vs LISTEN/NOTIFY (`bench/replicas.py`).
+12. Tracing: server CPU per ListNumberGroups call exporting every span over OTLP to a real
+    receiver process vs tracing off, alternating phases, as a ratio (`bench/tracing.py`).
 
 Prints one table and writes the figures as JSON (`bench/results/latest.json` by default). Exit
 0 when every row was measured, met or not (the table says which); 2 when the set-up or a
@@ -157,7 +159,7 @@ class Plan:
     budget_requests: int = 2_000  # row 7: permits per limiter
     zipf_rounds: int = 3  # row 8: rounds of one phase without the cache and one with it
     zipf_seconds: float = 5.0  # row 8: length of a phase
-    rows: frozenset[int] = frozenset(range(1, 12))  # which rows to run
+    rows: frozenset[int] = frozenset(range(1, 13))  # which rows to run
 
 
 FULL: Final = Plan("full")
@@ -1365,6 +1367,10 @@ async def run_bench(plan: Plan, extra_env: Mapping[str, str], log_dir: Path) -> 
                     from bench import replicas  # here: it imports this module back
 
                     await replicas.run(bench, procs, control)
+                if 12 in plan.rows:
+                    from bench import tracing  # here: it imports this module back
+
+                    await tracing.row(bench, procs, control, direct)
             finally:
                 await direct.aclose()
     finally:

@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import grpc
 
+from numbersvc import tracing
+
 __all__ = [
     "AccessLog",
     "CallObserver",
@@ -41,6 +43,8 @@ _BEHAVIOURS: Final = ("unary_unary", "unary_stream", "stream_unary", "stream_str
 
 _Context = grpc.aio.ServicerContext[Any, Any]
 if TYPE_CHECKING:  # the stubs make it generic; at run time it is a plain class
+    from opentelemetry.trace import Span
+
     _Handler = grpc.RpcMethodHandler[Any, Any]
 
 
@@ -184,6 +188,7 @@ class _Call:
             traceparent=_header(metadata, _TRACEPARENT_KEY, _TRACEPARENT),
             streaming=streaming,
         )
+        self._span: Span | None = None
 
     def _start(self, context: _Context) -> None:
         record = self._record
@@ -192,6 +197,7 @@ class _Call:
         # call is gone and `peer()` crashes the process (seen with grpcio 1.85).
         record.peer = context.peer()
         record.started = self._owner._clock()
+        self._span = tracing.start_server_span(record.method, record.traceparent, record.request_id)
         for observer in self._owner._observers:
             observer.call_started(record)
 
@@ -201,6 +207,7 @@ class _Call:
         record.duration_seconds = self._owner._clock() - record.started
         for observer in self._owner._observers:
             observer.call_finished(record)
+        tracing.end_server_span(self._span, record.code, record.caller, context.trailing_metadata)
 
     def wrap(self, behaviour: Callable[[Any, _Context], Awaitable[Any]]) -> Any:
         async def run(request: Any, context: _Context) -> Any:

@@ -25,14 +25,14 @@ import json
 import logging
 import time
 import urllib.parse
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Final
+from typing import Concatenate, Final, ParamSpec
 
 import httpx
 
-from numbersvc import __version__
+from numbersvc import __version__, tracing
 from numbersvc.upstream.defaults import DEFAULT_BASE_URL, HttpStack
 from numbersvc.upstream.errors import (
     Scrubber,
@@ -81,6 +81,9 @@ DEFAULT_KEEPALIVE_EXPIRY_SECONDS = 15.0
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
 
 _GROUPS_PATH = "AvailableNumberGroup/"
+# The paths as spans name them: no account, no group id (OpenTelemetry's `url.template`).
+_GROUPS_TEMPLATE = "/v1/Account/{account}/AvailableNumberGroup/"
+_GROUP_TEMPLATE = _GROUPS_TEMPLATE + "{group_id}/"
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,6 +203,23 @@ def _group_suffix(group_id: str) -> str:
     return urllib.parse.quote(group_id, safe="").replace(".", "%2E") + "/"
 
 
+_P = ParamSpec("_P")
+_Request = Callable[Concatenate["PlivoClient", str, str, _P], Awaitable["UpstreamResponse"]]
+
+
+def _traced(request: _Request[_P]) -> _Request[_P]:
+    """Run each upstream request in its span when tracing is on; `_log` notes the outcome."""
+
+    async def run(
+        client: PlivoClient, method: str, suffix: str, /, *args: _P.args, **kwargs: _P.kwargs
+    ) -> UpstreamResponse:
+        template = _GROUP_TEMPLATE if suffix else _GROUPS_TEMPLATE
+        with tracing.upstream_span(method, template, client._server):
+            return await request(client, method, suffix, *args, **kwargs)
+
+    return run
+
+
 Observer = Callable[[str, str, float, str | None], None]
 """Told of each attempt: operation, HTTP status or error class name, seconds, api_id."""
 
@@ -277,6 +297,7 @@ class PlivoClient:
         self._groups_url = f"{base_url.rstrip('/')}/v1/Account/{account}/{_GROUPS_PATH}"
         # The raw (still percent-encoded) path, for logs and exceptions: no host, no query.
         self._groups_path = urllib.parse.urlsplit(self._groups_url).path
+        self._server = (root.host, root.port or (443 if root.scheme == "https" else 80))
         self._client = http_client(
             auth_id=auth_id,
             auth_token=auth_token,
@@ -438,6 +459,7 @@ class PlivoClient:
                 url=path,
             ) from exc
 
+    @_traced
     async def _request(
         self,
         method: str,
@@ -491,7 +513,10 @@ class PlivoClient:
                         method,
                         url,
                         json=body,
-                        headers=self._headers() if self._headers else None,
+                        # The caller's traceparent, or with tracing on this request's span's.
+                        headers=tracing.outgoing_headers(
+                            self._headers() if self._headers else None
+                        ),
                         timeout=timeout_seconds,
                     )
                     response = await self._client.send(request, stream=True)
@@ -525,9 +550,11 @@ class PlivoClient:
         """
         if self._rate_limiter is None:
             return 0.0
+        began = time.time_ns()
         try:
             waited = await self._rate_limiter.acquire(max_wait_seconds=max_wait_seconds)
         except UpstreamThrottledError as exc:
+            tracing.budget_wait(began, refused=True)
             self._log(method, path, type(exc).__name__, 0.0, None)
             raise UpstreamThrottledError(
                 f"{method} {path}: {exc.message}",
@@ -536,6 +563,7 @@ class PlivoClient:
                 url=path,
             ) from None
         if waited > 0.0:
+            tracing.budget_wait(began)
             _LOG.debug("upstream %s %s waited %.3f s for a rate-limit token", method, path, waited)
         return waited
 
@@ -614,6 +642,7 @@ class PlivoClient:
         self, method: str, path: str, outcome: int | str, elapsed: float, api_id: str | None
     ) -> None:
         """Report one attempt; `outcome` is the status, or the exception's class name."""
+        tracing.upstream_outcome(outcome, api_id)
         if self._observer is not None:
             operation = (
                 "rent" if method == "POST" else "search" if path == self._groups_path else "get"
