@@ -30,6 +30,7 @@ import psycopg
 import pytest
 import yaml
 
+from numbersvc import tracing
 from numbersvc.cli.main import build_parser
 from numbersvc.config import Config, UpstreamKind, settings
 from numbersvc.ledger import pgbudget, postgres
@@ -241,13 +242,19 @@ def test_termination_grace_outlasts_the_servers_shutdown(overlay: Rendered) -> N
     # `RunningServer.stop`: drain, then `server.stop(grace)` while the rent desk gives up on
     # POSTs still out before the grace ends; a write the ledger refuses gets one last attempt
     # (SQLite: its busy timeout; PostgreSQL: a pooled connection, then a lock); PostgreSQL's
-    # ledger then gives up its lease.
+    # ledger then gives up its lease; last, queued spans get their bounded flush (counted
+    # always: tracing is switched on by OTEL_* variables a cluster may add to any overlay).
     config = config_of(overlay.container)  # unset settings keep the Config defaults
     on_postgres = bool(config.database_url_file or config.database_url)
     last_write = (
         _PG_LAST_WRITE_SECONDS + _PG_CLOSE_SECONDS if on_postgres else _BUSY_TIMEOUT_SECONDS
     )
-    shutdown_seconds = config.drain_seconds + config.shutdown_grace_seconds + last_write
+    shutdown_seconds = (
+        config.drain_seconds
+        + config.shutdown_grace_seconds
+        + last_write
+        + tracing.DEFAULT_FLUSH_SECONDS
+    )
     assert overlay.pod_spec["terminationGracePeriodSeconds"] > shutdown_seconds
 
 
