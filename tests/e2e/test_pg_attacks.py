@@ -1,0 +1,62 @@
+"""Attacks on the PostgreSQL store from outside: real `numbersvc serve` processes, a real cluster.
+
+What another session, a stuck migration Job or a hung database can do to replicas that must
+start, rent and stop without hanging (issue 10).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+
+from numbersvc.ledger import pgschema
+from numbersvc.sandbox import SandboxServer
+from tests.e2e.test_process import Served, _serve, _start
+from tests.e2e.test_replicas import _env
+
+
+@contextlib.contextmanager
+def _migration_lock_held(url: str) -> Iterator[None]:
+    """Another session (a stuck `db migrate`, an operator's psql) holds the migration lock."""
+    with psycopg.connect(url, autocommit=True, application_name="stuck-job") as holder:
+        holder.execute("SELECT pg_advisory_lock(%s)", (pgschema.MIGRATION_LOCK_KEY,))
+        yield
+
+
+async def test_a_replica_starts_on_a_migrated_schema_while_the_migration_lock_is_held(
+    sandbox: SandboxServer, postgres_url: str
+) -> None:
+    """Nothing to migrate: the server must not wait for the lock at all. It waited forever
+    (no log line, no exit), so a stuck migration Job stopped every rollout and restart."""
+    with _migration_lock_held(postgres_url):
+        async with _serve(_env(sandbox, postgres_url)) as served:
+            served.process.send_signal(signal.SIGTERM)
+            assert await served.finish() == 0, served.stderr.decode()
+
+
+@pytest.mark.timeout(90)
+async def test_a_replica_waiting_for_the_migration_lock_says_who_holds_it(
+    sandbox: SandboxServer, empty_postgres_url: str
+) -> None:
+    """Migrations pending and the lock held: the server says whom it waits for, then
+    migrates and serves once the lock is released."""
+    served = Served(await _start(_env(sandbox, empty_postgres_url)))
+    try:
+        with _migration_lock_held(empty_postgres_url):
+            assert served.process.stderr is not None
+            async with asyncio.timeout(20):
+                while b"waiting for the migration lock" not in served.stderr:
+                    line = await served.process.stderr.readline()
+                    assert line, served.stderr.decode()
+                    served.stderr += line
+            assert b"(stuck-job)" in served.stderr, served.stderr.decode()
+        await served.wait_serving()
+        served.process.send_signal(signal.SIGTERM)
+        assert await served.finish() == 0, served.stderr.decode()
+    finally:
+        await served.close()
