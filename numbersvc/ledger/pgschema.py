@@ -5,9 +5,9 @@ order, each in its own transaction together with its row in `schema_migrations`.
 holds a session advisory lock while it works, so replicas that start together (or a
 migration Job racing a server) apply each migration exactly once; the others wait, then find
 nothing to do; a schema with nothing pending is not locked at all, so a session holding the
-lock (a stuck Job) never stops a replica from starting. A database whose schema is newer than the running code knows is refused
-(`SchemaTooNewError`): an old replica must not write rows it does not understand during a
-rollback.
+lock (a stuck Job) never stops a replica from starting. A database whose schema is newer than
+the running code knows is refused (`SchemaTooNewError`): an old replica must not write rows it
+does not understand during a rollback.
 """
 
 from __future__ import annotations
