@@ -60,3 +60,19 @@ async def test_a_replica_waiting_for_the_migration_lock_says_who_holds_it(
         assert await served.finish() == 0, served.stderr.decode()
     finally:
         await served.close()
+
+
+async def test_sigterm_the_moment_a_replica_says_it_serves_drains(
+    sandbox: SandboxServer, postgres_url: str
+) -> None:
+    """SIGTERM as soon as "serving on" is logged (a rollout's signal to a just-ready pod): a
+    graceful exit 0. The handler was installed only after start-up, so the default action
+    killed the process (-15) while its port already took rents."""
+    for _ in range(3):
+        served = Served(await _start(_env(sandbox, postgres_url), "--drain-seconds", "0.2"))
+        try:
+            await served.wait_serving()
+            served.process.send_signal(signal.SIGTERM)
+            assert await served.finish() == 0, served.stderr.decode()
+        finally:
+            await served.close()
