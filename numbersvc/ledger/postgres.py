@@ -30,6 +30,7 @@ from typing import Any, Final
 
 import psycopg
 import psycopg.conninfo
+import psycopg.errors
 from psycopg_pool import AsyncConnectionPool
 
 from numbersvc import tracing
@@ -275,11 +276,13 @@ class PostgresLedger:
 
         Raises:
             LedgerUnreachableError: the database cannot be reached (no pooled connection in
-                time, a connection lost) or a lock was not had in time.
+                time, a connection lost), is read-only, or a lock was not had in time.
         """
         try:
             return await self._begin(attempt, daily_cap)
-        except psycopg.OperationalError as exc:
+        # A read-only database (a standby after a failover, `default_transaction_read_only`)
+        # cannot be written now, as one that is down: not an internal error.
+        except (psycopg.OperationalError, psycopg.errors.ReadOnlySqlTransaction) as exc:
             # The first line (libpq adds hints on the next), scrubbed like every database error.
             first_line = str(exc).partition("\n")[0]
             raise LedgerUnreachableError(

@@ -9,15 +9,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import uuid
 from collections.abc import Iterator
 
+import grpc
 import psycopg
 import pytest
 
 from numbersvc.ledger import pgschema
-from numbersvc.sandbox import SandboxServer
+from numbersvc.sandbox import SandboxControl, SandboxServer
+from numbersvc.v1 import number_groups_pb2 as pb
+from numbersvc.v1 import number_groups_pb2_grpc as pb_grpc
+from tests.e2e.conftest import reason_of, rich_details
 from tests.e2e.test_process import Served, _serve, _start
-from tests.e2e.test_replicas import _env
+from tests.e2e.test_replicas import _env, _group, _posts
+from tests.pg import Cluster
 
 
 @contextlib.contextmanager
@@ -76,3 +82,41 @@ async def test_sigterm_the_moment_a_replica_says_it_serves_drains(
             assert await served.finish() == 0, served.stderr.decode()
         finally:
             await served.close()
+
+
+async def test_a_rent_on_a_read_only_database_is_refused_as_unavailable(
+    sandbox: SandboxServer, control: SandboxControl, postgres_cluster: Cluster
+) -> None:
+    """The database turns read-only (a standby after a failover, or
+    `default_transaction_read_only`): UNAVAILABLE `LEDGER_UNAVAILABLE` with RetryInfo and
+    nothing sent, as for a database that is down. It was INTERNAL "internal error"."""
+    database = f"ro_{uuid.uuid4().hex[:12]}"
+    with postgres_cluster.connect() as admin:
+        admin.execute(f"CREATE DATABASE {database}")
+    try:
+        async with _serve(_env(sandbox, postgres_cluster.url(database))) as served:
+            with postgres_cluster.connect() as admin:
+                admin.execute(f"ALTER DATABASE {database} SET default_transaction_read_only = on")
+                # Connections take the setting when they open: the pool's open new ones.
+                admin.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                    " WHERE datname = %s AND pid <> pg_backend_pid()",
+                    (database,),
+                )
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{served.port}") as channel:
+                stub = pb_grpc.NumberGroupServiceStub(channel)
+                rent = pb.RentNumbersRequest(
+                    group_id=await _group(stub), request_id=str(uuid.uuid4())
+                )
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await stub.RentNumbers(rent, timeout=20)
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE, refused.value.details()
+            assert reason_of(refused.value) == "LEDGER_UNAVAILABLE"
+            assert "RetryInfo" in rich_details(refused.value)
+            served.process.send_signal(signal.SIGTERM)
+            assert await served.finish() == 0, served.stderr.decode()
+        assert b"Traceback" not in served.stderr, served.stderr.decode()
+        assert await _posts(control) == 0
+    finally:
+        with postgres_cluster.connect() as admin:
+            admin.execute(f"DROP DATABASE {database} WITH (FORCE)")
