@@ -21,11 +21,12 @@ deadline passed) into `outcome_unknown`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any, Final
 
 import psycopg
@@ -63,6 +64,8 @@ _POOL_WAIT_SECONDS: Final = 5.0
 # as SQLite's busy timeout bounds its waits: a write the rent desk retries fails within this
 # instead of hanging, so a shutdown never waits on a lock that is not released.
 _LOCK_WAIT_SECONDS: Final = 5.0
+# The longest one call may take, a connection's wait and a lock's included.
+_CALL_WAIT_SECONDS: Final = _POOL_WAIT_SECONDS + _LOCK_WAIT_SECONDS + 2.0
 # Every statement commits on its own unless a transaction is opened; `pg_stat_activity`
 # names the service.
 _CONNECTION_OPTIONS: Final[dict[str, Any]] = {"autocommit": True, "application_name": "numbersvc"}
@@ -278,22 +281,10 @@ class PostgresLedger:
             LedgerUnreachableError: the database cannot be reached (no pooled connection in
                 time, a connection lost), is read-only, or a lock was not had in time.
         """
-        try:
-            return await self._begin(attempt, daily_cap)
-        # A read-only database (a standby after a failover, `default_transaction_read_only`)
-        # cannot be written now, as one that is down: not an internal error.
-        except (psycopg.OperationalError, psycopg.errors.ReadOnlySqlTransaction) as exc:
-            # The first line (libpq adds hints on the next), scrubbed like every database error.
-            first_line = str(exc).partition("\n")[0]
-            raise LedgerUnreachableError(
-                f"database: {scrub(first_line, str(self._pool.conninfo))}"
-            ) from exc
-
-    async def _begin(self, attempt: Attempt, daily_cap: int) -> BeginResult:
         order = attempt.order
         claimed = pb.RentalOrder()
         claimed.CopyFrom(order)
-        async with self._pool.connection() as conn, conn.transaction():
+        async with self._connection() as conn, conn.transaction():
             now = await self._read_clock(conn, lock_caller=order.caller if daily_cap else None)
             claimed.create_time.FromNanoseconds(now)
             claimed.update_time.FromNanoseconds(now)
@@ -339,6 +330,32 @@ class PostgresLedger:
         _log.info("order %s sending: %s", order.request_id, rules.describe(order))
         return BeginResult(Begin.NEW)
 
+    @contextlib.asynccontextmanager
+    async def _connection(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        """Lend a pooled connection for one call, which fails rather than hangs.
+
+        NOTE: a database that stops answering (a paused VM, a partition dropping packets)
+        keeps its TCP connections open, so neither the pool's wait nor `lock_timeout` ends a
+        statement already sent to it: this bound does (psycopg then drops the connection).
+
+        Raises:
+            LedgerUnreachableError: no connection in time, a connection lost, no answer
+                within `_CALL_WAIT_SECONDS`, or a read-only database (a standby after a
+                failover, `default_transaction_read_only`): it cannot be written now, as one
+                that is down, which is no internal error.
+        """
+        try:
+            async with asyncio.timeout(_CALL_WAIT_SECONDS), self._pool.connection() as conn:
+                yield conn
+        except TimeoutError as exc:
+            raise LedgerUnreachableError("database: no answer in time") from exc
+        except (psycopg.OperationalError, psycopg.errors.ReadOnlySqlTransaction) as exc:
+            # The first line (libpq adds hints on the next), scrubbed like every database error.
+            first_line = str(exc).partition("\n")[0]
+            raise LedgerUnreachableError(
+                f"database: {scrub(first_line, str(self._pool.conninfo))}"
+            ) from exc
+
     async def _read_clock(
         self, conn: psycopg.AsyncConnection[Any], *, lock_caller: str | None = None
     ) -> int:
@@ -366,7 +383,7 @@ class PostgresLedger:
         upstream: str = "",
     ) -> LedgerEntry:
         """Record how an order ended, unless it was settled meanwhile (then it is logged)."""
-        async with self._pool.connection() as conn:
+        async with self._connection() as conn:
             try:
                 return await self._update(
                     conn,
@@ -403,7 +420,7 @@ class PostgresLedger:
             OrderNotFound: no such order.
             SettleError: its outcome is not unknown, or the outcome or numbers are invalid.
         """
-        async with self._pool.connection() as conn:
+        async with self._connection() as conn:
             entry = await _entry(conn, request_id)
             order = rules.settled_order(
                 request_id, entry, state, numbers=numbers, note=note, actor=actor
@@ -457,7 +474,7 @@ class PostgresLedger:
     @tracing.ledger_span("postgresql", "get")
     async def get(self, request_id: str) -> LedgerEntry | None:
         """Return one order, or None."""
-        async with self._pool.connection() as conn:
+        async with self._connection() as conn:
             return await _entry(conn, request_id)
 
     @tracing.ledger_span("postgresql", "list")
@@ -472,7 +489,7 @@ class PostgresLedger:
             page_args.update(after_ns=after.create_time_ns, after_id=after.request_id)
         # One statement, so one snapshot: the total matches the page, in one round trip (a
         # REPEATABLE READ transaction took five: BEGIN, SET, count, page, COMMIT).
-        async with self._pool.connection() as conn:
+        async with self._connection() as conn:
             cursor = await conn.execute(
                 f"SELECT total.n, page.* FROM (SELECT count(*) AS n FROM orders WHERE {where})"
                 f" AS total LEFT JOIN LATERAL (SELECT {_ENTRY_COLUMNS} FROM orders"

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
+import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import psycopg
@@ -21,6 +24,7 @@ from numbersvc.sandbox import SandboxControl, SandboxServer
 from numbersvc.v1 import number_groups_pb2 as pb
 from numbersvc.v1 import number_groups_pb2_grpc as pb_grpc
 from tests.e2e.conftest import reason_of, rich_details
+from tests.e2e.test_crash import held_rent
 from tests.e2e.test_process import Served, _serve, _start
 from tests.e2e.test_replicas import _env, _group, _posts
 from tests.pg import Cluster
@@ -120,3 +124,85 @@ async def test_a_rent_on_a_read_only_database_is_refused_as_unavailable(
     finally:
         with postgres_cluster.connect() as admin:
             admin.execute(f"DROP DATABASE {database} WITH (FORCE)")
+
+
+@contextlib.contextmanager
+def _database_hung(cluster: Cluster) -> Iterator[None]:
+    """Every process of the cluster stopped (SIGSTOP), as a paused VM or a partition that drops
+    packets: connections stay open, nothing answers. SIGCONT after, whatever happens."""
+    postmaster = int((cluster.data / "postmaster.pid").read_text().split()[0])
+    pids = [postmaster]
+    for proc in Path("/proc").iterdir():
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            if int((proc / "stat").read_text().rpartition(")")[2].split()[1]) == postmaster:
+                pids.append(int(proc.name))
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+
+
+@pytest.mark.timeout(150)
+async def test_reads_of_orders_on_a_hung_database_answer_unavailable(
+    sandbox: SandboxServer, postgres_cluster: Cluster, postgres_url: str
+) -> None:
+    """The database hangs: `GetRentalOrder` without a deadline hung for good on a pooled
+    connection (no statement is ever answered), and `ListRentalOrders` was INTERNAL. Both must
+    answer UNAVAILABLE `LEDGER_UNAVAILABLE` with RetryInfo, within the ledger's call bound."""
+    async with (
+        _serve(_env(sandbox, postgres_url)) as served,
+        grpc.aio.insecure_channel(f"127.0.0.1:{served.port}") as channel,
+    ):
+        stub = pb_grpc.NumberGroupServiceStub(channel)
+        with _database_hung(postgres_cluster):
+            for call in (
+                stub.GetRentalOrder(pb.GetRentalOrderRequest(request_id=str(uuid.uuid4()))),
+                stub.ListRentalOrders(pb.ListRentalOrdersRequest()),
+            ):
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await asyncio.wait_for(call, timeout=45)
+                assert refused.value.code() == grpc.StatusCode.UNAVAILABLE, refused.value
+                assert reason_of(refused.value) == "LEDGER_UNAVAILABLE"
+                assert "RetryInfo" in rich_details(refused.value)
+        served.process.send_signal(signal.SIGTERM)
+        assert await served.finish() == 0, served.stderr.decode()
+    assert b"Traceback" not in served.stderr, served.stderr.decode()
+
+
+@pytest.mark.timeout(150)
+async def test_sigterm_while_the_outcome_write_hangs_logs_plivos_answer_and_exits(
+    sandbox: SandboxServer, control: SandboxControl, postgres_cluster: Cluster, postgres_url: str
+) -> None:
+    """Plivo answers while the database hangs, then SIGTERM: the write of the outcome hung for
+    good, so the server never exited and never logged Plivo's answer (lost but for Plivo's
+    console). It must give up on the write in bounded time, log the answer and exit."""
+    request_id = str(uuid.uuid4())
+    env = _env(
+        sandbox,
+        postgres_url,
+        NUMBERSVC_RENT_TIMEOUT_SECONDS="6",
+        NUMBERSVC_SHUTDOWN_GRACE_SECONDS="3",
+    )
+    async with (
+        _serve(env) as served,
+        grpc.aio.insecure_channel(f"127.0.0.1:{served.port}") as channel,
+    ):
+        stub = pb_grpc.NumberGroupServiceStub(channel)
+        _, rent = await held_rent(stub, control, request_id, hold_seconds=1.0, timeout_seconds=5)
+        with _database_hung(postgres_cluster):
+            with pytest.raises(grpc.aio.AioRpcError) as unknown:
+                await rent
+            assert reason_of(unknown.value) == "RENT_OUTCOME_UNKNOWN", unknown.value
+            served.process.send_signal(signal.SIGTERM)
+            started = time.monotonic()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(served.process.wait(), timeout=60)
+            took = time.monotonic() - started
+        assert await served.finish() == 0, served.stderr.decode()
+        assert took < 40, (took, served.stderr.decode())
+    assert b"Plivo's answer" in served.stderr, served.stderr.decode()
+    assert b"Traceback" not in served.stderr, served.stderr.decode()
+    assert await _posts(control) == 1
