@@ -38,6 +38,13 @@ def _migration_lock_held(url: str) -> Iterator[None]:
         yield
 
 
+async def _serves_then_drains(served: Served) -> None:
+    """Once it says it serves, SIGTERM: a graceful exit 0."""
+    await served.wait_serving()
+    served.process.send_signal(signal.SIGTERM)
+    assert await served.finish() == 0, served.stderr.decode()
+
+
 async def test_a_replica_starts_on_a_migrated_schema_while_the_migration_lock_is_held(
     sandbox: SandboxServer, postgres_url: str
 ) -> None:
@@ -65,9 +72,7 @@ async def test_a_replica_waiting_for_the_migration_lock_says_who_holds_it(
                     assert line, served.stderr.decode()
                     served.stderr += line
             assert b"(stuck-job)" in served.stderr, served.stderr.decode()
-        await served.wait_serving()
-        served.process.send_signal(signal.SIGTERM)
-        assert await served.finish() == 0, served.stderr.decode()
+        await _serves_then_drains(served)
     finally:
         await served.close()
 
@@ -81,9 +86,7 @@ async def test_sigterm_the_moment_a_replica_says_it_serves_drains(
     for _ in range(3):
         served = Served(await _start(_env(sandbox, postgres_url), "--drain-seconds", "0.2"))
         try:
-            await served.wait_serving()
-            served.process.send_signal(signal.SIGTERM)
-            assert await served.finish() == 0, served.stderr.decode()
+            await _serves_then_drains(served)
         finally:
             await served.close()
 
