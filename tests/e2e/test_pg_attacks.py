@@ -23,7 +23,7 @@ from numbersvc.ledger import pgschema
 from numbersvc.sandbox import SandboxControl, SandboxServer
 from numbersvc.v1 import number_groups_pb2 as pb
 from numbersvc.v1 import number_groups_pb2_grpc as pb_grpc
-from tests.e2e.conftest import reason_of, rich_details
+from tests.e2e.conftest import eventually, reason_of, rich_details
 from tests.e2e.test_crash import held_rent
 from tests.e2e.test_process import Served, _serve, _start
 from tests.e2e.test_replicas import _env, _group, _posts
@@ -208,4 +208,59 @@ async def test_sigterm_while_the_outcome_write_hangs_logs_plivos_answer_and_exit
         assert took < 40, (took, served.stderr.decode())
     assert b"Plivo's answer" in served.stderr, served.stderr.decode()
     assert b"Traceback" not in served.stderr, served.stderr.decode()
+    assert await _posts(control) == 1
+
+
+@pytest.mark.timeout(120)
+async def test_a_replica_stopped_mid_post_and_resumed_after_its_lease_lapsed(
+    sandbox: SandboxServer, control: SandboxControl, postgres_url: str
+) -> None:
+    """A is SIGSTOPped with its POST out; B recovers the order as outcome unknown once A's
+    lease and the send deadline pass, and a retry on B sends nothing. SIGCONT: A's late answer
+    (Plivo did rent) never frees the id: nothing is sent again, and both exit 0."""
+    env = _env(
+        sandbox,
+        postgres_url,
+        NUMBERSVC_INSTANCE_LEASE_SECONDS="1",
+        NUMBERSVC_RENT_TIMEOUT_SECONDS="1.5",
+    )
+    async with (
+        _serve(env) as a_served,
+        _serve(env) as b_served,
+        grpc.aio.insecure_channel(f"127.0.0.1:{a_served.port}") as a_channel,
+        grpc.aio.insecure_channel(f"127.0.0.1:{b_served.port}") as b_channel,
+    ):
+        a, b = pb_grpc.NumberGroupServiceStub(a_channel), pb_grpc.NumberGroupServiceStub(b_channel)
+        request_id = str(uuid.uuid4())
+        group_id, call = await held_rent(
+            a, control, request_id, hold_seconds=1.0, timeout_seconds=30
+        )
+        a_served.process.send_signal(signal.SIGSTOP)
+        try:
+
+            async def unknown_on_b() -> bool:
+                got = await b.GetRentalOrder(pb.GetRentalOrderRequest(request_id=request_id))
+                return got.order.status == pb.ORDER_STATUS_OUTCOME_UNKNOWN
+
+            await eventually(unknown_on_b, timeout_seconds=30)
+            rent = pb.RentNumbersRequest(group_id=group_id, request_id=request_id)
+            with pytest.raises(grpc.aio.AioRpcError) as retried:
+                await b.RentNumbers(rent, timeout=10)
+            assert reason_of(retried.value) == "RENT_OUTCOME_UNKNOWN", retried.value
+        finally:
+            a_served.process.send_signal(signal.SIGCONT)
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            await call
+        # A's total timeout ran out while it was stopped: it may not trust the answer, but it
+        # never records a failure (which would free the id for a second POST).
+        got = await b.GetRentalOrder(pb.GetRentalOrderRequest(request_id=request_id))
+        assert got.order.status in (pb.ORDER_STATUS_OUTCOME_UNKNOWN, pb.ORDER_STATUS_FULFILLED)
+        for stub in (a, b):
+            with pytest.raises(grpc.aio.AioRpcError) as again:
+                await stub.RentNumbers(rent, timeout=10)
+            assert reason_of(again.value) == "RENT_OUTCOME_UNKNOWN", again.value
+        for served in (a_served, b_served):
+            served.process.send_signal(signal.SIGTERM)
+            assert await served.finish() == 0, served.stderr.decode()
+            assert b"Traceback" not in served.stderr, served.stderr.decode()
     assert await _posts(control) == 1
