@@ -264,3 +264,36 @@ async def test_a_replica_stopped_mid_post_and_resumed_after_its_lease_lapsed(
             assert await served.finish() == 0, served.stderr.decode()
             assert b"Traceback" not in served.stderr, served.stderr.decode()
     assert await _posts(control) == 1
+
+
+async def test_lock_table_by_another_session_refuses_rents_and_reads_in_bounded_time(
+    sandbox: SandboxServer, control: SandboxControl, postgres_url: str
+) -> None:
+    """`LOCK TABLE orders` (ACCESS EXCLUSIVE) held by an operator's session: a rent and a read
+    each answer UNAVAILABLE `LEDGER_UNAVAILABLE` within the lock wait, nothing sent (the read
+    was INTERNAL), and the server serves again once the lock goes."""
+    async with (
+        _serve(_env(sandbox, postgres_url)) as served,
+        grpc.aio.insecure_channel(f"127.0.0.1:{served.port}") as channel,
+    ):
+        stub = pb_grpc.NumberGroupServiceStub(channel)
+        rent = pb.RentNumbersRequest(group_id=await _group(stub), request_id=str(uuid.uuid4()))
+        with psycopg.connect(postgres_url) as holder:
+            holder.execute("LOCK TABLE orders IN ACCESS EXCLUSIVE MODE")
+            for call in (
+                stub.RentNumbers(rent, timeout=30),
+                stub.GetRentalOrder(pb.GetRentalOrderRequest(request_id=rent.request_id)),
+            ):
+                started = time.monotonic()
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await asyncio.wait_for(call, timeout=30)
+                assert reason_of(refused.value) == "LEDGER_UNAVAILABLE", refused.value
+                assert time.monotonic() - started < 15
+            holder.rollback()
+        assert (await stub.RentNumbers(rent, timeout=30)).order.status == (
+            pb.ORDER_STATUS_FULFILLED
+        )
+        served.process.send_signal(signal.SIGTERM)
+        assert await served.finish() == 0, served.stderr.decode()
+    assert b"Traceback" not in served.stderr, served.stderr.decode()
+    assert await _posts(control) == 1
