@@ -25,6 +25,7 @@ from numbersvc.v1 import number_groups_pb2 as pb
 from numbersvc.v1 import number_groups_pb2_grpc as pb_grpc
 from tests.e2e.conftest import eventually, reason_of, rich_details
 from tests.e2e.test_crash import held_rent
+from tests.e2e.test_pg_faults import _stops_cleanly
 from tests.e2e.test_process import Served, _serve, _start
 from tests.e2e.test_replicas import _env, _group, _posts
 from tests.pg import Cluster
@@ -260,10 +261,7 @@ async def test_a_replica_stopped_mid_post_and_resumed_after_its_lease_lapsed(
                 await stub.RentNumbers(rent, timeout=10)
             assert reason_of(again.value) == "RENT_OUTCOME_UNKNOWN", again.value
         for served in (a_served, b_served):
-            served.process.send_signal(signal.SIGTERM)
-            assert await served.finish() == 0, served.stderr.decode()
-            assert b"Traceback" not in served.stderr, served.stderr.decode()
-    assert await _posts(control) == 1
+            await _stops_cleanly(served, control)
 
 
 async def test_lock_table_by_another_session_refuses_rents_and_reads_in_bounded_time(
@@ -293,7 +291,4 @@ async def test_lock_table_by_another_session_refuses_rents_and_reads_in_bounded_
         assert (await stub.RentNumbers(rent, timeout=30)).order.status == (
             pb.ORDER_STATUS_FULFILLED
         )
-        served.process.send_signal(signal.SIGTERM)
-        assert await served.finish() == 0, served.stderr.decode()
-    assert b"Traceback" not in served.stderr, served.stderr.decode()
-    assert await _posts(control) == 1
+        await _stops_cleanly(served, control)
