@@ -19,7 +19,8 @@ import grpc
 import psycopg
 import pytest
 
-from numbersvc.ledger import pgschema
+from numbersvc.ledger import Begin, OrderState, pgschema
+from numbersvc.ledger.postgres import PostgresLedger
 from numbersvc.sandbox import SandboxControl, SandboxServer
 from numbersvc.v1 import number_groups_pb2 as pb
 from numbersvc.v1 import number_groups_pb2_grpc as pb_grpc
@@ -28,6 +29,7 @@ from tests.e2e.test_crash import held_rent
 from tests.e2e.test_pg_faults import _stops_cleanly
 from tests.e2e.test_process import Served, _serve, _start
 from tests.e2e.test_replicas import _env, _group, _posts
+from tests.ledger.support import new_attempt
 from tests.pg import Cluster
 
 
@@ -292,3 +294,31 @@ async def test_lock_table_by_another_session_refuses_rents_and_reads_in_bounded_
             pb.ORDER_STATUS_FULFILLED
         )
         await _stops_cleanly(served, control)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="open: a claim whose commit outcome the owner never learned (the connection lost or"
+    " the call bound hit during COMMIT) stays `sending` while the owner lives: only an owner"
+    " whose lease lapsed is recovered, though past the send deadline no POST can be running",
+)
+async def test_a_claim_its_live_owner_lost_track_of_is_recovered_after_its_send_deadline(
+    postgres_url: str,
+) -> None:
+    """The claim committed but its caller was told LEDGER_UNAVAILABLE ("nothing was sent: send
+    it again"), so nothing will ever send or finish it. Every retry of the id then answers
+    RENT_IN_PROGRESS until the owning replica restarts; past the send deadline it should read
+    outcome unknown (settleable), as it does once the owner is gone."""
+    now = [time.time_ns()]
+    ledger = await PostgresLedger.open(
+        postgres_url, lease_seconds=1, send_timeout_seconds=1, clock_ns=lambda: now[0]
+    )
+    try:
+        assert (await ledger.begin(new_attempt("r-lost"), daily_cap=0)).kind is Begin.NEW
+        now[0] += 5 * 10**9  # past the send deadline; this owner's lease is renewed below
+        await ledger.heartbeat()
+        entry = await ledger.get("r-lost")
+        assert entry is not None
+        assert entry.state is OrderState.OUTCOME_UNKNOWN, entry.state
+    finally:
+        await ledger.close()
