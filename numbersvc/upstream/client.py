@@ -1,13 +1,13 @@
 """The HTTP client for Plivo's v1 `AvailableNumberGroup` API: one attempt per call, no retries.
 
 `PlivoClient` owns one shared `httpx.AsyncClient` (bounded pool, keep-alive, Basic auth) and
-knows Plivo's paths, and nothing of gRPC or protobuf. On the aiohttp stack it hands each request
-straight to the transport, with the bytes httpx's client would send (a test compares them). Each method makes ONE attempt bounded by a
-TOTAL timeout, and returns an `UpstreamResponse` with the decoded JSON or raises an
-`UpstreamError`. Retrying is the caller's choice (`retry.py`); checking the shape of a 2xx body
-is translation's. With a rate limiter (`ratelimit.py`), every request first takes a token,
-waiting for one at most `max_wait_seconds`; a longer wait raises `UpstreamThrottledError` and
-sends nothing.
+knows Plivo's paths, and nothing of gRPC or protobuf (on the aiohttp stack it hands each
+request straight to the transport, with the bytes httpx's client would send: a test compares
+them). Each method makes ONE attempt bounded by a TOTAL timeout, and returns an
+`UpstreamResponse` with the decoded JSON or raises an `UpstreamError`. Retrying is the caller's
+choice (`retry.py`); checking the shape of a 2xx body is translation's. With a rate limiter
+(`ratelimit.py`), every request first takes a token, waiting for one at most
+`max_wait_seconds`; a longer wait raises `UpstreamThrottledError` and sends nothing.
 
 Foreign exceptions become ours in ONE place, `_mapped_errors`, driven by `_HTTPX_ERRORS`; a
 test walks every httpx exception class and fails if one lacks a row. The auth token never
