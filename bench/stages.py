@@ -14,6 +14,7 @@ marks made since its `received`.
 The stages, in the order a call meets them:
 
 - received: the first interceptor is asked for the call's handler (metadata read by gRPC).
+- handlers chosen: the interceptors chose and wrapped the method's handler.
 - handler entered: the outermost handler wrapper runs (the request message read and decoded).
 - authorized: the servicer's validation starts (the gatekeeper and interceptors are behind).
 - validated: validation done.
@@ -25,7 +26,9 @@ The stages, in the order a call meets them:
 - body read: the upstream client read the body.
 - body decoded: the upstream client decoded the JSON (`PlivoClient._decode`).
 - translated: the page turned into protobuf (`translation.parse_search_page`).
-- handler returned: the outermost handler wrapper returns (the access line is written).
+- response built: the servicer's method returned its response.
+- call observed: the interceptor wrote the access line and the metrics.
+- handler returned: the outermost handler wrapper returns.
 - serialized: gRPC serialized the response.
 - sent: the call is done (`context.add_done_callback`: status and trailers sent).
 """
@@ -65,6 +68,7 @@ __all__ = ["STAGES", "install", "main", "measure"]
 
 STAGES: Final = (
     "received",
+    "handlers chosen",
     "handler entered",
     "authorized",
     "validated",
@@ -75,6 +79,8 @@ STAGES: Final = (
     "body read",
     "body decoded",
     "translated",
+    "response built",
+    "call observed",
     "handler returned",
     "serialized",
     "sent",
@@ -126,7 +132,7 @@ def install() -> None:
     """Wrap numbersvc's (and aiohttp's) functions at each hop; call before the server starts."""
     import aiohttp.client_reqrep as reqrep
 
-    from numbersvc import interceptors, translation, validation
+    from numbersvc import interceptors, service, translation, validation
     from numbersvc.upstream import client, transport
 
     observing = interceptors.ObservingInterceptor
@@ -137,6 +143,7 @@ def install() -> None:
         _current.clear()
         _mark("received")
         handler: Any = await intercept(self, continuation, details)
+        _mark("handlers chosen")
         if handler is None or handler.unary_unary is None:
             return handler
         behaviour = handler.unary_unary
@@ -157,6 +164,13 @@ def install() -> None:
     observing.intercept_service = intercept_service  # type: ignore[method-assign,assignment]
     validation.validate_list = _after("validated", _before("authorized", validation.validate_list))
     translation.parse_search_page = _after("translated", translation.parse_search_page)
+    servicer = service.NumberGroupServicer
+    servicer.ListNumberGroups = _after(  # type: ignore[method-assign]
+        "response built", servicer.ListNumberGroups
+    )
+    interceptors._Call._finish = _after(  # type: ignore[method-assign]
+        "call observed", interceptors._Call._finish
+    )
     plivo = client.PlivoClient
     plivo._take_token = _after("budget taken", plivo._take_token)  # type: ignore[method-assign]
     plivo._read_body = _after("body read", plivo._read_body)  # type: ignore[method-assign]
