@@ -26,10 +26,10 @@ import json
 import logging
 import time
 import urllib.parse
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import AsyncIterable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Final
+from typing import Final, cast
 
 import httpx
 
@@ -534,7 +534,12 @@ class PlivoClient:
         """Return the decoded body, at most `max_body_bytes` of it, and whether that is all."""
         chunks: list[bytes] = []
         size = 0
-        async for chunk in response.aiter_bytes():
+        body: AsyncIterable[bytes] = response.aiter_bytes()
+        if self._direct is not None and "content-encoding" not in response.headers:
+            # Nothing to decode: the transport's chunks as they come, without httpx's layers
+            # of iterators that would pass them through unchanged (`bench.stages`: body read).
+            body = cast(httpx.AsyncByteStream, response.stream)
+        async for chunk in body:
             chunks.append(chunk)
             size += len(chunk)
             if size > self._max_body_bytes:
