@@ -16,13 +16,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import signal
 import sys
 from collections.abc import Sequence
 from typing import Any, Final
 
 import aiohttp
 import grpc
+
+from bench.echo import serve_unary
 
 __all__ = ["FACADE_METHOD", "main", "serve"]
 
@@ -45,21 +46,8 @@ async def serve(listen: str, upstream: str, auth_id: str, auth_token: str) -> No
             await context.abort(grpc.StatusCode.INTERNAL, "not a JSON object")
         return body
 
-    server = grpc.aio.server()
-    handler = grpc.method_handlers_generic_handler(
-        "bench.Facade", {"Get": grpc.unary_unary_rpc_method_handler(get)}
-    )
-    server.add_generic_rpc_handlers((handler,))
-    port = server.add_insecure_port(listen)
-    await server.start()
-    print(f"serving on {listen.rpartition(':')[0]}:{port}", file=sys.stderr, flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     try:
-        await stop.wait()
-        await server.stop(None)
+        await serve_unary(listen, FACADE_METHOD, get)
     finally:
         await session.close()
 
