@@ -57,7 +57,9 @@ class SingleFlight(Generic[V]):
             Whatever the call raised.
         """
         call = self._calls.get(key)
-        if call is None:
+        # A call being cancelled (its last caller left) is joined by nobody: it would end in
+        # a CancelledError for a caller that was not cancelled.
+        if call is None or call.task.cancelling():
             return await self._wait(self._start(key, work))
         if self._on_join is not None:
             self._on_join()

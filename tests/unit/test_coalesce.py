@@ -145,3 +145,16 @@ async def test_a_call_cancelled_before_it_started_frees_its_key() -> None:
         await asyncio.wait_for(leader, 1)
     assert (len(flight), upstream.calls) == (0, 0)
     assert await asyncio.wait_for(flight.run("k", upstream.read), 1) == 1
+
+
+async def test_a_caller_never_joins_a_call_that_is_being_cancelled() -> None:
+    flight = SingleFlight[int]()
+    upstream = Upstream(delay=0.05)
+    leader = asyncio.ensure_future(flight.run("k", upstream.read))
+    await asyncio.sleep(0.01)  # the call is in flight
+    leader.cancel()  # its only caller leaves: the call is cancelled next
+    late = asyncio.ensure_future(flight.run("k", upstream.read))
+    with pytest.raises(asyncio.CancelledError):
+        await leader
+    assert await asyncio.wait_for(late, 1) == 2  # its own call, not a CancelledError
+    assert upstream.cancelled == 1
