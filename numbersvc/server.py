@@ -202,6 +202,7 @@ async def create_server(config: Config) -> RunningServer:
                 callers,
                 method_permissions(with_reflection=config.reflection),
                 trusted_proxies=config.trusted_xfcc_networks(),
+                certificates=bool(config.tls_client_ca),
             ),
         ]
         server = _grpc_server(config, interceptors)
