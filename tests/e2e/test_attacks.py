@@ -291,13 +291,13 @@ async def test_health_calls_that_never_send_their_request_give_their_slots_back(
             assert page.number_groups
             for call in held:
                 assert await call.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-                error = grpc.aio.AioRpcError(
+                ended = grpc.aio.AioRpcError(
                     await call.code(),
                     await call.initial_metadata(),
                     await call.trailing_metadata(),
                     await call.details(),
                 )
-                assert reason_of(error) == "REQUEST_NOT_SENT"
+                assert reason_of(ended) == "REQUEST_NOT_SENT"
         finally:
             for call in held:
                 call.cancel()
