@@ -37,10 +37,12 @@ from numbersvc.ledger import (
     Attempt,
     Begin,
     BeginResult,
+    Heartbeat,
     LedgerEntry,
     LedgerUnreachableError,
     OrderKey,
     OrderState,
+    PoolStats,
     SettleError,
     pgschema,
     rules,
@@ -475,15 +477,16 @@ class PostgresLedger:
         total = int(rows[0][0])  # one row at least: an empty page is one row of NULLs
         return [_from_row(row[1:]) for row in rows if row[1] is not None], total
 
-    async def heartbeat(self) -> int:
+    async def heartbeat(self) -> Heartbeat:
         """Renew this process's lease and recover the orders of owners whose lease lapsed.
 
-        In one transaction: the lease is extended by `lease_seconds`, and every `sending`
-        order whose owner holds no live lease and whose send deadline has passed (so no POST
-        of it can still be running) becomes `outcome_unknown`.
+        In one transaction: the lease is extended by `lease_seconds`, every `sending` order
+        whose owner holds no live lease and whose send deadline has passed (so no POST of it
+        can still be running) becomes `outcome_unknown`, lapsed leases are dropped and the
+        orders waiting to be settled are counted.
 
         Returns:
-            How many orders were recovered.
+            What it recovered, expired and counted.
         """
         recovered: list[str] = []
         async with self._pool.connection() as conn, conn.transaction():
@@ -501,14 +504,25 @@ class PostgresLedger:
                 )
                 recovered.append(entry.order.request_id)
             # A missing lease reads as a lapsed one; its owner, if alive, renews it.
-            await conn.execute("DELETE FROM instances WHERE expires_ns <= %s", (now_ns,))
-        if recovered:
-            _log.warning(
-                "%d order(s) left in flight by a process that is gone: outcome unknown: %s",
-                len(recovered),
-                " ".join(recovered),
+            expired = await conn.execute("DELETE FROM instances WHERE expires_ns <= %s", (now_ns,))
+            cursor = await conn.execute(
+                "SELECT count(*) FROM orders WHERE state = %s", (OrderState.OUTCOME_UNKNOWN.value,)
             )
-        return len(recovered)
+            counted = await cursor.fetchone()
+        assert counted is not None
+        rules.log_recovered(recovered)
+        return Heartbeat(len(recovered), expired.rowcount, int(counted[0]))
+
+    def pool_stats(self) -> PoolStats:
+        """Return the connection pool's figures now (no I/O: for a scrape)."""
+        stats = self._pool.get_stats()
+        size, idle = stats.get("pool_size", 0), stats.get("pool_available", 0)
+        return PoolStats(
+            max=self._pool.max_size,
+            open=size,
+            in_use=size - idle,
+            waiting=stats.get("requests_waiting", 0),
+        )
 
     async def _renew_lease(self) -> None:
         async with self._pool.connection() as conn:

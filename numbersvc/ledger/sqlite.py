@@ -27,6 +27,7 @@ from numbersvc.ledger import (
     Attempt,
     Begin,
     BeginResult,
+    Heartbeat,
     LedgerEntry,
     LedgerSchemaError,
     LedgerUnreachableError,
@@ -88,6 +89,10 @@ _MIGRATIONS: Final = (
             host        TEXT NOT NULL,
             pid         INTEGER NOT NULL
         )""",
+    ),
+    (
+        # Every heartbeat counts the orders waiting to be settled: a few rows of many.
+        "CREATE INDEX orders_unsettled ON orders (request_id) WHERE state = 'outcome_unknown'",
     ),
 )
 SCHEMA_VERSION: Final = len(_MIGRATIONS)
@@ -412,18 +417,19 @@ class SqliteLedger:
 
         return await self._run(page)
 
-    async def heartbeat(self) -> int:
+    async def heartbeat(self) -> Heartbeat:
         """Renew this instance's lease and recover the orders of owners proven gone.
 
         In one transaction: renew the lease; turn into `outcome_unknown` every `sending` order
         whose owner has no live lease (expired or removed) and whose send deadline has passed,
-        so no POST of it can still be running; drop expired leases.
+        so no POST of it can still be running; drop expired leases; count the orders waiting
+        to be settled.
 
         Returns:
-            How many orders were recovered (each is logged and has an audit event).
+            What it found (each recovered order is logged and has an audit event).
         """
 
-        def heartbeat() -> list[str]:
+        def heartbeat() -> tuple[list[str], int, int]:
             db, recovered = self._conn(), []
             with _transaction(db):
                 now = self._clock_ns()
@@ -438,17 +444,15 @@ class SqliteLedger:
                     entry.order.status_message = rules.recovered_note(entry.owner)
                     self._write(db, now, entry.order, OrderState.OUTCOME_UNKNOWN, "", "", ())
                     recovered.append(entry.order.request_id)
-                db.execute("DELETE FROM instances WHERE expires_ns <= ?", (now,))
-            return recovered
+                expired = db.execute("DELETE FROM instances WHERE expires_ns <= ?", (now,))
+                (unsettled,) = db.execute(
+                    "SELECT count(*) FROM orders WHERE state = ?", (OrderState.OUTCOME_UNKNOWN,)
+                ).fetchone()
+            return recovered, expired.rowcount, int(unsettled)
 
-        recovered = await self._run(heartbeat)
-        if recovered:
-            _log.warning(
-                "%d order(s) left in flight by a process that is gone: outcome unknown: %s",
-                len(recovered),
-                " ".join(recovered),
-            )
-        return len(recovered)
+        recovered, expired, unsettled = await self._run(heartbeat)
+        rules.log_recovered(recovered)
+        return Heartbeat(len(recovered), expired, unsettled)
 
     async def close(self) -> None:
         """Remove this instance's lease, then close the database and its worker thread."""
