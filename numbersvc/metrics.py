@@ -20,7 +20,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
 from numbersvc.interceptors import CallRecord
-from numbersvc.ledger import Heartbeat, PoolStats
+from numbersvc.ledger import Heartbeat, OrderState, PoolStats
 from numbersvc.ledger.budget import BudgetSource, SharedBudget
 
 __all__ = ["Metrics", "MetricsServer"]
@@ -157,6 +157,16 @@ class Metrics:
             " (the process is shutting down)",
             registry=r,
         )
+
+    def order_finished(self, state: OrderState, numbers: int) -> None:
+        """Count a finished rent order's numbers by outcome; one more order waits if unknown.
+
+        The heartbeat's count replaces that guess within a third of a lease: an alert on the
+        waiting orders need not wait for it.
+        """
+        self.rented.labels(state.value).inc(numbers)
+        if state is OrderState.OUTCOME_UNKNOWN:
+            self.orders_outcome_unknown.inc()
 
     def heartbeat(self, store: str, found: Heartbeat | None) -> None:
         """Count one ledger heartbeat: what it `found`, or None when it failed."""

@@ -437,7 +437,7 @@ class RentDesk:
 
     def _count(self, state: OrderState, numbers: int) -> None:
         if self._metrics is not None:
-            self._metrics.rented.labels(state.value).inc(numbers)
+            self._metrics.order_finished(state, numbers)
 
     def _land(self, request_id: str, task: asyncio.Task[pb.RentalOrder]) -> None:
         self._flights.pop(request_id, None)
