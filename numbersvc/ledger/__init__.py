@@ -170,14 +170,20 @@ class OrderLedger(Protocol):
     instance: str
     """This process's owner id (uuid hex): the `owner` of the orders it claims, and its lease."""
 
-    async def begin(self, attempt: Attempt, *, daily_cap: int) -> BeginResult:
+    async def begin(
+        self, attempt: Attempt, *, daily_cap: int, within_seconds: float | None = None
+    ) -> BeginResult:
         """Atomically claim the request id (or report who has it) and check the daily cap.
 
         A claim sets the order's send deadline: after it, no POST of this attempt can still
         be running. A `released` or `failed` row is taken over and keeps its create time.
+        `within_seconds` (the caller's time left) bounds the claim's waits for the store (a
+        connection, a lock) below the store's own limits, so the caller learns in time that
+        nothing was claimed; None: the store's limits only.
 
         Raises:
-            LedgerUnreachableError: the store cannot be reached or written: nothing claimed.
+            LedgerUnreachableError: the store cannot be reached or written, or not within
+                `within_seconds`: nothing claimed.
         """
 
     async def finish(

@@ -24,6 +24,7 @@ import asyncio
 import logging
 import os
 import socket
+import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final
@@ -267,18 +268,22 @@ class PostgresLedger:
             raise
         return ledger
 
-    async def begin(self, attempt: Attempt, *, daily_cap: int) -> BeginResult:
+    async def begin(
+        self, attempt: Attempt, *, daily_cap: int, within_seconds: float | None = None
+    ) -> BeginResult:
         """Claim the request id for `attempt`, unless it is taken or the cap would be passed.
 
         A `released` or `failed` row of the same request is taken over (nothing was rented,
-        so sending it again cannot rent twice); it keeps its first `create_time`.
+        so sending it again cannot rent twice); it keeps its first `create_time`. The wait for
+        a pooled connection, and each statement's, ends within `within_seconds` if given.
 
         Raises:
             LedgerUnreachableError: the database cannot be reached (no pooled connection in
-                time, a connection lost) or a lock was not had in time.
+                time, a connection lost), or a lock or a statement took too long: the
+                transaction was rolled back, nothing claimed.
         """
         try:
-            return await self._begin(attempt, daily_cap)
+            return await self._begin(attempt, daily_cap, _Budget(within_seconds))
         except psycopg.OperationalError as exc:
             # The first line (libpq adds hints on the next), scrubbed like every database error.
             first_line = str(exc).partition("\n")[0]
@@ -286,11 +291,22 @@ class PostgresLedger:
                 f"database: {scrub(first_line, str(self._pool.conninfo))}"
             ) from exc
 
-    async def _begin(self, attempt: Attempt, daily_cap: int) -> BeginResult:
+    async def _begin(self, attempt: Attempt, daily_cap: int, budget: _Budget) -> BeginResult:
         order = attempt.order
         claimed = pb.RentalOrder()
         claimed.CopyFrom(order)
-        async with self._pool.connection() as conn, conn.transaction():
+        async with (
+            self._pool.connection(timeout=budget.left(_POOL_WAIT_SECONDS)) as conn,
+            conn.transaction(),
+        ):
+            if budget.bounded:
+                # The transaction's own: the connection goes back to the pool without them.
+                wait_ms = max(1, int(budget.left(_LOCK_WAIT_SECONDS) * 1000))
+                await conn.execute(
+                    "SELECT set_config('lock_timeout', %(ms)s, true),"
+                    " set_config('statement_timeout', %(ms)s, true)",
+                    {"ms": f"{wait_ms}ms"},
+                )
             now = await self._read_clock(conn, lock_caller=order.caller if daily_cap else None)
             claimed.create_time.FromNanoseconds(now)
             claimed.update_time.FromNanoseconds(now)
@@ -560,6 +576,20 @@ class PostgresLedger:
             _log.warning("could not give up the ledger lease: %s", type(exc).__name__)
         finally:
             await self._pool.close()
+
+
+class _Budget:
+    """The time a claim may spend waiting on the store, from now; None: unbounded."""
+
+    def __init__(self, seconds: float | None) -> None:
+        self.bounded = seconds is not None
+        self._until = time.monotonic() + (seconds or 0.0)
+
+    def left(self, cap: float) -> float:
+        """Return the seconds left, at most `cap` (never negative); `cap` when unbounded."""
+        if not self.bounded:
+            return cap
+        return max(0.0, min(cap, self._until - time.monotonic()))
 
 
 async def _bound_lock_waits(conn: psycopg.AsyncConnection[Any]) -> None:

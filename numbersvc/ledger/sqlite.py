@@ -96,6 +96,8 @@ _MIGRATIONS: Final = (
     ),
 )
 SCHEMA_VERSION: Final = len(_MIGRATIONS)
+# How long a statement waits for another process's lock on the file.
+_BUSY_TIMEOUT_SECONDS: Final = 10.0
 _KEPT_ON_RETRY: Final = frozenset({"request_id", "create_time_ns"})
 _COLUMNS: Final = "order_proto, state, fingerprint, owner, error_outcome"
 
@@ -168,7 +170,7 @@ class SqliteLedger:
     def _connect(self) -> None:
         if self._path != ":memory:":
             Path(self._path).parent.mkdir(parents=True, exist_ok=True)
-        db = sqlite3.connect(self._path, isolation_level=None, timeout=10.0)
+        db = sqlite3.connect(self._path, isolation_level=None, timeout=_BUSY_TIMEOUT_SECONDS)
         self._db = db
         db.execute("PRAGMA journal_mode=WAL")
         # FULL: a commit is on disk before the POST goes out, so a SIGKILL cannot lose it.
@@ -212,18 +214,37 @@ class SqliteLedger:
             raise RuntimeError("the ledger is closed")
         return self._db
 
-    async def begin(self, attempt: Attempt, *, daily_cap: int) -> BeginResult:
+    async def begin(
+        self, attempt: Attempt, *, daily_cap: int, within_seconds: float | None = None
+    ) -> BeginResult:
         """Claim the request id for `attempt`, unless it is taken or the cap would be passed.
 
         A `released` or `failed` row with the same request is taken over: nothing was rented,
         so sending it again cannot rent twice. It keeps its create time (its place in
         listings); the claim's time is its attempt time, which the daily cap counts.
 
+        A lock on the file is waited for until the busy timeout, or `within_seconds` if that
+        ends first (counted from this call, queueing on the worker included).
+
         Raises:
-            LedgerUnreachableError: the file is locked past the busy timeout, read-only or full.
+            LedgerUnreachableError: the file is locked past the busy timeout (or
+                `within_seconds`), read-only or full.
         """
+        until = None if within_seconds is None else time.monotonic() + within_seconds
+
+        def claim() -> BeginResult:
+            if until is None:
+                return self._begin(attempt, daily_cap)
+            db = self._conn()
+            left = min(_BUSY_TIMEOUT_SECONDS, max(0.0, until - time.monotonic()))
+            db.execute(f"PRAGMA busy_timeout = {int(left * 1000)}")
+            try:
+                return self._begin(attempt, daily_cap)
+            finally:
+                db.execute(f"PRAGMA busy_timeout = {int(_BUSY_TIMEOUT_SECONDS * 1000)}")
+
         try:
-            return await self._run(lambda: self._begin(attempt, daily_cap))
+            return await self._run(claim)
         except sqlite3.OperationalError as exc:
             raise LedgerUnreachableError(f"ledger {self._path}: {exc}") from exc
 

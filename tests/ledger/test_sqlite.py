@@ -9,6 +9,7 @@ import contextlib
 import signal
 import sqlite3
 import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -395,6 +396,23 @@ class TestTransactions:
             assert (await asyncio.wait_for(begin, timeout=5)).kind is Begin.NEW
         finally:
             blocker.close()
+
+    async def test_a_claim_gives_up_on_the_lock_within_its_time(
+        self, ledger: SqliteLedger, sqlite: SqliteFactory
+    ) -> None:
+        # The caller's time left, not the 10 s busy timeout: it hears LEDGER_UNAVAILABLE in time.
+        blocker = sqlite3.connect(sqlite.path, isolation_level=None)
+        try:
+            blocker.execute("BEGIN IMMEDIATE")
+            began = time.monotonic()
+            with pytest.raises(LedgerUnreachableError, match="locked"):
+                await ledger.begin(new_attempt("r-1"), daily_cap=0, within_seconds=0.3)
+            assert time.monotonic() - began < 5
+        finally:
+            blocker.close()
+        busy = await ledger._run(lambda: ledger._conn().execute("PRAGMA busy_timeout").fetchone())
+        assert busy == (10_000,)  # the other statements wait as long as before
+        assert (await ledger.begin(new_attempt("r-1"), daily_cap=0)).kind is Begin.NEW
 
     async def test_begin_reads_the_clock_once_it_holds_the_lock(
         self, ledger: SqliteLedger, sqlite: SqliteFactory, clock: Clock
