@@ -60,6 +60,11 @@ _MIN_CONNECT_TIMEOUT_SECONDS: Final = 2  # libpq's own minimum, whole seconds
 # How long a call waits for a pooled connection: a database that is down, or a pool that is
 # exhausted, fails a claim within this (before anything is sent) rather than at its deadline.
 _POOL_WAIT_SECONDS: Final = 5.0
+# How long the pool keeps trying to replace a lost connection before it gives up; the next
+# call that finds the pool short starts again at once. NOTE: each try waits twice as long as
+# the one before (1, 2, 4, 8 s...): with the default (300 s), a database back after an outage
+# of 8 s was used again only 7 s later, all rents refused meanwhile; this bounds that wait.
+_RECONNECT_SECONDS: Final = 2.0
 # How long a statement waits for a lock (a row another session holds, a caller's claim lock),
 # as SQLite's busy timeout bounds its waits: a write the rent desk retries fails within this
 # instead of hanging, so a shutdown never waits on a lock that is not released.
@@ -252,6 +257,7 @@ class PostgresLedger:
             name="numbersvc-ledger",
             # A connection broken by a database restart is found out before a claim uses it.
             check=AsyncConnectionPool.check_connection,
+            reconnect_timeout=_RECONNECT_SECONDS,
             configure=_bound_lock_waits,
         )
         try:

@@ -1,13 +1,14 @@
 """The database stopped and started again under load, with three replicas (issue 10).
 
-Three `numbersvc serve` processes share one real PostgreSQL cluster and one sandbox; on each, a
-caller lists number groups and rents one number after the other. The database is stopped
-(`pg_ctl stop -m fast`, as an operator or a failover would) for longer than a claim waits for a
-connection, then started again on the same port. Proven, from outside only: reads keep
+Three `numbersvc serve` processes share one real PostgreSQL cluster and one sandbox; on each,
+one caller lists number groups and another rents one number after the other. The database is
+stopped (`pg_ctl stop -m fast`, as an operator or a failover would) for longer than a claim
+waits for a connection, then started again on the same port. Proven, from outside only: reads keep
 answering (on the fallback budget); every rent is either placed or refused with UNAVAILABLE
 `LEDGER_UNAVAILABLE` and RetryInfo, and nothing is sent for a refused one; no order is lost or
 duplicated (one POST per placed order, each readable from every replica); and every replica
-comes back by itself (rents placed again, `numbersvc_store_up` 1, the shared budget in use).
+comes back by itself, within a few seconds of the restart (rents placed again,
+`numbersvc_store_up` 1, the shared budget in use).
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-import signal
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -33,8 +33,8 @@ from numbersvc.server import RunningServer
 from numbersvc.v1 import number_groups_pb2 as pb
 from numbersvc.v1 import number_groups_pb2_grpc as pb_grpc
 from tests.e2e.conftest import StartServer, eventually, reason_of, rich_details
-from tests.e2e.test_process import Served, _start
-from tests.e2e.test_replicas import _env, _posts
+from tests.e2e.test_process import Served
+from tests.e2e.test_replicas import _env, _posts, _served_replicas
 from tests.pg import Cluster
 
 if TYPE_CHECKING:  # the async stub type exists only in the generated .pyi
@@ -42,9 +42,12 @@ if TYPE_CHECKING:  # the async stub type exists only in the generated .pyi
 
 US: Final = pb.SearchFilter(region_code="US")
 _REPLICAS: Final = 3
-# Longer than a claim waits for a pooled connection (5 s), so rents meet the outage.
-_OUTAGE_SECONDS: Final = 7.0
+# Longer than a claim waits for a pooled connection (5 s), so rents meet the outage; and
+# between two of the pool's reconnection tries at its default backoff (about 1, 3, 7 and 15 s
+# after the first loss), where that backoff would keep the database unused for over 5 s more.
+_OUTAGE_SECONDS: Final = 8.5
 _CALL_TIMEOUT_SECONDS: Final = 20.0
+_RECOVERY_SECONDS: Final = 5.0
 _METRICS: Final = re.compile(rb"metrics on (http://127\.0\.0\.1:\d+/metrics)")
 
 
@@ -82,34 +85,18 @@ class Tally:
 
 @contextlib.asynccontextmanager
 async def _replicas(env: dict[str, str]) -> AsyncIterator[list[Replica]]:
-    served = [Served(p) for p in await asyncio.gather(*(_start(env) for _ in range(_REPLICAS)))]
-    try:
-        await asyncio.gather(*(s.wait_serving() for s in served))
-        async with contextlib.AsyncExitStack() as channels:
-            replicas = []
-            for i, s in enumerate(served):
-                channel = await channels.enter_async_context(
-                    grpc.aio.insecure_channel(f"127.0.0.1:{s.port}")
-                )
-                url = _METRICS.search(s.stderr)
-                assert url, s.stderr.decode()
-                stub = pb_grpc.NumberGroupServiceStub(channel)
-                replicas.append(Replica(i, s, stub, url.group(1).decode()))
-            yield replicas
-    finally:
-        for s in served:
-            if s.process.returncode is None:
-                s.process.send_signal(signal.SIGTERM)
-        for s in served:
-            assert await s.finish() == 0, s.stderr.decode()
-            await s.close()
+    async with _served_replicas(env, _REPLICAS) as served:
+        replicas = []
+        for i, (s, stub) in enumerate(served):
+            url = _METRICS.search(s.stderr)
+            assert url, s.stderr.decode()
+            replicas.append(Replica(i, s, stub, url.group(1).decode()))
+        yield replicas
 
 
-async def _call_on(replica: Replica, groups: list[str], tally: Tally, stop: asyncio.Event) -> None:
-    """List and rent on one replica, one call after the other, until `stop`."""
-    n = 0
+async def _read_on(replica: Replica, tally: Tally, stop: asyncio.Event) -> None:
+    """List on one replica, one call after the other, until `stop`."""
     while not stop.is_set():
-        n += 1
         try:
             await replica.stub.ListNumberGroups(
                 pb.ListNumberGroupsRequest(filter=US, page_size=5), timeout=_CALL_TIMEOUT_SECONDS
@@ -117,6 +104,13 @@ async def _call_on(replica: Replica, groups: list[str], tally: Tally, stop: asyn
             tally.reads.append((replica.index, time.time()))
         except grpc.aio.AioRpcError as exc:
             tally.problems.append(f"list on {replica.index}: {exc.code()} {exc.details()}")
+
+
+async def _rent_on(replica: Replica, groups: list[str], tally: Tally, stop: asyncio.Event) -> None:
+    """Rent one number on one replica after the other, until `stop`."""
+    n = 0
+    while not stop.is_set():
+        n += 1
         request_id = str(uuid.uuid4())
         rent = pb.RentNumbersRequest(group_id=groups[n % len(groups)], request_id=request_id)
         try:
@@ -168,7 +162,8 @@ async def test_replicas_ride_out_a_database_restart_under_load(
     started_at = time.monotonic()
     async with _replicas(env) as replicas, httpx.AsyncClient() as client:
         groups = await _groups(replicas[0].stub)
-        load = [asyncio.create_task(_call_on(r, groups, tally, stop)) for r in replicas]
+        load = [asyncio.create_task(_read_on(r, tally, stop)) for r in replicas]
+        load += [asyncio.create_task(_rent_on(r, groups, tally, stop)) for r in replicas]
         try:
 
             async def each_placed() -> bool:
@@ -183,7 +178,20 @@ async def test_replicas_ride_out_a_database_restart_under_load(
                     values = [await r.metric(client, up) for r in replicas]
                     return values == [0.0] * _REPLICAS
 
-                await eventually(all_down, timeout_seconds=_OUTAGE_SECONDS - 2)
+                # Besides the load's rents (which may all have been in flight, or waiting for
+                # the database to come back): one on each replica, refused in time; meanwhile
+                # each heartbeat fails (after its wait for a connection).
+                rents = [
+                    pb.RentNumbersRequest(group_id=groups[0], request_id=str(uuid.uuid4()))
+                    for _ in replicas
+                ]
+                await asyncio.gather(
+                    eventually(all_down, timeout_seconds=_OUTAGE_SECONDS - 1),
+                    *(_refused_in_time(r.stub, x) for r, x in zip(replicas, rents, strict=True)),
+                )
+                tally.refused.update(
+                    (x.request_id, r.index) for r, x in zip(replicas, rents, strict=True)
+                )
                 await asyncio.sleep(stopped + _OUTAGE_SECONDS - time.time())
             finally:
                 await asyncio.to_thread(postgres_cluster.start)
@@ -198,13 +206,16 @@ async def test_replicas_ride_out_a_database_restart_under_load(
                 return True
 
             await eventually(all_recovered, timeout_seconds=30)
+            recovered = time.time()
+            # The pool's reconnection backoff (1, 2, 4, 8 s...) once made it 7 s.
+            assert recovered - started < _RECOVERY_SECONDS
         finally:
             stop.set()
             await asyncio.gather(*load)
 
         print(  # the figures, for the report: pytest -s
             f"placed {len(tally.placed)}, refused {len(tally.refused)}, reads {len(tally.reads)},"
-            f" down {started - stopped:.1f} s, all recovered {time.time() - started:.1f} s"
+            f" down {started - stopped:.1f} s, all recovered {recovered - started:.1f} s"
             f" after the start, whole test {time.monotonic() - started_at:.1f} s"
         )
         assert not tally.problems, "\n".join(tally.problems)
