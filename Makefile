@@ -12,7 +12,7 @@ GEN_DIR := numbersvc/v1
 GEN_FILES := number_groups_pb2.py number_groups_pb2.pyi number_groups_pb2_grpc.py number_groups_pb2_grpc.pyi
 BUF := node_modules/.bin/buf
 
-.PHONY: help run sandbox test pytest postgres faults soak lint ruff mypy buf-lint proto check-proto fmt readme clean
+.PHONY: help run sandbox test pytest postgres faults soak lint ruff mypy buf-lint proto check-proto fmt readme docs clean
 
 help:  ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -112,8 +112,10 @@ check-proto: $(VENV)/.dev  ## Fail when the committed stubs differ from protos/.
 	      { echo "$(GEN_DIR)/$$f is stale: run 'make proto'"; exit 1; }; \
 	  done && echo "stubs match protos/"
 
-readme: $(VENV)/.dev  ## Regenerate the README's error and settings tables.
+readme: $(VENV)/.dev  ## Regenerate the docs' tables: errors (docs/contract.md), settings (docs/configuration.md).
 	$(BIN)/python tools/readme_tables.py
+
+docs: readme  ## The same as `make readme`.
 
 # Cross-language contract: buf breaking against the released image, Node stubs, and the
 # polyglot tests (tests/polyglot) that run a Node.js client against a real server.
@@ -184,7 +186,7 @@ clients-go:
 clients-java:
 	$(call build_with,mvn java,$(JAVA_CLIENT))
 
-# The recipes below are the README's commands as written (tests/polyglot holds them equal).
+# The recipes below are docs/clients.md's commands as written (tests/polyglot holds them equal).
 # protoc-gen-go and protoc-gen-go-grpc at the versions go.mod's `tool` lines pin, driven by buf.
 $(GO_CLIENT): node_modules/.installed $(CLIENT_PROTOS) clients/go/buf.gen.yaml clients/go/go.mod clients/go/go.sum $(wildcard clients/go/*.go)
 	(cd clients/go && GOBIN="$$PWD/build/bin" go install tool)

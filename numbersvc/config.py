@@ -1,8 +1,8 @@
 """Server settings: one frozen dataclass, fed by the environment and then by CLI flags.
 
 Every setting has an environment variable and a flag, both derived from one declaration
-(`Config`'s field metadata), so the README table, `numbersvc serve --help` and the parser
-cannot drift apart. Durations are floats named `*_seconds`.
+(`Config`'s field metadata), so the table in docs/configuration.md, `numbersvc serve --help`
+and the parser cannot drift apart. Durations are floats named `*_seconds`.
 """
 
 from __future__ import annotations
@@ -456,7 +456,7 @@ def settings() -> list[tuple[str, Setting, Any]]:
 
 
 def markdown_table() -> str:
-    """Render every setting as the README's configuration table."""
+    """Render every setting as the settings table of docs/configuration.md."""
     lines = ["| env variable | flag | default | what it sets |", "|---|---|---|---|"]
     for _, s, default in settings():
         lines.append(f"| `{s.env}` | `{s.flag}` | {_show_default(default)} | {s.help} |")

@@ -2,8 +2,8 @@
 
 A failure is first classified into an `Outcome` (`classify`), then `TABLE` says what the
 caller sees. Every status carries `google.rpc.ErrorInfo` (domain `numbersvc`); rows add
-`BadRequest`, `RetryInfo` or `ResourceInfo` where they fit (AIP-193). The README's error
-table is generated from `TABLE` (`markdown_table`) and a test keeps the two equal.
+`BadRequest`, `RetryInfo` or `ResourceInfo` where they fit (AIP-193). The error table of
+docs/contract.md is generated from `TABLE` (`markdown_table`) and a test keeps the two equal.
 
 The HTTP status decides first: 400/409/422 -> INVALID_ARGUMENT, 401 (our own credentials)
 -> INTERNAL, 403 -> FAILED_PRECONDITION, 404 -> NOT_FOUND, 405 -> INTERNAL, 408, 429 and 5xx
@@ -484,7 +484,7 @@ def to_status(error: ServiceError) -> grpc.Status:
 
 
 def markdown_table() -> str:
-    """Render `TABLE` as the README's error table."""
+    """Render `TABLE` as the error table of docs/contract.md."""
     lines = [
         "| when | gRPC code | `ErrorInfo.reason` | details beside `ErrorInfo` |",
         "|---|---|---|---|",

@@ -26,7 +26,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from numbersvc import __version__
+from numbersvc import __version__, tracing
 from numbersvc.callers import CALLERS_FILE_ENV, SETTLE, Callers
 from numbersvc.config import Config, ConfigError, UpstreamKind, parse_host_port
 from numbersvc.errors import Outcome, ServiceError, to_status
@@ -120,6 +120,7 @@ class RunningServer:
     sandbox: SandboxServer | None
     lease_keeper: LeaseKeeper
     budget: SharedBudget | None = None
+    tracing: tracing.Tracing | None = None
 
     async def stop(self, *, drain_seconds: float = 0.0, grace_seconds: float = 0.0) -> None:
         """Stop serving: NOT_SERVING, drain, stop with grace, then close what it owns.
@@ -138,6 +139,8 @@ class RunningServer:
             await self.rent_desk.stop(grace_seconds - min(_RENT_ANSWER_SECONDS, grace_seconds / 2))
         finally:
             await stopping
+        if self.tracing is not None:  # every call has ended: its spans are all queued
+            await self.tracing.shutdown()
         await self.upstream.aclose()
         if self.budget is not None:
             await self.budget.close()
@@ -165,6 +168,12 @@ async def create_server(config: Config) -> RunningServer:
     kind = config.resolved_upstream()
     metrics = Metrics()
     async with contextlib.AsyncExitStack() as undo:
+        try:
+            traces = tracing.start()
+        except ValueError as exc:  # an OTLP protocol we do not speak
+            raise ConfigError(str(exc)) from None
+        if traces is not None:
+            undo.push_async_callback(traces.shutdown)
         metrics_server = await _metrics_server(config, metrics)
         if metrics_server is not None:
             undo.push_async_callback(metrics_server.stop)
@@ -234,6 +243,7 @@ async def create_server(config: Config) -> RunningServer:
         sandbox=sandbox,
         lease_keeper=lease_keeper,
         budget=budget,
+        tracing=traces,
     )
 
 
@@ -370,7 +380,7 @@ async def _upstream(
             base_url,
         )
         _log.info(
-            'sandbox controls (no auth; README "The sandbox" lists them): curl -s %s/info',
+            "sandbox controls (no auth; docs/sandbox.md lists them): curl -s %s/info",
             sandbox.control_url,
         )
     else:

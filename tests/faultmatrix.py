@@ -77,7 +77,7 @@ __all__ = [
 
 C = grpc.StatusCode
 DEADLINE_SECONDS: Final = 2.5  # the caller's deadline on every call: above the rent minimum (2 s)
-DEADLINE_SLACK_SECONDS: Final = 0.5  # README: a hung upstream ends within the deadline + 0.5 s
+DEADLINE_SLACK_SECONDS: Final = 0.5  # docs/contract.md: a hung upstream ends by deadline + 0.5 s
 ATTEMPTS: Final = 3  # the server's retry_max_attempts for reads
 # The rent POST gets a short budget of its own, so a hung one ends inside the cell.
 SERVER_OVERRIDES: Final[Mapping[str, Any]] = {

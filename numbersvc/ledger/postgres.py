@@ -33,6 +33,7 @@ import psycopg
 import psycopg.conninfo
 from psycopg_pool import AsyncConnectionPool
 
+from numbersvc import tracing
 from numbersvc.ledger import (
     STATUS_OF,
     Attempt,
@@ -274,6 +275,7 @@ class PostgresLedger:
             raise
         return ledger
 
+    @tracing.ledger_span("postgresql", "begin")
     async def begin(
         self, attempt: Attempt, *, daily_cap: int, within_seconds: float | None = None
     ) -> BeginResult:
@@ -375,6 +377,7 @@ class PostgresLedger:
         assert row is not None
         return int(row[0])
 
+    @tracing.ledger_span("postgresql", "finish")
     async def finish(
         self,
         order: pb.RentalOrder,
@@ -403,6 +406,7 @@ class PostgresLedger:
                 rules.late_answer(order, state)
                 return entry
 
+    @tracing.ledger_span("postgresql", "settle")
     async def settle(
         self,
         request_id: str,
@@ -471,11 +475,13 @@ class PostgresLedger:
         _log.info("order %s %s: %s", order.request_id, state.value, rules.describe(order))
         return LedgerEntry(order, state, fingerprint, owner, error_outcome)
 
+    @tracing.ledger_span("postgresql", "get")
     async def get(self, request_id: str) -> LedgerEntry | None:
         """Return one order, or None."""
         async with self._pool.connection() as conn:
             return await _entry(conn, request_id)
 
+    @tracing.ledger_span("postgresql", "list")
     async def list(
         self, query: OrderQuery, *, after: OrderKey | None, limit: int
     ) -> tuple[list[LedgerEntry], int]:

@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Final, TypedDict, TypeVar, Unpack
 
+from numbersvc import tracing
 from numbersvc.ledger import (
     STATUS_OF,
     Attempt,
@@ -214,6 +215,7 @@ class SqliteLedger:
             raise RuntimeError("the ledger is closed")
         return self._db
 
+    @tracing.ledger_span("sqlite", "begin")
     async def begin(
         self, attempt: Attempt, *, daily_cap: int, within_seconds: float | None = None
     ) -> BeginResult:
@@ -293,6 +295,7 @@ class SqliteLedger:
         _log.info("order %s sending: %s", order.request_id, rules.describe(order))
         return BeginResult(Begin.NEW)
 
+    @tracing.ledger_span("sqlite", "finish")
     async def finish(
         self,
         order: pb.RentalOrder,
@@ -383,6 +386,7 @@ class SqliteLedger:
         _event(db, order.request_id, now, state, order.status_message or error_outcome)
         return LedgerEntry(order, state, current.fingerprint, current.owner, error_outcome)
 
+    @tracing.ledger_span("sqlite", "settle")
     async def settle(
         self,
         request_id: str,
@@ -411,10 +415,12 @@ class SqliteLedger:
 
         return await self._run(settle)
 
+    @tracing.ledger_span("sqlite", "get")
     async def get(self, request_id: str) -> LedgerEntry | None:
         """Return one order, or None."""
         return await self._run(lambda: self._entry(self._conn(), request_id))
 
+    @tracing.ledger_span("sqlite", "list")
     async def list(
         self, query: OrderQuery, *, after: OrderKey | None, limit: int
     ) -> tuple[list[LedgerEntry], int]:

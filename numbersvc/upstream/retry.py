@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Final, TypeVar
 
+from numbersvc import tracing
 from numbersvc.deadline import Deadline
 from numbersvc.upstream.errors import (
     UpstreamStatusError,
@@ -194,6 +195,7 @@ async def retry_async(
     delays = full_jitter_delays(policy, rng if rng is not None else _JITTER)
     attempt = 1
     while True:
+        counted = tracing.ATTEMPT.set(attempt)  # for the attempt's span
         try:
             return await target()
         except Exception as exc:
@@ -210,5 +212,7 @@ async def retry_async(
                 raise
             if on_retry is not None:
                 on_retry(exc, delay)
+        finally:
+            tracing.ATTEMPT.reset(counted)
         await sleep(delay)
         attempt += 1

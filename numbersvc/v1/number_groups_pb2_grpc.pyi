@@ -14,7 +14,7 @@ used in responses may gain values: treat an unknown value like the
 Errors (AIP-193): every error carries a `google.rpc.ErrorInfo` with domain
 `numbersvc` and a documented `reason`; invalid requests also carry a
 `google.rpc.BadRequest` naming each bad field, and retryable errors a
-`google.rpc.RetryInfo`. The full table is in the service README.
+`google.rpc.RetryInfo`. The full table is in the service's docs/contract.md.
 """
 
 from collections import abc as _abc

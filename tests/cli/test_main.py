@@ -7,7 +7,6 @@ import subprocess
 import sys
 import types
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -25,6 +24,7 @@ from tests.cli import (
     run_main,
     sample_order,
 )
+from tests.docs import DOCS, section
 from tests.ports import refused_port
 
 CLIENT_COMMANDS = ["list", "stream", "get", "rent"]
@@ -476,12 +476,11 @@ def test_client_commands_import_no_server_module(argv: list[str]) -> None:
     assert _modules_after(argv, SERVER_MODULES) == []
 
 
-def test_readme_names_every_exit_code_of_the_help(capsys: pytest.CaptureFixture[str]) -> None:
+def test_docs_name_every_exit_code_of_the_help(capsys: pytest.CaptureFixture[str]) -> None:
     assert exit_status(["--help"]) == 0
     help_codes = set(re.findall(r"^  (\d+) ", capsys.readouterr().out, re.M))
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    section = readme[readme.index("## The command line") : readme.index("## Configuration")]
-    sentence = " ".join(section[section.index("Exit codes:") :].split())
+    text = section(DOCS / "configuration.md", "The command line")
+    sentence = " ".join(text[text.index("Exit codes:") :].split())
     sentence = sentence[: sentence.index("A failed call")]
     assert help_codes == {"0", "1", "2", "130"}
     for code in help_codes:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from pathlib import Path
+
+from tests.docs import DOCS, section
 
 _ROOT = Path(__file__).resolve().parents[2]
 
@@ -37,3 +40,13 @@ def test_help_shows_no_make_variables() -> None:
     text = _make("help")
     assert "run\t" in text
     assert "$(" not in text
+
+
+def test_docs_describe_every_target_of_the_help() -> None:
+    helped = {line.split("\t")[0] for line in _make("help").splitlines()}
+    table = section(DOCS / "architecture.md", "Development")
+    described = set(
+        re.findall(r"`make ([a-z-]+)`", "\n".join(re.findall(r"^\| (.+?) \|", table, re.M)))
+    )
+    assert helped
+    assert described == helped

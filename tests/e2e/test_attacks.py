@@ -1,6 +1,6 @@
 """Attacks from outside on the fixes of issue 12: real processes, real files, real sockets.
 
-Each test reproduces one way the service still breaks a promise (README) and fails until it
+Each test reproduces one way the service still breaks a promise (docs/) and fails until it
 is fixed. Loopback and ports from the OS only; every process started here is ended here.
 """
 

@@ -11,6 +11,8 @@ pipeline could see is captured:
 - every gRPC error's code, details, debug string, str, repr and initial and trailing
   metadata (binary values and the decoded `google.rpc.Status` too);
 - the `/metrics` scrape, the CLI's stdout and stderr, the event loop's exception reports;
+- every span exported over OTLP (tracing on, every call sampled) as a real collector got it:
+  names, attributes, statuses, events, and the resource;
 - `repr`/`str` of the `Config`, its `Secret`, the `RunningServer`, the servicer, the ledger,
   its orders, the `Callers`, the `PlivoClient`;
 - str, repr, attributes and the full traceback (causes included) of every exception caught,
@@ -56,6 +58,7 @@ from numbersvc.v1 import number_groups_pb2_grpc as pb_grpc
 from numbersvc.validation import OrderQuery
 from tests import richstatus
 from tests.e2e.conftest import config_for
+from tests.otlp import Collector
 from tests.ports import refused_port
 from tests.upstream.conftest import RawServer, read_request
 
@@ -633,6 +636,14 @@ async def test_no_secret_appears_in_any_output(
     ):
         monkeypatch.delenv(name, raising=False)  # `serve` below must fail, never serve
     monkeypatch.setenv("NUMBERSVC_METRICS_LISTEN", "off")
+    collector = await Collector().start()
+    for name, value in {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": collector.grpc_endpoint,
+        "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
+        "OTEL_TRACES_SAMPLER": "always_on",
+        "OTEL_BSP_SCHEDULE_DELAY": "50",
+    }.items():
+        monkeypatch.setenv(name, value)
     plivo_token = secrets.token_urlsafe(32)
     stranger, wrong_plivo_token = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
     callers_file = tmp_path / "callers.json"
@@ -675,10 +686,12 @@ async def test_no_secret_appears_in_any_output(
                 sent = await control.requests()
             finally:
                 await running.stop(grace_seconds=0.5)
+                await collector.stop()
             capture.add("after stop", running)
 
     logged_text, logged_json = text_log.getvalue(), json_log.getvalue()
-    everything = "\n".join([capture.text(), logged_text, logged_json, metrics])
+    spans = "\n".join(f"{r.resource}\n{r.span}" for r in collector.received)
+    everything = "\n".join([capture.text(), logged_text, logged_json, metrics, spans])
 
     # The secrets were live: the sandbox saw the Basic credential made from the Plivo token.
     basic = base64.b64encode(f"{sandbox.auth_id}:{plivo_token}".encode()).decode()
@@ -693,6 +706,12 @@ async def test_no_secret_appears_in_any_output(
     secrets_by_name = _secrets(sandbox.auth_id, plivo_token, tokens)
     all_tokens = {"plivo token": plivo_token, **{f"{k} token": v for k, v in tokens.items()}}
     assert _leaks(everything, secrets_by_name, all_tokens) == []
+    # Nor a phone number rented, nor a request body, in any span.
+    rented = {number.number for entry in entries for number in entry.order.numbers}
+    assert rented
+    assert [n for n in rented if n in spans] == []
+    assert '"quantity"' not in spans
+    assert "quantity:" not in spans
 
     # The capture is substantial, so the test cannot pass by capturing nothing.
     assert len(everything) > 100_000, len(everything)
@@ -732,6 +751,10 @@ async def test_no_secret_appears_in_any_output(
     } <= capture.exception_types, capture.exception_types
     assert direct_raised >= 30
     assert "numbersvc_rpcs_total" in metrics
+    # The spans were exported, failures with their reasons.
+    assert len(collector.received) > 200, len(collector.received)
+    span_reasons = {r.attributes.get("numbersvc.error.reason") for r in collector.received}
+    assert span_reasons >= capture.reasons, span_reasons
     assert 'code="UNAUTHENTICATED"' in metrics
     assert cli_codes[:2] == [0, 0]
     assert all(code != 0 for code in cli_codes[2:]), cli_codes

@@ -15,11 +15,15 @@ import os
 import re
 import sys
 from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
 
 from tests.ports import announced
 
 _SERVING = re.compile(rb"serving on 127\.0\.0\.1:(\d+)")
 _START_TIMEOUT_SECONDS = 20
+_ROOT = Path(__file__).resolve().parents[2]
+_DOCUMENTED_ADDRESS = "127.0.0.1:50051"  # what `make run` listens on
+_COMMAND_TIMEOUT_SECONDS = 60
 
 
 @contextlib.asynccontextmanager
@@ -39,3 +43,34 @@ async def serving(env: Mapping[str, str]) -> AsyncIterator[int]:
     )
     async with announced(process, _SERVING, _START_TIMEOUT_SECONDS) as serving_on:
         yield int(serving_on.group(1))
+
+
+async def documented(command: str, port: int, **env: str) -> str:
+    """Run a documented shell command from the repository root against the server on `port`.
+
+    The docs' commands call `make run`'s address: it becomes `port`, in the command and as the
+    CLI's target. Its stdout, or fail with its stderr.
+    """
+    process = await asyncio.create_subprocess_shell(
+        command.replace(_DOCUMENTED_ADDRESS, f"127.0.0.1:{port}"),
+        cwd=_ROOT,
+        env={**os.environ, "NUMBERSVC_TARGET": f"127.0.0.1:{port}", **env},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    return (await finished(process, command, _COMMAND_TIMEOUT_SECONDS)).decode()
+
+
+async def finished(process: asyncio.subprocess.Process, what: str, seconds: float) -> bytes:
+    """The stdout of `process` once it exits 0 within `seconds`; else killed, failing with stderr.
+
+    `what` names it in the failure.
+    """
+    try:
+        out, err = await asyncio.wait_for(process.communicate(), seconds)
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+        raise AssertionError(f"{what} ran over {seconds} s") from None
+    assert process.returncode == 0, f"{what} exited {process.returncode}:\n{err.decode()}"
+    return out

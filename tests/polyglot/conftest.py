@@ -23,7 +23,7 @@ from tests.ci import missing
 # The e2e suite's sandbox (in this event loop, port 0) and its control client, shared.
 from tests.e2e.conftest import control as control
 from tests.e2e.conftest import sandbox as sandbox
-from tests.polyglot import serving
+from tests.polyglot import finished, serving
 
 # The shared comparison's asserts show their operands, as a test module's do.
 pytest.register_assert_rewrite("tests.polyglot.typed_clients")
@@ -54,14 +54,7 @@ async def run(*command: str | Path) -> bytes:
     process = await asyncio.create_subprocess_exec(
         *command, cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
     )
-    try:
-        out, err = await asyncio.wait_for(process.communicate(), _CHILD_TIMEOUT_SECONDS)
-    except TimeoutError:
-        process.kill()
-        await process.wait()
-        raise AssertionError(f"{command[:2]} ran over {_CHILD_TIMEOUT_SECONDS} s") from None
-    assert process.returncode == 0, f"{command[:2]} exited {process.returncode}:\n{err.decode()}"
-    return out
+    return await finished(process, str(command[:2]), _CHILD_TIMEOUT_SECONDS)
 
 
 async def walk(

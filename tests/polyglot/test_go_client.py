@@ -14,7 +14,7 @@ import pytest
 
 from numbersvc.sandbox import SandboxControl
 from tests.polyglot.conftest import BUILD_TIMEOUT_SECONDS, ROOT, build_client
-from tests.polyglot.typed_clients import check_client, check_readme
+from tests.polyglot.typed_clients import check_client, check_docs
 
 # The first test may build the client, when pytest runs without `make clients` first.
 pytestmark = pytest.mark.timeout(BUILD_TIMEOUT_SECONDS + 60)
@@ -36,5 +36,5 @@ async def test_go_client_sees_what_python_sees(
     await check_client(go_client, port, control)
 
 
-def test_the_readme_go_commands_are_what_make_clients_runs() -> None:
-    check_readme("clients/go", _BINARY, _BINARY)
+def test_the_documented_go_commands_are_what_make_clients_runs() -> None:
+    check_docs("Go", "clients/go", _BINARY, _BINARY)

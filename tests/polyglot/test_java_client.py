@@ -15,7 +15,7 @@ import pytest
 
 from numbersvc.sandbox import SandboxControl
 from tests.polyglot.conftest import BUILD_TIMEOUT_SECONDS, ROOT, build_client
-from tests.polyglot.typed_clients import check_client, check_readme
+from tests.polyglot.typed_clients import check_client, check_docs
 
 # The first test may build the client, when pytest runs without `make clients` first.
 pytestmark = pytest.mark.timeout(BUILD_TIMEOUT_SECONDS + 60)
@@ -39,5 +39,5 @@ async def test_java_client_sees_what_python_sees(
     await check_client(java_client, port, control)
 
 
-def test_the_readme_java_commands_are_what_make_clients_runs() -> None:
-    check_readme("clients/java", _JAR, f"java -jar {_JAR}")
+def test_the_documented_java_commands_are_what_make_clients_runs() -> None:
+    check_docs("Java", "clients/java", _JAR, f"java -jar {_JAR}")

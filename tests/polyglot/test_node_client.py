@@ -24,6 +24,8 @@ from google.type import money_pb2
 from numbersvc.v1 import number_groups_pb2 as pb
 from numbersvc.v1 import number_groups_pb2_grpc as pb_grpc
 from tests import richstatus
+from tests.docs import DOCS, console, section
+from tests.polyglot import documented, serving
 from tests.polyglot.conftest import ROOT, run, walk
 
 _CHECK = ROOT / "clients" / "node" / "check.mjs"
@@ -167,3 +169,17 @@ async def test_generated_node_stubs_load(node: str, tmp_path: Path) -> None:
     assert decoded == pb.RentNumbersRequest(
         group_id="73762538809838", quantity=2, request_id=request_id
     )
+
+
+async def test_the_documented_node_commands_run(node: str) -> None:
+    """docs/clients.md's two `node clients/node/check.mjs` commands as written: reads, a rent."""
+    steps = console(section(DOCS / "clients.md", "Node.js"))
+    commands = [
+        command for command, _ in steps if command.startswith("node clients/node/check.mjs ")
+    ]
+    assert len(commands) == 2
+    assert node  # on PATH, which the documented commands call it from
+    async with serving({}) as port:
+        reads, renting = [json.loads(await documented(command, port)) for command in commands]
+    assert reads["rent"] is None
+    assert renting["rent"]["status"] == "ORDER_STATUS_FULFILLED"

@@ -1,4 +1,4 @@
-"""What the Go and Java tests check: each client prints what Python sees; the README builds it.
+"""What the Go and Java tests check: each client prints what Python sees; the docs build it.
 
 Both programs (`clients/go/main.go`, `clients/java/.../Check.java`) print the same JSON shape.
 `check_client` runs one twice against a real server on a real sandbox:
@@ -9,7 +9,7 @@ Both programs (`clients/go/main.go`, `clients/java/.../Check.java`) print the sa
 2. without `--rent` and no fault: the Get succeeds, and nothing more is rented.
 
 Then it asks the same server the same things with Python's stubs and compares field by field.
-`check_readme` holds the README's build commands equal to make's recipes (`make -n`).
+`check_docs` holds docs/clients.md's build commands equal to make's recipes (`make -n`).
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from numbersvc.sandbox.faults import FaultKind, FaultSpec
 from numbersvc.v1 import number_groups_pb2 as pb
 from numbersvc.v1 import number_groups_pb2_grpc as pb_grpc
 from tests import richstatus
+from tests.docs import DOCS, section
 from tests.polyglot.conftest import ROOT, run, walk
 
 # The search both programs make (their filter() / FILTER and page size): typed enums.
@@ -227,12 +228,12 @@ def _build_lines(text: str, directory: str) -> list[str]:
     return re.findall(rf"^(?:\$ )?({command})(?:\s+# .*)?$", text, re.M)
 
 
-def check_readme(directory: str, artifact: str, command: str) -> None:
-    """The README builds the client in `directory` with make's recipe for `artifact`, as written.
+def check_docs(heading: str, directory: str, artifact: str, command: str) -> None:
+    """docs/clients.md, under `heading`, builds the client in `directory` as make builds `artifact`.
 
     And it runs the client with `command`, as these tests do.
     """
-    readme = (ROOT / "README.md").read_text()
+    text = section(DOCS / "clients.md", heading)
     dry_run = subprocess.run(
         ["make", "--no-print-directory", "-n", "-B", artifact],
         cwd=ROOT,
@@ -242,5 +243,5 @@ def check_readme(directory: str, artifact: str, command: str) -> None:
         timeout=30,
     ).stdout
     assert _build_lines(dry_run, directory)
-    assert _build_lines(readme, directory) == _build_lines(dry_run, directory)
-    assert f"\n$ {command} " in readme
+    assert _build_lines(text, directory) == _build_lines(dry_run, directory)
+    assert f"\n$ {command} " in text

@@ -17,8 +17,7 @@ from numbersvc.config import (
     settings,
 )
 from numbersvc.upstream.ratelimit import RateSpec
-
-README = Path(__file__).resolve().parents[2] / "README.md"
+from tests.docs import DOCS, section
 
 
 def test_defaults_are_what_make_run_uses() -> None:
@@ -215,8 +214,8 @@ def test_token_never_in_repr() -> None:
     assert f"{config.plivo_auth_token}" == "Secret('********')"
 
 
-def test_readme_settings_table_is_generated() -> None:
-    assert markdown_table() in README.read_text()
+def test_documented_settings_table_is_generated() -> None:
+    assert markdown_table() in section(DOCS / "configuration.md", "Settings")
 
 
 @pytest.mark.parametrize(
