@@ -63,7 +63,7 @@ postgres:  ## Install Debian's postgresql package when no server binaries are fo
 # The PostgreSQL tests need the server binaries, so `make pytest` installs them first.
 pytest: postgres
 
-faults: $(VENV)/.dev  ## Print the fault matrix: every upstream fault x every RPC, ok/FAIL.
+faults: $(VENV)/.dev postgres  ## Print the fault matrix: every upstream and store fault x every RPC, ok/FAIL.
 	$(BIN)/python -m tests.faultmatrix
 
 soak: $(VENV)/.dev  ## Soak a server process for 60 s: streams, List/Get, errors, latency, RSS.

@@ -13,12 +13,12 @@ import argparse
 import asyncio
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Final
 
 import grpc
 
-__all__ = ["ECHO_METHOD", "main", "serve"]
+__all__ = ["ECHO_METHOD", "main", "serve", "serve_unary"]
 
 ECHO_METHOD: Final = "/bench.Echo/Echo"
 
@@ -29,9 +29,22 @@ async def _echo(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> 
 
 async def serve(listen: str) -> None:
     """Serve the echo method on `listen` until SIGTERM or SIGINT."""
+    await serve_unary(listen, ECHO_METHOD, _echo)
+
+
+async def serve_unary(
+    listen: str,
+    method: str,
+    behaviour: Callable[[bytes, grpc.aio.ServicerContext[Any, Any]], Awaitable[bytes]],
+) -> None:
+    """Serve one unary method, bytes in and out, on a default `grpc.aio.server()`.
+
+    Prints `serving on HOST:PORT` on stderr once it listens; returns after SIGTERM or SIGINT.
+    """
+    service, _, name = method.strip("/").partition("/")
     server = grpc.aio.server()
     handler = grpc.method_handlers_generic_handler(
-        "bench.Echo", {"Echo": grpc.unary_unary_rpc_method_handler(_echo)}
+        service, {name: grpc.unary_unary_rpc_method_handler(behaviour)}
     )
     server.add_generic_rpc_handlers((handler,))
     port = server.add_insecure_port(listen)

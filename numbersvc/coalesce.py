@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Hashable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 __all__ = ["SingleFlight"]
@@ -19,8 +19,8 @@ V = TypeVar("V")
 
 @dataclass
 class _Call(Generic[V]):
-    task: asyncio.Task[V]
-    waiters: int = 0
+    task: asyncio.Task[None]
+    waiters: list[asyncio.Future[V]] = field(default_factory=list)
 
 
 class SingleFlight(Generic[V]):
@@ -57,7 +57,9 @@ class SingleFlight(Generic[V]):
             Whatever the call raised.
         """
         call = self._calls.get(key)
-        if call is None:
+        # A call being cancelled (its last caller left) is joined by nobody: it would end in
+        # a CancelledError for a caller that was not cancelled.
+        if call is None or call.task.cancelling():
             return await self._wait(self._start(key, work))
         if self._on_join is not None:
             self._on_join()
@@ -69,27 +71,49 @@ class SingleFlight(Generic[V]):
         return await self._wait(self._start(key, work))
 
     def _start(self, key: Hashable, work: Callable[[], Awaitable[V]]) -> _Call[V]:
-        async def run() -> V:
-            return await work()
+        async def run() -> None:
+            # NOTE: the outcome goes to each waiter from here, not from a done callback of
+            # the task (nor through `asyncio.shield`): each of those was one more turn of the
+            # event loop before a caller resumed, which at concurrency 1 is latency.
+            try:
+                result = await work()
+            except asyncio.CancelledError:
+                self._abandon(key, call)
+                raise
+            except BaseException as exc:  # the callers' to see
+                for waiter in self._land(key, call):
+                    waiter.set_exception(exc)
+                if not isinstance(exc, Exception):
+                    raise  # SystemExit and the like are the loop's
+            else:
+                for waiter in self._land(key, call):
+                    waiter.set_result(result)
 
-        call = _Call(asyncio.create_task(run()))
+        call: _Call[V] = _Call(asyncio.create_task(run()))
         self._calls[key] = call
-        call.task.add_done_callback(lambda task: self._land(key, call))
+        # A task cancelled before its first step never runs `run`: whoever joined it then
+        # learns it here, and the key is free again.
+        call.task.add_done_callback(lambda _: self._abandon(key, call))
         return call
 
     async def _wait(self, call: _Call[V]) -> V:
-        call.waiters += 1
+        waiter: asyncio.Future[V] = asyncio.get_running_loop().create_future()
+        call.waiters.append(waiter)
         try:
-            # NOTE: shield: one caller's cancellation must not cancel the others' call.
-            return await asyncio.shield(call.task)
+            # A caller's cancellation cancels its own waiter only, never the shared task.
+            return await waiter
         finally:
-            call.waiters -= 1
-            if call.waiters == 0 and not call.task.done():
-                call.task.cancel()  # nobody wants the answer any more
+            if not waiter.done() or waiter.cancelled():
+                call.waiters.remove(waiter)
+                if not call.waiters and not call.task.done():
+                    call.task.cancel()  # nobody wants the answer any more
 
-    def _land(self, key: Hashable, call: _Call[V]) -> None:
+    def _abandon(self, key: Hashable, call: _Call[V]) -> None:
+        for waiter in self._land(key, call):
+            waiter.cancel()
+
+    def _land(self, key: Hashable, call: _Call[V]) -> list[asyncio.Future[V]]:
+        """Forget the call; return the waiters still waiting for its outcome."""
         if self._calls.get(key) is call:
             del self._calls[key]
-        # Every caller may be gone; the outcome was theirs to read, so only mark it retrieved.
-        if not call.task.cancelled():
-            call.task.exception()
+        return [waiter for waiter in call.waiters if not waiter.done()]

@@ -105,6 +105,7 @@ class Outcome(enum.Enum):
     PERMISSION_DENIED = enum.auto()
     MALFORMED_REQUEST = enum.auto()
     HEALTH_WATCHES_EXHAUSTED = enum.auto()
+    REQUEST_NOT_SENT = enum.auto()
     INTERNAL_ERROR = enum.auto()
 
 
@@ -343,6 +344,11 @@ TABLE: Final[Mapping[Outcome, Rule]] = {
         _S.RESOURCE_EXHAUSTED,
         "HEALTH_WATCHES_EXHAUSTED",
         "a health Watch while `NUMBERSVC_MAX_HEALTH_WATCHES` are open (Check still answers)",
+    ),
+    Outcome.REQUEST_NOT_SENT: Rule(
+        _S.DEADLINE_EXCEEDED,
+        "REQUEST_NOT_SENT",
+        "a health call (open to anyone) whose request did not follow its headers within 5 s",
     ),
     Outcome.INTERNAL_ERROR: Rule(_S.INTERNAL, "INTERNAL_ERROR", "a bug in numbersvc (logged)"),
 }

@@ -27,8 +27,10 @@ The caller's name goes into the call's `CallRecord` (access log, metrics, the or
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import logging
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
@@ -43,6 +45,9 @@ from numbersvc.interceptors import current_call, wrap_handler
 __all__ = ["ANONYMOUS", "READ", "RENT", "Gatekeeper", "Identity"]
 
 _BEARER: Final = "bearer "
+# A health call's request follows its headers at once; this is plenty, and frees the slot of
+# a call that never sends one (the errors table's REQUEST_NOT_SENT says 5 s too).
+REQUEST_ARRIVAL_SECONDS: Final = 5.0
 # grpc's typed peer properties (grpc_security_constants.h): the URI SANs alone, and the
 # subject's common names. `x509_subject_alternative_name` mixes every SAN type.
 _URI_SANS: Final = "peer_uri"
@@ -96,6 +101,7 @@ class Gatekeeper(grpc.aio.ServerInterceptor):
         permissions: the permission each full method name needs; None means open (health).
             A method missing from the map is refused: new methods are closed by default.
         trusted_proxies: the networks of sidecars whose `x-forwarded-client-cert` is believed.
+        certificates: whether connections carry verified client certificates (mutual TLS).
     """
 
     def __init__(
@@ -103,10 +109,13 @@ class Gatekeeper(grpc.aio.ServerInterceptor):
         callers: Callers | None,
         permissions: Mapping[str, str | None],
         trusted_proxies: Sequence[xfcc.IPNetwork] = (),
+        *,
+        certificates: bool = False,
     ) -> None:
         self._callers = callers
         self._permissions = dict(permissions)
         self._trusted_proxies = tuple(trusted_proxies)
+        self._certificates = certificates
 
     async def intercept_service(
         self,
@@ -119,12 +128,39 @@ class Gatekeeper(grpc.aio.ServerInterceptor):
             return None
         method = handler_call_details.method
         metadata = handler_call_details.invocation_metadata
-        check = _Check(self, method, _bearer(metadata), _forwarded(metadata))
+        token, forwarded = _bearer(metadata), _forwarded(metadata)
+        decided = self._decide_at_headers(method, token, forwarded)
+        check = _Check(self, method, token, forwarded, decided)
+        if isinstance(decided, ServiceError) and not handler.request_streaming:
+            return _refusing_before_the_request(handler, check)
         changes: dict[str, Any] = {}
         # Streaming requests (reflection) get the same checks, their requests decoded by gRPC.
         if handler.request_deserializer is not None and not handler.request_streaming:
             changes["request_deserializer"] = _lenient(handler.request_deserializer)
-        return wrap_handler(handler, check.wrap, check.wrap_stream, **changes)
+        checked = wrap_handler(handler, check.wrap, check.wrap_stream, **changes)
+        if self._permissions.get(method, "") is None and not handler.request_streaming:
+            # NOTE: open to anyone (health), so nothing refuses a call that sends headers and
+            # then nothing; bounding the wait for its request frees its RPC slot.
+            return _with_request_within(checked, REQUEST_ARRIVAL_SECONDS)
+        return checked
+
+    def _decide_at_headers(
+        self, method: str, token: str | None, forwarded: Sequence[str]
+    ) -> Caller | ServiceError | None:
+        """Who calls `method`, or why not, when the headers alone can tell; else None.
+
+        They can unless a trusted sidecar may have forwarded a certificate (its header counts
+        only from a trusted peer's address, which the headers do not give) or the call has no
+        token and mutual TLS may name the caller by its certificate. Deciding here, before the
+        request arrives, lets a refusal go out at once: a call that sends headers and then
+        nothing would otherwise hold one of the server's RPC slots until its connection dies.
+        """
+        if (forwarded and self._trusted_proxies) or (token is None and self._certificates):
+            return None
+        try:
+            return self.identify(method, lambda: Identity(token))
+        except ServiceError as error:
+            return error
 
     def identify(self, method: str, identity: Callable[[], Identity]) -> Caller:
         """Return who calls `method`, or raise the `ServiceError` that refuses the call.
@@ -182,12 +218,18 @@ class _Check:
     """The checks for one call, run when the call starts (the context is needed)."""
 
     def __init__(
-        self, gate: Gatekeeper, method: str, token: str | None, forwarded: Sequence[str]
+        self,
+        gate: Gatekeeper,
+        method: str,
+        token: str | None,
+        forwarded: Sequence[str],
+        decided: Caller | ServiceError | None,
     ) -> None:
         self._gate = gate
         self._method = method
         self._token = token
         self._forwarded = forwarded
+        self._decided = decided
 
     async def _enter(self, request: Any, context: _Context) -> None:
         def identity() -> Identity:
@@ -199,7 +241,11 @@ class _Check:
 
         call = current_call()
         try:
-            caller = self._gate.identify(self._method, identity)
+            if isinstance(self._decided, ServiceError):
+                raise self._decided
+            caller = self._decided
+            if caller is None:
+                caller = self._gate.identify(self._method, identity)
             if call is not None:  # before the permission check: a refusal names the caller
                 call.caller = caller.name
             self._gate.authorize(self._method, caller)
@@ -211,6 +257,10 @@ class _Check:
             who = call.caller if call is not None else "-"
             _log.info("refused %s (caller %s): %s", self._method, who, error.outcome.name)
             await context.abort_with_status(to_status(error))
+
+    async def enter(self, context: _Context) -> None:
+        """Run the checks of a call whose request is not read: they refuse it."""
+        await self._enter(None, context)
 
     def wrap(self, behaviour: Any) -> Any:
         async def run(request: Any, context: _Context) -> Any:
@@ -226,6 +276,69 @@ class _Check:
                 yield response
 
         return run
+
+
+def _refusing_before_the_request(handler: _Handler, check: _Check) -> _Handler:
+    """Return `handler` made to refuse its call without waiting for the request.
+
+    A handler that takes a request stream runs as soon as the call's headers are in, and gRPC
+    reads no message the handler does not ask for; the call's method and answer stay as they
+    were, so the caller sees only the refusal.
+    """
+
+    async def refuse(requests: Any, context: _Context) -> None:
+        await check.enter(context)
+
+    async def refuse_stream(requests: Any, context: _Context) -> AsyncIterator[Any]:
+        await check.enter(context)
+        nothing: tuple[Any, ...] = ()  # an async generator, as a stream's behaviour must be
+        for response in nothing:
+            yield response
+
+    streaming = handler.response_streaming
+    replaced: _Handler = handler._replace(  # type: ignore[attr-defined]
+        request_streaming=True,
+        unary_unary=None,
+        unary_stream=None,
+        stream_unary=None if streaming else refuse,
+        stream_stream=refuse_stream if streaming else None,
+    )
+    return replaced
+
+
+def _with_request_within(handler: _Handler, seconds: float) -> _Handler:
+    """Return `handler` made to give up on a request that does not arrive within `seconds`.
+
+    As a handler that takes a request stream, it runs once the headers are in and reads the
+    one request itself, under a bound; the method and its answers stay as they were.
+    """
+    name = "unary_unary" if handler.unary_unary is not None else "unary_stream"
+    behaviour = getattr(handler, name)
+
+    async def first(requests: AsyncIterator[Any], context: _Context) -> Any:
+        try:
+            async with asyncio.timeout(seconds):
+                return await anext(requests)
+        except (TimeoutError, StopAsyncIteration):
+            error = ServiceError(
+                Outcome.REQUEST_NOT_SENT, f"no request within {seconds:g} s of the call's headers"
+            )
+            await context.abort_with_status(to_status(error))
+
+    async def run(requests: AsyncIterator[Any], context: _Context) -> Any:
+        return await behaviour(await first(requests, context), context)
+
+    async def run_stream(requests: AsyncIterator[Any], context: _Context) -> AsyncIterator[Any]:
+        async for response in behaviour(await first(requests, context), context):
+            yield response
+
+    changes: dict[str, Any] = {"request_streaming": True, name: None}
+    if name == "unary_unary":
+        changes["stream_unary"] = run
+    else:  # a response stream: yielded, or written with `context.write` (health's Watch)
+        changes["stream_stream"] = run_stream if inspect.isasyncgenfunction(behaviour) else run
+    replaced: _Handler = handler._replace(**changes)  # type: ignore[attr-defined]
+    return replaced
 
 
 def _identify(callers: Callers, identity: Identity) -> Caller | None:

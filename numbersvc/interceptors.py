@@ -205,9 +205,21 @@ class _Call:
         record = self._record
         record.code = _code(exc, context)
         record.duration_seconds = self._owner._clock() - record.started
-        for observer in self._owner._observers:
-            observer.call_finished(record)
         tracing.end_server_span(self._span, record.code, record.caller, context.trailing_metadata)
+        if exc is None and not self.streaming:
+            # NOTE: a unary answer is sent once its handler returns, so the observers (the
+            # access line, the metrics) run at the event loop's next turn, while it goes out:
+            # inline they held it back by 0.15 ms at concurrency 1 (`bench.stages`). That
+            # turn comes before anything the loop hears of later, the caller's next call or a
+            # scrape of the metrics included. A failure's status went out when it was raised
+            # (`abort`): nothing to gain, so it is observed at once.
+            asyncio.get_running_loop().call_soon(self._observe_finish)
+        else:
+            self._observe_finish()
+
+    def _observe_finish(self) -> None:
+        for observer in self._owner._observers:
+            observer.call_finished(self._record)
 
     def wrap(self, behaviour: Callable[[Any, _Context], Awaitable[Any]]) -> Any:
         async def run(request: Any, context: _Context) -> Any:

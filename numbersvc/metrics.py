@@ -10,7 +10,7 @@ operations, cache results): never a request field, so no caller input or secret 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Final, Protocol
 
 from aiohttp import web
@@ -20,6 +20,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
 from numbersvc.interceptors import CallRecord
+from numbersvc.ledger import Heartbeat, OrderState, PoolStats
 from numbersvc.ledger.budget import BudgetSource, SharedBudget
 
 __all__ = ["Metrics", "MetricsServer"]
@@ -115,10 +116,28 @@ class Metrics:
             ["outcome"],
             registry=r,
         )
-        self.ledger_heartbeats = Counter(
-            "numbersvc_ledger_heartbeats",
-            "Ledger heartbeats (lease renewal and recovery), by result: ok or error",
+        self.store_up = Gauge(
+            "numbersvc_store_up",
+            "1 when this process's last ledger heartbeat reached the order ledger's store, 0"
+            " when it failed (rents are refused with LEDGER_UNAVAILABLE meanwhile), by store:"
+            " sqlite or postgresql",
+            ["store"],
+            registry=r,
+        )
+        self.lease_renewals = Counter(
+            "numbersvc_ledger_lease_renewals",
+            "Renewals of this process's ledger lease (each heartbeat, every third of"
+            " NUMBERSVC_INSTANCE_LEASE_SECONDS), by result: ok, or error (the store could not"
+            " be reached: the lease was not renewed and nothing was recovered)",
             ["result"],
+            registry=r,
+        )
+        for result in ("ok", "error"):  # both series exist from the start, at 0
+            self.lease_renewals.labels(result)
+        self.leases_expired = Counter(
+            "numbersvc_ledger_leases_expired",
+            "Other processes' ledger leases this process found lapsed and removed (a process"
+            " gone without a clean exit, or cut from the store); each is counted by one process",
             registry=r,
         )
         self.orders_recovered = Counter(
@@ -126,6 +145,43 @@ class Metrics:
             "Orders left sending by a process proven gone, made outcome_unknown here",
             registry=r,
         )
+        self.orders_outcome_unknown = Gauge(
+            "numbersvc_orders_outcome_unknown",
+            "Orders in the store waiting to be settled (outcome unknown), as this process's last"
+            " good heartbeat counted them: replicas of one store export the same count",
+            registry=r,
+        )
+        self.health_serving = Gauge(
+            "numbersvc_health_serving",
+            "1 while the gRPC health service says SERVING (ready), 0 once it says NOT_SERVING"
+            " (the process is shutting down)",
+            registry=r,
+        )
+
+    def order_finished(self, state: OrderState, numbers: int) -> None:
+        """Count a finished rent order's numbers by outcome; one more order waits if unknown.
+
+        The heartbeat's count replaces that guess within a third of a lease: an alert on the
+        waiting orders need not wait for it.
+        """
+        self.rented.labels(state.value).inc(numbers)
+        if state is OrderState.OUTCOME_UNKNOWN:
+            self.orders_outcome_unknown.inc()
+
+    def heartbeat(self, store: str, found: Heartbeat | None) -> None:
+        """Count one ledger heartbeat: what it `found`, or None when it failed."""
+        self.store_up.labels(store).set(0 if found is None else 1)
+        if found is None:
+            self.lease_renewals.labels("error").inc()
+            return
+        self.lease_renewals.labels("ok").inc()
+        self.leases_expired.inc(found.leases_expired)
+        self.orders_recovered.inc(found.recovered)
+        self.orders_outcome_unknown.set(found.outcome_unknown)
+
+    def watch_pool(self, stats: Callable[[], PoolStats]) -> None:
+        """Export the store's connection pool, read at scrape time."""
+        self.registry.register(_PoolCollector(stats))
 
     def watch_rate_limiter(self, limiter: CountingLimiter) -> None:
         """Export the rate limiter's own counters: waits, seconds waited, refusals."""
@@ -240,4 +296,35 @@ class _BudgetCollector(Collector):
             "numbersvc_rate_budget_fallbacks",
             "Times the store's shared budget was lost and the local fallback taken (outages)",
             self._budget.fallbacks,
+        )
+
+
+class _PoolCollector(Collector):
+    """Reads the store's connection pool at scrape time."""
+
+    def __init__(self, stats: Callable[[], PoolStats]) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        pool = self._stats()
+        yield GaugeMetricFamily(
+            "numbersvc_store_pool_connections_max",
+            "Connections this process's store pool may open (NUMBERSVC_DATABASE_POOL_MAX);"
+            " the database must allow this times the replicas",
+            pool.max,
+        )
+        yield GaugeMetricFamily(
+            "numbersvc_store_pool_connections_open",
+            "Connections this process's store pool holds open now, in use or idle",
+            pool.open,
+        )
+        yield GaugeMetricFamily(
+            "numbersvc_store_pool_connections_in_use",
+            "Connections of this process's store pool lent out now",
+            pool.in_use,
+        )
+        yield GaugeMetricFamily(
+            "numbersvc_store_pool_requests_waiting",
+            "Calls waiting for a store connection now (every connection is in use)",
+            pool.waiting,
         )

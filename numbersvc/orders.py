@@ -237,7 +237,7 @@ class RentDesk:
         # on PostgreSQL that is the database's clock, and the upstream client compares
         # `send_by` with this host's. Read before, the claim cannot come earlier than it.
         send_by = time.time() + self._timeout + _START_SLACK_SECONDS
-        begun = await self._claim(attempt)
+        begun = await self._claim(attempt, deadline)
         # Another process (a replica, a server on the same file) is sending this order: wait
         # for its outcome within this caller's deadline, as a duplicate in this process does.
         polls = full_jitter_delays(_IN_PROGRESS_POLL, self._rng)
@@ -251,7 +251,7 @@ class RentDesk:
                 raise _in_progress(params.request_id)
             await asyncio.sleep(min(next(polls), wait))
             # Claimed again, not just read: if it ended failed or released, this call sends it.
-            begun = await self._claim(attempt)
+            begun = await self._claim(attempt, deadline)
         if begun.kind is Begin.CONFLICT:
             assert begun.entry is not None
             other = begun.entry.order.caller != attempt.order.caller
@@ -263,9 +263,15 @@ class RentDesk:
             return _replay(begun.entry)
         return await self._send(params, attempt.order, deadline, send_by)
 
-    async def _claim(self, attempt: Attempt) -> BeginResult:
+    async def _claim(self, attempt: Attempt, deadline: Deadline) -> BeginResult:
+        # The claim gives up before the caller's wait does: a store that is down or locked is
+        # told as LEDGER_UNAVAILABLE (nothing claimed, nothing sent), not as an order whose
+        # outcome is unknown, which the claim could still make real once the caller is gone.
+        within = deadline.attempt_timeout(margin_seconds=_ANSWER_MARGIN_SECONDS)
         try:
-            return await self._ledger.begin(attempt, daily_cap=self._daily_cap)
+            return await self._ledger.begin(
+                attempt, daily_cap=self._daily_cap, within_seconds=within
+            )
         except LedgerUnreachableError as exc:
             # The cause is logged, not told: it may name the database's host.
             _log.warning("order %s not claimed: %s", attempt.order.request_id, exc)
@@ -437,7 +443,7 @@ class RentDesk:
 
     def _count(self, state: OrderState, numbers: int) -> None:
         if self._metrics is not None:
-            self._metrics.rented.labels(state.value).inc(numbers)
+            self._metrics.order_finished(state, numbers)
 
     def _land(self, request_id: str, task: asyncio.Task[pb.RentalOrder]) -> None:
         self._flights.pop(request_id, None)

@@ -129,6 +129,7 @@ class RunningServer:
         outcome unknown, their callers answered, before the grace ends and the ledger closes.
         """
         await self.health.enter_graceful_shutdown()
+        self.metrics.health_serving.set(0)
         if drain_seconds:
             _log.info("health NOT_SERVING; draining for %.1f s", drain_seconds)
             await asyncio.sleep(drain_seconds)
@@ -179,7 +180,7 @@ async def create_server(config: Config) -> RunningServer:
         # Read once (its file may be rotated): the ledger and the budget share one store.
         database = config.database().reveal()
         sandbox, upstream, budget = await _upstream(config, kind, metrics, undo, database)
-        ledger = await _open_ledger(config, database)
+        ledger = await _open_ledger(config, database, metrics)
         undo.push_async_callback(ledger.close)
         rent_desk = RentDesk(
             upstream=upstream,
@@ -202,6 +203,7 @@ async def create_server(config: Config) -> RunningServer:
                 callers,
                 method_permissions(with_reflection=config.reflection),
                 trusted_proxies=config.trusted_xfcc_networks(),
+                certificates=bool(config.tls_client_ca),
             ),
         ]
         server = _grpc_server(config, interceptors)
@@ -215,10 +217,16 @@ async def create_server(config: Config) -> RunningServer:
         await server.start()
         undo.push_async_callback(server.stop, None)
         # Only once the port is ours: a second server on a taken port recovers nothing.
-        lease_keeper = await LeaseKeeper.start(ledger, metrics, config.instance_lease_seconds)
+        lease_keeper = await LeaseKeeper.start(
+            ledger,
+            metrics,
+            config.instance_lease_seconds,
+            store="postgresql" if database else "sqlite",
+        )
         undo.push_async_callback(lease_keeper.stop)
         for name in ("", SERVICE_NAME):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        metrics.health_serving.set(1)
         undo.pop_all()  # started: from here on RunningServer.stop owns the shutdown
     host = parse_host_port(config.listen)[0]
     _log.info("numbersvc %s serving on %s:%d (upstream: %s)", __version__, host, port, kind.value)
@@ -248,19 +256,25 @@ class LeaseKeeper:
     may be down for a while, and a log line per tick would bury everything else.
     """
 
-    def __init__(self, ledger: OrderLedger, metrics: Metrics, lease_seconds: float) -> None:
+    def __init__(
+        self, ledger: OrderLedger, metrics: Metrics, lease_seconds: float, *, store: str
+    ) -> None:
         self._ledger = ledger
         self._metrics = metrics
+        self._store = store
         self._interval = lease_seconds / 3
         self._failing = False
         self._task: asyncio.Task[None] | None = None
 
     @classmethod
     async def start(
-        cls, ledger: OrderLedger, metrics: Metrics, lease_seconds: float
+        cls, ledger: OrderLedger, metrics: Metrics, lease_seconds: float, *, store: str
     ) -> LeaseKeeper:
-        """Run the first heartbeat now, then keep beating in a background task."""
-        keeper = cls(ledger, metrics, lease_seconds)
+        """Run the first heartbeat now, then keep beating in a background task.
+
+        `store` names the ledger's store in the metrics: sqlite or postgresql.
+        """
+        keeper = cls(ledger, metrics, lease_seconds, store=store)
         await keeper.beat()
         keeper._task = asyncio.create_task(keeper._keep(), name="ledger heartbeat")
         return keeper
@@ -268,9 +282,9 @@ class LeaseKeeper:
     async def beat(self) -> None:
         """Run one heartbeat; a failure is logged (once per outage) and counted, never raised."""
         try:
-            recovered = await self._ledger.heartbeat()
+            found = await self._ledger.heartbeat()
         except Exception as exc:
-            self._metrics.ledger_heartbeats.labels("error").inc()
+            self._metrics.heartbeat(self._store, None)
             if not self._failing:
                 # One line, no traceback: a store that is down is an outage, not a bug.
                 _log.error(
@@ -282,8 +296,7 @@ class LeaseKeeper:
                 )
             self._failing = True
             return
-        self._metrics.ledger_heartbeats.labels("ok").inc()
-        self._metrics.orders_recovered.inc(recovered)
+        self._metrics.heartbeat(self._store, found)
         if self._failing:
             _log.warning("ledger heartbeat works again")
         self._failing = False
@@ -301,8 +314,10 @@ class LeaseKeeper:
             await self.beat()
 
 
-async def _open_ledger(config: Config, database: str) -> OrderLedger:
+async def _open_ledger(config: Config, database: str, metrics: Metrics) -> OrderLedger:
     """Open the order ledger: PostgreSQL when `database` (its URL) is set, else the SQLite file.
+
+    A PostgreSQL ledger's connection pool is exported in `metrics`.
 
     Raises:
         ConfigError: the database URL does not parse.
@@ -332,6 +347,7 @@ async def _open_ledger(config: Config, database: str) -> OrderLedger:
         )
     except ValueError as exc:  # a URL libpq cannot parse; the message does not quote it
         raise ConfigError(f"NUMBERSVC_DATABASE_URL: {exc}") from None
+    metrics.watch_pool(ledger.pool_stats)
     _log.info(
         "order ledger in PostgreSQL at %s (instance %s, at most %d connections)",
         postgres.redacted(database),

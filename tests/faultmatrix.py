@@ -14,30 +14,42 @@ connection after reading the request (`reset`), or after the headers and half th
 closed port, so nothing reaches any upstream (0 requests) and a rent is safe to retry
 (UNAVAILABLE, not RENT_OUTCOME_UNKNOWN).
 
+The store rows (`STORE_ROWS`) put the order ledger's PostgreSQL in trouble instead, around
+the call, on a server whose ledger and budget live there: the database stopped (`down`), a
+session holding a lock every claim needs (`slow`: statements wait past their lock timeout),
+and every pooled connection of the server held by calls blocked on row locks (`pool
+exhausted`). Reads go on (on the fallback budget when the database is down); a rent is refused
+with UNAVAILABLE `LEDGER_UNAVAILABLE` before anything is sent, within the caller's deadline.
+
 Upstream request counts are the requests the sandbox logged for the RPC's operation.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import socket
 import sys
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
 import grpc
+import psycopg
 from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from numbersvc.config import Secret
 from numbersvc.sandbox import SandboxControl, SandboxServer
 from numbersvc.sandbox.faults import FaultSpec
 from numbersvc.server import RunningServer, create_server
 from numbersvc.v1 import number_groups_pb2 as pb
 from numbersvc.v1 import number_groups_pb2_grpc as pb_grpc
-from tests.e2e.conftest import config_for
+from tests.e2e.conftest import config_for, eventually
+from tests.pg import Cluster, running_cluster
 from tests.timing import stopwatch
 
 __all__ = [
@@ -48,6 +60,8 @@ __all__ = [
     "ROWS",
     "RPCS",
     "SERVER_OVERRIDES",
+    "STORE_ROWS",
+    "Database",
     "Expected",
     "Observed",
     "Rig",
@@ -103,13 +117,15 @@ class Row:
     """One fault and what each RPC must answer.
 
     `fault` is the sandbox `FaultSpec` JSON without `count` and `operation` (the runner adds
-    them), or `None` for a refused connection: the call goes to a server whose base URL is a
-    closed port.
+    them), or `None` for a refused connection (the call goes to a server whose base URL is a
+    closed port) or for a store row.
     """
 
     name: str
     fault: Mapping[str, Any] | None
     expected: Mapping[str, Expected]
+    store: str | None = None
+    """A store row's trouble (`STORE_FAULTS`), on the PostgreSQL server; `fault` is None."""
 
 
 @dataclass(frozen=True)
@@ -140,7 +156,7 @@ class Observed:
 
 def _describe(code: grpc.StatusCode, reason: str, details: Iterable[str]) -> str:
     extras = "".join(f" +{name}" for name in sorted(details))
-    return f"{code.name} {reason}{extras}"
+    return f"{code.name} {reason or '-'}{extras}"
 
 
 _RETRY = frozenset({"RetryInfo"})
@@ -223,6 +239,20 @@ ROWS: Final[Sequence[Row]] = (
     ),
 )
 
+# The database in trouble: reads answer as usual (they never touch the ledger; the budget falls
+# back to a local one), a rent is refused before anything is sent.
+_STORE_TROUBLE = {
+    **_each(Expected(C.OK, "", 1), Expected(C.UNAVAILABLE, "LEDGER_UNAVAILABLE", 0, _RETRY)),
+    "stream": Expected(C.OK, "", 2),  # its 40 results come in two pages
+}
+STORE_FAULTS: Final = ("down", "slow", "pool exhausted")
+STORE_ROWS: Final[Sequence[Row]] = tuple(
+    Row(f"store {kind}", None, _STORE_TROUBLE, store=kind) for kind in STORE_FAULTS
+)
+# The store server's pool is this small, so that a few blocked calls exhaust it.
+STORE_POOL_MAX: Final = 2
+_BLOCKED_CALL_SECONDS: Final = 20.0
+
 
 # --- Running cells ------------------------------------------------------------------------------
 
@@ -241,9 +271,18 @@ class _Endpoint:
         return pb_grpc.NumberGroupServiceStub(self.channel)
 
 
+@dataclass(frozen=True)
+class Database:
+    """The PostgreSQL cluster of the store rows, and the URL of a migrated schema in it."""
+
+    cluster: Cluster
+    url: str
+
+
 @dataclass
 class Rig:
-    """A server on the sandbox, and on demand one whose upstream is a closed port.
+    """A server on the sandbox, and on demand one whose upstream is a closed port and one
+    whose ledger is in PostgreSQL (`database`, for the store rows).
 
     Servers come from `start` (which owns and stops them); the rig owns only its channels.
     """
@@ -252,7 +291,9 @@ class Rig:
     main: _Endpoint
     group_id: str  # a group the seeded sandbox knows, for get and rent
     start: StartServer
+    database: Database | None = None
     _refused: _Endpoint | None = field(default=None)
+    _store: _Endpoint | None = field(default=None)
 
     async def refused(self) -> _Endpoint:
         """The server whose base URL is a closed port, started on first use."""
@@ -261,9 +302,22 @@ class Rig:
             self._refused = _Endpoint(running, _channel(running))
         return self._refused
 
+    async def store(self) -> _Endpoint:
+        """The server on PostgreSQL, started on first use."""
+        if self._store is None:
+            assert self.database is not None, "the store rows need a PostgreSQL database"
+            running = await self.start(
+                database_url=Secret(self.database.url),
+                database_pool_max=STORE_POOL_MAX,
+                daily_rent_cap=0,  # no per-caller lock: the blocked calls hold only connections
+                **SERVER_OVERRIDES,
+            )
+            self._store = _Endpoint(running, _channel(running))
+        return self._store
+
     async def aclose(self) -> None:
         """Close the rig's channels (not the servers)."""
-        for endpoint in (self.main, self._refused):
+        for endpoint in (self.main, self._refused, self._store):
             if endpoint is not None:
                 await endpoint.channel.close()
 
@@ -280,12 +334,92 @@ def _channel(running: RunningServer) -> grpc.aio.Channel:
     return grpc.aio.insecure_channel(f"127.0.0.1:{running.port}")
 
 
-async def start_rig(control: SandboxControl, start: StartServer, **overrides: Any) -> Rig:
+async def start_rig(
+    control: SandboxControl,
+    start: StartServer,
+    *,
+    database: Database | None = None,
+    **overrides: Any,
+) -> Rig:
     """Start the matrix's server (config `overrides` on top) and learn a group id from it."""
     running = await start(**{**SERVER_OVERRIDES, **overrides})
     main = _Endpoint(running, _channel(running))
     page = await main.stub.ListNumberGroups(pb.ListNumberGroupsRequest(filter=US, page_size=1))
-    return Rig(control=control, main=main, group_id=page.number_groups[0].group_id, start=start)
+    group_id = page.number_groups[0].group_id
+    return Rig(control=control, main=main, group_id=group_id, start=start, database=database)
+
+
+@contextlib.asynccontextmanager
+async def _store_trouble(rig: Rig, row: Row, endpoint: _Endpoint) -> AsyncIterator[None]:
+    """The row's trouble with the database, for the length of the call."""
+    database = rig.database
+    if row.store is None or database is None:
+        yield
+    elif row.store == "down":
+        await asyncio.to_thread(database.cluster.pg_ctl, "stop", "-m", "fast", "-w")
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(database.cluster.start)
+    elif row.store == "slow":
+        async with await psycopg.AsyncConnection.connect(database.url) as locker:
+            await locker.execute("LOCK TABLE orders IN SHARE MODE")  # no claim until it ends
+            yield
+    elif row.store == "pool exhausted":
+        async with _pool_held(rig, database, endpoint):
+            yield
+    else:
+        raise ValueError(f"unknown store fault {row.store!r}: one of {STORE_FAULTS}")
+
+
+@contextlib.asynccontextmanager
+async def _pool_held(rig: Rig, database: Database, endpoint: _Endpoint) -> AsyncIterator[None]:
+    """Every pooled connection of the server held by a call that waits on a row lock.
+
+    One order per connection (duplicates of one id would join one call in the server), placed
+    first; another session locks their rows, and a retry of each waits on its row's lock, in
+    its claim, holding its connection, for up to the claim's lock timeout.
+    """
+    rents = [
+        pb.RentNumbersRequest(group_id=rig.group_id, request_id=str(uuid.uuid4()))
+        for _ in range(STORE_POOL_MAX)
+    ]
+    for rent in rents:
+        await endpoint.stub.RentNumbers(rent, timeout=DEADLINE_SECONDS)
+    await rig.control.clear_requests()  # those POSTs are not the cell's
+    async with (
+        await psycopg.AsyncConnection.connect(database.url) as locker,
+        # Its own connection: a transaction sees one snapshot of pg_stat_activity.
+        await psycopg.AsyncConnection.connect(database.url, autocommit=True) as watcher,
+    ):
+        await locker.execute(
+            "SELECT 1 FROM orders WHERE request_id = ANY(%s) FOR UPDATE",
+            ([r.request_id for r in rents],),
+        )
+        held = [
+            asyncio.ensure_future(endpoint.stub.RentNumbers(r, timeout=_BLOCKED_CALL_SECONDS))
+            for r in rents
+        ]
+        try:
+
+            async def all_held() -> bool:
+                return await _waiting_on_locks(watcher) == STORE_POOL_MAX
+
+            await eventually(all_held)
+            yield
+        finally:
+            await locker.rollback()
+            await asyncio.gather(*held, return_exceptions=True)
+
+
+async def _waiting_on_locks(conn: psycopg.AsyncConnection[Any]) -> int:
+    cursor = await conn.execute(
+        "SELECT count(*) FROM pg_stat_activity"
+        " WHERE application_name = 'numbersvc' AND wait_event_type = 'Lock'"
+    )
+    row = await cursor.fetchone()
+    assert row is not None
+    return int(row[0])
 
 
 async def _call(stub: pb_grpc.NumberGroupServiceAsyncStub, rpc: str, group_id: str) -> None:
@@ -349,23 +483,31 @@ async def run_cell(rig: Rig, row: Row, rpc: str) -> Observed:
     """
     operation = OPERATIONS[rpc]
     await rig.control.reset()
-    endpoint = rig.main if row.fault is not None else await rig.refused()
+    if row.store is not None:
+        endpoint = await rig.store()
+    elif row.fault is not None:
+        endpoint = rig.main
+    else:
+        endpoint = await rig.refused()
     if row.fault is not None:
         spec = {**row.fault, "count": _FAULT_COUNT, "operation": operation}
         await rig.control.inject_fault(FaultSpec.from_json(spec))
 
     code, metadata, message = grpc.StatusCode.OK, None, ""
-    async with stopwatch() as took:
-        try:
-            await _call(endpoint.stub, rpc, rig.group_id)
-        except grpc.aio.AioRpcError as exc:
-            code, metadata, message = exc.code(), exc.trailing_metadata(), exc.details() or ""
+    async with _store_trouble(rig, row, endpoint):
+        async with stopwatch() as took:
+            try:
+                await _call(endpoint.stub, rpc, rig.group_id)
+            except grpc.aio.AioRpcError as exc:
+                code, metadata, message = exc.code(), exc.trailing_metadata(), exc.details() or ""
+        sent = [r for r in await rig.control.requests() if r["operation"] == operation]
 
-    sent = [r for r in await rig.control.requests() if r["operation"] == operation]
     await rig.control.clear_faults()
     if rpc == "rent":
         await endpoint.server.rent_desk.drain(_RENT_DRAIN_SECONDS)
-    kept_serving = await _serving(endpoint, with_upstream=endpoint is rig.main)
+    # Only the refused row's server has no upstream to search.
+    with_upstream = row.fault is not None or row.store is not None
+    kept_serving = await _serving(endpoint, with_upstream=with_upstream)
     reason, domain, details = _rich(metadata)
     return Observed(
         code=code,
@@ -383,9 +525,9 @@ async def run_cell(rig: Rig, row: Row, rpc: str) -> Observed:
 def problems(expected: Expected, observed: Observed) -> list[str]:
     """Return what is wrong with a cell's answer; empty when it is exactly as expected."""
     found = []
-    if (observed.code, observed.reason) != (expected.code, expected.reason):
+    if (observed.code, observed.reason or "") != (expected.code, expected.reason):
         found.append(f"answered {observed.describe()}: {observed.message}")
-    elif observed.domain != "numbersvc":
+    elif expected.code is not grpc.StatusCode.OK and observed.domain != "numbersvc":
         found.append(f"ErrorInfo domain {observed.domain!r}")
     if observed.details != expected.details:
         found.append(f"details {sorted(observed.details)}, want {sorted(expected.details)}")
@@ -407,12 +549,31 @@ Result = tuple[Row, str, Observed]
 
 
 async def run_matrix(
-    rows: Sequence[Row] = ROWS,
+    rows: Sequence[Row] = (*ROWS, *STORE_ROWS),
     rpcs: Sequence[str] = RPCS,
     *,
     on_cell: Callable[[Row, str, Observed], None] | None = None,
 ) -> list[Result]:
-    """Start a sandbox and servers on port 0, run every cell in order, stop everything."""
+    """Start a sandbox and servers on port 0 (and a PostgreSQL cluster for the store rows),
+    run every cell in order, stop everything.
+
+    Raises:
+        tests.pg.PostgresMissing: store rows, and no PostgreSQL server binaries.
+    """
+    with contextlib.ExitStack() as clusters:
+        database = None
+        if any(row.store is not None for row in rows):
+            cluster = clusters.enter_context(running_cluster())
+            database = Database(cluster, cluster.create_schema())
+        return await _run_matrix(rows, rpcs, database, on_cell)
+
+
+async def _run_matrix(
+    rows: Sequence[Row],
+    rpcs: Sequence[str],
+    database: Database | None,
+    on_cell: Callable[[Row, str, Observed], None] | None,
+) -> list[Result]:
     results: list[Result] = []
     started: list[RunningServer] = []
     async with SandboxServer(host="127.0.0.1", port=0) as sandbox:
@@ -424,7 +585,7 @@ async def run_matrix(
 
         try:
             async with SandboxControl(sandbox.base_url) as control:
-                rig = await start_rig(control, start)
+                rig = await start_rig(control, start, database=database)
                 try:
                     for row in rows:
                         for rpc in rpcs:
@@ -477,11 +638,11 @@ def render(results: Sequence[Result]) -> str:
 
 def main() -> int:
     """Run the matrix and print it; exit 1 if any cell fails."""
-    cells = len(ROWS) * len(RPCS)
+    cells = (len(ROWS) + len(STORE_ROWS)) * len(RPCS)
     # NOTE: the sandbox's slow_body delivery logs a traceback through aiohttp when the server
     # gives up on the body mid-stream (what that row tests); it is noise here, not a failure.
     logging.getLogger("aiohttp.server").setLevel(logging.CRITICAL)
-    print(f"running {cells} fault cells (about 30 s)", end="", file=sys.stderr, flush=True)
+    print(f"running {cells} fault cells (about 45 s)", end="", file=sys.stderr, flush=True)
     results = asyncio.run(run_matrix(on_cell=lambda *_: print(".", end="", file=sys.stderr)))
     print(file=sys.stderr)
     print(render(results))

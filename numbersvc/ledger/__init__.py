@@ -44,6 +44,7 @@ __all__ = [
     "SETTLED_AS",
     "Attempt",
     "Begin",
+    "Heartbeat",
     "LedgerEntry",
     "LedgerSchemaError",
     "LedgerUnreachableError",
@@ -52,6 +53,7 @@ __all__ = [
     "OrderNotFound",
     "OrderQuery",
     "OrderState",
+    "PoolStats",
     "SettleError",
     "SqliteLedger",
     "default_ledger_path",
@@ -136,20 +138,52 @@ class BeginResult:
     used_today: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    """What one `OrderLedger.heartbeat` found, for the metrics."""
+
+    recovered: int
+    """Orders of owners proven gone, turned into `outcome_unknown` now."""
+    leases_expired: int
+    """Other owners' leases found lapsed (and removed) now: each is counted by one instance."""
+    outcome_unknown: int
+    """Orders waiting to be settled (`outcome_unknown`) in the whole store, after recovery."""
+
+
+@dataclass(frozen=True, slots=True)
+class PoolStats:
+    """A store's connection pool now, for the metrics (PostgreSQL; SQLite has no pool)."""
+
+    max: int
+    """Connections the pool may open at most (NUMBERSVC_DATABASE_POOL_MAX)."""
+    open: int
+    """Connections open now, in use or idle."""
+    in_use: int
+    """Connections lent out now, each to one statement or transaction."""
+    waiting: int
+    """Calls waiting for a connection now: all are in use."""
+
+
 class OrderLedger(Protocol):
     """Where orders are recorded. Every method is a coroutine and safe to call concurrently."""
 
     instance: str
     """This process's owner id (uuid hex): the `owner` of the orders it claims, and its lease."""
 
-    async def begin(self, attempt: Attempt, *, daily_cap: int) -> BeginResult:
+    async def begin(
+        self, attempt: Attempt, *, daily_cap: int, within_seconds: float | None = None
+    ) -> BeginResult:
         """Atomically claim the request id (or report who has it) and check the daily cap.
 
         A claim sets the order's send deadline: after it, no POST of this attempt can still
         be running. A `released` or `failed` row is taken over and keeps its create time.
+        `within_seconds` (the caller's time left) bounds the claim's waits for the store (a
+        connection, a lock) below the store's own limits, so the caller learns in time that
+        nothing was claimed; None: the store's limits only.
 
         Raises:
-            LedgerUnreachableError: the store cannot be reached or written: nothing claimed.
+            LedgerUnreachableError: the store cannot be reached or written, or not within
+                `within_seconds`: nothing claimed.
         """
 
     async def finish(
@@ -193,14 +227,15 @@ class OrderLedger(Protocol):
         The total counts every order matching `query`, before or after the key.
         """
 
-    async def heartbeat(self) -> int:
+    async def heartbeat(self) -> Heartbeat:
         """Renew this instance's lease and recover the orders of owners proven gone.
 
-        In one transaction: renew the lease, and turn into `outcome_unknown` every `sending`
-        order whose owner has no live lease and whose send deadline has passed.
+        In one transaction: renew the lease, turn into `outcome_unknown` every `sending`
+        order whose owner has no live lease and whose send deadline has passed, drop the
+        lapsed leases and count the orders waiting to be settled.
 
         Returns:
-            How many orders were recovered.
+            What it recovered, expired and counted.
         """
 
     async def close(self) -> None:

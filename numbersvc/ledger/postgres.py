@@ -25,6 +25,7 @@ import contextlib
 import logging
 import os
 import socket
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any, Final
@@ -40,10 +41,12 @@ from numbersvc.ledger import (
     Attempt,
     Begin,
     BeginResult,
+    Heartbeat,
     LedgerEntry,
     LedgerUnreachableError,
     OrderKey,
     OrderState,
+    PoolStats,
     SettleError,
     pgschema,
     rules,
@@ -60,6 +63,11 @@ _MIN_CONNECT_TIMEOUT_SECONDS: Final = 2  # libpq's own minimum, whole seconds
 # How long a call waits for a pooled connection: a database that is down, or a pool that is
 # exhausted, fails a claim within this (before anything is sent) rather than at its deadline.
 _POOL_WAIT_SECONDS: Final = 5.0
+# How long the pool keeps trying to replace a lost connection before it gives up; the next
+# call that finds the pool short starts again at once. NOTE: each try waits twice as long as
+# the one before (1, 2, 4, 8 s...): with the default (300 s), a database back after an outage
+# of 8 s was used again only 7 s later, all rents refused meanwhile; this bounds that wait.
+_RECONNECT_SECONDS: Final = 2.0
 # How long a statement waits for a lock (a row another session holds, a caller's claim lock),
 # as SQLite's busy timeout bounds its waits: a write the rent desk retries fails within this
 # instead of hanging, so a shutdown never waits on a lock that is not released.
@@ -254,6 +262,7 @@ class PostgresLedger:
             name="numbersvc-ledger",
             # A connection broken by a database restart is found out before a claim uses it.
             check=AsyncConnectionPool.check_connection,
+            reconnect_timeout=_RECONNECT_SECONDS,
             configure=_bound_lock_waits,
         )
         try:
@@ -271,20 +280,33 @@ class PostgresLedger:
         return ledger
 
     @tracing.ledger_span("postgresql", "begin")
-    async def begin(self, attempt: Attempt, *, daily_cap: int) -> BeginResult:
+    async def begin(
+        self, attempt: Attempt, *, daily_cap: int, within_seconds: float | None = None
+    ) -> BeginResult:
         """Claim the request id for `attempt`, unless it is taken or the cap would be passed.
 
         A `released` or `failed` row of the same request is taken over (nothing was rented,
-        so sending it again cannot rent twice); it keeps its first `create_time`.
+        so sending it again cannot rent twice); it keeps its first `create_time`. The wait for
+        a pooled connection, and each statement's, ends within `within_seconds` if given.
 
         Raises:
             LedgerUnreachableError: the database cannot be reached (no pooled connection in
-                time, a connection lost), is read-only, or a lock was not had in time.
+                time, a connection lost), is read-only, or a lock or a statement took too
+                long: the transaction was rolled back, nothing claimed.
         """
         order = attempt.order
         claimed = pb.RentalOrder()
         claimed.CopyFrom(order)
-        async with self._connection() as conn, conn.transaction():
+        budget = _Budget(within_seconds)
+        async with self._connection(budget.left(_POOL_WAIT_SECONDS)) as conn, conn.transaction():
+            if budget.bounded:
+                # The transaction's own: the connection goes back to the pool without them.
+                wait_ms = max(1, int(budget.left(_LOCK_WAIT_SECONDS) * 1000))
+                await conn.execute(
+                    "SELECT set_config('lock_timeout', %(ms)s, true),"
+                    " set_config('statement_timeout', %(ms)s, true)",
+                    {"ms": f"{wait_ms}ms"},
+                )
             now = await self._read_clock(conn, lock_caller=order.caller if daily_cap else None)
             claimed.create_time.FromNanoseconds(now)
             claimed.update_time.FromNanoseconds(now)
@@ -331,8 +353,12 @@ class PostgresLedger:
         return BeginResult(Begin.NEW)
 
     @contextlib.asynccontextmanager
-    async def _connection(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+    async def _connection(
+        self, pool_wait_seconds: float | None = None
+    ) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
         """Lend a pooled connection for one call, which fails rather than hangs.
+
+        `pool_wait_seconds` bounds the wait for the connection (the pool's own default if None).
 
         NOTE: a database that stops answering (a paused VM, a partition dropping packets)
         keeps its TCP connections open, so neither the pool's wait nor `lock_timeout` ends a
@@ -345,7 +371,10 @@ class PostgresLedger:
                 that is down, which is no internal error.
         """
         try:
-            async with asyncio.timeout(_CALL_WAIT_SECONDS), self._pool.connection() as conn:
+            async with (
+                asyncio.timeout(_CALL_WAIT_SECONDS),
+                self._pool.connection(timeout=pool_wait_seconds) as conn,
+            ):
                 yield conn
         except TimeoutError as exc:
             raise LedgerUnreachableError("database: no answer in time") from exc
@@ -501,18 +530,21 @@ class PostgresLedger:
         total = int(rows[0][0])  # one row at least: an empty page is one row of NULLs
         return [_from_row(row[1:]) for row in rows if row[1] is not None], total
 
-    async def heartbeat(self) -> int:
+    async def heartbeat(self) -> Heartbeat:
         """Renew this process's lease and recover the orders of owners whose lease lapsed.
 
-        In one transaction: the lease is extended by `lease_seconds`, and every `sending`
-        order whose owner holds no live lease and whose send deadline has passed (so no POST
-        of it can still be running) becomes `outcome_unknown`.
+        In one transaction: the lease is extended by `lease_seconds`, every `sending` order
+        whose owner holds no live lease and whose send deadline has passed (so no POST of it
+        can still be running) becomes `outcome_unknown`, lapsed leases are dropped and the
+        orders waiting to be settled are counted.
 
         Returns:
-            How many orders were recovered.
+            What it recovered, expired and counted.
         """
         recovered: list[str] = []
-        async with self._pool.connection() as conn, conn.transaction():
+        # Bounded like every call: a hung database must fail the beat (the store is down),
+        # not stall it and every beat after it.
+        async with self._connection() as conn, conn.transaction():
             now_ns = await self._renew(conn)
             cursor = await conn.execute(_ORPHANS, {"now": now_ns})
             for row in await cursor.fetchall():
@@ -527,14 +559,25 @@ class PostgresLedger:
                 )
                 recovered.append(entry.order.request_id)
             # A missing lease reads as a lapsed one; its owner, if alive, renews it.
-            await conn.execute("DELETE FROM instances WHERE expires_ns <= %s", (now_ns,))
-        if recovered:
-            _log.warning(
-                "%d order(s) left in flight by a process that is gone: outcome unknown: %s",
-                len(recovered),
-                " ".join(recovered),
+            expired = await conn.execute("DELETE FROM instances WHERE expires_ns <= %s", (now_ns,))
+            cursor = await conn.execute(
+                "SELECT count(*) FROM orders WHERE state = %s", (OrderState.OUTCOME_UNKNOWN.value,)
             )
-        return len(recovered)
+            counted = await cursor.fetchone()
+        assert counted is not None
+        rules.log_recovered(recovered)
+        return Heartbeat(len(recovered), expired.rowcount, int(counted[0]))
+
+    def pool_stats(self) -> PoolStats:
+        """Return the connection pool's figures now (no I/O: for a scrape)."""
+        stats = self._pool.get_stats()
+        size, idle = stats.get("pool_size", 0), stats.get("pool_available", 0)
+        return PoolStats(
+            max=self._pool.max_size,
+            open=size,
+            in_use=size - idle,
+            waiting=stats.get("requests_waiting", 0),
+        )
 
     async def _renew_lease(self) -> None:
         async with self._pool.connection() as conn:
@@ -572,6 +615,20 @@ class PostgresLedger:
             _log.warning("could not give up the ledger lease: %s", type(exc).__name__)
         finally:
             await self._pool.close()
+
+
+class _Budget:
+    """The time a claim may spend waiting on the store, from now; None: unbounded."""
+
+    def __init__(self, seconds: float | None) -> None:
+        self.bounded = seconds is not None
+        self._until = time.monotonic() + (seconds or 0.0)
+
+    def left(self, cap: float) -> float:
+        """Return the seconds left, at most `cap` (never negative); `cap` when unbounded."""
+        if not self.bounded:
+            return cap
+        return max(0.0, min(cap, self._until - time.monotonic()))
 
 
 async def _bound_lock_waits(conn: psycopg.AsyncConnection[Any]) -> None:

@@ -46,6 +46,16 @@ def recovered_note(owner: str) -> str:
     return f"{_RECOVERED_NOTE} (owner {owner}: lease expired)"
 
 
+def log_recovered(request_ids: Sequence[str]) -> None:
+    """Log the orders a heartbeat recovered, with their request ids (nothing for none)."""
+    if request_ids:
+        _log.warning(
+            "%d order(s) left in flight by a process that is gone: outcome unknown: %s",
+            len(request_ids),
+            " ".join(request_ids),
+        )
+
+
 def check_settlement(state: OrderState, numbers: Sequence[str]) -> None:
     """Check a settlement before any order is looked at.
 

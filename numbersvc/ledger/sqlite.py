@@ -28,6 +28,7 @@ from numbersvc.ledger import (
     Attempt,
     Begin,
     BeginResult,
+    Heartbeat,
     LedgerEntry,
     LedgerSchemaError,
     LedgerUnreachableError,
@@ -90,8 +91,14 @@ _MIGRATIONS: Final = (
             pid         INTEGER NOT NULL
         )""",
     ),
+    (
+        # Every heartbeat counts the orders waiting to be settled: a few rows of many.
+        "CREATE INDEX orders_unsettled ON orders (request_id) WHERE state = 'outcome_unknown'",
+    ),
 )
 SCHEMA_VERSION: Final = len(_MIGRATIONS)
+# How long a statement waits for another process's lock on the file.
+_BUSY_TIMEOUT_SECONDS: Final = 10.0
 _KEPT_ON_RETRY: Final = frozenset({"request_id", "create_time_ns"})
 _COLUMNS: Final = "order_proto, state, fingerprint, owner, error_outcome"
 
@@ -164,7 +171,7 @@ class SqliteLedger:
     def _connect(self) -> None:
         if self._path != ":memory:":
             Path(self._path).parent.mkdir(parents=True, exist_ok=True)
-        db = sqlite3.connect(self._path, isolation_level=None, timeout=10.0)
+        db = sqlite3.connect(self._path, isolation_level=None, timeout=_BUSY_TIMEOUT_SECONDS)
         self._db = db
         db.execute("PRAGMA journal_mode=WAL")
         # FULL: a commit is on disk before the POST goes out, so a SIGKILL cannot lose it.
@@ -209,18 +216,37 @@ class SqliteLedger:
         return self._db
 
     @tracing.ledger_span("sqlite", "begin")
-    async def begin(self, attempt: Attempt, *, daily_cap: int) -> BeginResult:
+    async def begin(
+        self, attempt: Attempt, *, daily_cap: int, within_seconds: float | None = None
+    ) -> BeginResult:
         """Claim the request id for `attempt`, unless it is taken or the cap would be passed.
 
         A `released` or `failed` row with the same request is taken over: nothing was rented,
         so sending it again cannot rent twice. It keeps its create time (its place in
         listings); the claim's time is its attempt time, which the daily cap counts.
 
+        A lock on the file is waited for until the busy timeout, or `within_seconds` if that
+        ends first (counted from this call, queueing on the worker included).
+
         Raises:
-            LedgerUnreachableError: the file is locked past the busy timeout, read-only or full.
+            LedgerUnreachableError: the file is locked past the busy timeout (or
+                `within_seconds`), read-only or full.
         """
+        until = None if within_seconds is None else time.monotonic() + within_seconds
+
+        def claim() -> BeginResult:
+            if until is None:
+                return self._begin(attempt, daily_cap)
+            db = self._conn()
+            left = min(_BUSY_TIMEOUT_SECONDS, max(0.0, until - time.monotonic()))
+            db.execute(f"PRAGMA busy_timeout = {int(left * 1000)}")
+            try:
+                return self._begin(attempt, daily_cap)
+            finally:
+                db.execute(f"PRAGMA busy_timeout = {int(_BUSY_TIMEOUT_SECONDS * 1000)}")
+
         try:
-            return await self._run(lambda: self._begin(attempt, daily_cap))
+            return await self._run(claim)
         except sqlite3.OperationalError as exc:
             raise LedgerUnreachableError(f"ledger {self._path}: {exc}") from exc
 
@@ -418,18 +444,19 @@ class SqliteLedger:
 
         return await self._run(page)
 
-    async def heartbeat(self) -> int:
+    async def heartbeat(self) -> Heartbeat:
         """Renew this instance's lease and recover the orders of owners proven gone.
 
         In one transaction: renew the lease; turn into `outcome_unknown` every `sending` order
         whose owner has no live lease (expired or removed) and whose send deadline has passed,
-        so no POST of it can still be running; drop expired leases.
+        so no POST of it can still be running; drop expired leases; count the orders waiting
+        to be settled.
 
         Returns:
-            How many orders were recovered (each is logged and has an audit event).
+            What it found (each recovered order is logged and has an audit event).
         """
 
-        def heartbeat() -> list[str]:
+        def heartbeat() -> tuple[list[str], int, int]:
             db, recovered = self._conn(), []
             with _transaction(db):
                 now = self._clock_ns()
@@ -444,17 +471,15 @@ class SqliteLedger:
                     entry.order.status_message = rules.recovered_note(entry.owner)
                     self._write(db, now, entry.order, OrderState.OUTCOME_UNKNOWN, "", "", ())
                     recovered.append(entry.order.request_id)
-                db.execute("DELETE FROM instances WHERE expires_ns <= ?", (now,))
-            return recovered
+                expired = db.execute("DELETE FROM instances WHERE expires_ns <= ?", (now,))
+                (unsettled,) = db.execute(
+                    "SELECT count(*) FROM orders WHERE state = ?", (OrderState.OUTCOME_UNKNOWN,)
+                ).fetchone()
+            return recovered, expired.rowcount, int(unsettled)
 
-        recovered = await self._run(heartbeat)
-        if recovered:
-            _log.warning(
-                "%d order(s) left in flight by a process that is gone: outcome unknown: %s",
-                len(recovered),
-                " ".join(recovered),
-            )
-        return len(recovered)
+        recovered, expired, unsettled = await self._run(heartbeat)
+        rules.log_recovered(recovered)
+        return Heartbeat(len(recovered), expired, unsettled)
 
     async def close(self) -> None:
         """Remove this instance's lease, then close the database and its worker thread."""

@@ -33,6 +33,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from numbersvc.config import Secret
 from numbersvc.ledger import OrderState
 from numbersvc.ledger.budget import BudgetSource
 from numbersvc.sandbox import SandboxControl, SandboxServer
@@ -485,18 +486,23 @@ class Serving:
 
 
 @contextlib.asynccontextmanager
-async def serving() -> AsyncIterator[Serving]:
-    """A server on a ledger file: it keeps the rate budget there, and exports its metrics."""
+async def serving(database_url: str = "") -> AsyncIterator[Serving]:
+    """A server on a ledger file, or on PostgreSQL at `database_url`: it keeps the rate budget
+    there, and exports its metrics."""
     with tempfile.TemporaryDirectory() as folder:
-        async with serving_in(Path(folder)) as server:
+        async with serving_in(Path(folder), database_url) as server:
             yield server
 
 
 @contextlib.asynccontextmanager
-async def serving_in(folder: Path) -> AsyncIterator[Serving]:
+async def serving_in(folder: Path, database_url: str = "") -> AsyncIterator[Serving]:
     async with SandboxServer(host="127.0.0.1", port=0) as sandbox:
         running = await create_server(
-            config_for(sandbox, ledger_path=str(folder / "ledger.sqlite3"))
+            config_for(
+                sandbox,
+                ledger_path=str(folder / "ledger.sqlite3"),
+                database_url=Secret(database_url),
+            )
         )
         try:
             async with (
@@ -510,9 +516,9 @@ async def serving_in(folder: Path) -> AsyncIterator[Serving]:
             await running.stop(grace_seconds=0.5)
 
 
-async def _scrape_after_calls() -> str:
+async def _scrape_after_calls(database_url: str = "") -> str:
     """A real server's /metrics after a list, a stream, a retried get and a failed rent."""
-    async with serving() as server:
+    async with serving(database_url) as server:
         request = pb.StreamNumberGroupsRequest(filter=US, max_results=3)
         [_ async for _ in server.stub.StreamNumberGroups(request)]
         group_id = await server.group_id()
@@ -548,8 +554,9 @@ def everything_queried() -> Iterator[tuple[str, str]]:
     yield from dashboard_queries()
 
 
-async def test_rules_and_dashboard_name_only_what_a_real_server_exports() -> None:
-    text = await _scrape_after_calls()
+async def test_rules_and_dashboard_name_only_what_a_real_server_exports(postgres_url: str) -> None:
+    # Each store exports its own series (PostgreSQL's connection pool): both are checked.
+    text = await _scrape_after_calls() + await _scrape_after_calls(postgres_url)
     exported, families = exported_series(text)
     alerts = alert_rules()
     extra = target_labels()
@@ -560,12 +567,14 @@ async def test_rules_and_dashboard_name_only_what_a_real_server_exports() -> Non
         "outcome": frozenset(state.value for state in OrderState),
         "source": frozenset(source.value for source in BudgetSource),
         "operation": label_values(text, "operation"),
+        "store": label_values(text, "store"),
         "alertname": frozenset(rule["alert"] for rule in alerts),
         "alertstate": frozenset({"pending", "firing"}),
         "severity": SEVERITIES,
         "job": frozenset({prometheus_job()["job_name"]}),
     }
     assert vocabularies["operation"] == {"search", "get", "rent"}
+    assert vocabularies["store"] == {"sqlite", "postgresql"}
     found = [
         f"{where}: {problem}"
         for where, expr in everything_queried()

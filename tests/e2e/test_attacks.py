@@ -22,6 +22,7 @@ import pytest
 import trustme
 
 from numbersvc.callers import add_caller
+from numbersvc.gatekeeper import REQUEST_ARRIVAL_SECONDS
 from numbersvc.orders import send_window_seconds
 from numbersvc.sandbox import DEFAULT_AUTH_ID, DEFAULT_AUTH_TOKEN, SandboxControl, SandboxServer
 from numbersvc.sandbox.faults import FaultKind, FaultSpec
@@ -196,20 +197,16 @@ async def test_a_late_outcome_never_overwrites_another_servers_claim(tmp_path: P
 # --- access control -------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open finding: the gatekeeper runs only once the request arrives, so idle"
-    " unauthenticated calls hold RPC slots (needs a header-time refusal or an arrival timeout)",
-)
 async def test_unauthenticated_calls_that_never_send_their_request_cannot_starve_the_api(
     start_server: StartServer, tmp_path: Path
 ) -> None:
-    """Calls with no identity that open a stream and never send the request hold RPC slots.
+    """Calls with no identity that open a call and never send the request hold no RPC slot.
 
-    The gatekeeper runs only once a unary method's request has arrived, so a peer with no
-    identity can open calls (here, to an API method and to health `Check`, which stays open)
-    and send nothing: each holds one of NUMBERSVC_MAX_CONCURRENT_RPCS until the connection
-    ages out (minutes), and every caller with a token gets RESOURCE_EXHAUSTED meanwhile.
+    A peer with no identity opens calls (here, to an API method and to health `Check`, which
+    stays open) and sends nothing. The gatekeeper used to run only once a unary method's
+    request had arrived, so each held one of NUMBERSVC_MAX_CONCURRENT_RPCS until the
+    connection aged out (minutes), and every caller with a token got RESOURCE_EXHAUSTED
+    meanwhile. The headers now decide: the API calls are refused at once.
     """
     callers = tmp_path / "callers.json"
     token = add_caller(callers, "billing", ["numbers.read"]) or ""
@@ -227,7 +224,8 @@ async def test_unauthenticated_calls_that_never_send_their_request_cannot_starve
         grpc.aio.insecure_channel(target) as hostile,
         grpc.aio.insecure_channel(target) as channel,
     ):
-        methods = ["/numbersvc.v1.NumberGroupService/ListNumberGroups"] * 3
+        methods = ["/numbersvc.v1.NumberGroupService/ListNumberGroups"] * 2
+        methods += ["/numbersvc.v1.NumberGroupService/StreamNumberGroups"]
         methods += ["/grpc.health.v1.Health/Check"] * 2
         # Raw calls: headers, then nothing (the stubs' types want no request stream at all).
         held: list[Any] = [hostile.stream_stream(m)(cast(Any, nothing())) for m in methods]
@@ -241,6 +239,65 @@ async def test_unauthenticated_calls_that_never_send_their_request_cannot_starve
                 timeout=10,
             )
             assert page.number_groups
+        finally:
+            for call in held:
+                call.cancel()
+
+
+async def test_health_calls_that_never_send_their_request_give_their_slots_back(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    """Health is open to anyone (probes), so no identity refuses it: instead, a health call
+    whose request does not follow its headers is ended after REQUEST_ARRIVAL_SECONDS, and its
+    RPC slot serves the callers who wait. Before, such calls held every slot for minutes."""
+    callers = tmp_path / "callers.json"
+    token = add_caller(callers, "billing", ["numbers.read"]) or ""
+    running = await start_server(
+        callers_file=str(callers), max_concurrent_rpcs=2, max_health_watches=1
+    )
+    target = f"127.0.0.1:{running.port}"
+    never: asyncio.Event = asyncio.Event()
+
+    async def nothing() -> AsyncIterator[bytes]:
+        await never.wait()
+        yield b""
+
+    async with (
+        grpc.aio.insecure_channel(target) as hostile,
+        grpc.aio.insecure_channel(target) as channel,
+    ):
+        methods = ["/grpc.health.v1.Health/Check"] * 2 + ["/grpc.health.v1.Health/Watch"]
+        held: list[Any] = [hostile.stream_stream(m)(cast(Any, nothing())) for m in methods]
+        try:
+            # Time for the calls to take every slot (2 + 1) before anyone else asks.
+            await asyncio.sleep(1.0)
+            stub = pb_grpc.NumberGroupServiceStub(channel)
+            refusals: list[grpc.StatusCode] = []
+            # Refused while the held calls last; retried within a bound past the arrival bound.
+            for _ in range(int(3 * REQUEST_ARRIVAL_SECONDS)):
+                try:
+                    page = await stub.ListNumberGroups(
+                        pb.ListNumberGroupsRequest(filter=US, page_size=1),
+                        metadata=(("authorization", f"Bearer {token}"),),
+                        timeout=10,
+                    )
+                    break
+                except grpc.aio.AioRpcError as error:
+                    refusals.append(error.code())
+                    await asyncio.sleep(1.0)
+            else:
+                pytest.fail("the held health calls never gave their slots back")
+            assert set(refusals) == {grpc.StatusCode.RESOURCE_EXHAUSTED}, refusals
+            assert page.number_groups
+            for call in held:
+                assert await call.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+                ended = grpc.aio.AioRpcError(
+                    await call.code(),
+                    await call.initial_metadata(),
+                    await call.trailing_metadata(),
+                    await call.details(),
+                )
+                assert reason_of(ended) == "REQUEST_NOT_SENT"
         finally:
             for call in held:
                 call.cancel()

@@ -46,6 +46,15 @@ def _env(sandbox: SandboxServer, database_url: str, **extra: str) -> dict[str, s
 @contextlib.asynccontextmanager
 async def _replicas(env: Mapping[str, str], count: int) -> AsyncIterator[list[Stub]]:
     """Start `count` servers at the same moment; yield a stub for each."""
+    async with _served_replicas(env, count) as replicas:
+        yield [stub for _, stub in replicas]
+
+
+@contextlib.asynccontextmanager
+async def _served_replicas(
+    env: Mapping[str, str], count: int
+) -> AsyncIterator[list[tuple[Served, Stub]]]:
+    """Start `count` servers at the same moment; yield each process with a stub on it."""
     processes = await asyncio.gather(*(_start(env) for _ in range(count)))
     served = [Served(p) for p in processes]
     try:
@@ -56,7 +65,7 @@ async def _replicas(env: Mapping[str, str], count: int) -> AsyncIterator[list[St
                 channel = await channels.enter_async_context(
                     grpc.aio.insecure_channel(f"127.0.0.1:{s.port}")
                 )
-                stubs.append(pb_grpc.NumberGroupServiceStub(channel))
+                stubs.append((s, pb_grpc.NumberGroupServiceStub(channel)))
             yield stubs
     finally:
         for s in served:

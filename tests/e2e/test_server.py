@@ -118,6 +118,33 @@ async def test_access_log_line_per_rpc(
     assert all("duration_ms=" in line and "peer=" in line for line in lines)
 
 
+async def test_a_unary_answer_does_not_wait_for_its_access_line(
+    stub: pb_grpc.NumberGroupServiceAsyncStub, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Where each access line is written: outside the call's task means after its handler
+    # returned, while gRPC sends the answer (a success); inside, before (a failure, whose
+    # status left when it was raised). Either way the line is there once the caller has it.
+    caplog.set_level(logging.INFO, logger="numbersvc.access")
+    written_in: list[asyncio.Task[object] | None] = []
+
+    class Where(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            written_in.append(asyncio.current_task())
+
+    where = Where()
+    logging.getLogger("numbersvc.access").addHandler(where)
+    try:
+        await stub.ListNumberGroups(pb.ListNumberGroupsRequest(filter=US))
+        assert len(written_in) == 1
+        with pytest.raises(grpc.aio.AioRpcError):
+            await stub.GetNumberGroup(pb.GetNumberGroupRequest(group_id="x"))
+        assert len(written_in) == 2
+    finally:
+        logging.getLogger("numbersvc.access").removeHandler(where)
+    assert written_in[0] is None
+    assert written_in[1] is not None
+
+
 async def test_auth_token_never_logged(caplog: pytest.LogCaptureFixture) -> None:
     token = f"tok-{uuid.uuid4().hex}"
     caplog.set_level(logging.DEBUG)

@@ -69,7 +69,7 @@ async def _heartbeats(client: httpx.AsyncClient, served: Served) -> float:
     match = _METRICS.search(served.stderr)
     assert match, served.stderr.decode()
     text = (await client.get(match.group(1).decode())).text
-    found = re.search(r'^numbersvc_ledger_heartbeats_total\{result="ok"\} (\S+)$', text, re.M)
+    found = re.search(r'^numbersvc_ledger_lease_renewals_total\{result="ok"\} (\S+)$', text, re.M)
     return float(found.group(1)) if found else 0.0
 
 

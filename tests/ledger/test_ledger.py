@@ -18,6 +18,7 @@ import pytest
 from numbersvc.ledger import (
     Begin,
     BeginResult,
+    Heartbeat,
     LedgerEntry,
     OrderKey,
     OrderLedger,
@@ -568,7 +569,7 @@ class TestSettle:
         restarted = await ledger_factory.open()
         with pytest.raises(SettleError, match="is sending"):
             await restarted.settle("r-1", OrderState.FAILED, numbers=[], note="n", actor="ops")
-        assert await restarted.heartbeat() == 1
+        assert (await restarted.heartbeat()).recovered == 1
         entry = await restarted.settle("r-1", OrderState.FAILED, numbers=[], note="n", actor="ops")
         assert entry.state is OrderState.FAILED
 
@@ -869,15 +870,18 @@ class TestRestart:
         assert (await entry_of(second, "r-1")).state is OrderState.PENDING
 
 
-async def _heartbeat_until(ledger: OrderLedger, recovered: int, *, timeout_seconds: float) -> None:
+async def _heartbeat_until(
+    ledger: OrderLedger, recovered: int, *, timeout_seconds: float
+) -> list[Heartbeat]:
     """Heartbeat every 50 ms until `recovered` orders in all were recovered (bounded)."""
-    total = 0
+    beats: list[Heartbeat] = []
     async with asyncio.timeout(timeout_seconds):
-        while total < recovered:
-            total += await ledger.heartbeat()
-            if total < recovered:
+        while sum(b.recovered for b in beats) < recovered:
+            if beats:
                 await asyncio.sleep(0.05)
-    assert total == recovered
+            beats.append(await ledger.heartbeat())
+    assert sum(b.recovered for b in beats) == recovered
+    return beats
 
 
 class TestLeases:
@@ -905,13 +909,14 @@ class TestLeases:
         await seed(owner, "in-flight")
         other = await ledger_factory.open(lease_seconds=60)
         before = dump(ledger_factory)
-        assert await other.heartbeat() == 0
+        assert (await other.heartbeat()).recovered == 0
         assert (await entry_of(other, "in-flight")).state is OrderState.SENDING
         with pytest.raises(SettleError, match="is sending"):
             await other.settle(
                 "in-flight", OrderState.FAILED, numbers=[], note="too early", actor="ops"
             )
-        assert await owner.heartbeat() == 0  # nor by its owner: its own POST may be out
+        # Nor by its owner: its own POST may be out.
+        assert (await owner.heartbeat()).recovered == 0
         assert dump(ledger_factory) == before
 
     async def test_only_orders_of_expired_owners_past_their_send_deadline_are_recovered(
@@ -952,7 +957,7 @@ class TestLeases:
         assert (await entry_of(other, "live-in-flight")).state is OrderState.SENDING
         assert (await entry_of(other, "done")).order == done
         assert (await entry_of(other, "unknown")).order == unknown
-        assert await other.heartbeat() == 0
+        assert (await other.heartbeat()).recovered == 0
         assert gone.instance not in ledger_factory.instances()  # expired leases are dropped
         warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
         assert all(any(i in w for w in warnings) for i in sent), warnings
@@ -960,6 +965,23 @@ class TestLeases:
         # gone-1 (2, settled failed: not counted), gone-2, done, unknown, two sending.
         refused = await other.begin(new_attempt("more", quantity=1), daily_cap=5)
         assert refused == BeginResult(Begin.OVER_QUOTA, used_today=5)
+
+    async def test_a_heartbeat_counts_lapsed_leases_and_orders_waiting_to_be_settled(
+        self, ledger_factory: LedgerFactory
+    ) -> None:
+        gone = await ledger_factory.open(lease_seconds=0.2, send_timeout_seconds=0.2)
+        await seed(gone, "in-flight")
+        await seed(gone, "unknown", OrderState.OUTCOME_UNKNOWN)
+        await seed(gone, "done", OrderState.FULFILLED)
+        other = await ledger_factory.open(lease_seconds=600)
+        beats = await _heartbeat_until(other, 1, timeout_seconds=30)
+        # The lapsed lease is removed, so counted, once; its recovered order waits too.
+        assert sum(b.leases_expired for b in beats) == 1
+        assert beats[-1].outcome_unknown == 2
+        await other.settle("unknown", OrderState.FAILED, numbers=[], note="console", actor="ops")
+        assert await other.heartbeat() == Heartbeat(
+            recovered=0, leases_expired=0, outcome_unknown=1
+        )
 
     async def test_a_heartbeat_renews_the_lease(self, ledger_factory: LedgerFactory) -> None:
         owner = await ledger_factory.open(lease_seconds=2, send_timeout_seconds=0)
@@ -969,7 +991,7 @@ class TestLeases:
         # heartbeats comes right after one of the owner's.
         for _ in range(12):
             await owner.heartbeat()
-            assert await other.heartbeat() == 0
+            assert (await other.heartbeat()).recovered == 0
             await asyncio.sleep(0.25)
         assert (await entry_of(other, "in-flight")).state is OrderState.SENDING
 
@@ -992,7 +1014,7 @@ class TestLeases:
             await seed(owner, f"in-flight-{i}")
         await owner.close()
         other = await ledger_factory.open()
-        assert await other.heartbeat() == 3
+        assert (await other.heartbeat()).recovered == 3
         times = {row["update_time_ns"] for row in ledger_factory.rows()}
         assert len(times) == 1, times
         recovered = [e for e in ledger_factory.events() if e[2] == "outcome_unknown"]
@@ -1004,7 +1026,7 @@ class TestLeases:
         await owner.finish(order, OrderState.FULFILLED)
         await owner.close()
         other = await ledger_factory.open()
-        assert await other.heartbeat() == 0
+        assert (await other.heartbeat()).recovered == 0
         assert (await entry_of(other, "in-flight")).state is OrderState.FULFILLED
 
     async def test_a_late_finish_never_lands_on_another_instances_claim(

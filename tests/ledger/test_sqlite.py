@@ -9,6 +9,7 @@ import contextlib
 import signal
 import sqlite3
 import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -57,7 +58,7 @@ async def ledger(sqlite: SqliteFactory, clock: Clock) -> SqliteLedger:
 class TestSchema:
     async def test_pragmas(self, ledger: SqliteLedger, sqlite: SqliteFactory) -> None:
         assert sqlite.query("PRAGMA journal_mode") == [("wal",)]
-        assert sqlite.query("PRAGMA user_version") == [(2,)]
+        assert sqlite.query("PRAGMA user_version") == [(3,)]
 
         # `synchronous` is per connection: read it on the ledger's own (private) connection,
         # on its worker thread.
@@ -87,7 +88,7 @@ class TestSchema:
                     [await entry_of(ledger, "r-1")],
                     1,
                 )
-                assert await ledger.heartbeat() == 0
+                assert (await ledger.heartbeat()).recovered == 0
             finally:
                 await ledger.close()
 
@@ -169,7 +170,7 @@ class TestSchemaVersions:
         before = dump(sqlite)
         clock.now = T0 + 60 * SECOND
         ledger = await sqlite.open(clock)
-        assert sqlite.query("PRAGMA user_version") == [(2,)]
+        assert sqlite.query("PRAGMA user_version") == [(3,)]
         rows = sqlite.rows()
         # Every old value is kept; the new columns: attempted at creation, past any deadline.
         assert [{k: r[k] for k in before[0][0]} for r in rows] == before[0]
@@ -182,7 +183,7 @@ class TestSchemaVersions:
         assert "orders_by_caller_time" not in indexes
         assert {"orders_by_time", "orders_by_caller_attempt"} <= indexes
         # The old server's order in flight: its owner held no lease, so it is recovered.
-        assert await ledger.heartbeat() == 1
+        assert (await ledger.heartbeat()).recovered == 1
         assert (await entry_of(ledger, "v1-sending")).state is OrderState.OUTCOME_UNKNOWN
         # The cap counts the old orders that may have rented (by their creation day).
         refused = await ledger.begin(new_attempt("new", quantity=2), daily_cap=5)
@@ -201,12 +202,12 @@ class TestSchemaVersions:
     ) -> None:
         _write_v1_file(sqlite.path)
         with contextlib.closing(sqlite3.connect(sqlite.path)) as db:
-            db.execute("PRAGMA user_version=3")
+            db.execute("PRAGMA user_version=4")
         before = dump(sqlite)
-        with pytest.raises(LedgerSchemaError, match=r"schema version 3, newer than .* \(2\)"):
+        with pytest.raises(LedgerSchemaError, match=r"schema version 4, newer than .* \(3\)"):
             await SqliteLedger.open(sqlite.path)
         assert dump(sqlite) == before
-        assert sqlite.query("PRAGMA user_version") == [(3,)]
+        assert sqlite.query("PRAGMA user_version") == [(4,)]
         tables = {r[0] for r in sqlite.query("SELECT name FROM sqlite_master WHERE type='table'")}
         assert "instances" not in tables
 
@@ -239,7 +240,7 @@ class TestDurability:
         recovered = 0
         async with asyncio.timeout(30):
             while not recovered:
-                recovered = await second.heartbeat()
+                recovered = (await second.heartbeat()).recovered
                 await asyncio.sleep(0.05)
         assert recovered == 1
         assert (await entry_of(second, "killed")).state is OrderState.OUTCOME_UNKNOWN
@@ -336,7 +337,8 @@ class TestTransactions:
         second = await sqlite.open()
         assert isinstance(second, SqliteLedger)
         await second._run(lambda: second._conn().set_trace_callback(let_the_owner_finish))
-        assert await second.heartbeat() == 0  # read under its lock: the row is known now
+        # Read under its lock: the row is known now.
+        assert (await second.heartbeat()).recovered == 0
         assert finishing, "heartbeat() never began a write transaction"
         assert finishing[0].result().state is OrderState.FULFILLED
         entry = await entry_of(second, "race")
@@ -394,6 +396,23 @@ class TestTransactions:
             assert (await asyncio.wait_for(begin, timeout=5)).kind is Begin.NEW
         finally:
             blocker.close()
+
+    async def test_a_claim_gives_up_on_the_lock_within_its_time(
+        self, ledger: SqliteLedger, sqlite: SqliteFactory
+    ) -> None:
+        # The caller's time left, not the 10 s busy timeout: it hears LEDGER_UNAVAILABLE in time.
+        blocker = sqlite3.connect(sqlite.path, isolation_level=None)
+        try:
+            blocker.execute("BEGIN IMMEDIATE")
+            began = time.monotonic()
+            with pytest.raises(LedgerUnreachableError, match="locked"):
+                await ledger.begin(new_attempt("r-1"), daily_cap=0, within_seconds=0.3)
+            assert time.monotonic() - began < 5
+        finally:
+            blocker.close()
+        busy = await ledger._run(lambda: ledger._conn().execute("PRAGMA busy_timeout").fetchone())
+        assert busy == (10_000,)  # the other statements wait as long as before
+        assert (await ledger.begin(new_attempt("r-1"), daily_cap=0)).kind is Begin.NEW
 
     async def test_begin_reads_the_clock_once_it_holds_the_lock(
         self, ledger: SqliteLedger, sqlite: SqliteFactory, clock: Clock

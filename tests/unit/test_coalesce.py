@@ -107,3 +107,54 @@ async def test_the_call_is_cancelled_when_every_caller_left() -> None:
     await asyncio.sleep(0.01)
     assert upstream.cancelled == 1
     assert len(flight) == 0
+
+
+async def test_the_answer_reaches_the_caller_without_extra_loop_turns() -> None:
+    # At concurrency 1 every turn of the event loop is latency: the shared call hands its
+    # result to its callers itself, with no done callback (and no shield) turning in between.
+    flight = SingleFlight[int]()
+    turns = 0
+
+    async def count() -> None:
+        nonlocal turns
+        while True:
+            await asyncio.sleep(0)
+            turns += 1
+
+    async def work() -> int:
+        return 7
+
+    counter = asyncio.ensure_future(count())
+    await asyncio.sleep(0)
+    turns = 0
+    try:
+        assert await flight.run("k", work) == 7
+    finally:
+        counter.cancel()
+    # One turn to start the call's task, one to resume the caller.
+    assert turns <= 2, turns
+
+
+async def test_a_call_cancelled_before_it_started_frees_its_key() -> None:
+    flight = SingleFlight[int]()
+    upstream = Upstream(delay=0)
+    leader = asyncio.ensure_future(flight.run("k", upstream.read))
+    await asyncio.sleep(0)  # the leader made the call's task, which has not run yet
+    flight._calls["k"].task.cancel()  # as a server stop cancels every task
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(leader, 1)
+    assert (len(flight), upstream.calls) == (0, 0)
+    assert await asyncio.wait_for(flight.run("k", upstream.read), 1) == 1
+
+
+async def test_a_caller_never_joins_a_call_that_is_being_cancelled() -> None:
+    flight = SingleFlight[int]()
+    upstream = Upstream(delay=0.05)
+    leader = asyncio.ensure_future(flight.run("k", upstream.read))
+    await asyncio.sleep(0.01)  # the call is in flight
+    leader.cancel()  # its only caller leaves: the call is cancelled next
+    late = asyncio.ensure_future(flight.run("k", upstream.read))
+    with pytest.raises(asyncio.CancelledError):
+        await leader
+    assert await asyncio.wait_for(late, 1) == 2  # its own call, not a CancelledError
+    assert upstream.cancelled == 1

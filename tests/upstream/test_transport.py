@@ -107,6 +107,10 @@ async def test_keep_alive_reuses_one_connection(
     assert server.connections == 1
 
 
+def _traceparent() -> dict[str, str]:
+    return {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}
+
+
 @pytest.mark.parametrize(
     "operation",
     [
@@ -129,7 +133,8 @@ async def test_both_stacks_send_the_same_bytes(
     server = await raw_server(record)
     name, *args = operation
     for stack in HttpStack:
-        client = make_client(base_url=server.base_url, http_stack=stack)
+        # Per-request headers (a caller's traceparent) go where httpx's client puts them.
+        client = make_client(base_url=server.base_url, http_stack=stack, headers=_traceparent)
         methods: dict[str, Callable[..., Awaitable[object]]] = {
             "rent": client.rent_numbers,
             "search": client.search_number_groups,
@@ -139,6 +144,7 @@ async def test_both_stacks_send_the_same_bytes(
 
     # Request line, every header in order (none doubled, none added) and the body.
     assert heads[0] == heads[1]
+    assert b"\r\ntraceparent: 00-0af7651916cd43dd8448eb211c80319c-" in heads[0]
     if name == "rent":
         # Percent-encoding made by the client (the dot of a group id included) goes verbatim.
         path = f"/v1/Account/{AUTH_ID}/AvailableNumberGroup/4%2E2%2F%2E%2E/"
