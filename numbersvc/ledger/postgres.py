@@ -161,8 +161,8 @@ RETURNING expires_ns - %(lease_ns)s
 _ORPHANS: Final = f"""
 SELECT {_ENTRY_COLUMNS} FROM orders o
 WHERE o.state = 'sending' AND o.send_deadline_ns <= %(now)s
-  AND NOT EXISTS (
-      SELECT 1 FROM instances i WHERE i.instance = o.owner AND i.expires_ns > %(now)s)
+  AND (o.owner = %(me)s OR NOT EXISTS (
+      SELECT 1 FROM instances i WHERE i.instance = o.owner AND i.expires_ns > %(now)s))
 ORDER BY o.create_time_ns
 FOR UPDATE OF o SKIP LOCKED
 """
@@ -534,8 +534,10 @@ class PostgresLedger:
         """Renew this process's lease and recover the orders of owners whose lease lapsed.
 
         In one transaction: the lease is extended by `lease_seconds`, every `sending` order
-        whose owner holds no live lease and whose send deadline has passed (so no POST of it
-        can still be running) becomes `outcome_unknown`, lapsed leases are dropped and the
+        whose send deadline has passed (so no POST of it can still be running) and whose owner
+        holds no live lease or is this process (which lost track of it: a claim whose commit
+        never answered; a live rent records its outcome before its deadline) becomes
+        `outcome_unknown`, lapsed leases are dropped and the
         orders waiting to be settled are counted.
 
         Returns:
@@ -546,10 +548,12 @@ class PostgresLedger:
         # not stall it and every beat after it.
         async with self._connection() as conn, conn.transaction():
             now_ns = await self._renew(conn)
-            cursor = await conn.execute(_ORPHANS, {"now": now_ns})
+            cursor = await conn.execute(_ORPHANS, {"now": now_ns, "me": self.instance})
             for row in await cursor.fetchall():
                 entry = _from_row(row)
-                entry.order.status_message = rules.recovered_note(entry.owner)
+                entry.order.status_message = rules.recovered_note(
+                    entry.owner, own=entry.owner == self.instance
+                )
                 await self._update(
                     conn,
                     entry.order,

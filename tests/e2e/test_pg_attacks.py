@@ -296,12 +296,6 @@ async def test_lock_table_by_another_session_refuses_rents_and_reads_in_bounded_
         await _stops_cleanly(served, control)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open: a claim whose commit outcome the owner never learned (the connection lost or"
-    " the call bound hit during COMMIT) stays `sending` while the owner lives: only an owner"
-    " whose lease lapsed is recovered, though past the send deadline no POST can be running",
-)
 async def test_a_claim_its_live_owner_lost_track_of_is_recovered_after_its_send_deadline(
     postgres_url: str,
 ) -> None:
