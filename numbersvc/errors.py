@@ -33,6 +33,7 @@ from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from numbersvc.ledger import LedgerUnreachableError
 from numbersvc.upstream.errors import (
     UpstreamDecodeError,
     UpstreamError,
@@ -304,8 +305,8 @@ TABLE: Final[Mapping[Outcome, Rule]] = {
     Outcome.LEDGER_UNAVAILABLE: Rule(
         _S.UNAVAILABLE,
         "LEDGER_UNAVAILABLE",
-        "the order ledger cannot be written (its database down, its file locked or full): the"
-        " rent was refused before anything was sent",
+        "the order ledger cannot be read or written (its database down, hung or read-only, its"
+        " file locked or full); a rent is refused before anything is sent",
         (_retry_info,),
     ),
     Outcome.RENTAL_ORDER_NOT_FOUND: Rule(
@@ -391,6 +392,12 @@ def classify(exc: BaseException, operation: Operation) -> ServiceError:
         return ServiceError(Outcome.DEADLINE_EXCEEDED, str(exc) or "deadline exceeded")
     if isinstance(exc, UpstreamError):
         return _classify_upstream(exc, operation)
+    if isinstance(exc, LedgerUnreachableError):  # a read of orders (a rent's claim says more)
+        return ServiceError(
+            Outcome.LEDGER_UNAVAILABLE,
+            "the order ledger cannot be read now: try again",
+            retry_delay_seconds=_DEFAULT_RETRY_DELAY_SECONDS,
+        )
     return ServiceError(Outcome.INTERNAL_ERROR, "internal error; see the server log")
 
 

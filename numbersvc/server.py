@@ -605,11 +605,13 @@ async def serve(config: Config) -> int:
     Returns:
         The process exit code: 0 after a graceful shutdown.
     """
-    running = await create_server(config)
+    # NOTE: before the server starts: the port takes calls before `create_server` returns,
+    # and a SIGTERM then (the default action) killed the process with its rents in flight.
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    running = await create_server(config)
     try:
         await stop.wait()
         _log.info("signal received: shutting down")

@@ -21,7 +21,8 @@ spend the account's budget N times. So the budget lives in the store every repli
 `SharedBudget` is the `RateLimiter` the upstream client is given. When the store cannot be
 reached (or answers too slowly), it spends a local `TokenBucket` at the fallback rate instead
 (`NUMBERSVC_UPSTREAM_RATE_FALLBACK`, by default a third of the budget, so three replicas on
-their own spend at most the whole), logs that once per outage at WARNING and counts it; it
+their own spend at most the whole; it starts each outage empty, so it adds no burst to one
+the store may just have given out), logs that once per outage at WARNING and counts it; it
 tries the store again every `probe_interval_seconds` and goes back to it (logged) as soon as it
 answers, without a restart. Failing open for reads is a choice, as in Envoy's global rate
 limit service: an unreachable store must not stop reads that Plivo would still answer.
@@ -294,6 +295,10 @@ class SharedBudget:
         self.source = BudgetSource.FALLBACK
         self.fallbacks += 1
         self._lost_at = now
+        if self._local is not None:
+            # NOTE: the store may just have given out the account's whole burst: the fallback's
+            # own burst on top would exceed it at once, so it starts empty, at its rate.
+            self._local.empty()
         _log.warning(
             "the shared upstream budget %r is unreachable (%s): spending a local budget of %s"
             " in this process until it answers again (tried every %.1f s)",

@@ -4,14 +4,16 @@ Migrations are the files `migrations/postgres/NNNN_name.sql` beside this module,
 order, each in its own transaction together with its row in `schema_migrations`. `migrate()`
 holds a session advisory lock while it works, so replicas that start together (or a
 migration Job racing a server) apply each migration exactly once; the others wait, then find
-nothing to do. A database whose schema is newer than the running code knows is refused
-(`SchemaTooNewError`): an old replica must not write rows it does not understand during a
-rollback.
+nothing to do; a schema with nothing pending is not locked at all, so a session holding the
+lock (a stuck Job) never stops a replica from starting. A database whose schema is newer than
+the running code knows is refused (`SchemaTooNewError`): an old replica must not write rows it
+does not understand during a rollback.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 from dataclasses import dataclass
 from datetime import datetime
@@ -35,6 +37,7 @@ __all__ = [
 # The session advisory lock key of migrations ("numbersv" in ASCII): any constant works, as
 # long as nothing else in the database takes the same one-bigint key.
 MIGRATION_LOCK_KEY: Final = 0x6E756D6265727376
+_log = logging.getLogger("numbersvc.orders")
 _FILE: Final = re.compile(r"(\d{4})_([a-z0-9_]+)\.sql")
 _CREATE_TABLE: Final = """
 CREATE TABLE IF NOT EXISTS schema_migrations (
@@ -147,7 +150,13 @@ async def migrate(conn: psycopg.AsyncConnection[tuple[object, ...]]) -> list[Mig
         SchemaTooNewError: the database has migrations this code does not ship.
         psycopg.Error: a migration failed (its transaction is rolled back).
     """
-    await conn.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK_KEY,))
+    # NOTE: an up-to-date schema needs no lock: a replica restarting must not wait on a
+    # session that holds it (a stuck `db migrate`, a migration Job) to find nothing to do.
+    before = await status(conn)
+    check_not_too_new(before)
+    if not before.pending:
+        return []
+    await _lock(conn)
     try:
         await conn.execute(_CREATE_TABLE)
         now = await status(conn)
@@ -162,6 +171,28 @@ async def migrate(conn: psycopg.AsyncConnection[tuple[object, ...]]) -> list[Mig
         return now.pending
     finally:
         await conn.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK_KEY,))
+
+
+async def _lock(conn: psycopg.AsyncConnection[tuple[object, ...]]) -> None:
+    """Take the migration lock; if another session holds it, say which before waiting."""
+    cursor = await conn.execute("SELECT pg_try_advisory_lock(%s)", (MIGRATION_LOCK_KEY,))
+    row = await cursor.fetchone()
+    if row is not None and row[0]:
+        return
+    cursor = await conn.execute(
+        "SELECT pid, application_name FROM pg_locks JOIN pg_stat_activity USING (pid)"
+        " WHERE locktype = 'advisory' AND granted"
+        " AND ((classid::bigint << 32) | objid::bigint) = %s",
+        (MIGRATION_LOCK_KEY,),
+    )
+    holders = ", ".join(
+        f"pid {pid} ({name or 'no application name'})" for pid, name in await cursor.fetchall()
+    )
+    _log.warning(
+        "waiting for the migration lock, held by %s: another process is migrating the schema",
+        holders or "another session",
+    )
+    await conn.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK_KEY,))
 
 
 def check_not_too_new(now: SchemaStatus) -> None:

@@ -21,16 +21,18 @@ deadline passed) into `outcome_unknown`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any, Final
 
 import psycopg
 import psycopg.conninfo
+import psycopg.errors
 from psycopg_pool import AsyncConnectionPool
 
 from numbersvc import tracing
@@ -70,6 +72,8 @@ _RECONNECT_SECONDS: Final = 2.0
 # as SQLite's busy timeout bounds its waits: a write the rent desk retries fails within this
 # instead of hanging, so a shutdown never waits on a lock that is not released.
 _LOCK_WAIT_SECONDS: Final = 5.0
+# The longest one call may take, a connection's wait and a lock's included.
+_CALL_WAIT_SECONDS: Final = _POOL_WAIT_SECONDS + _LOCK_WAIT_SECONDS + 2.0
 # Every statement commits on its own unless a transaction is opened; `pg_stat_activity`
 # names the service.
 _CONNECTION_OPTIONS: Final[dict[str, Any]] = {"autocommit": True, "application_name": "numbersvc"}
@@ -157,8 +161,8 @@ RETURNING expires_ns - %(lease_ns)s
 _ORPHANS: Final = f"""
 SELECT {_ENTRY_COLUMNS} FROM orders o
 WHERE o.state = 'sending' AND o.send_deadline_ns <= %(now)s
-  AND NOT EXISTS (
-      SELECT 1 FROM instances i WHERE i.instance = o.owner AND i.expires_ns > %(now)s)
+  AND (o.owner = %(me)s OR NOT EXISTS (
+      SELECT 1 FROM instances i WHERE i.instance = o.owner AND i.expires_ns > %(now)s))
 ORDER BY o.create_time_ns
 FOR UPDATE OF o SKIP LOCKED
 """
@@ -287,26 +291,14 @@ class PostgresLedger:
 
         Raises:
             LedgerUnreachableError: the database cannot be reached (no pooled connection in
-                time, a connection lost), or a lock or a statement took too long: the
-                transaction was rolled back, nothing claimed.
+                time, a connection lost), is read-only, or a lock or a statement took too
+                long: the transaction was rolled back, nothing claimed.
         """
-        try:
-            return await self._begin(attempt, daily_cap, _Budget(within_seconds))
-        except psycopg.OperationalError as exc:
-            # The first line (libpq adds hints on the next), scrubbed like every database error.
-            first_line = str(exc).partition("\n")[0]
-            raise LedgerUnreachableError(
-                f"database: {scrub(first_line, str(self._pool.conninfo))}"
-            ) from exc
-
-    async def _begin(self, attempt: Attempt, daily_cap: int, budget: _Budget) -> BeginResult:
         order = attempt.order
         claimed = pb.RentalOrder()
         claimed.CopyFrom(order)
-        async with (
-            self._pool.connection(timeout=budget.left(_POOL_WAIT_SECONDS)) as conn,
-            conn.transaction(),
-        ):
+        budget = _Budget(within_seconds)
+        async with self._connection(budget.left(_POOL_WAIT_SECONDS)) as conn, conn.transaction():
             if budget.bounded:
                 # The transaction's own: the connection goes back to the pool without them.
                 wait_ms = max(1, int(budget.left(_LOCK_WAIT_SECONDS) * 1000))
@@ -360,6 +352,39 @@ class PostgresLedger:
         _log.info("order %s sending: %s", order.request_id, rules.describe(order))
         return BeginResult(Begin.NEW)
 
+    @contextlib.asynccontextmanager
+    async def _connection(
+        self, pool_wait_seconds: float | None = None
+    ) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        """Lend a pooled connection for one call, which fails rather than hangs.
+
+        `pool_wait_seconds` bounds the wait for the connection (the pool's own default if None).
+
+        NOTE: a database that stops answering (a paused VM, a partition dropping packets)
+        keeps its TCP connections open, so neither the pool's wait nor `lock_timeout` ends a
+        statement already sent to it: this bound does (psycopg then drops the connection).
+
+        Raises:
+            LedgerUnreachableError: no connection in time, a connection lost, no answer
+                within `_CALL_WAIT_SECONDS`, or a read-only database (a standby after a
+                failover, `default_transaction_read_only`): it cannot be written now, as one
+                that is down, which is no internal error.
+        """
+        try:
+            async with (
+                asyncio.timeout(_CALL_WAIT_SECONDS),
+                self._pool.connection(timeout=pool_wait_seconds) as conn,
+            ):
+                yield conn
+        except TimeoutError as exc:
+            raise LedgerUnreachableError("database: no answer in time") from exc
+        except (psycopg.OperationalError, psycopg.errors.ReadOnlySqlTransaction) as exc:
+            # The first line (libpq adds hints on the next), scrubbed like every database error.
+            first_line = str(exc).partition("\n")[0]
+            raise LedgerUnreachableError(
+                f"database: {scrub(first_line, str(self._pool.conninfo))}"
+            ) from exc
+
     async def _read_clock(
         self, conn: psycopg.AsyncConnection[Any], *, lock_caller: str | None = None
     ) -> int:
@@ -387,7 +412,7 @@ class PostgresLedger:
         upstream: str = "",
     ) -> LedgerEntry:
         """Record how an order ended, unless it was settled meanwhile (then it is logged)."""
-        async with self._pool.connection() as conn:
+        async with self._connection() as conn:
             try:
                 return await self._update(
                     conn,
@@ -424,7 +449,7 @@ class PostgresLedger:
             OrderNotFound: no such order.
             SettleError: its outcome is not unknown, or the outcome or numbers are invalid.
         """
-        async with self._pool.connection() as conn:
+        async with self._connection() as conn:
             entry = await _entry(conn, request_id)
             order = rules.settled_order(
                 request_id, entry, state, numbers=numbers, note=note, actor=actor
@@ -478,7 +503,7 @@ class PostgresLedger:
     @tracing.ledger_span("postgresql", "get")
     async def get(self, request_id: str) -> LedgerEntry | None:
         """Return one order, or None."""
-        async with self._pool.connection() as conn:
+        async with self._connection() as conn:
             return await _entry(conn, request_id)
 
     @tracing.ledger_span("postgresql", "list")
@@ -493,7 +518,7 @@ class PostgresLedger:
             page_args.update(after_ns=after.create_time_ns, after_id=after.request_id)
         # One statement, so one snapshot: the total matches the page, in one round trip (a
         # REPEATABLE READ transaction took five: BEGIN, SET, count, page, COMMIT).
-        async with self._pool.connection() as conn:
+        async with self._connection() as conn:
             cursor = await conn.execute(
                 f"SELECT total.n, page.* FROM (SELECT count(*) AS n FROM orders WHERE {where})"
                 f" AS total LEFT JOIN LATERAL (SELECT {_ENTRY_COLUMNS} FROM orders"
@@ -509,20 +534,26 @@ class PostgresLedger:
         """Renew this process's lease and recover the orders of owners whose lease lapsed.
 
         In one transaction: the lease is extended by `lease_seconds`, every `sending` order
-        whose owner holds no live lease and whose send deadline has passed (so no POST of it
-        can still be running) becomes `outcome_unknown`, lapsed leases are dropped and the
+        whose send deadline has passed (so no POST of it can still be running) and whose owner
+        holds no live lease or is this process (which lost track of it: a claim whose commit
+        never answered; a live rent records its outcome before its deadline) becomes
+        `outcome_unknown`, lapsed leases are dropped and the
         orders waiting to be settled are counted.
 
         Returns:
             What it recovered, expired and counted.
         """
         recovered: list[str] = []
-        async with self._pool.connection() as conn, conn.transaction():
+        # Bounded like every call: a hung database must fail the beat (the store is down),
+        # not stall it and every beat after it.
+        async with self._connection() as conn, conn.transaction():
             now_ns = await self._renew(conn)
-            cursor = await conn.execute(_ORPHANS, {"now": now_ns})
+            cursor = await conn.execute(_ORPHANS, {"now": now_ns, "me": self.instance})
             for row in await cursor.fetchall():
                 entry = _from_row(row)
-                entry.order.status_message = rules.recovered_note(entry.owner)
+                entry.order.status_message = rules.recovered_note(
+                    entry.owner, own=entry.owner == self.instance
+                )
                 await self._update(
                     conn,
                     entry.order,

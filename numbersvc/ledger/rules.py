@@ -41,8 +41,14 @@ UNSETTLED: Final = (OrderState.SENDING, OrderState.OUTCOME_UNKNOWN)
 _RECOVERED_NOTE: Final = "the service stopped while this order was being sent"
 
 
-def recovered_note(owner: str) -> str:
-    """Return the status message of an order recovered from `owner`, a process proven gone."""
+def recovered_note(owner: str, *, own: bool = False) -> str:
+    """Return the status message of an order recovered from `owner`.
+
+    `own`: the recovering process is the owner, which lost track of its claim (a commit
+    whose answer never came back, so the caller was told nothing was sent).
+    """
+    if own:
+        return f"no outcome was recorded within its send window (owner {owner}, still alive)"
     return f"{_RECOVERED_NOTE} (owner {owner}: lease expired)"
 
 

@@ -448,9 +448,10 @@ class SqliteLedger:
         """Renew this instance's lease and recover the orders of owners proven gone.
 
         In one transaction: renew the lease; turn into `outcome_unknown` every `sending` order
-        whose owner has no live lease (expired or removed) and whose send deadline has passed,
-        so no POST of it can still be running; drop expired leases; count the orders waiting
-        to be settled.
+        whose send deadline has passed, so no POST of it can still be running, and whose owner
+        has no live lease (expired or removed) or is this instance (which lost track of it: a
+        live rent records its outcome before its deadline); drop expired leases; count the
+        orders waiting to be settled.
 
         Returns:
             What it found (each recovered order is logged and has an audit event).
@@ -463,12 +464,15 @@ class SqliteLedger:
                 self._renew(db, now)
                 stale = db.execute(
                     f"SELECT {_COLUMNS} FROM orders WHERE state = ? AND send_deadline_ns <= ?"
-                    " AND owner NOT IN (SELECT instance FROM instances WHERE expires_ns > ?)",
-                    (OrderState.SENDING, now, now),
+                    " AND (owner = ?"
+                    " OR owner NOT IN (SELECT instance FROM instances WHERE expires_ns > ?))",
+                    (OrderState.SENDING, now, self.instance, now),
                 ).fetchall()
                 for row in stale:
                     entry = self._row(row)
-                    entry.order.status_message = rules.recovered_note(entry.owner)
+                    entry.order.status_message = rules.recovered_note(
+                        entry.owner, own=entry.owner == self.instance
+                    )
                     self._write(db, now, entry.order, OrderState.OUTCOME_UNKNOWN, "", "", ())
                     recovered.append(entry.order.request_id)
                 expired = db.execute("DELETE FROM instances WHERE expires_ns <= ?", (now,))

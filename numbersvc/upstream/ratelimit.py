@@ -194,6 +194,11 @@ class TokenBucket:
     def __repr__(self) -> str:
         return f"TokenBucket({self._spec}, queued={len(self._queue)})"
 
+    def empty(self) -> None:
+        """Take every token left now: the bucket refills from none, at its rate."""
+        self._refill()
+        self._tokens = 0.0
+
     def would_wait_seconds(self) -> float:
         """Return how long an `acquire` started now would wait, in seconds (0.0: none)."""
         self._refill()

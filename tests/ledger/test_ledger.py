@@ -26,6 +26,7 @@ from numbersvc.ledger import (
     OrderQuery,
     OrderState,
     SettleError,
+    rules,
 )
 from numbersvc.v1 import number_groups_pb2 as pb
 from tests.ledger.support import (
@@ -915,9 +916,14 @@ class TestLeases:
             await other.settle(
                 "in-flight", OrderState.FAILED, numbers=[], note="too early", actor="ops"
             )
-        # Nor by its owner: its own POST may be out.
-        assert (await owner.heartbeat()).recovered == 0
         assert dump(ledger_factory) == before
+        # Its owner does: by the ledger's contract no POST of it runs past its send deadline,
+        # and a live rent records its outcome before; a claim whose commit never answered
+        # must not stay sending (every retry RENT_IN_PROGRESS) for as long as the owner lives.
+        assert (await owner.heartbeat()).recovered == 1
+        recovered = await entry_of(other, "in-flight")
+        assert recovered.state is OrderState.OUTCOME_UNKNOWN
+        assert recovered.order.status_message == rules.recovered_note(recovered.owner, own=True)
 
     async def test_only_orders_of_expired_owners_past_their_send_deadline_are_recovered(
         self, ledger_factory: LedgerFactory, caplog: pytest.LogCaptureFixture
@@ -987,13 +993,15 @@ class TestLeases:
         owner = await ledger_factory.open(lease_seconds=2, send_timeout_seconds=0)
         await seed(owner, "in-flight")
         other = await ledger_factory.open(lease_seconds=600)
-        # Beating every 0.25 s for 3 s, the owner outlives its 2 s lease; each of the other's
-        # heartbeats comes right after one of the owner's.
+        # Beating every 0.25 s for 3 s, the owner outlives its 2 s lease: the other never finds
+        # it lapsed, nor recovers its order (the owner does, as its own, at its first beat).
         for _ in range(12):
+            beat = await other.heartbeat()
+            assert (beat.recovered, beat.leases_expired) == (0, 0)
             await owner.heartbeat()
-            assert (await other.heartbeat()).recovered == 0
             await asyncio.sleep(0.25)
-        assert (await entry_of(other, "in-flight")).state is OrderState.SENDING
+        recovered = await entry_of(other, "in-flight")
+        assert recovered.order.status_message == rules.recovered_note(recovered.owner, own=True)
 
     async def test_a_closed_owners_order_is_recovered_after_its_send_deadline(
         self, ledger_factory: LedgerFactory

@@ -274,8 +274,12 @@ async def test_while_the_store_is_away_one_caller_per_interval_tries_it(
         clock=lambda: now[0],
     )
 
+    async def one() -> None:
+        with suppress(UpstreamThrottledError):  # the fallback starts each outage empty
+            await budget.acquire(max_wait_seconds=0.0)
+
     async def burst() -> None:
-        await asyncio.gather(*(budget.acquire(max_wait_seconds=0.0) for _ in range(10)))
+        await asyncio.gather(*(one() for _ in range(10)))
 
     try:
         store.down = True
@@ -297,6 +301,43 @@ async def test_while_the_store_is_away_one_caller_per_interval_tries_it(
             assert store.asked == 22  # back: every acquisition asks the store
         assert [r.levelname for r in caplog.records] == ["WARNING", "INFO"]
         assert budget.fallbacks == 1
+    finally:
+        await budget.close()
+
+
+async def test_a_store_lost_right_after_its_burst_adds_no_burst_of_the_fallback(
+    tmp_path: Path,
+) -> None:
+    """The account's burst is spent through the store, which then fails at once (a database
+    refusing connections): the fallback handed out its own whole burst at that same instant,
+    the account's budget and a third more (with three replicas, twice it). It must start
+    empty and refill at its rate: what was spent through the store is not known to it."""
+    now = [0.0]
+    store = Switchable(SqliteBudget(tmp_path / "ledger.sqlite3"))
+    budget = SharedBudget(
+        store,
+        NAME,
+        TEN_PER_SECOND,
+        fallback=RateSpec(3, 1.0),
+        probe_interval_seconds=60.0,
+        clock=lambda: now[0],
+    )
+
+    async def granted(tries: int) -> int:
+        got = 0
+        for _ in range(tries):
+            with suppress(UpstreamThrottledError):
+                await budget.acquire(max_wait_seconds=0.0)
+                got += 1
+        return got
+
+    try:
+        assert await granted(TEN_PER_SECOND.requests) == TEN_PER_SECOND.requests
+        store.down = True
+        assert await granted(5) == 0  # the same instant: the account's burst is gone
+        assert budget.source is BudgetSource.FALLBACK
+        now[0] += 1.0
+        assert await granted(5) == 3  # then the fallback's rate
     finally:
         await budget.close()
 
