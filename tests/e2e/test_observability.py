@@ -9,6 +9,7 @@ import logging
 import re
 import socket
 import uuid
+from collections.abc import Iterator
 
 import grpc
 import httpx
@@ -94,6 +95,48 @@ async def test_streams_in_flight_while_a_stream_is_open(
     svc = "/numbersvc.v1.NumberGroupService/StreamNumberGroups"
     assert _value(text, f'numbersvc_streams_in_flight{{method="{svc}"}}') == 1
     call.cancel()
+
+
+@pytest.fixture
+def logging_switches() -> Iterator[None]:
+    """Give `logging`'s module-wide switches back after `configure_logging` changed them."""
+    names = ("_srcfile", "logThreads", "logProcesses", "logMultiprocessing")
+    saved = {name: getattr(logging, name) for name in names}
+    yield
+    for name, value in saved.items():
+        setattr(logging, name, value)
+
+
+@pytest.mark.usefixtures("logging_switches")
+async def test_access_line_skips_what_no_format_prints(start_server: StartServer) -> None:
+    # Where a record was logged from, its thread and its process cost a quarter of each
+    # access line (docs/performance.md) and neither format prints them.
+    stream = io.StringIO()
+    records: list[logging.LogRecord] = []
+
+    def keep(record: logging.LogRecord) -> bool:
+        records.append(record)
+        return True
+
+    configure_logging("INFO", "text", stream)
+    logging.getLogger().handlers[0].addFilter(keep)
+    try:
+        running = await start_server()
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            stub = pb_grpc.NumberGroupServiceStub(channel)
+            await stub.ListNumberGroups(
+                pb.ListNumberGroupsRequest(filter=US), metadata=(("x-request-id", "abc-2"),)
+            )
+        await asyncio.sleep(0)  # a unary call's line is written at the loop's next turn
+    finally:
+        logging.getLogger().handlers.clear()
+    [access] = [record for record in records if record.name == "numbersvc.access"]
+    where = (access.funcName, access.thread, access.process, access.processName)
+    assert where == ("(unknown function)", None, None, None)
+    [line] = [line for line in stream.getvalue().splitlines() if "numbersvc.access" in line]
+    assert re.fullmatch(
+        r"\S+ \S+ INFO numbersvc\.access \[abc-2\] rpc method=\S+ code=OK .*", line
+    ), line
 
 
 async def test_json_access_line_with_upstream_calls_and_traceparent(

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
+import os
+import signal
 import uuid
+from collections.abc import Iterator
 
 import grpc
 import pytest
@@ -14,12 +18,45 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from numbersvc.config import Config, UpstreamKind
 from numbersvc.sandbox import SandboxControl, SandboxServer
 from numbersvc.sandbox.faults import FaultKind, FaultSpec
-from numbersvc.server import SERVICE_NAME, RunningServer, create_server
+from numbersvc.server import GC_YOUNG_THRESHOLD, SERVICE_NAME, RunningServer, create_server, serve
 from numbersvc.v1 import number_groups_pb2 as pb
 from numbersvc.v1 import number_groups_pb2_grpc as pb_grpc
 from tests.e2e.conftest import config_for
 
 US = pb.SearchFilter(region_code="US")
+
+
+@pytest.fixture
+def collector() -> Iterator[None]:
+    """Give the process its garbage collector's settings back after a test changed them."""
+    threshold = gc.get_threshold()
+    yield
+    gc.unfreeze()
+    gc.set_threshold(*threshold)
+
+
+@pytest.mark.usefixtures("collector")
+async def test_serve_freezes_the_start_up_heap_and_collects_less_often(
+    sandbox: SandboxServer,
+) -> None:
+    # The bench's servers and production run `serve`; `create_server` (the tests') does not.
+    assert gc.get_freeze_count() == 0
+    assert gc.get_threshold()[0] < GC_YOUNG_THRESHOLD
+    serving = asyncio.create_task(serve(config_for(sandbox)))
+    loop = asyncio.get_running_loop()
+    try:
+        for _ in range(500):  # up to 10 s for the server to start
+            if gc.get_freeze_count() or serving.done():
+                break
+            await asyncio.sleep(0.02)
+        assert gc.get_freeze_count() > 0
+        assert gc.get_threshold()[0] == GC_YOUNG_THRESHOLD
+        os.kill(os.getpid(), signal.SIGTERM)  # `serve` stops on it, as in production
+        assert await asyncio.wait_for(serving, timeout=10) == 0
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        serving.cancel()
 
 
 async def test_health_serving_with_upstream_metadata(channel: grpc.aio.Channel) -> None:
