@@ -197,51 +197,64 @@ async def test_a_late_outcome_never_overwrites_another_servers_claim(tmp_path: P
 # --- access control -------------------------------------------------------------------------
 
 
-async def test_unauthenticated_calls_that_never_send_their_request_cannot_starve_the_api(
-    start_server: StartServer, tmp_path: Path
-) -> None:
-    """Calls with no identity that open a call and never send the request hold no RPC slot.
-
-    A peer with no identity opens calls (here, to an API method and to health `Check`, which
-    stays open) and sends nothing. The gatekeeper used to run only once a unary method's
-    request had arrived, so each held one of NUMBERSVC_MAX_CONCURRENT_RPCS until the
-    connection aged out (minutes), and every caller with a token got RESOURCE_EXHAUSTED
-    meanwhile. The headers now decide: the API calls are refused at once.
-    """
+async def _guarded_server(
+    start_server: StartServer, tmp_path: Path, *, max_concurrent_rpcs: int
+) -> tuple[str, str]:
+    """Start a server with a callers file and one health Watch; return its target and a token."""
     callers = tmp_path / "callers.json"
     token = add_caller(callers, "billing", ["numbers.read"]) or ""
     running = await start_server(
-        callers_file=str(callers), max_concurrent_rpcs=4, max_health_watches=1
+        callers_file=str(callers), max_concurrent_rpcs=max_concurrent_rpcs, max_health_watches=1
     )
-    target = f"127.0.0.1:{running.port}"
+    return f"127.0.0.1:{running.port}", token
+
+
+@contextlib.asynccontextmanager
+async def _calls_that_send_nothing(target: str, methods: list[str]) -> AsyncIterator[list[Any]]:
+    """Open a call to each method on a channel of its own: headers, then nothing, until exit."""
     never: asyncio.Event = asyncio.Event()
 
     async def nothing() -> AsyncIterator[bytes]:
         await never.wait()
         yield b""
 
-    async with (
-        grpc.aio.insecure_channel(target) as hostile,
-        grpc.aio.insecure_channel(target) as channel,
-    ):
-        methods = ["/numbersvc.v1.NumberGroupService/ListNumberGroups"] * 2
-        methods += ["/numbersvc.v1.NumberGroupService/StreamNumberGroups"]
-        methods += ["/grpc.health.v1.Health/Check"] * 2
-        # Raw calls: headers, then nothing (the stubs' types want no request stream at all).
+    async with grpc.aio.insecure_channel(target) as hostile:
+        # Raw calls (the stubs' types want no request stream at all).
         held: list[Any] = [hostile.stream_stream(m)(cast(Any, nothing())) for m in methods]
         try:
-            # Time for the calls to reach the server: if they are slower, the test passes.
+            # Time for the calls to reach the server and take their slots before anyone else.
             await asyncio.sleep(1.0)
-            stub = pb_grpc.NumberGroupServiceStub(channel)
-            page = await stub.ListNumberGroups(
-                pb.ListNumberGroupsRequest(filter=US, page_size=1),
-                metadata=(("authorization", f"Bearer {token}"),),
-                timeout=10,
-            )
-            assert page.number_groups
+            yield held
         finally:
             for call in held:
                 call.cancel()
+
+
+async def test_unauthenticated_calls_that_never_send_their_request_cannot_starve_the_api(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    """Calls with no identity that open a call and never send the request hold no RPC slot.
+
+    A peer with no identity opens calls (here, to API methods and to health `Check`, which
+    stays open) and sends nothing. The gatekeeper used to run only once a unary method's
+    request had arrived, so each held one of NUMBERSVC_MAX_CONCURRENT_RPCS until the
+    connection aged out (minutes), and every caller with a token got RESOURCE_EXHAUSTED
+    meanwhile. The headers now decide: the API calls are refused at once.
+    """
+    target, token = await _guarded_server(start_server, tmp_path, max_concurrent_rpcs=4)
+    methods = ["/numbersvc.v1.NumberGroupService/ListNumberGroups"] * 2
+    methods += ["/numbersvc.v1.NumberGroupService/StreamNumberGroups"]
+    methods += ["/grpc.health.v1.Health/Check"] * 2
+    async with (
+        _calls_that_send_nothing(target, methods),
+        grpc.aio.insecure_channel(target) as channel,
+    ):
+        page = await pb_grpc.NumberGroupServiceStub(channel).ListNumberGroups(
+            pb.ListNumberGroupsRequest(filter=US, page_size=1),
+            metadata=(("authorization", f"Bearer {token}"),),
+            timeout=10,
+        )
+        assert page.number_groups
 
 
 async def test_health_calls_that_never_send_their_request_give_their_slots_back(
@@ -250,57 +263,39 @@ async def test_health_calls_that_never_send_their_request_give_their_slots_back(
     """Health is open to anyone (probes), so no identity refuses it: instead, a health call
     whose request does not follow its headers is ended after REQUEST_ARRIVAL_SECONDS, and its
     RPC slot serves the callers who wait. Before, such calls held every slot for minutes."""
-    callers = tmp_path / "callers.json"
-    token = add_caller(callers, "billing", ["numbers.read"]) or ""
-    running = await start_server(
-        callers_file=str(callers), max_concurrent_rpcs=2, max_health_watches=1
-    )
-    target = f"127.0.0.1:{running.port}"
-    never: asyncio.Event = asyncio.Event()
-
-    async def nothing() -> AsyncIterator[bytes]:
-        await never.wait()
-        yield b""
-
+    target, token = await _guarded_server(start_server, tmp_path, max_concurrent_rpcs=2)
+    methods = ["/grpc.health.v1.Health/Check"] * 2 + ["/grpc.health.v1.Health/Watch"]
     async with (
-        grpc.aio.insecure_channel(target) as hostile,
+        _calls_that_send_nothing(target, methods) as held,
         grpc.aio.insecure_channel(target) as channel,
     ):
-        methods = ["/grpc.health.v1.Health/Check"] * 2 + ["/grpc.health.v1.Health/Watch"]
-        held: list[Any] = [hostile.stream_stream(m)(cast(Any, nothing())) for m in methods]
-        try:
-            # Time for the calls to take every slot (2 + 1) before anyone else asks.
-            await asyncio.sleep(1.0)
-            stub = pb_grpc.NumberGroupServiceStub(channel)
-            refusals: list[grpc.StatusCode] = []
-            # Refused while the held calls last; retried within a bound past the arrival bound.
-            for _ in range(int(3 * REQUEST_ARRIVAL_SECONDS)):
-                try:
-                    page = await stub.ListNumberGroups(
-                        pb.ListNumberGroupsRequest(filter=US, page_size=1),
-                        metadata=(("authorization", f"Bearer {token}"),),
-                        timeout=10,
-                    )
-                    break
-                except grpc.aio.AioRpcError as error:
-                    refusals.append(error.code())
-                    await asyncio.sleep(1.0)
-            else:
-                pytest.fail("the held health calls never gave their slots back")
-            assert set(refusals) == {grpc.StatusCode.RESOURCE_EXHAUSTED}, refusals
-            assert page.number_groups
-            for call in held:
-                assert await call.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-                ended = grpc.aio.AioRpcError(
-                    await call.code(),
-                    await call.initial_metadata(),
-                    await call.trailing_metadata(),
-                    await call.details(),
+        stub = pb_grpc.NumberGroupServiceStub(channel)
+        refusals: list[grpc.StatusCode] = []
+        # Refused while the held calls (2 + 1 slots) last; retried past the arrival bound.
+        for _ in range(int(3 * REQUEST_ARRIVAL_SECONDS)):
+            try:
+                page = await stub.ListNumberGroups(
+                    pb.ListNumberGroupsRequest(filter=US, page_size=1),
+                    metadata=(("authorization", f"Bearer {token}"),),
+                    timeout=10,
                 )
-                assert reason_of(ended) == "REQUEST_NOT_SENT"
-        finally:
-            for call in held:
-                call.cancel()
+                break
+            except grpc.aio.AioRpcError as error:
+                refusals.append(error.code())
+                await asyncio.sleep(1.0)
+        else:
+            pytest.fail("the held health calls never gave their slots back")
+        assert set(refusals) == {grpc.StatusCode.RESOURCE_EXHAUSTED}, refusals
+        assert page.number_groups
+        for call in held:
+            assert await call.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            ended = grpc.aio.AioRpcError(
+                await call.code(),
+                await call.initial_metadata(),
+                await call.trailing_metadata(),
+                await call.details(),
+            )
+            assert reason_of(ended) == "REQUEST_NOT_SENT"
 
 
 class _Utf16Proxy(HostileProxy):
