@@ -31,7 +31,7 @@ from numbersvc.sandbox import FaultKind, FaultSpec, SandboxControl, SandboxServe
 from numbersvc.server import RunningServer
 from numbersvc.v1 import number_groups_pb2 as pb
 from numbersvc.v1 import number_groups_pb2_grpc as pb_grpc
-from tests.e2e.conftest import StartServer, reason_of, rich_details
+from tests.e2e.conftest import StartServer, eventually, reason_of, rich_details
 from tests.e2e.test_process import _start
 
 US = pb.SearchFilter(region_code="US")
@@ -196,7 +196,15 @@ class TestCallers:
             grpc.StatusCode.PERMISSION_DENIED,
             grpc.StatusCode.UNAUTHENTICATED,
         )
-        access = [r.getMessage() for r in caplog.records if r.name == "numbersvc.access"]
+        def access_lines() -> list[str]:
+            return [r.getMessage() for r in caplog.records if r.name == "numbersvc.access"]
+
+        async def all_written() -> bool:
+            return len(access_lines()) >= 3
+
+        # A refusal's status goes out as it is raised, before the server writes its line.
+        await eventually(all_written, timeout_seconds=5)
+        access = access_lines()
         codes_and_callers = [
             (line.split(" code=")[1].split()[0], line.split(" caller=")[1].split()[0])
             for line in access
