@@ -196,6 +196,7 @@ class TestCallers:
             grpc.StatusCode.PERMISSION_DENIED,
             grpc.StatusCode.UNAUTHENTICATED,
         )
+
         def access_lines() -> list[str]:
             return [r.getMessage() for r in caplog.records if r.name == "numbersvc.access"]
 
