@@ -142,7 +142,8 @@ class Metrics:
         )
         self.orders_recovered = Counter(
             "numbersvc_orders_recovered",
-            "Orders left sending by a process proven gone, made outcome_unknown here",
+            "Orders left sending past their send deadline, by a process proven gone or by this one"
+            " (a claim it lost track of), made outcome_unknown here",
             registry=r,
         )
         self.orders_outcome_unknown = Gauge(

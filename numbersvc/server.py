@@ -254,7 +254,7 @@ async def create_server(config: Config) -> RunningServer:
 
 
 class LeaseKeeper:
-    """Keeps this process's ledger lease alive, recovering orders of owners proven gone.
+    """Keeps this process's ledger lease alive, recovering orders no POST can still be out for.
 
     A heartbeat runs at start, then every third of the lease, so two can fail in a row before
     the lease lapses. A failure is counted every time but logged once per outage: the store

@@ -143,7 +143,8 @@ class Heartbeat:
     """What one `OrderLedger.heartbeat` found, for the metrics."""
 
     recovered: int
-    """Orders of owners proven gone, turned into `outcome_unknown` now."""
+    """Orders past their send deadline whose owner is proven gone, or is this instance (a claim
+    it lost track of), turned into `outcome_unknown` now."""
     leases_expired: int
     """Other owners' leases found lapsed (and removed) now: each is counted by one instance."""
     outcome_unknown: int
@@ -228,11 +229,12 @@ class OrderLedger(Protocol):
         """
 
     async def heartbeat(self) -> Heartbeat:
-        """Renew this instance's lease and recover the orders of owners proven gone.
+        """Renew this instance's lease and recover the orders no POST can still be out for.
 
         In one transaction: renew the lease, turn into `outcome_unknown` every `sending`
-        order whose owner has no live lease and whose send deadline has passed, drop the
-        lapsed leases and count the orders waiting to be settled.
+        order whose send deadline has passed and whose owner has no live lease or is this
+        instance (a claim whose commit never answered), drop the lapsed leases and count
+        the orders waiting to be settled.
 
         Returns:
             What it recovered, expired and counted.

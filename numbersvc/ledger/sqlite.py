@@ -445,7 +445,7 @@ class SqliteLedger:
         return await self._run(page)
 
     async def heartbeat(self) -> Heartbeat:
-        """Renew this instance's lease and recover the orders of owners proven gone.
+        """Renew this instance's lease and recover the orders no POST can still be out for.
 
         In one transaction: renew the lease; turn into `outcome_unknown` every `sending` order
         whose send deadline has passed, so no POST of it can still be running, and whose owner
