@@ -246,9 +246,14 @@ async def test_unauthenticated_calls_that_never_send_their_request_cannot_starve
     methods += ["/numbersvc.v1.NumberGroupService/StreamNumberGroups"]
     methods += ["/grpc.health.v1.Health/Check"] * 2
     async with (
-        _calls_that_send_nothing(target, methods),
+        _calls_that_send_nothing(target, methods) as held,
         grpc.aio.insecure_channel(target) as channel,
     ):
+        # Refused from their headers, so they end without a request: before, they never did
+        # (bounded, so the old code fails here instead of passing on a slot not yet taken).
+        for call in held[:3]:
+            code = await asyncio.wait_for(call.code(), timeout=5)
+            assert code == grpc.StatusCode.UNAUTHENTICATED
         page = await pb_grpc.NumberGroupServiceStub(channel).ListNumberGroups(
             pb.ListNumberGroupsRequest(filter=US, page_size=1),
             metadata=(("authorization", f"Bearer {token}"),),
