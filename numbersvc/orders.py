@@ -35,6 +35,7 @@ import logging
 import random
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -114,6 +115,7 @@ class _Flight:
 
     fingerprint: str
     caller: str
+    group_id: str
     task: asyncio.Task[pb.RentalOrder] = field(init=False)
 
 
@@ -146,6 +148,15 @@ class RentDesk:
         self._stopping = asyncio.Event()
         self._metrics = metrics
         self._rng = random.Random()
+        self._landing: list[Callable[[str], object]] = []
+
+    def when_landed(self, callback: Callable[[str], object]) -> None:
+        """Call `callback(group_id)` each time an order's placing ends, sent or not.
+
+        It ends after its callers may have gone (a POST outlives a caller's deadline), so what
+        depends on the group's stock (the search cache) hears it here, not from the call.
+        """
+        self._landing.append(callback)
 
     async def rent(
         self, params: RentParams, *, caller: str, peer: str, deadline: Deadline
@@ -176,7 +187,7 @@ class RentDesk:
             if flight.fingerprint != print_:
                 raise _reused(params.request_id, other_caller=flight.caller != caller)
             return await self._wait(flight, deadline, params.request_id, first=False)
-        flight = _Flight(print_, caller)
+        flight = _Flight(print_, caller, params.group_id)
         flight.task = asyncio.create_task(
             self._place(
                 params,
@@ -233,11 +244,7 @@ class RentDesk:
     async def _place(
         self, params: RentParams, attempt: Attempt, deadline: Deadline
     ) -> pb.RentalOrder:
-        # NOTE: this host's clock, read before the claim, not the claim's time in the order:
-        # on PostgreSQL that is the database's clock, and the upstream client compares
-        # `send_by` with this host's. Read before, the claim cannot come earlier than it.
-        send_by = time.time() + self._timeout + _START_SLACK_SECONDS
-        begun = await self._claim(attempt, deadline)
+        send_by, begun = await self._claim(attempt, deadline)
         # Another process (a replica, a server on the same file) is sending this order: wait
         # for its outcome within this caller's deadline, as a duplicate in this process does.
         polls = full_jitter_delays(_IN_PROGRESS_POLL, self._rng)
@@ -251,7 +258,7 @@ class RentDesk:
                 raise _in_progress(params.request_id)
             await asyncio.sleep(min(next(polls), wait))
             # Claimed again, not just read: if it ended failed or released, this call sends it.
-            begun = await self._claim(attempt, deadline)
+            send_by, begun = await self._claim(attempt, deadline)
         if begun.kind is Begin.CONFLICT:
             assert begun.entry is not None
             other = begun.entry.order.caller != attempt.order.caller
@@ -263,13 +270,21 @@ class RentDesk:
             return _replay(begun.entry)
         return await self._send(params, attempt.order, deadline, send_by)
 
-    async def _claim(self, attempt: Attempt, deadline: Deadline) -> BeginResult:
+    async def _claim(self, attempt: Attempt, deadline: Deadline) -> tuple[float, BeginResult]:
+        """Claim the order; return also the latest time this host may send it, if it is new.
+
+        NOTE: `send_by` is this host's clock, read just before this claim, not the claim's time
+        in the order: on PostgreSQL that is the database's clock, and the upstream client
+        compares `send_by` with this host's; read before, the claim cannot come earlier than
+        it. Read per claim: a claim taken over after polling gets its own window.
+        """
         # The claim gives up before the caller's wait does: a store that is down or locked is
         # told as LEDGER_UNAVAILABLE (nothing claimed, nothing sent), not as an order whose
         # outcome is unknown, which the claim could still make real once the caller is gone.
         within = deadline.attempt_timeout(margin_seconds=_ANSWER_MARGIN_SECONDS)
+        send_by = time.time() + self._timeout + _START_SLACK_SECONDS
         try:
-            return await self._ledger.begin(
+            return send_by, await self._ledger.begin(
                 attempt, daily_cap=self._daily_cap, within_seconds=within
             )
         except LedgerUnreachableError as exc:
@@ -446,7 +461,10 @@ class RentDesk:
             self._metrics.order_finished(state, numbers)
 
     def _land(self, request_id: str, task: asyncio.Task[pb.RentalOrder]) -> None:
-        self._flights.pop(request_id, None)
+        flight = self._flights.pop(request_id, None)
+        if flight is not None:
+            for callback in self._landing:
+                callback(flight.group_id)
         # The callers may be gone; the outcome is in the ledger, so only mark it retrieved.
         if not task.cancelled():
             task.exception()

@@ -124,6 +124,9 @@ class NumberGroupServicer(pb_grpc.NumberGroupServiceServicer):
             )
             if metrics is not None:
                 metrics.search_cache_entries.set_function(functools.partial(len, self._cache))
+            # Once the POST ends, whatever the outcome (a failed rent may have reached Plivo),
+            # even after its caller left: dropped earlier, a read in between is kept stale.
+            rent_desk.when_landed(self._cache.drop_group)
         self._retry = RetryPolicy(
             max_attempts=config.retry_max_attempts,
             initial_delay_seconds=config.retry_initial_delay_seconds,
@@ -250,10 +253,6 @@ class NumberGroupServicer(pb_grpc.NumberGroupServiceServicer):
             )
         except ServiceError as exc:
             raise _about_group(exc, params.group_id) from exc
-        finally:
-            if self._cache is not None:
-                # Whatever the outcome: a rent that failed may still have reached Plivo.
-                self._cache.drop_group(params.group_id)
         return pb.RentNumbersResponse(order=placed)
 
     @_unary(Operation.GET)

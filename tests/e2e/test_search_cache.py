@@ -221,3 +221,34 @@ async def test_a_stream_reads_its_pages_through_the_cache(
     assert await _upstream(control, "search") == 3
     assert said == "hit"
     assert _cache_counts(running) == (4.0, 3.0)
+
+
+async def test_a_rent_that_outlives_its_caller_drops_them_when_it_lands(
+    cached: Serving, control: SandboxControl
+) -> None:
+    """The caller leaves while the POST is out; a search in between may cache the stock from
+    before the rent, so the drop must come when the POST ends, not when the caller left."""
+    _, stub = cached
+    page, _ = await _list(stub)
+    group_id = page.number_groups[0].group_id
+    await control.inject_fault(FaultSpec(FaultKind.DELAY, seconds=2.0, operation="rent"))
+    request_id = str(uuid.uuid4())
+    call = stub.RentNumbers(
+        pb.RentNumbersRequest(group_id=group_id, quantity=1, request_id=request_id)
+    )
+
+    async def sent() -> bool:
+        return await _upstream(control, "rent") == 1
+
+    await eventually(sent)
+    call.cancel()  # the caller goes; the desk's POST goes on (shielded)
+    await _list(stub)  # the group's page, read (and cached) while the POST is out
+
+    async def landed() -> bool:
+        order = await stub.GetRentalOrder(pb.GetRentalOrderRequest(request_id=request_id))
+        return bool(order.order.status == pb.ORDER_STATUS_FULFILLED)
+
+    await eventually(landed)
+    after, said_after = await _list(stub)
+    assert said_after == "miss"
+    assert after.number_groups[0].stock == page.number_groups[0].stock - 1
