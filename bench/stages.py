@@ -54,8 +54,8 @@ from bench.bench import (
     UNARY_FILTER,
     Child,
     _channels,
+    add_server_env,
     collect_pages,
-    env_pair,
     finish,
     list_call,
     server_env,
@@ -283,14 +283,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--calls", type=int, default=3_000, help="timed calls (concurrency 1)")
     parser.add_argument("--warmup", type=int, default=300, help="calls before the timed ones")
     parser.add_argument("--json", type=Path, help="also write the figures here")
-    parser.add_argument(
-        "--server-env",
-        type=env_pair,
-        action="append",
-        default=[],
-        metavar="NAME=VALUE",
-        help="an extra environment variable for the server (repeatable)",
-    )
+    add_server_env(parser, "the server")
     options = parser.parse_args(args)
     return finish(
         lambda: measure(options.calls, options.warmup, options.server_env),
