@@ -4,7 +4,8 @@ The record carries the request id (the caller's sane `x-request-id`, else a new 
 caller's W3C `traceparent`, the peer, and what the call did upstream; it lives in a
 `ContextVar` for the whole call, so log lines, the upstream client's header and response hooks
 and the tasks a call starts (stream page fetches, rent orders) all reach it. Observers get it
-injected: the access log (`AccessLog`) and the metrics (`numbersvc.metrics.Metrics`).
+injected: the access log (`AccessLog`) and the metrics (`numbersvc.metrics.Metrics`). A guard
+(the gatekeeper) runs its checks inside the same wrapper, so one layer serves both.
 """
 
 from __future__ import annotations
