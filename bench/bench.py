@@ -1676,6 +1676,18 @@ def env_pair(text: str) -> tuple[str, str]:
     return name, value
 
 
+def add_server_env(parser: argparse.ArgumentParser, servers: str) -> None:
+    """Add the repeatable `--server-env NAME=VALUE` flag; its values are `env_pair`s."""
+    parser.add_argument(
+        "--server-env",
+        type=env_pair,
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help=f"an extra environment variable for {servers} (repeatable)",
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the bench, print the table, write the JSON; 0 measured, 2 failed."""
     parser = argparse.ArgumentParser(
@@ -1687,14 +1699,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--json", type=Path, default=DEFAULT_JSON, metavar="PATH", help="where to write figures"
     )
-    parser.add_argument(
-        "--server-env",
-        type=env_pair,
-        action="append",
-        default=[],
-        metavar="NAME=VALUE",
-        help="an extra environment variable for both servers (repeatable)",
-    )
+    add_server_env(parser, "both servers")
     parser.add_argument(
         "--rows",
         type=_rows,

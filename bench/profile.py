@@ -38,10 +38,10 @@ from bench.bench import (
     FAILURES,
     UNARY_FILTER,
     Call,
+    add_server_env,
     collect_pages,
     cpu_seconds,
     disjoint_assignments,
-    env_pair,
     list_call,
     run_phase,
     unary_rig,
@@ -326,14 +326,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=20.0, help="how long py-spy records")
     parser.add_argument("--rate", type=int, default=250, help="samples per second")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where to write")
-    parser.add_argument(
-        "--server-env",
-        type=env_pair,
-        action="append",
-        default=[],
-        metavar="NAME=VALUE",
-        help="an extra environment variable for the server (repeatable)",
-    )
+    add_server_env(parser, "the server")
     args = parser.parse_args(argv)
     extra = dict(args.server_env)
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")

@@ -44,7 +44,7 @@ from google.rpc import error_details_pb2, status_pb2
 
 from bench.bench import (
     Child,
-    env_pair,
+    add_server_env,
     percentile,
     rss_bytes,
     server_env,
@@ -421,14 +421,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--streams", type=_count, default=200, help="stream workers")
     parser.add_argument("--unary-concurrency", type=_count, default=50, help="List/Get workers")
     parser.add_argument("--groups", type=_count, default=20_000, help="toll-free groups to seed")
-    parser.add_argument(
-        "--server-env",
-        type=env_pair,
-        action="append",
-        default=[],
-        metavar="NAME=VALUE",
-        help="an extra environment variable for the server (repeatable)",
-    )
+    add_server_env(parser, "the server")
     args = parser.parse_args(argv)
     options = SoakOptions(
         seconds=args.seconds,

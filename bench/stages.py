@@ -1,6 +1,6 @@
 """Where one unary call's wall time goes, stage by stage, on the server: issue 11.
 
-    python -m bench.stages [--calls N] [--json PATH]
+    python -m bench.stages [--calls N] [--json PATH] [--server-env NAME=VALUE ...]
 
 Starts the sandbox and a `numbersvc serve` in which this module (`python -m bench.stages
 serve ...`) first wraps a few functions at the hops of a ListNumberGroups call, then makes N
@@ -13,10 +13,10 @@ marks made since its `received`.
 
 The stages, in the order a call meets them:
 
-- received: the first interceptor is asked for the call's handler (metadata read by gRPC).
-- handlers chosen: the interceptors chose and wrapped the method's handler.
+- received: the interceptor is asked for the call's handler (metadata read by gRPC).
+- handlers chosen: the interceptor chose and wrapped the method's handler (gatekeeper's too).
 - handler entered: the outermost handler wrapper runs (the request message read and decoded).
-- authorized: the servicer's validation starts (the gatekeeper and interceptors are behind).
+- authorized: the servicer's validation starts (the call record and the gatekeeper are behind).
 - validated: validation done.
 - budget taken: a permit from the rate budget (the server runs with a budget too large to
   ever make it wait, `NUMBERSVC_UPSTREAM_RATE=1000000/1s`).
@@ -54,6 +54,7 @@ from bench.bench import (
     UNARY_FILTER,
     Child,
     _channels,
+    add_server_env,
     collect_pages,
     finish,
     list_call,
@@ -201,11 +202,13 @@ def _serve(argv: Sequence[str]) -> int:
     return numbersvc_main(["serve", *argv])
 
 
-async def measure(calls: int, warmup: int) -> dict[str, Any]:
+async def measure(
+    calls: int, warmup: int, extra_env: Sequence[tuple[str, str]] = ()
+) -> dict[str, Any]:
     """Start the sandbox and the instrumented server, make the calls, return the medians."""
     async with unary_rig("bench-stages-") as rig:
         out = rig.log_dir / "stages.json"
-        env = server_env(rig.url, rate_off=False, extra={})
+        env = server_env(rig.url, rate_off=False, extra=dict(extra_env))
         env.update({"NUMBERSVC_UPSTREAM_RATE": "1000000/1s", _OUT_ENV: str(out)})
         argv = (sys.executable, "-m", "bench.stages", "serve", "--listen", "127.0.0.1:0")
         server = Child("server-stages", argv, env, rig.log_dir)
@@ -280,9 +283,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--calls", type=int, default=3_000, help="timed calls (concurrency 1)")
     parser.add_argument("--warmup", type=int, default=300, help="calls before the timed ones")
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    add_server_env(parser, "the server")
     options = parser.parse_args(args)
     return finish(
-        lambda: measure(options.calls, options.warmup), render, options.json, "the stage timing"
+        lambda: measure(options.calls, options.warmup, options.server_env),
+        render,
+        options.json,
+        "the stage timing",
     )
 
 

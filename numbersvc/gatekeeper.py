@@ -1,4 +1,4 @@
-"""The gatekeeper interceptor: who is calling, may they, and can their request be read at all.
+"""The gatekeeper: who is calling, may they, and can their request be read at all.
 
 Runs before any servicer code, so these answers come before validation and before anything
 goes upstream (AIP-193's order):
@@ -28,9 +28,10 @@ The caller's name goes into the call's `CallRecord` (access log, metrics, the or
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
@@ -40,7 +41,7 @@ from google.protobuf.message import DecodeError
 from numbersvc import xfcc
 from numbersvc.callers import ANONYMOUS, READ, RENT, Caller, Callers
 from numbersvc.errors import Outcome, ServiceError, to_status
-from numbersvc.interceptors import current_call, wrap_handler
+from numbersvc.interceptors import Check, current_call, wrap_handler
 
 __all__ = ["ANONYMOUS", "READ", "RENT", "Gatekeeper", "Identity"]
 
@@ -62,6 +63,7 @@ _MALFORMED_XFCC: Final = (
 )
 
 _Context = grpc.aio.ServicerContext[Any, Any]
+_NO_CHANGES: Final[Mapping[str, Any]] = {}
 if TYPE_CHECKING:  # the stubs make it generic; at run time it is a plain class
     _Handler = grpc.RpcMethodHandler[Any, Any]
 
@@ -93,8 +95,11 @@ class _Undecodable:
 _UNDECODABLE: Final = _Undecodable()
 
 
-class Gatekeeper(grpc.aio.ServerInterceptor):
+class Gatekeeper:
     """Authenticates and authorizes every call, and turns undecodable requests into errors.
+
+    The guard of the `ObservingInterceptor` (`interceptors.Guard`): its checks run inside the
+    observed call, in the same wrapper, so a refusal is logged and counted like any call.
 
     Args:
         callers: who may call; None lets everyone in as `anonymous`.
@@ -117,32 +122,34 @@ class Gatekeeper(grpc.aio.ServerInterceptor):
         self._trusted_proxies = tuple(trusted_proxies)
         self._certificates = certificates
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[_Handler | None]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> _Handler | None:
-        """Wrap the method's handler with the checks."""
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return None
-        method = handler_call_details.method
-        metadata = handler_call_details.invocation_metadata
+    def guard(
+        self, handler: _Handler, details: grpc.HandlerCallDetails
+    ) -> tuple[_Handler, Check | None, Mapping[str, Any]]:
+        """Return the method's handler, the checks to run before it, and its lenient decoder.
+
+        A call the headers already refuse gets a handler that refuses it without waiting for
+        the request; a call open to anyone (health) one that bounds the wait for its request.
+        Both carry the checks inside, and no check is returned for them.
+        """
+        method = details.method
+        metadata = details.invocation_metadata
         token, forwarded = _bearer(metadata), _forwarded(metadata)
         decided = self._decide_at_headers(method, token, forwarded)
         check = _Check(self, method, token, forwarded, decided)
-        if isinstance(decided, ServiceError) and not handler.request_streaming:
-            return _refusing_before_the_request(handler, check)
-        changes: dict[str, Any] = {}
-        # Streaming requests (reflection) get the same checks, their requests decoded by gRPC.
-        if handler.request_deserializer is not None and not handler.request_streaming:
-            changes["request_deserializer"] = _lenient(handler.request_deserializer)
-        checked = wrap_handler(handler, check.wrap, check.wrap_stream, **changes)
-        if self._permissions.get(method, "") is None and not handler.request_streaming:
+        if handler.request_streaming:
+            # Streaming requests (reflection) get the same checks, their requests decoded by gRPC.
+            return handler, check.enter, _NO_CHANGES
+        if isinstance(decided, ServiceError):
+            return _refusing_before_the_request(handler, check), None, _NO_CHANGES
+        changes = _NO_CHANGES
+        if handler.request_deserializer is not None:
+            changes = {"request_deserializer": _lenient(handler.request_deserializer)}
+        if self._permissions.get(method, "") is None:
             # NOTE: open to anyone (health), so nothing refuses a call that sends headers and
             # then nothing; bounding the wait for its request frees its RPC slot.
-            return _with_request_within(checked, REQUEST_ARRIVAL_SECONDS)
-        return checked
+            checked = wrap_handler(handler, check.wrap, check.wrap_stream, **changes)
+            return _with_request_within(checked, REQUEST_ARRIVAL_SECONDS), None, _NO_CHANGES
+        return handler, check.enter, changes
 
     def _decide_at_headers(
         self, method: str, token: str | None, forwarded: Sequence[str]
@@ -231,7 +238,9 @@ class _Check:
         self._forwarded = forwarded
         self._decided = decided
 
-    async def _enter(self, request: Any, context: _Context) -> None:
+    async def enter(self, request: Any, context: _Context) -> None:
+        """Run the checks as the call starts, with its request (None when it is not read)."""
+
         def identity() -> Identity:
             # NOTE: `peer()` is read here, as the call starts (see `interceptors._Call`).
             forwarded = self._gate.forwarded(self._forwarded, context.peer())
@@ -258,20 +267,16 @@ class _Check:
             _log.info("refused %s (caller %s): %s", self._method, who, error.outcome.name)
             await context.abort_with_status(to_status(error))
 
-    async def enter(self, context: _Context) -> None:
-        """Run the checks of a call whose request is not read: they refuse it."""
-        await self._enter(None, context)
-
     def wrap(self, behaviour: Any) -> Any:
         async def run(request: Any, context: _Context) -> Any:
-            await self._enter(request, context)
+            await self.enter(request, context)
             return await behaviour(request, context)
 
         return run
 
     def wrap_stream(self, behaviour: Any) -> Any:
         async def run(request: Any, context: _Context) -> Any:
-            await self._enter(request, context)
+            await self.enter(request, context)
             async for response in behaviour(request, context):
                 yield response
 
@@ -287,10 +292,10 @@ def _refusing_before_the_request(handler: _Handler, check: _Check) -> _Handler:
     """
 
     async def refuse(requests: Any, context: _Context) -> None:
-        await check.enter(context)
+        await check.enter(None, context)
 
     async def refuse_stream(requests: Any, context: _Context) -> AsyncIterator[Any]:
-        await check.enter(context)
+        await check.enter(None, context)
         nothing: tuple[Any, ...] = ()  # an async generator, as a stream's behaviour must be
         for response in nothing:
             yield response
@@ -385,6 +390,8 @@ def _certificate_names(auth: Mapping[str, Iterable[bytes]]) -> tuple[str, tuple[
     return spiffe_id, tuple(v.decode(errors="replace") for v in auth.get(_COMMON_NAMES, ()))
 
 
+# One per method's decoder, made once: the handlers are gRPC's own, the same for every call.
+@functools.lru_cache(maxsize=256)
 def _lenient(decode: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
     def lenient(data: bytes) -> Any:
         try:

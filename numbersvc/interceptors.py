@@ -4,7 +4,8 @@ The record carries the request id (the caller's sane `x-request-id`, else a new 
 caller's W3C `traceparent`, the peer, and what the call did upstream; it lives in a
 `ContextVar` for the whole call, so log lines, the upstream client's header and response hooks
 and the tasks a call starts (stream page fetches, rent orders) all reach it. Observers get it
-injected: the access log (`AccessLog`) and the metrics (`numbersvc.metrics.Metrics`).
+injected: the access log (`AccessLog`) and the metrics (`numbersvc.metrics.Metrics`). A guard
+(the gatekeeper) runs its checks inside the same wrapper, so one layer serves both.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
@@ -29,6 +30,8 @@ __all__ = [
     "AccessLog",
     "CallObserver",
     "CallRecord",
+    "Check",
+    "Guard",
     "ObservingInterceptor",
     "current_call",
     "upstream_headers",
@@ -52,6 +55,11 @@ if TYPE_CHECKING:  # the stubs make it generic; at run time it is a plain class
 Behaviour = Callable[[Any, _Context], Any]
 """A method handler's behaviour: (request, context) -> response, or an async iterator of them."""
 
+Check = Callable[[Any, _Context], Awaitable[None]]
+"""Run as a call starts, before its behaviour, with its request: aborts the call to refuse it."""
+
+_NO_CHANGES: Final[Mapping[str, Any]] = {}
+
 
 def wrap_handler(
     handler: _Handler,
@@ -65,8 +73,8 @@ def wrap_handler(
     unary response, or a response stream written with `context.write` (the health service's
     `Watch`), which is a coroutine and cannot be iterated.
     """
-    # NOTE: this runs twice per call (each interceptor); the namedtuple's own `_replace`
-    # and a scan by name took half of it (docs/performance.md).
+    # NOTE: this runs on every call; the namedtuple's own `_replace` and a scan by name took
+    # half of it (docs/performance.md).
     kind = type(handler)
     positions, behaviours = _layout(kind)
     fields: list[Any] = list(handler)  # type: ignore[call-overload]  # a tuple at run time
@@ -160,41 +168,71 @@ class AccessLog:
         self._logger.info("rpc %s", text, extra={"fields": fields})
 
 
+class Guard(Protocol):
+    """Decides, per call, what runs between the call's record starting and its behaviour."""
+
+    def guard(
+        self, handler: _Handler, details: grpc.HandlerCallDetails
+    ) -> tuple[_Handler, Check | None, Mapping[str, Any]]:
+        """Return the handler to run, the check to run before its behaviour, and field changes.
+
+        The handler may be another one (a refusal that does not wait for the request), with
+        its checks inside it and no check returned; the changes (a lenient request
+        deserializer, say) are made to the handler as it is wrapped.
+        """
+
+
 class ObservingInterceptor(grpc.aio.ServerInterceptor):
-    """Wraps every method handler so that its call is recorded and observed.
+    """Wraps every method handler so that its call is recorded and observed (and guarded).
 
     Args:
         observers: told about every call, in order.
         clock: a monotonic clock in seconds.
+        guard: checks run inside the observed call, before the behaviour (the gatekeeper),
+            so its refusals are recorded and observed too.
     """
 
     def __init__(
-        self, observers: Sequence[CallObserver], clock: Callable[[], float] = time.perf_counter
+        self,
+        observers: Sequence[CallObserver],
+        clock: Callable[[], float] = time.perf_counter,
+        *,
+        guard: Guard | None = None,
     ) -> None:
         self._observers = tuple(observers)
         self._clock = clock
+        self._guard = guard
 
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[_Handler | None]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> _Handler | None:
-        """Wrap the method's handler so that the call is timed, tagged and observed."""
+        """Wrap the method's handler so that the call is timed, tagged, guarded and observed."""
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
-        streaming = handler.response_streaming
-        call = _Call(self, handler_call_details, streaming=streaming)
-        return wrap_handler(handler, call.wrap, call.wrap_stream)
+        # NOTE: one wrapper layer for both: the guard as a second interceptor cost a second
+        # handler, coroutine and continuation per call (docs/performance.md).
+        check, changes = None, _NO_CHANGES
+        if self._guard is not None:
+            handler, check, changes = self._guard.guard(handler, handler_call_details)
+        call = _Call(self, handler_call_details, handler.response_streaming, check)
+        return wrap_handler(handler, call.wrap, call.wrap_stream, **changes)
 
 
 class _Call:
     """One call's record around its handler."""
 
     def __init__(
-        self, owner: ObservingInterceptor, details: grpc.HandlerCallDetails, *, streaming: bool
+        self,
+        owner: ObservingInterceptor,
+        details: grpc.HandlerCallDetails,
+        streaming: bool,
+        check: Check | None,
     ) -> None:
         self._owner = owner
+        self._check = check
         metadata = details.invocation_metadata
         self.streaming = streaming
         self._record = CallRecord(
@@ -237,10 +275,14 @@ class _Call:
             observer.call_finished(self._record)
 
     def wrap(self, behaviour: Callable[[Any, _Context], Awaitable[Any]]) -> Any:
+        check = self._check
+
         async def run(request: Any, context: _Context) -> Any:
             self._start(context)
             failure = None
             try:
+                if check is not None:
+                    await check(request, context)
                 return await behaviour(request, context)
             except BaseException as exc:
                 failure = exc
@@ -251,10 +293,14 @@ class _Call:
         return run
 
     def wrap_stream(self, behaviour: Callable[[Any, _Context], Any]) -> Any:
+        check = self._check
+
         async def run(request: Any, context: _Context) -> AsyncIterator[Any]:
             self._start(context)
             failure = None
             try:
+                if check is not None:
+                    await check(request, context)
                 async for response in behaviour(request, context):
                     yield response
             except BaseException as exc:

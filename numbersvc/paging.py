@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import functools
 import hashlib
 import struct
 import zlib
@@ -63,6 +64,8 @@ class PageTokenError(ValueError):
         self.wrong_filter = wrong_filter
 
 
+# Each search call reads a token and writes one for the same few filters: hashed once each.
+@functools.lru_cache(maxsize=1024)
 def fingerprint(filter_key: str) -> bytes:
     """Return the 8-byte fingerprint of a canonical filter string."""
     return hashlib.sha256(filter_key.encode()).digest()[:8]

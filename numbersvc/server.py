@@ -201,16 +201,14 @@ async def create_server(config: Config) -> RunningServer:
         callers = (
             Callers.load(config.callers_file, strict_mode=True) if config.callers_file else None
         )
-        interceptors = [
-            # Outermost first: the access log and metrics see the gatekeeper's refusals too.
-            ObservingInterceptor([AccessLog(), metrics]),
-            Gatekeeper(
-                callers,
-                method_permissions(with_reflection=config.reflection),
-                trusted_proxies=config.trusted_xfcc_networks(),
-                certificates=bool(config.tls_client_ca),
-            ),
-        ]
+        gatekeeper = Gatekeeper(
+            callers,
+            method_permissions(with_reflection=config.reflection),
+            trusted_proxies=config.trusted_xfcc_networks(),
+            certificates=bool(config.tls_client_ca),
+        )
+        # The gatekeeper's checks run inside the observed call: its refusals are logged too.
+        interceptors = [ObservingInterceptor([AccessLog(), metrics], guard=gatekeeper)]
         server = _grpc_server(config, interceptors)
         pb_grpc.add_NumberGroupServiceServicer_to_server(servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -345,9 +345,9 @@ class NumberGroupServicer(pb_grpc.NumberGroupServiceServicer):
                 into = pb.ListNumberGroupsResponse().number_groups
             page = translation.parse_search_page(body, region_code=query.region_code, into=into)
             # Page by the offset we asked for: upstream's echo of it is informative only.
-            return dataclasses.replace(page, offset=offset)
+            return Page(offset, page.items, page.total_count, page.has_next)
 
-        if into is not None and self._cache is None:
+        if self._cache is None:  # built where they are wanted, in `into` if given
             return decode(await self._shared(key, read), into), None
         page, hit = await self._cached(key, read, decode, groups=_group_ids)
         if into is not None:

@@ -195,17 +195,11 @@ def _fill(group: pb.NumberGroup, obj: Mapping[str, Any], region_code: str) -> pb
         and type(sms_rate) in _CACHEABLE_RATE
     ):
         shared_fields = _cached_shared_fields
-    number_type = _NUMBER_TYPE_FROM_WIRE.get(raw_type, pb.NUMBER_TYPE_UNSPECIFIED)
-    shared = shared_fields(
-        number_type, region_code, voice, sms, rental, setup, voice_rate, sms_rate
-    )
+    shared = shared_fields(raw_type, region_code, voice, sms, rental, setup, voice_rate, sms_rate)
     # The fields a page's groups mostly share come in one copy of a cached message, not as
-    # four `Money` and ten fields set one by one. The strings follow in field order, so one
-    # protobuf cannot encode (a lone surrogate) fails on the first such field, as the
-    # constructor would.
+    # four `Money` and eleven fields set one by one.
     group.CopyFrom(shared)
     group.group_id = group_id
-    group.upstream_number_type = raw_type
     group.prefix = prefix
     group.region = region
     group.stock = stock
@@ -219,7 +213,7 @@ def _group_id(value: object) -> str:
 
 
 def _shared_fields(
-    number_type: pb.NumberType.ValueType,
+    upstream_number_type: str,
     region_code: str,
     voice: bool,
     sms: bool,
@@ -237,7 +231,8 @@ def _shared_fields(
     if sms:
         services.append(pb.NUMBER_SERVICE_SMS)
     return pb.NumberGroup(
-        number_type=number_type,
+        number_type=_NUMBER_TYPE_FROM_WIRE.get(upstream_number_type, pb.NUMBER_TYPE_UNSPECIFIED),
+        upstream_number_type=upstream_number_type,
         region_code=region_code,
         voice_enabled=voice,
         sms_enabled=sms,

@@ -389,34 +389,35 @@ def _search_query(
     if not request.HasField("filter"):
         check.fail("filter", "is required")
         return None
+    # NOTE: each field is read once: a read of a message's field is a call into upb, and this
+    # runs on every search (`bench.profile`).
     f = request.filter
-    region_code = f.region_code.upper()
-    if not f.region_code:
+    raw_code = f.region_code
+    region_code = raw_code.upper()
+    if not raw_code:
         check.fail("filter.region_code", "is required: an ISO 3166-1 alpha-2 country code")
     elif not (region_code.isascii() and region_code in countries_by_alpha2):
         check.fail("filter.region_code", "must be an ISO 3166-1 alpha-2 country code, like US")
-    number_type = f.number_type or pb.NUMBER_TYPE_LOCAL
+    raw_type = f.number_type
+    number_type = raw_type or pb.NUMBER_TYPE_LOCAL
     if number_type not in _NUMBER_TYPES:
-        check.fail("filter.number_type", f"unknown NumberType value {f.number_type}")
-    if f.prefix and not _PREFIX.fullmatch(f.prefix):
+        check.fail("filter.number_type", f"unknown NumberType value {raw_type}")
+    prefix = f.prefix
+    if prefix and not _PREFIX.fullmatch(prefix):
         check.fail("filter.prefix", "must be 1 to 5 digits")
-    _region(check, f.region, number_type)
-    seen: set[int] = set()
+    region = f.region
+    _region(check, region, number_type)
+    services = f.services
+    seen: set[pb.NumberService.ValueType] = set()
     # More entries than services means a repeat or an unknown value among the first ones:
     # looking further only costs time (a request may carry millions of entries).
-    for index, service in enumerate(f.services[: len(_SERVICES) + 1]):
+    for index, service in enumerate(services[: len(_SERVICES) + 1]):
         if service not in _SERVICES:
             check.fail(f"filter.services[{index}]", f"unknown NumberService value {service}")
         elif service in seen:
             check.fail(f"filter.services[{index}]", "is repeated; list each service once")
         seen.add(service)
-    return SearchQuery(
-        region_code=region_code,
-        number_type=number_type,
-        prefix=f.prefix,
-        region=f.region,
-        services=tuple(sorted(set(f.services))),
-    )
+    return SearchQuery(region_code, number_type, prefix, region, tuple(sorted(seen)))
 
 
 def _time_ns(check: _Checker, field: str, stamp: timestamp_pb2.Timestamp) -> int | None:
