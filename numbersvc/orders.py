@@ -54,6 +54,7 @@ from numbersvc.ledger import (
     Attempt,
     Begin,
     BeginResult,
+    ClaimLost,
     LedgerEntry,
     LedgerUnreachableError,
     OrderLedger,
@@ -384,7 +385,8 @@ class RentDesk:
 
         Raises:
             ServiceError: RENT_OUTCOME_UNKNOWN: the ledger did not take the outcome before the
-                deadline (the write goes on in the background), or the desk stopped first.
+                deadline (the write goes on in the background), or the desk stopped first, or
+                another server claimed the order since (`ClaimLost`).
         """
         writing = asyncio.create_task(
             self._write(order, state, answer, error_outcome=error_outcome, upstream=upstream),
@@ -396,6 +398,16 @@ class RentDesk:
         try:
             async with asyncio.timeout(max(wait, _MIN_WRITE_WAIT_SECONDS)):
                 return await asyncio.shield(writing)
+        except ClaimLost as exc:
+            # NOTE: not the row the ledger holds: it is the later claim's, not this call's
+            # outcome, and its answer would hide that this POST may have rented too.
+            raise ServiceError(
+                Outcome.RENT_OUTCOME_UNKNOWN,
+                f"order {order.request_id} was claimed again by another server while this"
+                " call's request was out, so its answer was not recorded (the server log has"
+                " Plivo's answer); look it up in the Plivo console and reconcile it before"
+                " ordering again",
+            ) from exc
         except Exception as exc:  # the deadline, or a write given up at shutdown
             raise ServiceError(
                 Outcome.RENT_OUTCOME_UNKNOWN,
@@ -416,7 +428,8 @@ class RentDesk:
 
         NOTE: every failure is retried, whatever the store and the cause (SQLite busy past its
         timeout or its disk full, a lost database connection): Plivo's answer exists nowhere
-        else. A write that can never succeed only costs retries until shutdown.
+        else. A write that can never succeed only costs retries until shutdown. Only
+        `ClaimLost` is final: the row is a later claim's, and the ledger logged the answer.
         """
         delays = full_jitter_delays(_WRITE_BACKOFF, self._rng)
         failures = 0
@@ -425,6 +438,8 @@ class RentDesk:
                 entry = await self._ledger.finish(
                     order, state, error_outcome=error_outcome, upstream=upstream
                 )
+            except ClaimLost:
+                raise  # final: the row is another claim's (the ledger logged the answer)
             except Exception as exc:
                 failures += 1
                 if failures == 1:

@@ -41,6 +41,7 @@ from numbersvc.ledger import (
     Attempt,
     Begin,
     BeginResult,
+    ClaimLost,
     Heartbeat,
     LedgerEntry,
     LedgerUnreachableError,
@@ -411,7 +412,11 @@ class PostgresLedger:
         error_outcome: str = "",
         upstream: str = "",
     ) -> LedgerEntry:
-        """Record how an order ended, unless it was settled meanwhile (then it is logged)."""
+        """Record how this instance's claim of an order ended, as `OrderLedger.finish`.
+
+        Raises:
+            ClaimLost: another instance claimed the order since (the answer is logged).
+        """
         async with self._connection() as conn:
             try:
                 return await self._update(
@@ -424,6 +429,9 @@ class PostgresLedger:
                     # Only the claim this instance made: another may have claimed the id since.
                     owner=self.instance,
                 )
+            except ClaimLost as lost:
+                rules.lost_answer(order, state, lost)
+                raise
             except SettleError:
                 entry = await _entry(conn, order.request_id)
                 if entry is None:

@@ -28,6 +28,7 @@ from numbersvc.ledger import (
     Attempt,
     Begin,
     BeginResult,
+    ClaimLost,
     Heartbeat,
     LedgerEntry,
     LedgerSchemaError,
@@ -307,8 +308,11 @@ class SqliteLedger:
         """Record how this instance's claim of an order ended.
 
         A settlement made meanwhile wins: a late answer never overwrites what a person
-        recorded from the Plivo console, nor a claim of the id by another instance since (its
-        POST may be out); it is logged instead.
+        recorded from the Plivo console (it is logged, the settlement returned).
+
+        Raises:
+            ClaimLost: another instance claimed the id since (its POST may be out): the row is
+                left as it is, the answer logged.
         """
 
         def finish() -> LedgerEntry:
@@ -321,6 +325,9 @@ class SqliteLedger:
                     only_from=rules.UNSETTLED,
                     owner=self.instance,
                 )
+            except ClaimLost as lost:
+                rules.lost_answer(order, state, lost)
+                raise
             except SettleError:
                 entry = self._entry(self._conn(), order.request_id)
                 if entry is None:
