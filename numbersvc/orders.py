@@ -35,7 +35,7 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -254,10 +254,7 @@ class RentDesk:
             and begun.entry is not None
             and begun.entry.state is OrderState.SENDING
         ):
-            wait = deadline.attempt_timeout(margin_seconds=_ANSWER_MARGIN_SECONDS)
-            if wait <= 0:
-                raise _in_progress(params.request_id)
-            await asyncio.sleep(min(next(polls), wait))
+            await self._until_landed(params.request_id, deadline, polls)
             # Claimed again, not just read: if it ended failed or released, this call sends it.
             send_by, begun = await self._claim(attempt, deadline)
         if begun.kind is Begin.CONFLICT:
@@ -270,6 +267,39 @@ class RentDesk:
             assert begun.entry is not None
             return _replay(begun.entry)
         return await self._send(params, attempt.order, deadline, send_by)
+
+    async def _until_landed(
+        self, request_id: str, deadline: Deadline, polls: Iterator[float]
+    ) -> None:
+        """Poll the ledger until another process's order is no longer `sending`.
+
+        NOTE: read (`get`), not claimed: a claim per poll cost a transaction (on PostgreSQL
+        five round trips and the caller's cap lock), and one with no time left failed as
+        LEDGER_UNAVAILABLE where the order is in progress. A row past its send window whose
+        owner lost track of it is no reason to claim: a claim never takes over a `sending`
+        row; a heartbeat recovers it as outcome unknown, which the read sees.
+
+        Raises:
+            ServiceError: RENT_IN_PROGRESS: the caller's deadline comes first.
+        """
+        while True:
+            wait = deadline.attempt_timeout(margin_seconds=_ANSWER_MARGIN_SECONDS)
+            if wait <= 0:
+                raise _in_progress(request_id)
+            await asyncio.sleep(min(next(polls), wait))
+            try:
+                # The read waits on the store only as long as the caller does.
+                async with asyncio.timeout(
+                    deadline.attempt_timeout(margin_seconds=_ANSWER_MARGIN_SECONDS)
+                ):
+                    entry = await self._ledger.get(request_id)
+            except TimeoutError:
+                raise _in_progress(request_id) from None
+            except LedgerUnreachableError as exc:  # the order is still what we last saw
+                _log.info("order %s: could not read it while in flight: %s", request_id, exc)
+                continue
+            if entry is None or entry.state is not OrderState.SENDING:
+                return
 
     async def _claim(self, attempt: Attempt, deadline: Deadline) -> tuple[float, BeginResult]:
         """Claim the order; return also the latest time this host may send it, if it is new.

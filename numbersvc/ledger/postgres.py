@@ -28,7 +28,7 @@ import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from typing import Any, Final
+from typing import Any, Final, Self
 
 import psycopg
 import psycopg.conninfo
@@ -210,7 +210,7 @@ class PostgresLedger:
         send_timeout_seconds: float = rules.DEFAULT_SEND_TIMEOUT_SECONDS,
         connect_timeout_seconds: float = 10.0,
         clock_ns: Callable[[], int] | None = None,
-    ) -> PostgresLedger:
+    ) -> Self:
         """Connect, apply pending migrations (under their lock) and register the lease.
 
         Args:

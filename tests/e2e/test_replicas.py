@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
@@ -18,10 +19,18 @@ import grpc
 import psycopg
 import pytest
 
+from numbersvc import translation
+from numbersvc.deadline import Deadline
+from numbersvc.errors import Outcome, ServiceError
+from numbersvc.ledger import Attempt, Begin, BeginResult, OrderState
+from numbersvc.ledger.postgres import PostgresLedger
+from numbersvc.orders import RentDesk, fingerprint
 from numbersvc.sandbox import SandboxControl, SandboxServer
 from numbersvc.sandbox.faults import FaultKind, FaultSpec
+from numbersvc.upstream import PlivoClient
 from numbersvc.v1 import number_groups_pb2 as pb
 from numbersvc.v1 import number_groups_pb2_grpc as pb_grpc
+from numbersvc.validation import RentParams
 from tests.e2e.conftest import eventually, reason_of
 from tests.e2e.test_process import Served, _start
 from tests.pg import Cluster
@@ -246,3 +255,54 @@ class TestStart:
             served.stderr
         )
         assert password.encode() not in served.stderr
+
+
+class _CountedLedger(PostgresLedger):
+    """The real PostgreSQL ledger, counting its claims (`begin`), the costly call."""
+
+    claims = 0
+
+    async def begin(
+        self, attempt: Attempt, *, daily_cap: int, within_seconds: float | None = None
+    ) -> BeginResult:
+        self.claims += 1
+        return await super().begin(attempt, daily_cap=daily_cap, within_seconds=within_seconds)
+
+
+@pytest.mark.parametrize("deadline_seconds", [1.0, 3.0])
+async def test_a_duplicate_of_another_replicas_rent_reads_until_its_deadline_and_is_in_progress(
+    postgres_url: str, sandbox: SandboxServer, deadline_seconds: float
+) -> None:
+    """Another replica's order is `sending` for longer than this duplicate waits: the
+    duplicate polls with reads (one claim in all, so no cap lock per poll) and, at its
+    deadline, is told RENT_IN_PROGRESS, not LEDGER_UNAVAILABLE from a claim given no time."""
+    other = await PostgresLedger.open(postgres_url)
+    mine = await _CountedLedger.open(postgres_url)
+    params = RentParams(group_id="G1", quantity=1, app_id="", request_id=str(uuid.uuid4()))
+    order = translation.new_order(params, caller="alice")
+    claim = Attempt(order, fingerprint(params, "alice"), "other replica")
+    try:
+        assert (await other.begin(claim, daily_cap=100)).kind is Begin.NEW
+        async with PlivoClient(
+            base_url=sandbox.base_url, auth_id=sandbox.auth_id, auth_token=sandbox.auth_token
+        ) as client:
+            desk = RentDesk(upstream=client, ledger=mine, rent_timeout_seconds=30, daily_cap=100)
+            started = time.monotonic()
+            with pytest.raises(ServiceError) as told:
+                await desk.rent(
+                    params,
+                    caller="alice",
+                    peer="test",
+                    deadline=Deadline(started + deadline_seconds),
+                )
+            waited = time.monotonic() - started
+        assert told.value.outcome is Outcome.RENT_IN_PROGRESS, told.value.message
+        assert told.value.retry_delay_seconds
+        assert waited < deadline_seconds
+        assert mine.claims == 1
+        entry = await other.get(params.request_id)
+        assert entry is not None
+        assert (entry.state, entry.owner) == (OrderState.SENDING, other.instance)
+    finally:
+        await mine.close()
+        await other.close()
