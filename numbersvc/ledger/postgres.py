@@ -214,6 +214,7 @@ class PostgresLedger:
         send_timeout_seconds: float = rules.DEFAULT_SEND_TIMEOUT_SECONDS,
         connect_timeout_seconds: float = 10.0,
         clock_ns: Callable[[], int] | None = None,
+        migrate: bool = True,
     ) -> Self:
         """Connect, apply pending migrations (under their lock) and register the lease.
 
@@ -226,11 +227,14 @@ class PostgresLedger:
                 end (the send deadline of each claim).
             connect_timeout_seconds: how long to wait for the first connection.
             clock_ns: for tests: a clock used instead of the database's.
+            migrate: False: apply nothing, and refuse a schema that is not exactly this
+                code's (a command that is no migrator: `orders settle --offline`).
 
         Raises:
             ValueError: `conninfo` does not parse (the message does not quote it).
             pgschema.SchemaTooNewError: the database's schema is newer than this code's (a
                 `LedgerSchemaError`).
+            pgschema.SchemaPendingError: `migrate` is False and migrations are pending.
             LedgerUnreachableError: the database cannot be reached or refused the connection
                 (the message never holds the password).
             psycopg.Error: a migration failed.
@@ -255,8 +259,11 @@ class PostgresLedger:
                 f" {scrub(str(exc).strip(), conninfo)}"
             ) from None
         async with first:
-            for migration in await pgschema.migrate(first):
-                _log.info("applied migration %04d_%s", migration.version, migration.name)
+            if migrate:
+                for migration in await pgschema.migrate(first):
+                    _log.info("applied migration %04d_%s", migration.version, migration.name)
+            else:
+                pgschema.check_current(await pgschema.status(first))
         pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
             conninfo,
             min_size=1,
