@@ -630,7 +630,10 @@ async def serve(config: Config) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    running = await create_server(config)
+    running = await _start_unless_stopped(config, stop)
+    if running is None:
+        _log.info("signal received while starting: stopped before serving")
+        return 0
     settle_heap()
     try:
         await stop.wait()
@@ -640,3 +643,25 @@ async def serve(config: Config) -> int:
             drain_seconds=config.drain_seconds, grace_seconds=config.shutdown_grace_seconds
         )
     return 0
+
+
+async def _start_unless_stopped(config: Config, stop: asyncio.Event) -> RunningServer | None:
+    """Start the server, or give up when `stop` is set first (None).
+
+    NOTE: start-up may wait for long (the migration lock another replica or a `db migrate`
+    Job holds, a database that does not answer): a SIGTERM meanwhile must end it then, or the
+    orchestrator kills the process after its grace period. Cancelled, `create_server` undoes
+    what it started (its exit stack), and a lock wait is cancelled in the database too.
+    """
+    starting = asyncio.ensure_future(create_server(config))
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait((starting, stopped), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopped.cancel()
+    if starting.done():
+        return starting.result()
+    starting.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await starting
+    return None

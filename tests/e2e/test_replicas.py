@@ -22,7 +22,7 @@ import pytest
 from numbersvc import translation
 from numbersvc.deadline import Deadline
 from numbersvc.errors import Outcome, ServiceError
-from numbersvc.ledger import Attempt, Begin, BeginResult, OrderState
+from numbersvc.ledger import Attempt, Begin, BeginResult, OrderState, pgschema
 from numbersvc.ledger.postgres import PostgresLedger
 from numbersvc.orders import RentDesk, fingerprint
 from numbersvc.sandbox import SandboxControl, SandboxServer
@@ -200,6 +200,41 @@ class TestStart:
         _, err = await asyncio.wait_for(process.communicate(), timeout=30)
         assert process.returncode == 2
         assert b"version 9999, newer than this numbersvc knows" in err
+
+    async def test_a_sigterm_while_waiting_for_the_migration_lock_exits_promptly_holding_nothing(
+        self, sandbox: SandboxServer, empty_postgres_url: str
+    ) -> None:
+        """A server waiting at start for the migration lock (a `db migrate` Job holds it) is
+        stopped by SIGTERM at once, exit 0 as for a normal stop, not SIGKILLed by Kubernetes
+        after its grace period; it leaves no session and no migration behind."""
+        with psycopg.connect(empty_postgres_url, autocommit=True) as holder:
+            holder.execute("SELECT pg_advisory_lock(%s)", (pgschema.MIGRATION_LOCK_KEY,))
+            served = Served(await _start(_env(sandbox, empty_postgres_url)))
+            try:
+                assert served.process.stderr is not None
+                async with asyncio.timeout(30):
+                    while b"waiting for the migration lock" not in served.stderr:
+                        line = await served.process.stderr.readline()
+                        assert line, f"server exited early:\n{served.stderr.decode()}"
+                        served.stderr += line
+                served.process.send_signal(signal.SIGTERM)
+                async with asyncio.timeout(10):
+                    _, rest = await served.process.communicate()
+                served.stderr += rest
+            finally:
+                await served.close()
+            assert served.process.returncode == 0, served.stderr.decode()
+            assert b"Traceback" not in served.stderr
+            sessions = holder.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'numbersvc%'"
+                " AND pid <> pg_backend_pid()"
+            ).fetchone()
+            [(tables,)] = holder.execute(
+                "SELECT count(*) FROM information_schema.tables"
+                " WHERE table_schema = current_schema()"
+            ).fetchall()
+        assert sessions == (0,)
+        assert tables == 0  # nothing migrated
 
     @pytest.mark.parametrize("how", ["wrong password", "nothing listens", "malformed"])
     async def test_the_password_never_shows_when_the_database_refuses(
