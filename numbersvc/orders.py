@@ -150,6 +150,7 @@ class RentDesk:
         self._metrics = metrics
         self._rng = random.Random()
         self._landing: list[Callable[[str], object]] = []
+        self._store_down = False
 
     def when_landed(self, callback: Callable[[str], object]) -> None:
         """Call `callback(group_id)` each time an order's placing ends, sent or not.
@@ -158,6 +159,14 @@ class RentDesk:
         depends on the group's stock (the search cache) hears it here, not from the call.
         """
         self._landing.append(callback)
+
+    def store_reachable(self, up: bool) -> None:
+        """Hear whether the ledger's store answered its last probe (the heartbeat).
+
+        While it did not, a claim is refused at once with LEDGER_UNAVAILABLE (nothing is
+        sent), rather than after each one waits for the store (a pool connection, 5 s).
+        """
+        self._store_down = not up
 
     async def rent(
         self, params: RentParams, *, caller: str, peer: str, deadline: Deadline
@@ -312,6 +321,9 @@ class RentDesk:
         # The claim gives up before the caller's wait does: a store that is down or locked is
         # told as LEDGER_UNAVAILABLE (nothing claimed, nothing sent), not as an order whose
         # outcome is unknown, which the claim could still make real once the caller is gone.
+        if self._store_down:
+            _log.info("order %s not claimed: the store is down", attempt.order.request_id)
+            raise _ledger_unavailable()
         within = deadline.attempt_timeout(margin_seconds=_ANSWER_MARGIN_SECONDS)
         send_by = time.time() + self._timeout + _START_SLACK_SECONDS
         try:
@@ -321,11 +333,7 @@ class RentDesk:
         except LedgerUnreachableError as exc:
             # The cause is logged, not told: it may name the database's host.
             _log.warning("order %s not claimed: %s", attempt.order.request_id, exc)
-            raise ServiceError(
-                Outcome.LEDGER_UNAVAILABLE,
-                "the order ledger cannot be written now; nothing was sent: send it again",
-                retry_delay_seconds=_LEDGER_RETRY_SECONDS,
-            ) from None
+            raise _ledger_unavailable() from None
 
     async def _send(
         self, params: RentParams, order: pb.RentalOrder, deadline: Deadline, send_by: float
@@ -518,6 +526,14 @@ class RentDesk:
         self._writes.discard(task)
         if not task.cancelled():
             task.exception()  # logged by `_write`; only mark it retrieved
+
+
+def _ledger_unavailable() -> ServiceError:
+    return ServiceError(
+        Outcome.LEDGER_UNAVAILABLE,
+        "the order ledger cannot be written now; nothing was sent: send it again",
+        retry_delay_seconds=_LEDGER_RETRY_SECONDS,
+    )
 
 
 def _in_progress(request_id: str) -> ServiceError:

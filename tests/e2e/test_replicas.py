@@ -31,7 +31,7 @@ from numbersvc.upstream import PlivoClient
 from numbersvc.v1 import number_groups_pb2 as pb
 from numbersvc.v1 import number_groups_pb2_grpc as pb_grpc
 from numbersvc.validation import RentParams
-from tests.e2e.conftest import eventually, reason_of
+from tests.e2e.conftest import eventually, reason_of, rich_details
 from tests.e2e.test_process import Served, _start
 from tests.pg import Cluster
 
@@ -341,3 +341,46 @@ async def test_a_duplicate_of_another_replicas_rent_reads_until_its_deadline_and
     finally:
         await mine.close()
         await other.close()
+
+
+async def test_while_the_store_is_known_down_rents_are_refused_at_once(
+    sandbox: SandboxServer,
+    control: SandboxControl,
+    postgres_cluster: Cluster,
+    postgres_url: str,
+) -> None:
+    """Once a heartbeat has found the database down, a rent is refused at once (UNAVAILABLE
+    LEDGER_UNAVAILABLE with RetryInfo, nothing sent), not after a wait for a pool connection
+    (5 s) each; after the database is back, rents work again within a few heartbeats."""
+    env = _env(sandbox, postgres_url, NUMBERSVC_INSTANCE_LEASE_SECONDS="1")
+    async with _served_replicas(env, 1) as [(served, stub)]:
+        group_id = await _group(stub)
+        try:
+            await asyncio.to_thread(postgres_cluster.stop)
+
+            async def known_down() -> bool:
+                return b"ledger heartbeat failed" in served.stderr
+
+            await eventually(known_down, timeout_seconds=30)
+            for _ in range(3):
+                rent = pb.RentNumbersRequest(group_id=group_id, request_id=str(uuid.uuid4()))
+                started = time.monotonic()
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await stub.RentNumbers(rent, timeout=20)
+                # Half the pool's wait: under any load, an answer without one is far quicker.
+                assert time.monotonic() - started < 2.5
+                assert reason_of(refused.value) == "LEDGER_UNAVAILABLE", refused.value.details()
+                assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+                assert "RetryInfo" in rich_details(refused.value)
+        finally:
+            await asyncio.to_thread(postgres_cluster.start)
+        assert await _posts(control) == 0
+        rent = pb.RentNumbersRequest(group_id=group_id, request_id=str(uuid.uuid4()))
+
+        async def rents_again() -> bool:
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                placed: pb.RentNumbersResponse = await stub.RentNumbers(rent, timeout=20)
+                return placed.order.status == pb.ORDER_STATUS_FULFILLED
+            return False
+
+        await eventually(rents_again, timeout_seconds=60)
