@@ -172,6 +172,30 @@ FOR UPDATE OF o SKIP LOCKED
 """
 
 _Row = tuple[bytes, str, str, str, str]
+_POOL_LOG: Final = logging.getLogger("psycopg.pool")
+
+
+class _OncePerOutage(logging.Filter):
+    """Let one of the pool's warnings through per outage.
+
+    NOTE: while the database is down the pool tries to replace its lost connections several
+    times a second and logs every try; the heartbeat's ERROR already says the store is down
+    (once), and the first warning keeps the driver's own words.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._said = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        said, self._said = self._said, True
+        return not said
+
+    def reset(self) -> None:
+        """Tell the next outage once more: the store answered again."""
+        self._said = False
 
 
 class PostgresLedger:
@@ -203,6 +227,7 @@ class PostgresLedger:
         self._send_ns = int(send_timeout_seconds * _NANOS)
         self._clock_ns = clock_ns
         self._releases: set[asyncio.Task[None]] = set()
+        self._pool_log = _OncePerOutage()  # on the driver's logger while open
 
     @classmethod
     async def open(
@@ -289,6 +314,7 @@ class PostgresLedger:
         except BaseException:
             await pool.close()
             raise
+        _POOL_LOG.addFilter(ledger._pool_log)
         return ledger
 
     @tracing.ledger_span("postgresql", "begin")
@@ -647,6 +673,7 @@ class PostgresLedger:
             )
             counted = await cursor.fetchone()
         assert counted is not None
+        self._pool_log.reset()
         rules.log_recovered(recovered)
         return Heartbeat(len(recovered), expired.rowcount, int(counted[0]))
 
@@ -699,6 +726,7 @@ class PostgresLedger:
             _log.warning("could not give up the ledger lease: %s", type(exc).__name__)
         finally:
             await self._pool.close()
+            _POOL_LOG.removeFilter(self._pool_log)
 
 
 class _Budget:

@@ -372,6 +372,9 @@ async def test_while_the_store_is_known_down_rents_are_refused_at_once(
                 assert reason_of(refused.value) == "LEDGER_UNAVAILABLE", refused.value.details()
                 assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
                 assert "RetryInfo" in rich_details(refused.value)
+            # The pool retries its lost connections all along: said once per outage, as the
+            # heartbeat's ERROR is, not once per try.
+            assert served.stderr.count(b"psycopg.pool") <= 1, served.stderr.decode()
         finally:
             await asyncio.to_thread(postgres_cluster.start)
         assert await _posts(control) == 0
