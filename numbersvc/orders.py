@@ -118,6 +118,8 @@ class _Flight:
     caller: str
     group_id: str
     task: asyncio.Task[pb.RentalOrder] = field(init=False)
+    awaiting_other: bool = False
+    """Waiting for another process's send of the order: this flight has sent nothing yet."""
 
 
 class RentDesk:
@@ -203,6 +205,7 @@ class RentDesk:
                 params,
                 Attempt(translation.new_order(params, caller=caller), print_, peer),
                 deadline,
+                flight,
             ),
             name=f"rent {params.request_id}",
         )
@@ -242,7 +245,9 @@ class RentDesk:
             async with asyncio.timeout(deadline.attempt_timeout()):
                 return await asyncio.shield(flight.task)
         except TimeoutError:
-            if not first:
+            # NOTE: a flight polling another process's order may still be in its last poll
+            # when its caller's wait (a smaller margin) ends: that order is in progress.
+            if not first or flight.awaiting_other:
                 raise _in_progress(request_id) from None
             raise ServiceError(
                 Outcome.RENT_OUTCOME_UNKNOWN_DEADLINE,
@@ -252,7 +257,7 @@ class RentDesk:
             ) from None
 
     async def _place(
-        self, params: RentParams, attempt: Attempt, deadline: Deadline
+        self, params: RentParams, attempt: Attempt, deadline: Deadline, flight: _Flight
     ) -> pb.RentalOrder:
         send_by, begun = await self._claim(attempt, deadline)
         # Another process (a replica, a server on the same file) is sending this order: wait
@@ -263,7 +268,9 @@ class RentDesk:
             and begun.entry is not None
             and begun.entry.state is OrderState.SENDING
         ):
+            flight.awaiting_other = True
             await self._until_landed(params.request_id, deadline, polls)
+            flight.awaiting_other = False
             # Claimed again, not just read: if it ended failed or released, this call sends it.
             send_by, begun = await self._claim(attempt, deadline)
         if begun.kind is Begin.CONFLICT:
