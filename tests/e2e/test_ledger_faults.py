@@ -299,6 +299,20 @@ async def test_a_rent_while_the_file_is_locked_is_refused_with_nothing_sent(
     assert (await stub.RentNumbers(rent, timeout=10)).order.status == pb.ORDER_STATUS_FULFILLED
 
 
+@contextlib.asynccontextmanager
+async def _desk(sandbox: SandboxServer, ledger: OrderLedger) -> AsyncIterator[tuple[RentDesk, str]]:
+    """A rent desk of this process on `ledger` and the sandbox, and a US group to rent from."""
+    async with PlivoClient(
+        base_url=sandbox.base_url, auth_id=sandbox.auth_id, auth_token=sandbox.auth_token
+    ) as client:
+        found = await client.search_number_groups({"country_iso": "US"}, timeout_seconds=5)
+        group_id = cast(dict[str, Any], found.body)["objects"][0]["group_id"]
+        yield (
+            RentDesk(upstream=client, ledger=ledger, rent_timeout_seconds=30, daily_cap=0),
+            group_id,
+        )
+
+
 async def test_a_hard_stop_stays_a_cancellation_when_the_ledger_refuses_its_write(
     sandbox: SandboxServer, control: SandboxControl, tmp_path: Path
 ) -> None:
@@ -307,12 +321,7 @@ async def test_a_hard_stop_stays_a_cancellation_when_the_ledger_refuses_its_writ
     ledger's error; the row stays `sending` for another server's heartbeat to recover."""
     path = tmp_path / "ledger.sqlite3"
     ledger = await SqliteLedger.open(path)
-    async with PlivoClient(
-        base_url=sandbox.base_url, auth_id=sandbox.auth_id, auth_token=sandbox.auth_token
-    ) as client:
-        desk = RentDesk(upstream=client, ledger=ledger, rent_timeout_seconds=30, daily_cap=0)
-        found = await client.search_number_groups({"country_iso": "US"}, timeout_seconds=5)
-        group_id = cast(dict[str, Any], found.body)["objects"][0]["group_id"]
+    async with _desk(sandbox, ledger) as (desk, group_id):
         await control.inject_fault(FaultSpec(FaultKind.HANG, operation="rent"))
         request_id = str(uuid.uuid4())
         params = RentParams(group_id=group_id, quantity=1, app_id="", request_id=request_id)
@@ -354,12 +363,7 @@ async def test_an_answer_to_a_claim_taken_over_meanwhile_is_told_unknown_and_log
     # This desk's ledger never beats: its lease lapses, its claim's send window is short.
     mine = await SqliteLedger.open(path, lease_seconds=0.3, send_timeout_seconds=0.3)
     other = await SqliteLedger.open(path, lease_seconds=600)
-    async with PlivoClient(
-        base_url=sandbox.base_url, auth_id=sandbox.auth_id, auth_token=sandbox.auth_token
-    ) as client:
-        desk = RentDesk(upstream=client, ledger=mine, rent_timeout_seconds=30, daily_cap=0)
-        found = await client.search_number_groups({"country_iso": "US"}, timeout_seconds=5)
-        group_id = cast(dict[str, Any], found.body)["objects"][0]["group_id"]
+    async with _desk(sandbox, mine) as (desk, group_id):
         # Answered (rented) after the take-over below, which takes well under a second.
         await control.inject_fault(FaultSpec(FaultKind.DELAY, seconds=8, operation="rent"))
         request_id = str(uuid.uuid4())

@@ -64,6 +64,14 @@ SETTLED: Final = (
 )
 
 
+def _rented(order: pb.RentalOrder) -> pb.RentalOrder:
+    """Plivo's answer to `order`: one number rented (+14155550199)."""
+    answer = pb.RentalOrder()
+    answer.CopyFrom(order)
+    answer.numbers.add(number="14155550199", e164="+14155550199", upstream_status="Success")
+    return answer
+
+
 def _key(entry: LedgerEntry) -> OrderKey:
     """The key of a listed order, as a page token carries it."""
     return OrderKey(entry.order.create_time.ToNanoseconds(), entry.order.request_id)
@@ -455,10 +463,8 @@ class TestFinish:
         )
         before = dump(ledger_factory)
         clock.advance(SECOND)
-        answer = pb.RentalOrder()
-        answer.CopyFrom(order)
+        answer = _rented(order)
         answer.upstream_status = "late"
-        answer.numbers.add(number="14155550199", e164="+14155550199", upstream_status="Success")
         caplog.set_level(logging.INFO, logger="numbersvc.orders")
         caplog.clear()
         entry = await ledger.finish(answer, late, error_outcome="LATE", upstream="late body")
@@ -494,10 +500,8 @@ class TestFinish:
         if other_finished:
             await second.finish(retry.order, OrderState.FULFILLED)
         before = dump(ledger_factory)
-        answer = pb.RentalOrder()
-        answer.CopyFrom(order)
+        answer = _rented(order)
         answer.upstream_request_id = "api-first"
-        answer.numbers.add(number="14155550199", e164="+14155550199", upstream_status="Success")
         caplog.set_level(logging.INFO, logger="numbersvc.orders")
         caplog.clear()
         with pytest.raises(ClaimLost, match=second.instance):

@@ -131,67 +131,56 @@ async def eater(postgres_cluster: Cluster) -> AsyncIterator[_AnswerEater]:
     await proxy.close()
 
 
+@pytest.fixture
+async def through(
+    eater: _AnswerEater, postgres_url: str, postgres_cluster: Cluster
+) -> AsyncIterator[PostgresLedger]:
+    """A ledger whose connections go through `eater`."""
+    url = postgres_url.replace(f":{postgres_cluster.port}/", f":{eater.port}/")
+    assert url != postgres_url
+    ledger = await PostgresLedger.open(url)
+    yield ledger
+    await ledger.close()
+
+
 class TestLostCommit:
     """A claim whose COMMIT reached the database but whose answer never came back: its caller
     is told nothing was claimed (and sends nothing), so the row it may have committed is
     released at once, not left `sending` until its send window ends."""
 
-    async def _through(
-        self, eater: _AnswerEater, postgres_url: str, cluster: Cluster
-    ) -> PostgresLedger:
-        url = postgres_url.replace(f":{cluster.port}/", f":{eater.port}/")
-        assert url != postgres_url
-        return await PostgresLedger.open(url)
-
     async def test_a_committed_claim_whose_answer_was_lost_is_released(
-        self,
-        eater: _AnswerEater,
-        postgres: PostgresFactory,
-        postgres_url: str,
-        postgres_cluster: Cluster,
+        self, eater: _AnswerEater, through: PostgresLedger, postgres: PostgresFactory
     ) -> None:
-        ledger = await self._through(eater, postgres_url, postgres_cluster)
-        try:
-            eater.armed = True
-            with pytest.raises(LedgerUnreachableError):
-                await ledger.begin(new_attempt("r-1"), daily_cap=0, within_seconds=2)
-            assert eater.eaten.is_set()
+        eater.armed = True
+        with pytest.raises(LedgerUnreachableError):
+            await through.begin(new_attempt("r-1"), daily_cap=0, within_seconds=2)
+        assert eater.eaten.is_set()
 
-            async def released() -> bool:
-                return bool(row_of(postgres, "r-1")["state"] == OrderState.RELEASED.value)
+        async def released() -> bool:
+            return bool(row_of(postgres, "r-1")["state"] == OrderState.RELEASED.value)
 
-            await eventually(released, timeout_seconds=20)
-            events = postgres.events("r-1")
-            assert [e[2] for e in events] == ["sending", "released"]
-            entry = await ledger.get("r-1")
-            assert entry is not None
-            assert entry.order.status == pb.ORDER_STATUS_FAILED
-            assert "nothing was sent" in entry.order.status_message
-            # Free again: a retry claims it.
-            assert (await ledger.begin(new_attempt("r-1"), daily_cap=0)).kind is Begin.NEW
-        finally:
-            await ledger.close()
+        await eventually(released, timeout_seconds=20)
+        events = postgres.events("r-1")
+        assert [e[2] for e in events] == ["sending", "released"]
+        entry = await through.get("r-1")
+        assert entry is not None
+        assert entry.order.status == pb.ORDER_STATUS_FAILED
+        assert "nothing was sent" in entry.order.status_message
+        # Free again: a retry claims it.
+        assert (await through.begin(new_attempt("r-1"), daily_cap=0)).kind is Begin.NEW
 
     async def test_an_earlier_claim_of_the_id_is_never_released(
-        self,
-        eater: _AnswerEater,
-        postgres: PostgresFactory,
-        postgres_url: str,
-        postgres_cluster: Cluster,
+        self, eater: _AnswerEater, through: PostgresLedger, postgres: PostgresFactory
     ) -> None:
         # The same instance's earlier claim is `sending` (its POST may be out); a repeat's
         # claim (EXISTING) loses its answer: the earlier claim stays as it is.
-        ledger = await self._through(eater, postgres_url, postgres_cluster)
-        try:
-            assert (await ledger.begin(new_attempt("r-1"), daily_cap=0)).kind is Begin.NEW
-            before = postgres.rows(), postgres.events()
-            eater.armed = True
-            with pytest.raises(LedgerUnreachableError):
-                await ledger.begin(new_attempt("r-1"), daily_cap=0, within_seconds=2)
-            await ledger.close()  # after any release it started
-            assert (postgres.rows(), postgres.events()) == before
-        finally:
-            await ledger.close()
+        assert (await through.begin(new_attempt("r-1"), daily_cap=0)).kind is Begin.NEW
+        before = postgres.rows(), postgres.events()
+        eater.armed = True
+        with pytest.raises(LedgerUnreachableError):
+            await through.begin(new_attempt("r-1"), daily_cap=0, within_seconds=2)
+        await through.close()  # after any release it started (closing twice is harmless)
+        assert (postgres.rows(), postgres.events()) == before
 
 
 class TestSecrets:
