@@ -325,12 +325,12 @@ class RentDesk:
         compares `send_by` with this host's; read before, the claim cannot come earlier than
         it. Read per claim: a claim taken over after polling gets its own window.
         """
-        # The claim gives up before the caller's wait does: a store that is down or locked is
-        # told as LEDGER_UNAVAILABLE (nothing claimed, nothing sent), not as an order whose
-        # outcome is unknown, which the claim could still make real once the caller is gone.
         if self._store_down:
             _log.info("order %s not claimed: the store is down", attempt.order.request_id)
             raise _ledger_unavailable()
+        # The claim gives up before the caller's wait does: a store that is down or locked is
+        # told as LEDGER_UNAVAILABLE (nothing claimed, nothing sent), not as an order whose
+        # outcome is unknown, which the claim could still make real once the caller is gone.
         within = deadline.attempt_timeout(margin_seconds=_ANSWER_MARGIN_SECONDS)
         send_by = time.time() + self._timeout + _START_SLACK_SECONDS
         try:

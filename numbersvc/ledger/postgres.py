@@ -100,7 +100,8 @@ _LOCK_THEN_READ_CLOCK: Final = (
 )
 _ENTRY_COLUMNS: Final = "order_proto, state, fingerprint, owner, error_outcome"
 _RELEASED_NOTE: Final = (
-    "the claim's commit went unanswered (its caller was told so): nothing was sent"
+    "the claim's commit went unanswered, so its caller was told nothing was claimed: nothing"
+    " was sent"
 )
 
 # The claim: count today's quantities of the caller, then insert the row, or take over a
