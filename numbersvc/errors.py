@@ -371,10 +371,12 @@ RENT_NOT_SENT: Final = frozenset(
         Outcome.UPSTREAM_UNREACHABLE,
         Outcome.UPSTREAM_BUDGET_EXHAUSTED,
         Outcome.DEADLINE_EXCEEDED,
-        Outcome.LEDGER_UNAVAILABLE,
     }
 )
-"""Rent outcomes that prove the request never left."""
+"""Rent outcomes that prove the POST never left: an order failed so is released for a retry.
+
+NOTE: not LEDGER_UNAVAILABLE: a claim refused by the store sends nothing (`orders._claim`
+raises it before any POST), but a ledger error after a POST proves nothing about the POST."""
 
 
 def classify(exc: BaseException, operation: Operation) -> ServiceError:

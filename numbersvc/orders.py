@@ -35,7 +35,7 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -54,6 +54,7 @@ from numbersvc.ledger import (
     Attempt,
     Begin,
     BeginResult,
+    ClaimLost,
     LedgerEntry,
     LedgerUnreachableError,
     OrderLedger,
@@ -117,6 +118,8 @@ class _Flight:
     caller: str
     group_id: str
     task: asyncio.Task[pb.RentalOrder] = field(init=False)
+    awaiting_other: bool = False
+    """Waiting for another process's send of the order: this flight has sent nothing yet."""
 
 
 class RentDesk:
@@ -149,6 +152,7 @@ class RentDesk:
         self._metrics = metrics
         self._rng = random.Random()
         self._landing: list[Callable[[str], object]] = []
+        self._store_down = False
 
     def when_landed(self, callback: Callable[[str], object]) -> None:
         """Call `callback(group_id)` each time an order's placing ends, sent or not.
@@ -157,6 +161,14 @@ class RentDesk:
         depends on the group's stock (the search cache) hears it here, not from the call.
         """
         self._landing.append(callback)
+
+    def store_reachable(self, up: bool) -> None:
+        """Hear whether the ledger's store answered its last probe (the heartbeat).
+
+        While it did not, a claim is refused at once with LEDGER_UNAVAILABLE (nothing is
+        sent), rather than after each one waits for the store (a pool connection, 5 s).
+        """
+        self._store_down = not up
 
     async def rent(
         self, params: RentParams, *, caller: str, peer: str, deadline: Deadline
@@ -193,6 +205,7 @@ class RentDesk:
                 params,
                 Attempt(translation.new_order(params, caller=caller), print_, peer),
                 deadline,
+                flight,
             ),
             name=f"rent {params.request_id}",
         )
@@ -232,7 +245,9 @@ class RentDesk:
             async with asyncio.timeout(deadline.attempt_timeout()):
                 return await asyncio.shield(flight.task)
         except TimeoutError:
-            if not first:
+            # NOTE: a flight polling another process's order may still be in its last poll
+            # when its caller's wait (a smaller margin) ends: that order is in progress.
+            if not first or flight.awaiting_other:
                 raise _in_progress(request_id) from None
             raise ServiceError(
                 Outcome.RENT_OUTCOME_UNKNOWN_DEADLINE,
@@ -242,7 +257,7 @@ class RentDesk:
             ) from None
 
     async def _place(
-        self, params: RentParams, attempt: Attempt, deadline: Deadline
+        self, params: RentParams, attempt: Attempt, deadline: Deadline, flight: _Flight
     ) -> pb.RentalOrder:
         send_by, begun = await self._claim(attempt, deadline)
         # Another process (a replica, a server on the same file) is sending this order: wait
@@ -253,10 +268,9 @@ class RentDesk:
             and begun.entry is not None
             and begun.entry.state is OrderState.SENDING
         ):
-            wait = deadline.attempt_timeout(margin_seconds=_ANSWER_MARGIN_SECONDS)
-            if wait <= 0:
-                raise _in_progress(params.request_id)
-            await asyncio.sleep(min(next(polls), wait))
+            flight.awaiting_other = True
+            await self._until_landed(params.request_id, deadline, polls)
+            flight.awaiting_other = False
             # Claimed again, not just read: if it ended failed or released, this call sends it.
             send_by, begun = await self._claim(attempt, deadline)
         if begun.kind is Begin.CONFLICT:
@@ -270,6 +284,39 @@ class RentDesk:
             return _replay(begun.entry)
         return await self._send(params, attempt.order, deadline, send_by)
 
+    async def _until_landed(
+        self, request_id: str, deadline: Deadline, polls: Iterator[float]
+    ) -> None:
+        """Poll the ledger until another process's order is no longer `sending`.
+
+        NOTE: read (`get`), not claimed: a claim per poll cost a transaction (on PostgreSQL
+        five round trips and the caller's cap lock), and one with no time left failed as
+        LEDGER_UNAVAILABLE where the order is in progress. A row past its send window whose
+        owner lost track of it is no reason to claim: a claim never takes over a `sending`
+        row; a heartbeat recovers it as outcome unknown, which the read sees.
+
+        Raises:
+            ServiceError: RENT_IN_PROGRESS: the caller's deadline comes first.
+        """
+        while True:
+            wait = deadline.attempt_timeout(margin_seconds=_ANSWER_MARGIN_SECONDS)
+            if wait <= 0:
+                raise _in_progress(request_id)
+            await asyncio.sleep(min(next(polls), wait))
+            try:
+                # The read waits on the store only as long as the caller does.
+                async with asyncio.timeout(
+                    deadline.attempt_timeout(margin_seconds=_ANSWER_MARGIN_SECONDS)
+                ):
+                    entry = await self._ledger.get(request_id)
+            except TimeoutError:
+                raise _in_progress(request_id) from None
+            except LedgerUnreachableError as exc:  # the order is still what we last saw
+                _log.info("order %s: could not read it while in flight: %s", request_id, exc)
+                continue
+            if entry is None or entry.state is not OrderState.SENDING:
+                return
+
     async def _claim(self, attempt: Attempt, deadline: Deadline) -> tuple[float, BeginResult]:
         """Claim the order; return also the latest time this host may send it, if it is new.
 
@@ -278,6 +325,9 @@ class RentDesk:
         compares `send_by` with this host's; read before, the claim cannot come earlier than
         it. Read per claim: a claim taken over after polling gets its own window.
         """
+        if self._store_down:
+            _log.info("order %s not claimed: the store is down", attempt.order.request_id)
+            raise _ledger_unavailable()
         # The claim gives up before the caller's wait does: a store that is down or locked is
         # told as LEDGER_UNAVAILABLE (nothing claimed, nothing sent), not as an order whose
         # outcome is unknown, which the claim could still make real once the caller is gone.
@@ -290,11 +340,7 @@ class RentDesk:
         except LedgerUnreachableError as exc:
             # The cause is logged, not told: it may name the database's host.
             _log.warning("order %s not claimed: %s", attempt.order.request_id, exc)
-            raise ServiceError(
-                Outcome.LEDGER_UNAVAILABLE,
-                "the order ledger cannot be written now; nothing was sent: send it again",
-                retry_delay_seconds=_LEDGER_RETRY_SECONDS,
-            ) from None
+            raise _ledger_unavailable() from None
 
     async def _send(
         self, params: RentParams, order: pb.RentalOrder, deadline: Deadline, send_by: float
@@ -384,7 +430,8 @@ class RentDesk:
 
         Raises:
             ServiceError: RENT_OUTCOME_UNKNOWN: the ledger did not take the outcome before the
-                deadline (the write goes on in the background), or the desk stopped first.
+                deadline (the write goes on in the background), or the desk stopped first, or
+                another server claimed the order since (`ClaimLost`).
         """
         writing = asyncio.create_task(
             self._write(order, state, answer, error_outcome=error_outcome, upstream=upstream),
@@ -396,6 +443,16 @@ class RentDesk:
         try:
             async with asyncio.timeout(max(wait, _MIN_WRITE_WAIT_SECONDS)):
                 return await asyncio.shield(writing)
+        except ClaimLost as exc:
+            # NOTE: not the row the ledger holds: it is the later claim's, not this call's
+            # outcome, and its answer would hide that this POST may have rented too.
+            raise ServiceError(
+                Outcome.RENT_OUTCOME_UNKNOWN,
+                f"order {order.request_id} was claimed again by another server while this"
+                " call's request was out, so its answer was not recorded (the server log has"
+                " Plivo's answer); look it up in the Plivo console and reconcile it before"
+                " ordering again",
+            ) from exc
         except Exception as exc:  # the deadline, or a write given up at shutdown
             raise ServiceError(
                 Outcome.RENT_OUTCOME_UNKNOWN,
@@ -416,7 +473,8 @@ class RentDesk:
 
         NOTE: every failure is retried, whatever the store and the cause (SQLite busy past its
         timeout or its disk full, a lost database connection): Plivo's answer exists nowhere
-        else. A write that can never succeed only costs retries until shutdown.
+        else. A write that can never succeed only costs retries until shutdown. Only
+        `ClaimLost` is final: the row is a later claim's, and the ledger logged the answer.
         """
         delays = full_jitter_delays(_WRITE_BACKOFF, self._rng)
         failures = 0
@@ -425,6 +483,8 @@ class RentDesk:
                 entry = await self._ledger.finish(
                     order, state, error_outcome=error_outcome, upstream=upstream
                 )
+            except ClaimLost:
+                raise  # final: the row is another claim's (the ledger logged the answer)
             except Exception as exc:
                 failures += 1
                 if failures == 1:
@@ -473,6 +533,14 @@ class RentDesk:
         self._writes.discard(task)
         if not task.cancelled():
             task.exception()  # logged by `_write`; only mark it retrieved
+
+
+def _ledger_unavailable() -> ServiceError:
+    return ServiceError(
+        Outcome.LEDGER_UNAVAILABLE,
+        "the order ledger cannot be written now; nothing was sent: send it again",
+        retry_delay_seconds=_LEDGER_RETRY_SECONDS,
+    )
 
 
 def _in_progress(request_id: str) -> ServiceError:

@@ -18,7 +18,7 @@ import os
 import signal
 import socket
 import ssl
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -33,7 +33,7 @@ from numbersvc.config import Config, ConfigError, UpstreamKind, parse_host_port
 from numbersvc.errors import Outcome, ServiceError, to_status
 from numbersvc.gatekeeper import READ, RENT, Gatekeeper
 from numbersvc.interceptors import AccessLog, ObservingInterceptor, current_call, upstream_headers
-from numbersvc.ledger import OrderLedger, SqliteLedger
+from numbersvc.ledger import LedgerUnreachableError, OrderLedger, SqliteLedger
 from numbersvc.ledger.budget import SharedBudget
 from numbersvc.ledger.budgetstores import open_budget_store
 from numbersvc.metrics import Metrics, MetricsServer
@@ -59,6 +59,9 @@ _HEALTH_SERVICE_NAME: Final = health_pb2.DESCRIPTOR.services_by_name["Health"].f
 # Kept back from the shutdown grace period (at most half of it) for the callers of rent
 # orders given up on to get RENT_OUTCOME_UNKNOWN before the server cancels their calls.
 _RENT_ANSWER_SECONDS: Final = 1.0
+# While the store is down, the heartbeat probes it this often: rents are refused at once
+# meanwhile (`RentDesk.store_reachable`), so its return must be noticed soon.
+_DOWN_PROBE_SECONDS: Final = 1.0
 # Net container allocations between two young-generation collections once serving. With
 # CPython's 700 a server under load collected every ~15 calls and, every 100 of those, walked
 # the whole heap (37 ms once in a 4 s bench phase); at 5,000, one ~1.4 ms pause every ~250.
@@ -225,6 +228,7 @@ async def create_server(config: Config) -> RunningServer:
             metrics,
             config.instance_lease_seconds,
             store="postgresql" if database else "sqlite",
+            reachable=rent_desk.store_reachable,
         )
         undo.push_async_callback(lease_keeper.stop)
         for name in ("", SERVICE_NAME):
@@ -260,24 +264,39 @@ class LeaseKeeper:
     """
 
     def __init__(
-        self, ledger: OrderLedger, metrics: Metrics, lease_seconds: float, *, store: str
+        self,
+        ledger: OrderLedger,
+        metrics: Metrics,
+        lease_seconds: float,
+        *,
+        store: str,
+        reachable: Callable[[bool], object] | None = None,
     ) -> None:
         self._ledger = ledger
         self._metrics = metrics
         self._store = store
         self._interval = lease_seconds / 3
         self._failing = False
+        self._reachable = reachable
         self._task: asyncio.Task[None] | None = None
 
     @classmethod
     async def start(
-        cls, ledger: OrderLedger, metrics: Metrics, lease_seconds: float, *, store: str
+        cls,
+        ledger: OrderLedger,
+        metrics: Metrics,
+        lease_seconds: float,
+        *,
+        store: str,
+        reachable: Callable[[bool], object] | None = None,
     ) -> LeaseKeeper:
         """Run the first heartbeat now, then keep beating in a background task.
 
-        `store` names the ledger's store in the metrics: sqlite or postgresql.
+        `store` names the ledger's store in the metrics: sqlite or postgresql. `reachable`
+        hears each beat's result (the rent desk's breaker): False when it found the store out
+        of reach (`LedgerUnreachableError`), else True.
         """
-        keeper = cls(ledger, metrics, lease_seconds, store=store)
+        keeper = cls(ledger, metrics, lease_seconds, store=store, reachable=reachable)
         await keeper.beat()
         keeper._task = asyncio.create_task(keeper._keep(), name="ledger heartbeat")
         return keeper
@@ -298,11 +317,19 @@ class LeaseKeeper:
                     self._interval,
                 )
             self._failing = True
+            # Known down: out of reach (not a SQLite file locked for a while, which claims
+            # wait out by themselves within their busy timeout).
+            self._tell(not isinstance(exc, LedgerUnreachableError))
             return
         self._metrics.heartbeat(self._store, found)
         if self._failing:
             _log.warning("ledger heartbeat works again")
         self._failing = False
+        self._tell(True)
+
+    def _tell(self, up: bool) -> None:
+        if self._reachable is not None:
+            self._reachable(up)
 
     async def stop(self) -> None:
         """Stop beating (before the ledger closes and removes the lease)."""
@@ -313,7 +340,10 @@ class LeaseKeeper:
 
     async def _keep(self) -> None:
         while True:
-            await asyncio.sleep(self._interval)
+            # Probed more often while down: rents are refused until a beat reaches the store.
+            await asyncio.sleep(
+                min(self._interval, _DOWN_PROBE_SECONDS) if self._failing else self._interval
+            )
             await self.beat()
 
 
@@ -628,7 +658,10 @@ async def serve(config: Config) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    running = await create_server(config)
+    running = await _start_unless_stopped(config, stop)
+    if running is None:
+        _log.info("signal received while starting: stopped before serving")
+        return 0
     settle_heap()
     try:
         await stop.wait()
@@ -638,3 +671,25 @@ async def serve(config: Config) -> int:
             drain_seconds=config.drain_seconds, grace_seconds=config.shutdown_grace_seconds
         )
     return 0
+
+
+async def _start_unless_stopped(config: Config, stop: asyncio.Event) -> RunningServer | None:
+    """Start the server, or give up when `stop` is set first (None).
+
+    NOTE: start-up may wait for long (the migration lock another replica or a `db migrate`
+    Job holds, a database that does not answer): a SIGTERM meanwhile must end it then, or the
+    orchestrator kills the process after its grace period. Cancelled, `create_server` undoes
+    what it started (its exit stack), and a lock wait is cancelled in the database too.
+    """
+    starting = asyncio.ensure_future(create_server(config))
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait((starting, stopped), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopped.cancel()
+    if starting.done():
+        return starting.result()
+    starting.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await starting
+    return None

@@ -66,7 +66,8 @@ def settle_offline(
         from numbersvc.ledger.postgres import PostgresLedger, redacted
 
         where = redacted(database)
-        opener = functools.partial(PostgresLedger.open, database, pool_max=1)
+        # Never a migrator: a schema behind (or ahead of) this version is refused, not changed.
+        opener = functools.partial(PostgresLedger.open, database, pool_max=1, migrate=False)
     else:
         # NOTE: opening a missing file would create an empty ledger: a mistyped path would then
         # answer "no order" and leave a stray database behind.
@@ -77,7 +78,7 @@ def settle_offline(
             )
             return EXIT_CANNOT_SETTLE
         where = ledger_path
-        opener = functools.partial(SqliteLedger.open, ledger_path)
+        opener = functools.partial(SqliteLedger.open, ledger_path, migrate=False)
     try:
         entry = asyncio.run(_settle(opener, params, actor))
     except SettleError as exc:
@@ -87,7 +88,7 @@ def settle_offline(
     except (sqlite3.DatabaseError, LedgerUnreachableError) as exc:
         console.error(f"ledger {where}: {exc}")
         return EXIT_CANNOT_SETTLE
-    except LedgerSchemaError as exc:  # written by a newer numbersvc: use that one
+    except LedgerSchemaError as exc:  # newer than this numbersvc, or older: not changed here
         console.error(str(exc))
         return client.EXIT_USAGE
     response = pb.SettleRentalOrderResponse(order=entry.order)

@@ -44,6 +44,7 @@ __all__ = [
     "SETTLED_AS",
     "Attempt",
     "Begin",
+    "ClaimLost",
     "Heartbeat",
     "LedgerEntry",
     "LedgerSchemaError",
@@ -197,8 +198,12 @@ class OrderLedger(Protocol):
     ) -> LedgerEntry:
         """Record how this instance's claim of an order ended.
 
-        `upstream` keeps Plivo's raw answer for reconciliation. A row settled meanwhile, or
-        claimed again by another instance, is left as it is (the answer is logged).
+        `upstream` keeps Plivo's raw answer for reconciliation. A row settled meanwhile is
+        left as it is (the answer is logged) and returned: the settlement is the outcome.
+
+        Raises:
+            ClaimLost: another instance claimed the order since: its row is left as it is and
+                not returned (it is not this claim's outcome); the answer is logged.
         """
 
     async def settle(
@@ -264,6 +269,15 @@ class SettleError(ValueError):
 
 class OrderNotFound(SettleError):
     """No order has the request id a settlement names."""
+
+
+class ClaimLost(SettleError):
+    """`finish`: another instance claimed the order since this one did; its row is not ours.
+
+    This instance's claim was recovered as outcome unknown, settled as failed and claimed
+    again: the row (and any answer it holds) belongs to that later claim, whose POST may be
+    out. The answer being recorded is logged for reconciliation instead, never written.
+    """
 
 
 def default_ledger_path(environ: Mapping[str, str] | None = None) -> Path:

@@ -53,6 +53,10 @@ class SchemaTooNewError(LedgerSchemaError):
     """The database holds migrations this version of numbersvc does not ship."""
 
 
+class SchemaPendingError(LedgerSchemaError):
+    """The database lacks migrations this version ships, and the caller must not apply them."""
+
+
 @dataclass(frozen=True, slots=True)
 class Migration:
     """One shipped migration file."""
@@ -203,4 +207,22 @@ def check_not_too_new(now: SchemaStatus) -> None:
         raise SchemaTooNewError(
             f"the database schema is at version {newest}, newer than this numbersvc knows"
             f" ({latest}): run a numbersvc that ships it, or restore the database"
+        )
+
+
+def check_current(now: SchemaStatus) -> None:
+    """Raise unless the database's schema is exactly this code's.
+
+    For a caller that must not migrate: `numbersvc orders settle --offline`.
+
+    Raises:
+        SchemaTooNewError: it holds migrations this code does not ship.
+        SchemaPendingError: it lacks some this code ships.
+    """
+    check_not_too_new(now)
+    if now.pending:
+        raise SchemaPendingError(
+            f"the database schema is at version {now.version}, older than this numbersvc's"
+            f" ({now.pending[-1].version}; {len(now.pending)} migration(s) pending): run"
+            " `numbersvc db migrate` (or start a server of this version) first"
         )

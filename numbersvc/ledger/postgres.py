@@ -28,7 +28,7 @@ import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from typing import Any, Final
+from typing import Any, Final, Self
 
 import psycopg
 import psycopg.conninfo
@@ -41,6 +41,7 @@ from numbersvc.ledger import (
     Attempt,
     Begin,
     BeginResult,
+    ClaimLost,
     Heartbeat,
     LedgerEntry,
     LedgerUnreachableError,
@@ -98,6 +99,10 @@ _LOCK_THEN_READ_CLOCK: Final = (
     " AS locked"
 )
 _ENTRY_COLUMNS: Final = "order_proto, state, fingerprint, owner, error_outcome"
+_RELEASED_NOTE: Final = (
+    "the claim's commit went unanswered, so its caller was told nothing was claimed: nothing"
+    " was sent"
+)
 
 # The claim: count today's quantities of the caller, then insert the row, or take over a
 # released or failed row of the same request, only if the cap allows; log the event.
@@ -168,6 +173,30 @@ FOR UPDATE OF o SKIP LOCKED
 """
 
 _Row = tuple[bytes, str, str, str, str]
+_POOL_LOG: Final = logging.getLogger("psycopg.pool")
+
+
+class _OncePerOutage(logging.Filter):
+    """Let one of the pool's warnings through per outage.
+
+    NOTE: while the database is down the pool tries to replace its lost connections several
+    times a second and logs every try; the heartbeat's ERROR already says the store is down
+    (once), and the first warning keeps the driver's own words.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._said = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        said, self._said = self._said, True
+        return not said
+
+    def reset(self) -> None:
+        """Tell the next outage once more: the store answered again."""
+        self._said = False
 
 
 class PostgresLedger:
@@ -198,6 +227,8 @@ class PostgresLedger:
         self._lease_ns = int(lease_seconds * _NANOS)
         self._send_ns = int(send_timeout_seconds * _NANOS)
         self._clock_ns = clock_ns
+        self._releases: set[asyncio.Task[None]] = set()
+        self._pool_log = _OncePerOutage()  # on the driver's logger while open
 
     @classmethod
     async def open(
@@ -209,7 +240,8 @@ class PostgresLedger:
         send_timeout_seconds: float = rules.DEFAULT_SEND_TIMEOUT_SECONDS,
         connect_timeout_seconds: float = 10.0,
         clock_ns: Callable[[], int] | None = None,
-    ) -> PostgresLedger:
+        migrate: bool = True,
+    ) -> Self:
         """Connect, apply pending migrations (under their lock) and register the lease.
 
         Args:
@@ -221,11 +253,14 @@ class PostgresLedger:
                 end (the send deadline of each claim).
             connect_timeout_seconds: how long to wait for the first connection.
             clock_ns: for tests: a clock used instead of the database's.
+            migrate: False: apply nothing, and refuse a schema that is not exactly this
+                code's (a command that is no migrator: `orders settle --offline`).
 
         Raises:
             ValueError: `conninfo` does not parse (the message does not quote it).
             pgschema.SchemaTooNewError: the database's schema is newer than this code's (a
                 `LedgerSchemaError`).
+            pgschema.SchemaPendingError: `migrate` is False and migrations are pending.
             LedgerUnreachableError: the database cannot be reached or refused the connection
                 (the message never holds the password).
             psycopg.Error: a migration failed.
@@ -250,8 +285,11 @@ class PostgresLedger:
                 f" {scrub(str(exc).strip(), conninfo)}"
             ) from None
         async with first:
-            for migration in await pgschema.migrate(first):
-                _log.info("applied migration %04d_%s", migration.version, migration.name)
+            if migrate:
+                for migration in await pgschema.migrate(first):
+                    _log.info("applied migration %04d_%s", migration.version, migration.name)
+            else:
+                pgschema.check_current(await pgschema.status(first))
         pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
             conninfo,
             min_size=1,
@@ -277,6 +315,7 @@ class PostgresLedger:
         except BaseException:
             await pool.close()
             raise
+        _POOL_LOG.addFilter(ledger._pool_log)
         return ledger
 
     @tracing.ledger_span("postgresql", "begin")
@@ -298,67 +337,126 @@ class PostgresLedger:
         claimed = pb.RentalOrder()
         claimed.CopyFrom(order)
         budget = _Budget(within_seconds)
-        async with self._connection(budget.left(_POOL_WAIT_SECONDS)) as conn, conn.transaction():
-            if budget.bounded:
-                # The transaction's own: the connection goes back to the pool without them.
-                wait_ms = max(1, int(budget.left(_LOCK_WAIT_SECONDS) * 1000))
-                await conn.execute(
-                    "SELECT set_config('lock_timeout', %(ms)s, true),"
-                    " set_config('statement_timeout', %(ms)s, true)",
-                    {"ms": f"{wait_ms}ms"},
+        claim_ns: int | None = None
+        try:
+            # The whole call, COMMIT included, within the budget: a COMMIT has no statement
+            # timeout, and one that never answers must not outlast the caller's wait.
+            async with (
+                self._connection(
+                    budget.left(_POOL_WAIT_SECONDS), call_seconds=budget.left(_CALL_WAIT_SECONDS)
+                ) as conn,
+                conn.transaction(),
+            ):
+                if budget.bounded:
+                    # The transaction's own: the connection goes back to the pool without them.
+                    wait_ms = max(1, int(budget.left(_LOCK_WAIT_SECONDS) * 1000))
+                    await conn.execute(
+                        "SELECT set_config('lock_timeout', %(ms)s, true),"
+                        " set_config('statement_timeout', %(ms)s, true)",
+                        {"ms": f"{wait_ms}ms"},
+                    )
+                now = await self._read_clock(conn, lock_caller=order.caller if daily_cap else None)
+                claimed.create_time.FromNanoseconds(now)
+                claimed.update_time.FromNanoseconds(now)
+                claim_ns = now  # sent from here on: it may commit, answered or not
+                # A statement of its own after the lock: its snapshot includes every claim
+                # committed by whoever held the lock before.
+                cursor = await conn.execute(
+                    _CLAIM,
+                    {
+                        "now": now,
+                        "cap": daily_cap,
+                        "caller": order.caller,
+                        "counted": _COUNTED,
+                        "reusable": list(_REUSABLE),
+                        "request_id": order.request_id,
+                        "fingerprint": attempt.fingerprint,
+                        "peer": attempt.peer,
+                        "owner": self.instance,
+                        "status": pb.ORDER_STATUS_OUTCOME_UNKNOWN,
+                        "quantity": order.quantity,
+                        "send_ns": self._send_ns,
+                        "proto": claimed.SerializeToString(),
+                        "detail": f"peer={attempt.peer}",
+                    },
                 )
-            now = await self._read_clock(conn, lock_caller=order.caller if daily_cap else None)
-            claimed.create_time.FromNanoseconds(now)
-            claimed.update_time.FromNanoseconds(now)
-            # A statement of its own after the lock: its snapshot includes every claim
-            # committed by whoever held the lock before.
-            cursor = await conn.execute(
-                _CLAIM,
-                {
-                    "now": now,
-                    "cap": daily_cap,
-                    "caller": order.caller,
-                    "counted": _COUNTED,
-                    "reusable": list(_REUSABLE),
-                    "request_id": order.request_id,
-                    "fingerprint": attempt.fingerprint,
-                    "peer": attempt.peer,
-                    "owner": self.instance,
-                    "status": pb.ORDER_STATUS_OUTCOME_UNKNOWN,
-                    "quantity": order.quantity,
-                    "send_ns": self._send_ns,
-                    "proto": claimed.SerializeToString(),
-                    "detail": f"peer={attempt.peer}",
-                },
-            )
-            row = await cursor.fetchone()
-            assert row is not None
-            used, created = row
-            if created is None:
-                # Not claimed: the id is taken (by this request or another), or the cap.
-                entry = await _entry(conn, order.request_id)
-                if entry is not None and entry.fingerprint != attempt.fingerprint:
-                    return BeginResult(Begin.CONFLICT, entry)
-                if entry is not None and entry.state.value not in _REUSABLE:
-                    return BeginResult(Begin.EXISTING, entry)
-                return BeginResult(Begin.OVER_QUOTA, used_today=int(used))
-            if created != now:  # a taken-over row keeps its place in listings
-                claimed.create_time.FromNanoseconds(created)
-                await conn.execute(
-                    "UPDATE orders SET order_proto = %s WHERE request_id = %s",
-                    (claimed.SerializeToString(), order.request_id),
-                )
+                row = await cursor.fetchone()
+                assert row is not None
+                used, created = row
+                if created is None:
+                    # Not claimed: the id is taken (by this request or another), or the cap.
+                    entry = await _entry(conn, order.request_id)
+                    if entry is not None and entry.fingerprint != attempt.fingerprint:
+                        return BeginResult(Begin.CONFLICT, entry)
+                    if entry is not None and entry.state.value not in _REUSABLE:
+                        return BeginResult(Begin.EXISTING, entry)
+                    return BeginResult(Begin.OVER_QUOTA, used_today=int(used))
+                if created != now:  # a taken-over row keeps its place in listings
+                    claimed.create_time.FromNanoseconds(created)
+                    await conn.execute(
+                        "UPDATE orders SET order_proto = %s WHERE request_id = %s",
+                        (claimed.SerializeToString(), order.request_id),
+                    )
+        except LedgerUnreachableError:
+            if claim_ns is not None:
+                # The caller is told nothing was claimed, so it sends nothing; a claim that
+                # committed all the same would stay `sending` until its send window ends.
+                self._release_soon(order.request_id, claim_ns)
+            raise
         order.CopyFrom(claimed)
         _log.info("order %s sending: %s", order.request_id, rules.describe(order))
         return BeginResult(Begin.NEW)
 
+    def _release_soon(self, request_id: str, claim_ns: int) -> None:
+        """Release, in the background, this instance's claim made at `claim_ns` if it committed.
+
+        Best effort and bounded: a release that fails leaves the row to the heartbeat, which
+        recovers it as outcome unknown once its send window has passed.
+        """
+        task = asyncio.create_task(
+            self._release(request_id, claim_ns), name=f"release {request_id}"
+        )
+        self._releases.add(task)
+        task.add_done_callback(self._releases.discard)
+
+    async def _release(self, request_id: str, claim_ns: int) -> None:
+        """Turn the claim of `request_id` made at `claim_ns` by this instance `released`.
+
+        NOTE: only that very claim (owner, `sending`, attempt time): its caller was told
+        nothing was claimed, so nothing sent it. An earlier claim of the id (its POST may be
+        out) has another attempt time, a later one another owner or time: never touched.
+        """
+        try:
+            async with self._connection(_POOL_WAIT_SECONDS) as conn, conn.transaction():
+                cursor = await conn.execute(
+                    f"SELECT {_ENTRY_COLUMNS} FROM orders WHERE request_id = %s AND owner = %s"
+                    " AND state = %s AND attempt_time_ns = %s FOR UPDATE",
+                    (request_id, self.instance, OrderState.SENDING.value, claim_ns),
+                )
+                row = await cursor.fetchone()
+                if row is None:
+                    return  # not committed: nothing to release
+                order = _from_row(row).order
+                order.status_message = _RELEASED_NOTE
+                await self._update(
+                    conn, order, OrderState.RELEASED, only_from=(OrderState.SENDING,)
+                )
+        except (LedgerUnreachableError, psycopg.Error) as exc:
+            _log.warning(
+                "order %s: could not release a claim whose commit went unanswered (%s); it"
+                " stays sending until recovered as outcome unknown after its send window",
+                request_id,
+                exc,
+            )
+
     @contextlib.asynccontextmanager
     async def _connection(
-        self, pool_wait_seconds: float | None = None
+        self, pool_wait_seconds: float | None = None, *, call_seconds: float = _CALL_WAIT_SECONDS
     ) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
         """Lend a pooled connection for one call, which fails rather than hangs.
 
-        `pool_wait_seconds` bounds the wait for the connection (the pool's own default if None).
+        `pool_wait_seconds` bounds the wait for the connection (the pool's own default if None),
+        `call_seconds` the whole call.
 
         NOTE: a database that stops answering (a paused VM, a partition dropping packets)
         keeps its TCP connections open, so neither the pool's wait nor `lock_timeout` ends a
@@ -366,13 +464,13 @@ class PostgresLedger:
 
         Raises:
             LedgerUnreachableError: no connection in time, a connection lost, no answer
-                within `_CALL_WAIT_SECONDS`, or a read-only database (a standby after a
+                within `call_seconds`, or a read-only database (a standby after a
                 failover, `default_transaction_read_only`): it cannot be written now, as one
                 that is down, which is no internal error.
         """
         try:
             async with (
-                asyncio.timeout(_CALL_WAIT_SECONDS),
+                asyncio.timeout(call_seconds),
                 self._pool.connection(timeout=pool_wait_seconds) as conn,
             ):
                 yield conn
@@ -411,7 +509,11 @@ class PostgresLedger:
         error_outcome: str = "",
         upstream: str = "",
     ) -> LedgerEntry:
-        """Record how an order ended, unless it was settled meanwhile (then it is logged)."""
+        """Record how this instance's claim of an order ended, as `OrderLedger.finish`.
+
+        Raises:
+            ClaimLost: another instance claimed the order since (the answer is logged).
+        """
         async with self._connection() as conn:
             try:
                 return await self._update(
@@ -424,6 +526,9 @@ class PostgresLedger:
                     # Only the claim this instance made: another may have claimed the id since.
                     owner=self.instance,
                 )
+            except ClaimLost as lost:
+                rules.lost_answer(order, state, lost)
+                raise
             except SettleError:
                 entry = await _entry(conn, order.request_id)
                 if entry is None:
@@ -569,6 +674,7 @@ class PostgresLedger:
             )
             counted = await cursor.fetchone()
         assert counted is not None
+        self._pool_log.reset()
         rules.log_recovered(recovered)
         return Heartbeat(len(recovered), expired.rowcount, int(counted[0]))
 
@@ -609,6 +715,8 @@ class PostgresLedger:
         A database that cannot be reached is not waited for long: the lease then lapses on
         its own.
         """
+        if self._releases:  # each is bounded (`_connection`)
+            await asyncio.wait(set(self._releases))
         try:
             async with asyncio.timeout(_CLOSE_TIMEOUT_SECONDS):
                 async with self._pool.connection() as conn:
@@ -619,6 +727,7 @@ class PostgresLedger:
             _log.warning("could not give up the ledger lease: %s", type(exc).__name__)
         finally:
             await self._pool.close()
+            _POOL_LOG.removeFilter(self._pool_log)
 
 
 class _Budget:

@@ -9,7 +9,7 @@ import logging
 from collections.abc import Sequence
 from typing import Final
 
-from numbersvc.ledger import LedgerEntry, OrderNotFound, OrderState, SettleError
+from numbersvc.ledger import ClaimLost, LedgerEntry, OrderNotFound, OrderState, SettleError
 from numbersvc.v1 import number_groups_pb2 as pb
 from numbersvc.validation import is_e164
 
@@ -22,6 +22,7 @@ __all__ = [
     "check_settlement",
     "describe",
     "late_answer",
+    "lost_answer",
     "recovered_note",
     "refusal",
     "settled_order",
@@ -99,10 +100,13 @@ def refusal(
     """
     if current is None:
         return SettleError(f"no order with request id {request_id}")
+    # First: a later claim's row is not ours whatever its state (a final one included).
+    if owner and current.owner != owner:
+        return ClaimLost(
+            f"order {request_id} was claimed since by {current.owner} (now {current.state.value})"
+        )
     if only_from and current.state not in only_from:
         return SettleError(f"order {request_id} is {current.state.value}: nothing to settle")
-    if owner and current.owner != owner:
-        return SettleError(f"order {request_id} was claimed since by {current.owner}")
     return None
 
 
@@ -159,5 +163,21 @@ def late_answer(order: pb.RentalOrder, state: OrderState) -> None:
         "order %s was settled while in flight; Plivo's answer was %s: %s",
         order.request_id,
         state.value,
+        describe(order),
+    )
+
+
+def lost_answer(order: pb.RentalOrder, state: OrderState, lost: ClaimLost) -> None:
+    """Log Plivo's answer to a claim another instance has taken over since: not recorded.
+
+    It is the only trace of that POST (its api id, its numbers): an operator reconciles it
+    with the Plivo console, as the row now holds the later claim.
+    """
+    _log.error(
+        "order %s: Plivo's answer (%s) is not recorded: %s; reconcile it with the Plivo"
+        " console: %s",
+        order.request_id,
+        state.value,
+        lost,
         describe(order),
     )

@@ -28,6 +28,7 @@ from numbersvc.ledger import (
     Attempt,
     Begin,
     BeginResult,
+    ClaimLost,
     Heartbeat,
     LedgerEntry,
     LedgerSchemaError,
@@ -109,6 +110,7 @@ class LedgerOptions(TypedDict, total=False):
     clock_ns: Callable[[], int]
     lease_seconds: float
     send_timeout_seconds: float
+    migrate: bool
 
 
 class SqliteLedger:
@@ -127,6 +129,8 @@ class SqliteLedger:
         send_timeout_seconds: the longest a rent may take from its claim to its POST's end
             (the wait for a rate-limit token, the POST, a slack): a claim's send deadline is
             its time plus this.
+        migrate: False: a file of an older schema is refused (`LedgerSchemaError`), not
+            upgraded (a command that is no server: `orders settle --offline`).
     """
 
     def __init__(
@@ -136,6 +140,7 @@ class SqliteLedger:
         clock_ns: Callable[[], int] = time.time_ns,
         lease_seconds: float = rules.DEFAULT_LEASE_SECONDS,
         send_timeout_seconds: float = rules.DEFAULT_SEND_TIMEOUT_SECONDS,
+        migrate: bool = True,
     ) -> None:
         if not lease_seconds > 0:
             raise ValueError(f"lease_seconds must be positive, not {lease_seconds}")
@@ -143,6 +148,7 @@ class SqliteLedger:
         self._clock_ns = clock_ns
         self._lease_ns = int(lease_seconds * _NANOS_PER_SECOND)
         self._send_ns = int(send_timeout_seconds * _NANOS_PER_SECOND)
+        self._may_migrate = migrate
         self.instance = uuid.uuid4().hex
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ledger")
         self._db: sqlite3.Connection | None = None
@@ -157,7 +163,8 @@ class SqliteLedger:
             options: the constructor's keyword arguments.
 
         Raises:
-            LedgerSchemaError: the file was written by a newer numbersvc.
+            LedgerSchemaError: the file was written by a newer numbersvc, or by an older one
+                and `migrate` is False.
             sqlite3.Error: the file cannot be opened or written.
         """
         ledger = cls(path, **options)
@@ -188,6 +195,12 @@ class SqliteLedger:
                 f"ledger {self._path} has schema version {version}, newer than this numbersvc"
                 f" knows ({SCHEMA_VERSION}): run a numbersvc at least as new as the one that"
                 " wrote it"
+            )
+        if version < SCHEMA_VERSION and not self._may_migrate:
+            raise LedgerSchemaError(
+                f"ledger {self._path} has schema version {version}, older than this numbersvc's"
+                f" ({SCHEMA_VERSION}): start a numbersvc server of this version on it first (it"
+                " upgrades the file), or use the numbersvc that wrote it"
             )
         for statements in _MIGRATIONS[version:]:
             for statement in statements:
@@ -307,8 +320,11 @@ class SqliteLedger:
         """Record how this instance's claim of an order ended.
 
         A settlement made meanwhile wins: a late answer never overwrites what a person
-        recorded from the Plivo console, nor a claim of the id by another instance since (its
-        POST may be out); it is logged instead.
+        recorded from the Plivo console (it is logged, the settlement returned).
+
+        Raises:
+            ClaimLost: another instance claimed the id since (its POST may be out): the row is
+                left as it is, the answer logged.
         """
 
         def finish() -> LedgerEntry:
@@ -321,6 +337,9 @@ class SqliteLedger:
                     only_from=rules.UNSETTLED,
                     owner=self.instance,
                 )
+            except ClaimLost as lost:
+                rules.lost_answer(order, state, lost)
+                raise
             except SettleError:
                 entry = self._entry(self._conn(), order.request_id)
                 if entry is None:

@@ -334,3 +334,48 @@ async def test_offline_settle_uses_the_servers_database_when_one_is_set(
     assert entry is not None
     assert entry.state is OrderState.FAILED
     assert "no number" in entry.order.status_message
+
+
+class TestOfflineSettleNeverMigrates:
+    """`orders settle --offline` opens the servers' database without migrating it: a schema
+    behind this numbersvc (migrations pending: `db migrate` is the operator's step, under its
+    Job) or ahead of it is refused with a clear message and exit 2, the schema untouched."""
+
+    async def _settle(
+        self, url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    ) -> tuple[int, str]:
+        monkeypatch.setenv("NUMBERSVC_DATABASE_URL", url)
+        request_id = str(uuid.uuid4())
+        argv = ["orders", "settle", request_id, "--as", "failed", "--note", "ok", "--offline"]
+        code = await asyncio.to_thread(main.run, argv)
+        out = capsys.readouterr()
+        return code, out.out + out.err
+
+    async def test_pending_migrations_are_refused_not_applied(
+        self,
+        empty_postgres_url: str,
+        monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        code, out = await self._settle(empty_postgres_url, monkeypatch, capsys)
+        assert code == 2, out
+        assert "pending" in out
+        assert "numbersvc db migrate" in out
+        with psycopg.connect(empty_postgres_url, autocommit=True) as conn:
+            [(exists,)] = conn.execute("SELECT to_regclass('schema_migrations') IS NOT NULL")
+        assert not exists
+
+    async def test_a_newer_schema_is_refused(
+        self,
+        postgres_url: str,
+        monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        with psycopg.connect(postgres_url, autocommit=True) as conn:
+            conn.execute(
+                "INSERT INTO schema_migrations (version, name, checksum)"
+                " VALUES (9999, 'future', '')"
+            )
+        code, out = await self._settle(postgres_url, monkeypatch, capsys)
+        assert code == 2, out
+        assert "version 9999, newer than this numbersvc knows" in out

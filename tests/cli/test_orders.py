@@ -31,6 +31,7 @@ from tests.cli import (
     start_command,
     strip_ansi,
 )
+from tests.ledger.test_sqlite import _write_v1_file
 
 OK = grpc.StatusCode.OK
 LIST_REQUEST = pb.ListRentalOrdersRequest(
@@ -812,6 +813,20 @@ def test_settle_of_a_ledger_from_a_newer_numbersvc_exits_2_and_leaves_it(
     with contextlib.closing(sqlite3.connect(ledger)) as db:
         assert db.execute("PRAGMA user_version").fetchone() == (99,)
         assert db.execute("SELECT state FROM orders").fetchall() == [("outcome_unknown",)]
+
+
+def test_settle_of_a_ledger_from_an_older_numbersvc_exits_2_and_leaves_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # An older server may still be running on it: upgrading is a server's start, not this.
+    path = tmp_path / "ledger.sqlite3"
+    _write_v1_file(path)
+    assert settle(path, "--as", "failed") == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: ledger {path} has schema version 1, older than this"), err
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        assert db.execute("PRAGMA user_version").fetchone() == (1,)
+        assert ("sending",) in db.execute("SELECT state FROM orders").fetchall()
 
 
 def test_settle_leaves_no_lease_behind(ledger: Path, user: str) -> None:

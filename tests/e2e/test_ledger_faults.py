@@ -24,9 +24,11 @@ from typing import Any, BinaryIO, TypeAlias, cast
 import grpc
 import pytest
 
+from numbersvc import translation
 from numbersvc.deadline import Deadline
-from numbersvc.ledger import OrderLedger, OrderState, SqliteLedger
-from numbersvc.orders import RentDesk
+from numbersvc.errors import Outcome, ServiceError
+from numbersvc.ledger import Attempt, Begin, OrderLedger, OrderState, SqliteLedger
+from numbersvc.orders import RentDesk, fingerprint
 from numbersvc.sandbox import DEFAULT_AUTH_TOKEN, SandboxControl, SandboxServer
 from numbersvc.sandbox.faults import FaultKind, FaultSpec
 from numbersvc.server import RunningServer
@@ -297,6 +299,20 @@ async def test_a_rent_while_the_file_is_locked_is_refused_with_nothing_sent(
     assert (await stub.RentNumbers(rent, timeout=10)).order.status == pb.ORDER_STATUS_FULFILLED
 
 
+@contextlib.asynccontextmanager
+async def _desk(sandbox: SandboxServer, ledger: OrderLedger) -> AsyncIterator[tuple[RentDesk, str]]:
+    """A rent desk of this process on `ledger` and the sandbox, and a US group to rent from."""
+    async with PlivoClient(
+        base_url=sandbox.base_url, auth_id=sandbox.auth_id, auth_token=sandbox.auth_token
+    ) as client:
+        found = await client.search_number_groups({"country_iso": "US"}, timeout_seconds=5)
+        group_id = cast(dict[str, Any], found.body)["objects"][0]["group_id"]
+        yield (
+            RentDesk(upstream=client, ledger=ledger, rent_timeout_seconds=30, daily_cap=0),
+            group_id,
+        )
+
+
 async def test_a_hard_stop_stays_a_cancellation_when_the_ledger_refuses_its_write(
     sandbox: SandboxServer, control: SandboxControl, tmp_path: Path
 ) -> None:
@@ -305,12 +321,7 @@ async def test_a_hard_stop_stays_a_cancellation_when_the_ledger_refuses_its_writ
     ledger's error; the row stays `sending` for another server's heartbeat to recover."""
     path = tmp_path / "ledger.sqlite3"
     ledger = await SqliteLedger.open(path)
-    async with PlivoClient(
-        base_url=sandbox.base_url, auth_id=sandbox.auth_id, auth_token=sandbox.auth_token
-    ) as client:
-        desk = RentDesk(upstream=client, ledger=ledger, rent_timeout_seconds=30, daily_cap=0)
-        found = await client.search_number_groups({"country_iso": "US"}, timeout_seconds=5)
-        group_id = cast(dict[str, Any], found.body)["objects"][0]["group_id"]
+    async with _desk(sandbox, ledger) as (desk, group_id):
         await control.inject_fault(FaultSpec(FaultKind.HANG, operation="rent"))
         request_id = str(uuid.uuid4())
         params = RentParams(group_id=group_id, quantity=1, app_id="", request_id=request_id)
@@ -335,3 +346,58 @@ async def test_a_hard_stop_stays_a_cancellation_when_the_ledger_refuses_its_writ
             "SELECT state FROM orders WHERE request_id = ?", (request_id,)
         ).fetchone()
     assert state == "sending"
+
+
+async def test_an_answer_to_a_claim_taken_over_meanwhile_is_told_unknown_and_logged_once(
+    sandbox: SandboxServer,
+    control: SandboxControl,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """While a POST is out, its claim is recovered by another server (this one's lease lapsed:
+    a frozen process, a broken link to the store), settled as failed and claimed again. The
+    answer is not this order's outcome in the ledger any more: the caller is told
+    RENT_OUTCOME_UNKNOWN at once (not the other claim's row, not after its deadline), Plivo's
+    answer is logged once, and the write is not retried (it never can succeed)."""
+    path = tmp_path / "ledger.sqlite3"
+    # This desk's ledger never beats: its lease lapses, its claim's send window is short.
+    mine = await SqliteLedger.open(path, lease_seconds=0.3, send_timeout_seconds=0.3)
+    other = await SqliteLedger.open(path, lease_seconds=600)
+    async with _desk(sandbox, mine) as (desk, group_id):
+        # Answered (rented) after the take-over below, which takes well under a second.
+        await control.inject_fault(FaultSpec(FaultKind.DELAY, seconds=8, operation="rent"))
+        request_id = str(uuid.uuid4())
+        params = RentParams(group_id=group_id, quantity=1, app_id="", request_id=request_id)
+        started = time.monotonic()
+        call = asyncio.ensure_future(
+            desk.rent(params, caller="alice", peer="test", deadline=Deadline(started + 25))
+        )
+
+        async def posted() -> bool:
+            return any(r["method"] == "POST" for r in await control.requests())
+
+        async def recovered() -> bool:
+            return (await other.heartbeat()).recovered == 1
+
+        await eventually(posted)
+        await eventually(recovered)
+        await other.settle(request_id, OrderState.FAILED, numbers=[], note="ops", actor="ops")
+        retry = Attempt(
+            translation.new_order(params, caller="alice"), fingerprint(params, "alice"), "b"
+        )
+        assert (await other.begin(retry, daily_cap=0)).kind is Begin.NEW
+        assert not call.done(), "the take-over came after the answer: the test proves nothing"
+        with pytest.raises(ServiceError) as told:
+            await call
+        # Once the answer came, not at the deadline (a write retried until then).
+        assert time.monotonic() - started < 20
+        await desk.stop(0)
+        await mine.close()
+        assert told.value.outcome is Outcome.RENT_OUTCOME_UNKNOWN
+        assert "claimed again" in told.value.message
+        entry = await other.get(request_id)
+        assert entry is not None
+        assert (entry.state, entry.owner) == (OrderState.SENDING, other.instance)
+        lost = [m for m in _errors_about(caplog, request_id) if "not recorded" in m]
+        assert len(lost) == 1, _errors_about(caplog, request_id)
+        await other.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
@@ -18,11 +19,19 @@ import grpc
 import psycopg
 import pytest
 
+from numbersvc import translation
+from numbersvc.deadline import Deadline
+from numbersvc.errors import Outcome, ServiceError
+from numbersvc.ledger import Attempt, Begin, BeginResult, OrderState, pgschema
+from numbersvc.ledger.postgres import PostgresLedger
+from numbersvc.orders import RentDesk, fingerprint
 from numbersvc.sandbox import SandboxControl, SandboxServer
 from numbersvc.sandbox.faults import FaultKind, FaultSpec
+from numbersvc.upstream import PlivoClient
 from numbersvc.v1 import number_groups_pb2 as pb
 from numbersvc.v1 import number_groups_pb2_grpc as pb_grpc
-from tests.e2e.conftest import eventually, reason_of
+from numbersvc.validation import RentParams
+from tests.e2e.conftest import eventually, reason_of, rich_details
 from tests.e2e.test_process import Served, _start
 from tests.pg import Cluster
 
@@ -30,6 +39,8 @@ if TYPE_CHECKING:  # the async stub type exists only in the generated .pyi
     Stub = pb_grpc.NumberGroupServiceAsyncStub
 
 US = pb.SearchFilter(region_code="US")
+# Long enough for a claim under load, short enough for many polls (50 ms backing off to 1 s).
+_DUPLICATE_DEADLINE_SECONDS = 3.0
 
 
 def _env(sandbox: SandboxServer, database_url: str, **extra: str) -> dict[str, str]:
@@ -192,6 +203,41 @@ class TestStart:
         assert process.returncode == 2
         assert b"version 9999, newer than this numbersvc knows" in err
 
+    async def test_a_sigterm_while_waiting_for_the_migration_lock_exits_promptly_holding_nothing(
+        self, sandbox: SandboxServer, empty_postgres_url: str
+    ) -> None:
+        """A server waiting at start for the migration lock (a `db migrate` Job holds it) is
+        stopped by SIGTERM at once, exit 0 as for a normal stop, not SIGKILLed by Kubernetes
+        after its grace period; it leaves no session and no migration behind."""
+        with psycopg.connect(empty_postgres_url, autocommit=True) as holder:
+            holder.execute("SELECT pg_advisory_lock(%s)", (pgschema.MIGRATION_LOCK_KEY,))
+            served = Served(await _start(_env(sandbox, empty_postgres_url)))
+            try:
+                assert served.process.stderr is not None
+                async with asyncio.timeout(30):
+                    while b"waiting for the migration lock" not in served.stderr:
+                        line = await served.process.stderr.readline()
+                        assert line, f"server exited early:\n{served.stderr.decode()}"
+                        served.stderr += line
+                served.process.send_signal(signal.SIGTERM)
+                async with asyncio.timeout(10):
+                    _, rest = await served.process.communicate()
+                served.stderr += rest
+            finally:
+                await served.close()
+            assert served.process.returncode == 0, served.stderr.decode()
+            assert b"Traceback" not in served.stderr
+            sessions = holder.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'numbersvc%'"
+                " AND pid <> pg_backend_pid()"
+            ).fetchone()
+            [(tables,)] = holder.execute(
+                "SELECT count(*) FROM information_schema.tables"
+                " WHERE table_schema = current_schema()"
+            ).fetchall()
+        assert sessions == (0,)
+        assert tables == 0  # nothing migrated
+
     @pytest.mark.parametrize("how", ["wrong password", "nothing listens", "malformed"])
     async def test_the_password_never_shows_when_the_database_refuses(
         self, sandbox: SandboxServer, postgres_cluster: Cluster, postgres_url: str, how: str
@@ -246,3 +292,99 @@ class TestStart:
             served.stderr
         )
         assert password.encode() not in served.stderr
+
+
+class _CountedLedger(PostgresLedger):
+    """The real PostgreSQL ledger, counting its claims (`begin`), the costly call."""
+
+    claims = 0
+
+    async def begin(
+        self, attempt: Attempt, *, daily_cap: int, within_seconds: float | None = None
+    ) -> BeginResult:
+        self.claims += 1
+        return await super().begin(attempt, daily_cap=daily_cap, within_seconds=within_seconds)
+
+
+async def test_a_duplicate_of_another_replicas_rent_reads_until_its_deadline_and_is_in_progress(
+    postgres_url: str, sandbox: SandboxServer
+) -> None:
+    """Another replica's order is `sending` for longer than this duplicate waits: the
+    duplicate polls with reads (one claim in all, so no cap lock per poll) and, at its
+    deadline, is told RENT_IN_PROGRESS, not LEDGER_UNAVAILABLE from a claim given no time."""
+    other = await PostgresLedger.open(postgres_url)
+    mine = await _CountedLedger.open(postgres_url)
+    params = RentParams(group_id="G1", quantity=1, app_id="", request_id=str(uuid.uuid4()))
+    order = translation.new_order(params, caller="alice")
+    claim = Attempt(order, fingerprint(params, "alice"), "other replica")
+    try:
+        assert (await other.begin(claim, daily_cap=100)).kind is Begin.NEW
+        async with PlivoClient(
+            base_url=sandbox.base_url, auth_id=sandbox.auth_id, auth_token=sandbox.auth_token
+        ) as client:
+            desk = RentDesk(upstream=client, ledger=mine, rent_timeout_seconds=30, daily_cap=100)
+            started = time.monotonic()
+            with pytest.raises(ServiceError) as told:
+                await desk.rent(
+                    params,
+                    caller="alice",
+                    peer="test",
+                    deadline=Deadline(started + _DUPLICATE_DEADLINE_SECONDS),
+                )
+            waited = time.monotonic() - started
+        assert told.value.outcome is Outcome.RENT_IN_PROGRESS, told.value.message
+        assert told.value.retry_delay_seconds
+        assert waited < _DUPLICATE_DEADLINE_SECONDS
+        assert mine.claims == 1
+        entry = await other.get(params.request_id)
+        assert entry is not None
+        assert (entry.state, entry.owner) == (OrderState.SENDING, other.instance)
+    finally:
+        await mine.close()
+        await other.close()
+
+
+async def test_while_the_store_is_known_down_rents_are_refused_at_once(
+    sandbox: SandboxServer,
+    control: SandboxControl,
+    postgres_cluster: Cluster,
+    postgres_url: str,
+) -> None:
+    """Once a heartbeat has found the database down, a rent is refused at once (UNAVAILABLE
+    LEDGER_UNAVAILABLE with RetryInfo, nothing sent), not after a wait for a pool connection
+    (5 s) each; after the database is back, rents work again within a few heartbeats."""
+    env = _env(sandbox, postgres_url, NUMBERSVC_INSTANCE_LEASE_SECONDS="1")
+    async with _served_replicas(env, 1) as [(served, stub)]:
+        group_id = await _group(stub)
+        try:
+            await asyncio.to_thread(postgres_cluster.stop)
+
+            async def known_down() -> bool:
+                return b"ledger heartbeat failed" in served.stderr
+
+            await eventually(known_down, timeout_seconds=30)
+            for _ in range(3):
+                rent = pb.RentNumbersRequest(group_id=group_id, request_id=str(uuid.uuid4()))
+                started = time.monotonic()
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await stub.RentNumbers(rent, timeout=20)
+                # Half the pool's wait: under any load, an answer without one is far quicker.
+                assert time.monotonic() - started < 2.5
+                assert reason_of(refused.value) == "LEDGER_UNAVAILABLE", refused.value.details()
+                assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+                assert "RetryInfo" in rich_details(refused.value)
+            # The pool retries its lost connections all along: said once per outage, as the
+            # heartbeat's ERROR is, not once per try.
+            assert served.stderr.count(b"psycopg.pool") <= 1, served.stderr.decode()
+        finally:
+            await asyncio.to_thread(postgres_cluster.start)
+        assert await _posts(control) == 0
+
+        async def known_up() -> bool:
+            return b"ledger heartbeat works again" in served.stderr
+
+        # From the first heartbeat that reaches the database on, rents are taken.
+        await eventually(known_up, timeout_seconds=60)
+        rent = pb.RentNumbersRequest(group_id=group_id, request_id=str(uuid.uuid4()))
+        placed = await stub.RentNumbers(rent, timeout=20)
+        assert placed.order.status == pb.ORDER_STATUS_FULFILLED

@@ -229,11 +229,11 @@ async def test_cli_settles_through_the_server_in_the_callers_name(
     request_id = await _unknown(site, control, FaultKind.RESET_AFTER_HEADERS)
     base = ["orders", "settle", request_id, "--target", f"127.0.0.1:{site.port}"]
     fulfilled = [*base, "--as", "fulfilled", "--numbers", "+14155550100", "--note", "T-7"]
-    denied = await asyncio.to_thread(main.run, [*fulfilled, "--token", site.tokens["billing"]])
+    denied = await asyncio.to_thread(main.run, [*fulfilled, f"--token={site.tokens['billing']}"])
     assert denied == 10 + grpc.StatusCode.PERMISSION_DENIED.value[0]
     assert "lacks the permission numbers.settle" in capsys.readouterr().err
 
-    ok = await asyncio.to_thread(main.run, [*fulfilled, "--token", site.tokens["oncall"]])
+    ok = await asyncio.to_thread(main.run, [*fulfilled, f"--token={site.tokens['oncall']}"])
     out, err = capsys.readouterr()
     assert (ok, err) == (0, "")
     assert out.startswith("status:      fulfilled\n")
@@ -243,7 +243,7 @@ async def test_cli_settles_through_the_server_in_the_callers_name(
         "settled as fulfilled by oncall: T-7",
     )
 
-    again = [*base, "--as", "failed", "--note", "twice", "--token", site.tokens["oncall"]]
+    again = [*base, "--as", "failed", "--note", "twice", f"--token={site.tokens['oncall']}"]
     assert await asyncio.to_thread(main.run, again) == 10 + 9  # FAILED_PRECONDITION
     assert "reason: ORDER_NOT_SETTLEABLE" in capsys.readouterr().err
     unknown = [*again[:2], str(uuid.uuid4()), *again[3:]]

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, ClassVar, Final, Protocol
+from typing import Any, ClassVar, Final, Protocol, TypedDict, Unpack
 
 import psycopg
 import pytest
@@ -33,6 +33,13 @@ T0: Final = int(datetime(2026, 3, 14, 12, tzinfo=UTC).timestamp()) * SECOND
 MIDNIGHT: Final = int(datetime(2026, 3, 15, tzinfo=UTC).timestamp()) * SECOND
 PEER: Final = "ipv4:10.0.0.7:51000"
 RECOVERED_NOTE: Final = "the service stopped while this order was being sent"
+
+
+class Timing(TypedDict, total=False):
+    """A test ledger's lease and send window (the stores' own defaults when left out)."""
+
+    lease_seconds: float
+    send_timeout_seconds: float
 
 
 class Clock:
@@ -94,7 +101,9 @@ class LedgerFactory(Protocol):
 
     name: str
 
-    async def open(self, clock: Callable[[], int] | None = None, **options: float) -> OrderLedger:
+    async def open(
+        self, clock: Callable[[], int] | None = None, **options: Unpack[Timing]
+    ) -> OrderLedger:
         """Open another instance on the store (closed at the end of the test if still open).
 
         Args:
@@ -171,7 +180,9 @@ class SqliteFactory(_Factory):
         super().__init__()
         self.path = path
 
-    async def open(self, clock: Callable[[], int] | None = None, **options: float) -> OrderLedger:
+    async def open(
+        self, clock: Callable[[], int] | None = None, **options: Unpack[Timing]
+    ) -> OrderLedger:
         return self._opens(
             await SqliteLedger.open(self.path, clock_ns=clock or time.time_ns, **options)
         )
@@ -200,7 +211,9 @@ class PostgresFactory(_Factory):
         super().__init__()
         self.url = url
 
-    async def open(self, clock: Callable[[], int] | None = None, **options: float) -> OrderLedger:
+    async def open(
+        self, clock: Callable[[], int] | None = None, **options: Unpack[Timing]
+    ) -> OrderLedger:
         return self._opens(
             await PostgresLedger.open(self.url, clock_ns=clock, pool_max=4, **options)
         )

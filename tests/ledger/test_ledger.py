@@ -18,6 +18,7 @@ import pytest
 from numbersvc.ledger import (
     Begin,
     BeginResult,
+    ClaimLost,
     Heartbeat,
     LedgerEntry,
     OrderKey,
@@ -61,6 +62,14 @@ SETTLED: Final = (
     OrderState.FAILED,
     OrderState.RELEASED,
 )
+
+
+def _rented(order: pb.RentalOrder) -> pb.RentalOrder:
+    """Plivo's answer to `order`: one number rented (+14155550199)."""
+    answer = pb.RentalOrder()
+    answer.CopyFrom(order)
+    answer.numbers.add(number="14155550199", e164="+14155550199", upstream_status="Success")
+    return answer
 
 
 def _key(entry: LedgerEntry) -> OrderKey:
@@ -454,10 +463,8 @@ class TestFinish:
         )
         before = dump(ledger_factory)
         clock.advance(SECOND)
-        answer = pb.RentalOrder()
-        answer.CopyFrom(order)
+        answer = _rented(order)
         answer.upstream_status = "late"
-        answer.numbers.add(number="14155550199", e164="+14155550199", upstream_status="Success")
         caplog.set_level(logging.INFO, logger="numbersvc.orders")
         caplog.clear()
         entry = await ledger.finish(answer, late, error_outcome="LATE", upstream="late body")
@@ -471,6 +478,42 @@ class TestFinish:
         assert "r-1" in message
         assert late.value in message
         assert "+14155550199" in message
+
+    @pytest.mark.parametrize("other_finished", [False, True])
+    async def test_an_answer_to_a_claim_taken_over_since_is_refused_not_answered_by_the_other(
+        self,
+        ledger_factory: LedgerFactory,
+        clock: Clock,
+        caplog: pytest.LogCaptureFixture,
+        other_finished: bool,
+    ) -> None:
+        # `first`'s claim was recovered (its lease lapsed), settled as failed and claimed again
+        # by `second` (sending, or finished): then `first`'s POST answers.
+        first = await ledger_factory.open(clock, lease_seconds=1, send_timeout_seconds=1)
+        order = await seed(first, "r-1")
+        second = await ledger_factory.open(clock, lease_seconds=600)
+        clock.advance(2 * SECOND)
+        assert (await second.heartbeat()).recovered == 1
+        await second.settle("r-1", OrderState.FAILED, numbers=[], note="console", actor="ops")
+        retry = new_attempt("r-1")
+        assert await second.begin(retry, daily_cap=0) == BeginResult(Begin.NEW)
+        if other_finished:
+            await second.finish(retry.order, OrderState.FULFILLED)
+        before = dump(ledger_factory)
+        answer = _rented(order)
+        answer.upstream_request_id = "api-first"
+        caplog.set_level(logging.INFO, logger="numbersvc.orders")
+        caplog.clear()
+        with pytest.raises(ClaimLost, match=second.instance):
+            await first.finish(answer, OrderState.FULFILLED, upstream="first body")
+        assert dump(ledger_factory) == before
+        records = [r for r in caplog.records if r.name == "numbersvc.orders"]
+        assert [r.levelno for r in records] == [logging.ERROR]
+        # What an operator reconciles with: the order, Plivo's api_id and numbers, the claim.
+        message = records[0].getMessage()
+        for part in ("r-1", "api-first", "+14155550199", second.instance, "not recorded"):
+            assert part in message
+        assert "settled while in flight" not in message
 
     @pytest.mark.parametrize("state", SETTLED)
     async def test_a_known_outcome_is_not_finished_again(
@@ -1050,15 +1093,16 @@ class TestLeases:
         retry = new_attempt("reused")
         assert (await second.begin(retry, daily_cap=0)).kind is Begin.NEW
         before = dump(ledger_factory)
+        # Refused, and B's row is not handed back as if it were A's outcome.
         for state in (OrderState.RELEASED, OrderState.FULFILLED):
-            entry = await first.finish(late.order, state)
-            assert (entry.state, entry.owner) == (OrderState.SENDING, second.instance)
+            with pytest.raises(ClaimLost, match="now sending"):
+                await first.finish(late.order, state)
         assert dump(ledger_factory) == before
         # Nor once B's attempt ended unknown: a state `finish` may change, but B's row.
         await second.finish(retry.order, OrderState.OUTCOME_UNKNOWN)
         before = dump(ledger_factory)
-        entry = await first.finish(late.order, OrderState.FULFILLED)
-        assert (entry.state, entry.owner) == (OrderState.OUTCOME_UNKNOWN, second.instance)
+        with pytest.raises(ClaimLost, match="now outcome_unknown"):
+            await first.finish(late.order, OrderState.FULFILLED)
         assert dump(ledger_factory) == before
 
 

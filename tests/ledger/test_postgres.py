@@ -18,6 +18,7 @@ import pytest
 from numbersvc.ledger import Begin, LedgerUnreachableError, OrderState
 from numbersvc.ledger.postgres import PostgresLedger, redacted, scrub
 from numbersvc.v1 import number_groups_pb2 as pb
+from tests.e2e.conftest import eventually
 from tests.ledger.support import SECOND, T0, Clock, PostgresFactory, new_attempt, row_of, seed
 from tests.pg import PASSWORD_ROLE, Cluster
 
@@ -69,6 +70,117 @@ async def test_a_taken_over_orders_stored_message_keeps_its_create_time(
     stored = pb.RentalOrder.FromString(row_of(postgres, "r-1")["order_proto"])
     assert stored.create_time.ToNanoseconds() == T0
     assert stored.update_time.ToNanoseconds() == T0 + 5 * SECOND
+
+
+class _AnswerEater:
+    """A TCP proxy to the cluster that, once armed, passes the next COMMIT on and drops
+    everything the server says on that connection from then on: a link lost just after a
+    claim's commit left, so it committed and its caller never hears so."""
+
+    def __init__(self, port: int) -> None:
+        self._port = port
+        self.armed = False
+        self.eaten = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._server: asyncio.Server | None = None
+        self.port = 0
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = int(self._server.sockets[0].getsockname()[1])
+
+    async def close(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _serve(self, client: asyncio.StreamReader, to_client: asyncio.StreamWriter) -> None:
+        server, to_server = await asyncio.open_connection("127.0.0.1", self._port)
+        mute = asyncio.Event()
+
+        async def up() -> None:
+            while data := await client.read(65536):
+                if self.armed and b"COMMIT" in data:
+                    self.armed = False
+                    mute.set()
+                    self.eaten.set()
+                to_server.write(data)
+                await to_server.drain()
+            to_server.close()
+
+        async def down() -> None:
+            while data := await server.read(65536):
+                if not mute.is_set():
+                    to_client.write(data)
+                    await to_client.drain()
+            to_client.close()  # a cancel request's answer is the server closing
+
+        for pump in (up(), down()):
+            task = asyncio.create_task(pump)
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+
+@pytest.fixture
+async def eater(postgres_cluster: Cluster) -> AsyncIterator[_AnswerEater]:
+    proxy = _AnswerEater(postgres_cluster.port)
+    await proxy.start()
+    yield proxy
+    await proxy.close()
+
+
+@pytest.fixture
+async def through(
+    eater: _AnswerEater, postgres_url: str, postgres_cluster: Cluster
+) -> AsyncIterator[PostgresLedger]:
+    """A ledger whose connections go through `eater`."""
+    url = postgres_url.replace(f":{postgres_cluster.port}/", f":{eater.port}/")
+    assert url != postgres_url
+    ledger = await PostgresLedger.open(url)
+    yield ledger
+    await ledger.close()
+
+
+class TestLostCommit:
+    """A claim whose COMMIT reached the database but whose answer never came back: its caller
+    is told nothing was claimed (and sends nothing), so the row it may have committed is
+    released at once, not left `sending` until its send window ends."""
+
+    async def test_a_committed_claim_whose_answer_was_lost_is_released(
+        self, eater: _AnswerEater, through: PostgresLedger, postgres: PostgresFactory
+    ) -> None:
+        eater.armed = True
+        with pytest.raises(LedgerUnreachableError):
+            await through.begin(new_attempt("r-1"), daily_cap=0, within_seconds=2)
+        assert eater.eaten.is_set()
+
+        async def released() -> bool:
+            return bool(row_of(postgres, "r-1")["state"] == OrderState.RELEASED.value)
+
+        await eventually(released, timeout_seconds=20)
+        events = postgres.events("r-1")
+        assert [e[2] for e in events] == ["sending", "released"]
+        entry = await through.get("r-1")
+        assert entry is not None
+        assert entry.order.status == pb.ORDER_STATUS_FAILED
+        assert "nothing was sent" in entry.order.status_message
+        # Free again: a retry claims it.
+        assert (await through.begin(new_attempt("r-1"), daily_cap=0)).kind is Begin.NEW
+
+    async def test_an_earlier_claim_of_the_id_is_never_released(
+        self, eater: _AnswerEater, through: PostgresLedger, postgres: PostgresFactory
+    ) -> None:
+        # The same instance's earlier claim is `sending` (its POST may be out); a repeat's
+        # claim (EXISTING) loses its answer: the earlier claim stays as it is.
+        assert (await through.begin(new_attempt("r-1"), daily_cap=0)).kind is Begin.NEW
+        before = postgres.rows(), postgres.events()
+        eater.armed = True
+        with pytest.raises(LedgerUnreachableError):
+            await through.begin(new_attempt("r-1"), daily_cap=0, within_seconds=2)
+        await through.close()  # after any release it started (closing twice is harmless)
+        assert (postgres.rows(), postgres.events()) == before
 
 
 class TestSecrets:

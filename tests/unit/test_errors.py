@@ -313,3 +313,24 @@ def test_packing_is_any() -> None:
 
 def test_documented_error_table_is_generated_from_the_table() -> None:
     assert markdown_table() in section(DOCS / "contract.md", "Errors")
+
+
+def test_rent_not_sent_is_exactly_the_outcomes_of_a_post_that_never_left() -> None:
+    """An outcome here releases a rent's id for another POST (`orders._state_after`): it must
+    be one only a request that never left can have. LEDGER_UNAVAILABLE is a claim's refusal,
+    before any POST: in this set it would free an order whose POST was sent, were a ledger
+    error ever raised after one."""
+    never_left = {
+        classify(UpstreamTransportError("refused", request_sent=False), Operation.RENT).outcome,
+        classify(
+            UpstreamThrottledError("no token", retry_after_seconds=1.0), Operation.RENT
+        ).outcome,
+        classify(DeadlineExceeded("before sending"), Operation.RENT).outcome,
+    }
+    assert never_left == {
+        Outcome.UPSTREAM_UNREACHABLE,
+        Outcome.UPSTREAM_BUDGET_EXHAUSTED,
+        Outcome.DEADLINE_EXCEEDED,
+    }
+    assert never_left == RENT_NOT_SENT
+    assert Outcome.LEDGER_UNAVAILABLE not in RENT_NOT_SENT
