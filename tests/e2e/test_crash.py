@@ -101,6 +101,13 @@ async def held_rent(
     return group_id, rent
 
 
+async def _answered(control: SandboxControl) -> bool:
+    """Whether the sandbox has finished the POST the dead server sent (Plivo acted)."""
+    posts = [r for r in await control.requests() if r["method"] == "POST"]
+    assert len(posts) == 1, posts
+    return posts[0]["status"] is not None
+
+
 async def test_sigkill_mid_post_then_retry(tmp_path: Path) -> None:
     ledger_path = tmp_path / "ledger.sqlite3"
     request_id = str(uuid.uuid4())
@@ -124,7 +131,11 @@ async def test_sigkill_mid_post_then_retry(tmp_path: Path) -> None:
             error = await asyncio.gather(rent, return_exceptions=True)
             assert isinstance(error[0], grpc.aio.AioRpcError)
 
-        await asyncio.sleep(1.8)  # the sandbox finishes the order the dead server sent
+        await eventually(
+            lambda: _answered(control),
+            timeout_seconds=20,
+            what="the sandbox finishes the order the dead server sent",
+        )
         async with (
             _serve(env) as served,
             grpc.aio.insecure_channel(f"127.0.0.1:{served.port}") as channel,
