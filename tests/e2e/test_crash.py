@@ -93,12 +93,17 @@ async def held_rent(
             timeout=timeout_seconds,
         )
     )
-
-    async def post_arrived() -> bool:
-        return any(r["method"] == "POST" for r in await control.requests())
-
-    await eventually(post_arrived)
+    await eventually(lambda: delayed_arrived(control, "rent"), what="the sandbox holds the POST")
     return group_id, rent
+
+
+async def delayed_arrived(control: SandboxControl, operation: str) -> bool:
+    """Whether a request for `operation` ("rent", "search") that a `delay` fault holds (or
+    held) has reached the sandbox: the upstream call is out, not merely asked for."""
+    return any(
+        r["operation"] == operation and r["fault"] == FaultKind.DELAY.value
+        for r in await control.requests()
+    )
 
 
 async def _answered(control: SandboxControl) -> bool:
