@@ -119,7 +119,7 @@ async def eventually(
         if await probe():
             return
         await asyncio.sleep(_POLL_SECONDS)
-    raise AssertionError(f"still false after {timeout_seconds} s: {what or probe.__name__}")
+    raise AssertionError(f"still false after {timeout_seconds} s: {what or repr(probe)}")
 
 
 @pytest.fixture
