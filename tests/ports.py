@@ -21,7 +21,7 @@ from typing import Final
 
 # Reservations of every test process on this machine, one lock file per port.
 _LOCKS: Final = Path(tempfile.gettempdir()) / "numbersvc-test-ports"
-# How many ports below the OS's ephemeral range `reserved_ports` takes from.
+# How many ports on each side of the OS's ephemeral range `reserved_ports` takes from.
 _SPAN: Final = 8000
 
 
@@ -77,18 +77,22 @@ def reserved_ports(count: int) -> Iterator[list[int]]:
     """`count` free loopback ports that no other process is given until the block ends.
 
     For programs that must be told a fixed port (a script written with port numbers,
-    PostgreSQL): the ports lie below the OS's ephemeral range, so no bind to port 0 and no
-    outgoing connection ever gets one, and each is locked (an exclusive `flock` on a file of
-    its own, let go when this process ends however it ends) against every other reservation.
+    PostgreSQL): the ports lie outside the OS's ephemeral range (below it, or above it where
+    it starts low), so no bind to port 0 and no outgoing connection ever gets one, and each
+    is locked (an exclusive `flock` on a file of its own, let go when this process ends
+    however it ends) against every other reservation.
     A port something already holds is skipped; one that a program outside these tests binds
     by number in between makes the reserved port's user fail to bind, as it would anywhere.
 
     Raises:
-        RuntimeError: fewer than `count` ports of the span were free.
+        RuntimeError: fewer than `count` ports outside the ephemeral range were free.
     """
-    low, _ = ephemeral_range()
-    candidates = list(range(max(1024, low - _SPAN), low))
-    start = random.randrange(len(candidates))  # concurrent reservations rarely meet
+    low, high = ephemeral_range()
+    candidates = [
+        *range(max(1024, low - _SPAN), low),
+        *range(high + 1, min(65536, high + 1 + _SPAN)),
+    ]
+    start = random.randrange(len(candidates)) if candidates else 0  # reservations rarely meet
     held: dict[int, int] = {}
     try:
         for port in candidates[start:] + candidates[:start]:
@@ -98,7 +102,7 @@ def reserved_ports(count: int) -> Iterator[list[int]]:
             if lock is not None:
                 held[port] = lock
         if len(held) < count:
-            raise RuntimeError(f"{len(held)} of {count} ports free below {low}")
+            raise RuntimeError(f"{len(held)} of {count} ports free outside {low}-{high}")
         yield list(held)
     finally:
         for lock in held.values():

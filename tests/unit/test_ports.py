@@ -7,6 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from tests import ports
 from tests.ports import _claim, ephemeral_range, reserved_ports
 
 _ROOT = Path(__file__).resolve().parents[2]
@@ -45,3 +48,11 @@ def test_a_port_something_holds_is_not_reserved() -> None:
         holder.bind(("127.0.0.1", 0))
         lock = _claim(holder.getsockname()[1])
     assert lock is None, "a bound port was reserved"
+
+
+def test_ports_come_from_above_an_ephemeral_range_that_starts_low(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(ports, "ephemeral_range", lambda: (1024, 60999))
+    with reserved_ports(2) as taken:
+        assert all(60999 < p <= 65535 for p in taken), taken
