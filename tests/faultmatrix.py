@@ -11,8 +11,8 @@ server on port 0, runs every cell and prints one table, exiting 1 if any cell fa
 NOTE: a reset BEFORE the request was sent cannot be produced by the sandbox: it only resets a
 connection after reading the request (`reset`), or after the headers and half the body
 (`reset_after_headers`). The never-sent case is the `refused` row: the server's base URL is a
-closed port, so nothing reaches any upstream (0 requests) and a rent is safe to retry
-(UNAVAILABLE, not RENT_OUTCOME_UNKNOWN).
+port held bound by a socket that never listens (it refuses), so nothing reaches any upstream
+(0 requests) and a rent is safe to retry (UNAVAILABLE, not RENT_OUTCOME_UNKNOWN).
 
 The store rows (`STORE_ROWS`) put the order ledger's PostgreSQL in trouble instead, around
 the call, on a server whose ledger and budget live there: the database stopped (`down`), a
@@ -30,7 +30,6 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import socket
 import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
@@ -50,6 +49,7 @@ from numbersvc.v1 import number_groups_pb2 as pb
 from numbersvc.v1 import number_groups_pb2_grpc as pb_grpc
 from tests.e2e.conftest import config_for, eventually
 from tests.pg import Cluster, running_cluster
+from tests.ports import refused_port
 from tests.timing import stopwatch
 
 __all__ = [
@@ -66,7 +66,6 @@ __all__ = [
     "Observed",
     "Rig",
     "Row",
-    "closed_port_url",
     "main",
     "problems",
     "render",
@@ -118,7 +117,7 @@ class Row:
 
     `fault` is the sandbox `FaultSpec` JSON without `count` and `operation` (the runner adds
     them), or `None` for a refused connection (the call goes to a server whose base URL is a
-    closed port) or for a store row.
+    port that refuses) or for a store row.
     """
 
     name: str
@@ -281,10 +280,11 @@ class Database:
 
 @dataclass
 class Rig:
-    """A server on the sandbox, and on demand one whose upstream is a closed port and one
+    """A server on the sandbox, and on demand one whose upstream is a port that refuses and one
     whose ledger is in PostgreSQL (`database`, for the store rows).
 
-    Servers come from `start` (which owns and stops them); the rig owns only its channels.
+    Servers come from `start` (which owns and stops them); the rig owns its channels and the
+    socket that keeps the refusing port refusing.
     """
 
     control: SandboxControl
@@ -294,11 +294,19 @@ class Rig:
     database: Database | None = None
     _refused: _Endpoint | None = field(default=None)
     _store: _Endpoint | None = field(default=None)
+    _held: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
 
     async def refused(self) -> _Endpoint:
-        """The server whose base URL is a closed port, started on first use."""
+        """The server whose base URL refuses every connection, started on first use.
+
+        The port stays bound (never listening) until `aclose`: a port merely found free could
+        be taken by another process meanwhile, and the `refused` row would then talk to it.
+        """
         if self._refused is None:
-            running = await self.start(plivo_base_url=closed_port_url(), **SERVER_OVERRIDES)
+            port = self._held.enter_context(refused_port())
+            running = await self.start(
+                plivo_base_url=f"http://127.0.0.1:{port}", **SERVER_OVERRIDES
+            )
             self._refused = _Endpoint(running, _channel(running))
         return self._refused
 
@@ -316,18 +324,13 @@ class Rig:
         return self._store
 
     async def aclose(self) -> None:
-        """Close the rig's channels (not the servers)."""
-        for endpoint in (self.main, self._refused, self._store):
-            if endpoint is not None:
-                await endpoint.channel.close()
-
-
-def closed_port_url() -> str:
-    """Return `http://127.0.0.1:PORT` for a port that was just free: nothing listens there."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    return f"http://127.0.0.1:{port}"
+        """Close the rig's channels (not the servers) and free the refusing port."""
+        try:
+            for endpoint in (self.main, self._refused, self._store):
+                if endpoint is not None:
+                    await endpoint.channel.close()
+        finally:
+            self._held.close()
 
 
 def _channel(running: RunningServer) -> grpc.aio.Channel:

@@ -109,14 +109,17 @@ def reason_of(error: grpc.aio.AioRpcError) -> str:
     return reason
 
 
-async def eventually(probe: Callable[[], Awaitable[bool]], *, timeout_seconds: float = 10) -> None:
-    """Poll `probe` (another process's state, which no event can signal) until it holds."""
+async def eventually(
+    probe: Callable[[], Awaitable[bool]], *, timeout_seconds: float = 10, what: str = ""
+) -> None:
+    """Poll `probe` (another process's state, which no event can signal) until it holds; fail
+    saying `what` was awaited when it has not by `timeout_seconds`."""
     polls = int(timeout_seconds / _POLL_SECONDS)
     for _ in range(polls):
         if await probe():
             return
         await asyncio.sleep(_POLL_SECONDS)
-    raise AssertionError(f"still false after {timeout_seconds} s")
+    raise AssertionError(f"still false after {timeout_seconds} s: {what or repr(probe)}")
 
 
 @pytest.fixture

@@ -93,12 +93,24 @@ async def held_rent(
             timeout=timeout_seconds,
         )
     )
-
-    async def post_arrived() -> bool:
-        return any(r["method"] == "POST" for r in await control.requests())
-
-    await eventually(post_arrived)
+    await eventually(lambda: delayed_arrived(control, "rent"), what="the sandbox holds the POST")
     return group_id, rent
+
+
+async def delayed_arrived(control: SandboxControl, operation: str) -> bool:
+    """Whether a request for `operation` ("rent", "search") that a `delay` fault holds (or
+    held) has reached the sandbox: the upstream call is out, not merely asked for."""
+    return any(
+        r["operation"] == operation and r["fault"] == FaultKind.DELAY.value
+        for r in await control.requests()
+    )
+
+
+async def _answered(control: SandboxControl) -> bool:
+    """Whether the sandbox has finished the POST the dead server sent (Plivo acted)."""
+    posts = [r for r in await control.requests() if r["method"] == "POST"]
+    assert len(posts) == 1, posts
+    return posts[0]["status"] is not None
 
 
 async def test_sigkill_mid_post_then_retry(tmp_path: Path) -> None:
@@ -124,7 +136,11 @@ async def test_sigkill_mid_post_then_retry(tmp_path: Path) -> None:
             error = await asyncio.gather(rent, return_exceptions=True)
             assert isinstance(error[0], grpc.aio.AioRpcError)
 
-        await asyncio.sleep(1.8)  # the sandbox finishes the order the dead server sent
+        await eventually(
+            lambda: _answered(control),
+            timeout_seconds=20,
+            what="the sandbox finishes the order the dead server sent",
+        )
         async with (
             _serve(env) as served,
             grpc.aio.insecure_channel(f"127.0.0.1:{served.port}") as channel,

@@ -1,10 +1,11 @@
 """docs/database.md's "Two replicas on your machine", run as written.
 
 The commands of its `sh` block run in one bash script, in order, with two changes only: every
-port of the page is replaced by one the OS just gave out, and the data folder lives in a
-temporary folder. As root, `initdb` and `pg_ctl` run through `runuser -u postgres --`, as the
-page says. The server binaries are Debian's (`tests/pg.py` finds them), put first on `PATH`
-as the page says; `numbersvc` is this venv's.
+port of the page is replaced by one reserved for this test (`tests.ports.reserved_ports`: no
+other process, test or port-0 bind, is given it while the script runs), and the data folder
+lives in a temporary folder. As root, `initdb` and `pg_ctl` run through `runuser -u postgres
+--`, as the page says. The server binaries are Debian's (`tests/pg.py` finds them), put first
+on `PATH` as the page says; `numbersvc` is this venv's.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,6 +25,7 @@ import pytest
 
 from tests.ci import missing
 from tests.pg import PostgresMissing, find_bindir
+from tests.ports import reserved_ports
 
 _ROOT: Final = Path(__file__).resolve().parents[2]
 _DOC: Final = _ROOT / "docs" / "database.md"
@@ -42,12 +43,6 @@ def _commands() -> list[str]:
     return [line[2:] for line in block.group(1).splitlines() if line.startswith("$ ")]
 
 
-def _free_port() -> str:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return str(probe.getsockname()[1])
-
-
 @pytest.fixture
 def folder() -> Iterator[Path]:
     """A folder the PostgreSQL user may write (root's temporary folders are its own)."""
@@ -63,27 +58,23 @@ def test_two_replicas_on_your_machine_as_written(folder: Path) -> None:
         bindir = find_bindir()
     except PostgresMissing as exc:
         missing(str(exc))
-    script = "\n".join(_commands())
-    for port in _PORTS:
-        script = re.sub(rf"\b{port}\b", _free_port(), script)
-    script = script.replace(_DATA, str(folder / "pg"))
-    if os.geteuid() == 0:
-        script = re.sub(r"^(initdb|pg_ctl) ", r"runuser -u postgres -- \1 ", script, flags=re.M)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("NUMBERSVC_", "PLIVO_", "PG"))}
     env["PATH"] = os.pathsep.join((str(bindir), str(Path(sys.executable).parent), env["PATH"]))
-    process = subprocess.Popen(
-        ["bash", "-e", "-c", script],
-        cwd=folder,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,  # its background servers are killed with it, whatever happens
-    )
-    try:
-        out, _ = process.communicate(timeout=_TIMEOUT_SECONDS)
-    finally:
-        _stop(process, bindir, folder / "pg")
+    with reserved_ports(len(_PORTS)) as ports:
+        script = _script(dict(zip(_PORTS, map(str, ports), strict=True)), folder / "pg")
+        process = subprocess.Popen(
+            ["bash", "-e", "-c", script],
+            cwd=folder,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,  # its background servers are killed with it, whatever happens
+        )
+        try:
+            out, _ = process.communicate(timeout=_TIMEOUT_SECONDS)
+        finally:
+            _stop(process, bindir, folder / "pg")
     assert process.returncode == 0, out
     # The rent on one replica and the order read on the other: the same fulfilled order (the
     # request id is also printed once before the rent is sent).
@@ -91,6 +82,17 @@ def test_two_replicas_on_your_machine_as_written(folder: Path) -> None:
     assert len(re.findall(rf"^request id:\s+{_REQUEST_ID}$", out, re.M)) == 3, out
     assert 'numbersvc_store_up{store="postgresql"} 1.0' in out
     assert 'numbersvc_rate_budget_source{source="shared"} 1.0' in out
+
+
+def _script(ports: dict[str, str], data: Path) -> str:
+    """The section's commands with its `ports` and data folder replaced, and as root the
+    server's own commands run as the PostgreSQL user."""
+    documented = re.compile(rf"\b({'|'.join(ports)})\b")  # at once: no port replaced twice
+    script = documented.sub(lambda port: ports[port.group(1)], "\n".join(_commands()))
+    script = script.replace(_DATA, str(data))
+    if os.geteuid() == 0:
+        script = re.sub(r"^(initdb|pg_ctl) ", r"runuser -u postgres -- \1 ", script, flags=re.M)
+    return script
 
 
 def _stop(process: subprocess.Popen[str], bindir: Path, data: Path) -> None:

@@ -21,6 +21,7 @@ from numbersvc.server import SERVICE_NAME
 from numbersvc.v1 import number_groups_pb2 as pb
 from numbersvc.v1 import number_groups_pb2_grpc as pb_grpc
 from tests.e2e.conftest import StartServer, eventually, reason_of, rich_details
+from tests.e2e.test_crash import delayed_arrived
 from tests.e2e.test_idempotency import _group
 from tests.e2e.test_process import _serve, plivo_env
 
@@ -64,11 +65,14 @@ async def test_sigterm_path_under_load(start_server: StartServer, control: Sandb
             stub.RentNumbers(pb.RentNumbersRequest(group_id=group.group_id, request_id=request_id))
         )
         unary = asyncio.ensure_future(stub.ListNumberGroups(pb.ListNumberGroupsRequest(filter=BIG)))
-        await asyncio.sleep(0.3)
-        assert all(received), "every stream is mid-walk"
+
+        async def all_out() -> bool:
+            return all(received) and await delayed_arrived(control, "rent")
+
+        await eventually(all_out, what="every stream is mid-walk and the rent's POST is out")
 
         stopping = asyncio.ensure_future(running.stop(drain_seconds=0.4, grace_seconds=3.0))
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(0)  # the stop's first step says NOT_SERVING, then drains
         health = health_pb2_grpc.HealthStub(channel)
         status = await health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME))
         assert status.status == health_pb2.HealthCheckResponse.NOT_SERVING
@@ -124,7 +128,7 @@ async def test_orders_in_flight_are_recorded_before_the_ledger_closes(
         call = stub.RentNumbers(
             pb.RentNumbersRequest(group_id=page.number_groups[0].group_id, request_id=request_id)
         )
-        await asyncio.sleep(0.3)
+        await eventually(lambda: delayed_arrived(control, "rent"), what="the POST is out")
         call.cancel()  # the caller is gone; the POST is not
         await running.stop(drain_seconds=0, grace_seconds=3.0)
     ledger = await SqliteLedger.open(path)

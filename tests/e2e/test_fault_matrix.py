@@ -10,14 +10,18 @@ cells on one of each, with the shipped stack, and prints them.
 from __future__ import annotations
 
 import dataclasses
+import errno
+import socket
 from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import urlsplit
 
 import grpc
 import pytest
 
 from numbersvc.sandbox import SandboxControl
 from numbersvc.sandbox.faults import FaultKind, FaultSpec
+from numbersvc.server import RunningServer
 from numbersvc.upstream.transport import HttpStack
 from numbersvc.v1 import number_groups_pb2 as pb
 from tests import faultmatrix
@@ -44,6 +48,31 @@ async def rig(
     rig = await faultmatrix.start_rig(control, start_server, upstream_http_stack=stack)
     yield rig
     await rig.aclose()
+
+
+async def test_no_other_process_can_take_the_refused_rows_port_while_the_rig_lives(
+    start_server: StartServer, control: SandboxControl
+) -> None:
+    """The `refused` row's port refuses by construction: it stays bound until `aclose`, so no
+    server started meanwhile (SO_REUSEADDR or not) can bind it and answer in its place."""
+    base_urls: list[str] = []
+
+    async def start(**overrides: Any) -> RunningServer:
+        base_urls.append(overrides.get("plivo_base_url", ""))
+        return await start_server(**overrides)
+
+    rig = await faultmatrix.start_rig(control, start)
+    try:
+        await rig.refused()
+        port = urlsplit(base_urls[-1]).port
+        assert port, base_urls
+        with socket.socket() as other:
+            other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            with pytest.raises(OSError, match="in use") as taken:
+                other.bind(("127.0.0.1", port))
+        assert taken.value.errno == errno.EADDRINUSE
+    finally:
+        await rig.aclose()
 
 
 @pytest.mark.parametrize("rpc", RPCS)

@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any, Final, cast
 
 import grpc
+import httpx
 import psycopg
 import pytest
 
@@ -32,11 +33,14 @@ from numbersvc.v1 import number_groups_pb2_grpc as pb_grpc
 from numbersvc.validation import RentParams
 from tests.e2e.conftest import eventually, reason_of, rich_details
 from tests.e2e.test_crash import held_rent
-from tests.e2e.test_process import Served, _serve
+from tests.e2e.test_process import _START_TIMEOUT_SECONDS, Served, _serve
 from tests.e2e.test_replicas import _env, _posts
+from tests.e2e.test_shared_ledger import _heartbeats
 from tests.pg import Cluster
 
 _RENT_TIMEOUT_SECONDS: Final = 6.0
+# As long as `_serve` lets a server take to start, and a lease (1 s) of beats after it.
+_HELD_POST_SECONDS: Final = _START_TIMEOUT_SECONDS + 2.0
 US: Final = pb.SearchFilter(region_code="US")
 
 
@@ -52,13 +56,11 @@ def _state(url: str, request_id: str) -> str:
 async def _server(
     sandbox: SandboxServer, url: str, **settings: str
 ) -> AsyncIterator[tuple[Served, Any]]:
-    env = _env(
-        sandbox,
-        url,
-        NUMBERSVC_RENT_TIMEOUT_SECONDS=str(_RENT_TIMEOUT_SECONDS),
-        NUMBERSVC_INSTANCE_LEASE_SECONDS="1",
-        **settings,
-    )
+    defaults = {
+        "NUMBERSVC_RENT_TIMEOUT_SECONDS": str(_RENT_TIMEOUT_SECONDS),
+        "NUMBERSVC_INSTANCE_LEASE_SECONDS": "1",
+    }
+    env = _env(sandbox, url, **{**defaults, **settings})
     async with (
         _serve(env) as served,
         grpc.aio.insecure_channel(f"127.0.0.1:{served.port}") as channel,
@@ -239,12 +241,27 @@ async def test_a_second_replica_started_while_a_post_is_out_recovers_nothing(
     sandbox: SandboxServer, control: SandboxControl, postgres_url: str
 ) -> None:
     """B starts and beats while A's POST is out: the order stays `sending`, cannot be settled
-    through B, and lands as fulfilled when Plivo answers A."""
+    through B, and lands as fulfilled when Plivo answers A.
+
+    The POST is held long enough for B to start and beat for a whole lease however loaded the
+    machine (a start under the whole suite took over 7 s); the rent timeout is raised above it.
+    """
     request_id = str(uuid.uuid4())
-    async with _server(sandbox, postgres_url) as (_, stub_a):
-        _, rent = await held_rent(stub_a, control, request_id, hold_seconds=4, timeout_seconds=10)
-        async with _server(sandbox, postgres_url) as (second, stub_b):
-            await asyncio.sleep(2.0)  # B beats every third of its 1 s lease meanwhile
+    hold = {"NUMBERSVC_RENT_TIMEOUT_SECONDS": str(_HELD_POST_SECONDS + 4)}
+    async with _server(sandbox, postgres_url, **hold) as (_, stub_a), httpx.AsyncClient() as http:
+        _, rent = await held_rent(
+            stub_a, control, request_id, hold_seconds=_HELD_POST_SECONDS, timeout_seconds=60
+        )
+        async with _server(sandbox, postgres_url, **hold) as (second, stub_b):
+
+            async def b_beat_for_a_lease() -> bool:
+                # The first beat runs at B's start, then one every third of its 1 s lease.
+                assert not rent.done(), "A's POST was answered before B beat for a whole lease"
+                return await _heartbeats(http, second) >= 4
+
+            await eventually(
+                b_beat_for_a_lease, timeout_seconds=_HELD_POST_SECONDS, what="B beats 4 times"
+            )
             assert _state(postgres_url, request_id) == "sending"
             with pytest.raises(grpc.aio.AioRpcError) as refused:
                 await stub_b.SettleRentalOrder(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 import uuid
 
@@ -15,7 +14,8 @@ from numbersvc.sandbox.faults import FaultKind, FaultSpec
 from numbersvc.server import RunningServer
 from numbersvc.v1 import number_groups_pb2 as pb
 from numbersvc.v1 import number_groups_pb2_grpc as pb_grpc
-from tests.e2e.conftest import StartServer, reason_of, rich_details
+from tests.e2e.conftest import StartServer, eventually, reason_of, rich_details
+from tests.e2e.test_crash import delayed_arrived
 
 US = pb.SearchFilter(region_code="US")
 BAD_REQUESTS = [
@@ -190,7 +190,7 @@ class TestRentSafety:
         request_id = str(uuid.uuid4())
         await control.inject_fault(FaultSpec(FaultKind.DELAY, seconds=1.0, operation="rent"))
         call = stub.RentNumbers(pb.RentNumbersRequest(group_id=group_id, request_id=request_id))
-        await asyncio.sleep(0.3)  # the POST is out
+        await eventually(lambda: delayed_arrived(control, "rent"), what="the POST is out")
         call.cancel()
         await server.rent_desk.drain(5.0)
         entry = await server.ledger.get(request_id)

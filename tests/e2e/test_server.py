@@ -21,7 +21,8 @@ from numbersvc.sandbox.faults import FaultKind, FaultSpec
 from numbersvc.server import GC_YOUNG_THRESHOLD, SERVICE_NAME, RunningServer, create_server, serve
 from numbersvc.v1 import number_groups_pb2 as pb
 from numbersvc.v1 import number_groups_pb2_grpc as pb_grpc
-from tests.e2e.conftest import config_for
+from tests.e2e.conftest import config_for, eventually
+from tests.e2e.test_crash import delayed_arrived
 
 US = pb.SearchFilter(region_code="US")
 
@@ -122,9 +123,9 @@ async def test_graceful_stop_goes_not_serving_then_lets_calls_finish(
     health = health_pb2_grpc.HealthStub(channel)
     await control.inject_fault(FaultSpec(FaultKind.DELAY, seconds=0.6, operation="search"))
     in_flight = asyncio.ensure_future(stub.ListNumberGroups(pb.ListNumberGroupsRequest(filter=US)))
-    await asyncio.sleep(0.1)
+    await eventually(lambda: delayed_arrived(control, "search"), what="the search is in flight")
     stopping = asyncio.ensure_future(server.stop(drain_seconds=0.3, grace_seconds=2.0))
-    await asyncio.sleep(0.1)
+    await asyncio.sleep(0)  # the stop's first step says NOT_SERVING, then drains
     status = await health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME))
     assert status.status == health_pb2.HealthCheckResponse.NOT_SERVING
     assert (await in_flight).number_groups  # finished inside the grace period

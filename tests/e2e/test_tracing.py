@@ -27,7 +27,7 @@ from numbersvc.sandbox import SandboxControl, SandboxServer
 from numbersvc.sandbox.faults import FaultKind, FaultSpec
 from numbersvc.v1 import number_groups_pb2 as pb
 from numbersvc.v1 import number_groups_pb2_grpc as pb_grpc
-from tests.e2e.conftest import reason_of
+from tests.e2e.conftest import eventually, reason_of
 from tests.e2e.test_process import Served, _start, plivo_env
 from tests.otlp import KIND, STATUS, Collector, Received, children
 
@@ -286,9 +286,12 @@ async def test_an_unreachable_collector_slows_no_call_and_no_shutdown(
 ) -> None:
     """A collector that accepts connections and never answers: calls and SIGTERM go on."""
     silent: list[asyncio.StreamWriter] = []
+    export_sent = asyncio.Event()
 
-    async def hold(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         silent.append(writer)
+        if await reader.read(1):  # the exporter's first bytes: an export is under way
+            export_sent.set()
 
     black_hole = await asyncio.start_server(hold, "127.0.0.1", 0)
     port = black_hole.sockets[0].getsockname()[1]
@@ -302,7 +305,12 @@ async def test_an_unreachable_collector_slows_no_call_and_no_shutdown(
         ) as (served, stub):
             for _ in range(20):
                 await stub.ListNumberGroups(pb.ListNumberGroupsRequest(filter=US), timeout=5)
-            await asyncio.sleep(0.3)  # an export is now stuck on the silent collector
+
+            async def export_stuck() -> bool:
+                return export_sent.is_set()
+
+            # Batches go every 50 ms: the first reaches the silent collector and stays there.
+            await eventually(export_stuck, what="an export reaches the silent collector")
             started = time.monotonic()
             served.process.send_signal(signal.SIGTERM)
             assert await served.finish() == 0

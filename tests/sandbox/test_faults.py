@@ -14,6 +14,7 @@ from numbersvc.sandbox import FaultKind, FaultSpec, SandboxControl, SandboxServe
 from numbersvc.sandbox.control import SandboxControlError
 from numbersvc.sandbox.delivery import DELIVERIES
 from numbersvc.sandbox.faults import FaultQueue
+from tests.e2e.conftest import eventually
 
 
 class TestFaultSpec:
@@ -222,10 +223,14 @@ async def test_hang_until_client_timeout_then_prompt_stop() -> None:
             # A second hang, held while the server stops: stop must not wait for it.
             async with SandboxControl(server.base_url) as control:
                 await control.inject_fault(FaultSpec(FaultKind.HANG))
-            held = asyncio.create_task(
-                client.get(groups_path, params={"country_iso": "US"}, timeout=10.0)
-            )
-            await asyncio.sleep(0.2)
+                held = asyncio.create_task(
+                    client.get(groups_path, params={"country_iso": "US"}, timeout=10.0)
+                )
+
+                async def both_hangs_arrived() -> bool:
+                    return sum(r["fault"] == "hang" for r in await control.requests()) == 2
+
+                await eventually(both_hangs_arrived, what="the server holds the second hang")
             started = time.perf_counter()
             await server.stop()
             assert time.perf_counter() - started < 1.0

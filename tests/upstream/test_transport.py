@@ -427,10 +427,17 @@ async def test_trust_comes_from_the_code_not_the_environment(
 async def test_closing_the_client_does_not_cancel_a_waiting_call(
     client_for: Callable[..., PlivoClient], raw_server: StartServer
 ) -> None:
-    server = await raw_server(hang)
+    got_the_get = asyncio.Event()
+
+    async def hang_once_read(reader: Reader, writer: Writer) -> None:
+        await read_request(reader)
+        got_the_get.set()
+        await asyncio.Event().wait()
+
+    server = await raw_server(hang_once_read)
     client = client_for(server.base_url, max_connections=1, max_keepalive_connections=1)
     in_flight = asyncio.ensure_future(client.get_number_group("1", timeout_seconds=1.0))
-    await asyncio.sleep(0.1)
+    await asyncio.wait_for(got_the_get.wait(), timeout=10)  # the GET holds the one connection
     waiting = asyncio.ensure_future(client.rent_numbers("1", {}, timeout_seconds=1.0))
     await asyncio.sleep(0.1)  # the rent waits for the one connection
     await client.aclose()
