@@ -72,7 +72,10 @@ _IN_PROGRESS_RETRY_SECONDS: Final = 1.0
 # The store was out of reach for a claim: a database restart, a lock, take a few seconds.
 _LEDGER_RETRY_SECONDS: Final = 2.0
 # A caller's answer comes this long before its own wait (`_wait`) gives up on the flight.
-_ANSWER_MARGIN_SECONDS: Final = 2 * DEFAULT_MARGIN_SECONDS
+# NOTE: wider than a read's margin: an answer that misses the deadline reaches the caller as a
+# bare DEADLINE_EXCEEDED, without the ErrorInfo saying whether anything was sent; an event
+# loop late by 0.2 s (a loaded host, a database call returning at once) was enough to miss it.
+_ANSWER_MARGIN_SECONDS: Final = 5 * DEFAULT_MARGIN_SECONDS
 # How long a write may keep callers waiting whose deadline is already gone (a joined
 # duplicate may still be listening): a healthy ledger answers in milliseconds.
 _MIN_WRITE_WAIT_SECONDS: Final = 1.0
