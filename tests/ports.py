@@ -1,28 +1,18 @@
-"""Loopback ports without races: where a child bound port 0 (its own word), where nothing
-listens, and ports reserved for a program that cannot bind port 0 and say where.
+"""Loopback ports: where a child bound port 0 (its own word), where nothing listens, and
+ports the OS picks for a program that cannot bind port 0 and say where.
 
 A port picked here (bind port 0, close, hand the number over) can be taken by any process in
-between; a child told to listen on 127.0.0.1:0 binds it itself and says where.
+between; a child told to listen on 127.0.0.1:0 binds it itself and says where, so `picked_ports`
+is only for what cannot (PostgreSQL, a documented script).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
-import os
-import random
 import re
 import socket
-import tempfile
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
-from typing import Final
-
-# Reservations of every test process on this machine, one lock file per port.
-_LOCKS: Final = Path(tempfile.gettempdir()) / "numbersvc-test-ports"
-# How many ports on each side of the OS's ephemeral range `reserved_ports` takes from.
-_SPAN: Final = 8000
 
 
 @contextlib.asynccontextmanager
@@ -66,59 +56,15 @@ def refused_port() -> Iterator[int]:
         yield port
 
 
-def ephemeral_range() -> tuple[int, int]:
-    """The OS's range for port 0 and outgoing connections (`ip_local_port_range`), inclusive."""
-    low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
-    return int(low), int(high)
+def picked_ports(count: int) -> list[int]:
+    """`count` distinct loopback ports the OS picks (port 0), free when this returns.
 
-
-@contextlib.contextmanager
-def reserved_ports(count: int) -> Iterator[list[int]]:
-    """`count` free loopback ports that no other process is given until the block ends.
-
-    For programs that must be told a fixed port (a script written with port numbers,
-    PostgreSQL): the ports lie outside the OS's ephemeral range (below it, or above it where
-    it starts low), so no bind to port 0 and no outgoing connection ever gets one, and each
-    is locked (an exclusive `flock` on a file of its own, let go when this process ends
-    however it ends) against every other reservation.
-    A port something already holds is skipped; one that a program outside these tests binds
-    by number in between makes the reserved port's user fail to bind, as it would anywhere.
-
-    Raises:
-        RuntimeError: fewer than `count` ports outside the ephemeral range were free.
+    NOTE: held all at once while picked, so never the same port twice; let go before the
+    caller's program binds them, so any process may take one in between (the OS hands ports
+    out at random over its ephemeral range, which makes that rare). Prefer a child on port 0.
     """
-    low, high = ephemeral_range()
-    candidates = [
-        *range(max(1024, low - _SPAN), low),
-        *range(high + 1, min(65536, high + 1 + _SPAN)),
-    ]
-    start = random.randrange(len(candidates)) if candidates else 0  # reservations rarely meet
-    held: dict[int, int] = {}
-    try:
-        for port in candidates[start:] + candidates[:start]:
-            if len(held) == count:
-                break
-            lock = _claim(port)
-            if lock is not None:
-                held[port] = lock
-        if len(held) < count:
-            raise RuntimeError(f"{len(held)} of {count} ports free outside {low}-{high}")
-        yield list(held)
-    finally:
-        for lock in held.values():
-            os.close(lock)
-
-
-def _claim(port: int) -> int | None:
-    """Lock `port`'s file and check that nothing is bound to it; the lock, or None if taken."""
-    _LOCKS.mkdir(exist_ok=True)
-    lock = os.open(_LOCKS / f"{port}.lock", os.O_RDWR | os.O_CREAT, 0o666)
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        # NOTE: no SO_REUSEADDR: even a port left in TIME_WAIT is skipped.
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", port))
-    except OSError:  # locked by another reservation, or bound
-        os.close(lock)
-        return None
-    return lock
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for bound in sockets:
+            bound.bind(("127.0.0.1", 0))
+        return [bound.getsockname()[1] for bound in sockets]

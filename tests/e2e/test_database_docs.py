@@ -1,9 +1,9 @@
 """docs/database.md's "Two replicas on your machine", run as written.
 
 The commands of its `sh` block run in one bash script, in order, with two changes only: every
-port of the page is replaced by one reserved for this test (`tests.ports.reserved_ports`: no
-other process, test or port-0 bind, is given it while the script runs), and the data folder
-lives in a temporary folder. As root, `initdb` and `pg_ctl` run through `runuser -u postgres
+port of the page is replaced by one the OS picked (`tests.ports.picked_ports`: PostgreSQL and
+the page's commands take a port number, not port 0), and the data folder lives in a temporary
+folder. As root, `initdb` and `pg_ctl` run through `runuser -u postgres
 --`, as the page says. The server binaries are Debian's (`tests/pg.py` finds them), put first
 on `PATH` as the page says; `numbersvc` is this venv's.
 """
@@ -25,7 +25,7 @@ import pytest
 
 from tests.ci import missing
 from tests.pg import PostgresMissing, find_bindir
-from tests.ports import reserved_ports
+from tests.ports import picked_ports
 
 _ROOT: Final = Path(__file__).resolve().parents[2]
 _DOC: Final = _ROOT / "docs" / "database.md"
@@ -60,21 +60,21 @@ def test_two_replicas_on_your_machine_as_written(folder: Path) -> None:
         missing(str(exc))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("NUMBERSVC_", "PLIVO_", "PG"))}
     env["PATH"] = os.pathsep.join((str(bindir), str(Path(sys.executable).parent), env["PATH"]))
-    with reserved_ports(len(_PORTS)) as ports:
-        script = _script(dict(zip(_PORTS, map(str, ports), strict=True)), folder / "pg")
-        process = subprocess.Popen(
-            ["bash", "-e", "-c", script],
-            cwd=folder,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            start_new_session=True,  # its background servers are killed with it, whatever happens
-        )
-        try:
-            out, _ = process.communicate(timeout=_TIMEOUT_SECONDS)
-        finally:
-            _stop(process, bindir, folder / "pg")
+    ports = dict(zip(_PORTS, map(str, picked_ports(len(_PORTS))), strict=True))
+    script = _script(ports, folder / "pg")
+    process = subprocess.Popen(
+        ["bash", "-e", "-c", script],
+        cwd=folder,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # its background servers are killed with it, whatever happens
+    )
+    try:
+        out, _ = process.communicate(timeout=_TIMEOUT_SECONDS)
+    finally:
+        _stop(process, bindir, folder / "pg")
     assert process.returncode == 0, out
     # The rent on one replica and the order read on the other: the same fulfilled order (the
     # request id is also printed once before the rent is sent).
