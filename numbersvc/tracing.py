@@ -4,7 +4,8 @@
 `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`, `OTEL_EXPORTER_OTLP_[TRACES_]PROTOCOL` `grpc` or
 `http/protobuf`, `OTEL_SERVICE_NAME`, `OTEL_TRACES_SAMPLER[_ARG]`, `OTEL_BSP_*`, and whatever
 else the SDK and its exporters read) and, only when an endpoint is set, imports the SDK, builds
-a `TracerProvider` with a `BatchSpanProcessor` and an OTLP exporter, and returns a `Tracing`
+a `TracerProvider` with a `BatchSpanProcessor` and an OTLP exporter (over gRPC, the SDK's with
+the cheaper encoder of `numbersvc.span_encoding`), and returns a `Tracing`
 handle whose `shutdown` flushes within a bound. docs/tracing.md lists the spans and attributes.
 
 Off, nothing of OpenTelemetry is imported and no thread runs; each helper below begins with one
@@ -207,9 +208,9 @@ def start() -> Tracing | None:
 
     exporter: SpanExporter
     if protocol == "grpc":
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+        from numbersvc.span_encoding import GrpcSpanExporter
 
-        exporter = OTLPSpanExporter()
+        exporter = GrpcSpanExporter()
     elif protocol == "http/protobuf":
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
             OTLPSpanExporter as OTLPHttpSpanExporter,
