@@ -7,16 +7,18 @@ OpenTelemetry variables (tracing off, as shipped), one exporting every span
 request, as shipped, from one too large to ever wait (`NUMBERSVC_UPSTREAM_RATE=1000000/1s`)
 so that it does not pace the load (a permit had at once makes no span: only waits do).
 Phases of ListNumberGroups calls at concurrency 32 alternate between them (which goes first
-alternates too), in many short rounds so that the machine's other load falls on both sides.
+alternates too), in many short rounds (512 calls a side) so that the machine's other load
+falls on both sides.
 
 What a server's round costs is its utime+stime (/proc/PID/stat, every thread) from the start of
 its phase to the start of its next one (after the last, to the end of a settling wait): the
-traced server's batch processor sends its spans 512 at a time, and those left queued at a
-phase's end (up to 511, on the exporter's thread) go out during the other side's phase or at
-the processor's timer. Counted from phase end to phase end they would be missed or land in
-another round; counted over the cycle they are in. Both sides are counted over the same kind of
-window, so the idle cost of a server is on both (the off server's CPU over the last settling
-wait, `settle_cpu_ms_per_s`, is that cost; the traced one's adds its last spans' export).
+traced server's batch processor sends its spans 512 at a time, on its own thread, and may
+still be sending a phase's last batch, or hold spans queued, when the phase's last call has
+returned: they go out during the other side's phase or at the processor's timer. Counted over
+the phase alone they would be missed or land in another round; over the cycle they are in.
+Both sides are counted over the same kind of window, so the idle cost of a server is on both
+(the off server's CPU over the last settling wait, `settle_cpu_ms_per_s`, is that cost; the
+traced one's adds its last spans' export).
 Before the first round and after the last, the bench waits out the processor's schedule delay,
 so that the warm-up's spans are not counted and the last round's all are.
 
@@ -55,9 +57,13 @@ _SPANS_PER_CALL: Final = 2
 # The SDK's batch processor sends what is queued at least this often (its default, 5 s), plus
 # a margin for the send itself.
 _SETTLE_SECONDS: Final = 5.0 + 1.0
-# Row 12's rounds and calls per phase, as multiples of the plan's CPU rows' (row 6's).
-_ROUNDS_PER_CPU_ROUND: Final = 3
-_CALLS_PER_CPU_CALL: Final = 3
+# Row 12's rounds, as a multiple of the plan's CPU rows' (row 6's).
+_ROUNDS_PER_CPU_ROUND: Final = 5
+# The batch processor sends a batch whenever 512 spans are queued (the SDK's default batch): a
+# phase of 512 calls queues exactly two batches, so that each round counts what its own spans
+# cost, not one batch more or less. (With 600 calls, a round had 2 or 3 batches sent, and the
+# median round was one of the 2-batch ones: the exporter's cost undercounted by 15%.)
+_CALLS_PER_PHASE: Final = 2 * 512 // _SPANS_PER_CALL
 
 
 async def row(
@@ -77,7 +83,7 @@ async def row(
     }
     plan = bench.plan
     rounds = _ROUNDS_PER_CPU_ROUND * plan.cpu_rounds
-    calls = _CALLS_PER_CPU_CALL * plan.cpu_calls
+    calls = _CALLS_PER_PHASE
     phases: dict[str, list[core.Phase]] = {"off": [], "on": []}
     marks: dict[str, list[float]] = {"off": [], "on": []}  # CPU seconds at each phase's start
     async with (
