@@ -7,7 +7,7 @@ OpenTelemetry variables (tracing off, as shipped), one exporting every span
 request, as shipped, from one too large to ever wait (`NUMBERSVC_UPSTREAM_RATE=1000000/1s`)
 so that it does not pace the load (a permit had at once makes no span: only waits do).
 Phases of ListNumberGroups calls at concurrency 32 alternate between them (which goes first
-alternates too), in many short rounds (512 calls a side) so that the machine's other load
+alternates too), in many short rounds (256 calls a side) so that the machine's other load
 falls on both sides.
 
 What a server's round costs is its utime+stime (/proc/PID/stat, every thread) from the start of
@@ -57,13 +57,15 @@ _SPANS_PER_CALL: Final = 2
 # The SDK's batch processor sends what is queued at least this often (its default, 5 s), plus
 # a margin for the send itself.
 _SETTLE_SECONDS: Final = 5.0 + 1.0
-# Row 12's rounds, as a multiple of the plan's CPU rows' (row 6's).
-_ROUNDS_PER_CPU_ROUND: Final = 5
+# Row 12's rounds, as a multiple of the plan's CPU rows' (row 6's): quick 30, full 50. Short
+# phases, many of them: the other load moves a round's ratio by about 0.15x (its standard
+# deviation), and the median of n rounds moves as 1/sqrt(n) of that.
+_ROUNDS_PER_CPU_ROUND: Final = 10
 # The batch processor sends a batch whenever 512 spans are queued (the SDK's default batch): a
-# phase of 512 calls queues exactly two batches, so that each round counts what its own spans
-# cost, not one batch more or less. (With 600 calls, a round had 2 or 3 batches sent, and the
-# median round was one of the 2-batch ones: the exporter's cost undercounted by 15%.)
-_CALLS_PER_PHASE: Final = 2 * 512 // _SPANS_PER_CALL
+# phase of 256 calls queues exactly one, so that each round counts what its own spans cost,
+# not a batch more or less. (With 600 calls, a round sent 2 or 3 batches, and the median
+# round was a 2-batch one: the exporter's cost undercounted by 15%.)
+_CALLS_PER_PHASE: Final = 512 // _SPANS_PER_CALL
 
 
 async def row(
