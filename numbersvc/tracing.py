@@ -4,11 +4,15 @@
 `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`, `OTEL_EXPORTER_OTLP_[TRACES_]PROTOCOL` `grpc` or
 `http/protobuf`, `OTEL_SERVICE_NAME`, `OTEL_TRACES_SAMPLER[_ARG]`, `OTEL_BSP_*`, and whatever
 else the SDK and its exporters read) and, only when an endpoint is set, imports the SDK, builds
-a `TracerProvider` with a `BatchSpanProcessor` and an OTLP exporter, and returns a `Tracing`
+a `TracerProvider` with a `BatchSpanProcessor` and an OTLP exporter (over gRPC, the SDK's with
+the cheaper encoder of `numbersvc.span_encoding`), and returns a `Tracing`
 handle whose `shutdown` flushes within a bound. docs/tracing.md lists the spans and attributes.
 
 Off, nothing of OpenTelemetry is imported and no thread runs; each helper below begins with one
-check of the module's `_tracer` and returns at once (a shared no-op context manager, or None).
+check of the module's `_sdk` and returns at once (a shared no-op context manager, or None).
+On, `_sdk` holds what the helpers use of OpenTelemetry, looked up once by `start()`: a call's
+spans cost the SDK's own work and no import, and each span's attributes go in at its start or
+in one `set_attributes` (each call takes the span's lock and validates what it is given).
 
 The helpers take plain values (a method name, a status code's name), never gRPC objects: the
 upstream client and the ledger use them and know no gRPC. Spans never hold a secret, a phone
@@ -27,15 +31,20 @@ import functools
 import logging
 import os
 import threading
-from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Mapping
+from dataclasses import dataclass
+from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, ParamSpec, TypeVar
 
 from google.protobuf.message import DecodeError
 from google.rpc import error_details_pb2, status_pb2
 
 if TYPE_CHECKING:
+    from contextvars import Token
+
+    from opentelemetry.context import Context
     from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.trace import Span, Tracer
+    from opentelemetry.trace import Span, SpanKind, Status, Tracer
     from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 __all__ = [
@@ -91,9 +100,25 @@ ATTEMPT: Final[contextvars.ContextVar[int]] = contextvars.ContextVar(
 )
 """The attempt number of the upstream request about to be made (the retry loop sets it)."""
 
+
+@dataclass(frozen=True, slots=True)
+class _Sdk:
+    """What the helpers use of OpenTelemetry, bound once by `start` (no import per call)."""
+
+    tracer: Tracer
+    propagator: TraceContextTextMapPropagator
+    attach: Callable[[Context], Token[Context]]
+    detach: Callable[[Token[Context]], None]
+    in_context: Callable[[Span], Context]
+    current_span: Callable[[], Span]
+    server: SpanKind
+    client: SpanKind
+    internal: SpanKind
+    error: Callable[[str], Status]  # an ERROR status with this description
+
+
 # The flag every helper checks first: None while tracing is off.
-_tracer: Tracer | None = None
-_propagator: TraceContextTextMapPropagator | None = None
+_sdk: _Sdk | None = None
 _NOTHING: Final = contextlib.nullcontext(None)
 
 _P = ParamSpec("_P")
@@ -123,8 +148,8 @@ class Tracing:
         Returns:
             True if everything was exported in time.
         """
-        global _tracer, _propagator
-        _tracer = _propagator = None
+        global _sdk
+        _sdk = None
         loop = asyncio.get_running_loop()
         done: asyncio.Future[None] = loop.create_future()
 
@@ -163,7 +188,7 @@ def start() -> Tracing | None:
     Raises:
         ValueError: The protocol is neither `grpc` nor `http/protobuf`.
     """
-    global _tracer, _propagator
+    global _sdk
     environ = os.environ
     if not (environ.get(TRACES_ENDPOINT_ENV) or environ.get(ENDPOINT_ENV)):
         return None
@@ -173,6 +198,7 @@ def start() -> Tracing | None:
     protocol = protocol or DEFAULT_PROTOCOL
     # Imported here, and only here: with tracing off the SDK is never loaded (nor the version
     # looked up, which costs what `numbersvc --help` need not pay).
+    from opentelemetry import context, trace
     from opentelemetry.sdk.resources import SERVICE_NAME, SERVICE_VERSION, Resource
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
@@ -182,9 +208,9 @@ def start() -> Tracing | None:
 
     exporter: SpanExporter
     if protocol == "grpc":
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+        from numbersvc.span_encoding import GrpcSpanExporter
 
-        exporter = OTLPSpanExporter()
+        exporter = GrpcSpanExporter()
     elif protocol == "http/protobuf":
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
             OTLPSpanExporter as OTLPHttpSpanExporter,
@@ -204,8 +230,18 @@ def start() -> Tracing | None:
     # The sampler comes from OTEL_TRACES_SAMPLER; no exit hook: `Tracing.shutdown` bounds it.
     provider = TracerProvider(resource=resource, shutdown_on_exit=False)
     provider.add_span_processor(BatchSpanProcessor(exporter))
-    _tracer = provider.get_tracer("numbersvc", __version__)
-    _propagator = TraceContextTextMapPropagator()
+    _sdk = _Sdk(
+        tracer=provider.get_tracer("numbersvc", __version__),
+        propagator=TraceContextTextMapPropagator(),
+        attach=context.attach,
+        detach=context.detach,
+        in_context=trace.set_span_in_context,
+        current_span=trace.get_current_span,
+        server=trace.SpanKind.SERVER,
+        client=trace.SpanKind.CLIENT,
+        internal=trace.SpanKind.INTERNAL,
+        error=functools.partial(trace.Status, trace.StatusCode.ERROR),
+    )
     _log.info("traces: exporting spans over OTLP (%s)", protocol)
     return Tracing(provider, protocol)
 
@@ -221,19 +257,15 @@ def start_server_span(method: str, traceparent: str, request_id: str) -> Span | 
     Returns:
         The span, for `end_server_span`; None when tracing is off.
     """
-    tracer = _tracer
-    if tracer is None:
+    sdk = _sdk
+    if sdk is None:
         return None
-    from opentelemetry import context, trace
-
-    assert _propagator is not None
-    name = method.lstrip("/")
-    service, _, rpc = name.rpartition("/")
-    parent = _propagator.extract({"traceparent": traceparent}) if traceparent else None
-    span = tracer.start_span(
+    name, service, rpc = _rpc_names(method)
+    parent = sdk.propagator.extract({"traceparent": traceparent}) if traceparent else None
+    span = sdk.tracer.start_span(
         name,
         context=parent,
-        kind=trace.SpanKind.SERVER,
+        kind=sdk.server,
         attributes={
             "rpc.system": "grpc",
             "rpc.service": service,
@@ -242,8 +274,16 @@ def start_server_span(method: str, traceparent: str, request_id: str) -> Span | 
         },
     )
     # Never detached: the context dies with the RPC's task (and the tasks it starts copy it).
-    context.attach(trace.set_span_in_context(span))
+    sdk.attach(sdk.in_context(span))
     return span
+
+
+@functools.lru_cache(maxsize=64)  # bounded: a caller may name methods that do not exist
+def _rpc_names(method: str) -> tuple[str, str, str]:
+    """Return the span name, `rpc.service` and `rpc.method` of a full method name."""
+    name = method.lstrip("/")
+    service, _, rpc = name.rpartition("/")
+    return name, service, rpc
 
 
 def end_server_span(
@@ -261,19 +301,21 @@ def end_server_span(
         trailing_metadata: Returns the call's trailing metadata, read only if the call failed,
             for the `ErrorInfo` reason in `grpc-status-details-bin`.
     """
-    if span is None:
+    sdk = _sdk
+    if span is None or sdk is None:
         return
-    from opentelemetry.trace import Status, StatusCode
-
-    span.set_attribute("rpc.grpc.status_code", _CODE_NUMBERS.get(code, 2))
-    span.set_attribute("numbersvc.caller", caller)
+    attributes: dict[str, str | int] = {
+        "rpc.grpc.status_code": _CODE_NUMBERS.get(code, 2),
+        "numbersvc.caller": caller,
+    }
     if code != "OK":
-        span.set_attribute("error.type", code)
+        attributes["error.type"] = code
         reason = error_reason(trailing_metadata() or ())
         if reason:
-            span.set_attribute("numbersvc.error.reason", reason)
+            attributes["numbersvc.error.reason"] = reason
         if code in SERVER_ERROR_CODES:
-            span.set_status(Status(StatusCode.ERROR, code))
+            span.set_status(sdk.error(code))
+    span.set_attributes(attributes)
     span.end()
 
 
@@ -302,11 +344,9 @@ def upstream_span(
         url_template: The path with its ids replaced by names (`{account}`, `{group_id}`).
         server: Plivo's host and port.
     """
-    tracer = _tracer
-    if tracer is None:
+    sdk = _sdk
+    if sdk is None:
         return _NOTHING
-    from opentelemetry.trace import SpanKind
-
     attempt = ATTEMPT.get()
     attributes: dict[str, str | int] = {
         "http.request.method": method,
@@ -317,29 +357,26 @@ def upstream_span(
     }
     if attempt > 1:
         attributes["http.request.resend_count"] = attempt - 1
-    return tracer.start_as_current_span(
-        f"{method} {url_template}",
-        kind=SpanKind.CLIENT,
-        attributes=attributes,
-        record_exception=False,
-        set_status_on_exception=False,
+    client = sdk.tracer.start_span(
+        f"{method} {url_template}", kind=sdk.client, attributes=attributes
     )
+    # Its failures are recorded by `upstream_outcome`, by status or error class.
+    return _Current(sdk, client, mark_failure=False)
 
 
 def upstream_outcome(outcome: int | str, api_id: str | None) -> None:
     """Record on the current upstream span its HTTP status, or the error class, and `api_id`."""
-    if _tracer is None:
+    sdk = _sdk
+    if sdk is None:
         return
-    from opentelemetry import trace
-
-    current = trace.get_current_span()
-    if api_id:
-        current.set_attribute("plivo.api_id", api_id)
+    attributes: dict[str, str | int] = {"plivo.api_id": api_id} if api_id else {}
     if isinstance(outcome, int):
-        current.set_attribute("http.response.status_code", outcome)
-        if outcome < 400:
-            return
-    _failed(current, str(outcome))
+        attributes["http.response.status_code"] = outcome
+    current = sdk.current_span()
+    if isinstance(outcome, str) or outcome >= 400:
+        attributes["error.type"] = str(outcome)
+        current.set_status(sdk.error(str(outcome)))
+    current.set_attributes(attributes)
 
 
 def budget_wait(began_ns: int, *, refused: bool = False) -> None:
@@ -347,21 +384,22 @@ def budget_wait(began_ns: int, *, refused: bool = False) -> None:
 
     Only waits (and refusals) get a span: a permit granted at once costs no span at all.
     """
-    tracer = _tracer
-    if tracer is None:
+    sdk = _sdk
+    if sdk is None:
         return
-    wait = tracer.start_span("numbersvc.rate_budget.wait", start_time=began_ns)
+    wait = sdk.tracer.start_span("numbersvc.rate_budget.wait", start_time=began_ns)
     if refused:
-        _failed(wait, "UpstreamThrottledError")
+        _failed(sdk, wait, "UpstreamThrottledError")
     wait.end()
 
 
 def outgoing_headers(headers: Mapping[str, str] | None) -> Mapping[str, str] | None:
     """Return `headers` with the current span's `traceparent` (unchanged when tracing is off)."""
-    if _propagator is None:
+    sdk = _sdk
+    if sdk is None:
         return headers
     carrier = dict(headers or {})
-    _propagator.inject(carrier)
+    sdk.propagator.inject(carrier)
     return carrier
 
 
@@ -372,30 +410,42 @@ def span(
 
     An exception marks it failed, by class name only (a message may quote anything).
     """
-    tracer = _tracer
-    if tracer is None:
+    sdk = _sdk
+    if sdk is None:
         return _NOTHING
-    return _spanning(tracer, name, attributes or {}, client)
+    kind = sdk.client if client else sdk.internal
+    return _Current(sdk, sdk.tracer.start_span(name, kind=kind, attributes=attributes))
 
 
-@contextlib.contextmanager
-def _spanning(
-    tracer: Tracer, name: str, attributes: Mapping[str, str | int], client: bool
-) -> Iterator[Span]:
-    from opentelemetry.trace import SpanKind
+class _Current:
+    """A started span, current within a `with` block and ended after it.
 
-    with tracer.start_as_current_span(
-        name,
-        kind=SpanKind.CLIENT if client else SpanKind.INTERNAL,
-        attributes=attributes,
-        record_exception=False,
-        set_status_on_exception=False,
-    ) as current:
-        try:
-            yield current
-        except Exception as exc:
-            _failed(current, type(exc).__name__)
-            raise
+    The SDK's `start_as_current_span` without its two generator-based context managers (they
+    cost more than a third of an upstream span's creation) and without recording exceptions:
+    a message may quote anything, so `mark_failure` records an `Exception` by class name only.
+    """
+
+    __slots__ = ("_mark_failure", "_sdk", "_span", "_token")
+
+    def __init__(self, sdk: _Sdk, span: Span, *, mark_failure: bool = True) -> None:
+        self._sdk = sdk
+        self._span = span
+        self._mark_failure = mark_failure
+
+    def __enter__(self) -> Span:
+        self._token = self._sdk.attach(self._sdk.in_context(self._span))
+        return self._span
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self._sdk.detach(self._token)
+        if self._mark_failure and isinstance(exc, Exception):
+            _failed(self._sdk, self._span, type(exc).__name__)
+        self._span.end()
 
 
 def ledger_span(system: str, operation: str) -> Callable[[_Method[_P, _T]], _Method[_P, _T]]:
@@ -410,7 +460,7 @@ def ledger_span(system: str, operation: str) -> Callable[[_Method[_P, _T]], _Met
     def wrap(method: _Method[_P, _T]) -> _Method[_P, _T]:
         @functools.wraps(method)
         async def run(*args: _P.args, **kwargs: _P.kwargs) -> _T:
-            if _tracer is None:
+            if _sdk is None:
                 return await method(*args, **kwargs)
             with span(f"ledger.{operation}", attributes, client=True):
                 return await method(*args, **kwargs)
@@ -420,8 +470,6 @@ def ledger_span(system: str, operation: str) -> Callable[[_Method[_P, _T]], _Met
     return wrap
 
 
-def _failed(current: Span, error_type: str) -> None:
-    from opentelemetry.trace import Status, StatusCode
-
+def _failed(sdk: _Sdk, current: Span, error_type: str) -> None:
     current.set_attribute("error.type", error_type)
-    current.set_status(Status(StatusCode.ERROR, error_type))
+    current.set_status(sdk.error(error_type))
