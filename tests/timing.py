@@ -56,10 +56,12 @@ async def stopwatch() -> AsyncIterator[Stopwatch]:
 
     async def tick() -> None:
         nonlocal tick_began
+        # NOTE: the first tick is counted from the block's start, not from when the ticker
+        # first runs: a block that holds the loop before its first await delays that too.
         while True:
-            tick_began = loop.time()
             await asyncio.sleep(TICK_SECONDS)
             watch.lag += late(tick_began)
+            tick_began = loop.time()
 
     ticker = asyncio.create_task(tick())
     try:
