@@ -11,7 +11,7 @@ operations, cache results): never a request field, so no caller input or secret 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Final, Protocol
+from typing import Final, Generic, Protocol, TypeVar
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -28,6 +28,29 @@ __all__ = ["Metrics", "MetricsServer"]
 # gRPC latency: from sub-millisecond unary calls to multi-second stream walks.
 _RPC_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 _UPSTREAM_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+_M = TypeVar("_M", Counter, Gauge, Histogram)
+
+
+class _Children(Generic[_M]):
+    """A labelled metric's children, each looked up in prometheus_client once.
+
+    `labels()` takes the metric's lock and validates its values on every call (~1.2 us); the
+    per-call metrics ask for the same few children each time, so they are kept here. A child
+    exists from its first use, as with `labels()`: the exported series are the same.
+    """
+
+    __slots__ = ("_children", "_metric")
+
+    def __init__(self, metric: _M) -> None:
+        self._metric: _M = metric
+        self._children: dict[tuple[str, ...], _M] = {}
+
+    def __call__(self, *values: str) -> _M:
+        child = self._children.get(values)
+        if child is None:  # a race here makes `labels()` return the same child twice: harmless
+            child = self._children[values] = self._metric.labels(*values)
+        return child
 
 
 class CountingLimiter(Protocol):
@@ -91,6 +114,11 @@ class Metrics:
             buckets=_UPSTREAM_BUCKETS,
             registry=r,
         )
+        self._rpc_count = _Children(self.rpcs)
+        self._rpc_latency = _Children(self.rpc_seconds)
+        self._streams_open = _Children(self.streams)
+        self._upstream_count = _Children(self.upstream)
+        self._upstream_latency = _Children(self.upstream_seconds)
         self.retries = Counter(
             "numbersvc_upstream_retries", "Read retries, by operation", ["operation"], registry=r
         )
@@ -195,19 +223,19 @@ class Metrics:
     def call_started(self, record: CallRecord) -> None:
         """Count an open stream."""
         if record.streaming:
-            self.streams.labels(record.method).inc()
+            self._streams_open(record.method).inc()
 
     def call_finished(self, record: CallRecord) -> None:
         """Count the RPC by method and code, and its latency."""
-        self.rpcs.labels(record.method, record.code).inc()
-        self.rpc_seconds.labels(record.method).observe(record.duration_seconds)
+        self._rpc_count(record.method, record.code).inc()
+        self._rpc_latency(record.method).observe(record.duration_seconds)
         if record.streaming:
-            self.streams.labels(record.method).dec()
+            self._streams_open(record.method).dec()
 
     def upstream_response(self, operation: str, status: str, seconds: float) -> None:
         """Count one upstream response (or transport failure) and its latency."""
-        self.upstream.labels(operation, status).inc()
-        self.upstream_seconds.labels(operation).observe(seconds)
+        self._upstream_count(operation, status).inc()
+        self._upstream_latency(operation).observe(seconds)
 
     def render(self) -> bytes:
         """Return the registry in Prometheus' text format."""
