@@ -693,8 +693,15 @@ class PostgresLedger:
                     now=now_ns,
                 )
                 recovered.append(entry.order.request_id)
-            # A missing lease reads as a lapsed one; its owner, if alive, renews it.
-            expired = await conn.execute("DELETE FROM instances WHERE expires_ns <= %s", (now_ns,))
+            # A missing lease reads as a lapsed one; its owner, if alive, renews it. A locked one
+            # is skipped: its owner is renewing it, or froze mid-beat (SIGSTOP, a paused VM)
+            # holding the lock for as long as it stays frozen; waiting for it failed this beat
+            # on the lock timeout: no lease renewed, and the store taken for down (rents refused).
+            expired = await conn.execute(
+                "DELETE FROM instances WHERE instance IN (SELECT instance FROM instances"
+                " WHERE expires_ns <= %s FOR UPDATE SKIP LOCKED)",
+                (now_ns,),
+            )
             cursor = await conn.execute(
                 "SELECT count(*) FROM orders WHERE state = %s", (OrderState.OUTCOME_UNKNOWN.value,)
             )
