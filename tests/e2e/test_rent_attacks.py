@@ -6,7 +6,9 @@ rents: never refuse them while the store answers.
 
 from __future__ import annotations
 
+import asyncio
 import re
+import signal
 import uuid
 from typing import Final
 
@@ -19,7 +21,7 @@ from numbersvc.v1 import number_groups_pb2 as pb
 from numbersvc.v1 import number_groups_pb2_grpc as pb_grpc
 from tests.e2e.conftest import eventually
 from tests.e2e.test_pg_faults import _stops_cleanly
-from tests.e2e.test_process import _serve
+from tests.e2e.test_process import Served, _serve, _start
 from tests.e2e.test_replicas import _env, _group
 
 _METRICS: Final = re.compile(rb"metrics on (http://127\.0\.0\.1:\d+/metrics)")
@@ -73,3 +75,42 @@ async def test_a_replica_frozen_mid_heartbeat_does_not_stop_another_renting(
             assert (await _beats(client, url)).get("error", 0) == before.get("error", 0)
             frozen.rollback()
         await _stops_cleanly(served, control)
+
+
+async def test_a_sigterm_while_a_migration_waits_on_a_lock_exits_cleanly_migrating_nothing(
+    sandbox: SandboxServer, postgres_url: str
+) -> None:
+    """Migration 3 pending (a rollout) while an operator's transaction holds a write lock on
+    `orders`: the server's CREATE INDEX waits for it. SIGTERM then: exit 0, no traceback, the
+    migration not applied, no session left."""
+    with psycopg.connect(postgres_url, autocommit=True) as admin:
+        admin.execute("DROP INDEX orders_unsettled")
+        admin.execute("DELETE FROM schema_migrations WHERE version = 3")
+        with psycopg.connect(postgres_url) as operator:
+            operator.execute("LOCK TABLE orders IN ROW EXCLUSIVE MODE")
+            served = Served(await _start(_env(sandbox, postgres_url)))
+            try:
+
+                async def migrating() -> bool:
+                    waiting = admin.execute(
+                        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                        " AND query LIKE '%CREATE INDEX orders_unsettled%'"
+                    ).fetchone()
+                    return waiting == (1,)
+
+                await eventually(migrating, timeout_seconds=30, what="the migration's lock wait")
+                served.process.send_signal(signal.SIGTERM)
+                async with asyncio.timeout(10):
+                    _, rest = await served.process.communicate()
+                served.stderr += rest
+            finally:
+                await served.close()
+            operator.rollback()
+        assert served.process.returncode == 0, served.stderr.decode()
+        assert b"Traceback" not in served.stderr, served.stderr.decode()
+        sessions = admin.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'numbersvc%'"
+        ).fetchone()
+        versions = admin.execute("SELECT max(version) FROM schema_migrations").fetchone()
+    assert sessions == (0,)
+    assert versions == (2,)
