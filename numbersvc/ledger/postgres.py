@@ -44,6 +44,7 @@ from numbersvc.ledger import (
     ClaimLost,
     Heartbeat,
     LedgerEntry,
+    LedgerLockedError,
     LedgerUnreachableError,
     OrderKey,
     OrderState,
@@ -488,12 +489,15 @@ class PostgresLedger:
                 yield conn
         except TimeoutError as exc:
             raise LedgerUnreachableError("database: no answer in time") from exc
+        except psycopg.errors.LockNotAvailable as exc:  # an OperationalError, but the store is up
+            raise LedgerLockedError(self._told(exc)) from exc
         except (psycopg.OperationalError, psycopg.errors.ReadOnlySqlTransaction) as exc:
-            # The first line (libpq adds hints on the next), scrubbed like every database error.
-            first_line = str(exc).partition("\n")[0]
-            raise LedgerUnreachableError(
-                f"database: {scrub(first_line, str(self._pool.conninfo))}"
-            ) from exc
+            raise LedgerUnreachableError(self._told(exc)) from exc
+
+    def _told(self, exc: psycopg.Error) -> str:
+        # The first line (libpq adds hints on the next), scrubbed like every database error.
+        first_line = str(exc).partition("\n")[0]
+        return f"database: {scrub(first_line, str(self._pool.conninfo))}"
 
     async def _read_clock(self, conn: psycopg.AsyncConnection[Any]) -> int:
         """Return the time of a change."""

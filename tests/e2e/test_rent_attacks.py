@@ -30,6 +30,12 @@ _BEATS: Final = re.compile(
 )
 
 
+def _metrics_url(served: Served) -> str:
+    metrics = _METRICS.search(served.stderr)
+    assert metrics, served.stderr.decode()
+    return metrics.group(1).decode()
+
+
 async def _beats(client: httpx.AsyncClient, url: str) -> dict[str, float]:
     """The server's heartbeats so far, by result."""
     return {result: float(n) for result, n in _BEATS.findall((await client.get(url)).text)}
@@ -48,9 +54,7 @@ async def test_a_replica_frozen_mid_heartbeat_does_not_stop_another_renting(
         grpc.aio.insecure_channel(f"127.0.0.1:{served.port}") as channel,
         httpx.AsyncClient() as client,
     ):
-        metrics = _METRICS.search(served.stderr)
-        assert metrics, served.stderr.decode()
-        url = metrics.group(1).decode()
+        url = _metrics_url(served)
         stub = pb_grpc.NumberGroupServiceStub(channel)
         rent = pb.RentNumbersRequest(group_id=await _group(stub), request_id=str(uuid.uuid4()))
         with psycopg.connect(postgres_url) as frozen:
@@ -74,6 +78,36 @@ async def test_a_replica_frozen_mid_heartbeat_does_not_stop_another_renting(
             assert placed.order.status == pb.ORDER_STATUS_FULFILLED
             assert (await _beats(client, url)).get("error", 0) == before.get("error", 0)
             frozen.rollback()
+        await _stops_cleanly(served, control)
+
+
+async def test_a_lock_on_the_leases_alone_does_not_stop_rents(
+    sandbox: SandboxServer, control: SandboxControl, postgres_url: str
+) -> None:
+    """A session holds `instances` locked (VACUUM FULL, a migration altering it): heartbeats
+    fail on their lock timeout while claims, which never touch it, work. The heartbeat took
+    that for the store out of reach and the rent breaker refused every rent (as a SQLite file
+    locked does not)."""
+    env = _env(sandbox, postgres_url, NUMBERSVC_INSTANCE_LEASE_SECONDS="3")
+    async with (
+        _serve(env) as served,
+        grpc.aio.insecure_channel(f"127.0.0.1:{served.port}") as channel,
+        httpx.AsyncClient() as client,
+    ):
+        url = _metrics_url(served)
+        stub = pb_grpc.NumberGroupServiceStub(channel)
+        rent = pb.RentNumbersRequest(group_id=await _group(stub), request_id=str(uuid.uuid4()))
+        with psycopg.connect(postgres_url) as operator:
+            operator.execute("LOCK TABLE instances IN ACCESS EXCLUSIVE MODE")
+            before = await _beats(client, url)
+
+            async def a_beat_failed() -> bool:
+                return (await _beats(client, url)).get("error", 0) > before.get("error", 0)
+
+            await eventually(a_beat_failed, timeout_seconds=30, what="a heartbeat on the lock")
+            placed = await stub.RentNumbers(rent, timeout=30)
+            assert placed.order.status == pb.ORDER_STATUS_FULFILLED
+            operator.rollback()
         await _stops_cleanly(served, control)
 
 
