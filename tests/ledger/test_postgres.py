@@ -173,15 +173,16 @@ class TestLostCommit:
         # Free again: a retry claims it.
         assert (await through.begin(new_attempt("r-1"), daily_cap=0)).kind is Begin.NEW
 
+    @pytest.mark.parametrize("cap", [0, 100], ids=["without the cap lock", "under it"])
     async def test_a_claim_whose_commit_lands_after_its_caller_gave_up_is_released(
-        self, eater: _AnswerEater, through: PostgresLedger, postgres: PostgresFactory
+        self, eater: _AnswerEater, through: PostgresLedger, postgres: PostgresFactory, cap: int
     ) -> None:
         # The COMMIT is on its way (a slow link, a database slow to commit) when the caller's
         # budget ends: the release must not conclude "never committed" before it lands.
         eater.delay = asyncio.Event()
         eater.armed = True
         with pytest.raises(LedgerUnreachableError):
-            await through.begin(new_attempt("r-1"), daily_cap=0, within_seconds=2)
+            await through.begin(new_attempt("r-1"), daily_cap=cap, within_seconds=2)
         assert eater.eaten.is_set()
 
         async def release_looked() -> bool:
