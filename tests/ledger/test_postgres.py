@@ -188,7 +188,8 @@ class TestLostCommit:
         async def release_looked() -> bool:
             # Done (it read the row before the COMMIT landed), or waiting for the claim's end.
             waiting = postgres.query(
-                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'advisory'"
+                " AND query LIKE 'SELECT pg_advisory_xact_lock(%%'"
             )
             return not through._releases or waiting[0][0] > 0
 
