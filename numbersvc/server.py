@@ -33,7 +33,7 @@ from numbersvc.config import Config, ConfigError, UpstreamKind, parse_host_port
 from numbersvc.errors import Outcome, ServiceError, to_status
 from numbersvc.gatekeeper import READ, RENT, Gatekeeper
 from numbersvc.interceptors import AccessLog, ObservingInterceptor, current_call, upstream_headers
-from numbersvc.ledger import LedgerUnreachableError, OrderLedger, SqliteLedger
+from numbersvc.ledger import LedgerLockedError, LedgerUnreachableError, OrderLedger, SqliteLedger
 from numbersvc.ledger.budget import SharedBudget
 from numbersvc.ledger.budgetstores import open_budget_store
 from numbersvc.metrics import Metrics, MetricsServer
@@ -317,9 +317,13 @@ class LeaseKeeper:
                     self._interval,
                 )
             self._failing = True
-            # Known down: out of reach (not a SQLite file locked for a while, which claims
-            # wait out by themselves within their busy timeout).
-            self._tell(not isinstance(exc, LedgerUnreachableError))
+            # Known down: out of reach. Not a lock held past the wait (a SQLite file locked for
+            # a while, a PostgreSQL session holding the leases' table): the store answers, and
+            # claims wait out or never meet that lock by themselves.
+            down = isinstance(exc, LedgerUnreachableError) and not isinstance(
+                exc, LedgerLockedError
+            )
+            self._tell(not down)
             return
         self._metrics.heartbeat(self._store, found)
         if self._failing:

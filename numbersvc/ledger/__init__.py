@@ -47,6 +47,7 @@ __all__ = [
     "ClaimLost",
     "Heartbeat",
     "LedgerEntry",
+    "LedgerLockedError",
     "LedgerSchemaError",
     "LedgerUnreachableError",
     "OrderKey",
@@ -260,6 +261,14 @@ class LedgerUnreachableError(ConnectionError):
     past its busy timeout, read-only or full (for a claim). Each store maps its driver's
     errors to this one in `open` and `begin`, where the rent desk must know that nothing was
     claimed, so nothing may be sent.
+    """
+
+
+class LedgerLockedError(LedgerUnreachableError):
+    """The store answered, but a lock another session holds outlasted the wait.
+
+    Nothing was changed, as for a store out of reach; but the store is up: a heartbeat that
+    meets it (a lock on the leases alone) is no reason to refuse claims, which may not need it.
     """
 
 

@@ -44,6 +44,7 @@ from numbersvc.ledger import (
     ClaimLost,
     Heartbeat,
     LedgerEntry,
+    LedgerLockedError,
     LedgerUnreachableError,
     OrderKey,
     OrderState,
@@ -84,19 +85,24 @@ _UNPARSEABLE: Final = (
 )
 # The two-int4 advisory key space is apart from migrations' one-bigint key ("numb").
 _CAP_LOCK_CLASS: Final = 0x6E756D62
+_CLAIM_LOCK_CLASS: Final = 0x6E756D63
 _COUNTED: Final = [s.value for s in OrderState if s.may_have_rented]
 _REUSABLE: Final = (OrderState.RELEASED.value, OrderState.FAILED.value)
 # NULL (production) reads the database's clock; tests pass their own instant.
 _NOW: Final = (
     "coalesce(%(now)s::bigint, (extract(epoch FROM clock_timestamp()) * 1000000)::bigint * 1000)"
 )
-# The instant of a change: its own statement, as the stored message carries it. With a
-# caller to lock, the lock (a subquery, so it is taken first) waits for that caller's other
-# claims until they commit.
+# The instant of a change: its own statement, as the stored message carries it.
 _READ_CLOCK: Final = f"SELECT {_NOW}"
-_LOCK_THEN_READ_CLOCK: Final = (
-    f"SELECT {_NOW} FROM (SELECT pg_advisory_xact_lock(%(lock_class)s, hashtext(%(caller)s)))"
-    " AS locked"
+# A claim's instant. Its request id's lock is held shared until the claim's transaction ends:
+# a release (`_release`) takes it exclusively, so it reads the row only once a claim whose
+# COMMIT may still be on its way has committed or not. With a caller to lock, the cap's lock
+# (a subquery, so it is taken first) waits for that caller's other claims until they commit.
+_CLAIMING: Final = "pg_advisory_xact_lock_shared(%(claim_class)s, hashtext(%(request_id)s))"
+_CLAIM_CLOCK: Final = f"SELECT {_NOW} FROM (SELECT {_CLAIMING}) AS claiming"
+_LOCK_THEN_CLAIM_CLOCK: Final = (
+    f"SELECT {_NOW} FROM (SELECT pg_advisory_xact_lock(%(lock_class)s, hashtext(%(caller)s)),"
+    f" {_CLAIMING}) AS locked"
 )
 _ENTRY_COLUMNS: Final = "order_proto, state, fingerprint, owner, error_outcome"
 _RELEASED_NOTE: Final = (
@@ -355,7 +361,7 @@ class PostgresLedger:
                         " set_config('statement_timeout', %(ms)s, true)",
                         {"ms": f"{wait_ms}ms"},
                     )
-                now = await self._read_clock(conn, lock_caller=order.caller if daily_cap else None)
+                now = await self._claim_clock(conn, order, lock_caller=bool(daily_cap))
                 claimed.create_time.FromNanoseconds(now)
                 claimed.update_time.FromNanoseconds(now)
                 claim_ns = now  # sent from here on: it may commit, answered or not
@@ -428,6 +434,13 @@ class PostgresLedger:
         """
         try:
             async with self._connection(_POOL_WAIT_SECONDS) as conn, conn.transaction():
+                # NOTE: first, and a statement of its own (its snapshot comes after the wait):
+                # the claim's COMMIT may still be on its way, and a row it inserts is invisible
+                # until then; this waits for its transaction to end (`_CLAIMING`).
+                await conn.execute(
+                    "SELECT pg_advisory_xact_lock(%s, hashtext(%s))",
+                    (_CLAIM_LOCK_CLASS, request_id),
+                )
                 cursor = await conn.execute(
                     f"SELECT {_ENTRY_COLUMNS} FROM orders WHERE request_id = %s AND owner = %s"
                     " AND state = %s AND attempt_time_ns = %s FOR UPDATE",
@@ -476,26 +489,43 @@ class PostgresLedger:
                 yield conn
         except TimeoutError as exc:
             raise LedgerUnreachableError("database: no answer in time") from exc
+        except psycopg.errors.LockNotAvailable as exc:  # an OperationalError, but the store is up
+            raise LedgerLockedError(self._told(exc)) from exc
         except (psycopg.OperationalError, psycopg.errors.ReadOnlySqlTransaction) as exc:
-            # The first line (libpq adds hints on the next), scrubbed like every database error.
-            first_line = str(exc).partition("\n")[0]
-            raise LedgerUnreachableError(
-                f"database: {scrub(first_line, str(self._pool.conninfo))}"
-            ) from exc
+            raise LedgerUnreachableError(self._told(exc)) from exc
 
-    async def _read_clock(
-        self, conn: psycopg.AsyncConnection[Any], *, lock_caller: str | None = None
+    def _told(self, exc: psycopg.Error) -> str:
+        # The first line (libpq adds hints on the next), scrubbed like every database error.
+        first_line = str(exc).partition("\n")[0]
+        return f"database: {scrub(first_line, str(self._pool.conninfo))}"
+
+    async def _read_clock(self, conn: psycopg.AsyncConnection[Any]) -> int:
+        """Return the time of a change."""
+        return await self._clock(conn, _READ_CLOCK, {})
+
+    async def _claim_clock(
+        self, conn: psycopg.AsyncConnection[Any], order: pb.RentalOrder, *, lock_caller: bool
     ) -> int:
-        """Return the time of a change, after taking `lock_caller`'s claim lock if given."""
-        sql = _READ_CLOCK if lock_caller is None else _LOCK_THEN_READ_CLOCK
-        cursor = await conn.execute(
-            sql,
+        """Return the time of `order`'s claim, under its request id's lock (shared).
+
+        With `lock_caller`, under its caller's cap lock too, taken first.
+        """
+        return await self._clock(
+            conn,
+            _LOCK_THEN_CLAIM_CLOCK if lock_caller else _CLAIM_CLOCK,
             {
-                "now": None if self._clock_ns is None else self._clock_ns(),
                 "lock_class": _CAP_LOCK_CLASS,
-                "caller": lock_caller,
+                "caller": order.caller,
+                "claim_class": _CLAIM_LOCK_CLASS,
+                "request_id": order.request_id,
             },
         )
+
+    async def _clock(
+        self, conn: psycopg.AsyncConnection[Any], sql: str, params: dict[str, object]
+    ) -> int:
+        now = None if self._clock_ns is None else self._clock_ns()
+        cursor = await conn.execute(sql, {"now": now, **params})
         row = await cursor.fetchone()
         assert row is not None
         return int(row[0])
@@ -667,8 +697,15 @@ class PostgresLedger:
                     now=now_ns,
                 )
                 recovered.append(entry.order.request_id)
-            # A missing lease reads as a lapsed one; its owner, if alive, renews it.
-            expired = await conn.execute("DELETE FROM instances WHERE expires_ns <= %s", (now_ns,))
+            # A missing lease reads as a lapsed one; its owner, if alive, renews it. A locked one
+            # is skipped: its owner is renewing it, or froze mid-beat (SIGSTOP, a paused VM)
+            # holding the lock for as long as it stays frozen; waiting for it failed this beat
+            # on the lock timeout: no lease renewed, and the store taken for down (rents refused).
+            expired = await conn.execute(
+                "DELETE FROM instances WHERE instance IN (SELECT instance FROM instances"
+                " WHERE expires_ns <= %s FOR UPDATE SKIP LOCKED)",
+                (now_ns,),
+            )
             cursor = await conn.execute(
                 "SELECT count(*) FROM orders WHERE state = %s", (OrderState.OUTCOME_UNKNOWN.value,)
             )

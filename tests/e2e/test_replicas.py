@@ -11,9 +11,9 @@ import contextlib
 import signal
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import psycopg
@@ -88,6 +88,37 @@ async def _served_replicas(
 
 async def _posts(control: SandboxControl) -> int:
     return sum(1 for r in await control.requests() if r["operation"] == "rent")
+
+
+async def stopped_while_starting(served: Served, starting: Callable[[], Awaitable[None]]) -> None:
+    """Once `starting` (a wait for a step of the server's start-up) returns, SIGTERM: the
+    server exits 0 within 10 s, without a traceback, as for a normal stop."""
+    try:
+        await starting()
+        served.process.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(10):
+            _, rest = await served.process.communicate()
+        served.stderr += rest
+    finally:
+        await served.close()
+    assert served.process.returncode == 0, served.stderr.decode()
+    assert b"Traceback" not in served.stderr, served.stderr.decode()
+
+
+async def no_session_left(watcher: psycopg.Connection[Any]) -> None:
+    """Wait (bounded, 5 s) until no numbersvc session is left in the database `watcher` is on.
+
+    NOTE: a backend ends a moment after its client has gone, so a count at once can still see
+    it; one whose wait was never cancelled stays as long as what it waits for is held.
+    """
+
+    async def gone() -> bool:
+        return watcher.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'numbersvc%'"
+            " AND pid <> pg_backend_pid()"
+        ).fetchone() == (0,)
+
+    await eventually(gone, timeout_seconds=5, what="the server's database sessions gone")
 
 
 async def _group(stub: Stub) -> str:
@@ -212,31 +243,17 @@ class TestStart:
         with psycopg.connect(empty_postgres_url, autocommit=True) as holder:
             holder.execute("SELECT pg_advisory_lock(%s)", (pgschema.MIGRATION_LOCK_KEY,))
             served = Served(await _start(_env(sandbox, empty_postgres_url)))
-            try:
+
+            async def waiting() -> None:
                 assert served.process.stderr is not None
                 async with asyncio.timeout(30):
                     while b"waiting for the migration lock" not in served.stderr:
                         line = await served.process.stderr.readline()
                         assert line, f"server exited early:\n{served.stderr.decode()}"
                         served.stderr += line
-                served.process.send_signal(signal.SIGTERM)
-                async with asyncio.timeout(10):
-                    _, rest = await served.process.communicate()
-                served.stderr += rest
-            finally:
-                await served.close()
-            assert served.process.returncode == 0, served.stderr.decode()
-            assert b"Traceback" not in served.stderr
 
-            async def no_session_left() -> bool:
-                # A backend ends a moment after its client has gone; one still waiting for
-                # the lock (its wait not cancelled) would stay as long as `holder` holds it.
-                return holder.execute(
-                    "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE"
-                    " 'numbersvc%' AND pid <> pg_backend_pid()"
-                ).fetchone() == (0,)
-
-            await eventually(no_session_left, timeout_seconds=5, what="the server's sessions gone")
+            await stopped_while_starting(served, waiting)
+            await no_session_left(holder)
             [(tables,)] = holder.execute(
                 "SELECT count(*) FROM information_schema.tables"
                 " WHERE table_schema = current_schema()"

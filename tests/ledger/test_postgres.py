@@ -75,12 +75,14 @@ async def test_a_taken_over_orders_stored_message_keeps_its_create_time(
 class _AnswerEater:
     """A TCP proxy to the cluster that, once armed, passes the next COMMIT on and drops
     everything the server says on that connection from then on: a link lost just after a
-    claim's commit left, so it committed and its caller never hears so."""
+    claim's commit left, so it committed and its caller never hears so. With `delay`, that
+    COMMIT is held until `delay` is set: it reaches the database after its caller gave up."""
 
     def __init__(self, port: int) -> None:
         self._port = port
         self.armed = False
         self.eaten = asyncio.Event()
+        self.delay: asyncio.Event | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._server: asyncio.Server | None = None
         self.port = 0
@@ -106,6 +108,8 @@ class _AnswerEater:
                     self.armed = False
                     mute.set()
                     self.eaten.set()
+                    if self.delay is not None:
+                        await self.delay.wait()
                 to_server.write(data)
                 await to_server.drain()
             to_server.close()
@@ -168,6 +172,35 @@ class TestLostCommit:
         assert "nothing was sent" in entry.order.status_message
         # Free again: a retry claims it.
         assert (await through.begin(new_attempt("r-1"), daily_cap=0)).kind is Begin.NEW
+
+    @pytest.mark.parametrize("cap", [0, 100], ids=["without the cap lock", "under it"])
+    async def test_a_claim_whose_commit_lands_after_its_caller_gave_up_is_released(
+        self, eater: _AnswerEater, through: PostgresLedger, postgres: PostgresFactory, cap: int
+    ) -> None:
+        # The COMMIT is on its way (a slow link, a database slow to commit) when the caller's
+        # budget ends: the release must not conclude "never committed" before it lands.
+        eater.delay = asyncio.Event()
+        eater.armed = True
+        with pytest.raises(LedgerUnreachableError):
+            await through.begin(new_attempt("r-1"), daily_cap=cap, within_seconds=2)
+        assert eater.eaten.is_set()
+
+        async def release_looked() -> bool:
+            # Done (it read the row before the COMMIT landed), or waiting for the claim's end.
+            waiting = postgres.query(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'advisory'"
+                " AND query LIKE 'SELECT pg_advisory_xact_lock(%%'"
+            )
+            return not through._releases or waiting[0][0] > 0
+
+        await eventually(release_looked, timeout_seconds=20, what="the release's look")
+        eater.delay.set()
+
+        async def released() -> bool:
+            return [r["state"] for r in postgres.rows()] == [OrderState.RELEASED.value]
+
+        await eventually(released, timeout_seconds=20, what="the late claim released")
+        assert [e[2] for e in postgres.events("r-1")] == ["sending", "released"]
 
     async def test_an_earlier_claim_of_the_id_is_never_released(
         self, eater: _AnswerEater, through: PostgresLedger, postgres: PostgresFactory
