@@ -33,7 +33,7 @@ from __future__ import annotations
 import enum
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final, Protocol
 
@@ -116,6 +116,9 @@ class LedgerEntry:
     """The instance id of the process that sent it."""
     error_outcome: str = ""
     """For a failed order: the `errors.Outcome` name the caller was given."""
+    claim_ns: int = field(default=0, compare=False)
+    """When its last claim was made (its `update_time` as `begin` returned it): with `owner`,
+    which claim the row holds."""
 
 
 class Begin(enum.Enum):
@@ -199,12 +202,15 @@ class OrderLedger(Protocol):
     ) -> LedgerEntry:
         """Record how this instance's claim of an order ended.
 
-        `upstream` keeps Plivo's raw answer for reconciliation. A row settled meanwhile is
-        left as it is (the answer is logged) and returned: the settlement is the outcome.
+        `order` is the one `begin` claimed: its `update_time` names the claim (a store leaves
+        it as it is until the write lands, so a retried write names the same claim). `upstream`
+        keeps Plivo's raw answer for reconciliation. A row settled meanwhile is left as it is
+        (the answer is logged) and returned: the settlement is the outcome.
 
         Raises:
-            ClaimLost: another instance claimed the order since: its row is left as it is and
-                not returned (it is not this claim's outcome); the answer is logged.
+            ClaimLost: another claim of the order was made since, by another instance or by
+                this one (after a recovery and a settlement as failed): its row is left as it
+                is and not returned (it is not this claim's outcome); the answer is logged.
         """
 
     async def settle(

@@ -104,7 +104,7 @@ _LOCK_THEN_CLAIM_CLOCK: Final = (
     f"SELECT {_NOW} FROM (SELECT pg_advisory_xact_lock(%(lock_class)s, hashtext(%(caller)s)),"
     f" {_CLAIMING}) AS locked"
 )
-_ENTRY_COLUMNS: Final = "order_proto, state, fingerprint, owner, error_outcome"
+_ENTRY_COLUMNS: Final = "order_proto, state, fingerprint, owner, error_outcome, attempt_time_ns"
 _RELEASED_NOTE: Final = (
     "the claim's commit went unanswered, so its caller was told nothing was claimed: nothing"
     " was sent"
@@ -150,13 +150,14 @@ WITH changed AS (
         order_proto = %(proto)s, error_outcome = %(error_outcome)s, upstream = %(upstream)s
     WHERE o.request_id = %(request_id)s AND o.state = ANY(%(only_from)s)
       AND (%(owner)s = '' OR o.owner = %(owner)s)
-    RETURNING o.request_id, o.fingerprint, o.owner
+      AND (%(claim_ns)s = 0 OR o.attempt_time_ns = %(claim_ns)s)
+    RETURNING o.request_id, o.fingerprint, o.owner, o.attempt_time_ns
 ),
 logged AS (
     INSERT INTO events (request_id, time_ns, state, detail)
     SELECT request_id, %(now)s, %(state)s, %(detail)s FROM changed
 )
-SELECT fingerprint, owner FROM changed
+SELECT fingerprint, owner, attempt_time_ns FROM changed
 """
 
 _RENEW: Final = f"""
@@ -178,7 +179,7 @@ ORDER BY o.create_time_ns
 FOR UPDATE OF o SKIP LOCKED
 """
 
-_Row = tuple[bytes, str, str, str, str]
+_Row = tuple[bytes, str, str, str, str, int]
 _POOL_LOG: Final = logging.getLogger("psycopg.pool")
 
 
@@ -553,8 +554,9 @@ class PostgresLedger:
                     only_from=rules.UNSETTLED,
                     error_outcome=error_outcome,
                     upstream=upstream,
-                    # Only the claim this instance made: another may have claimed the id since.
+                    # Only the claim this call made: another may have been made since.
                     owner=self.instance,
+                    claim_ns=order.update_time.ToNanoseconds(),
                 )
             except ClaimLost as lost:
                 rules.lost_answer(order, state, lost)
@@ -603,37 +605,48 @@ class PostgresLedger:
         error_outcome: str = "",
         upstream: str = "",
         owner: str = "",
+        claim_ns: int = 0,
         now: int | None = None,
     ) -> LedgerEntry:
-        """Write a new state; `now` is the instant of the caller's transaction, if it has one."""
+        """Write a new state; `now` is the instant of the caller's transaction, if it has one.
+
+        `order` changes (status, update time) only once the write has landed: a retried
+        `finish` must still name its claim by the update time `begin` gave it.
+        """
         if now is None:
             now = await self._read_clock(conn)
-        order.status = STATUS_OF[state]
-        order.update_time.FromNanoseconds(now)
+        written = pb.RentalOrder()
+        written.CopyFrom(order)
+        written.status = STATUS_OF[state]
+        written.update_time.FromNanoseconds(now)
         cursor = await conn.execute(
             _UPDATE,
             {
                 "now": now,
                 "state": state.value,
-                "status": order.status,
-                "proto": order.SerializeToString(),
+                "status": written.status,
+                "proto": written.SerializeToString(),
                 "error_outcome": error_outcome,
                 "upstream": upstream[: rules.MAX_UPSTREAM_BODY_CHARS],
                 "request_id": order.request_id,
                 "only_from": [s.value for s in only_from],
                 "detail": order.status_message or error_outcome,
                 "owner": owner,
+                "claim_ns": claim_ns,
             },
         )
         row = await cursor.fetchone()
         if row is None:
             current = await _entry(conn, order.request_id)
-            refused = rules.refusal(order.request_id, current, only_from=only_from, owner=owner)
+            refused = rules.refusal(
+                order.request_id, current, only_from=only_from, owner=owner, claim_ns=claim_ns
+            )
             # None: the row changed back between the two statements; refused all the same.
             raise refused or SettleError(f"order {order.request_id} changed meanwhile")
-        fingerprint, owner = row
+        fingerprint, owner, claimed_ns = row
+        order.CopyFrom(written)
         _log.info("order %s %s: %s", order.request_id, state.value, rules.describe(order))
-        return LedgerEntry(order, state, fingerprint, owner, error_outcome)
+        return LedgerEntry(order, state, fingerprint, owner, error_outcome, claimed_ns)
 
     @tracing.ledger_span("postgresql", "get")
     async def get(self, request_id: str) -> LedgerEntry | None:
@@ -796,9 +809,14 @@ async def _entry(conn: psycopg.AsyncConnection[Any], request_id: str) -> LedgerE
 
 
 def _from_row(row: _Row) -> LedgerEntry:
-    blob, state, fingerprint, owner, error_outcome = row
+    blob, state, fingerprint, owner, error_outcome, claim_ns = row
     return LedgerEntry(
-        pb.RentalOrder.FromString(blob), OrderState(state), fingerprint, owner, error_outcome
+        pb.RentalOrder.FromString(blob),
+        OrderState(state),
+        fingerprint,
+        owner,
+        error_outcome,
+        claim_ns,
     )
 
 

@@ -87,6 +87,7 @@ def refusal(
     *,
     only_from: tuple[OrderState, ...] = (),
     owner: str = "",
+    claim_ns: int = 0,
 ) -> SettleError | None:
     """Why an order may not be changed now, or None: the rule every store applies.
 
@@ -97,11 +98,13 @@ def refusal(
         owner: the instance that must have claimed the order last; empty for any (a
             settlement, a recovery). `finish` names its own instance: another may have
             claimed the id since (its POST may be out), and its row is not ours to end.
+        claim_ns: with `owner`, the time of the claim that must be the last (0: any of
+            `owner`'s): the same instance may have claimed the order again since.
     """
     if current is None:
         return SettleError(f"no order with request id {request_id}")
     # First: a later claim's row is not ours whatever its state (a final one included).
-    if owner and current.owner != owner:
+    if owner and (current.owner != owner or (claim_ns and current.claim_ns != claim_ns)):
         return ClaimLost(
             f"order {request_id} was claimed since by {current.owner} (now {current.state.value})"
         )

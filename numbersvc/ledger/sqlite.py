@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextvars
+import dataclasses
 import logging
 import os
 import socket
@@ -101,7 +102,7 @@ SCHEMA_VERSION: Final = len(_MIGRATIONS)
 # How long a statement waits for another process's lock on the file.
 _BUSY_TIMEOUT_SECONDS: Final = 10.0
 _KEPT_ON_RETRY: Final = frozenset({"request_id", "create_time_ns"})
-_COLUMNS: Final = "order_proto, state, fingerprint, owner, error_outcome"
+_COLUMNS: Final = "order_proto, state, fingerprint, owner, error_outcome, attempt_time_ns"
 
 
 class LedgerOptions(TypedDict, total=False):
@@ -335,7 +336,9 @@ class SqliteLedger:
                     error_outcome,
                     upstream,
                     only_from=rules.UNSETTLED,
+                    # Only the claim this call made: another may have been made since.
                     owner=self.instance,
+                    claim_ns=order.update_time.ToNanoseconds(),
                 )
             except ClaimLost as lost:
                 rules.lost_answer(order, state, lost)
@@ -358,11 +361,16 @@ class SqliteLedger:
         *,
         only_from: tuple[OrderState, ...] = (),
         owner: str = "",
+        claim_ns: int = 0,
     ) -> LedgerEntry:
         db = self._conn()
         with _transaction(db):
             now = self._clock_ns()  # after the lock: the time the change really lands
-            entry = self._write(db, now, order, state, error_outcome, upstream, only_from, owner)
+            entry = self._write(
+                db, now, order, state, error_outcome, upstream, only_from, owner, claim_ns
+            )
+        order.CopyFrom(entry.order)  # committed: the caller's order is what the row holds
+        entry = dataclasses.replace(entry, order=order)
         _log.info("order %s %s: %s", order.request_id, state.value, rules.describe(order))
         return entry
 
@@ -376,34 +384,42 @@ class SqliteLedger:
         upstream: str,
         only_from: tuple[OrderState, ...],
         owner: str = "",
+        claim_ns: int = 0,
     ) -> LedgerEntry:
         """Write a new state inside the caller's transaction (`now` read under its lock).
 
-        `only_from` and `owner`, when given, are what the row must be in and who must have
-        claimed it last.
+        `only_from`, `owner` and `claim_ns`, when given, are what the row must be in and who
+        must have claimed it last, when. `order` changes (status, update time) only once the
+        write has landed: a retried `finish` must still name its claim by its update time.
         """
         current = self._entry(db, order.request_id)
-        refused = rules.refusal(order.request_id, current, only_from=only_from, owner=owner)
+        refused = rules.refusal(
+            order.request_id, current, only_from=only_from, owner=owner, claim_ns=claim_ns
+        )
         if refused is not None:
             raise refused
         assert current is not None  # `refusal` says so otherwise
-        order.status = STATUS_OF[state]
-        order.update_time.FromNanoseconds(now)
+        written = pb.RentalOrder()
+        written.CopyFrom(order)
+        written.status = STATUS_OF[state]
+        written.update_time.FromNanoseconds(now)
         db.execute(
             "UPDATE orders SET state = ?, status = ?, update_time_ns = ?, order_proto = ?,"
             " error_outcome = ?, upstream = ? WHERE request_id = ?",
             (
                 state,
-                order.status,
+                written.status,
                 now,
-                order.SerializeToString(),
+                written.SerializeToString(),
                 error_outcome,
                 upstream[: rules.MAX_UPSTREAM_BODY_CHARS],
                 order.request_id,
             ),
         )
         _event(db, order.request_id, now, state, order.status_message or error_outcome)
-        return LedgerEntry(order, state, current.fingerprint, current.owner, error_outcome)
+        return LedgerEntry(
+            written, state, current.fingerprint, current.owner, error_outcome, current.claim_ns
+        )
 
     @tracing.ledger_span("sqlite", "settle")
     async def settle(
@@ -530,14 +546,15 @@ class SqliteLedger:
         ).fetchone()
         return None if row is None else self._row(row)
 
-    def _row(self, row: tuple[bytes, str, str, str, str]) -> LedgerEntry:
-        blob, state, fingerprint, owner, error_outcome = row
+    def _row(self, row: tuple[bytes, str, str, str, str, int]) -> LedgerEntry:
+        blob, state, fingerprint, owner, error_outcome, claim_ns = row
         return LedgerEntry(
             order=pb.RentalOrder.FromString(blob),
             state=OrderState(state),
             fingerprint=fingerprint,
             owner=owner,
             error_outcome=error_outcome,
+            claim_ns=claim_ns,
         )
 
 

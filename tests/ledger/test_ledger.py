@@ -515,6 +515,35 @@ class TestFinish:
             assert part in message
         assert "settled while in flight" not in message
 
+    async def test_an_answer_to_an_earlier_claim_of_the_same_instance_is_refused(
+        self,
+        ledger_factory: LedgerFactory,
+        clock: Clock,
+        caplog: pytest.LogCaptureFixture,
+    ) -> None:
+        # One instance: its first claim lost track of (recovered by its own heartbeat past the
+        # send window), settled as failed, claimed again and sent again; then the first POST
+        # answers. Same owner, but not the same claim: the second claim's row is not its own.
+        ledger = await ledger_factory.open(clock, lease_seconds=600, send_timeout_seconds=1)
+        order = await seed(ledger, "r-1")
+        clock.advance(2 * SECOND)
+        assert (await ledger.heartbeat()).recovered == 1
+        await ledger.settle("r-1", OrderState.FAILED, numbers=[], note="console", actor="ops")
+        clock.advance(SECOND)
+        retry = new_attempt("r-1")
+        assert await ledger.begin(retry, daily_cap=0) == BeginResult(Begin.NEW)
+        before = dump(ledger_factory)
+        answer = _rented(order)
+        caplog.set_level(logging.INFO, logger="numbersvc.orders")
+        with pytest.raises(ClaimLost):
+            await ledger.finish(answer, OrderState.FULFILLED, upstream="first body")
+        assert dump(ledger_factory) == before
+        assert "not recorded" in caplog.text
+        # The second claim's own answer is recorded.
+        second = await ledger.finish(_rented(retry.order), OrderState.FULFILLED)
+        assert second.state is OrderState.FULFILLED
+        assert (await entry_of(ledger, "r-1")).state is OrderState.FULFILLED
+
     @pytest.mark.parametrize("state", SETTLED)
     async def test_a_known_outcome_is_not_finished_again(
         self,
