@@ -434,7 +434,7 @@ class RentDesk:
         Raises:
             ServiceError: RENT_OUTCOME_UNKNOWN: the ledger did not take the outcome before the
                 deadline (the write goes on in the background), or the desk stopped first, or
-                another server claimed the order since (`ClaimLost`).
+                the order was claimed again since (`ClaimLost`).
         """
         writing = asyncio.create_task(
             self._write(order, state, answer, error_outcome=error_outcome, upstream=upstream),
@@ -451,8 +451,9 @@ class RentDesk:
             # outcome, and its answer would hide that this POST may have rented too.
             raise ServiceError(
                 Outcome.RENT_OUTCOME_UNKNOWN,
-                f"order {order.request_id} was claimed again by another server while this"
-                " call's request was out, so its answer was not recorded (the server log has"
+                f"order {order.request_id} was claimed again while this call's request was"
+                " out (by another server, or by this one once it was recovered and settled),"
+                " so its answer was not recorded (the server log has"
                 " Plivo's answer); look it up in the Plivo console and reconcile it before"
                 " ordering again",
             ) from exc
