@@ -10,7 +10,7 @@ import signal
 import sqlite3
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -123,6 +123,17 @@ CREATE TABLE events (
 );
 PRAGMA user_version=1;
 """
+
+
+@contextlib.contextmanager
+def _write_lock_held(path: Path) -> Iterator[Callable[[], object]]:
+    """Another connection holds the file's write lock (BEGIN IMMEDIATE) until `release()`."""
+    blocker = sqlite3.connect(path, isolation_level=None)
+    try:
+        blocker.execute("BEGIN IMMEDIATE")
+        yield lambda: blocker.execute("COMMIT")
+    finally:
+        blocker.close()
 
 
 def _write_v1_file(path: Path) -> None:
@@ -260,11 +271,9 @@ class TestDurability:
     ) -> None:
         ledger = await sqlite.open(clock)
         order = await seed(ledger, "late")
-        blocker = sqlite3.connect(sqlite.path, isolation_level=None)
-        try:
+        with _write_lock_held(sqlite.path) as release:
             # Keep the worker busy (a begin waiting for the write lock), so the finish is still
             # queued, not running, when close() is called.
-            blocker.execute("BEGIN IMMEDIATE")
             busy = asyncio.create_task(ledger.begin(new_attempt("busy"), daily_cap=0))
             finishing = asyncio.create_task(
                 ledger.finish(order, OrderState.FULFILLED, upstream="late body")
@@ -275,10 +284,8 @@ class TestDurability:
             assert not busy.done()
             assert not finishing.done()
             assert not closing.done()
-            blocker.execute("COMMIT")
+            release()
             await asyncio.wait_for(closing, timeout=10)
-        finally:
-            blocker.close()
         assert (await busy).kind is Begin.NEW
         assert (await finishing).state is OrderState.FULFILLED
         with pytest.raises(RuntimeError):
@@ -386,30 +393,22 @@ class TestTransactions:
     async def test_a_writer_holding_the_lock_is_waited_for(
         self, ledger: SqliteLedger, sqlite: SqliteFactory
     ) -> None:
-        blocker = sqlite3.connect(sqlite.path, isolation_level=None)
-        try:
-            blocker.execute("BEGIN IMMEDIATE")
+        with _write_lock_held(sqlite.path) as release:
             begin = asyncio.create_task(ledger.begin(new_attempt("r-1"), daily_cap=0))
             await asyncio.sleep(0.3)
             assert not begin.done()
-            blocker.execute("COMMIT")
+            release()
             assert (await asyncio.wait_for(begin, timeout=5)).kind is Begin.NEW
-        finally:
-            blocker.close()
 
     async def test_a_claim_gives_up_on_the_lock_within_its_time(
         self, ledger: SqliteLedger, sqlite: SqliteFactory
     ) -> None:
         # The caller's time left, not the 10 s busy timeout: it hears LEDGER_UNAVAILABLE in time.
-        blocker = sqlite3.connect(sqlite.path, isolation_level=None)
-        try:
-            blocker.execute("BEGIN IMMEDIATE")
+        with _write_lock_held(sqlite.path):
             began = time.monotonic()
             with pytest.raises(LedgerUnreachableError, match="locked"):
                 await ledger.begin(new_attempt("r-1"), daily_cap=0, within_seconds=0.3)
             assert time.monotonic() - began < 5
-        finally:
-            blocker.close()
         busy = await ledger._run(lambda: ledger._conn().execute("PRAGMA busy_timeout").fetchone())
         assert busy == (10_000,)  # the other statements wait as long as before
         assert (await ledger.begin(new_attempt("r-1"), daily_cap=0)).kind is Begin.NEW
@@ -420,17 +419,13 @@ class TestTransactions:
         # The day (and the cap) is the one the row lands in, not the one the call started in.
         clock.now = MIDNIGHT - SECOND
         await seed(ledger, "yesterday", OrderState.FULFILLED, quantity=5)
-        blocker = sqlite3.connect(sqlite.path, isolation_level=None)
-        try:
-            blocker.execute("BEGIN IMMEDIATE")
+        with _write_lock_held(sqlite.path) as release:
             begin = asyncio.create_task(ledger.begin(new_attempt("r-1", quantity=5), daily_cap=5))
             await asyncio.sleep(0.3)
             assert not begin.done()
             clock.now = MIDNIGHT + SECOND
-            blocker.execute("COMMIT")
+            release()
             assert (await asyncio.wait_for(begin, timeout=5)).kind is Begin.NEW
-        finally:
-            blocker.close()
         row = row_of(sqlite, "r-1")
         assert (row["create_time_ns"], row["update_time_ns"]) == (MIDNIGHT + SECOND,) * 2
         assert sqlite.events("r-1")[0][1] == MIDNIGHT + SECOND
@@ -440,9 +435,7 @@ class TestTransactions:
         self, ledger: SqliteLedger, sqlite: SqliteFactory, clock: Clock, how: str
     ) -> None:
         order = await seed(ledger, "r-1", OrderState.OUTCOME_UNKNOWN)
-        blocker = sqlite3.connect(sqlite.path, isolation_level=None)
-        try:
-            blocker.execute("BEGIN IMMEDIATE")
+        with _write_lock_held(sqlite.path) as release:
             update = asyncio.create_task(
                 ledger.finish(order, OrderState.FULFILLED)
                 if how == "finish"
@@ -451,10 +444,8 @@ class TestTransactions:
             await asyncio.sleep(0.3)
             assert not update.done()
             clock.advance(SECOND)
-            blocker.execute("COMMIT")
+            release()
             entry = await asyncio.wait_for(update, timeout=5)
-        finally:
-            blocker.close()
         assert entry.order.update_time.ToNanoseconds() == T0 + SECOND
         assert row_of(sqlite, "r-1")["update_time_ns"] == T0 + SECOND
         assert sqlite.events("r-1")[-1][1] == T0 + SECOND
