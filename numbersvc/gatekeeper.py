@@ -165,9 +165,11 @@ class Gatekeeper:
         if (forwarded and self._trusted_proxies) or (token is None and self._certificates):
             return None
         try:
-            return self.identify(method, lambda: Identity(token))
+            caller = self.identify(method, lambda: Identity(token))
+            self.authorize(method, caller)  # a known caller without the permission too
         except ServiceError as error:
             return error
+        return caller
 
     def identify(self, method: str, identity: Callable[[], Identity]) -> Caller:
         """Return who calls `method`, or raise the `ServiceError` that refuses the call.

@@ -210,7 +210,9 @@ async def _guarded_server(
 
 
 @contextlib.asynccontextmanager
-async def _calls_that_send_nothing(target: str, methods: list[str]) -> AsyncIterator[list[Any]]:
+async def _calls_that_send_nothing(
+    target: str, methods: list[str], metadata: tuple[tuple[str, str], ...] = ()
+) -> AsyncIterator[list[Any]]:
     """Open a call to each method on a channel of its own: headers, then nothing, until exit."""
     never: asyncio.Event = asyncio.Event()
 
@@ -220,7 +222,9 @@ async def _calls_that_send_nothing(target: str, methods: list[str]) -> AsyncIter
 
     async with grpc.aio.insecure_channel(target) as hostile:
         # Raw calls (the stubs' types want no request stream at all).
-        held: list[Any] = [hostile.stream_stream(m)(cast(Any, nothing())) for m in methods]
+        held: list[Any] = [
+            hostile.stream_stream(m)(cast(Any, nothing()), metadata=metadata) for m in methods
+        ]
         try:
             # Time for the calls to reach the server and take their slots before anyone else.
             await asyncio.sleep(1.0)
@@ -260,6 +264,21 @@ async def test_unauthenticated_calls_that_never_send_their_request_cannot_starve
             timeout=10,
         )
         assert page.number_groups
+
+
+async def test_a_known_caller_without_the_permission_is_refused_before_its_request(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    """A caller the headers name (a bearer token) but who lacks the method's permission is
+    refused from its headers too, not once a request that may never come arrives: rent calls
+    from a read-only caller that send nothing held RPC slots as long as the anonymous ones did."""
+    target, token = await _guarded_server(start_server, tmp_path, max_concurrent_rpcs=4)
+    methods = ["/numbersvc.v1.NumberGroupService/RentNumbers"] * 3
+    bearer = (("authorization", f"Bearer {token}"),)
+    async with _calls_that_send_nothing(target, methods, bearer) as held:
+        for call in held:
+            code = await asyncio.wait_for(call.code(), timeout=5)
+            assert code == grpc.StatusCode.PERMISSION_DENIED
 
 
 async def test_health_calls_that_never_send_their_request_give_their_slots_back(
