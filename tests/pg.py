@@ -19,7 +19,6 @@ import os
 import pwd
 import re
 import shutil
-import socket
 import subprocess
 import tempfile
 import uuid
@@ -31,6 +30,7 @@ from typing import Final
 import psycopg
 
 from numbersvc.ledger import pgschema
+from tests.ports import picked_ports
 
 __all__ = ["PASSWORD_ROLE", "Cluster", "PostgresMissing", "find_bindir", "running_cluster"]
 
@@ -178,13 +178,6 @@ def _run(user: str, argv: Sequence[str]) -> subprocess.CompletedProcess[str]:
     )
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
 def _port_taken(log: Path) -> bool:
     return bool(re.search(r"could not bind|Address already in use", _tail(log)))
 
@@ -230,7 +223,7 @@ def running_cluster() -> Iterator[Cluster]:
 def _start_on_a_free_port(cluster: Cluster) -> None:
     """Start on a port the OS picked; another process may take it first, so try a few."""
     for attempt in range(_START_ATTEMPTS):
-        cluster.port = _free_port()
+        [cluster.port] = picked_ports(1)
         try:
             cluster.start()
             return
