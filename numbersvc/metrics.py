@@ -147,7 +147,8 @@ class Metrics:
         self.store_up = Gauge(
             "numbersvc_store_up",
             "1 when this process's last ledger heartbeat reached the order ledger's store, 0"
-            " when it failed (rents are refused with LEDGER_UNAVAILABLE meanwhile), by store:"
+            " when it could not (rents are refused with LEDGER_UNAVAILABLE meanwhile); a"
+            " heartbeat that only met a lock reached it (see lease renewals), by store:"
             " sqlite or postgresql",
             ["store"],
             registry=r,
@@ -197,9 +198,12 @@ class Metrics:
         if state is OrderState.OUTCOME_UNKNOWN:
             self.orders_outcome_unknown.inc()
 
-    def heartbeat(self, store: str, found: Heartbeat | None) -> None:
-        """Count one ledger heartbeat: what it `found`, or None when it failed."""
-        self.store_up.labels(store).set(0 if found is None else 1)
+    def heartbeat(self, store: str, found: Heartbeat | None, *, reached: bool = False) -> None:
+        """Count one ledger heartbeat: what it `found`, or None when it failed.
+
+        `reached`, for a failed one: the store answered all the same (it only met a lock).
+        """
+        self.store_up.labels(store).set(1 if found is not None or reached else 0)
         if found is None:
             self.lease_renewals.labels("error").inc()
             return

@@ -306,7 +306,14 @@ class LeaseKeeper:
         try:
             found = await self._ledger.heartbeat()
         except Exception as exc:
-            self._metrics.heartbeat(self._store, None)
+            # Known down: out of reach. Not a lock held past the wait (a SQLite file locked for
+            # a while, a PostgreSQL session holding the leases' table): the store answers, and
+            # claims wait out or never meet that lock by themselves.
+            down = isinstance(exc, LedgerUnreachableError) and not isinstance(
+                exc, LedgerLockedError
+            )
+            # A lock is no outage: store_up pages an operator (NumbersvcStoreDown).
+            self._metrics.heartbeat(self._store, None, reached=isinstance(exc, LedgerLockedError))
             if not self._failing:
                 # One line, no traceback: a store that is down is an outage, not a bug.
                 _log.error(
@@ -317,12 +324,6 @@ class LeaseKeeper:
                     self._interval,
                 )
             self._failing = True
-            # Known down: out of reach. Not a lock held past the wait (a SQLite file locked for
-            # a while, a PostgreSQL session holding the leases' table): the store answers, and
-            # claims wait out or never meet that lock by themselves.
-            down = isinstance(exc, LedgerUnreachableError) and not isinstance(
-                exc, LedgerLockedError
-            )
             self._tell(not down)
             return
         self._metrics.heartbeat(self._store, found)

@@ -93,6 +93,14 @@ async def test_rents_go_on_while_a_heartbeat_meets_a_lock_claims_never_need(
             assert placed.order.status == pb.ORDER_STATUS_FULFILLED
             failed = (await _beats(client, url)).get("error", 0) > before.get("error", 0)
             assert failed == beats_fail
+            # Nor is the store reported down (NumbersvcStoreDown pages): it answered.
+            up = re.search(
+                r'^numbersvc_store_up\{store="postgresql"\} (\S+)$',
+                (await client.get(url)).text,
+                re.M,
+            )
+            assert up, "no store_up"
+            assert float(up.group(1)) == 1, "store_up says the store is down"
             holder.rollback()
         await _stops_cleanly(served, control)
 
