@@ -287,11 +287,12 @@ class OrderNotFound(SettleError):
 
 
 class ClaimLost(SettleError):
-    """`finish`: another instance claimed the order since this one did; its row is not ours.
+    """`finish`: the order was claimed again since this claim (by any instance); not ours.
 
-    This instance's claim was recovered as outcome unknown, settled as failed and claimed
-    again: the row (and any answer it holds) belongs to that later claim, whose POST may be
-    out. The answer being recorded is logged for reconciliation instead, never written.
+    This claim was recovered as outcome unknown, settled as failed and claimed again, by
+    another instance or by this one: the row (and any answer it holds) belongs to that later
+    claim, whose POST may be out. The answer being recorded is logged for reconciliation
+    instead, never written.
     """
 
 

@@ -543,7 +543,7 @@ class PostgresLedger:
         """Record how this instance's claim of an order ended, as `OrderLedger.finish`.
 
         Raises:
-            ClaimLost: another instance claimed the order since (the answer is logged).
+            ClaimLost: the order was claimed again since, by any instance (the answer is logged).
         """
         async with self._connection() as conn:
             try:

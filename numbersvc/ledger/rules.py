@@ -57,7 +57,8 @@ def log_recovered(request_ids: Sequence[str]) -> None:
     """Log the orders a heartbeat recovered, with their request ids (nothing for none)."""
     if request_ids:
         _log.warning(
-            "%d order(s) left in flight by a process that is gone: outcome unknown: %s",
+            "%d order(s) with no outcome recorded within their send window (a process gone, or"
+            " this one lost track of them): outcome unknown: %s",
             len(request_ids),
             " ".join(request_ids),
         )
@@ -171,7 +172,7 @@ def late_answer(order: pb.RentalOrder, state: OrderState) -> None:
 
 
 def lost_answer(order: pb.RentalOrder, state: OrderState, lost: ClaimLost) -> None:
-    """Log Plivo's answer to a claim another instance has taken over since: not recorded.
+    """Log Plivo's answer to a claim the order was claimed again after: not recorded.
 
     It is the only trace of that POST (its api id, its numbers): an operator reconciles it
     with the Plivo console, as the row now holds the later claim.

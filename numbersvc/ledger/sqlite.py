@@ -324,8 +324,8 @@ class SqliteLedger:
         recorded from the Plivo console (it is logged, the settlement returned).
 
         Raises:
-            ClaimLost: another instance claimed the id since (its POST may be out): the row is
-                left as it is, the answer logged.
+            ClaimLost: the id was claimed again since, by any instance (its POST may be
+                out): the row is left as it is, the answer logged.
         """
 
         def finish() -> LedgerEntry:
