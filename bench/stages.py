@@ -20,14 +20,16 @@ The stages, in the order a call meets them:
 - validated: validation done.
 - budget taken: a permit from the rate budget (the server runs with a budget too large to
   ever make it wait, `NUMBERSVC_UPSTREAM_RATE=1000000/1s`).
-- to aiohttp: httpx handed the request to the aiohttp transport (httpx's own layer is behind).
+- to aiohttp: the request reached the aiohttp transport (`AiohttpTransport._send`, which both
+  the direct path of `PlivoClient` and httpx's client pass through).
 - upstream sent: aiohttp wrote the request (`ClientRequest.send` returned).
 - upstream answered: aiohttp read the status line and headers (`ClientResponse.start`).
 - body read: the upstream client read the body.
 - body decoded: the upstream client decoded the JSON (`PlivoClient._decode`).
 - translated: the page turned into protobuf (`translation.parse_search_page`).
 - response built: the servicer's method returned its response.
-- call observed: the interceptor wrote the access line and the metrics.
+- call observed: the interceptor ended the call's record (and span); for a unary call that
+  succeeded the access line and the metrics run at the loop's next turn, after the answer.
 - handler returned: the outermost handler wrapper returns.
 - serialized: gRPC serialized the response.
 - sent: the call is done (`context.add_done_callback`: status and trailers sent).
@@ -178,9 +180,7 @@ def install() -> None:
     plivo._read_body = _after("body read", plivo._read_body)  # type: ignore[method-assign]
     plivo._decode = _after("body decoded", plivo._decode)  # type: ignore[method-assign]
     aiohttp_stack = transport.AiohttpTransport
-    aiohttp_stack.handle_async_request = _before(  # type: ignore[method-assign]
-        "to aiohttp", aiohttp_stack.handle_async_request
-    )
+    aiohttp_stack._send = _before("to aiohttp", aiohttp_stack._send)  # type: ignore[method-assign]
     reqrep.ClientRequest.send = _after("upstream sent", reqrep.ClientRequest.send)  # type: ignore[method-assign]
     reqrep.ClientResponse.start = _after("upstream answered", reqrep.ClientResponse.start)  # type: ignore[method-assign]
 
