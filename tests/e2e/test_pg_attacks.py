@@ -280,13 +280,14 @@ async def test_lock_table_by_another_session_refuses_rents_and_reads_in_bounded_
         rent = pb.RentNumbersRequest(group_id=await _group(stub), request_id=str(uuid.uuid4()))
         with psycopg.connect(postgres_url) as holder:
             holder.execute("LOCK TABLE orders IN ACCESS EXCLUSIVE MODE")
-            for call in (
-                stub.RentNumbers(rent, timeout=30),
-                stub.GetRentalOrder(pb.GetRentalOrderRequest(request_id=rent.request_id)),
+            # One after the other, each timed from its own start (a call starts when made).
+            for make in (
+                lambda: stub.RentNumbers(rent, timeout=30),
+                lambda: stub.GetRentalOrder(pb.GetRentalOrderRequest(request_id=rent.request_id)),
             ):
                 started = time.monotonic()
                 with pytest.raises(grpc.aio.AioRpcError) as refused:
-                    await asyncio.wait_for(call, timeout=30)
+                    await asyncio.wait_for(make(), timeout=30)
                 assert reason_of(refused.value) == "LEDGER_UNAVAILABLE", refused.value
                 assert time.monotonic() - started < 15
             holder.rollback()
