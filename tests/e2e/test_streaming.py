@@ -172,8 +172,8 @@ async def _searches_once_stopped(control: SandboxControl) -> int:
     """The upstream searches once the walk stopped: none new for `_QUIET_SECONDS` in a row.
 
     Bounded by `_STOP_TIMEOUT_SECONDS`: a walk that never stops fails the test. On a loaded
-    machine a walk may pause as long without having stopped; it is then counted early, which
-    can only make the bound it is checked against easier to meet, never fail it.
+    machine a walk may pause as long without having stopped, so a second quiet stretch must
+    find the count unchanged: a walk that only paused is caught then.
     """
     loop = asyncio.get_running_loop()
     give_up = loop.time() + _STOP_TIMEOUT_SECONDS
@@ -183,6 +183,8 @@ async def _searches_once_stopped(control: SandboxControl) -> int:
         await asyncio.sleep(_QUIET_SECONDS / 10)
         if (now := await _searches(control)) != count:
             count, since = now, loop.time()
+    await asyncio.sleep(_QUIET_SECONDS)
+    assert await _searches(control) == count, "the walk had only paused: it went on"
     return count
 
 
