@@ -63,8 +63,9 @@ _SETTLE_SECONDS: Final = 5.0 + 1.0
 _ROUNDS_PER_CPU_ROUND: Final = 10
 # The batch processor sends a batch whenever 512 spans are queued (the SDK's default batch): a
 # phase of 256 calls queues one on average (the 5 s timer sends a partial one now and then),
-# so that a round seldom counts a batch more or less than its own spans. (With 600 calls, a round sent 2 or 3 batches, and the median
-# round was a 2-batch one: the exporter's cost undercounted by 15%.)
+# so that a round seldom counts a batch more or less than its own spans. (With 600 calls, a
+# round sent 2 or 3 batches, and the median round was a 2-batch one: the exporter's cost
+# undercounted by 15%.)
 _CALLS_PER_PHASE: Final = 512 // _SPANS_PER_CALL
 
 
