@@ -139,7 +139,10 @@ class Gatekeeper:
         if handler.request_streaming:
             # Streaming requests (reflection) get the same checks, their requests decoded by gRPC.
             return handler, check.enter, _NO_CHANGES
-        if isinstance(decided, ServiceError):
+        if isinstance(decided, ServiceError) or (
+            # A known caller without the permission too; `check` refuses it, naming it.
+            decided is not None and not self._permits(method, decided)
+        ):
             return _refusing_before_the_request(handler, check), None, _NO_CHANGES
         changes = _NO_CHANGES
         if handler.request_deserializer is not None:
@@ -165,11 +168,9 @@ class Gatekeeper:
         if (forwarded and self._trusted_proxies) or (token is None and self._certificates):
             return None
         try:
-            caller = self.identify(method, lambda: Identity(token))
-            self.authorize(method, caller)  # a known caller without the permission too
+            return self.identify(method, lambda: Identity(token))
         except ServiceError as error:
             return error
-        return caller
 
     def identify(self, method: str, identity: Callable[[], Identity]) -> Caller:
         """Return who calls `method`, or raise the `ServiceError` that refuses the call.
@@ -211,6 +212,13 @@ class Gatekeeper:
         if len(headers) > 1:
             raise xfcc.MalformedXfcc(f"sent {len(headers)} times")
         return xfcc.forwarded_names(headers[0])
+
+    def _permits(self, method: str, caller: Caller) -> bool:
+        try:
+            self.authorize(method, caller)
+        except ServiceError:
+            return False
+        return True
 
     def authorize(self, method: str, caller: Caller) -> None:
         """Raise the `ServiceError` that refuses `caller` the call to `method`, if any."""
