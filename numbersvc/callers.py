@@ -354,9 +354,17 @@ def _new_record(
         if not _is_common_name(common_name):
             raise ValueError(f"not a common name: {common_name!r} ({_COMMON_NAME_RULE})")
         return _Record(CallerEntry(caller, IdentityKind.COMMON_NAME, common_name)), None
-    token = secrets.token_urlsafe(_TOKEN_BYTES)
+    token = _new_token()
     digest = hashlib.sha256(token.encode()).digest()
     return _Record(CallerEntry(caller, IdentityKind.TOKEN), digest), token
+
+
+def _new_token() -> str:
+    # One token in 64 would start with "-", which `--token TOKEN` on the command line reads as
+    # an option (argparse: "expected one argument"); drawing again costs a few bits at most.
+    while (token := secrets.token_urlsafe(_TOKEN_BYTES)).startswith("-"):
+        pass
+    return token
 
 
 def _same_identity(a: _Record, b: _Record) -> bool:

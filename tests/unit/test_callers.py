@@ -131,6 +131,13 @@ def test_tokens_are_256_random_bits_in_url_safe_text(path: Path) -> None:
         assert set(token) <= set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
 
 
+def test_no_token_starts_with_a_dash() -> None:
+    # `numbersvc call --token TOKEN` would read one as an option; one token in 64 did. In 3,000
+    # draws the old way, some start with "-" with a probability of 1 - (63/64)**3000 ~ 1 - 4e-21.
+    tokens = [callers._new_record(f"c{i}", [READ], None, None)[1] for i in range(3000)]
+    assert all(token and len(token) == 43 and token[0] != "-" for token in tokens)
+
+
 # --- lookups ----------------------------------------------------------------------------------
 
 
