@@ -4,7 +4,8 @@
 
 For deciding on an optimization before anyone changes code or defaults: server A runs with
 the shipped defaults (plus `--a`), server B with the same plus `--b` (a setting, or a
-PYTHONPATH that puts a package in front). Both run with `NUMBERSVC_UPSTREAM_RATE=off` against
+PYTHONPATH that puts a package in front: a copy of numbersvc too, and each side's output
+says which numbersvc it ran). Both run with `NUMBERSVC_UPSTREAM_RATE=off` against
 one sandbox, exactly as rows 1 and 2 of `bench.bench`, and the load alternates between them in
 the same run: ListNumberGroups at concurrency 1 (interleaved call by call) and at concurrency 32
 (12 alternating phases of 2 s: many short phases average the machine's noise out better than a
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -33,6 +35,8 @@ from bench.bench import (
     UNARY_FILTER,
     Child,
     Phase,
+    _child_env,
+    child_import_env,
     collect_pages,
     cpu_ms_per_call,
     disjoint_assignments,
@@ -72,7 +76,23 @@ async def run_ab(options: Options) -> dict[str, Any]:
         for name, extra in reversed(order) if options.b_first else order:
             started[name] = await rig.server(f"server-{name}", extra)
         targets = [started["a"], started["b"]]
-        return await _measure(options, rig.control, rig.url, targets)
+        result = await _measure(options, rig.control, rig.url, targets)
+        for name, extra in order:
+            result[name]["numbersvc"] = numbersvc_source(extra, rig.log_dir)
+        return result
+
+
+def numbersvc_source(extra_env: Mapping[str, str], cwd: Path) -> str:
+    """The numbersvc package a server started with `extra_env` runs: what an A/B compares."""
+    probe = subprocess.run(
+        [sys.executable, "-c", "import numbersvc; print(numbersvc.__file__)"],
+        env=child_import_env(_child_env(extra_env)),
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return str(Path(probe.stdout.strip()).parent)
 
 
 async def _measure(
@@ -140,6 +160,8 @@ def render(result: Mapping[str, Any]) -> str:
     lines = [
         f"A: shipped defaults {a_env}".rstrip(),
         f"B: A + {env}" + (" (started first)" if result["b_first"] else ""),
+        f"numbersvc: A runs {a['numbersvc']}, B runs {b['numbersvc']}"
+        + (" (the same code)" if a["numbersvc"] == b["numbersvc"] else ""),
         f"c=1: {result['unary_calls']:,} calls each, interleaved; c=32: {result['rounds']}"
         f" alternating phases of {result['seconds_per_phase']:g} s each",
     ]

@@ -227,6 +227,12 @@ def _child_env(extra: Mapping[str, str]) -> dict[str, str]:
     return {**clean, **extra}
 
 
+def child_import_env(env: Mapping[str, str]) -> dict[str, str]:
+    """`env` with ROOT after any PYTHONPATH it has: what a child runs `-m bench...` with."""
+    path = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    return {**env, "PYTHONPATH": os.pathsep.join([*path, str(ROOT)])}
+
+
 def _open_log(path: Path) -> IO[bytes]:
     return open(path, "wb")  # the child writes to it; the caller closes it once it started
 
@@ -272,11 +278,15 @@ class Child:
     async def start(self, ready: re.Pattern[str]) -> str:
         """Start the process and wait for `ready` in its log; return the pattern's group 1."""
         log = _open_log(self.log_path)
+        # NOTE: not run from ROOT: `python -m` puts its working directory first on sys.path,
+        # before PYTHONPATH, so a copy of numbersvc given in PYTHONPATH (`bench.ab --b
+        # PYTHONPATH=DIR`) was silently ignored and "A/B" measured A twice. ROOT comes last.
+        env = child_import_env(self.env)
         try:
             self._process = await asyncio.create_subprocess_exec(
                 *self.argv,
-                env=self.env,
-                cwd=ROOT,
+                env=env,
+                cwd=self.log_path.parent,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
