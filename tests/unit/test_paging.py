@@ -294,6 +294,15 @@ class TestWalkPages:
         assert [p.offset async for p in walk] == [0, 10, 20, 30]
 
 
+class TestPage:
+    def test_a_page_cannot_be_changed(self) -> None:
+        # The search cache hands one page to every caller that hits it.
+        page = Page(20, [1, 2], 40, has_next=True)
+        with pytest.raises(AttributeError):
+            page.offset = 0  # type: ignore[misc]
+        assert (page.offset, page.end) == (20, 22)
+
+
 class TestStreamCursor:
     def test_whole_walk_without_limit(self) -> None:
         cursor = StreamCursor[int](key=lambda i: i, max_results=0)
