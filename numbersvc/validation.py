@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import re
 import uuid
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Final
 
 from google.protobuf import timestamp_pb2
@@ -97,12 +98,14 @@ class SearchQuery:
     prefix: str
     region: str
     services: tuple[pb.NumberService.ValueType, ...]
+    key: str = field(init=False, repr=False, compare=False)
+    """A canonical form of the filter: equal filters give equal keys (token binding)."""
 
-    @property
-    def key(self) -> str:
-        """A canonical form of the filter: equal filters give equal keys (token binding)."""
-        services = ",".join(str(s) for s in self.services)
-        return f"{self.region_code}|{self.number_type}|{self.prefix}|{self.region}|{services}"
+    def __post_init__(self) -> None:
+        # Made once: a list call reads it twice (the token it takes, the token it gives).
+        services = ",".join(map(str, self.services))
+        key = f"{self.region_code}|{self.number_type}|{self.prefix}|{self.region}|{services}"
+        object.__setattr__(self, "key", key)
 
 
 @dataclass(frozen=True, slots=True)
@@ -408,6 +411,14 @@ def _search_query(
     region = f.region
     _region(check, region, number_type)
     services = f.services
+    return SearchQuery(
+        region_code, number_type, prefix, region, _services(services, check) if services else ()
+    )
+
+
+def _services(
+    services: Sequence[pb.NumberService.ValueType], check: _Checker
+) -> tuple[pb.NumberService.ValueType, ...]:
     seen: set[pb.NumberService.ValueType] = set()
     # More entries than services means a repeat or an unknown value among the first ones:
     # looking further only costs time (a request may carry millions of entries).
@@ -417,7 +428,7 @@ def _search_query(
         elif service in seen:
             check.fail(f"filter.services[{index}]", "is repeated; list each service once")
         seen.add(service)
-    return SearchQuery(region_code, number_type, prefix, region, tuple(sorted(seen)))
+    return tuple(sorted(seen))
 
 
 def _time_ns(check: _Checker, field: str, stamp: timestamp_pb2.Timestamp) -> int | None:

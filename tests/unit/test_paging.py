@@ -10,6 +10,8 @@ from hypothesis import strategies as st
 from numbersvc import paging
 from numbersvc.paging import Page, PageTokenError, StreamCursor, walk_pages
 
+KEY = "US|1|||"
+
 
 class TestPageTokens:
     @given(offset=st.integers(0, paging.MAX_OFFSET), key=st.text(max_size=50))
@@ -48,6 +50,37 @@ class TestPageTokens:
     def test_offset_out_of_range_cannot_be_encoded(self) -> None:
         with pytest.raises(ValueError, match="out of range"):
             paging.encode_page_token(paging.MAX_OFFSET + 1, "k")
+
+    # Tokens are read as `base64.urlsafe_b64decode` reads them (it skips characters outside
+    # the alphabet, and takes `+` and `/` for `-` and `_`): a token a caller's tooling
+    # re-wrapped or re-padded works as it did, and nothing it refused is now accepted.
+    @given(
+        offset=st.integers(0, paging.MAX_OFFSET),
+        edits=st.lists(
+            st.tuples(st.integers(0, 40), st.sampled_from(["+", "/", "=", "!", " ", "\n", "é"])),
+            max_size=4,
+        ),
+        standard_alphabet=st.booleans(),
+    )
+    def test_token_is_read_as_base64_reads_it(
+        self, offset: int, edits: list[tuple[int, str]], standard_alphabet: bool
+    ) -> None:
+        token = paging.encode_page_token(offset, KEY)
+        if standard_alphabet:
+            token = token.replace("-", "+").replace("_", "/")
+        for index, char in edits:
+            token = token[:index] + char + token[index:]
+        try:
+            raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+            # 21 bytes make 28 characters: no padding to add back
+            stdlib_reads_it = raw == base64.urlsafe_b64decode(paging.encode_page_token(offset, KEY))
+        except ValueError:
+            stdlib_reads_it = False
+        if stdlib_reads_it:
+            assert paging.decode_page_token(token, KEY) == offset
+        else:
+            with pytest.raises(PageTokenError, match="malformed"):
+                paging.decode_page_token(token, KEY)
 
 
 ORDERS_KEY = "orders|()|None|None"
@@ -259,6 +292,15 @@ class TestWalkPages:
 
         walk = walk_pages(fetch, await fetch(0), page_size=10, read_ahead=4)
         assert [p.offset async for p in walk] == [0, 10, 20, 30]
+
+
+class TestPage:
+    def test_a_page_cannot_be_changed(self) -> None:
+        # The search cache hands one page to every caller that hits it.
+        page = Page(20, [1, 2], 40, has_next=True)
+        with pytest.raises(AttributeError):
+            page.offset = 0  # type: ignore[misc]
+        assert (page.offset, page.end) == (20, 22)
 
 
 class TestStreamCursor:
