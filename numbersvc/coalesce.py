@@ -78,26 +78,26 @@ class SingleFlight(Generic[V]):
         call = self._calls.get(key)
         if call is None:
             call = self._calls[key] = _Call()
-            return await self._lead(key, call, work)
-        waiter: asyncio.Future[V] = asyncio.get_running_loop().create_future()
-        call.waiters.append(waiter)
-        try:
-            result = await waiter
-        except _TakeOver:
-            return await self._lead(key, call, work)
-        except asyncio.CancelledError:
-            self._leave(key, call, waiter)
-            raise
-        except Exception as exc:
-            if self._retry_own(exc):
-                # The failed call has landed: the first to retry leads, the rest join it.
-                return await self.run(key, work)
-            self._joined()
-            raise
-        self._joined()
-        return result
-
-    async def _lead(self, key: Hashable, call: _Call[V], work: Callable[[], Awaitable[V]]) -> V:
+        else:
+            waiter: asyncio.Future[V] = asyncio.get_running_loop().create_future()
+            call.waiters.append(waiter)
+            try:
+                result = await waiter
+            except _TakeOver:
+                pass  # its caller left: this one runs the call, below
+            except asyncio.CancelledError:
+                self._leave(key, call, waiter)
+                raise
+            except Exception as exc:
+                if self._retry_own(exc):
+                    # The failed call has landed: the first to retry leads, the rest join it.
+                    return await self.run(key, work)
+                self._joined()
+                raise
+            else:
+                self._joined()
+                return result
+        # NOTE: the call runs here, not in a coroutine of its own: one layer fewer to resume.
         try:
             result = await work()
         except asyncio.CancelledError:
