@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Iterable, Sequence
 
 import pytest
 
@@ -47,6 +47,19 @@ class Gated:
     async def next_read(self) -> int:
         """Return the number of the next read to begin."""
         return await asyncio.wait_for(self._begun.get(), 5)
+
+
+async def _read_again_for(
+    upstream: Gated, waiting: Sequence[asyncio.Future[int]], gone: Iterable[asyncio.Future[int]]
+) -> None:
+    """The read is made again: those still waiting get its answer, those gone their
+    CancelledError."""
+    assert await upstream.next_read() == 2
+    upstream.release.set()
+    assert await asyncio.wait_for(asyncio.gather(*waiting), 5) == [2] * len(waiting)
+    for caller in gone:
+        with pytest.raises(asyncio.CancelledError):
+            await caller
 
 
 async def test_concurrent_identical_calls_share_one() -> None:
@@ -126,12 +139,7 @@ async def test_one_caller_leaving_does_not_cancel_the_others_call() -> None:
     await asyncio.sleep(0)
     assert (upstream.calls, upstream.cancelled) == (1, 0)
     leader.cancel()  # the caller running the read leaves: joiners[1] makes it again
-    assert await upstream.next_read() == 2
-    upstream.release.set()
-    assert await asyncio.wait_for(asyncio.gather(*joiners[1:]), 5) == [2, 2, 2]
-    for gone in (leader, joiners[0]):
-        with pytest.raises(asyncio.CancelledError):
-            await gone
+    await _read_again_for(upstream, joiners[1:], (leader, joiners[0]))
     assert (upstream.calls, upstream.cancelled, len(joins), len(flight)) == (2, 1, 2, 0)
 
 
@@ -230,11 +238,7 @@ async def test_a_joiner_out_of_deadline_leaves_and_is_never_handed_the_read() ->
         await asyncio.wait_for(out_of_time, 5)
     assert (upstream.calls, upstream.cancelled) == (1, 0)  # the read went on for the others
     leader.cancel()  # the read goes to the caller still waiting, not to the one that left
-    assert await upstream.next_read() == 2
-    upstream.release.set()
-    assert await asyncio.wait_for(other, 5) == 2
-    with pytest.raises(asyncio.CancelledError):
-        await leader
+    await _read_again_for(upstream, [other], [leader])
     assert (len(joins), len(flight)) == (0, 0)
 
 
@@ -281,38 +285,35 @@ async def test_callers_retrying_after_the_leaders_own_failure_share_one_read() -
     assert (upstream.calls, len(joins), len(flight)) == (1, 2, 0)
 
 
-def _chain(
-    flight: SingleFlight[int], work: Callable[[], Awaitable[int]], n: int, *, leave: int
+async def _leaving_chain(
+    flight: SingleFlight[int], upstream: Gated, n: int, *, leave: int
 ) -> list[asyncio.Future[int]]:
-    """Start `n` callers; when one of the first `leave` is cancelled, the next one is too, at
-    once: the next one has just been handed the read and has not started it."""
+    """Start `n` callers, then cancel the first once its read is out; when one of the first
+    `leave` is cancelled, the next one is too, at once: it has just been handed the read and
+    has not started it."""
     callers: list[asyncio.Future[int]] = []
 
     async def caller(i: int) -> int:
         try:
-            return await flight.run("k", work)
+            return await flight.run("k", upstream.read)
         except asyncio.CancelledError:
             if i + 1 < leave:
                 callers[i + 1].cancel()
             raise
 
     callers.extend(asyncio.ensure_future(caller(i)) for i in range(n))
+    assert await upstream.next_read() == 1
+    await asyncio.sleep(0)  # the others wait for it
+    callers[0].cancel()
     return callers
 
 
 async def test_a_takeover_passes_down_a_chain_of_callers_that_leave() -> None:
     flight = SingleFlight[int]()
     upstream = Gated()
-    callers = _chain(flight, upstream.read, 4, leave=3)
-    assert await upstream.next_read() == 1
-    await asyncio.sleep(0)
-    callers[0].cancel()  # then callers[1] and [2], each just after it was handed the read
-    assert await upstream.next_read() == 2
-    upstream.release.set()
-    assert await asyncio.wait_for(callers[3], 5) == 2
-    for gone in callers[:3]:
-        with pytest.raises(asyncio.CancelledError):
-            await gone
+    # callers[0] leaves, then [1] and [2], each just after it was handed the read
+    callers = await _leaving_chain(flight, upstream, 4, leave=3)
+    await _read_again_for(upstream, callers[3:], callers[:3])
     assert (upstream.calls, upstream.cancelled, len(flight)) == (2, 1, 0)
 
 
@@ -326,22 +327,14 @@ async def test_a_joiner_leaving_with_the_leader_is_not_handed_the_read() -> None
     await asyncio.sleep(0)
     leader.cancel()
     first.cancel()  # in the same turn: its wait is over before the leader hands the read on
-    assert await upstream.next_read() == 2
-    upstream.release.set()
-    assert await asyncio.wait_for(second, 5) == 2
-    for gone in (leader, first):
-        with pytest.raises(asyncio.CancelledError):
-            await gone
+    await _read_again_for(upstream, [second], (leader, first))
     assert (upstream.calls, len(flight)) == (2, 0)
 
 
 async def test_the_key_is_freed_when_the_last_caller_handed_the_read_leaves() -> None:
     flight = SingleFlight[int]()
     upstream = Gated()
-    callers = _chain(flight, upstream.read, 3, leave=3)
-    assert await upstream.next_read() == 1
-    await asyncio.sleep(0)
-    callers[0].cancel()
+    callers = await _leaving_chain(flight, upstream, 3, leave=3)
     for gone in callers:
         with pytest.raises(asyncio.CancelledError):
             await asyncio.wait_for(gone, 5)
@@ -395,9 +388,5 @@ async def test_each_read_runs_in_the_context_of_the_caller_running_it_with_its_o
     joiner = asyncio.ensure_future(caller("joiner"))
     await asyncio.sleep(0)
     leader.cancel()
-    assert await upstream.next_read() == 2
-    upstream.release.set()
-    assert await asyncio.wait_for(joiner, 5) == 2
-    with pytest.raises(asyncio.CancelledError):
-        await leader
+    await _read_again_for(upstream, [joiner], [leader])
     assert reads == [("leader", "leader"), ("joiner", "joiner")]
