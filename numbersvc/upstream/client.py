@@ -9,7 +9,7 @@ choice (`retry.py`); checking the shape of a 2xx body is translation's. With a r
 (`ratelimit.py`), every request first takes a token, waiting for one at most
 `max_wait_seconds`; a longer wait raises `UpstreamThrottledError` and sends nothing.
 
-Foreign exceptions become ours in ONE place, `_mapped_errors`, driven by `_HTTPX_ERRORS`; a
+Foreign exceptions become ours in ONE place, `PlivoClient._mapped`, driven by `_HTTPX_ERRORS`; a
 test walks every httpx exception class and fails if one lacks a row. The auth token never
 appears in an exception, a repr or a log line (DEBUG on `numbersvc.upstream`: method, path,
 status, elapsed, api_id); upstream text copied into an exception, and every string of a body
@@ -20,17 +20,16 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import functools
 import http.cookiejar
 import json
 import logging
 import time
 import urllib.parse
-from collections.abc import AsyncIterable, Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Concatenate, Final, ParamSpec, cast
+from typing import Final, cast
 
 import httpx
 
@@ -214,23 +213,6 @@ def _group_suffix(group_id: str) -> str:
         raise ValueError("group_id must be non-empty")
     # NOTE: also encode "." so that ".." cannot become a dot segment that climbs the path.
     return urllib.parse.quote(group_id, safe="").replace(".", "%2E") + "/"
-
-
-_P = ParamSpec("_P")
-_Request = Callable[Concatenate["PlivoClient", str, str, _P], Awaitable["UpstreamResponse"]]
-
-
-def _traced(request: _Request[_P]) -> _Request[_P]:
-    """Run each upstream request in its span when tracing is on; `_log` notes the outcome."""
-
-    async def run(
-        client: PlivoClient, method: str, suffix: str, /, *args: _P.args, **kwargs: _P.kwargs
-    ) -> UpstreamResponse:
-        template = _GROUP_TEMPLATE if suffix else _GROUPS_TEMPLATE
-        with tracing.upstream_span(method, template, client._server):
-            return await request(client, method, suffix, *args, **kwargs)
-
-    return run
 
 
 Observer = Callable[[str, str, float, str | None], None]
@@ -456,29 +438,24 @@ class PlivoClient:
             send_by=send_by,
         )
 
-    @contextlib.contextmanager
-    def _mapped_errors(self, method: str, path: str) -> Iterator[None]:
-        """Turn httpx exceptions, and the total timeout firing, into `UpstreamError`s.
+    def _mapped(self, exc: Exception, method: str, path: str) -> UpstreamError:
+        """Return our exception for an httpx one, or for the total timeout firing.
 
-        The ONE boundary where foreign exceptions become ours.
+        The ONE place where foreign exceptions become ours (`_request` catches them).
         """
-        try:
-            yield
-        except httpx.RequestError as exc:
+        if isinstance(exc, httpx.RequestError):
             # httpcore's errors may have no text of their own: the system's words then.
             message = str(exc) or failure_reason(exc) or "no detail"
-            raise _from_httpx(exc, method, path, self._scrub(message)) from exc
-        except TimeoutError as exc:
-            # Only `asyncio.timeout` raises the builtin here (httpx wraps socket timeouts). By
-            # then the request may be on the wire, so it may have been sent.
-            raise UpstreamTimeoutError(
-                f"{method} {path}: no complete response within the total timeout",
-                request_sent=True,
-                method=method,
-                url=path,
-            ) from exc
+            return _from_httpx(exc, method, path, self._scrub(message))
+        # Only `asyncio.timeout` raises the builtin TimeoutError here (httpx wraps socket
+        # timeouts). By then the request may be on the wire, so it may have been sent.
+        return UpstreamTimeoutError(
+            f"{method} {path}: no complete response within the total timeout",
+            request_sent=True,
+            method=method,
+            url=path,
+        )
 
-    @_traced
     async def _request(
         self,
         method: str,
@@ -493,63 +470,70 @@ class PlivoClient:
     ) -> UpstreamResponse:
         """Take a rate-limit token, make one attempt at `groups URL + suffix`, decode the answer.
 
-        `wait_in_timeout` says whether the wait for the token comes out of `timeout_seconds`
-        (reads: the call never takes longer than that in all) or not (rent). See the public
-        methods for the rest of the contract.
+        In its span when tracing is on; `_log` notes the outcome. `wait_in_timeout` says
+        whether the wait for the token comes out of `timeout_seconds` (reads: the call never
+        takes longer than that in all) or not (rent). See the public methods for the rest of
+        the contract.
         """
-        path = self._groups_path + suffix
-        # Checked before taking a token, so that an attempt that cannot go does not spend one.
-        _check_time_left(timeout_seconds, method, path)
-        max_wait = timeout_seconds if max_wait_seconds is None else max_wait_seconds
-        if wait_in_timeout:
-            max_wait = min(max_wait, timeout_seconds)
-        waited = await self._take_token(method, path, max_wait)
-        if wait_in_timeout:
-            timeout_seconds -= waited
+        # NOTE: one coroutine for the span, the token and the attempt, and no context manager
+        # of our own around the send: each layer cost on every resume of every read (py-spy).
+        with tracing.upstream_span(
+            method, _GROUP_TEMPLATE if suffix else _GROUPS_TEMPLATE, self._server
+        ):
+            path = self._groups_path + suffix
+            # Checked before taking a token, so that an attempt that cannot go does not spend
+            # one.
             _check_time_left(timeout_seconds, method, path)
-        if send_by is not None and time.time() > send_by:
-            late = UpstreamTimeoutError(
-                f"{method} {path}: not sent: this process stalled past the time it had to send"
-                " it by",
-                request_sent=False,
-                method=method,
-                url=path,
-            )
-            self._log(method, path, type(late).__name__, 0.0, None)
-            raise late
-        url = self._groups_url + suffix
-        if params:
-            # The encoding httpx itself uses for `params=`, done once: handing httpx the query
-            # separately made it parse and rebuild the URL again on every request (profiled).
-            url += "?" + _query(tuple(params.items()))
-        started = time.perf_counter()
-        try:
-            with self._mapped_errors(method, path):
-                # httpx's timeouts bound each phase (connect, each read, ...), so a body dripped
-                # a byte at a time would evade them; asyncio.timeout bounds the whole attempt.
+            max_wait = timeout_seconds if max_wait_seconds is None else max_wait_seconds
+            if wait_in_timeout:
+                max_wait = min(max_wait, timeout_seconds)
+            waited = await self._take_token(method, path, max_wait)
+            if wait_in_timeout:
+                timeout_seconds -= waited
+                _check_time_left(timeout_seconds, method, path)
+            if send_by is not None and time.time() > send_by:
+                late = UpstreamTimeoutError(
+                    f"{method} {path}: not sent: this process stalled past the time it had to"
+                    " send it by",
+                    request_sent=False,
+                    method=method,
+                    url=path,
+                )
+                self._log(method, path, type(late).__name__, 0.0, None)
+                raise late
+            url = self._groups_url + suffix
+            if params:
+                # The encoding httpx itself uses for `params=`, done once: handing httpx the
+                # query separately made it parse and rebuild the URL again on every request.
+                url += "?" + _query(tuple(params.items()))
+            started = time.perf_counter()
+            try:
+                # httpx's timeouts bound each phase (connect, each read, ...), so a body
+                # dripped a byte at a time would evade them; asyncio.timeout bounds it all.
                 async with asyncio.timeout(timeout_seconds):
                     response = await self._send(method, url, body, timeout_seconds)
-                    try:
-                        content, whole = await self._read_body(response)
-                    finally:
-                        await response.aclose()  # a connection with bytes left unread is dropped
-        except UpstreamError as exc:
-            self._log(method, path, type(exc).__name__, time.perf_counter() - started, None)
-            raise
-        elapsed = time.perf_counter() - started
-        return self._decode(response, content, whole, method, path, elapsed)
+                    content, whole = await self._read_body(response)
+            except (httpx.RequestError, TimeoutError) as exc:
+                error = self._mapped(exc, method, path)
+                self._log(method, path, type(error).__name__, time.perf_counter() - started, None)
+                raise error from exc
+            elapsed = time.perf_counter() - started
+            return self._decode(response, content, whole, method, path, elapsed)
 
-    async def _send(
+    def _send(
         self, method: str, url: str, body: Mapping[str, object] | None, timeout_seconds: float
-    ) -> httpx.Response:
-        """Send one request; the response's body is still to be read."""
+    ) -> Awaitable[httpx.Response]:
+        """Send one request; the response's body is still to be read.
+
+        Not a coroutine of its own: it returns the transport's (one layer fewer to resume).
+        """
         # The caller's traceparent, or with tracing on this request's span's.
         extra = tracing.outgoing_headers(self._headers() if self._headers else None)
         if self._direct is None:
             request = self._client.build_request(
                 method, url, json=body, headers=extra, timeout=timeout_seconds
             )
-            return await self._client.send(request, stream=True)
+            return self._client.send(request, stream=True)
         if self._client.is_closed:  # as httpx's client says it
             raise RuntimeError("Cannot send a request, as the client has been closed.")
         if body is not None:
@@ -557,27 +541,34 @@ class PlivoClient:
             # and headers its own, not a copy of them; it skips the client's send all the same.
             request = self._client.build_request(method, url, json=body, headers=extra)
             built = (*_text_headers(request.headers), self._credential)
-            return await self._direct.send(method, url, built, request.content, timeout_seconds)
+            return self._direct.send(method, url, built, request.content, timeout_seconds)
         headers = self._read_headers
         if extra:  # in httpx's order: its own, the extra ones, then the credential
             headers = (*headers[:-1], *extra.items(), self._credential)
-        return await self._direct.send(method, url, headers, None, timeout_seconds)
+        return self._direct.send(method, url, headers, None, timeout_seconds)
 
     async def _read_body(self, response: httpx.Response) -> tuple[bytes, bool]:
-        """Return the decoded body, at most `max_body_bytes` of it, and whether that is all."""
+        """Return the decoded body, at most `max_body_bytes` of it, and whether that is all.
+
+        The response is closed after, however it ends: a connection with bytes left unread
+        is dropped, not pooled.
+        """
+        stream = cast(httpx.AsyncByteStream, response.stream)
+        # Nothing to decode: the transport's chunks as they come, without httpx's layers of
+        # iterators that would pass them through unchanged (`bench.stages`: body read), and
+        # closed by the transport's stream itself (httpx's `aclose` adds 4 us to the same).
+        direct = self._direct is not None and "content-encoding" not in response.headers
         chunks: list[bytes] = []
         size = 0
-        body: AsyncIterable[bytes] = response.aiter_bytes()
-        if self._direct is not None and "content-encoding" not in response.headers:
-            # Nothing to decode: the transport's chunks as they come, without httpx's layers
-            # of iterators that would pass them through unchanged (`bench.stages`: body read).
-            body = cast(httpx.AsyncByteStream, response.stream)
-        async for chunk in body:
-            chunks.append(chunk)
-            size += len(chunk)
-            if size > self._max_body_bytes:
-                return b"".join(chunks)[: self._max_body_bytes], False
-        return b"".join(chunks), True
+        try:
+            async for chunk in stream if direct else response.aiter_bytes():
+                chunks.append(chunk)
+                size += len(chunk)
+                if size > self._max_body_bytes:
+                    return b"".join(chunks)[: self._max_body_bytes], False
+            return b"".join(chunks), True
+        finally:
+            await (stream.aclose() if direct else response.aclose())
 
     async def _take_token(self, method: str, path: str, max_wait_seconds: float) -> float:
         """Take a token from the rate limiter, if there is one; return the seconds waited.

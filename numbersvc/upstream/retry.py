@@ -192,7 +192,7 @@ async def retry_async(
             `policy.max_attempts` is reached, or when another attempt would not fit before the
             deadline. `asyncio.CancelledError` and other `BaseException`s pass straight through.
     """
-    delays = full_jitter_delays(policy, rng if rng is not None else _JITTER)
+    delays: Iterator[float] | None = None  # made at the first retry: most reads have none
     attempt = 1
     while True:
         counted = tracing.ATTEMPT.set(attempt)  # for the attempt's span
@@ -201,6 +201,8 @@ async def retry_async(
         except Exception as exc:
             if not predicate(exc) or attempt >= policy.max_attempts:
                 raise
+            if delays is None:
+                delays = full_jitter_delays(policy, rng if rng is not None else _JITTER)
             delay = next(delays)
             server_delay = _server_delay(exc)
             if server_delay is not None:

@@ -27,7 +27,7 @@ import os
 import socket
 import ssl
 import sys
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Coroutine, Mapping, Sequence
 from typing import Final
 
 import aiohttp
@@ -222,6 +222,8 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         self._ssl_context = ssl_context or httpx.create_ssl_context(trust_env=False)
         self._session: aiohttp.ClientSession | None = None
         self._closed = False
+        self._timeout_for: tuple[float | None, float | None, float | None] = (None, None, None)
+        self._timeout = aiohttp.ClientTimeout(total=None)
 
     def _open_session(self) -> aiohttp.ClientSession:
         if self._closed:
@@ -257,14 +259,14 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             request,
         )
 
-    async def send(
+    def send(
         self,
         method: str,
         url: str,
         headers: Sequence[tuple[str, str]],
         content: bytes | None,
         timeout_seconds: float,
-    ) -> httpx.Response:
+    ) -> Coroutine[object, object, httpx.Response]:
         """Send a request without httpx's client in front: what `PlivoClient` does on this stack.
 
         The same request and the same answer as `handle_async_request` given an httpx request
@@ -278,8 +280,11 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             headers: Every header to send (aiohttp adds `Host` and `Content-Length`).
             content: The body, or None.
             timeout_seconds: The connect (pool wait included) and read timeouts, in seconds.
+
+        Returns:
+            The coroutine that sends it (this is not one itself: one layer fewer to resume).
         """
-        return await self._send(
+        return self._send(
             method, url, headers, content, timeout_seconds, timeout_seconds, timeout_seconds, None
         )
 
@@ -295,12 +300,17 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         request: httpx.Request | None,
     ) -> httpx.Response:
         session = self._session or self._open_session()
-        timeout = aiohttp.ClientTimeout(
-            total=None,
-            connect=None if connect is None or pool is None else connect + pool,
-            sock_connect=connect,
-            sock_read=read,
-        )
+        timeout = self._timeout
+        # A read's attempts mostly get the same timeout (the cap, when the deadline is longer):
+        # the last one is kept rather than built again for each request.
+        if (connect, pool, read) != self._timeout_for:
+            timeout = self._timeout = aiohttp.ClientTimeout(
+                total=None,
+                connect=None if connect is None or pool is None else connect + pool,
+                sock_connect=connect,
+                sock_read=read,
+            )
+            self._timeout_for = (connect, pool, read)
         try:
             response = await session.request(
                 method,
