@@ -154,17 +154,32 @@ class AccessLog:
 
     def call_finished(self, record: CallRecord) -> None:
         """Log the finished call."""
+        method, code, request_id, peer, caller = (
+            record.method,
+            record.code,
+            record.request_id,
+            record.peer,
+            record.caller,
+        )
+        duration_ms = round(1000 * record.duration_seconds, 2)
+        upstream = ",".join(record.upstream) or "-"
+        traceparent = record.traceparent or "-"
         fields = {
-            "method": record.method,
-            "code": record.code,
-            "duration_ms": round(1000 * record.duration_seconds, 2),
-            "request_id": record.request_id,
-            "peer": record.peer,
-            "caller": record.caller,
-            "upstream": ",".join(record.upstream) or "-",
-            "traceparent": record.traceparent or "-",
+            "method": method,
+            "code": code,
+            "duration_ms": duration_ms,
+            "request_id": request_id,
+            "peer": peer,
+            "caller": caller,
+            "upstream": upstream,
+            "traceparent": traceparent,
         }
-        text = " ".join(f"{key}={value}" for key, value in fields.items())
+        # NOTE: one f-string, the fields in their order: a join over the dict's items took
+        # 3.5 us where this takes 2.2 (docs/performance.md).
+        text = (
+            f"method={method} code={code} duration_ms={duration_ms} request_id={request_id}"
+            f" peer={peer} caller={caller} upstream={upstream} traceparent={traceparent}"
+        )
         self._logger.info("rpc %s", text, extra={"fields": fields})
 
 
