@@ -14,6 +14,7 @@ from numbersvc.interceptors import current_call
 __all__ = ["JsonFormatter", "configure_logging"]
 
 _TEXT_FORMAT: Final = "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"
+_MSEC_FORMAT: Final = "%s,%03d"  # logging.Formatter.default_msec_format
 # Library loggers whose INFO lines would repeat ours (or, for httpx, print request URLs).
 _QUIET: Final = ("httpx", "httpcore", "aiohttp.access", "grpc")
 
@@ -36,7 +37,7 @@ class _TextFormatter(logging.Formatter):
         super().__init__(_TEXT_FORMAT)
         self._second: tuple[int, str] = (-1, "")  # one attribute: read and replaced at once
 
-    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
         """Return `logging.Formatter.formatTime`'s text for the record, the same to the byte."""
         if datefmt is not None:
             return super().formatTime(record, datefmt)
@@ -45,7 +46,7 @@ class _TextFormatter(logging.Formatter):
             second = int(record.created)
             text = time.strftime(self.default_time_format, self.converter(record.created))
             self._second = (second, text)
-        return self.default_msec_format % (text, record.msecs)
+        return _MSEC_FORMAT % (text, record.msecs)
 
 
 class JsonFormatter(logging.Formatter):
