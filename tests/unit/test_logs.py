@@ -33,7 +33,9 @@ _TIMES = (
 
 
 def _record(created: float, **extra: object) -> logging.LogRecord:
-    record = logging.LogRecord("numbersvc.access", logging.INFO, "f.py", 1, "rpc %s", ("x=1",), None)
+    record = logging.LogRecord(
+        "numbersvc.access", logging.INFO, "f.py", 1, "rpc %s", ("x=1",), None
+    )
     record.created = created
     record.msecs = int((created - int(created)) * 1000) + 0.0  # as LogRecord computes it
     record.request_id = "abc-1"
@@ -77,7 +79,7 @@ def test_the_text_format_keeps_a_date_format_it_is_given(stream: io.StringIO) ->
 
 def test_the_json_format_is_json_dumps_to_the_byte(stream: io.StringIO) -> None:
     formatter = _formatter(stream, "json")
-    fields = {"method": "/a/B", "duration_ms": 1.25, "odd": object(), "text": "é\u2028\"x\""}
+    fields = {"method": "/a/B", "duration_ms": 1.25, "odd": object(), "text": 'é\u2028"x"'}
     record = _record(_TIMES[3], fields=fields)
     expected = json.dumps(
         {
