@@ -73,8 +73,9 @@ def wrap_handler(
     unary response, or a response stream written with `context.write` (the health service's
     `Watch`), which is a coroutine and cannot be iterated.
     """
-    # NOTE: this runs on every call; the namedtuple's own `_replace` and a scan by name took
-    # half of it (docs/performance.md).
+    # NOTE: this runs once per method, and for every call the guard makes a handler of its own
+    # (a refusal, health's bounded wait); the namedtuple's own `_replace` and a scan by name
+    # took half of it (docs/performance.md).
     kind = type(handler)
     positions, behaviours = _layout(kind)
     fields: list[Any] = list(handler)  # type: ignore[call-overload]  # a tuple at run time
