@@ -33,6 +33,7 @@ import inspect
 import logging
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Final
 
 import grpc
@@ -146,7 +147,7 @@ class Gatekeeper:
             return _refusing_before_the_request(handler, check), None, _NO_CHANGES
         changes = _NO_CHANGES
         if handler.request_deserializer is not None:
-            changes = {"request_deserializer": _lenient(handler.request_deserializer)}
+            changes = _lenient(handler.request_deserializer)
         if self._permissions.get(method, "") is None:
             # NOTE: open to anyone (health), so nothing refuses a call that sends headers and
             # then nothing; bounding the wait for its request frees its RPC slot.
@@ -383,7 +384,13 @@ def _bearer(metadata: Sequence[tuple[str, str | bytes]] | None) -> str | None:
 
 def _forwarded(metadata: Sequence[tuple[str, str | bytes]] | None) -> tuple[str, ...]:
     """Return every `x-forwarded-client-cert` of the call, in order (gRPC makes them text)."""
-    return tuple(str(value) for key, value in metadata or () if key == xfcc.HEADER)
+    # NOTE: a loop, not a generator into `tuple`: a call rarely has one, and building the
+    # generator was most of the cost of finding none (0.5-1.0 -> 0.2-0.5 us).
+    found: tuple[str, ...] = ()
+    for key, value in metadata or ():
+        if key == xfcc.HEADER:
+            found += (str(value),)
+    return found
 
 
 def _certificate_names(auth: Mapping[str, Iterable[bytes]]) -> tuple[str, tuple[str, ...]]:
@@ -401,12 +408,16 @@ def _certificate_names(auth: Mapping[str, Iterable[bytes]]) -> tuple[str, tuple[
 
 
 # One per method's decoder, made once: the handlers are gRPC's own, the same for every call.
+# The same mapping every time, too: the interceptor keeps each method's wrapped handler for as
+# long as its handler and changes are the ones it was made from.
 @functools.lru_cache(maxsize=256)
-def _lenient(decode: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+def _lenient(decode: Callable[[bytes], Any]) -> Mapping[str, Any]:
+    """Return the handler change that makes `decode`'s failures `_UNDECODABLE`."""
+
     def lenient(data: bytes) -> Any:
         try:
             return decode(data)
         except DecodeError:
             return _UNDECODABLE
 
-    return lenient
+    return MappingProxyType({"request_deserializer": lenient})
