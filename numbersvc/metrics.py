@@ -175,6 +175,14 @@ class Metrics:
             " (a claim it lost track of), made outcome_unknown here",
             registry=r,
         )
+        self.answers_unrecorded = Counter(
+            "numbersvc_rent_answers_unrecorded",
+            "Plivo's answers to rent POSTs that no ledger row can hold: the order was claimed"
+            " again while the POST was out (recovered and settled, or sent again). Each may be"
+            " a rental the ledger does not show; the server's ERROR line 'is not recorded' has"
+            " the answer",
+            registry=r,
+        )
         self.orders_outcome_unknown = Gauge(
             "numbersvc_orders_outcome_unknown",
             "Orders in the store waiting to be settled (outcome unknown), as this process's last"
@@ -197,6 +205,10 @@ class Metrics:
         self.rented.labels(state.value).inc(numbers)
         if state is OrderState.OUTCOME_UNKNOWN:
             self.orders_outcome_unknown.inc()
+
+    def answer_unrecorded(self) -> None:
+        """Count a rent's answer the ledger refused because the order was claimed again."""
+        self.answers_unrecorded.inc()
 
     def heartbeat(self, store: str, found: Heartbeat | None, *, reached: bool = False) -> None:
         """Count one ledger heartbeat: what it `found`, or None when it failed.

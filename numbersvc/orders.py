@@ -133,7 +133,7 @@ class RentDesk:
         ledger: where attempts and outcomes are written.
         rent_timeout_seconds: how long one POST may take, whatever the caller's deadline.
         daily_cap: the most numbers one caller may rent per UTC day; 0 for no cap.
-        metrics: counts numbers by order outcome.
+        metrics: counts numbers by order outcome, and answers no ledger row can hold.
     """
 
     def __init__(
@@ -488,6 +488,8 @@ class RentDesk:
                     order, state, error_outcome=error_outcome, upstream=upstream
                 )
             except ClaimLost:
+                if self._metrics is not None:  # for an alert: the log line alone pages nobody
+                    self._metrics.answer_unrecorded()
                 raise  # final: the row is another claim's (the ledger logged the answer)
             except Exception as exc:
                 failures += 1

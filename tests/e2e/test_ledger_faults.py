@@ -23,11 +23,13 @@ from typing import Any, BinaryIO, TypeAlias, cast
 
 import grpc
 import pytest
+from prometheus_client import CollectorRegistry
 
 from numbersvc import translation
 from numbersvc.deadline import Deadline
 from numbersvc.errors import Outcome, ServiceError
 from numbersvc.ledger import Attempt, Begin, OrderLedger, OrderState, SqliteLedger
+from numbersvc.metrics import Metrics
 from numbersvc.orders import RentDesk, fingerprint
 from numbersvc.sandbox import DEFAULT_AUTH_TOKEN, SandboxControl, SandboxServer
 from numbersvc.sandbox.faults import FaultKind, FaultSpec
@@ -300,7 +302,9 @@ async def test_a_rent_while_the_file_is_locked_is_refused_with_nothing_sent(
 
 
 @contextlib.asynccontextmanager
-async def _desk(sandbox: SandboxServer, ledger: OrderLedger) -> AsyncIterator[tuple[RentDesk, str]]:
+async def _desk(
+    sandbox: SandboxServer, ledger: OrderLedger, metrics: Metrics | None = None
+) -> AsyncIterator[tuple[RentDesk, str]]:
     """A rent desk of this process on `ledger` and the sandbox, and a US group to rent from."""
     async with PlivoClient(
         base_url=sandbox.base_url, auth_id=sandbox.auth_id, auth_token=sandbox.auth_token
@@ -308,7 +312,13 @@ async def _desk(sandbox: SandboxServer, ledger: OrderLedger) -> AsyncIterator[tu
         found = await client.search_number_groups({"country_iso": "US"}, timeout_seconds=5)
         group_id = cast(dict[str, Any], found.body)["objects"][0]["group_id"]
         yield (
-            RentDesk(upstream=client, ledger=ledger, rent_timeout_seconds=30, daily_cap=0),
+            RentDesk(
+                upstream=client,
+                ledger=ledger,
+                rent_timeout_seconds=30,
+                daily_cap=0,
+                metrics=metrics,
+            ),
             group_id,
         )
 
@@ -358,12 +368,14 @@ async def test_an_answer_to_a_claim_taken_over_meanwhile_is_told_unknown_and_log
     a frozen process, a broken link to the store), settled as failed and claimed again. The
     answer is not this order's outcome in the ledger any more: the caller is told
     RENT_OUTCOME_UNKNOWN at once (not the other claim's row, not after its deadline), Plivo's
-    answer is logged once, and the write is not retried (it never can succeed)."""
+    answer is logged once and counted for an alert, and the write is not retried (it never can
+    succeed)."""
     path = tmp_path / "ledger.sqlite3"
+    metrics = Metrics(CollectorRegistry())
     # This desk's ledger never beats: its lease lapses, its claim's send window is short.
     mine = await SqliteLedger.open(path, lease_seconds=0.3, send_timeout_seconds=0.3)
     other = await SqliteLedger.open(path, lease_seconds=600)
-    async with _desk(sandbox, mine) as (desk, group_id):
+    async with _desk(sandbox, mine, metrics) as (desk, group_id):
         # Answered (rented) after the take-over below, which takes well under a second.
         await control.inject_fault(FaultSpec(FaultKind.DELAY, seconds=8, operation="rent"))
         request_id = str(uuid.uuid4())
@@ -400,4 +412,5 @@ async def test_an_answer_to_a_claim_taken_over_meanwhile_is_told_unknown_and_log
         assert (entry.state, entry.owner) == (OrderState.SENDING, other.instance)
         lost = [m for m in _errors_about(caplog, request_id) if "not recorded" in m]
         assert len(lost) == 1, _errors_about(caplog, request_id)
+        assert metrics.registry.get_sample_value("numbersvc_rent_answers_unrecorded_total") == 1
         await other.close()
