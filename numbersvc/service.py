@@ -35,6 +35,7 @@ from numbersvc.upstream import (
     RetryPolicy,
     UpstreamError,
     UpstreamResponse,
+    UpstreamThrottledError,
     retry_async,
 )
 from numbersvc.v1 import number_groups_pb2 as pb
@@ -111,9 +112,10 @@ class NumberGroupServicer(pb_grpc.NumberGroupServiceServicer):
         self._metrics = metrics
         self._flights: SingleFlight[object] | None = None
         if config.coalesce_reads:
-            # A joiner whose leader ran out of deadline tries on its own budget.
+            # A joiner whose leader's own deadline decided the outcome (it ran out, or it cut
+            # the retries or the wait for a budget permit short) tries on its own budget.
             self._flights = SingleFlight(
-                retry_own=lambda exc: isinstance(exc, DeadlineExceeded),
+                retry_own=lambda exc: isinstance(exc, DeadlineExceeded | _CutShort),
                 on_join=metrics.coalesced.inc if metrics else None,
             )
         self._cache: SearchCache[object] | None = None
@@ -392,9 +394,12 @@ class NumberGroupServicer(pb_grpc.NumberGroupServiceServicer):
         self, key: tuple[object, ...], read: Callable[[], Awaitable[object]]
     ) -> object:
         """Run a read, sharing an identical one in flight when coalescing is on."""
-        if self._flights is None:
-            return await read()
-        return await self._flights.run(key, read)
+        try:
+            if self._flights is None:
+                return await read()
+            return await self._flights.run(key, read)
+        except _CutShort as cut:  # told to the joiners; its caller gets the error itself
+            raise cut.error from cut.error.__cause__
 
     def _count_retry(self, operation: Operation) -> None:
         if self._metrics is not None:
@@ -406,18 +411,35 @@ class NumberGroupServicer(pb_grpc.NumberGroupServiceServicer):
         call: Callable[[float], Awaitable[UpstreamResponse]],
         deadline: Deadline,
     ) -> object:
-        """Make a read with retries; the deadline running out becomes DEADLINE_EXCEEDED."""
+        """Make a read with retries; the deadline running out becomes DEADLINE_EXCEEDED.
+
+        Raises:
+            _CutShort: the deadline, with time left, cut the retries or the last attempt's
+                wait for a budget permit short: a longer one might have had the answer.
+        """
         cap = self._config.attempt_timeout_seconds
+        capped_by_deadline = False
+
+        def attempt() -> Awaitable[UpstreamResponse]:
+            nonlocal capped_by_deadline
+            timeout = deadline.attempt_timeout(cap)
+            capped_by_deadline = timeout < cap
+            return call(timeout)
+
         try:
             response = await retry_async(
-                lambda: call(deadline.attempt_timeout(cap)),
+                attempt,
                 policy=self._retry,
                 deadline=deadline,
                 on_retry=lambda _exc, _delay: self._count_retry(operation),
+                out_of_time=_CutShort,
             )
-        except UpstreamError as exc:
+        except (UpstreamError, _CutShort) as exc:
+            error = exc.error if isinstance(exc, _CutShort) else exc
             if deadline.attempt_timeout() <= 0:  # no time left worth another attempt
-                raise DeadlineExceeded("the deadline ran out waiting for Plivo") from exc
+                raise DeadlineExceeded("the deadline ran out waiting for Plivo") from error
+            if capped_by_deadline and isinstance(exc, UpstreamThrottledError):
+                raise _CutShort(exc) from exc  # the permit's wait was bounded by this deadline
             raise
         return response.body
 
@@ -437,6 +459,14 @@ class NumberGroupServicer(pb_grpc.NumberGroupServiceServicer):
         default = self._config.default_deadline_seconds
         budget = default if caller is None else min(caller.remaining(), default)
         return Deadline.after(budget, default_seconds=default)
+
+
+class _CutShort(Exception):
+    """A read's failure its caller's deadline decided, with time left: see `_read`."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 def _group_ids(page: Page[pb.NumberGroup]) -> Iterable[str]:

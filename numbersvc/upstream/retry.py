@@ -166,6 +166,7 @@ async def retry_async(
     sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
     rng: random.Random | None = None,
     on_retry: Callable[[BaseException, float], None] | None = None,
+    out_of_time: Callable[[Exception], Exception] | None = None,
 ) -> T:
     """Call `target` until it succeeds, fails for good, or time or attempts run out.
 
@@ -183,6 +184,9 @@ async def retry_async(
         rng: The source of jitter; one process-wide unseeded `random.Random` by default.
         on_retry: Called with the error and the delay in seconds just before each sleep (for
             logs and metrics).
+        out_of_time: When another attempt would not fit before the deadline, what to raise
+            instead of the last attempt's exception (from it): a caller sharing the outcome
+            with others of longer deadlines can tell them it was its own time that ran out.
 
     Returns:
         What the first successful attempt returned.
@@ -190,7 +194,8 @@ async def retry_async(
     Raises:
         Exception: The last attempt's exception, unchanged, when it is not transient, when
             `policy.max_attempts` is reached, or when another attempt would not fit before the
-            deadline. `asyncio.CancelledError` and other `BaseException`s pass straight through.
+            deadline (then `out_of_time`'s, if given). `asyncio.CancelledError` and other
+            `BaseException`s pass straight through.
     """
     delays: Iterator[float] | None = None  # made at the first retry: most reads have none
     attempt = 1
@@ -211,7 +216,9 @@ async def retry_async(
             # NOTE: checked BEFORE sleeping, so the caller keeps time to answer with its own
             # status instead of sleeping into its deadline.
             if delay + policy.min_attempt_seconds > deadline.remaining():
-                raise
+                if out_of_time is None:
+                    raise
+                raise out_of_time(exc) from exc
             if on_retry is not None:
                 on_retry(exc, delay)
         finally:

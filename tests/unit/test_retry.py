@@ -63,7 +63,11 @@ class Harness:
         self.retries.append((exc, delay))
 
     async def run(
-        self, target: Callable[[], Awaitable[str]], policy: RetryPolicy, rng: random.Random
+        self,
+        target: Callable[[], Awaitable[str]],
+        policy: RetryPolicy,
+        rng: random.Random,
+        out_of_time: Callable[[Exception], Exception] | None = None,
     ) -> str:
         return await retry_async(
             target,
@@ -72,6 +76,7 @@ class Harness:
             sleep=self.sleep,
             rng=rng,
             on_retry=self.on_retry,
+            out_of_time=out_of_time,
         )
 
 
@@ -264,6 +269,28 @@ async def test_retry_after_beyond_the_deadline_gives_up_at_once() -> None:
         await harness.run(failing_then([error]), POLICY, FullRandom())
     assert caught.value is error
     assert harness.sleeps == []
+
+
+class OutOfTime(Exception):
+    pass
+
+
+async def test_out_of_time_is_raised_only_when_the_deadline_stops_the_retries() -> None:
+    # The deadline (0.8 s, as above) stops them after two sleeps: out_of_time's, from the last.
+    harness = Harness(budget_seconds=0.8)
+    last = UpstreamConnectError("refused")
+    with pytest.raises(OutOfTime) as caught:
+        await harness.run(failing_then([RESET, status(503), last]), POLICY, FullRandom(), OutOfTime)
+    assert caught.value.__cause__ is last
+    # Attempts used up, or an error not worth retrying: the error itself, as without it.
+    harness = Harness()
+    policy = RetryPolicy(max_attempts=2, initial_delay_seconds=0.1, max_delay_seconds=0.1)
+    with pytest.raises(UpstreamTransportError):
+        await harness.run(failing_then([RESET, RESET]), policy, FullRandom(), OutOfTime)
+    with pytest.raises(UpstreamThrottledError):
+        await Harness(budget_seconds=0.3).run(
+            failing_then([THROTTLED]), POLICY, FullRandom(), OutOfTime
+        )
 
 
 async def test_custom_predicate() -> None:
