@@ -1,0 +1,242 @@
+"""Review attacks on the fifth round (issue 11), against a real `numbersvc serve` process.
+
+Each method's handler is now wrapped once and each call reaches it through a ContextVar; the
+single flight runs inline in its first caller and hands over when that caller leaves. These
+tests mix many calls of every kind at once, with cancellations and deadlines, and check that
+every access line is its own call's and that nobody gets an outcome it did not cause.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import random
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any, Final
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from numbersvc.callers import add_caller
+from numbersvc.sandbox import SandboxControl, SandboxServer
+from numbersvc.v1 import number_groups_pb2 as pb
+from numbersvc.v1 import number_groups_pb2_grpc as pb_grpc
+from tests.e2e.test_process import Served, _serve, plivo_env
+
+_SERVICE: Final = "/numbersvc.v1.NumberGroupService/"
+_UUID4: Final = re.compile(r"[0-9a-f]{12}4[0-9a-f]{3}[89ab][0-9a-f]{15}")
+US: Final = pb.SearchFilter(region_code="US")
+
+
+def _access_lines(served: Served) -> list[dict[str, Any]]:
+    lines = [json.loads(line) for line in served.stderr.splitlines() if line.startswith(b"{")]
+    return [line for line in lines if line.get("logger") == "numbersvc.access"]
+
+
+@contextlib.asynccontextmanager
+async def _served_with_callers(
+    tmp_path: Path, **settings: str
+) -> AsyncIterator[tuple[Served, SandboxControl, str]]:
+    callers = tmp_path / "callers.json"
+    reader = add_caller(callers, "dashboard", ["numbers.read"]) or ""
+    async with (
+        SandboxServer(host="127.0.0.1", port=0) as sandbox,
+        SandboxControl(sandbox.base_url) as control,
+    ):
+        env = plivo_env(
+            sandbox.base_url,
+            tmp_path / "ledger.db",
+            NUMBERSVC_CALLERS_FILE=str(callers),
+            NUMBERSVC_LOG_FORMAT="json",
+            NUMBERSVC_REFLECTION="true",
+            **settings,
+        )
+        async with _serve(env) as served:
+            yield served, control, reader
+
+
+async def _code_of(call: Awaitable[Any]) -> str:
+    try:
+        await call
+    except grpc.aio.AioRpcError as error:
+        return str(error.code().name)
+    except asyncio.CancelledError:
+        return "CANCELLED"
+    return "OK"
+
+
+async def _drain(stream: Any) -> None:
+    async for _ in stream:
+        pass
+
+
+async def test_every_access_line_is_its_own_calls_under_mixed_concurrent_load(
+    tmp_path: Path,
+) -> None:
+    """Ten rounds of nine kinds of call at once (unary, server stream, health Check and
+    Watch, reflection, a refusal for a missing permission, one for an unknown token, one
+    cancelled mid-read, one out of deadline): every call has exactly one access line, with
+    its method, the code its client saw, its caller and its request id; a record leaking
+    between calls through the shared wrapped handler would show a wrong field."""
+    rounds = 10
+    async with _served_with_callers(tmp_path) as (served, control, reader):
+        await control.set_latency(0.6)  # every read in flight when cancelled
+        expected: dict[str, tuple[str, str]] = {}  # request id -> (method, caller)
+        seen: dict[str, str] = {}  # request id -> the code the client saw
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{served.port}") as channel:
+            stub = pb_grpc.NumberGroupServiceStub(channel)
+            health = health_pb2_grpc.HealthStub(channel)
+            reflect = reflection_pb2_grpc.ServerReflectionStub(channel)
+
+            def meta(rid: str, token: str | None = reader) -> tuple[tuple[str, str], ...]:
+                auth = (("authorization", f"Bearer {token}"),) if token else ()
+                return (("x-request-id", rid), *auth)
+
+            async def cancelled(rid: str) -> None:
+                call = stub.ListNumberGroups(
+                    pb.ListNumberGroupsRequest(filter=US, page_size=3), metadata=meta(rid)
+                )
+                await asyncio.sleep(0.3)
+                call.cancel()
+                await call
+
+            async def watch(rid: str) -> None:
+                stream = health.Watch(
+                    health_pb2.HealthCheckRequest(service=""),
+                    metadata=meta(rid, None),
+                    timeout=0.3,
+                )
+                await _drain(stream)
+
+            async def reflection(rid: str) -> None:
+                request = reflection_pb2.ServerReflectionRequest(list_services="")
+                stream = reflect.ServerReflectionInfo(iter([request]), metadata=meta(rid))
+                await _drain(stream)
+
+            async def one(rid: str, method: str, caller: str, call: Awaitable[Any]) -> None:
+                expected[rid] = (method, caller)
+                seen[rid] = await _code_of(call)
+
+            jobs: list[Awaitable[None]] = []
+            for n in range(rounds):
+                list_request = pb.ListNumberGroupsRequest(filter=US, page_size=1 + n % 3)
+                kinds: list[tuple[str, str, str, Callable[[str], Awaitable[Any]]]] = [
+                    (
+                        "list",
+                        _SERVICE + "ListNumberGroups",
+                        "dashboard",
+                        lambda rid, r=list_request: stub.ListNumberGroups(r, metadata=meta(rid)),
+                    ),
+                    (
+                        "stream",
+                        _SERVICE + "StreamNumberGroups",
+                        "dashboard",
+                        lambda rid: _drain(
+                            stub.StreamNumberGroups(
+                                pb.StreamNumberGroupsRequest(filter=US, page_size=2, max_results=4),
+                                metadata=meta(rid),
+                            )
+                        ),
+                    ),
+                    (
+                        "rent",
+                        _SERVICE + "RentNumbers",
+                        "dashboard",
+                        lambda rid: stub.RentNumbers(
+                            pb.RentNumbersRequest(group_id="123", quantity=1, request_id=rid),
+                            metadata=meta(rid),
+                        ),
+                    ),
+                    (
+                        "stranger",
+                        _SERVICE + "ListNumberGroups",
+                        "-",
+                        lambda rid, r=list_request: stub.ListNumberGroups(
+                            r, metadata=meta(rid, "not-a-known-token-" + rid)
+                        ),
+                    ),
+                    (
+                        "deadline",
+                        _SERVICE + "ListNumberGroups",
+                        "dashboard",
+                        lambda rid: stub.ListNumberGroups(
+                            pb.ListNumberGroupsRequest(filter=US, page_size=4),
+                            metadata=meta(rid),
+                            timeout=0.3,
+                        ),
+                    ),
+                    (
+                        "check",
+                        "/grpc.health.v1.Health/Check",
+                        "anonymous",
+                        lambda rid: health.Check(
+                            health_pb2.HealthCheckRequest(), metadata=meta(rid, None)
+                        ),
+                    ),
+                    ("watch", "/grpc.health.v1.Health/Watch", "anonymous", watch),
+                    (
+                        "reflect",
+                        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+                        "dashboard",
+                        reflection,
+                    ),
+                    ("cancel", _SERVICE + "ListNumberGroups", "dashboard", cancelled),
+                ]
+                for kind, method, caller, make in kinds:
+                    rid = f"{kind}-{n}"
+                    jobs.append(one(rid, method, caller, make(rid)))
+            random.Random(11).shuffle(jobs)
+            await asyncio.wait_for(asyncio.gather(*jobs), 60)
+        await asyncio.sleep(0.5)  # the last lines written
+        lines = _access_lines(served)
+    by_id: dict[str, list[dict[str, Any]]] = {}
+    for line in lines:
+        by_id.setdefault(line["request_id"], []).append(line)
+    wrong = []
+    for rid, (method, caller) in expected.items():
+        got = by_id.get(rid, [])
+        if len(got) != 1:
+            wrong.append(f"{rid}: {len(got)} access lines")
+            continue
+        [line] = got
+        # A Watch's deadline cancels its stream on the server: it never raises one itself.
+        code = "CANCELLED" if rid.startswith("watch") else seen[rid]
+        want = (method, code, caller)
+        have = (line["method"], line["code"], line["caller"])
+        if have != want:
+            wrong.append(f"{rid}: logged {have}, expected {want}")
+    assert not wrong, "\n".join(wrong)
+    assert {"OK", "PERMISSION_DENIED", "UNAUTHENTICATED", "DEADLINE_EXCEEDED", "CANCELLED"} <= (
+        set(seen.values())
+    )
+
+
+async def test_request_ids_sane_kept_insane_replaced_by_distinct_uuid4s(tmp_path: Path) -> None:
+    """A sane `x-request-id` (up to 128 of `A-Za-z0-9._:-`) is logged as sent; an insane one,
+    or none, is replaced by a new UUID4 in hex (version nibble 4, variant 10), never twice the
+    same. The ids are made from `os.urandom` bits now, without a UUID object."""
+    sane = ["a", "A.b_c:d-9", "x" * 128, "0" * 32]
+    insane = ["x" * 129, "has space", "slash/", "semi;colon", "", "é".encode().hex() + "%"]
+    async with _served_with_callers(tmp_path) as (served, _control, reader):
+        auth = ("authorization", f"Bearer {reader}")
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{served.port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            for rid in [*sane, *insane]:
+                await health.Check(
+                    health_pb2.HealthCheckRequest(), metadata=(("x-request-id", rid), auth)
+                )
+            for _ in range(200):
+                await health.Check(health_pb2.HealthCheckRequest(), metadata=(auth,))
+        await asyncio.sleep(0.3)
+        logged = [line["request_id"] for line in _access_lines(served)]
+    assert logged[: len(sane)] == sane
+    made = logged[len(sane) :]
+    assert len(made) == len(insane) + 200
+    assert all(_UUID4.fullmatch(rid) for rid in made), [
+        rid for rid in made if not _UUID4.fullmatch(rid)
+    ]
+    assert len(set(made)) == len(made)
