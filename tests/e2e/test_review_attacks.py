@@ -69,6 +69,11 @@ async def _code_of(call: Awaitable[Any]) -> str:
     return "OK"
 
 
+def _listing(rid: str) -> pb.ListNumberGroupsRequest:
+    """A page size from the call's round (`kind-N`): identical requests, and different ones."""
+    return pb.ListNumberGroupsRequest(filter=US, page_size=1 + int(rid.rsplit("-", 1)[1]) % 3)
+
+
 async def _drain(stream: Any) -> None:
     async for _ in stream:
         pass
@@ -123,13 +128,12 @@ async def test_every_access_line_is_its_own_calls_under_mixed_concurrent_load(
 
             jobs: list[Awaitable[None]] = []
             for n in range(rounds):
-                list_request = pb.ListNumberGroupsRequest(filter=US, page_size=1 + n % 3)
                 kinds: list[tuple[str, str, str, Callable[[str], Awaitable[Any]]]] = [
                     (
                         "list",
                         _SERVICE + "ListNumberGroups",
                         "dashboard",
-                        lambda rid, r=list_request: stub.ListNumberGroups(r, metadata=meta(rid)),
+                        lambda rid: stub.ListNumberGroups(_listing(rid), metadata=meta(rid)),
                     ),
                     (
                         "stream",
@@ -155,8 +159,8 @@ async def test_every_access_line_is_its_own_calls_under_mixed_concurrent_load(
                         "stranger",
                         _SERVICE + "ListNumberGroups",
                         "-",
-                        lambda rid, r=list_request: stub.ListNumberGroups(
-                            r, metadata=meta(rid, "not-a-known-token-" + rid)
+                        lambda rid: stub.ListNumberGroups(
+                            _listing(rid), metadata=meta(rid, "not-a-known-token-" + rid)
                         ),
                     ),
                     (
