@@ -18,13 +18,16 @@ from pathlib import Path
 from typing import Any, Final
 
 import grpc
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from numbersvc.callers import add_caller
 from numbersvc.sandbox import SandboxControl, SandboxServer
+from numbersvc.sandbox.faults import FaultKind, FaultSpec
 from numbersvc.v1 import number_groups_pb2 as pb
 from numbersvc.v1 import number_groups_pb2_grpc as pb_grpc
+from tests.e2e.conftest import eventually
 from tests.e2e.test_process import Served, _serve, plivo_env
 
 _SERVICE: Final = "/numbersvc.v1.NumberGroupService/"
@@ -244,3 +247,131 @@ async def test_request_ids_sane_kept_insane_replaced_by_distinct_uuid4s(tmp_path
         rid for rid in made if not _UUID4.fullmatch(rid)
     ]
     assert len(set(made)) == len(made)
+
+
+async def _searches(control: SandboxControl) -> int:
+    return len([r for r in await control.requests() if r["operation"] == "search"])
+
+
+async def _until_searches(control: SandboxControl, searches: int) -> None:
+    async def reached() -> bool:
+        return await _searches(control) >= searches
+
+    await eventually(reached, what=f"{searches} searches reached Plivo")
+
+
+@pytest.mark.parametrize("cache_seconds", ["0", "2"])
+@pytest.mark.parametrize("leaving", ["cancel", "deadline"])
+async def test_leaders_leaving_mid_read_again_and_again_fail_no_joiner(
+    tmp_path: Path, cache_seconds: str, leaving: str
+) -> None:
+    """Six rounds: the caller making a shared read leaves mid-read (its client cancels, or its
+    deadline runs out) while four others wait. Every one of them gets the page (the same
+    page), Plivo sees at most one extra search per leader that left, and an identical call
+    made afterwards is answered (no key left stuck), with the search cache off and on."""
+    rounds, joiners = 6, 4
+    async with _served_with_callers(tmp_path, NUMBERSVC_SEARCH_CACHE_SECONDS=cache_seconds) as (
+        served,
+        control,
+        reader,
+    ):
+        await control.set_latency(0.6)
+        auth = (("authorization", f"Bearer {reader}"),)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{served.port}") as channel:
+            stub = pb_grpc.NumberGroupServiceStub(channel)
+            for n in range(rounds):
+                request = pb.ListNumberGroupsRequest(filter=US, page_size=1 + n)
+                before = await _searches(control)
+                timeout = 0.45 if leaving == "deadline" else None
+                leader = stub.ListNumberGroups(request, metadata=auth, timeout=timeout)
+                await _until_searches(control, before + 1)
+                waiting = [
+                    asyncio.ensure_future(stub.ListNumberGroups(request, metadata=auth, timeout=20))
+                    for _ in range(joiners)
+                ]
+                await asyncio.sleep(0.15)  # they wait on the read in flight
+                if leaving == "cancel":
+                    leader.cancel()
+                codes = {await _code_of(leader)}
+                answers = await asyncio.gather(*waiting, return_exceptions=True)
+                failed = [a for a in answers if isinstance(a, BaseException)]
+                assert not failed, f"round {n}: {failed}"
+                assert len({a.SerializeToString() for a in answers}) == 1  # type: ignore[union-attr]
+                assert codes == {"CANCELLED" if leaving == "cancel" else "DEADLINE_EXCEEDED"}
+                assert await _searches(control) - before <= 2, f"round {n}"
+                later = await stub.ListNumberGroups(request, metadata=auth, timeout=5)
+                assert later.number_groups
+
+
+@pytest.mark.parametrize(
+    "faults",
+    [
+        # The leader leaves while it sleeps before a retry (Plivo asked for 1 s).
+        [FaultSpec(FaultKind.STATUS, status=503, retry_after="1", operation="search")],
+        # The leader leaves during its second attempt, which hangs.
+        [
+            FaultSpec(FaultKind.STATUS, status=503, operation="search"),
+            FaultSpec(FaultKind.HANG, operation="search"),
+        ],
+        # The leader leaves while the body drips in.
+        [FaultSpec(FaultKind.SLOW_BODY, chunks=8, chunk_delay_seconds=0.2, operation="search")],
+    ],
+    ids=["retry-sleep", "hang", "slow-body"],
+)
+async def test_a_leader_leaving_between_retries_or_mid_body_fails_no_joiner(
+    tmp_path: Path, faults: list[FaultSpec]
+) -> None:
+    """Retries, hung attempts and a dripping body interleaved with a takeover: the leader
+    and the first joiner leave together, the other three get the page, no key stays stuck."""
+    async with _served_with_callers(tmp_path) as (served, control, reader):
+        for fault in faults:
+            await control.inject_fault(fault)
+        auth = (("authorization", f"Bearer {reader}"),)
+        request = pb.ListNumberGroupsRequest(filter=US, page_size=5)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{served.port}") as channel:
+            stub = pb_grpc.NumberGroupServiceStub(channel)
+            leader = stub.ListNumberGroups(request, metadata=auth)
+            await _until_searches(control, len(faults))  # in its last faulted step
+            first = stub.ListNumberGroups(request, metadata=auth, timeout=20)
+            await asyncio.sleep(0.1)
+            others = [
+                asyncio.ensure_future(stub.ListNumberGroups(request, metadata=auth, timeout=20))
+                for _ in range(3)
+            ]
+            await asyncio.sleep(0.2)
+            leader.cancel()
+            first.cancel()
+            assert {await _code_of(leader), await _code_of(first)} == {"CANCELLED"}
+            answers = await asyncio.gather(*others, return_exceptions=True)
+            assert not [a for a in answers if isinstance(a, BaseException)], answers
+            assert len({a.SerializeToString() for a in answers}) == 1  # type: ignore[union-attr]
+            assert await _searches(control) <= len(faults) + 2
+            assert (await stub.ListNumberGroups(request, metadata=auth, timeout=5)).number_groups
+
+
+async def test_a_joiner_is_not_failed_by_the_retry_its_leaders_short_deadline_gave_up(
+    tmp_path: Path,
+) -> None:
+    """FINDING. Plivo answers the shared read 503 with `Retry-After: 1`. The caller making the
+    read has 1 s left, so it does not retry (the retry would not fit) and gets UNAVAILABLE:
+    its own outcome. The caller that joined it has 20 s; alone it would have waited the second
+    and got the page (checked below), but it is handed the leader's UNAVAILABLE: a failure of
+    the leader's deadline, which `retry_own` only recognises as DeadlineExceeded."""
+    async with _served_with_callers(tmp_path) as (served, control, reader):
+        await control.set_latency(0.3)
+        auth = (("authorization", f"Bearer {reader}"),)
+        request = pb.ListNumberGroupsRequest(filter=US, page_size=5)
+        retry_later = FaultSpec(FaultKind.STATUS, status=503, retry_after="1", operation="search")
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{served.port}") as channel:
+            stub = pb_grpc.NumberGroupServiceStub(channel)
+            # Alone, a caller with time to spare rides the 503 out.
+            await control.inject_fault(retry_later)
+            alone = await stub.ListNumberGroups(request, metadata=auth, timeout=20)
+            assert alone.number_groups
+            await control.inject_fault(retry_later)
+            before = await _searches(control)
+            leader = stub.ListNumberGroups(request, metadata=auth, timeout=1.0)
+            await _until_searches(control, before + 1)
+            joiner = stub.ListNumberGroups(request, metadata=auth, timeout=20)
+            assert await _code_of(leader) == "UNAVAILABLE"  # its own deadline's doing
+            assert await _code_of(joiner) == "OK"
