@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Final
 
 import grpc
+import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
@@ -70,6 +71,24 @@ async def _code_of(call: Awaitable[Any]) -> str:
     except asyncio.CancelledError:
         return "CANCELLED"
     return "OK"
+
+
+async def _scrape(served: Served) -> str:
+    found = re.search(rb"metrics on (http://\S+/metrics)", served.stderr)
+    assert found, "no metrics address logged"
+    async with httpx.AsyncClient() as client:
+        return (await client.get(found.group(1).decode())).text
+
+
+def _samples(text: str, name: str) -> list[tuple[dict[str, str], float]]:
+    """The samples of `name` in a Prometheus text page, with their labels."""
+    samples = []
+    for line in text.splitlines():
+        found = re.fullmatch(name + r"\{(.*)\} (\S+)", line)
+        if found:
+            labels = dict(re.findall(r'(\w+)="([^"]*)"', found.group(1)))
+            samples.append((labels, float(found.group(2))))
+    return samples
 
 
 def _listing(rid: str) -> pb.ListNumberGroupsRequest:
@@ -200,6 +219,7 @@ async def test_every_access_line_is_its_own_calls_under_mixed_concurrent_load(
             await asyncio.wait_for(asyncio.gather(*jobs), 60)
         await asyncio.sleep(0.5)  # the last lines written
         lines = _access_lines(served)
+        metrics = await _scrape(served)
     by_id: dict[str, list[dict[str, Any]]] = {}
     for line in lines:
         by_id.setdefault(line["request_id"], []).append(line)
@@ -217,6 +237,16 @@ async def test_every_access_line_is_its_own_calls_under_mixed_concurrent_load(
         if have != want:
             wrong.append(f"{rid}: logged {have}, expected {want}")
     assert not wrong, "\n".join(wrong)
+    # Each call counted once, under its own method and code, and no stream left open.
+    logged: dict[tuple[str, str], int] = {}
+    for line in lines:
+        logged[line["method"], line["code"]] = logged.get((line["method"], line["code"]), 0) + 1
+    counted = {
+        (labels["method"], labels["code"]): int(value)
+        for labels, value in _samples(metrics, "numbersvc_rpcs_total")
+    }
+    assert counted == logged
+    assert all(value == 0 for _, value in _samples(metrics, "numbersvc_streams_in_flight"))
     assert {"OK", "PERMISSION_DENIED", "UNAUTHENTICATED", "DEADLINE_EXCEEDED", "CANCELLED"} <= (
         set(seen.values())
     )
