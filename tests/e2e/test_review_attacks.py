@@ -28,7 +28,7 @@ from numbersvc.sandbox import SandboxControl, SandboxServer
 from numbersvc.sandbox.faults import FaultKind, FaultSpec
 from numbersvc.v1 import number_groups_pb2 as pb
 from numbersvc.v1 import number_groups_pb2_grpc as pb_grpc
-from tests.e2e.conftest import eventually
+from tests.e2e.conftest import eventually, reason_of
 from tests.e2e.test_process import Served, _serve, plivo_env
 
 _SERVICE: Final = "/numbersvc.v1.NumberGroupService/"
@@ -405,3 +405,87 @@ async def test_a_joiner_is_not_failed_by_the_retry_its_leaders_short_deadline_ga
             joiner = stub.ListNumberGroups(request, metadata=auth, timeout=20)
             assert await _code_of(leader) == "UNAVAILABLE"  # its own deadline's doing
             assert await _code_of(joiner) == "OK"
+
+
+_HOSTILE: Final = {
+    "gzip-200-not-gzip": FaultSpec(
+        FaultKind.STATUS, status=200, headers={"Content-Encoding": "gzip"}, operation="search"
+    ),
+    "gzip-503-not-gzip": FaultSpec(
+        FaultKind.STATUS, status=503, headers={"Content-Encoding": "gzip"}, operation="search"
+    ),
+    "deflate-429": FaultSpec(
+        FaultKind.STATUS, status=429, headers={"Content-Encoding": "deflate"}, operation="search"
+    ),
+    "reset-after-headers": FaultSpec(FaultKind.RESET_AFTER_HEADERS, operation="search"),
+    "reset": FaultSpec(FaultKind.RESET, operation="search"),
+    "truncated": FaultSpec(FaultKind.TRUNCATED, operation="search"),
+    "malformed": FaultSpec(FaultKind.MALFORMED, operation="search"),
+    "html-502": FaultSpec(FaultKind.HTML, operation="search"),
+    "slow-body-past-the-attempt": FaultSpec(
+        FaultKind.SLOW_BODY, chunks=10, chunk_delay_seconds=0.15, operation="search"
+    ),
+    "hang-past-the-attempt": FaultSpec(FaultKind.HANG, operation="search"),
+}
+
+
+async def _hostile_outcomes(tmp_path: Path) -> dict[str, tuple[str, str, str]]:
+    """Each hostile answer once, one attempt per call: the caller's code and reason, and the
+    access line's note of the upstream attempt (its error class, or status)."""
+    outcomes: dict[str, tuple[str, str, str]] = {}
+    async with _served_with_callers(
+        tmp_path, NUMBERSVC_RETRY_MAX_ATTEMPTS="1", NUMBERSVC_ATTEMPT_TIMEOUT_SECONDS="0.5"
+    ) as (served, control, reader):
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{served.port}") as channel:
+            stub = pb_grpc.NumberGroupServiceStub(channel)
+            for name, fault in _HOSTILE.items():
+                await control.inject_fault(fault)
+                metadata = (("authorization", f"Bearer {reader}"), ("x-request-id", name))
+                request = pb.ListNumberGroupsRequest(filter=US, page_size=3)
+                try:
+                    await stub.ListNumberGroups(request, metadata=metadata, timeout=5)
+                    code, reason = "OK", "-"
+                except grpc.aio.AioRpcError as error:
+                    code, reason = error.code().name, reason_of(error)
+                # The same connection pool answers a sound read right after, every time.
+                sound = await stub.ListNumberGroups(request, metadata=metadata[:1], timeout=5)
+                assert len(sound.number_groups) == 3, name
+                outcomes[name] = (code, reason, "")
+        await asyncio.sleep(0.3)
+        for line in _access_lines(served):
+            if line["request_id"] in outcomes:
+                code, reason, _ = outcomes[line["request_id"]]
+                upstream = ":".join(line["upstream"].split(":")[:2])  # no api id
+                outcomes[line["request_id"]] = (code, reason, upstream)
+    return outcomes
+
+
+async def test_hostile_upstream_answers_map_as_before_the_refactor(tmp_path: Path) -> None:
+    """`_mapped_errors` became an except in `_request` and the body is closed in `_read_body`:
+    an undecodable body (gzip or deflate that is not), a reset mid-body or before it, a body
+    dripping past the attempt's timeout and a hang map exactly as on 8e22fd2 (this table was
+    taken there: every row identical), and the pool answers a sound read after each."""
+    assert await _hostile_outcomes(tmp_path) == {
+        "gzip-200-not-gzip": ("INTERNAL", "UPSTREAM_BAD_RESPONSE", "search:UpstreamDecodeError"),
+        "gzip-503-not-gzip": ("INTERNAL", "UPSTREAM_BAD_RESPONSE", "search:UpstreamDecodeError"),
+        "deflate-429": ("INTERNAL", "UPSTREAM_BAD_RESPONSE", "search:UpstreamDecodeError"),
+        "reset-after-headers": (
+            "UNAVAILABLE",
+            "UPSTREAM_UNREACHABLE",
+            "search:UpstreamTransportError",
+        ),
+        "reset": ("UNAVAILABLE", "UPSTREAM_UNREACHABLE", "search:UpstreamTransportError"),
+        "truncated": ("INTERNAL", "UPSTREAM_BAD_RESPONSE", "search:200"),
+        "malformed": ("INTERNAL", "UPSTREAM_BAD_RESPONSE", "search:200"),
+        "html-502": ("UNAVAILABLE", "UPSTREAM_UNAVAILABLE", "search:502"),
+        "slow-body-past-the-attempt": (
+            "UNAVAILABLE",
+            "UPSTREAM_UNREACHABLE",
+            "search:UpstreamTimeoutError",
+        ),
+        "hang-past-the-attempt": (
+            "UNAVAILABLE",
+            "UPSTREAM_UNREACHABLE",
+            "search:UpstreamTimeoutError",
+        ),
+    }
