@@ -494,3 +494,51 @@ async def test_hostile_upstream_answers_map_as_before_the_refactor(tmp_path: Pat
             "search:UpstreamTimeoutError",
         ),
     }
+
+
+async def _searches_at(control: SandboxControl, offset: int) -> int:
+    records = await control.requests()
+    return len([r for r in records if r["operation"] == "search" and _offset(r) == offset])
+
+
+def _offset(record: Any) -> int:
+    return int(record["query"].get("offset", "0"))
+
+
+async def test_a_stream_leaving_while_a_list_shares_its_read_ahead_fails_not_the_list(
+    tmp_path: Path,
+) -> None:
+    """A stream's read-ahead fetches run in tasks of their own and lead shared reads like any
+    caller: a ListNumberGroups for the stream's second page joins the stream's read of it; the
+    stream's client then cancels, its read-ahead is cancelled, and the list still gets its
+    page (one more search of that page at most) and no key stays stuck."""
+    page_size = 5
+    async with _served_with_callers(tmp_path) as (served, control, reader):
+        auth = (("authorization", f"Bearer {reader}"),)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{served.port}") as channel:
+            stub = pb_grpc.NumberGroupServiceStub(channel)
+            first = await stub.ListNumberGroups(
+                pb.ListNumberGroupsRequest(filter=US, page_size=page_size), metadata=auth
+            )
+            second = pb.ListNumberGroupsRequest(
+                filter=US, page_size=page_size, page_token=first.next_page_token
+            )
+            await control.set_latency(0.8)
+            stream = stub.StreamNumberGroups(
+                pb.StreamNumberGroupsRequest(filter=US, page_size=page_size), metadata=auth
+            )
+
+            async def read_ahead_sent() -> bool:
+                return await _searches_at(control, page_size) >= 1
+
+            await eventually(read_ahead_sent, what="the stream's read-ahead of its second page")
+            listing = asyncio.ensure_future(
+                stub.ListNumberGroups(second, metadata=auth, timeout=20)
+            )
+            await asyncio.sleep(0.2)  # it waits on the stream's read of that page
+            stream.cancel()
+            answer = await listing
+            assert [g.group_id for g in answer.number_groups]
+            assert await _searches_at(control, page_size) <= 2
+            again = await stub.ListNumberGroups(second, metadata=auth, timeout=5)
+            assert again.number_groups == answer.number_groups
