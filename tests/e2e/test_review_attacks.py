@@ -542,3 +542,62 @@ async def test_a_stream_leaving_while_a_list_shares_its_read_ahead_fails_not_the
             assert await _searches_at(control, page_size) <= 2
             again = await stub.ListNumberGroups(second, metadata=auth, timeout=5)
             assert again.number_groups == answer.number_groups
+
+
+_SOAK_FAULTS: Final = (
+    FaultSpec(FaultKind.STATUS, status=503, operation="search"),
+    FaultSpec(FaultKind.RESET, operation="search"),
+    FaultSpec(FaultKind.HANG, operation="search"),
+    FaultSpec(FaultKind.DELAY, seconds=0.6, operation="search"),
+    FaultSpec(FaultKind.SLOW_BODY, chunks=5, chunk_delay_seconds=0.1, operation="search"),
+)
+
+
+async def test_random_leavers_amid_upstream_faults_fail_nobody_who_stays(tmp_path: Path) -> None:
+    """Ten seeded rounds: up to two faults queued (503, reset, hang, delay, slow body), six
+    identical calls arriving over 0.4 s, each cancelled by its client at a random moment with
+    probability 0.4. Whoever stays gets the same page as the others; nobody gets CANCELLED it
+    did not ask for; a leaver costs at most one more search; the key is free afterwards."""
+    rng = random.Random(20261203)
+    async with _served_with_callers(
+        tmp_path, NUMBERSVC_ATTEMPT_TIMEOUT_SECONDS="1", NUMBERSVC_RETRY_MAX_ATTEMPTS="6"
+    ) as (served, control, reader):
+        await control.set_latency(0.3)
+        auth = (("authorization", f"Bearer {reader}"),)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{served.port}") as channel:
+            stub = pb_grpc.NumberGroupServiceStub(channel)
+
+            async def caller(request: pb.ListNumberGroupsRequest, leave_at: float | None) -> Any:
+                await asyncio.sleep(rng.uniform(0, 0.4))
+                call = stub.ListNumberGroups(request, metadata=auth, timeout=30)
+                if leave_at is None:
+                    return await call
+                await asyncio.sleep(leave_at)
+                call.cancel()
+                return await _code_of(call)
+
+            for n in range(10):
+                request = pb.ListNumberGroupsRequest(filter=US, page_size=2 + n % 4)
+                faults = rng.sample(_SOAK_FAULTS, rng.randint(0, 2))
+                for fault in faults:
+                    await control.inject_fault(fault)
+                before = await _searches(control)
+                plans = [rng.uniform(0.1, 1.2) if rng.random() < 0.4 else None for _ in range(6)]
+                results = await asyncio.wait_for(
+                    asyncio.gather(
+                        *(caller(request, plan) for plan in plans), return_exceptions=True
+                    ),
+                    60,
+                )
+                stayed = [r for r, plan in zip(results, plans, strict=True) if plan is None]
+                failed = [r for r in stayed if isinstance(r, BaseException)]
+                assert not failed, f"round {n} ({faults}): {failed}"
+                assert len({r.SerializeToString() for r in stayed}) <= 1, f"round {n}"  # type: ignore[union-attr]
+                left = [r for r, plan in zip(results, plans, strict=True) if plan is not None]
+                assert set(left) <= {"OK", "CANCELLED"}, f"round {n}: {left}"
+                searches = await _searches(control) - before
+                assert searches <= 1 + len(faults) + len(left), f"round {n}: {searches}"
+                await control.clear_faults()
+                assert (
+                    await stub.ListNumberGroups(request, metadata=auth, timeout=5)
+                ).number_groups
