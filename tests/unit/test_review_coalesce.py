@@ -72,7 +72,7 @@ async def _one_schedule(seed: int) -> None:
         await _turns(at - turn)
         turn = at
         tasks[index].cancel()
-    done, pending = await asyncio.wait(tasks, timeout=5)
+    _, pending = await asyncio.wait(tasks, timeout=5)
     assert not pending, f"seed {seed}: {len(pending)} callers hang"
     for index, task in enumerate(tasks):
         if index in leaving:
