@@ -601,3 +601,38 @@ async def test_random_leavers_amid_upstream_faults_fail_nobody_who_stays(tmp_pat
                 assert (
                     await stub.ListNumberGroups(request, metadata=auth, timeout=5)
                 ).number_groups
+
+
+async def test_a_get_whose_leader_leaves_mid_read_fails_none_of_its_joiners(
+    tmp_path: Path,
+) -> None:
+    """GetNumberGroup shares its read like a list: the caller making it cancels mid-read,
+    the three waiting get the group, Plivo sees exactly one more get."""
+    async with _served_with_callers(tmp_path) as (served, control, reader):
+        auth = (("authorization", f"Bearer {reader}"),)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{served.port}") as channel:
+            stub = pb_grpc.NumberGroupServiceStub(channel)
+            listed = await stub.ListNumberGroups(
+                pb.ListNumberGroupsRequest(filter=US, page_size=1), metadata=auth
+            )
+            request = pb.GetNumberGroupRequest(group_id=listed.number_groups[0].group_id)
+            await control.set_latency(0.8)
+
+            async def gets() -> int:
+                return len([r for r in await control.requests() if r["operation"] == "get"])
+
+            async def leader_sent() -> bool:
+                return await gets() == 1
+
+            leader = stub.GetNumberGroup(request, metadata=auth)
+            await eventually(leader_sent, what="the first get reached Plivo")
+            joiners = [
+                asyncio.ensure_future(stub.GetNumberGroup(request, metadata=auth, timeout=20))
+                for _ in range(3)
+            ]
+            await asyncio.sleep(0.2)
+            leader.cancel()
+            assert await _code_of(leader) == "CANCELLED"
+            answers = await asyncio.gather(*joiners)
+            assert {a.number_group.group_id for a in answers} == {request.group_id}
+            assert await gets() == 2
