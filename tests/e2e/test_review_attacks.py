@@ -111,7 +111,7 @@ async def test_every_access_line_is_its_own_calls_under_mixed_concurrent_load(
     between calls through the shared wrapped handler would show a wrong field."""
     rounds = 10
     async with _served_with_callers(tmp_path) as (served, control, reader):
-        await control.set_latency(0.6)  # every read in flight when cancelled
+        await control.set_latency(1.0)  # every read in flight when cancelled
         expected: dict[str, tuple[str, str]] = {}  # request id -> (method, caller)
         seen: dict[str, str] = {}  # request id -> the code the client saw
         async with grpc.aio.insecure_channel(f"127.0.0.1:{served.port}") as channel:
@@ -127,7 +127,7 @@ async def test_every_access_line_is_its_own_calls_under_mixed_concurrent_load(
                 call = stub.ListNumberGroups(
                     pb.ListNumberGroupsRequest(filter=US, page_size=3), metadata=meta(rid)
                 )
-                await asyncio.sleep(0.3)
+                await asyncio.sleep(0.5)
                 call.cancel()
                 await call
 
@@ -192,7 +192,7 @@ async def test_every_access_line_is_its_own_calls_under_mixed_concurrent_load(
                         lambda rid: stub.ListNumberGroups(
                             pb.ListNumberGroupsRequest(filter=US, page_size=4),
                             metadata=meta(rid),
-                            timeout=0.3,
+                            timeout=0.5,
                         ),
                     ),
                     (
@@ -305,14 +305,14 @@ async def test_leaders_leaving_mid_read_again_and_again_fail_no_joiner(
         control,
         reader,
     ):
-        await control.set_latency(0.6)
+        await control.set_latency(0.9)
         auth = (("authorization", f"Bearer {reader}"),)
         async with grpc.aio.insecure_channel(f"127.0.0.1:{served.port}") as channel:
             stub = pb_grpc.NumberGroupServiceStub(channel)
             for n in range(rounds):
                 request = pb.ListNumberGroupsRequest(filter=US, page_size=1 + n)
                 before = await _searches(control)
-                timeout = 0.45 if leaving == "deadline" else None
+                timeout = 0.6 if leaving == "deadline" else None
                 leader = stub.ListNumberGroups(request, metadata=auth, timeout=timeout)
                 await _until_searches(control, before + 1)
                 waiting = [
