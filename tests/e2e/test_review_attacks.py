@@ -470,29 +470,23 @@ async def test_hostile_upstream_answers_map_as_before_the_refactor(tmp_path: Pat
     an undecodable body (gzip or deflate that is not), a reset mid-body or before it, a body
     dripping past the attempt's timeout and a hang map exactly as on 8e22fd2 (this table was
     taken there: every row identical), and the pool answers a sound read after each."""
+    bad, unreachable = (
+        ("INTERNAL", "UPSTREAM_BAD_RESPONSE"),
+        ("UNAVAILABLE", "UPSTREAM_UNREACHABLE"),
+    )
+    undecodable, cut = "search:UpstreamDecodeError", "search:UpstreamTransportError"
+    late = "search:UpstreamTimeoutError"
     assert await _hostile_outcomes(tmp_path) == {
-        "gzip-200-not-gzip": ("INTERNAL", "UPSTREAM_BAD_RESPONSE", "search:UpstreamDecodeError"),
-        "gzip-503-not-gzip": ("INTERNAL", "UPSTREAM_BAD_RESPONSE", "search:UpstreamDecodeError"),
-        "deflate-429": ("INTERNAL", "UPSTREAM_BAD_RESPONSE", "search:UpstreamDecodeError"),
-        "reset-after-headers": (
-            "UNAVAILABLE",
-            "UPSTREAM_UNREACHABLE",
-            "search:UpstreamTransportError",
-        ),
-        "reset": ("UNAVAILABLE", "UPSTREAM_UNREACHABLE", "search:UpstreamTransportError"),
-        "truncated": ("INTERNAL", "UPSTREAM_BAD_RESPONSE", "search:200"),
-        "malformed": ("INTERNAL", "UPSTREAM_BAD_RESPONSE", "search:200"),
+        "gzip-200-not-gzip": (*bad, undecodable),
+        "gzip-503-not-gzip": (*bad, undecodable),
+        "deflate-429": (*bad, undecodable),
+        "reset-after-headers": (*unreachable, cut),
+        "reset": (*unreachable, cut),
+        "truncated": (*bad, "search:200"),
+        "malformed": (*bad, "search:200"),
         "html-502": ("UNAVAILABLE", "UPSTREAM_UNAVAILABLE", "search:502"),
-        "slow-body-past-the-attempt": (
-            "UNAVAILABLE",
-            "UPSTREAM_UNREACHABLE",
-            "search:UpstreamTimeoutError",
-        ),
-        "hang-past-the-attempt": (
-            "UNAVAILABLE",
-            "UPSTREAM_UNREACHABLE",
-            "search:UpstreamTimeoutError",
-        ),
+        "slow-body-past-the-attempt": (*unreachable, late),
+        "hang-past-the-attempt": (*unreachable, late),
     }
 
 
