@@ -550,8 +550,8 @@ class PlivoClient:
     async def _read_body(self, response: httpx.Response) -> tuple[bytes, bool]:
         """Return the decoded body, at most `max_body_bytes` of it, and whether that is all.
 
-        The response is closed after, however it ends: a connection with bytes left unread
-        is dropped, not pooled.
+        An error status's body that cannot be decoded is empty. The response is closed after,
+        however it ends: a connection with bytes left unread is dropped, not pooled.
         """
         stream = cast(httpx.AsyncByteStream, response.stream)
         # Nothing to decode: the transport's chunks as they come, without httpx's layers of
@@ -567,6 +567,13 @@ class PlivoClient:
                 if size > self._max_body_bytes:
                     return b"".join(chunks)[: self._max_body_bytes], False
             return b"".join(chunks), True
+        except httpx.DecodingError:
+            if response.is_success:
+                raise  # the answer itself cannot be read
+            # An error status only takes its message from the body: a 429 or 503 whose body
+            # a proxy mislabels (`Content-Encoding: gzip` on plain text) is still one, with its
+            # Retry-After, not a bad response.
+            return b"", True
         finally:
             await (stream.aclose() if direct else response.aclose())
 

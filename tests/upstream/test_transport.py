@@ -504,6 +504,35 @@ async def test_a_body_past_the_limit_is_not_read_into_memory(
     assert status_error.value.body_excerpt.startswith('{"api_id": "big"')
 
 
+async def test_an_error_status_keeps_its_meaning_when_its_body_cannot_be_decoded(
+    client_for: Callable[..., PlivoClient], raw_server: StartServer
+) -> None:
+    # A proxy's 503 and 429 with plain text labelled gzip: still the status, with Retry-After
+    # (they were UpstreamDecodeError: INTERNAL, their retry meaning lost). A 2xx so labelled
+    # cannot be read, and stays a decode error (for a rent: outcome unknown).
+    answers = [b"503 Service Unavailable", b"429 Too Many Requests", b"200 OK", b"201 Created"]
+
+    async def mislabelled(reader: Reader, writer: Writer) -> None:
+        while answers:
+            await read_request(reader)
+            body = b"not gzip at all"
+            writer.write(
+                b"HTTP/1.1 " + answers.pop(0) + b"\r\nContent-Encoding: gzip\r\nRetry-After: 2"
+                b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+            )
+            await writer.drain()
+
+    client = client_for((await raw_server(mislabelled)).base_url)
+    for status in (503, 429):
+        with pytest.raises(UpstreamStatusError) as caught:
+            await client.get_number_group("1", timeout_seconds=TIMEOUT)
+        assert (caught.value.status_code, caught.value.retry_after_seconds) == (status, 2.0)
+    with pytest.raises(UpstreamDecodeError):
+        await client.get_number_group("1", timeout_seconds=TIMEOUT)
+    with pytest.raises(UpstreamDecodeError):
+        await client.rent_numbers("1", {}, timeout_seconds=TIMEOUT)
+
+
 async def test_hang_times_out_on_time(
     client_for: Callable[..., PlivoClient], raw_server: StartServer
 ) -> None:
