@@ -33,8 +33,9 @@ class SingleFlight(Generic[V]):
     """Runs at most one call per key at a time; callers that arrive meanwhile share its result.
 
     The first caller runs the call itself, in its own task and context (a task of its own for
-    the call, and the loop turns to start it and hand its result back, were ~35 us a read,
-    with or without anyone to share it with). The others wait for its outcome.
+    the call, and the loop turns to start it and hand its result back, were most of a read's
+    bookkeeping, with or without anyone to share it with: `bench.stages`). The others wait for
+    its outcome.
 
     The guarantee: a caller leaving (cancelled, or out of deadline) never fails the others. A
     joiner that leaves just stops waiting. When the caller running the call leaves, its call

@@ -384,13 +384,7 @@ def _bearer(metadata: Sequence[tuple[str, str | bytes]] | None) -> str | None:
 
 def _forwarded(metadata: Sequence[tuple[str, str | bytes]] | None) -> tuple[str, ...]:
     """Return every `x-forwarded-client-cert` of the call, in order (gRPC makes them text)."""
-    # NOTE: a loop, not a generator into `tuple`: a call rarely has one, and building the
-    # generator was most of the cost of finding none (0.5-1.0 -> 0.2-0.5 us).
-    found: tuple[str, ...] = ()
-    for key, value in metadata or ():
-        if key == xfcc.HEADER:
-            found += (str(value),)
-    return found
+    return tuple(str(value) for key, value in metadata or () if key == xfcc.HEADER)
 
 
 def _certificate_names(auth: Mapping[str, Iterable[bytes]]) -> tuple[str, tuple[str, ...]]:

@@ -15,9 +15,9 @@ import contextvars
 import functools
 import inspect
 import logging
-import os
 import re
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final, Protocol
@@ -155,32 +155,17 @@ class AccessLog:
 
     def call_finished(self, record: CallRecord) -> None:
         """Log the finished call."""
-        method, code, request_id, peer, caller = (
-            record.method,
-            record.code,
-            record.request_id,
-            record.peer,
-            record.caller,
-        )
-        duration_ms = round(1000 * record.duration_seconds, 2)
-        upstream = ",".join(record.upstream) or "-"
-        traceparent = record.traceparent or "-"
         fields = {
-            "method": method,
-            "code": code,
-            "duration_ms": duration_ms,
-            "request_id": request_id,
-            "peer": peer,
-            "caller": caller,
-            "upstream": upstream,
-            "traceparent": traceparent,
+            "method": record.method,
+            "code": record.code,
+            "duration_ms": round(1000 * record.duration_seconds, 2),
+            "request_id": record.request_id,
+            "peer": record.peer,
+            "caller": record.caller,
+            "upstream": ",".join(record.upstream) or "-",
+            "traceparent": record.traceparent or "-",
         }
-        # NOTE: one f-string, the fields in their order: a join over the dict's items took
-        # 3.5 us where this takes 2.2 (docs/performance.md).
-        text = (
-            f"method={method} code={code} duration_ms={duration_ms} request_id={request_id}"
-            f" peer={peer} caller={caller} upstream={upstream} traceparent={traceparent}"
-        )
+        text = " ".join(f"{key}={value}" for key, value in fields.items())
         self._logger.info("rpc %s", text, extra={"fields": fields})
 
 
@@ -267,7 +252,7 @@ class _Call:
         self.streaming = streaming
         self._record = CallRecord(
             method=details.method,
-            request_id=_header(metadata, _REQUEST_ID_KEY, _SANE_REQUEST_ID) or _new_request_id(),
+            request_id=_header(metadata, _REQUEST_ID_KEY, _SANE_REQUEST_ID) or uuid.uuid4().hex,
             traceparent=_header(metadata, _TRACEPARENT_KEY, _TRACEPARENT),
             streaming=streaming,
         )
@@ -344,17 +329,6 @@ def _observed_stream(behaviour: Callable[[Any, _Context], Any]) -> Any:
             call._finish(context, failure)
 
     return run
-
-
-# uuid4's layout: the version nibble (4) and the variant's two bits (10).
-_UUID4_CLEAR: Final = (0xF000 << 64) | (0xC000 << 48)
-_UUID4_SET: Final = (4 << 76) | (0x8000 << 48)
-
-
-def _new_request_id() -> str:
-    """Return `uuid.uuid4().hex`, the same bits from `os.urandom`, without a `UUID` object."""
-    value = int.from_bytes(os.urandom(16)) & ~_UUID4_CLEAR | _UUID4_SET
-    return f"{value:032x}"
 
 
 def _code(exc: BaseException | None, context: _Context) -> str:

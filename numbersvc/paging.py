@@ -177,7 +177,7 @@ class Page(NamedTuple, Generic[T]):
 
     NOTE: a named tuple, not a frozen dataclass, and as immutable (the search cache shares
     pages between calls): every list call makes two, and a frozen dataclass's `__init__` sets
-    each field with `object.__setattr__` (two pages 1.9 us as dataclasses, 1.1 us as tuples).
+    each field with `object.__setattr__`.
     """
 
     offset: int

@@ -556,7 +556,7 @@ class PlivoClient:
         stream = cast(httpx.AsyncByteStream, response.stream)
         # Nothing to decode: the transport's chunks as they come, without httpx's layers of
         # iterators that would pass them through unchanged (`bench.stages`: body read), and
-        # closed by the transport's stream itself (httpx's `aclose` adds 4 us to the same).
+        # closed by the transport's stream itself (httpx's `aclose` only adds its bookkeeping).
         direct = self._direct is not None and "content-encoding" not in response.headers
         chunks: list[bytes] = []
         size = 0
