@@ -18,6 +18,7 @@ order, so a consumer that stops reading (a stream whose reader paused) stops the
 from __future__ import annotations
 
 import asyncio
+import base64
 import binascii
 import functools
 import hashlib
@@ -50,8 +51,6 @@ _ORDER_TOKEN_VERSION: Final = 2
 # version, create time (Unix ns), filter fingerprint, then the request id (UTF-8) and the CRC.
 _ORDER_TOKEN_LAYOUT: Final = struct.Struct(">Bq8s")
 _MAX_ORDER_TOKEN_ID_BYTES: Final = 256
-_TO_URLSAFE: Final = bytes.maketrans(b"+/", b"-_")
-_FROM_URLSAFE: Final = bytes.maketrans(b"-_", b"+/")
 MAX_OFFSET: Final = 2**31 - 1
 """The largest offset a token may carry: far past any real inventory, and fits an int32."""
 
@@ -147,18 +146,13 @@ def decode_order_token(token: str, filter_key: str) -> tuple[int, str]:
 def _seal(body: bytes) -> str:
     """Append a CRC32 of `body`, so a mangled token reads as malformed, and encode it."""
     raw = body + _CRC_LAYOUT.pack(zlib.crc32(body))
-    # `base64.urlsafe_b64encode`'s own steps, without its two Python-level calls.
-    encoded = binascii.b2a_base64(raw, newline=False).translate(_TO_URLSAFE)
-    return encoded.rstrip(b"=").decode("ascii")
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
 
 
 def _unseal(token: str) -> bytes:
     """Decode a token and check its CRC32; return the body before it."""
     try:
-        # `base64.urlsafe_b64decode`'s own steps (ASCII only, then its lenient decode), without
-        # its Python-level calls: the same tokens are accepted and refused.
-        padded = (token + "=" * (-len(token) % 4)).encode("ascii")
-        raw = binascii.a2b_base64(padded.translate(_FROM_URLSAFE), strict_mode=False)
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
     except (binascii.Error, ValueError):
         raise PageTokenError("page_token is malformed") from None
     body, crc = raw[: -_CRC_LAYOUT.size], raw[-_CRC_LAYOUT.size :]
