@@ -11,6 +11,7 @@ import contextlib
 import json
 import signal
 import socket
+import sqlite3
 import sys
 import uuid
 from collections.abc import AsyncIterator
@@ -45,14 +46,49 @@ US: Final = pb.SearchFilter(region_code="US")
 
 
 @contextlib.asynccontextmanager
-async def _paused(served: Served) -> AsyncIterator[None]:
-    """SIGSTOP a server we started (a VM or container freeze, a laptop lid); SIGCONT after."""
-    served.process.send_signal(signal.SIGSTOP)
+async def _paused(served: Served, ledger: Path) -> AsyncIterator[None]:
+    """SIGSTOP a server we started (a VM or container freeze, a laptop lid); SIGCONT after.
+
+    Frozen while it holds the SQLite file's write lock (a heartbeat every third of a second
+    takes it for a moment), it would stop every other server writing, recovering included:
+    a file's lock is the host's, and SQLite cannot break a live process's. That is not the
+    freeze the tests mean, so such a moment is let go and the freeze tried again.
+    """
+
+    async def stopped() -> bool:
+        return _stopped(served.process.pid)
+
+    for _ in range(100):
+        served.process.send_signal(signal.SIGSTOP)
+        await eventually(stopped, what="the server stopped")
+        if _writable(ledger):
+            break
+        served.process.send_signal(signal.SIGCONT)
+        await asyncio.sleep(0.02)
+    else:
+        raise AssertionError("the server held the ledger's write lock at 100 freezes")
     try:
         yield
     finally:
         if served.process.returncode is None:
             served.process.send_signal(signal.SIGCONT)
+
+
+def _stopped(pid: int) -> bool:
+    state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    return state in ("T", "t")
+
+
+def _writable(ledger: Path) -> bool:
+    db = sqlite3.connect(ledger, timeout=0)
+    try:
+        db.execute("BEGIN IMMEDIATE")
+        db.rollback()
+        return True
+    except sqlite3.OperationalError:  # "database is locked"
+        return False
+    finally:
+        db.close()
 
 
 # --- renting --------------------------------------------------------------------------------
@@ -110,7 +146,7 @@ class _TwoServers:
 
         await eventually(claimed)
         frozen = contextlib.AsyncExitStack()
-        await frozen.enter_async_context(_paused(self.a))
+        await frozen.enter_async_context(_paused(self.a, self.ledger))
 
         async def recovered() -> bool:
             return self.state() == "outcome_unknown"
